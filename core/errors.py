@@ -1,0 +1,54 @@
+"""Typed errors of the core library. Each carries a stable `code` the API maps to an HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TaqError(Exception):
+    """Base error: `code` is stable and machine-readable, the message tells the user what to do."""
+
+    code = "taq_error"
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class ModelNotFound(TaqError):
+    code = "model_not_found"
+
+
+class UnsupportedModel(TaqError):
+    code = "unsupported_model"
+
+
+class UnsafeModel(TaqError):
+    """Pickle weights without operator opt-in, or a path escaping the model roots."""
+
+    code = "unsafe_model"
+
+
+class DataError(TaqError):
+    """Bad calibration / eval data; `details` lists `{"line": n, "reason": ...}`."""
+
+    code = "invalid_dataset"
+
+
+class BudgetInfeasible(TaqError):
+    """No allocation meets the bit budget; `details` has `min_avg_bits`."""
+
+    code = "budget_infeasible"
+
+
+class InvalidSpec(TaqError):
+    code = "invalid_spec"
+
+
+class Cancelled(TaqError):
+    code = "cancelled"
+
+
+class ExportError(TaqError):
+    code = "export_failed"

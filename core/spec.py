@@ -1,0 +1,138 @@
+"""The job spec: one typed object stored in the DB, written to the manifest and accepted by the API."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ALLOWED_BITS = (2, 3, 4, 8, 16)
+#: Rows allowed inline in a spec; larger sets go through POST /v1/datasets.
+MAX_INLINE_ROWS = 64
+
+
+class Method(str, Enum):
+    taq = "taq"
+    taqo = "taqo"
+    taq_kl = "taq_kl"
+    uniform = "uniform"
+
+
+class AllocationRule(str, Enum):
+    budget = "budget"
+    paper = "paper"
+
+
+class ExportFormat(str, Enum):
+    hf = "hf"
+    gguf = "gguf"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Message(_Strict):
+    role: str = Field(min_length=1)
+    content: str
+
+
+class CalibrationRow(_Strict):
+    """One calibration / eval row: a `prompt` or chat `messages`, optional gold `answers`."""
+
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    answers: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_input(self) -> "CalibrationRow":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("a row needs exactly one of 'prompt' or 'messages'")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("'prompt' is empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("'messages' is empty")
+        if self.answers is not None and not any(a.strip() for a in self.answers):
+            raise ValueError("'answers' has no non-empty answer")
+        return self
+
+
+class BitBudget(_Strict):
+    """Effective-bits ceiling; a list runs a budget sweep (one artifact set per budget)."""
+
+    avg_bits: float | list[float]
+
+    @field_validator("avg_bits")
+    @classmethod
+    def _sane(cls, value: float | list[float]) -> float | list[float]:
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise ValueError("avg_bits list is empty")
+        for v in values:
+            if not 1.0 < v <= 32.0:
+                raise ValueError(f"avg_bits {v} is outside (1, 32]")
+        if isinstance(value, list):
+            if len(set(values)) != len(values):
+                raise ValueError("avg_bits list has duplicates")
+            return sorted(values)
+        return value
+
+    @property
+    def budgets(self) -> list[float]:
+        return list(self.avg_bits) if isinstance(self.avg_bits, list) else [self.avg_bits]
+
+
+class JobSpec(_Strict):
+    model: str = Field(min_length=1, max_length=256)
+    method: Method = Method.taq
+    calibration_dataset_id: str | None = None
+    calibration: list[CalibrationRow] | None = Field(default=None, max_length=MAX_INLINE_ROWS)
+    bit_budget: BitBudget | None = None
+    bit_choices: list[int] = Field(default_factory=lambda: [4, 8, 16])
+    group_size: int = Field(default=128, ge=8, le=4096)
+    symmetric: bool = False
+    allocation: AllocationRule = AllocationRule.budget
+    exports: list[ExportFormat] = Field(default_factory=lambda: [ExportFormat.hf])
+    eval_dataset_id: str | None = None
+    eval_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
+    profile_from_job_id: str | None = None
+    max_tokens: int = Field(default=256, ge=8, le=8192)
+    max_calibration_rows: int = Field(default=256, ge=1, le=4096)
+    reservoir_size: int = Field(default=256, ge=8, le=4096)
+    clip_search: bool = False
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @field_validator("bit_choices")
+    @classmethod
+    def _bits(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("bit_choices is empty")
+        bad = sorted(set(value) - set(ALLOWED_BITS))
+        if bad:
+            raise ValueError(f"bit_choices {bad} not allowed; choose from {list(ALLOWED_BITS)}")
+        return sorted(set(value))
+
+    @field_validator("exports")
+    @classmethod
+    def _exports(cls, value: list[ExportFormat]) -> list[ExportFormat]:
+        return sorted(set(value), key=lambda f: f.value)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "JobSpec":
+        has_calibration = self.calibration_dataset_id is not None or self.calibration is not None
+        if self.calibration_dataset_id is not None and self.calibration is not None:
+            raise ValueError("give either 'calibration_dataset_id' or inline 'calibration', not both")
+        if self.method != Method.uniform and not has_calibration and self.profile_from_job_id is None:
+            raise ValueError(f"method '{self.method.value}' needs calibration data "
+                             "('calibration_dataset_id' or inline 'calibration')")
+        if self.allocation == AllocationRule.budget and self.bit_budget is None:
+            raise ValueError("allocation 'budget' needs 'bit_budget'")
+        if self.allocation == AllocationRule.paper and self.method in (Method.uniform, Method.taq_kl):
+            raise ValueError("allocation 'paper' is defined for methods 'taq' and 'taqo' only")
+        if self.eval_fraction is not None and self.eval_dataset_id is not None:
+            raise ValueError("give either 'eval_dataset_id' or 'eval_fraction', not both")
+        return self
+
+    @property
+    def budgets(self) -> list[float]:
+        return self.bit_budget.budgets if self.bit_budget is not None else []
