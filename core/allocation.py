@@ -1,0 +1,354 @@
+"""Bits per layer from scores and a budget: exact budget allocation, uniform baseline, paper rule.
+
+Costs are exact integers. With group size g, a layer of n weights at b bits costs
+n·(b·g + overhead) "bit/g" units (overhead 16 for symmetric fp16 scales, 32 when an fp16-counted
+zero is added; 16 bits costs n·16·g), i.e. g times `core.types.effective_bits`. The budget is
+⌊avg_bits·g·Σn⌋ units, with `avg_bits` taken as the decimal the user wrote (4.3 is 43/10, not its
+binary float), so "meets the budget" involves no rounding at all.
+
+`allocate_budget` (a multiple-choice knapsack) minimises, lexicographically,
+  1. Σ s_l·e_l(b_l)   the sensitivity-weighted relative output error (the objective),
+  2. Σ n_l·e_l(b_l)   unweighted, size-weighted error: only decides between allocations with
+                      exactly equal objective, so that leftover budget still buys precision
+                      where sensitivities are 0 (all zero, or for some layers),
+  3. total cost       cheaper wins when both errors tie,
+  4. exact ties: more bits on later layers (lexicographically highest bits read from the last
+                 layer backwards), a consequence of the DP's deterministic candidate order.
+It is solved exactly by a dynamic programme over layers that keeps the Pareto frontier of
+(cost, (objective, secondary)) states; states over budget are dropped. With equal-size layers (a
+transformer) the frontier stays tiny. If it ever grows past `max_states`, the solve restarts on a
+grid: each layer's cost above its cheapest choice is rounded UP to `grid_steps` units of the
+slack budget, which bounds the frontier by `grid_steps + 1` and still always meets the real budget
+(it may leave a little budget unused); `solver` records which ran.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Mapping, Sequence
+
+from core.errors import BudgetInfeasible, InvalidSpec
+from core.spec import ALLOWED_BITS, Method
+from core.types import BitAllocation, Profile
+
+EXACT_SOLVER = "exact-pareto-dp"
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One allocation unit: `quant_error[b]` is e_l(b) (relative output error at b bits; an absent
+    16 means 0) and `sensitivity` (>= 0) weighs it in the objective."""
+
+    name: str
+    params: int
+    sensitivity: float
+    quant_error: dict[int, float]
+
+
+def layer_costs_from_profile(profile: Profile) -> list[LayerCost]:
+    return [LayerCost(l.name, l.params, l.sensitivity, dict(l.quant_error)) for l in profile.layers]
+
+
+# ------------------------------------------------------------------------------ shared helpers
+
+def _unit_cost(bits: int, group_size: int, symmetric: bool) -> int:
+    """g · effective_bits(bits), an exact integer."""
+    if bits >= 16:
+        return 16 * group_size
+    return bits * group_size + (16 if symmetric else 32)
+
+
+def _exact_budget(avg_bits: float) -> Fraction:
+    if isinstance(avg_bits, bool) or not isinstance(avg_bits, (int, float)) or not math.isfinite(avg_bits):
+        raise ValueError(f"avg_bits must be a finite number, got {avg_bits!r}")
+    if avg_bits <= 0:
+        raise ValueError(f"avg_bits must be positive, got {avg_bits}")
+    return Fraction(repr(float(avg_bits)))  # the decimal the user wrote, not its binary value
+
+
+def _check_common(bit_choices: Sequence[int], group_size: int) -> list[int]:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    choices = sorted(set(bit_choices))
+    if not choices:
+        raise ValueError("bit_choices is empty")
+    bad = [b for b in choices if b not in ALLOWED_BITS]
+    if bad:
+        raise ValueError(f"bit_choices {bad} not allowed; choose from {list(ALLOWED_BITS)}")
+    return choices
+
+
+def _as_layers(profile_or_layers: Profile | Sequence[LayerCost]) -> list[LayerCost]:
+    layers = (layer_costs_from_profile(profile_or_layers) if isinstance(profile_or_layers, Profile)
+              else list(profile_or_layers))
+    if not layers:
+        raise ValueError("no layers to allocate")
+    seen: set[str] = set()
+    for layer in layers:
+        if layer.name in seen:
+            raise ValueError(f"duplicate layer name {layer.name!r}")
+        seen.add(layer.name)
+        if isinstance(layer.params, bool) or not isinstance(layer.params, int) or layer.params <= 0:
+            raise ValueError(f"layer {layer.name!r}: params must be a positive int, got {layer.params!r}")
+    return layers
+
+
+def _error(layer: LayerCost, bits: int) -> float | None:
+    e = layer.quant_error.get(bits)
+    if e is None:
+        return 0.0 if bits >= 16 else None
+    return float(e)
+
+
+def _objective(layers: Sequence[LayerCost], bits: Mapping[str, int]) -> float | None:
+    """Σ s·e(b) in layer order, or None when an error is unknown."""
+    total = 0.0
+    for layer in layers:
+        e = _error(layer, bits[layer.name])
+        if e is None:
+            return None
+        total += layer.sensitivity * e
+    return total
+
+
+def _effective(layers: Sequence[LayerCost], bits: Mapping[str, int], group_size: int,
+               symmetric: bool) -> Fraction:
+    cost = sum(l.params * _unit_cost(bits[l.name], group_size, symmetric) for l in layers)
+    return Fraction(cost, group_size * sum(l.params for l in layers))
+
+
+def _display_up(x: Fraction | float) -> str:
+    """4 decimals rounded up, so the number shown is itself a feasible budget."""
+    return f"{math.ceil(Fraction(x) * 10_000) / 10_000:.4f}"
+
+
+def _scheme(group_size: int, symmetric: bool) -> str:
+    return f"group_size {group_size}, {'symmetric' if symmetric else 'asymmetric'}"
+
+
+# ------------------------------------------------------------------------------ budget (exact MCKP)
+
+@dataclass(frozen=True)
+class _Option:
+    bits: int
+    extra: int      # cost above the layer's cheapest choice, in solver units
+    true_extra: int  # the same in exact units (differs from `extra` on the grid)
+    primary: float
+    secondary: float
+
+
+class _TooManyStates(Exception):
+    pass
+
+
+def _solve(options: list[list[_Option]], slack: int, max_states: int | None) -> list[int]:
+    """Pareto DP; returns the chosen option index per layer.
+
+    A frontier is sorted by cost with strictly decreasing (primary, secondary). Candidates are
+    taken in (cost, primary, secondary, parent index) order and kept only when they strictly
+    improve (primary, secondary): that prunes dominated states and, on an exact tie, keeps the
+    cheaper prefix (lower parent index), i.e. the more expensive choice for the current layer.
+    """
+    costs, prims, secs = [0], [0.0], [0.0]
+    back: list[list[tuple[int, int]]] = []
+    for layer_opts in options:
+        streams = []
+        for oi, opt in enumerate(layer_opts):
+            streams.append([
+                (costs[p] + opt.extra, prims[p] + opt.primary, secs[p] + opt.secondary, p, oi)
+                for p in range(len(costs)) if costs[p] + opt.extra <= slack])
+        new_costs: list[int] = []
+        new_prims: list[float] = []
+        new_secs: list[float] = []
+        new_back: list[tuple[int, int]] = []
+        best: tuple[float, float] | None = None
+        # each stream is strictly increasing in cost, so merging them sorts all candidates
+        for cost, prim, sec, parent, oi in heapq.merge(*streams):
+            if best is not None and (prim, sec) >= best:
+                continue  # dominated: no better at no lower cost
+            if new_costs and new_costs[-1] == cost:
+                continue  # same cost, an earlier candidate already won the tie
+            best = (prim, sec)
+            new_costs.append(cost)
+            new_prims.append(prim)
+            new_secs.append(sec)
+            new_back.append((parent, oi))
+        if max_states is not None and len(new_costs) > max_states:
+            raise _TooManyStates
+        costs, prims, secs = new_costs, new_prims, new_secs
+        back.append(new_back)
+    # the last frontier state has the best (primary, secondary); equal ones at higher cost were pruned
+    state = len(costs) - 1
+    chosen = [0] * len(options)
+    for layer_index in range(len(options) - 1, -1, -1):
+        parent, oi = back[layer_index][state]
+        chosen[layer_index] = oi
+        state = parent
+    return chosen
+
+
+def allocate_budget(layers: Profile | Sequence[LayerCost], avg_bits: float, bit_choices: Sequence[int],
+                    group_size: int, symmetric: bool, *, max_states: int = 100_000,
+                    grid_steps: int = 10_000) -> BitAllocation:
+    """Exact minimum of Σ s_l·e_l(b_l) s.t. Σ n_l·eff(b_l) ≤ avg_bits·Σ n_l (see module docstring).
+
+    Raises `BudgetInfeasible` (details `min_avg_bits`) when even the lowest choice everywhere
+    exceeds the budget, and ValueError for a missing e_l(b) or bad inputs.
+    """
+    choices = _check_common(bit_choices, group_size)
+    layers = _as_layers(layers)
+    budget_exact = _exact_budget(avg_bits)
+    for layer in layers:
+        if not (math.isfinite(layer.sensitivity) and layer.sensitivity >= 0):
+            raise ValueError(f"layer {layer.name!r}: sensitivity must be finite and >= 0, got {layer.sensitivity}")
+        for b in choices:
+            e = _error(layer, b)
+            if e is None:
+                raise ValueError(f"layer {layer.name!r}: quant_error has no entry for {b} bits")
+            if not (math.isfinite(e) and e >= 0):
+                raise ValueError(f"layer {layer.name!r}: quant_error[{b}] must be finite and >= 0, got {e}")
+
+    unit = {b: _unit_cost(b, group_size, symmetric) for b in choices}
+    total_params = sum(l.params for l in layers)
+    budget = math.floor(budget_exact * group_size * total_params)
+    base = sum(l.params * unit[choices[0]] for l in layers)
+    if base > budget:
+        min_bits = Fraction(base, group_size * total_params)
+        raise BudgetInfeasible(
+            f"bit budget avg_bits={avg_bits} cannot be met: with bit_choices {choices} "
+            f"({_scheme(group_size, symmetric)}) the smallest achievable is {_display_up(min_bits)} "
+            f"effective bits (every layer at {choices[0]} bits); raise avg_bits or allow fewer bits",
+            details={"min_avg_bits": float(min_bits), "avg_bits": float(avg_bits)})
+    slack = budget - base
+
+    def build(scale: int | None) -> list[list[_Option]]:
+        out = []
+        for layer in layers:
+            opts = []
+            for b in choices:
+                true_extra = layer.params * (unit[b] - unit[choices[0]])
+                # grid: round UP so a grid-feasible allocation is always truly feasible
+                extra = true_extra if scale is None else -(-true_extra * scale // slack)
+                e = _error(layer, b)
+                opts.append(_Option(b, extra, true_extra, layer.sensitivity * e, layer.params * e))
+            out.append(opts)
+        return out
+
+    options = build(None)
+    solver = EXACT_SOLVER
+    try:
+        chosen = _solve(options, slack, max_states)
+    except _TooManyStates:
+        options = build(grid_steps)
+        solver = f"grid-dp(steps={grid_steps}, costs rounded up)"
+        chosen = _solve(options, grid_steps, None)
+
+    bits = {l.name: options[i][chosen[i]].bits for i, l in enumerate(layers)}
+    spent = base + sum(options[i][chosen[i]].true_extra for i in range(len(layers)))
+    assert spent <= budget  # guaranteed by construction; a failure is a bug, not a user error
+    return BitAllocation(
+        bits=bits,
+        effective_bits=float(Fraction(spent, group_size * total_params)),
+        budget=float(avg_bits),
+        rule="budget",
+        objective=_objective(layers, bits),
+        solver=solver,
+    )
+
+
+# ------------------------------------------------------------------------------ uniform
+
+def allocate_uniform(profile_or_layers: Profile | Sequence[LayerCost], avg_bits: float,
+                     bit_choices: Sequence[int], group_size: int, symmetric: bool) -> BitAllocation:
+    """Every layer at the highest choice whose effective bits fit `avg_bits` (baseline)."""
+    choices = _check_common(bit_choices, group_size)
+    layers = _as_layers(profile_or_layers)
+    budget = _exact_budget(avg_bits)
+    fitting = [b for b in choices if Fraction(_unit_cost(b, group_size, symmetric), group_size) <= budget]
+    if not fitting:
+        min_bits = Fraction(_unit_cost(choices[0], group_size, symmetric), group_size)
+        raise BudgetInfeasible(
+            f"bit budget avg_bits={avg_bits} cannot be met by a uniform allocation: the lowest of "
+            f"bit_choices {choices} ({_scheme(group_size, symmetric)}) costs {_display_up(min_bits)} "
+            "effective bits", details={"min_avg_bits": float(min_bits), "avg_bits": float(avg_bits)})
+    bits = {l.name: fitting[-1] for l in layers}
+    return BitAllocation(
+        bits=bits,
+        effective_bits=float(_effective(layers, bits, group_size, symmetric)),
+        budget=float(avg_bits),
+        rule="uniform",
+        objective=_objective(layers, bits),
+        solver="uniform",
+    )
+
+
+# ------------------------------------------------------------------------------ paper rule
+
+def _ranked(names: Sequence[str], importance: Mapping[str, float]) -> list[str]:
+    """Most important first; ties go to the earlier layer."""
+    position = {n: i for i, n in enumerate(names)}
+    return sorted(names, key=lambda n: (-importance[n], position[n]))
+
+
+def allocate_paper(profile_or_layers: Profile | Sequence[LayerCost], method: Method | str,
+                   group_size: int, symmetric: bool, avg_bits: float | None = None, *,
+                   importance: Mapping[str, float] | None = None) -> BitAllocation:
+    """The paper's fixed rule (bit_choices do not apply).
+
+    taq:  the top ⌈L/4⌉ layers by importance → 8 bits, the rest → 4.
+    taqo: the first 2 and last 2 layers, plus the top k = max(1, round_half_up(L/10)) of the
+          others by importance (Δ task score) → 16 bits, the rest → 4.
+    Importance comes from the Profile, or from `importance` (name → score) with LayerCosts. Ties
+    rank the earlier layer first. With `avg_bits`, a result above it raises `BudgetInfeasible`.
+    """
+    method_name = method.value if isinstance(method, Method) else str(method)
+    if method_name not in (Method.taq.value, Method.taqo.value):
+        raise InvalidSpec(f"allocation 'paper' is defined for methods 'taq' and 'taqo', not {method_name!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    layers = _as_layers(profile_or_layers)
+    names = [l.name for l in layers]
+    if isinstance(profile_or_layers, Profile):
+        scores = {l.name: float(l.importance) for l in profile_or_layers.layers}
+    elif importance is None:
+        raise ValueError("allocate_paper needs `importance` when given LayerCosts instead of a Profile")
+    else:
+        missing = [n for n in names if n not in importance]
+        if missing:
+            raise ValueError(f"importance is missing layers {missing}")
+        scores = {n: float(importance[n]) for n in names}
+    nan = [n for n in names if math.isnan(scores[n])]
+    if nan:
+        raise ValueError(f"importance is NaN for layers {nan}")
+
+    count = len(layers)
+    if method_name == Method.taq.value:
+        top = set(_ranked(names, scores)[: -(-count // 4)])
+        bits = {n: 8 if n in top else 4 for n in names}
+        rule_text = f"taq: top {len(top)} of {count} layers at 8 bits, the rest at 4"
+    else:
+        edges = set(names[:2]) | set(names[-2:])
+        rest = [n for n in names if n not in edges]
+        k = min(len(rest), max(1, (count + 5) // 10))
+        keep = edges | set(_ranked(rest, scores)[:k])
+        bits = {n: 16 if n in keep else 4 for n in names}
+        rule_text = (f"taqo: first 2, last 2 and top {k} of {count} layers at 16 bits, the rest at 4")
+
+    achieved = _effective(layers, bits, group_size, symmetric)
+    if avg_bits is not None and achieved > _exact_budget(avg_bits):
+        raise BudgetInfeasible(
+            f"the paper rule ({rule_text}; {_scheme(group_size, symmetric)}) costs "
+            f"{_display_up(achieved)} effective bits, above the budget avg_bits={avg_bits}; raise "
+            "avg_bits or use allocation 'budget'",
+            details={"min_avg_bits": float(achieved), "avg_bits": float(avg_bits)})
+    return BitAllocation(
+        bits=bits,
+        effective_bits=float(achieved),
+        budget=None if avg_bits is None else float(avg_bits),
+        rule="paper",
+        objective=_objective(layers, bits),
+        solver=f"paper-{method_name}",
+    )

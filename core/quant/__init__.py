@@ -1,0 +1,24 @@
+"""Weight quantization: group-wise integer primitives and code packing."""
+
+from core.quant.packing import PACKERS, Packer, pack_codes, pack_int32, unpack_codes, unpack_int32
+from core.quant.primitives import (
+    SUPPORTED_BITS,
+    dequantize_weight,
+    quantization_error,
+    quantize_weight,
+    sqnr_db,
+)
+
+__all__ = [
+    "PACKERS",
+    "Packer",
+    "SUPPORTED_BITS",
+    "dequantize_weight",
+    "pack_codes",
+    "pack_int32",
+    "quantization_error",
+    "quantize_weight",
+    "sqnr_db",
+    "unpack_codes",
+    "unpack_int32",
+]
