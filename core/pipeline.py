@@ -1,0 +1,167 @@
+"""calibrate → score → allocate → quantize, as one call or as separate stages.
+
+The worker runs the stages separately so it can checkpoint between them:
+`score_stage` → Profile, `allocate_stage` → one BitAllocation per budget (or one for the
+`paper` rule), `quantize_stage` → the QuantizedWeight of every linear in a layer below 16 bits.
+`run_pipeline` chains them; a given `profile` skips scoring (resume, `profile_from_job_id`).
+
+All linears of one layer share its bits. Rows beyond `spec.max_calibration_rows` are
+subsampled deterministically with `spec.seed`. Quantized weights are returned on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from core.calibration import StageProgress
+from core.errors import InvalidSpec
+from core.models import LoadedModel
+from core.modules import get_module
+from core.scorers import score_layers
+from core.scorers.common import select_rows
+from core.spec import AllocationRule, CalibrationRow, JobSpec, Method
+from core.types import (BitAllocation, CancelFn, Profile, ProgressFn, QuantizedWeight, never_cancel,
+                        no_progress)
+
+__all__ = [
+    "PipelineResult",
+    "QuantizedModelOutput",
+    "QuantizedOutput",
+    "allocate_stage",
+    "apply_quantized",
+    "layer_costs",
+    "quantize_stage",
+    "run_pipeline",
+    "score_stage",
+]
+
+
+@dataclass(frozen=True)
+class QuantizedOutput:
+    """One quantized model: the budget it was allocated for (None for the paper rule), the
+    allocation, and the quantized weight of every linear in a layer below 16 bits."""
+
+    budget: float | None
+    allocation: BitAllocation
+    weights: dict[str, QuantizedWeight]
+
+
+#: the name used in docs/ARCHITECTURE.md
+QuantizedModelOutput = QuantizedOutput
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    profile: Profile
+    outputs: list[QuantizedOutput]
+
+
+def score_stage(spec: JobSpec, loaded: LoadedModel, rows: Sequence[CalibrationRow], *,
+                progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel,
+                **options) -> Profile:
+    """Subsample the rows (max_calibration_rows, seeded) and score every layer."""
+    return score_layers(loaded, select_rows(rows, spec), spec, progress, should_cancel, **options)
+
+
+def layer_costs(profile: Profile) -> list:
+    """The allocator's view of a profile (`core.allocation.LayerCost` per layer)."""
+    from core.allocation import layer_costs_from_profile
+
+    return layer_costs_from_profile(profile)
+
+
+def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
+    """One allocation per budget in `spec.budgets` (budget rule, and `uniform`: the widest single
+    width that fits each budget), or a single one for the paper rule. Raises BudgetInfeasible."""
+    from core import allocation as alloc
+
+    costs = layer_costs(profile)
+    bit_choices = list(spec.bit_choices)
+    if spec.allocation == AllocationRule.paper:
+        if spec.method not in (Method.taq, Method.taqo):
+            raise InvalidSpec(f"allocation 'paper' is defined for methods 'taq' and 'taqo', not '{spec.method.value}'")
+        budget = spec.budgets[0] if spec.budgets else None  # the smallest: the rule must fit every one
+        return [alloc.allocate_paper(profile, spec.method, spec.group_size, spec.symmetric, avg_bits=budget)]
+    if not spec.budgets:
+        raise InvalidSpec("allocation 'budget' needs 'bit_budget'")
+    if spec.method == Method.uniform:
+        return [alloc.allocate_uniform(costs, budget, bit_choices, spec.group_size, spec.symmetric)
+                for budget in spec.budgets]
+    return [alloc.allocate_budget(costs, budget, bit_choices, spec.group_size, spec.symmetric)
+            for budget in spec.budgets]
+
+
+def quantize_stage(spec: JobSpec, loaded: LoadedModel, allocation: BitAllocation, *,
+                   progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel
+                   ) -> dict[str, QuantizedWeight]:
+    """Quantize every linear of every layer allocated below 16 bits (all linears of a layer
+    share its bits). Progress and cancellation once per layer; weights end up on the CPU."""
+    from core.quant.primitives import quantize_weight
+
+    tracker = StageProgress(progress, should_cancel, "quantize")
+    missing = [ref.name for ref in loaded.layers if ref.name not in allocation.bits]
+    if missing:
+        raise InvalidSpec(f"the allocation has no bits for layers {missing[:3]}"
+                          f"{' …' if len(missing) > 3 else ''}")
+    weights: dict[str, QuantizedWeight] = {}
+    n = len(loaded.layers)
+    for ref in loaded.layers:
+        tracker.check()
+        bits = int(allocation.bits[ref.name])
+        if bits < 16:
+            for name, linear in ref.linears.items():
+                q = quantize_weight(linear.weight.detach().float(), bits, spec.group_size, spec.symmetric,
+                                    clip_search=spec.clip_search)
+                weights[name] = _to_cpu(q)
+        tracker.report((ref.index + 1) / n, f"quantized {ref.name} at {bits} bits ({ref.index + 1}/{n})")
+    return weights
+
+
+def _to_cpu(q: QuantizedWeight) -> QuantizedWeight:
+    return replace(q, codes=q.codes.cpu(), scale=q.scale.cpu(), zero=None if q.zero is None else q.zero.cpu())
+
+
+def apply_quantized(model: nn.Module, weights: dict[str, QuantizedWeight]) -> None:
+    """Replace each quantized linear's weight by its dequantized value, in place (the core's own
+    dequantized model)."""
+    from core.quant.primitives import dequantize_weight
+
+    with torch.no_grad():
+        for name, q in weights.items():
+            module = get_module(model, name)
+            weight = module.weight
+            if tuple(weight.shape) != tuple(q.shape):
+                raise ValueError(f"{name}: weight shape {tuple(weight.shape)} != quantized shape {q.shape}")
+            weight.copy_(dequantize_weight(q, dtype=torch.float32).to(device=weight.device, dtype=weight.dtype))
+
+
+def run_pipeline(spec: JobSpec, loaded: LoadedModel, rows: Sequence[CalibrationRow], *,
+                 progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel,
+                 profile: Profile | None = None) -> PipelineResult:
+    """calibrate → score (skipped when `profile` is given) → allocate → quantize."""
+    rows = select_rows(rows, spec)
+    progress("calibrate", 1.0, f"{len(rows)} calibration rows")
+    if profile is None:
+        profile = score_stage(spec, loaded, rows, progress=progress, should_cancel=should_cancel)
+    if [l.name for l in profile.layers] != [ref.name for ref in loaded.layers]:
+        raise InvalidSpec("the given profile does not match the model's layers")
+    if should_cancel():
+        from core.errors import Cancelled
+
+        raise Cancelled("cancelled by request")
+    allocations = allocate_stage(spec, profile)
+    progress("allocate", 1.0, f"{len(allocations)} allocation(s)")
+    outputs = []
+    for i, allocation in enumerate(allocations):
+        def sub(stage: str, fraction: float, message: str, _i: int = i) -> None:
+            progress(stage, (_i + fraction) / len(allocations), message)
+
+        weights = quantize_stage(spec, loaded, allocation, progress=sub, should_cancel=should_cancel)
+        outputs.append(QuantizedOutput(budget=allocation.budget, allocation=allocation, weights=weights))
+    if len(allocations) == 1:
+        profile = profile.with_bits(allocations[0].bits)
+    return PipelineResult(profile=profile, outputs=outputs)
