@@ -1,0 +1,215 @@
+"""GGML block encoders (Q8_0, Q4_0, Q4_1) for our group grid, exact wherever the block format allows.
+
+Block formats (32 weights a block, rows are output channels, blocks run along the input dim):
+
+| type | bytes | layout | weight |
+|---|---|---|---|
+| Q8_0 | 34 | fp16 d, 32 x int8 q | d * q |
+| Q4_0 | 18 | fp16 d, 16 bytes: low nibble = weight j, high nibble = weight j + 16 | d * (q - 8) |
+| Q4_1 | 20 | fp16 d, fp16 m, 16 bytes as Q4_0 | d * q + m |
+
+When `group_size` is a multiple of 32 every block lies inside one of our groups, so with
+d = scale:
+- symmetric b <= 4 bits -> Q4_0, q = code - zero + 8: exact (zero is the constant 2**(b-1));
+- asymmetric b <= 4 bits -> Q4_1, q = code - k, m = scale * (k - zero) for an integer offset k that
+  keeps q in [0, 15]. m is stored in fp16, so the block is exact when scale * (k - zero) is
+  representable; among the admissible k we take the one whose m rounds least (k = zero, m = 0 and
+  power-of-two multiples are always exact). Otherwise the block is off by < half an fp16 ulp of m;
+- 8 bits -> Q8_0, q = code - zero: exact when it fits int8 (always for symmetric), otherwise the
+  block is requantized from its dequantized values.
+Any other grid (group size not a multiple of 32) is requantized from the dequantized weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from core.types import QuantizedWeight
+
+BLOCK = 32
+Q8_0, Q4_0, Q4_1 = "Q8_0", "Q4_0", "Q4_1"
+BLOCK_BYTES = {Q8_0: 34, Q4_0: 18, Q4_1: 20}
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    """Raw GGML bytes [rows, n_blocks * block bytes] and how many blocks reproduce our weights exactly."""
+
+    data: np.ndarray
+    qtype: str
+    exact_blocks: int
+    total_blocks: int
+
+
+def target_type(bits: int, symmetric: bool) -> str:
+    """The GGML type a width maps to: 8 -> Q8_0, <= 4 -> Q4_0 (symmetric) / Q4_1 (asymmetric)."""
+    if bits == 8:
+        return Q8_0
+    if bits <= 4:
+        return Q4_0 if symmetric else Q4_1
+    raise ValueError(f"no GGML block type for {bits} bits")
+
+
+def _half_bytes(x: torch.Tensor) -> np.ndarray:
+    """float16 little-endian bytes [..., 2]."""
+    arr = x.to(torch.float16).numpy().astype("<f2")
+    return arr.view(np.uint8).reshape(*arr.shape, 2)
+
+
+def _nibbles(q: torch.Tensor) -> np.ndarray:
+    """[..., 32] values in [0, 15] -> [..., 16] bytes, weight j low nibble, weight j + 16 high."""
+    q = q.to(torch.uint8)
+    return (q[..., :16] | (q[..., 16:] << 4)).numpy()
+
+
+def pack_q8_0(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    rows, nb, _ = q.shape
+    out = np.empty((rows, nb, 34), dtype=np.uint8)
+    out[..., :2] = _half_bytes(d)
+    out[..., 2:] = q.to(torch.int8).numpy().view(np.uint8)
+    return out.reshape(rows, nb * 34)
+
+
+def pack_q4_0(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    rows, nb, _ = q.shape
+    out = np.empty((rows, nb, 18), dtype=np.uint8)
+    out[..., :2] = _half_bytes(d)
+    out[..., 2:] = _nibbles(q)
+    return out.reshape(rows, nb * 18)
+
+
+def pack_q4_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    rows, nb, _ = q.shape
+    out = np.empty((rows, nb, 20), dtype=np.uint8)
+    out[..., :2] = _half_bytes(d)
+    out[..., 2:4] = _half_bytes(m)
+    out[..., 4:] = _nibbles(q)
+    return out.reshape(rows, nb * 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requantization of float weights (the fallback); same rules as llama.cpp's reference quantizers,
+# except that codes are computed with the fp16-rounded d that is stored.
+# ---------------------------------------------------------------------------------------------
+
+def _safe_div(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    d = d.to(torch.float32)
+    return torch.where(d != 0, x / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(x))
+
+
+def requant_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, nb, 32] float32 -> (int q, fp16 d)."""
+    d = (x.abs().amax(dim=-1) / 127.0).to(torch.float16)
+    q = torch.round(_safe_div(x, d.unsqueeze(-1))).clamp(-128, 127)
+    return q, d
+
+
+def requant_q4_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # the value of largest magnitude gets code 0 (d may be negative), as llama.cpp does
+    lo, hi = x.amin(dim=-1), x.amax(dim=-1)
+    m = torch.where(-lo >= hi, lo, hi)
+    d = (m / -8.0).to(torch.float16)
+    q = (torch.round(_safe_div(x, d.unsqueeze(-1))) + 8).clamp(0, 15)
+    return q, d
+
+
+def requant_q4_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lo, hi = x.amin(dim=-1), x.amax(dim=-1)
+    d = ((hi - lo) / 15.0).to(torch.float16)
+    m = lo.to(torch.float16)
+    q = torch.round(_safe_div(x - m.to(torch.float32).unsqueeze(-1), d.unsqueeze(-1))).clamp(0, 15)
+    return q, d, m
+
+
+def requantize(x: torch.Tensor, qtype: str) -> EncodedTensor:
+    """Encode a float [rows, cols] weight (cols a multiple of 32) into `qtype` blocks."""
+    rows, cols = x.shape
+    blocks = x.detach().to(torch.float32).reshape(rows, cols // BLOCK, BLOCK)
+    if qtype == Q8_0:
+        data = pack_q8_0(*requant_q8_0(blocks))
+    elif qtype == Q4_0:
+        data = pack_q4_0(*requant_q4_0(blocks))
+    else:
+        data = pack_q4_1(*requant_q4_1(blocks))
+    return EncodedTensor(data=data, qtype=qtype, exact_blocks=0, total_blocks=rows * (cols // BLOCK))
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact mapping of our grid
+# ---------------------------------------------------------------------------------------------
+
+def _block_params(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes [rows, nb, 32] int64 and each block's scale (float32 of the fp16) and zero [rows, nb]."""
+    rows, cols = q.shape
+    nb = cols // BLOCK
+    codes = q.codes[:, :cols].to(torch.int64).reshape(rows, nb, BLOCK)
+    group_of_block = torch.arange(nb) * BLOCK // q.group_size
+    scale = q.scale.to(torch.float32)[:, group_of_block]
+    zero = q.zero_points().to(torch.int64)[:, group_of_block]
+    return codes, scale, zero
+
+
+def _exact_q4_0(q: QuantizedWeight) -> EncodedTensor:
+    codes, scale, zero = _block_params(q)
+    levels = codes - zero.unsqueeze(-1) + 8  # in [0, 15] for b <= 4
+    data = pack_q4_0(levels, scale.to(torch.float16))
+    n = codes.shape[0] * codes.shape[1]
+    return EncodedTensor(data=data, qtype=Q4_0, exact_blocks=n, total_blocks=n)
+
+
+def _exact_q4_1(q: QuantizedWeight) -> EncodedTensor:
+    codes, scale, zero = _block_params(q)
+    cmin, cmax = codes.amin(dim=-1), codes.amax(dim=-1)
+    # candidate offsets k = cmin - t, admissible while the largest code still fits in 4 bits
+    t = torch.arange(16)
+    k = cmin.unsqueeze(-1) - t
+    admissible = k >= (cmax.unsqueeze(-1) - 15)
+    m_true = scale.to(torch.float64).unsqueeze(-1) * (k - zero.unsqueeze(-1)).to(torch.float64)
+    m16 = m_true.to(torch.float16)
+    err = (m16.to(torch.float64) - m_true).abs()
+    err = torch.where(admissible, err, torch.full_like(err, float("inf")))
+    best = err.argmin(dim=-1, keepdim=True)  # ties: the first, i.e. the largest admissible k
+    k_best = k.gather(-1, best).squeeze(-1)
+    m_best = m16.gather(-1, best).squeeze(-1)
+    exact = err.gather(-1, best).squeeze(-1) == 0
+    data = pack_q4_1(codes - k_best.unsqueeze(-1), scale.to(torch.float16), m_best)
+    return EncodedTensor(data=data, qtype=Q4_1, exact_blocks=int(exact.sum()), total_blocks=exact.numel())
+
+
+def _exact_q8_0(q: QuantizedWeight) -> EncodedTensor:
+    codes, scale, zero = _block_params(q)
+    levels = codes - zero.unsqueeze(-1)
+    fits = (levels.amin(dim=-1) >= -128) & (levels.amax(dim=-1) <= 127)
+    d = scale.to(torch.float16)
+    if not bool(fits.all()):
+        # asymmetric 8-bit blocks spanning more than int8: requantize just those blocks
+        values = levels.to(torch.float32) * scale.unsqueeze(-1)
+        rq, rd = requant_q8_0(values)
+        levels = torch.where(fits.unsqueeze(-1), levels, rq.to(torch.int64))
+        d = torch.where(fits, d, rd)
+    data = pack_q8_0(levels, d)
+    return EncodedTensor(data=data, qtype=Q8_0, exact_blocks=int(fits.sum()), total_blocks=fits.numel())
+
+
+def exact_grid(q: QuantizedWeight) -> bool:
+    """True when every 32-block lies inside one of our groups (group size a multiple of 32)."""
+    return q.group_size % BLOCK == 0 and q.shape[1] % BLOCK == 0
+
+
+def encode_quantized(q: QuantizedWeight) -> EncodedTensor:
+    """Our quantized weight as GGML blocks of its target type; `q.shape[1]` must be a multiple of 32."""
+    from core.quant.primitives import dequantize_weight
+
+    if q.shape[1] % BLOCK != 0:
+        raise ValueError(f"in_features {q.shape[1]} is not a multiple of {BLOCK}")
+    qtype = target_type(q.bits, q.symmetric)
+    if not exact_grid(q):
+        return requantize(dequantize_weight(q, torch.float32), qtype)
+    if qtype == Q4_0:
+        return _exact_q4_0(q)
+    if qtype == Q4_1:
+        return _exact_q4_1(q)
+    return _exact_q8_0(q)

@@ -1,0 +1,360 @@
+"""GGUF export for llama-architecture models: one file llama.cpp and transformers (``gguf_file=``) load.
+
+Tensor types (docs/ARTIFACTS.md has the full mapping and its exactness):
+- quantized linears: 8 bits -> Q8_0, <= 4 bits -> Q4_1 (asymmetric) / Q4_0 (symmetric), encoded
+  from our codes exactly where the block format allows (`core.export.ggml_blocks`); a linear whose
+  ``in_features`` is not a multiple of 32 cannot be block-quantized and is stored F16;
+- 16-bit layers' linears, the token embedding and an untied LM head: F16 (the same float16 values
+  the HF export stores); norms: F32.
+
+llama.cpp applies rope to q/k in its interleaved-pair convention, so (like its converter) we store
+q_proj / k_proj rows permuted per head; transformers' GGUF loader undoes it. Rows move as a whole
+and groups run along the input dim, so the permutation moves codes, scales and zeros together and
+the exact mapping survives.
+
+Metadata: from a GGUF source (SmolLM2) every key of the source is copied (hyperparameters,
+tokenizer, general.*) except the file type, which describes our tensors. From an HF directory the
+llama hyperparameters and a byte-level BPE ("gpt2") tokenizer are written from the config and the
+tokenizer. Same inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.errors import ExportError
+from core.export._common import (
+    LinearPlan,
+    check_spec_grid,
+    embeddings_tied,
+    output_embedding_name,
+    plan_linears,
+    text_config,
+    to_fp16,
+)
+from core.export.ggml_blocks import BLOCK, Q4_0, Q4_1, Q8_0, encode_quantized
+from core.spec import JobSpec
+from core.types import QuantizedWeight
+
+ARCH = "llama"
+QUANTIZATION_VERSION = 2
+
+_LAYER_TENSORS = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+_GLOBAL_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                   "lm_head.weight": "output.weight"}
+_NORM_SUFFIX = "_norm.weight"
+
+# token types of llama.cpp's vocabulary
+_NORMAL, _UNUSED, _CONTROL, _USER_DEFINED = 1, 5, 3, 4
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """The llama.cpp name of an HF llama parameter (``model.layers.3.mlp.up_proj.weight`` ->
+    ``blk.3.ffn_up.weight``); ExportError for tensors llama.cpp's llama graph has no slot for."""
+    if hf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[hf_name]
+    match = _LAYER_RE.match(hf_name)
+    if match and match.group(2) in _LAYER_TENSORS:
+        return f"blk.{match.group(1)}.{_LAYER_TENSORS[match.group(2)]}.weight"
+    raise ExportError(f"no GGUF llama tensor for '{hf_name}' (biases and extra modules are not supported)")
+
+
+def rope_row_permutation(rows: int, n_head: int) -> torch.Tensor:
+    """Row order llama.cpp expects for a q/k projection: within each head, the first and second
+    half of the rotary dims are interleaved ([0, h, 1, h+1, ...] with h = head_dim / 2)."""
+    head_dim = rows // n_head
+    if head_dim * n_head != rows or head_dim % 2:
+        raise ExportError(f"cannot permute {rows} rows into {n_head} heads for rope")
+    idx = torch.arange(rows).reshape(n_head, 2, head_dim // 2)
+    return idx.transpose(1, 2).reshape(rows)
+
+
+def _permute_q(q: QuantizedWeight, idx: torch.Tensor) -> QuantizedWeight:
+    return replace(q, codes=q.codes[idx], scale=q.scale[idx], zero=None if q.zero is None else q.zero[idx])
+
+
+class _Hyper:
+    """The llama hyperparameters of the model being exported."""
+
+    def __init__(self, model: nn.Module) -> None:
+        cfg = text_config(model)
+        if getattr(cfg, "model_type", None) != ARCH:
+            raise ExportError(f"GGUF export supports llama-architecture models; this one is "
+                              f"'{getattr(cfg, 'model_type', type(model).__name__)}'")
+        self.hidden = int(cfg.hidden_size)
+        self.layers = int(cfg.num_hidden_layers)
+        self.ffn = int(cfg.intermediate_size)
+        self.n_head = int(cfg.num_attention_heads)
+        self.n_head_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_head)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or self.hidden // self.n_head)
+        self.context = int(cfg.max_position_embeddings)
+        self.eps = float(cfg.rms_norm_eps)
+        self.vocab = int(cfg.vocab_size)
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if rope_type not in ("default", None):
+            raise ExportError(f"GGUF export does not support rope scaling '{rope_type}'")
+        theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+        self.rope_theta = float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))
+
+    def expected_metadata(self) -> dict[str, float | int]:
+        return {f"{ARCH}.block_count": self.layers, f"{ARCH}.embedding_length": self.hidden,
+                f"{ARCH}.feed_forward_length": self.ffn, f"{ARCH}.attention.head_count": self.n_head,
+                f"{ARCH}.attention.head_count_kv": self.n_head_kv}
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors
+# ---------------------------------------------------------------------------------------------
+
+def _linear_tensor(plan: LinearPlan, hyper: _Hyper) -> tuple[np.ndarray, str]:
+    """(array, GGML type name) of one decoder linear, rows permuted for q/k."""
+    from core.quant.primitives import dequantize_weight
+
+    idx = None
+    if plan.name.endswith("self_attn.q_proj"):
+        idx = rope_row_permutation(plan.module.weight.shape[0], hyper.n_head)
+    elif plan.name.endswith("self_attn.k_proj"):
+        idx = rope_row_permutation(plan.module.weight.shape[0], hyper.n_head_kv)
+    if plan.q is None:
+        weight = plan.module.weight.detach()
+        weight = weight[idx] if idx is not None else weight
+        return to_fp16(plan.name, weight).numpy(), "F16"
+    q = _permute_q(plan.q, idx) if idx is not None else plan.q
+    if q.shape[1] % BLOCK != 0:
+        # GGML block types need rows of whole 32-blocks; keep the (dequantized) weight in F16
+        return to_fp16(plan.name, dequantize_weight(q, torch.float32)).numpy(), "F16"
+    encoded = encode_quantized(q)
+    return encoded.data, encoded.qtype
+
+
+def _tensors(model: nn.Module, plans: list[LinearPlan], hyper: _Hyper) -> list[tuple[str, np.ndarray, str]]:
+    """[(gguf name, array, GGML type name)] in state-dict order."""
+    by_weight = {f"{p.name}.weight": p for p in plans}
+    skip = set()
+    head = output_embedding_name(model)
+    if head is not None and embeddings_tied(model):
+        skip.add(head)
+    tensors: list[tuple[str, np.ndarray, str]] = []
+    for key, value in model.state_dict().items():
+        if key in skip:
+            continue
+        name = gguf_tensor_name(key)
+        plan = by_weight.get(key)
+        if plan is not None:
+            array, qtype = _linear_tensor(plan, hyper)
+            tensors.append((name, array, qtype))
+        elif name.endswith(_NORM_SUFFIX):
+            tensors.append((name, value.detach().cpu().to(torch.float32).numpy(), "F32"))
+        else:
+            tensors.append((name, to_fp16(key, value).numpy(), "F16"))
+    return tensors
+
+
+def _file_type(tensors: list[tuple[str, np.ndarray, str]], plans: list[LinearPlan]) -> int:
+    """general.file_type: the GGML type holding most of the decoder linears' weights."""
+    from gguf import LlamaFileType
+
+    file_types = {Q4_0: LlamaFileType.MOSTLY_Q4_0, Q4_1: LlamaFileType.MOSTLY_Q4_1,
+                  Q8_0: LlamaFileType.MOSTLY_Q8_0, "F16": LlamaFileType.MOSTLY_F16}
+    linear_names = {gguf_tensor_name(f"{p.name}.weight"): p.module.weight.numel() for p in plans}
+    counts: Counter[str] = Counter()
+    for name, _, qtype in tensors:
+        if name in linear_names:
+            counts[qtype] += linear_names[name]
+    if not counts:
+        return int(LlamaFileType.MOSTLY_F16)
+    # ties broken by type name so the choice never depends on iteration order
+    best = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+    return int(file_types[best])
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata
+# ---------------------------------------------------------------------------------------------
+
+def _copy_source_metadata(writer, source: Path, hyper: _Hyper, file_type: int) -> None:
+    """Every key of the source GGUF in its order, with our file type; strings copied as raw bytes."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(source)
+    fields = reader.fields
+    arch = fields.get("general.architecture")
+    if arch is None or arch.contents() != ARCH:
+        raise ExportError(f"source GGUF {source.name} is not a llama-architecture file")
+    for key, expected in hyper.expected_metadata().items():
+        field = fields.get(key)
+        if field is None or int(field.contents()) != expected:
+            raise ExportError(f"source GGUF {source.name} does not describe this model: {key} is "
+                              f"{None if field is None else field.contents()}, the model has {expected}")
+    seen = set()
+    for key, field in fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        seen.add(key)
+        main = field.types[0]
+        if key == "general.file_type":
+            writer.add_uint32(key, file_type)
+        elif key == "general.quantization_version":
+            writer.add_uint32(key, QUANTIZATION_VERSION)
+        elif main == GGUFValueType.STRING:
+            writer.add_key_value(key, bytes(field.parts[field.data[0]]), main)
+        elif main == GGUFValueType.ARRAY:
+            sub = field.types[-1]
+            if len(field.types) != 2:
+                raise ExportError(f"source GGUF key {key} is a nested array, which is not supported")
+            if sub == GGUFValueType.STRING:
+                values = [bytes(field.parts[i]) for i in field.data]
+            else:
+                values = field.contents()
+            if values:
+                writer.add_key_value(key, values, main, sub_type=sub)
+        else:
+            writer.add_key_value(key, field.contents(), main)
+    if "general.file_type" not in seen:
+        writer.add_uint32("general.file_type", file_type)
+    if "general.quantization_version" not in seen:
+        writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
+
+
+def _pre_tokenizer_name(backend: dict) -> str:
+    """llama.cpp's pre-tokenizer id for a byte-level BPE tokenizer.json, recognised by structure:
+    digits split one by one before ByteLevel is SmolLM's (also StarCoder's) rule."""
+    pre = backend.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    return "default"
+
+
+def _tokenizer_metadata(writer, tokenizer, hyper: _Hyper) -> None:
+    """A byte-level BPE tokenizer as llama.cpp's "gpt2" vocabulary."""
+    backend_tok = getattr(tokenizer, "backend_tokenizer", None)
+    if backend_tok is None:
+        raise ExportError("GGUF export from an HF directory needs a fast (tokenizers) tokenizer")
+    backend = json.loads(backend_tok.to_str())
+    model = backend.get("model", {})
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer")):
+        raise ExportError("GGUF export from an HF directory supports byte-level BPE tokenizers only; "
+                          "export from the model's GGUF to carry another tokenizer")
+    vocab = tokenizer.get_vocab()
+    by_id = {i: t for t, i in vocab.items()}
+    added = {int(i): tok for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    special_ids = set(getattr(tokenizer, "all_special_ids", []))
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(hyper.vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(_UNUSED)
+            continue
+        tokens.append(by_id[i])
+        if i in added:
+            types.append(_CONTROL if (added[i].special or i in special_ids) else _USER_DEFINED)
+        else:
+            types.append(_CONTROL if i in special_ids else _NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    writer.add_bool("tokenizer.ggml.add_space_prefix", False)
+    probe = tokenizer("a")["input_ids"]
+    writer.add_bool("tokenizer.ggml.add_bos_token",
+                    tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id])
+    writer.add_string("tokenizer.ggml.model", "gpt2")
+    writer.add_string("tokenizer.ggml.pre", _pre_tokenizer_name(backend))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if merges:
+        writer.add_token_merges(merges)
+    for key, value in (("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id),
+                       ("unknown_token_id", tokenizer.unk_token_id), ("padding_token_id", tokenizer.pad_token_id)):
+        if value is not None:
+            writer.add_uint32(f"tokenizer.ggml.{key}", int(value))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        writer.add_string("tokenizer.chat_template", template)
+
+
+def _hf_metadata(writer, tokenizer, hyper: _Hyper, name: str, file_type: int) -> None:
+    writer.add_string("general.type", "model")
+    writer.add_string("general.name", name)
+    writer.add_uint32(f"{ARCH}.block_count", hyper.layers)
+    writer.add_uint32(f"{ARCH}.context_length", hyper.context)
+    writer.add_uint32(f"{ARCH}.embedding_length", hyper.hidden)
+    writer.add_uint32(f"{ARCH}.feed_forward_length", hyper.ffn)
+    writer.add_uint32(f"{ARCH}.attention.head_count", hyper.n_head)
+    writer.add_uint32(f"{ARCH}.attention.head_count_kv", hyper.n_head_kv)
+    writer.add_float32(f"{ARCH}.rope.freq_base", hyper.rope_theta)
+    writer.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", hyper.eps)
+    writer.add_uint32("general.file_type", file_type)
+    writer.add_uint32(f"{ARCH}.vocab_size", hyper.vocab)
+    writer.add_uint32(f"{ARCH}.rope.dimension_count", hyper.head_dim)
+    if hyper.head_dim * hyper.n_head != hyper.hidden:
+        writer.add_uint32(f"{ARCH}.attention.key_length", hyper.head_dim)
+        writer.add_uint32(f"{ARCH}.attention.value_length", hyper.head_dim)
+    if tokenizer is None:
+        raise ExportError("GGUF export from an HF directory needs the tokenizer")
+    _tokenizer_metadata(writer, tokenizer, hyper)
+    writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+
+def export_gguf(model: nn.Module, tokenizer, weights: dict[str, QuantizedWeight], bits_by_layer: dict[str, int],
+                spec: JobSpec, out_path: Path, source_gguf: Path | None = None) -> Path:
+    """Write one llama GGUF file to `out_path` and return it.
+
+    `source_gguf`: the GGUF the model was loaded from; its metadata (tokenizer included) is copied.
+    Without it the hyperparameters and tokenizer are written from the model config and `tokenizer`.
+    Raises ExportError for non-llama models, inconsistent weights / bit map, or a source GGUF that
+    does not describe this model.
+    """
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    hyper = _Hyper(model)
+    plans = plan_linears(model, weights, bits_by_layer)
+    check_spec_grid(plans, spec)
+    tensors = _tensors(model, plans, hyper)
+    file_type = _file_type(tensors, plans)
+
+    writer = GGUFWriter(path=None, arch=ARCH)
+    if source_gguf is not None:
+        _copy_source_metadata(writer, Path(source_gguf), hyper, file_type)
+    else:
+        _hf_metadata(writer, tokenizer, hyper, spec.model, file_type)
+    for name, array, qtype in tensors:
+        raw = None if qtype in ("F16", "F32") else GGMLQuantizationType[qtype]
+        writer.add_tensor(name, np.ascontiguousarray(array), raw_dtype=raw)
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        writer.write_header_to_file(path=out_path)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return out_path

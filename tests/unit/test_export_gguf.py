@@ -1,0 +1,262 @@
+"""core.export.gguf: exact block mapping of our grid, rope row order, metadata, determinism, and a
+tiny Llama GGUF that transformers loads back to our dequantized weights."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, dequantize
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from core.errors import ExportError
+from core.export import export_gguf, export_hf
+from core.export.ggml_blocks import encode_quantized, requantize
+from core.export.gguf import gguf_tensor_name, rope_row_permutation
+from core.modules import decoder_layers, named_linears
+from core.quant.primitives import dequantize_weight, quantize_weight
+from core.spec import JobSpec
+
+pytestmark = pytest.mark.unit
+
+MIXED = (4, 8, 16, 4)
+TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                  "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                  "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
+                  "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix", "tokenizer.chat_template")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir: Path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def make_spec(group_size: int, symmetric: bool) -> JobSpec:
+    return JobSpec(model="tiny-llama", method="uniform", bit_budget={"avg_bits": 8.0},
+                   group_size=group_size, symmetric=symmetric, bit_choices=[2, 3, 4, 8, 16])
+
+
+def quantize_model(model, widths, group_size: int, symmetric: bool):
+    bits = {name: b for (name, _), b in zip(decoder_layers(model), widths)}
+    weights = {}
+    for layer, b in bits.items():
+        if b < 16:
+            for name, linear in named_linears(model, layer).items():
+                weights[name] = quantize_weight(linear.weight.detach(), b, group_size, symmetric)
+    return bits, weights
+
+
+def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def ggml_dequant(encoded) -> torch.Tensor:
+    """Decode our bytes with gguf-py's reference dequantizer (independent of our encoder)."""
+    return torch.from_numpy(dequantize(encoded.data, GGMLQuantizationType[encoded.qtype]).astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------------ blocks
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_symmetric_grid_maps_exactly(bits, group_size):
+    q = quantize_weight(gaussian(64, 256, bits), bits, group_size, symmetric=True)
+    encoded = encode_quantized(q)
+    assert encoded.qtype == ("Q8_0" if bits == 8 else "Q4_0")
+    assert encoded.exact_blocks == encoded.total_blocks
+    torch.testing.assert_close(ggml_dequant(encoded), dequantize_weight(q), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_asymmetric_two_and_three_bit_map_exactly_to_q4_1(bits, group_size):
+    q = quantize_weight(gaussian(64, 256, bits), bits, group_size, symmetric=False)
+    encoded = encode_quantized(q)
+    assert encoded.qtype == "Q4_1" and encoded.exact_blocks == encoded.total_blocks
+    torch.testing.assert_close(ggml_dequant(encoded), dequantize_weight(q), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_asymmetric_four_bit_q4_1_is_exact_up_to_the_fp16_offset(group_size):
+    """d = scale and the codes carry over; only m = scale·(k − zero) is rounded to fp16, so a
+    block is exact when that product is representable and otherwise off by at most half an fp16
+    ulp of m (< 1 % of a quantization step)."""
+    q = quantize_weight(gaussian(64, 256, 7), 4, group_size, symmetric=False)
+    encoded = encode_quantized(q)
+    assert encoded.qtype == "Q4_1"
+    assert 0 < encoded.exact_blocks <= encoded.total_blocks
+    ours = dequantize_weight(q)
+    diff = (ggml_dequant(encoded) - ours).abs()
+    step = q.scale.float().abs().repeat_interleave(group_size, dim=1)[:, :256]
+    assert bool((diff <= step * 15 * 2.0**-11).all())
+    blocks_exact = (diff.reshape(64, 8, 32).amax(-1) == 0).sum().item()
+    assert blocks_exact >= encoded.exact_blocks
+
+
+def test_asymmetric_eight_bit_q8_0_exact_where_int8_holds_the_level():
+    q = quantize_weight(gaussian(64, 256, 8), 8, 128, symmetric=False)
+    encoded = encode_quantized(q)
+    assert encoded.qtype == "Q8_0" and 0 < encoded.exact_blocks < encoded.total_blocks
+    diff = (ggml_dequant(encoded) - dequantize_weight(q)).abs().reshape(64, 8, 32).amax(-1)
+    assert (diff == 0).sum().item() >= encoded.exact_blocks
+    # requantized blocks: within half a Q8_0 step of the block's largest magnitude
+    amax = dequantize_weight(q).abs().reshape(64, 8, 32).amax(-1)
+    assert bool((diff <= amax / 127 * 0.5 + 1e-6).all())
+
+
+def test_group_not_multiple_of_32_is_requantized():
+    q = quantize_weight(gaussian(16, 96, 3), 4, 16, symmetric=False)
+    encoded = encode_quantized(q)
+    assert encoded.exact_blocks == 0 and encoded.qtype == "Q4_1"
+    ours = dequantize_weight(q)
+    err = (ggml_dequant(encoded) - ours).abs().reshape(16, 3, 32)
+    span = ours.reshape(16, 3, 32)
+    step = (span.amax(-1) - span.amin(-1)) / 15
+    assert bool((err.amax(-1) <= step * 0.5 + 1e-3 * step + 1e-7).all())
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_requantizers_round_trip_through_gguf_reference(qtype):
+    x = gaussian(8, 64, 11)
+    encoded = requantize(x, qtype)
+    back = ggml_dequant(encoded)
+    levels = 255 if qtype == "Q8_0" else 15
+    step = (x.abs().amax() * 2) / levels
+    assert float((back - x).abs().max()) <= float(step)
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+@pytest.mark.parametrize("rows, heads", [(96, 4), (48, 2), (576, 9), (192, 3)])
+def test_rope_permutation_is_undone_by_the_transformers_gguf_loader(rows, heads):
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = torch.arange(rows * 4, dtype=torch.float32).reshape(rows, 4)
+    permuted = w[rope_row_permutation(rows, heads)].numpy()
+    restored = LlamaTensorProcessor()._reverse_permute_weights(permuted, heads, heads)
+    np.testing.assert_array_equal(restored, w.numpy())
+    assert not np.array_equal(permuted, w.numpy())
+
+
+def test_pre_tokenizer_names():
+    from core.export.gguf import _pre_tokenizer_name
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    smollm = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, byte_level]}}
+    assert _pre_tokenizer_name(smollm) == "smollm"
+    assert _pre_tokenizer_name({"pre_tokenizer": byte_level}) == "gpt-2"
+    assert _pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}) == "default"
+
+
+def test_tensor_names():
+    assert gguf_tensor_name("model.embed_tokens.weight") == "token_embd.weight"
+    assert gguf_tensor_name("model.layers.3.self_attn.o_proj.weight") == "blk.3.attn_output.weight"
+    assert gguf_tensor_name("model.layers.0.post_attention_layernorm.weight") == "blk.0.ffn_norm.weight"
+    assert gguf_tensor_name("model.norm.weight") == "output_norm.weight"
+    with pytest.raises(ExportError):
+        gguf_tensor_name("model.layers.0.self_attn.q_proj.bias")
+
+
+# ------------------------------------------------------------------------------------------ files
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_tiny_gguf_loads_in_transformers_with_our_weights(tiny, tmp_path, symmetric):
+    model, tokenizer = tiny
+    bits, weights = quantize_model(model, MIXED, 32, symmetric)
+    path = export_gguf(model, tokenizer, weights, bits, make_spec(32, symmetric), tmp_path / "tiny.gguf")
+    assert path == tmp_path / "tiny.gguf"
+
+    reader = GGUFReader(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == ("Q4_0" if symmetric else "Q4_1")
+    assert types["blk.1.ffn_down.weight"] == "Q8_0"
+    assert types["blk.2.attn_q.weight"] == "F16"
+    assert types["token_embd.weight"] == "F16" and types["output_norm.weight"] == "F32"
+    assert "output.weight" not in types  # tied embeddings
+    assert reader.fields["general.file_type"].contents() == (2 if symmetric else 3)
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    assert loaded.config.tie_word_embeddings
+    for name, q in weights.items():
+        got = loaded.get_submodule(name).weight.detach()
+        ours = dequantize_weight(q)
+        if symmetric:
+            torch.testing.assert_close(got, ours, rtol=0, atol=0, msg=name)
+        elif q.bits == 4:
+            bound = float(q.scale.float().abs().max()) * 15 * 2.0**-11
+            assert float((got - ours).abs().max()) <= bound, name
+        else:
+            assert float((got - ours).abs().max()) <= float(ours.abs().max()) / 127, name
+    for name in ("model.layers.2.mlp.up_proj", "model.embed_tokens", "model.norm"):
+        torch.testing.assert_close(loaded.get_submodule(name).weight,
+                                   model.get_submodule(name).weight.half().float(), rtol=0, atol=0)
+
+    gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ("The capital of France is 12345.", "def f(x):\n    return x ** 2"):
+        assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_symmetric_gguf_and_hf_exports_give_the_same_logits(tiny, tmp_path):
+    model, tokenizer = tiny
+    bits, weights = quantize_model(model, MIXED, 32, True)
+    spec = make_spec(32, True)
+    export_hf(model, tokenizer, weights, bits, spec, tmp_path / "hf")
+    export_gguf(model, tokenizer, weights, bits, spec, tmp_path / "g" / "tiny.gguf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    gg = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    ids = tokenizer(["The capital of France is"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = hf(ids).logits, gg(ids).logits
+    assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+
+
+def test_tokenizer_metadata_matches_the_smollm2_gguf(tiny, tmp_path, smollm2_path):
+    """The tiny model borrows SmolLM2's tokenizer, so what we write from the HF tokenizer must equal
+    what llama.cpp's converter wrote into the SmolLM2 GGUF."""
+    model, tokenizer = tiny
+    bits, weights = quantize_model(model, MIXED, 32, False)
+    path = export_gguf(model, tokenizer, weights, bits, make_spec(32, False), tmp_path / "tiny.gguf")
+    ours, theirs = GGUFReader(path).fields, GGUFReader(smollm2_path).fields
+    for key in TOKENIZER_KEYS:
+        assert ours[key].contents() == theirs[key].contents(), key
+    # the fixture's tokenizer was rebuilt by transformers from the GGUF, which drops SmolLM's
+    # "split digits" pre-tokenizer step; we describe the tokenizer we were given
+    assert ours["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert ours["llama.block_count"].contents() == 4
+    assert ours["llama.attention.head_count_kv"].contents() == 2
+    assert ours["llama.rope.dimension_count"].contents() == 24
+
+
+def test_export_is_byte_identical_and_source_metadata_round_trips(tiny, tmp_path):
+    model, tokenizer = tiny
+    bits, weights = quantize_model(model, MIXED, 64, False)
+    spec = make_spec(64, False)
+    first = export_gguf(model, tokenizer, weights, bits, spec, tmp_path / "a.gguf")
+    second = export_gguf(model, tokenizer, weights, bits, spec, tmp_path / "b.gguf")
+    assert first.read_bytes() == second.read_bytes()
+    # using our own file as the source copies its metadata verbatim: the same bytes again
+    third = export_gguf(model, None, weights, bits, spec, tmp_path / "c.gguf", source_gguf=first)
+    assert third.read_bytes() == first.read_bytes()
+
+
+def test_source_gguf_of_another_model_is_rejected(tiny, tmp_path, smollm2_path):
+    model, tokenizer = tiny
+    bits, weights = quantize_model(model, MIXED, 32, False)
+    with pytest.raises(ExportError, match="does not describe this model"):
+        export_gguf(model, tokenizer, weights, bits, make_spec(32, False), tmp_path / "x.gguf",
+                    source_gguf=smollm2_path)
+
+
+def test_non_llama_models_are_rejected(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    with pytest.raises(ExportError, match="llama-architecture"):
+        export_gguf(model, None, {}, {"model.layers.0": 16}, make_spec(32, False), tmp_path / "q.gguf")
