@@ -1,0 +1,526 @@
+"""Task evaluation: answer normalisation, EM / F1 / contains metrics, bootstrap confidence
+intervals, greedy batched generation, and distribution fidelity (KL, top-1 agreement) between a
+reference (full-precision) model and a quantized one.
+
+Scoring follows the SQuAD / TriviaQA conventions with three deliberate deviations, each tested:
+
+* a non-empty answer never normalises to the empty string (the lone letter "A" is an article;
+  dropping it would make "A" equal to "" and, in code that treats empty-vs-empty as a match,
+  score empty predictions as correct on multiple choice). When normalisation would empty a
+  non-empty text, the text before the emptying step is kept instead (see `normalize_answer`);
+* accents are folded (NFKD, combining marks dropped) so "Bogota" matches "Bogotá";
+* signs and decimal points of numbers survive punctuation removal ("-5" is not "5", "3.5" is not
+  "35"), which matters for arithmetic and code-evaluation tasks.
+
+An empty prediction, or an empty gold, never matches anything.
+
+Nothing here reads the environment or prints; device and batch sizes are parameters.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ConfidenceInterval",
+    "EvalMetrics",
+    "EvalReport",
+    "Fidelity",
+    "FidelityMetrics",
+    "GenerationEval",
+    "bootstrap_ci",
+    "contains_match",
+    "evaluate_generation",
+    "exact_match",
+    "f1_score",
+    "fidelity",
+    "first_line_answer",
+    "generate_greedy",
+    "normalize_answer",
+    "score_predictions",
+]
+
+# --------------------------------------------------------------------------------------------
+# Normalisation and string metrics
+# --------------------------------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+# "-" directly before a digit and not glued to a preceding word char is a sign: keep it.
+_SIGN = re.compile(r"(?<![\w])-(?=\d)")
+# "." between two digits is a decimal point: keep it.
+_DECIMAL = re.compile(r"(?<=\d)\.(?=\d)")
+_PUNCT = set(string.punctuation) | {"“", "”", "‘", "’", "«", "»", "–", "—", "…", "¿", "¡"}
+_SIGN_MARK = "\x00"
+_DECIMAL_MARK = "\x01"
+
+
+def _fold_accents(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
+def _collapse(text: str) -> str:
+    return " ".join(text.split())
+
+
+def normalize_answer(s: str) -> str:
+    """Lower-case, fold accents, strip punctuation (keeping number signs and decimal points),
+    drop the articles a/an/the, collapse whitespace.
+
+    A text that is non-empty after stripping never normalises to "": when dropping articles would
+    empty it ("A", "(a)", "The") the text before that step is returned ("a"); when punctuation
+    removal already empties it (".") the lower-cased, accent-folded, whitespace-collapsed text is.
+    """
+    if s is None:
+        return ""
+    base = _collapse(_fold_accents(str(s)).lower())
+    if not base:
+        return ""
+    text = _SIGN.sub(_SIGN_MARK, base)
+    text = _DECIMAL.sub(_DECIMAL_MARK, text)
+    text = "".join(ch for ch in text if ch not in _PUNCT)
+    text = _collapse(text.replace(_SIGN_MARK, "-").replace(_DECIMAL_MARK, "."))
+    without_articles = _collapse(_ARTICLES.sub(" ", text))
+    return without_articles or text or base
+
+
+def _golds(golds: Sequence[str] | str) -> list[str]:
+    if isinstance(golds, str):
+        golds = [golds]
+    return [n for n in (normalize_answer(g) for g in golds) if n]
+
+
+def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals any normalised, non-empty gold, else 0.0."""
+    pred = normalize_answer(prediction)
+    if not pred:
+        return 0.0
+    return float(any(pred == g for g in _golds(golds)))
+
+
+def _token_f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
+    common = Counter(pred_tokens) & Counter(gold_tokens)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision = same / len(pred_tokens)
+    recall = same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(prediction: str, golds: Sequence[str]) -> float:
+    """Token-level F1 of the normalised texts, the maximum over the golds (0.0 when empty)."""
+    pred_tokens = normalize_answer(prediction).split()
+    if not pred_tokens:
+        return 0.0
+    return max((_token_f1(pred_tokens, g.split()) for g in _golds(golds)), default=0.0)
+
+
+def contains_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 when some normalised gold occurs in the normalised prediction as whole words
+    (a contiguous run of its tokens), else 0.0. "Paris" is in "the capital is paris", "4" is not
+    in "14"."""
+    pred_tokens = normalize_answer(prediction).split()
+    if not pred_tokens:
+        return 0.0
+    for gold in _golds(golds):
+        g = gold.split()
+        for start in range(len(pred_tokens) - len(g) + 1):
+            if pred_tokens[start:start + len(g)] == g:
+                return 1.0
+    return 0.0
+
+
+_ANSWER_LABEL = re.compile(r"^\s*(?:final\s+)?answer\s*[:：]\s*", re.IGNORECASE)
+
+
+def first_line_answer(generation: str, stop_strings: Sequence[str] = ()) -> str:
+    """The answer-extraction policy used by `evaluate_generation`.
+
+    1. cut at the first of `stop_strings` (e.g. a textual end-of-turn marker) if present;
+    2. take the first line that is not blank (the model is asked for a short answer, anything
+       after the first line break is explanation);
+    3. drop a leading "Answer:" / "Final answer:" label and surrounding markdown emphasis
+       (`**`, `__`, backticks) and whitespace.
+
+    Punctuation, articles and case are left to `normalize_answer`.
+    """
+    text = generation or ""
+    for stop in stop_strings:
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    line = _ANSWER_LABEL.sub("", line.strip())
+    return line.strip().strip("*_`").strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfidenceInterval:
+    """Mean of per-item values with a percentile-bootstrap interval [low, high]."""
+
+    mean: float
+    low: float
+    high: float
+    n: int = 0
+    alpha: float = 0.05
+
+    def to_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n,
+                "alpha": self.alpha}
+
+
+def bootstrap_ci(values: Sequence[float], *, n_resamples: int = 1000, alpha: float = 0.05,
+                 seed: int = 0) -> ConfidenceInterval:
+    """Percentile bootstrap of the mean: resample items with replacement `n_resamples` times
+    (numpy `default_rng(seed)`), return the mean and the alpha/2, 1-alpha/2 quantiles."""
+    data = np.asarray(list(values), dtype=np.float64)
+    if data.ndim != 1 or data.size == 0:
+        raise ValueError("bootstrap_ci needs a non-empty 1-D list of values")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha {alpha} is outside (0, 1)")
+    if n_resamples < 1:
+        raise ValueError("n_resamples must be >= 1")
+    rng = np.random.default_rng(seed)
+    n = data.size
+    means = np.empty(n_resamples, dtype=np.float64)
+    chunk = max(1, 2_000_000 // n)  # bound memory for long value lists
+    for start in range(0, n_resamples, chunk):
+        stop = min(n_resamples, start + chunk)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = data[idx].mean(axis=1)
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return ConfidenceInterval(mean=float(data.mean()), low=float(low), high=float(high), n=int(n),
+                              alpha=alpha)
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+Prompt = str | Sequence[int]
+
+
+def _encode(tokenizer: Any, prompt: Prompt, add_special_tokens: bool) -> list[int]:
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+    return [int(t) for t in prompt]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, getattr(tokenizer, "eos_token_id", None)):
+        if value is None:
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if int(v) not in ids:
+                ids.append(int(v))
+    return ids
+
+
+def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        if ids:
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids):] = 1
+    return input_ids, attention
+
+
+@torch.no_grad()
+def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *,
+                    max_new_tokens: int = 24, batch_size: int = 16, device: str = "cpu",
+                    add_special_tokens: bool = False) -> list[str]:
+    """Greedy continuation of each prompt, decoded without special tokens.
+
+    Prompts are rendered strings (tokenised with `add_special_tokens`; a chat-template rendering
+    already carries its special tokens, hence the default False) or token-id lists used as is.
+    Batches are left-padded with an attention mask, so each item's continuation does not depend
+    on its batch neighbours (up to float rounding). Prompts are processed longest-first to keep
+    padding small; the output keeps the input order.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    from transformers import GenerationConfig
+
+    encoded = [_encode(tokenizer, p, add_special_tokens) for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty after tokenisation")
+    pad_id = _pad_id(tokenizer)
+    eos = _eos_ids(model, tokenizer)
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                              pad_token_id=pad_id, eos_token_id=eos or None)
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+    outputs: list[str] = [""] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            input_ids, attention = _left_pad([encoded[i] for i in idx], pad_id)
+            generated = model.generate(input_ids=input_ids.to(device),
+                                       attention_mask=attention.to(device),
+                                       generation_config=config)
+            new_tokens = generated[:, input_ids.shape[1]:].cpu()
+            for row, i in enumerate(idx):
+                tokens = new_tokens[row].tolist()
+                # cut at the first end-of-sequence token (later positions are padding)
+                for pos, tok in enumerate(tokens):
+                    if tok in eos:
+                        tokens = tokens[:pos]
+                        break
+                outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+    finally:
+        if was_training:
+            model.train()
+    return outputs
+
+
+@dataclass(frozen=True)
+class GenerationEval:
+    """Per-item predictions and scores, plus mean metrics with bootstrap CIs."""
+
+    predictions: list[str]
+    generations: list[str]
+    golds: list[list[str]]
+    em: list[float]
+    f1: list[float]
+    contains: list[float]
+    exact_match: ConfidenceInterval
+    f1_score: ConfidenceInterval
+    contains_match: ConfidenceInterval
+    max_new_tokens: int
+
+    @property
+    def n(self) -> int:
+        return len(self.predictions)
+
+    def summary(self) -> dict[str, Any]:
+        return {"n": self.n, "max_new_tokens": self.max_new_tokens,
+                "exact_match": self.exact_match.to_dict(), "f1": self.f1_score.to_dict(),
+                "contains": self.contains_match.to_dict()}
+
+    def to_dict(self, include_items: bool = True) -> dict[str, Any]:
+        data = self.summary()
+        if include_items:
+            data["items"] = [
+                {"prediction": p, "generation": g, "golds": list(gs), "em": e, "f1": f, "contains": c}
+                for p, g, gs, e, f, c in zip(self.predictions, self.generations, self.golds,
+                                             self.em, self.f1, self.contains)
+            ]
+        return data
+
+
+#: Name used in docs/ARCHITECTURE.md.
+EvalMetrics = GenerationEval
+
+
+def score_predictions(predictions: Sequence[str], golds: Sequence[Sequence[str]], *,
+                      generations: Sequence[str] | None = None, max_new_tokens: int = 0,
+                      n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0) -> GenerationEval:
+    """Score already-extracted predictions against golds (no model involved)."""
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions but {len(golds)} gold lists")
+    if not predictions:
+        raise ValueError("nothing to score")
+    golds_list = [list(g) for g in golds]
+    em = [exact_match(p, g) for p, g in zip(predictions, golds_list)]
+    f1 = [f1_score(p, g) for p, g in zip(predictions, golds_list)]
+    contains = [contains_match(p, g) for p, g in zip(predictions, golds_list)]
+    ci = dict(n_resamples=n_resamples, alpha=alpha, seed=seed)
+    return GenerationEval(
+        predictions=list(predictions),
+        generations=list(generations) if generations is not None else list(predictions),
+        golds=golds_list, em=em, f1=f1, contains=contains,
+        exact_match=bootstrap_ci(em, **ci), f1_score=bootstrap_ci(f1, **ci),
+        contains_match=bootstrap_ci(contains, **ci), max_new_tokens=max_new_tokens)
+
+
+def evaluate_generation(model: Any, tokenizer: Any, prompts: Sequence[Any],
+                        golds: Sequence[Sequence[str]], *, max_new_tokens: int = 24,
+                        batch_size: int = 16, device: str = "cpu",
+                        render: Callable[[Any], Prompt] | None = None,
+                        extract: Callable[[str], str] = first_line_answer,
+                        add_special_tokens: bool = False, n_resamples: int = 1000,
+                        alpha: float = 0.05, seed: int = 0) -> GenerationEval:
+    """Greedy-generate an answer for every prompt and score it against its golds.
+
+    `prompts` are chat-template-rendered strings or token-id lists; with `render`, any items
+    (e.g. `CalibrationRow`s) that `render(item)` turns into one of those. The answer is
+    `extract(generation)` (default `first_line_answer`). Metrics are means over items with
+    percentile-bootstrap CIs (`n_resamples`, `alpha`, `seed`).
+    """
+    if len(prompts) != len(golds):
+        raise ValueError(f"{len(prompts)} prompts but {len(golds)} gold lists")
+    rendered = [render(p) for p in prompts] if render is not None else list(prompts)
+    generations = generate_greedy(model, tokenizer, rendered, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, device=device,
+                                  add_special_tokens=add_special_tokens)
+    predictions = [extract(g) for g in generations]
+    return score_predictions(predictions, golds, generations=generations,
+                             max_new_tokens=max_new_tokens, n_resamples=n_resamples, alpha=alpha,
+                             seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Fidelity
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How close a model's next-token distributions are to a reference model's, over every
+    non-padding prompt position: mean KL(p_ref || p_model) in nats and top-1 agreement."""
+
+    mean_kl: float
+    top1_agreement: float
+    n_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean_kl": self.mean_kl, "top1_agreement": self.top1_agreement,
+                "n_tokens": self.n_tokens}
+
+
+FidelityMetrics = Fidelity
+
+
+def _right_pad(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention[row, :len(ids)] = 1
+    return input_ids, attention
+
+
+@torch.no_grad()
+def fidelity(reference_model: Any, model: Any, prompts_token_ids: Sequence[Sequence[int]], *,
+             batch_size: int = 8, device: str = "cpu", position_chunk: int = 2048) -> Fidelity:
+    """Mean next-token KL(p_ref || p_model) and top-1 agreement over all prompt positions.
+
+    Sequences are right-padded (causal attention: padding after a position cannot influence it)
+    and padding positions are excluded. Logits are compared in float32; KL is summed per position
+    and then averaged over positions of all prompts (token-weighted).
+    """
+    seqs = [[int(t) for t in ids] for ids in prompts_token_ids]
+    if not seqs or any(not s for s in seqs):
+        raise ValueError("fidelity needs non-empty token-id lists")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    total_kl = 0.0
+    agree = 0
+    count = 0
+    states = (reference_model.training, model.training)
+    reference_model.eval()
+    model.eval()
+    try:
+        for start in range(0, len(seqs), batch_size):
+            input_ids, attention = _right_pad(seqs[start:start + batch_size])
+            input_ids, attention = input_ids.to(device), attention.to(device)
+            ref_logits = reference_model(input_ids=input_ids, attention_mask=attention).logits
+            q_logits = model(input_ids=input_ids, attention_mask=attention).logits
+            mask = attention.bool()
+            ref_valid = ref_logits[mask]
+            q_valid = q_logits[mask]
+            del ref_logits, q_logits
+            for p in range(0, ref_valid.shape[0], position_chunk):
+                ref_lp = torch.log_softmax(ref_valid[p:p + position_chunk].float(), dim=-1)
+                q_lp = torch.log_softmax(q_valid[p:p + position_chunk].float(), dim=-1)
+                kl = (ref_lp.exp() * (ref_lp - q_lp)).sum(dim=-1).clamp_min(0.0)
+                total_kl += float(kl.double().sum())
+                agree += int((ref_lp.argmax(dim=-1) == q_lp.argmax(dim=-1)).sum())
+                count += int(ref_lp.shape[0])
+    finally:
+        if states[0]:
+            reference_model.train()
+        if states[1]:
+            model.train()
+    return Fidelity(mean_kl=total_kl / count, top1_agreement=agree / count, n_tokens=count)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _paired_delta(a: GenerationEval, b: GenerationEval, metric: str, *, n_resamples: int,
+                  alpha: float, seed: int) -> ConfidenceInterval:
+    va, vb = getattr(a, metric), getattr(b, metric)
+    if len(va) != len(vb):
+        raise ValueError("paired comparison needs the same items")
+    return bootstrap_ci([y - x for x, y in zip(va, vb)], n_resamples=n_resamples, alpha=alpha,
+                        seed=seed)
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Full-precision, quantized and uniform-baseline results on one eval set, side by side.
+
+    `to_dict()` is what goes into `eval.json`: per-variant summaries, fidelity to the
+    full-precision model, and paired-bootstrap CIs of each variant's score minus full precision
+    (same items, so the paired interval is much tighter than comparing two marginal CIs).
+    """
+
+    quantized: GenerationEval | None = None
+    full_precision: GenerationEval | None = None
+    uniform: GenerationEval | None = None
+    quantized_fidelity: Fidelity | None = None
+    uniform_fidelity: Fidelity | None = None
+    dataset: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    n_resamples: int = 1000
+    alpha: float = 0.05
+    seed: int = 0
+
+    def variants(self) -> dict[str, GenerationEval]:
+        return {name: ev for name, ev in (("full_precision", self.full_precision),
+                                          ("quantized", self.quantized),
+                                          ("uniform", self.uniform)) if ev is not None}
+
+    def to_dict(self, include_items: bool = False) -> dict[str, Any]:
+        variants = self.variants()
+        data: dict[str, Any] = {
+            "dataset": self.dataset,
+            "n_items": next(iter(variants.values())).n if variants else 0,
+            "metrics": {name: ev.to_dict(include_items=include_items) for name, ev in variants.items()},
+            "fidelity": {name: f.to_dict() for name, f in (("quantized", self.quantized_fidelity),
+                                                            ("uniform", self.uniform_fidelity))
+                         if f is not None},
+            "meta": dict(self.meta),
+        }
+        if self.full_precision is not None:
+            ci = dict(n_resamples=self.n_resamples, alpha=self.alpha, seed=self.seed)
+            deltas: dict[str, Any] = {}
+            for name in ("quantized", "uniform"):
+                ev = variants.get(name)
+                if ev is None:
+                    continue
+                deltas[name] = {metric_name: _paired_delta(self.full_precision, ev, attr, **ci).to_dict()
+                                for metric_name, attr in (("exact_match", "em"), ("f1", "f1"),
+                                                          ("contains", "contains"))}
+            data["delta_vs_full_precision"] = deltas
+        return data
