@@ -1,0 +1,49 @@
+"""Request dependencies: settings, DB session, storage and the caller's tenant."""
+
+from __future__ import annotations
+
+from typing import Annotated, Iterator
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from common.auth import authenticate
+from common.db import session_factory
+from common.settings import Settings
+from common.storage import Storage
+
+_bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`")
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    session = session_factory(request.app.state.settings)()
+    try:
+        yield session
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_tenant(request: Request, settings: SettingsDep, session: SessionDep,
+               _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> str:
+    # the HTTPBearer dependency documents the scheme in OpenAPI; the raw header is checked here
+    return authenticate(settings, session, request.headers.get("authorization"))
+
+
+CurrentTenant = Annotated[str, Depends(get_tenant)]

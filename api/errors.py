@@ -1,0 +1,107 @@
+"""The error envelope ``{"error": {"code", "message", "details"}}`` for every failure, including
+validation errors (422), unknown routes (404) and unexpected exceptions (500, no stack trace)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import sqlalchemy.exc
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from common import errors as svc
+from core import errors as core_errors
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_TYPE: list[tuple[type, int]] = [
+    (svc.NotFound, 404),
+    (svc.Conflict, 409),
+    (svc.Unauthorized, 401),
+    (svc.PayloadTooLarge, 413),
+    (svc.InvalidParameter, 422),
+    (svc.InvalidRequest, 400),
+    (svc.RangeNotSatisfiable, 416),
+    (svc.NotReady, 503),
+    (svc.InvalidKey, 400),
+    (core_errors.ModelNotFound, 404),
+    (core_errors.UnsafeModel, 422),
+    (core_errors.UnsupportedModel, 422),
+    (core_errors.DataError, 422),
+    (core_errors.BudgetInfeasible, 422),
+    (core_errors.InvalidSpec, 422),
+]
+
+CODE_BY_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                  405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
+                  413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error",
+                  429: "too_many_requests", 500: "internal_error", 503: "unavailable"}
+
+
+def envelope(status: int, code: str, message: str, details: Any = None,
+             headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"error": {"code": code, "message": message,
+                                           "details": jsonable_encoder(details)}})
+
+
+def status_for(exc: core_errors.TaqError) -> int:
+    for cls, status in STATUS_BY_TYPE:
+        if isinstance(exc, cls):
+            return status
+    return 400
+
+
+def _clean_validation(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cleaned = []
+    for err in errors:
+        loc = [p for p in err.get("loc", ())]
+        msg = str(err.get("msg", "invalid"))
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        cleaned.append({"loc": loc, "msg": msg, "type": err.get("type")})
+    return cleaned
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(core_errors.TaqError)
+    async def _taq(request: Request, exc: core_errors.TaqError):
+        status = status_for(exc)
+        headers = None
+        if status == 401:
+            headers = {"WWW-Authenticate": 'Bearer realm="taq"'}
+        elif status == 416 and isinstance(exc.details, dict) and "size" in exc.details:
+            headers = {"Content-Range": f"bytes */{exc.details['size']}"}
+        return envelope(status, exc.code, exc.message, exc.details, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        details = _clean_validation(list(exc.errors()))
+        first = details[0] if details else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "header", "path"))
+        prefix = f"{where}: " if where else ""
+        more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+        return envelope(422, "validation_error", f"invalid request: {prefix}{first['msg']}{more}", details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = CODE_BY_STATUS.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route for {request.method} {request.url.path}"
+        return envelope(exc.status_code, code, message, None, getattr(exc, "headers", None))
+
+    @app.exception_handler(sqlalchemy.exc.OperationalError)
+    async def _database_down(request: Request, exc: Exception):
+        log.error("database unavailable", extra={"path": request.url.path, "error": type(exc).__name__})
+        return envelope(503, "database_unavailable", "the database is unavailable; retry shortly",
+                        headers={"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error", extra={"path": request.url.path})
+        return envelope(500, "internal_error", "internal server error; the incident was logged")

@@ -1,0 +1,100 @@
+"""The FastAPI application factory. Run with ``taq api`` (migrates first) or
+``uvicorn --factory api.main:create_app``."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.errors import envelope, install_error_handlers
+from api.routes import datasets, health, jobs, models
+from common.auth import assert_auth_configured
+from common.db import session_scope
+from common.logging import request_id_var
+from common.settings import Settings, get_settings
+from common.storage import storage_from_settings
+
+log = logging.getLogger("taq.api")
+
+TAGS = [
+    {"name": "jobs", "description": "Submit quantization jobs and fetch their profile and artifacts."},
+    {"name": "datasets", "description": "Upload calibration / evaluation data."},
+    {"name": "models", "description": "Models this deployment can load."},
+    {"name": "ops", "description": "Health, readiness and metrics."},
+]
+
+
+class RequestContext:
+    """Pure ASGI middleware: request id header, one structured access-log line per request, and
+    an early 413 for bodies whose declared length is over the limit (before any parsing)."""
+
+    def __init__(self, app, max_body: int = 8 * 1024 * 1024, max_upload: int = 64 * 1024 * 1024) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.max_upload = max_upload
+
+    def _too_large(self, scope) -> int | None:
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if not declared or not declared.isdigit():
+            return None
+        limit = self.max_upload + 1024 * 1024 if scope.get("path") == "/v1/datasets" else self.max_body
+        return limit if int(declared) > limit else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming[:64] if incoming.isprintable() and incoming else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            limit = self._too_large(scope)
+            if limit is not None:
+                response = envelope(413, "payload_too_large", f"request body larger than {limit} bytes")
+                await response(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, receive, send_wrapper)
+        finally:
+            if scope.get("path") not in ("/healthz", "/metrics"):
+                log.info("request", extra={"method": scope.get("method"), "path": scope.get("path"),
+                                           "status": status["code"],
+                                           "ms": round((time.perf_counter() - started) * 1000, 1)})
+            request_id_var.reset(token)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    if settings.env == "production":
+        settings.check_production()
+    storage = storage_from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.env == "production":
+            with session_scope(settings) as session:
+                assert_auth_configured(settings, session)
+        yield
+
+    app = FastAPI(title="TAQ Service", version="1.0.0", openapi_tags=TAGS, lifespan=lifespan,
+                  description="Quantization-as-a-service for task-specialised LLMs: per-task layer "
+                              "sensitivity (TAQ, TAQ-KL, TAQO) and bit allocation under a budget.")
+    app.state.settings = settings
+    app.state.storage = storage
+    install_error_handlers(app)
+    for module in (jobs, datasets, models, health):
+        app.include_router(module.router)
+    app.add_middleware(RequestContext, max_upload=settings.max_upload_bytes)
+    return app

@@ -1,0 +1,159 @@
+"""Request/response models of the v1 API (the job spec itself is ``core.spec.JobSpec``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.orm import Artifact, Job, JobEvent, ProfileLayer
+from core.spec import JobSpec
+
+JobStatusLiteral = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(examples=["job_not_found"])
+    message: str
+    details: Any = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class JobOut(BaseModel):
+    id: str
+    status: JobStatusLiteral
+    stage: str | None
+    progress: float = Field(ge=0.0, le=1.0)
+    error: ErrorInfo | None
+    spec: JobSpec
+    result: dict[str, Any] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+
+    @classmethod
+    def of(cls, job: Job) -> "JobOut":
+        error = None
+        if job.error_code:
+            error = ErrorInfo(code=job.error_code, message=job.error_message or job.error_code,
+                              details=job.error_details)
+        return cls(id=job.id, status=job.status, stage=job.stage, progress=job.progress or 0.0,
+                   error=error, spec=JobSpec.model_validate(job.spec), result=job.result,
+                   created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+                   updated_at=job.updated_at, heartbeat_at=job.heartbeat_at, attempts=job.attempts or 0,
+                   cancel_requested=bool(job.cancel_requested))
+
+    @classmethod
+    def render(cls, job: Job) -> dict[str, Any]:
+        return cls.of(job).model_dump(mode="json")
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
+
+
+class EventOut(BaseModel):
+    id: int
+    job_id: str
+    created_at: datetime
+    kind: str = Field(description="status | stage | progress | info")
+    status: str | None
+    stage: str | None
+    progress: float | None
+    message: str | None
+    data: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, e: JobEvent) -> "EventOut":
+        return cls(id=e.id, job_id=e.job_id, created_at=e.created_at, kind=e.kind, status=e.status,
+                   stage=e.stage, progress=e.progress, message=e.message, data=e.data)
+
+
+class LayerOut(BaseModel):
+    index: int
+    name: str
+    params: int
+    importance: float
+    sensitivity: float
+    bits: int | None
+    scores: dict[str, Any]
+    quant_error: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, row: ProfileLayer) -> "LayerOut":
+        return cls(index=row.index, name=row.name, params=row.params, importance=row.importance,
+                   sensitivity=row.sensitivity, bits=row.bits, scores=row.scores or {},
+                   quant_error=row.quant_error)
+
+
+class ProfileOut(BaseModel):
+    job_id: str
+    model: str
+    method: str
+    layers: list[LayerOut]
+
+
+class ArtifactFileOut(BaseModel):
+    name: str = Field(description="download name, e.g. `hf/model.safetensors`")
+    size: int
+    sha256: str
+
+
+class ArtifactOut(BaseModel):
+    name: str = Field(examples=["manifest.json", "hf", "model.gguf"])
+    format: str = Field(examples=["json", "png", "hf", "gguf"])
+    size: int = Field(description="bytes; for a directory, the size of its .tar download")
+    sha256: str = Field(description="of the download; for a directory, of its .tar")
+    kind: Literal["file", "directory"] = "file"
+    files: list[ArtifactFileOut] | None = None
+
+    @classmethod
+    def of(cls, a: Artifact) -> "ArtifactOut":
+        files = None
+        if a.kind == "directory":
+            files = [ArtifactFileOut(name=f"{a.name}/{f['name']}", size=f["size"], sha256=f["sha256"])
+                     for f in a.files or []]
+        return cls(name=a.name, format=a.format, size=a.size, sha256=a.sha256, kind=a.kind, files=files)
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    rows: int
+    sha256: str
+    has_answers: bool
+    size: int
+    filename: str | None = None
+    created_at: datetime
+
+
+class ModelOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str]
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {401: "missing or invalid API key", 404: "not found (or another tenant's)",
+                       422: "invalid request"}.items()
+}

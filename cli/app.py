@@ -1,0 +1,15 @@
+"""The Typer application objects. Command modules register on these:
+
+* ``cli/server_commands.py``: ``serve``, ``api``, ``worker``
+* ``cli/admin_commands.py``: ``admin …`` (operators)
+* ``cli/client_commands.py``: HTTP client commands (``submit``, ``status``, ``list``, ``wait``, …)
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(name="taq", help="TAQ Service: task-aware quantization of LLMs.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+admin = typer.Typer(help="Operator commands (database, API keys, maintenance).", no_args_is_help=True)
+app.add_typer(admin, name="admin")

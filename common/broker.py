@@ -1,0 +1,74 @@
+"""The Celery application factory and the enqueue call, shared by the API (sender) and the
+worker (consumer). Importing this module does not import torch or the pipeline."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+QUEUE = "quantize"
+RUN_JOB_TASK = "taq.run_job"
+
+_apps: dict[tuple[str, str], Celery] = {}
+_lock = threading.Lock()
+
+
+def make_celery(settings: Settings) -> Celery:
+    settings.ensure_dirs()
+    app = Celery("taq", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        broker_transport_options=settings.broker_transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        task_default_queue=QUEUE,
+        task_queues=[Queue(QUEUE, Exchange(QUEUE, type="direct"), routing_key=QUEUE)],
+        task_routes={RUN_JOB_TASK: {"queue": QUEUE, "routing_key": QUEUE}},
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        # the filesystem transport has no fan-out exchange for remote control
+        worker_enable_remote_control=settings.broker_scheme != "filesystem",
+        enable_utc=True,
+    )
+    return app
+
+
+def sender(settings: Settings) -> Celery:
+    key = (settings.broker_url, str(settings.data_dir))
+    with _lock:
+        app = _apps.get(key)
+        if app is None:
+            app = _apps[key] = make_celery(settings)
+        return app
+
+
+def enqueue_job(settings: Settings, job_id: str) -> None:
+    """Publish ``run_job(job_id)``. Raises on broker failure (the caller decides)."""
+    sender(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE, routing_key=QUEUE,
+                               retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2,
+                                                         "interval_step": 0.5, "interval_max": 1.0})
+
+
+def check_broker(settings: Settings) -> None:
+    if settings.broker_scheme == "filesystem":
+        settings.ensure_dirs()
+    conn = sender(settings).connection_for_write()
+    try:
+        conn.ensure_connection(max_retries=1, timeout=3)
+    finally:
+        conn.release()

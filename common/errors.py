@@ -1,0 +1,66 @@
+"""Errors raised by the service layer (``common``). HTTP-agnostic: ``api/errors.py`` maps each
+``code`` to a status. Core's own ``TaqError`` subclasses pass through unchanged."""
+
+from __future__ import annotations
+
+from core.errors import TaqError
+
+
+class ServiceError(TaqError):
+    code = "service_error"
+
+
+class NotFound(ServiceError):
+    code = "not_found"
+
+    def __init__(self, message: str, details=None, code: str | None = None) -> None:
+        super().__init__(message, details)
+        if code:
+            self.code = code
+
+
+class Conflict(ServiceError):
+    code = "conflict"
+
+    def __init__(self, message: str, details=None, code: str | None = None) -> None:
+        super().__init__(message, details)
+        if code:
+            self.code = code
+
+
+class Unauthorized(ServiceError):
+    code = "unauthorized"
+
+
+class PayloadTooLarge(ServiceError):
+    code = "payload_too_large"
+
+
+class InvalidRequest(ServiceError):
+    code = "invalid_request"
+
+
+class InvalidParameter(InvalidRequest):
+    """A well-formed parameter with an unacceptable value (422)."""
+
+    code = "invalid_parameter"
+
+
+class RangeNotSatisfiable(ServiceError):
+    code = "range_not_satisfiable"
+
+
+class NotReady(ServiceError):
+    code = "not_ready"
+
+
+class InvalidKey(ServiceError):
+    """A storage key that is not one the service builds itself."""
+
+    code = "invalid_storage_key"
+
+
+class TransientError(ServiceError):
+    """Infrastructure hiccup (DB/broker/storage unreachable): the worker retries these."""
+
+    code = "transient"

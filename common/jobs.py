@@ -1,0 +1,256 @@
+"""Job service functions used by the API: submit (with idempotency), list, get, cancel, events,
+profile and artifacts. Worker-side state transitions live in ``common.lifecycle``."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from common import broker
+from common.datasets import get_dataset
+from common.errors import Conflict, InvalidParameter, InvalidRequest, NotFound
+from common.ids import new_id
+from common.lifecycle import add_event, purge_job_outputs
+from common.orm import Artifact, IdempotencyKey, Job, JobEvent, JobStatus, ProfileLayer, utcnow
+from common.settings import Settings
+from common.storage import Storage
+from core.errors import BudgetInfeasible, InvalidSpec
+from core.spec import AllocationRule, JobSpec
+from core.types import effective_bits
+
+log = logging.getLogger(__name__)
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+# ---- submit ----------------------------------------------------------------------------------
+def spec_hash(spec: JobSpec) -> str:
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_budget_feasible(spec: JobSpec) -> None:
+    """Model-independent lower bound: every layer at the smallest bit width."""
+    if spec.allocation != AllocationRule.budget:
+        return
+    floor = effective_bits(min(spec.bit_choices), spec.group_size, spec.symmetric)
+    too_low = [b for b in spec.budgets if b + 1e-9 < floor]
+    if too_low:
+        raise BudgetInfeasible(
+            f"bit budget {too_low[0]} is below {floor:.4g}, the effective bits of every layer at "
+            f"{min(spec.bit_choices)} bit with group {spec.group_size}; raise avg_bits or allow fewer bits",
+            details={"min_avg_bits": floor, "avg_bits": too_low})
+
+
+def validate_references(session: Session, settings: Settings, tenant: str, spec: JobSpec) -> None:
+    """Everything a spec points at must exist for this tenant before the job is accepted."""
+    from common.models import resolve_model
+
+    resolve_model(settings, spec.model)  # ModelNotFound (404) / UnsafeModel (422)
+    if spec.calibration_dataset_id is not None:
+        get_dataset(session, tenant, spec.calibration_dataset_id)
+    if spec.eval_dataset_id is not None:
+        get_dataset(session, tenant, spec.eval_dataset_id)
+    if spec.profile_from_job_id is not None:
+        source = get_job(session, tenant, spec.profile_from_job_id)
+        if source.status != JobStatus.succeeded:
+            raise InvalidSpec(f"job '{source.id}' has no profile to reuse (status {source.status})")
+    check_budget_feasible(spec)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    status_code: int
+    body: dict[str, Any]
+    replayed: bool
+
+
+def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
+               render: Callable[[Job], dict[str, Any]], idempotency_key: str | None = None) -> Submitted:
+    """Create a queued job and enqueue it. With an ``Idempotency-Key`` the first response is
+    stored: the same key with the same spec replays it, with another spec it is a 409."""
+    digest = spec_hash(spec)
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise InvalidRequest(f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY} characters")
+        replay = _replay(session, tenant, idempotency_key, digest)
+        if replay is not None:
+            return replay
+    validate_references(session, settings, tenant, spec)
+    now = utcnow()
+    job = Job(id=new_id("job"), tenant=tenant, status=JobStatus.queued, stage=None, progress=0.0,
+              spec=spec.model_dump(mode="json"), created_at=now, updated_at=now, attempts=0,
+              cancel_requested=False)
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, "status", status=JobStatus.queued, message="job accepted")
+    body = render(job)
+    if idempotency_key is not None:
+        session.add(IdempotencyKey(tenant=tenant, key=idempotency_key, request_hash=digest,
+                                   job_id=job.id, status_code=202, response=body))
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        replay = _replay(session, tenant, idempotency_key, digest) if idempotency_key else None
+        if replay is None:
+            raise
+        return replay
+    try:
+        broker.enqueue_job(settings, job.id)
+        session.execute(Job.__table__.update().where(Job.id == job.id).values(enqueued_at=utcnow()))
+        session.commit()
+    except Exception as exc:  # the job is safe in the DB; the reaper enqueues it later
+        session.rollback()
+        log.warning("enqueue failed; the reaper will retry", extra={"job_id": job.id, "error": repr(exc)})
+    log.info("job submitted", extra={"job_id": job.id, "tenant": tenant, "method": spec.method.value})
+    return Submitted(job.id, 202, body, replayed=False)
+
+
+def _replay(session: Session, tenant: str, key: str, digest: str) -> Submitted | None:
+    row = session.execute(select(IdempotencyKey).where(IdempotencyKey.tenant == tenant,
+                                                       IdempotencyKey.key == key)).scalar_one_or_none()
+    if row is None:
+        return None
+    if row.request_hash != digest:
+        raise Conflict("this Idempotency-Key was already used with a different request body",
+                       details={"job_id": row.job_id}, code="idempotency_conflict")
+    return Submitted(row.job_id, row.status_code, row.response, replayed=True)
+
+
+# ---- read ------------------------------------------------------------------------------------
+def get_job(session: Session, tenant: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant != tenant:
+        raise NotFound(f"job '{job_id}' not found", code="job_not_found")
+    return job
+
+
+def encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, job_id = json.loads(raw)
+        return datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidRequest("invalid cursor; pass back the 'next_cursor' of the previous page") from None
+
+
+def list_jobs(session: Session, settings: Settings, tenant: str, *, status: list[str] | None = None,
+              limit: int | None = None, cursor: str | None = None) -> tuple[list[Job], str | None]:
+    """Newest first, keyset-paginated on (created_at, id)."""
+    limit = limit or settings.default_page_size
+    if not 1 <= limit <= settings.max_page_size:
+        raise InvalidParameter(f"limit must be between 1 and {settings.max_page_size}")
+    query = select(Job).where(Job.tenant == tenant)
+    if status:
+        bad = sorted(set(status) - set(JobStatus.ALL))
+        if bad:
+            raise InvalidParameter(f"unknown status {bad}; use one of {list(JobStatus.ALL)}")
+        query = query.where(Job.status.in_(status))
+    if cursor:
+        created, last_id = decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
+    rows = list(session.execute(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).scalars())
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def cancel_job(session: Session, storage: Storage, tenant: str, job_id: str) -> Job:
+    """Queued: cancelled at once. Running: flag for the worker (it stops between layers).
+    Finished: 409."""
+    job = get_job(session, tenant, job_id)
+    table = Job.__table__
+    now = utcnow()
+    done = session.execute(table.update().where(table.c.id == job_id, table.c.status == JobStatus.queued)
+                           .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=now,
+                                   updated_at=now, stage=None)).rowcount
+    if done:
+        add_event(session, job_id, "status", status=JobStatus.cancelled, message="cancelled before it started")
+        session.commit()
+        purge_job_outputs(session, storage, job_id)
+        session.commit()
+    else:
+        flagged = session.execute(table.update().where(table.c.id == job_id, table.c.status == JobStatus.running)
+                                  .values(cancel_requested=True, updated_at=now)).rowcount
+        if not flagged:
+            session.refresh(job)
+            raise Conflict(f"job '{job_id}' already finished ({job.status})",
+                           details={"status": job.status}, code="job_finished")
+        if not job.cancel_requested:
+            add_event(session, job_id, "info", status=JobStatus.running, message="cancel requested")
+        session.commit()
+    session.refresh(job)
+    return job
+
+
+def list_events(session: Session, tenant: str, job_id: str, *, after: int = 0,
+                limit: int = 1000) -> list[JobEvent]:
+    get_job(session, tenant, job_id)
+    return list(session.execute(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+                                .order_by(JobEvent.id).limit(limit)).scalars())
+
+
+def events_since(session: Session, job_id: str, after: int, limit: int = 1000) -> tuple[list[JobEvent], str]:
+    """For the event stream: new events and the job's current status (tenant already checked)."""
+    events = list(session.execute(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+                                  .order_by(JobEvent.id).limit(limit)).scalars())
+    status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
+    return events, status
+
+
+def get_profile(session: Session, tenant: str, job_id: str) -> tuple[Job, list[ProfileLayer]]:
+    job = get_job(session, tenant, job_id)
+    layers = list(session.execute(select(ProfileLayer).where(ProfileLayer.job_id == job_id)
+                                  .order_by(ProfileLayer.index)).scalars())
+    if not layers:
+        raise NotFound(f"job '{job_id}' has no profile yet (status {job.status}, stage {job.stage})",
+                       code="profile_not_ready")
+    return job, layers
+
+
+def list_artifacts(session: Session, tenant: str, job_id: str) -> list[Artifact]:
+    get_job(session, tenant, job_id)
+    return list(session.execute(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)).scalars())
+
+
+def get_artifact(session: Session, tenant: str, job_id: str, name: str) -> tuple[Artifact, dict | None]:
+    """The artifact, or for ``dir/file`` inside a directory artifact: (the directory, the file entry)."""
+    get_job(session, tenant, job_id)
+    if name.endswith(".tar"):
+        row = session.get(Artifact, (job_id, name[:-4]))
+        if row is not None and row.kind == "directory":
+            return row, None
+    row = session.get(Artifact, (job_id, name))
+    if row is not None:
+        return row, None
+    head, _, rest = name.partition("/")
+    if rest:
+        parent = session.get(Artifact, (job_id, head))
+        if parent is not None and parent.kind == "directory":
+            for entry in parent.files or []:
+                if entry["name"] == rest:
+                    return parent, entry
+    raise NotFound(f"job '{job_id}' has no artifact '{name}'", code="artifact_not_found")
+
+
+def count_jobs_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+    counts = {s: 0 for s in JobStatus.ALL}
+    counts.update({status: n for status, n in rows})
+    return counts

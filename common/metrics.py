@@ -1,0 +1,55 @@
+"""Prometheus metrics read from the database at scrape time (so the API reports what every
+worker did): jobs by status, stage durations, failures by code."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from sqlalchemy import func, select
+
+from common.db import session_scope
+from common.orm import Job, JobStatus, StageRun
+from common.settings import Settings
+
+
+class DatabaseCollector:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self):
+        with session_scope(self.settings) as session:
+            by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            failures = session.execute(select(Job.error_code, func.count()).where(Job.status == JobStatus.failed)
+                                       .group_by(Job.error_code)).all()
+            stages = session.execute(select(StageRun.stage, func.count(), func.sum(StageRun.duration_s))
+                                     .where(StageRun.skipped.is_(False), StageRun.duration_s.is_not(None))
+                                     .group_by(StageRun.stage)).all()
+            skipped = session.execute(select(StageRun.stage, func.count()).where(StageRun.skipped.is_(True))
+                                      .group_by(StageRun.stage)).all()
+        jobs = GaugeMetricFamily("taq_jobs", "Jobs by status", labels=["status"])
+        for status in JobStatus.ALL:
+            jobs.add_metric([status], by_status.get(status, 0))
+        yield jobs
+        failed = CounterMetricFamily("taq_job_failures", "Failed jobs by error code", labels=["code"])
+        for code, n in failures:
+            failed.add_metric([code or "unknown"], n)
+        yield failed
+        durations = SummaryMetricFamily("taq_stage_duration_seconds", "Time spent per pipeline stage",
+                                        labels=["stage"])
+        for stage, n, total in stages:
+            durations.add_metric([stage], count_value=n, sum_value=float(total or 0.0))
+        yield durations
+        skips = CounterMetricFamily("taq_stage_skipped", "Stages skipped on resume (output already stored)",
+                                    labels=["stage"])
+        for stage, n in skipped:
+            skips.add_metric([stage], n)
+        yield skips
+
+
+def render_metrics(settings: Settings, extra: CollectorRegistry | None = None) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DatabaseCollector(settings))
+    body = generate_latest(registry)
+    if extra is not None:
+        body += generate_latest(extra)
+    return body

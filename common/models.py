@@ -1,0 +1,69 @@
+"""Model registry glue: which model ids this deployment may load.
+
+The registry is the packaged PyPI models (core.packaged_models) plus an optional operator file
+``TAQ_MODEL_REGISTRY`` (JSON ``{"id": "/path"}``); everything else resolves inside
+``TAQ_MODEL_ROOTS`` (core.models.resolve_model enforces the allow-list).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def assembled_models_dir(settings: Settings) -> Path:
+    return settings.data_dir / "packaged-models"
+
+
+def model_registry(settings: Settings) -> dict[str, Path]:
+    from core.packaged_models import packaged_models
+
+    registry = dict(packaged_models(assembled_models_dir(settings)))
+    if settings.model_registry is not None:
+        try:
+            extra = json.loads(Path(settings.model_registry).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"TAQ_MODEL_REGISTRY {settings.model_registry} is unreadable: {exc}") from exc
+        if not isinstance(extra, dict):
+            raise ValueError("TAQ_MODEL_REGISTRY must hold a JSON object {\"id\": \"/path\"}")
+        registry.update({str(k): Path(v).expanduser() for k, v in extra.items()})
+    return registry
+
+
+def resolve_model(settings: Settings, model_id: str):
+    """core.models.resolve_model with this deployment's roots and registry (ModelNotFound / UnsafeModel)."""
+    from core.models import resolve_model as core_resolve
+
+    return core_resolve(model_id, list(settings.model_roots), model_registry(settings),
+                        allow_pickle=settings.allow_pickle)
+
+
+def _source_dict(source: Any) -> dict[str, Any]:
+    if hasattr(source, "to_dict"):
+        data = dict(source.to_dict())
+    elif hasattr(source, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        data = asdict(source)
+    else:
+        data = {"id": str(source)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Path) or key in ("path", "file", "directory"):
+            continue  # never reveal server paths to API clients
+        out[key] = value
+    out.setdefault("id", getattr(source, "model_id", None) or getattr(source, "id", None))
+    return out
+
+
+def list_available(settings: Settings) -> list[dict[str, Any]]:
+    from core.models import list_models
+
+    return sorted((_source_dict(s) for s in list_models(list(settings.model_roots), model_registry(settings))),
+                  key=lambda d: str(d.get("id")))

@@ -1,0 +1,202 @@
+"""The one typed configuration object (environment, prefix ``TAQ_``).
+
+Defaults are the *embedded* profile: everything under ``TAQ_DATA_DIR`` (SQLite, a filesystem
+broker, ``file://`` objects), so ``taq serve`` works with no server. ``TAQ_ENV=production``
+refuses configurations that are only safe on one loopback machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+DEFAULT_TENANT = "default"
+
+
+class UnsafeConfig(ValueError):
+    """A configuration that must not run in production (or at all)."""
+
+
+def parse_api_keys(raw: str) -> dict[str, str]:
+    """``tenant:key,tenant2:key2`` -> {key: tenant}. Keys are secrets: never log this mapping."""
+    keys: dict[str, str] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        tenant, sep, key = item.partition(":")
+        tenant, key = tenant.strip(), key.strip()
+        if not sep or not key or not TENANT_RE.match(tenant):
+            raise ValueError("TAQ_API_KEYS must look like 'tenant:key,tenant2:key2' "
+                             "(tenant: lower-case letters, digits, '_', '-', '.')")
+        if len(key) < 16:
+            raise ValueError(f"the API key of tenant '{tenant}' is shorter than 16 characters")
+        if key in keys and keys[key] != tenant:
+            raise ValueError("one API key is given to two tenants")
+        keys[key] = tenant
+    return keys
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TAQ_", extra="ignore", validate_default=True)
+
+    env: Literal["dev", "production"] = "dev"
+    data_dir: Path = Path("./.taq")
+    database_url: str = ""
+    broker_url: str = ""
+    storage_url: str = ""
+    model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    #: optional JSON file {"model id": "/path/to/dir-or-file.gguf"} added to the packaged models
+    model_registry: Path | None = None
+    api_keys: str = Field(default="", repr=False)
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    #: answer artifact downloads from S3 with a redirect to a presigned URL
+    s3_presign_downloads: bool = False
+    allow_pickle: bool = False
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    # API limits
+    max_page_size: int = Field(default=100, ge=1, le=1000)
+    default_page_size: int = Field(default=20, ge=1, le=1000)
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    sse_max_seconds: float = Field(default=600.0, gt=0)
+    sse_poll_seconds: float = Field(default=0.5, gt=0)
+
+    # worker / lifecycle
+    worker_device: Literal["auto", "cpu", "cuda"] = "auto"
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    stale_after_seconds: float = Field(default=120.0, gt=0)
+    requeue_queued_after_seconds: float = Field(default=300.0, gt=0)
+    reaper_interval_seconds: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    cancel_poll_seconds: float = Field(default=1.0, gt=0)
+    progress_event_seconds: float = Field(default=3.0, ge=0)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # absolute so that the API and the worker subprocess agree whatever their cwd
+        return value.expanduser().resolve()
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [Path(p).expanduser() for p in value.split(":") if p.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_parse(cls, value: str) -> str:
+        parse_api_keys(value)
+        return value
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> "Settings":
+        d = self.data_dir
+        if not self.database_url:
+            self.database_url = f"sqlite:///{d / 'taq.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if not self.storage_url:
+            self.storage_url = f"file://{d / 'objects'}"
+        if not self.model_roots:
+            self.model_roots = [d / "models"]
+        self.model_roots = [p.expanduser().resolve() for p in self.model_roots]
+        if self.default_page_size > self.max_page_size:
+            self.default_page_size = self.max_page_size
+        return self
+
+    # ---- derived --------------------------------------------------------------------------
+    @property
+    def api_key_map(self) -> dict[str, str]:
+        return parse_api_keys(self.api_keys)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def broker_scheme(self) -> str:
+        return urlparse(self.broker_url).scheme.split("+")[0]
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def broker_transport_options(self) -> dict[str, object]:
+        if self.broker_scheme == "filesystem":
+            queue = str(self.broker_dir / "queue")
+            return {
+                "data_folder_in": queue,
+                "data_folder_out": queue,
+                "control_folder": str(self.broker_dir / "control"),
+                "store_processed": False,
+            }
+        if self.broker_scheme in ("redis", "rediss"):
+            # a long visibility timeout: with acks_late an unacked quantization job must not be
+            # redelivered to another worker while it is still running
+            return {"visibility_timeout": 6 * 3600}
+        return {}
+
+    def ensure_dirs(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        default_models = self.data_dir / "models"
+        if default_models in self.model_roots:
+            default_models.mkdir(exist_ok=True)
+        if self.is_sqlite:
+            db_path = self.sqlite_path
+            if db_path is not None:
+                db_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.broker_scheme == "filesystem":
+            for key in ("data_folder_in", "data_folder_out", "control_folder"):
+                Path(str(self.broker_transport_options[key])).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        if not self.is_sqlite:
+            return None
+        path = self.database_url.split("///", 1)[-1]
+        return None if path in ("", ":memory:") else Path(path)
+
+    def check_production(self) -> None:
+        """Raise UnsafeConfig listing every setting that is unsafe for ``TAQ_ENV=production``.
+
+        API keys may also live in the database (``taq admin create-key``); that part is checked
+        where the database is reachable (``common.auth.assert_auth_configured``).
+        """
+        problems = []
+        if self.is_sqlite:
+            problems.append("TAQ_DATABASE_URL is SQLite; use postgresql+psycopg://…")
+        if self.broker_scheme in ("filesystem", "memory", "sqla", "sqlalchemy", "db"):
+            problems.append(f"TAQ_BROKER_URL uses the '{self.broker_scheme}' transport; use redis://…")
+        if problems:
+            raise UnsafeConfig("unsafe production configuration: " + "; ".join(problems))
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; in production, unsafe configurations raise UnsafeConfig."""
+    settings = Settings()
+    if settings.env == "production":
+        settings.check_production()
+    return settings

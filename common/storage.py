@@ -1,0 +1,393 @@
+"""Object storage: one interface, a ``file://`` and an ``s3://`` implementation.
+
+Keys are always built by the service (``jobs/{job_id}/…``, ``datasets/{sha256}.jsonl``), never
+taken from user text; every key is validated anyway (no ``..``, no absolute paths, no hidden
+names) so a bug cannot turn into a path traversal.
+
+Writes are atomic: the file store writes a hidden temp file next to the target and
+``os.replace``s it; S3 PUTs (single or multipart) are atomic by nature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+from urllib.parse import unquote, urlparse
+
+from common.errors import InvalidKey, NotFound
+
+CHUNK = 1024 * 1024
+_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._+=-]{0,254}"
+_KEY_RE = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})*$")
+MAX_KEY_LENGTH = 900
+
+
+def validate_key(key: str) -> str:
+    if (not isinstance(key, str) or len(key) > MAX_KEY_LENGTH or not _KEY_RE.match(key)
+            or any(part in (".", "..") for part in key.split("/"))):
+        raise InvalidKey(f"invalid storage key {key!r}")
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """A prefix is empty, a key, or a key followed by '/'."""
+    if prefix == "":
+        return prefix
+    validate_key(prefix[:-1] if prefix.endswith("/") else prefix)
+    return prefix
+
+
+def job_key(job_id: str, *parts: str) -> str:
+    return validate_key("/".join(("jobs", job_id, *parts)))
+
+
+def dataset_key(sha256: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise InvalidKey("dataset key needs a sha256 hex digest")
+    return f"datasets/{sha256}.jsonl"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class Storage(ABC):
+    """Byte objects addressed by validated keys."""
+
+    url: str
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> ObjectInfo: ...
+
+    @abstractmethod
+    def put_file(self, key: str, path: Path) -> ObjectInfo: ...
+
+    @abstractmethod
+    def open_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Yield the bytes ``[start, end]`` (inclusive end; None = to the end) in chunks."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, key: str) -> int: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, sorted by key."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int: ...
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise when the store is unreachable or not writable (readiness probe)."""
+
+    def get_bytes(self, key: str) -> bytes:
+        return b"".join(self.open_range(key))
+
+    def sha256(self, key: str) -> str:
+        digest = hashlib.sha256()
+        for chunk in self.open_range(key):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    def download_to(self, key: str, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as out:
+            for chunk in self.open_range(key):
+                out.write(chunk)
+        return path
+
+    def put_tree(self, prefix: str, directory: Path) -> list[ObjectInfo]:
+        """Upload every file under ``directory`` to ``prefix/relative/path``."""
+        written = []
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            rel = path.relative_to(directory).as_posix()
+            written.append(self.put_file(f"{prefix.rstrip('/')}/{rel}", path))
+        return written
+
+    def presigned_url(self, key: str, expires: int = 300, filename: str | None = None) -> str | None:
+        return None
+
+    def local_path(self, key: str) -> Path | None:
+        """The object's file on this machine when the store is a local directory, else None."""
+        return None
+
+
+# ------------------------------------------------------------------------------------------
+class FileStorage(Storage):
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.url = f"file://{self.root}"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / validate_key(key)).resolve()
+        if self.root not in path.parents:
+            raise InvalidKey(f"invalid storage key {key!r}")
+        return path
+
+    def _atomic_write(self, key: str, writer) -> ObjectInfo:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as out:
+                writer(out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return ObjectInfo(key, target.stat().st_size)
+
+    def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
+        return self._atomic_write(key, lambda out: out.write(data))
+
+    def put_file(self, key: str, path: Path) -> ObjectInfo:
+        def copy(out: BinaryIO) -> None:
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, out, CHUNK)
+        return self._atomic_write(key, copy)
+
+    def open_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            handle = open(path, "rb")
+        except (FileNotFoundError, IsADirectoryError):
+            raise NotFound(f"object {key} not found", code="object_not_found") from None
+        return self._iter(handle, start, end)
+
+    @staticmethod
+    def _iter(handle: BinaryIO, start: int, end: int | None) -> Iterator[bytes]:
+        with handle:
+            handle.seek(start)
+            remaining = None if end is None else end - start + 1
+            while remaining is None or remaining > 0:
+                chunk = handle.read(CHUNK if remaining is None else min(CHUNK, remaining))
+                if not chunk:
+                    break
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"object {key} not found", code="object_not_found") from None
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        validate_prefix(prefix)
+        # walk the deepest directory fully named by the prefix, filter by string prefix
+        base_rel = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self.root / base_rel if base_rel else self.root
+        if not base.is_dir():
+            return []
+        found = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if name.startswith("."):
+                    continue  # in-flight temp files
+                full = Path(dirpath) / name
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    found.append(ObjectInfo(key, full.stat().st_size))
+        return sorted(found, key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        if not prefix:
+            raise InvalidKey("refusing to delete the whole store")
+        objects = self.list(prefix)
+        for obj in objects:
+            self._path(obj.key).unlink(missing_ok=True)
+        # prune directories left empty below the prefix
+        base = self.root / prefix.rstrip("/")
+        if prefix.endswith("/") and base.is_dir():
+            for dirpath, _dirs, _files in sorted(os.walk(base), key=lambda t: -len(t[0])):
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    pass
+        return len(objects)
+
+    def local_path(self, key: str) -> Path | None:
+        path = self._path(key)
+        return path if path.is_file() else None
+
+    def check(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
+            pass
+
+
+# ------------------------------------------------------------------------------------------
+class S3Storage(Storage):
+    """S3 or an S3-compatible store (MinIO via ``endpoint_url``)."""
+
+    MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None,
+                 region: str | None = None, client=None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        if self.prefix:
+            validate_key(self.prefix)
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.client = client or boto3.client(
+            "s3", endpoint_url=endpoint_url, region_name=region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            config=Config(retries={"max_attempts": 5, "mode": "standard"},
+                          connect_timeout=5, read_timeout=60,
+                          s3={"addressing_style": "path"} if endpoint_url else None),
+        )
+
+    def _k(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _strip(self, full: str) -> str:
+        return full[len(self.prefix) + 1:] if self.prefix else full
+
+    @staticmethod
+    def _missing(exc: Exception) -> bool:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        return code in ("404", "NoSuchKey", "NotFound")
+
+    def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
+        digest = hashlib.sha256(data).hexdigest()
+        self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data,
+                               Metadata={"sha256": digest})
+        return ObjectInfo(key, len(data))
+
+    def put_file(self, key: str, path: Path) -> ObjectInfo:
+        from boto3.s3.transfer import TransferConfig
+
+        digest = hashlib.sha256()
+        with open(path, "rb") as src:
+            for chunk in iter(lambda: src.read(CHUNK), b""):
+                digest.update(chunk)
+        config = TransferConfig(multipart_threshold=self.MULTIPART_THRESHOLD,
+                                multipart_chunksize=self.MULTIPART_THRESHOLD)
+        self.client.upload_file(str(path), self.bucket, self._k(key), Config=config,
+                                ExtraArgs={"Metadata": {"sha256": digest.hexdigest()}})
+        return ObjectInfo(key, Path(path).stat().st_size)
+
+    def open_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        from botocore.exceptions import ClientError
+
+        kwargs = {}
+        if start or end is not None:
+            kwargs["Range"] = f"bytes={start}-{'' if end is None else end}"
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._k(key), **kwargs)["Body"]
+        except ClientError as exc:
+            if self._missing(exc):
+                raise NotFound(f"object {key} not found", code="object_not_found") from None
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") == "InvalidRange":
+                return iter(())
+            raise
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from body.iter_chunks(CHUNK)
+            finally:
+                body.close()
+        return chunks()
+
+    def _head(self, key: str) -> dict:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+        except ClientError as exc:
+            if self._missing(exc):
+                raise NotFound(f"object {key} not found", code="object_not_found") from None
+            raise
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._head(key)
+            return True
+        except NotFound:
+            return False
+
+    def size(self, key: str) -> int:
+        return int(self._head(key)["ContentLength"])
+
+    def sha256(self, key: str) -> str:
+        stored = self._head(key).get("Metadata", {}).get("sha256")
+        return stored or super().sha256(key)
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        validate_prefix(prefix)
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        found = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            for item in page.get("Contents", []):
+                found.append(ObjectInfo(self._strip(item["Key"]), int(item["Size"])))
+        return sorted(found, key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        if not prefix:
+            raise InvalidKey("refusing to delete the whole store")
+        keys = [self._k(o.key) for o in self.list(prefix)]
+        for i in range(0, len(keys), 1000):
+            batch = keys[i:i + 1000]
+            self.client.delete_objects(Bucket=self.bucket,
+                                       Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+        return len(keys)
+
+    def check(self) -> None:
+        self.client.head_bucket(Bucket=self.bucket)
+
+    def presigned_url(self, key: str, expires: int = 300, filename: str | None = None) -> str | None:
+        params = {"Bucket": self.bucket, "Key": self._k(key)}
+        if filename:
+            params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
+        return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
+
+
+def storage_from_url(url: str, *, endpoint_url: str | None = None, region: str | None = None) -> Storage:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        path = unquote(parsed.netloc + parsed.path) if parsed.netloc not in ("", "localhost") \
+            else unquote(parsed.path)
+        return FileStorage(Path(path))
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError("TAQ_STORAGE_URL s3:// needs a bucket: s3://bucket/prefix")
+        return S3Storage(parsed.netloc, parsed.path.strip("/"), endpoint_url=endpoint_url, region=region)
+    raise ValueError(f"unsupported TAQ_STORAGE_URL scheme {parsed.scheme!r} (file:// or s3://)")
+
+
+def storage_from_settings(settings) -> Storage:
+    return storage_from_url(settings.storage_url, endpoint_url=settings.s3_endpoint_url,
+                            region=settings.s3_region)

@@ -1,0 +1,141 @@
+"""(b)/(c) A real Celery worker process (`taq worker`) on Redis + PostgreSQL + S3 (moto server),
+the API in-process: every method on the tiny Llama; cancel mid-run removes the partial files; a
+worker killed mid-run is replaced and the job resumes after its stored stages."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from common.db import migrate
+from common.settings import Settings
+from common.storage import storage_from_settings
+
+from .conftest import (CALIBRATION, TAQ, Proc, make_bucket, service_env, tiny_spec, verify_artifacts, wait_for,
+                       wait_job)
+
+pytestmark = pytest.mark.integration
+
+KEY = "stack-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+#: a job long enough to be caught mid-run: a budget sweep with both export formats
+SWEEP = dict(bit_budget={"avg_bits": [5.0, 6.0, 7.0, 8.0, 8.5]}, exports=["gguf", "hf"])
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, pg_database, redis_url, s3_endpoint, tiny_model_root):
+    data = tmp_path_factory.mktemp("stack")
+    bucket = make_bucket(s3_endpoint)
+    config = dict(database_url=pg_database(), broker_url=redis_url, storage_url=f"s3://{bucket}/taq",
+                  s3_endpoint_url=s3_endpoint, model_roots=str(tiny_model_root), api_keys=f"team:{KEY}",
+                  heartbeat_seconds="1", stale_after_seconds="6", reaper_interval_seconds="2",
+                  requeue_queued_after_seconds="60")
+    settings = Settings(data_dir=data, **{k: v for k, v in config.items() if k != "model_roots"},
+                        model_roots=[tiny_model_root])
+    migrate(settings)
+    env = service_env(data_dir=str(data), **config)
+    workers: list[Proc] = []
+
+    def start_worker() -> Proc:
+        proc = Proc([TAQ, "worker", "--skip-migrate"], env, data / f"worker-{len(workers)}.log")
+        workers.append(proc)
+        wait_for(lambda: proc.alive() and " ready." in proc.log_path.read_text(errors="replace"), 120,
+                 what="celery worker ready")
+        return proc
+
+    start_worker()
+    with TestClient(create_app(settings)) as client:
+        yield {"client": client, "settings": settings, "storage": storage_from_settings(settings),
+               "start_worker": start_worker, "workers": workers}
+    for proc in workers:
+        proc.stop(signal.SIGTERM)
+
+
+def test_every_method_succeeds(stack):
+    client = stack["client"]
+    specs = {
+        "taq": tiny_spec("taq"),
+        "taq_kl": tiny_spec("taq_kl"),
+        "taqo": tiny_spec("taqo", allocation="paper", bit_budget=None),
+        "uniform": tiny_spec("uniform", exports=["gguf"]),
+    }
+    jobs = {}
+    for method, spec in specs.items():
+        response = client.post("/v1/jobs", headers=AUTH, json=spec)
+        assert response.status_code == 202, response.text
+        jobs[method] = response.json()["id"]
+    for method, job_id in jobs.items():
+        final = wait_job(client, job_id, timeout=300, headers=AUTH)
+        assert final["status"] == "succeeded", (method, final["error"])
+        assert final["attempts"] == 1
+        (budget,) = final["result"]["budgets"]
+        if method != "taqo":
+            assert budget["effective_bits"] <= 6.0 + 1e-9
+        profile = client.get(f"/v1/jobs/{job_id}/profile", headers=AUTH).json()
+        assert profile["method"] == method and len(profile["layers"]) == 4
+        assert all(layer["bits"] in (4, 8, 16) for layer in profile["layers"])
+        blobs = verify_artifacts(client, job_id, AUTH)
+        assert ("model.gguf" in blobs) == ("gguf" in specs[method]["exports"])
+        assert ("hf" in blobs) == ("hf" in specs[method]["exports"])
+        stored = {o.key.split("/artifacts/", 1)[1] for o in stack["storage"].list(f"jobs/{job_id}/artifacts/")}
+        assert set(blobs) - {"hf"} <= stored
+    assert len(CALIBRATION) == 4
+
+
+def _wait_stage(client, job_id: str, stages: set[str], timeout: float = 120) -> dict:
+    def reached():
+        job = client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()
+        assert job["status"] in ("queued", "running"), job
+        return job if job["status"] == "running" and job["stage"] in stages else None
+    return wait_for(reached, timeout, interval=0.05, what=f"stage in {stages}")
+
+
+def test_cancel_mid_run_removes_partial_files(stack):
+    client, storage = stack["client"], stack["storage"]
+    job_id = client.post("/v1/jobs", headers=AUTH, json=tiny_spec("taq", **SWEEP)).json()["id"]
+    _wait_stage(client, job_id, {"score", "allocate", "quantize", "export"})
+    response = client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH)
+    assert response.status_code == 202 and response.json()["cancel_requested"] is True
+    final = wait_job(client, job_id, timeout=120, headers=AUTH)
+    assert final["status"] == "cancelled" and final["finished_at"]
+    assert storage.list(f"jobs/{job_id}/") == []
+    assert client.get(f"/v1/jobs/{job_id}/artifacts", headers=AUTH).json() == []
+    assert client.get(f"/v1/jobs/{job_id}/profile", headers=AUTH).status_code == 404
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH).status_code == 409
+    events = client.get(f"/v1/jobs/{job_id}/events", headers=AUTH).json()
+    assert any(e["message"] == "cancel requested" for e in events)
+    assert events[-1]["status"] == "cancelled"
+
+
+def test_killed_worker_is_replaced_and_the_job_resumes(stack):
+    client, workers = stack["client"], stack["workers"]
+    job_id = client.post("/v1/jobs", headers=AUTH, json=tiny_spec("taq", **SWEEP)).json()["id"]
+    _wait_stage(client, job_id, {"quantize", "export"})
+    workers[-1].stop(signal.SIGKILL)  # no chance to clean up: heartbeat goes stale
+    stack["start_worker"]()           # its reaper requeues the job once the heartbeat is stale
+    final = wait_job(client, job_id, timeout=300, headers=AUTH)
+    assert final["status"] == "succeeded", final["error"]
+    assert final["attempts"] == 2
+    messages = [e["message"] or "" for e in client.get(f"/v1/jobs/{job_id}/events", headers=AUTH).json()]
+    assert any("requeued" in m for m in messages)
+    assert "score: skipped (profile.json stored)" in messages
+    assert "allocate: skipped (bitmap.json stored)" in messages
+    blobs = verify_artifacts(client, job_id, AUTH)
+    assert {"hf-b5", "model-b8.5.gguf", "bitmap.json"} <= set(blobs)
+
+
+def test_sigterm_hands_the_running_job_back(stack):
+    client, workers = stack["client"], stack["workers"]
+    job_id = client.post("/v1/jobs", headers=AUTH, json=tiny_spec("uniform", **SWEEP)).json()["id"]
+    _wait_stage(client, job_id, {"load", "calibrate", "score", "allocate", "quantize", "export"})
+    assert workers[-1].stop(signal.SIGTERM, timeout=60) == 0  # warm shutdown
+    job = client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()
+    assert job["status"] == "queued", job
+    stack["start_worker"]()  # the job was re-sent on the way out: no reaper delay
+    final = wait_job(client, job_id, timeout=300, headers=AUTH)
+    assert final["status"] == "succeeded" and final["attempts"] == 2
+    messages = [e["message"] or "" for e in client.get(f"/v1/jobs/{job_id}/events", headers=AUTH).json()]
+    assert "retrying: worker stopped" in messages
