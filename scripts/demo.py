@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-CALIBRATION = ROOT / "examples" / "calibration_capitals.jsonl"
+CALIBRATION = ROOT / "bench" / "tasks" / "capitals" / "calibration.jsonl"
 JOB_TIMEOUT_S = float(os.environ.get("TAQ_DEMO_TIMEOUT", "1800"))
 
 
