@@ -77,3 +77,12 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_d
 @pytest.fixture(scope="session")
 def tiny_model_root(tiny_llama_dir: Path) -> Path:
     return tiny_llama_dir.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir: Path):
+    """(model, tokenizer) of the tiny Llama, loaded once per test module."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_llama_dir)

@@ -3,8 +3,6 @@ tiny Llama GGUF that transformers loads back to our dequantized weights."""
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,38 +14,16 @@ from core.errors import ExportError
 from core.export import export_gguf, export_hf
 from core.export.ggml_blocks import encode_quantized, requantize
 from core.export.gguf import gguf_tensor_name, rope_row_permutation
-from core.modules import decoder_layers, named_linears
 from core.quant.primitives import dequantize_weight, quantize_weight
-from core.spec import JobSpec
+
+from export_helpers import MIXED, make_spec, quantize_model
 
 pytestmark = pytest.mark.unit
 
-MIXED = (4, 8, 16, 4)
 TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                   "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                   "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
                   "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix", "tokenizer.chat_template")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir: Path):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(tiny_llama_dir)
-
-
-def make_spec(group_size: int, symmetric: bool) -> JobSpec:
-    return JobSpec(model="tiny-llama", method="uniform", bit_budget={"avg_bits": 8.0},
-                   group_size=group_size, symmetric=symmetric, bit_choices=[2, 3, 4, 8, 16])
-
-
-def quantize_model(model, widths, group_size: int, symmetric: bool):
-    bits = {name: b for (name, _), b in zip(decoder_layers(model), widths)}
-    weights = {}
-    for layer, b in bits.items():
-        if b < 16:
-            for name, linear in named_linears(model, layer).items():
-                weights[name] = quantize_weight(linear.weight.detach(), b, group_size, symmetric)
-    return bits, weights
 
 
 def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:

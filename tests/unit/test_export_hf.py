@@ -5,48 +5,24 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from core.errors import ExportError
 from core.export import export_hf
 from core.export.hf import choose_strategy, quantized_tensors
 from core.export._common import plan_linears
-from core.modules import decoder_layers, named_linears
+from core.modules import named_linears
 from core.quant.primitives import dequantize_weight, quantize_weight
-from core.spec import JobSpec
+
+from export_helpers import MIXED, make_spec, quantize_model
 
 pytestmark = pytest.mark.unit
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
-#: tiny llama has 4 layers: a mixed map with every width class the export must handle
-MIXED = (4, 8, 16, 4)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir: Path):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    return model, tokenizer
-
-
-def make_spec(group_size: int, symmetric: bool) -> JobSpec:
-    return JobSpec(model="tiny-llama", method="uniform", bit_budget={"avg_bits": 8.0},
-                   group_size=group_size, symmetric=symmetric, bit_choices=[2, 3, 4, 8, 16])
-
-
-def quantize_model(model, widths, group_size: int, symmetric: bool):
-    bits = {name: b for (name, _), b in zip(decoder_layers(model), widths)}
-    weights = {}
-    for layer, b in bits.items():
-        if b < 16:
-            for name, linear in named_linears(model, layer).items():
-                weights[name] = quantize_weight(linear.weight.detach(), b, group_size, symmetric)
-    return bits, weights
 
 
 def reference_model(model, weights):

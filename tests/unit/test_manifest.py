@@ -9,39 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.export import build_manifest, export_gguf, export_hf, file_sha256, library_versions, write_manifest
 from core.export.manifest import hf_storage
-from core.modules import decoder_layers, named_linears
-from core.quant.primitives import quantize_weight
-from core.spec import JobSpec
 from core.types import effective_bits
+
+from export_helpers import MIXED, make_spec as _make_spec, quantize_model
 
 pytestmark = pytest.mark.unit
 
-MIXED = (4, 8, 16, 4)
 
+def make_spec(group_size: int, symmetric: bool):
+    return _make_spec(group_size, symmetric, seed=7, bit_choices=[4, 8, 16])
 
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir: Path):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(tiny_llama_dir)
-
-
-def make_spec(group_size: int, symmetric: bool) -> JobSpec:
-    return JobSpec(model="tiny-llama", method="uniform", bit_budget={"avg_bits": 8.0},
-                   group_size=group_size, symmetric=symmetric, seed=7)
-
-
-def quantize_model(model, widths, group_size, symmetric):
-    bits = {name: b for (name, _), b in zip(decoder_layers(model), widths)}
-    weights = {}
-    for layer, b in bits.items():
-        if b < 16:
-            for name, linear in named_linears(model, layer).items():
-                weights[name] = quantize_weight(linear.weight.detach(), b, group_size, symmetric)
-    return bits, weights
 
 
 def allocator_bits(weights, group_size, symmetric) -> float:
