@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-unit test-integration test-slow openapi clean
+.PHONY: setup demo test test-unit test-integration test-slow openapi client clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ test-slow: setup
 
 openapi: setup
 	$(BIN)/python scripts/export_openapi.py > openapi.json
+
+client: openapi
+	bash scripts/generate_client.sh
 
 clean:
 	rm -rf .taq .pytest_cache

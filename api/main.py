@@ -97,4 +97,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (jobs, datasets, models, health):
         app.include_router(module.router)
     app.add_middleware(RequestContext, max_upload=settings.max_upload_bytes)
+    _mark_file_uploads_binary(app)
     return app
+
+
+def _mark_file_uploads_binary(app: FastAPI) -> None:
+    """FastAPI describes UploadFile with OpenAPI 3.1's `contentMediaType` only; client generators
+    (openapi-python-client) then type the part as text and send it without a filename, which is
+    not a file upload. `format: binary` makes every generator emit a real file part."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for component in schema.get("components", {}).get("schemas", {}).values():
+                for prop in component.get("properties", {}).values():
+                    if prop.get("contentMediaType") == "application/octet-stream":
+                        prop["format"] = "binary"
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

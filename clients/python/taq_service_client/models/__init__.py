@@ -1,0 +1,67 @@
+"""Contains all the data models used in inputs/outputs"""
+
+from .allocation_rule import AllocationRule
+from .artifact_file_out import ArtifactFileOut
+from .artifact_out import ArtifactOut
+from .artifact_out_kind import ArtifactOutKind
+from .bit_budget import BitBudget
+from .body_upload_dataset import BodyUploadDataset
+from .calibration_row import CalibrationRow
+from .dataset_out import DatasetOut
+from .error_info import ErrorInfo
+from .error_response import ErrorResponse
+from .event_out import EventOut
+from .event_out_data_type_0 import EventOutDataType0
+from .export_format import ExportFormat
+from .get_job_profile_format import GetJobProfileFormat
+from .health_out import HealthOut
+from .job_out import JobOut
+from .job_out_result_type_0 import JobOutResultType0
+from .job_out_status import JobOutStatus
+from .job_page import JobPage
+from .job_spec import JobSpec
+from .layer_out import LayerOut
+from .layer_out_quant_error_type_0 import LayerOutQuantErrorType0
+from .layer_out_scores import LayerOutScores
+from .list_jobs_status_type_0_item import ListJobsStatusType0Item
+from .message import Message
+from .method import Method
+from .model_out import ModelOut
+from .profile_out import ProfileOut
+from .ready_out import ReadyOut
+from .ready_out_checks import ReadyOutChecks
+from .ready_out_status import ReadyOutStatus
+
+__all__ = (
+    "AllocationRule",
+    "ArtifactFileOut",
+    "ArtifactOut",
+    "ArtifactOutKind",
+    "BitBudget",
+    "BodyUploadDataset",
+    "CalibrationRow",
+    "DatasetOut",
+    "ErrorInfo",
+    "ErrorResponse",
+    "EventOut",
+    "EventOutDataType0",
+    "ExportFormat",
+    "GetJobProfileFormat",
+    "HealthOut",
+    "JobOut",
+    "JobOutResultType0",
+    "JobOutStatus",
+    "JobPage",
+    "JobSpec",
+    "LayerOut",
+    "LayerOutQuantErrorType0",
+    "LayerOutScores",
+    "ListJobsStatusType0Item",
+    "Message",
+    "Method",
+    "ModelOut",
+    "ProfileOut",
+    "ReadyOut",
+    "ReadyOutChecks",
+    "ReadyOutStatus",
+)

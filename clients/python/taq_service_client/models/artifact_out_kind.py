@@ -1,0 +1,9 @@
+from enum import StrEnum
+
+
+class ArtifactOutKind(StrEnum):
+    DIRECTORY = "directory"
+    FILE = "file"
+
+    def __str__(self) -> str:
+        return str(self.value)

@@ -1,0 +1,333 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from attrs import define as _attrs_define
+
+from ..models.allocation_rule import AllocationRule
+from ..models.export_format import ExportFormat
+from ..models.method import Method
+from ..types import UNSET, Unset
+
+if TYPE_CHECKING:
+    from ..models.bit_budget import BitBudget
+    from ..models.calibration_row import CalibrationRow
+
+
+T = TypeVar("T", bound="JobSpec")
+
+
+@_attrs_define
+class JobSpec:
+    """
+    Attributes:
+        model (str):
+        allocation (AllocationRule | Unset):
+        bit_budget (BitBudget | None | Unset):
+        bit_choices (list[int] | Unset):
+        calibration (list[CalibrationRow] | None | Unset):
+        calibration_dataset_id (None | str | Unset):
+        clip_search (bool | Unset):  Default: False.
+        eval_dataset_id (None | str | Unset):
+        eval_fraction (float | None | Unset):
+        exports (list[ExportFormat] | Unset):
+        group_size (int | Unset):  Default: 128.
+        max_calibration_rows (int | Unset):  Default: 256.
+        max_tokens (int | Unset):  Default: 256.
+        method (Method | Unset):
+        profile_from_job_id (None | str | Unset):
+        reservoir_size (int | Unset):  Default: 256.
+        seed (int | Unset):  Default: 0.
+        symmetric (bool | Unset):  Default: False.
+    """
+
+    model: str
+    allocation: AllocationRule | Unset = UNSET
+    bit_budget: BitBudget | None | Unset = UNSET
+    bit_choices: list[int] | Unset = UNSET
+    calibration: list[CalibrationRow] | None | Unset = UNSET
+    calibration_dataset_id: None | str | Unset = UNSET
+    clip_search: bool | Unset = False
+    eval_dataset_id: None | str | Unset = UNSET
+    eval_fraction: float | None | Unset = UNSET
+    exports: list[ExportFormat] | Unset = UNSET
+    group_size: int | Unset = 128
+    max_calibration_rows: int | Unset = 256
+    max_tokens: int | Unset = 256
+    method: Method | Unset = UNSET
+    profile_from_job_id: None | str | Unset = UNSET
+    reservoir_size: int | Unset = 256
+    seed: int | Unset = 0
+    symmetric: bool | Unset = False
+
+    def to_dict(self) -> dict[str, Any]:
+        from ..models.bit_budget import BitBudget  # noqa: PLC0415
+
+        model = self.model
+
+        allocation: str | Unset = UNSET
+        if not isinstance(self.allocation, Unset):
+            allocation = self.allocation.value
+
+        bit_budget: dict[str, Any] | None | Unset
+        if isinstance(self.bit_budget, Unset):
+            bit_budget = UNSET
+        elif isinstance(self.bit_budget, BitBudget):
+            bit_budget = self.bit_budget.to_dict()
+        else:
+            bit_budget = self.bit_budget
+
+        bit_choices: list[int] | Unset = UNSET
+        if not isinstance(self.bit_choices, Unset):
+            bit_choices = self.bit_choices
+
+        calibration: list[dict[str, Any]] | None | Unset
+        if isinstance(self.calibration, Unset):
+            calibration = UNSET
+        elif isinstance(self.calibration, list):
+            calibration = []
+            for calibration_type_0_item_data in self.calibration:
+                calibration_type_0_item = calibration_type_0_item_data.to_dict()
+                calibration.append(calibration_type_0_item)
+
+        else:
+            calibration = self.calibration
+
+        calibration_dataset_id: None | str | Unset
+        if isinstance(self.calibration_dataset_id, Unset):
+            calibration_dataset_id = UNSET
+        else:
+            calibration_dataset_id = self.calibration_dataset_id
+
+        clip_search = self.clip_search
+
+        eval_dataset_id: None | str | Unset
+        if isinstance(self.eval_dataset_id, Unset):
+            eval_dataset_id = UNSET
+        else:
+            eval_dataset_id = self.eval_dataset_id
+
+        eval_fraction: float | None | Unset
+        if isinstance(self.eval_fraction, Unset):
+            eval_fraction = UNSET
+        else:
+            eval_fraction = self.eval_fraction
+
+        exports: list[str] | Unset = UNSET
+        if not isinstance(self.exports, Unset):
+            exports = []
+            for exports_item_data in self.exports:
+                exports_item = exports_item_data.value
+                exports.append(exports_item)
+
+        group_size = self.group_size
+
+        max_calibration_rows = self.max_calibration_rows
+
+        max_tokens = self.max_tokens
+
+        method: str | Unset = UNSET
+        if not isinstance(self.method, Unset):
+            method = self.method.value
+
+        profile_from_job_id: None | str | Unset
+        if isinstance(self.profile_from_job_id, Unset):
+            profile_from_job_id = UNSET
+        else:
+            profile_from_job_id = self.profile_from_job_id
+
+        reservoir_size = self.reservoir_size
+
+        seed = self.seed
+
+        symmetric = self.symmetric
+
+        field_dict: dict[str, Any] = {}
+
+        field_dict.update(
+            {
+                "model": model,
+            }
+        )
+        if allocation is not UNSET:
+            field_dict["allocation"] = allocation
+        if bit_budget is not UNSET:
+            field_dict["bit_budget"] = bit_budget
+        if bit_choices is not UNSET:
+            field_dict["bit_choices"] = bit_choices
+        if calibration is not UNSET:
+            field_dict["calibration"] = calibration
+        if calibration_dataset_id is not UNSET:
+            field_dict["calibration_dataset_id"] = calibration_dataset_id
+        if clip_search is not UNSET:
+            field_dict["clip_search"] = clip_search
+        if eval_dataset_id is not UNSET:
+            field_dict["eval_dataset_id"] = eval_dataset_id
+        if eval_fraction is not UNSET:
+            field_dict["eval_fraction"] = eval_fraction
+        if exports is not UNSET:
+            field_dict["exports"] = exports
+        if group_size is not UNSET:
+            field_dict["group_size"] = group_size
+        if max_calibration_rows is not UNSET:
+            field_dict["max_calibration_rows"] = max_calibration_rows
+        if max_tokens is not UNSET:
+            field_dict["max_tokens"] = max_tokens
+        if method is not UNSET:
+            field_dict["method"] = method
+        if profile_from_job_id is not UNSET:
+            field_dict["profile_from_job_id"] = profile_from_job_id
+        if reservoir_size is not UNSET:
+            field_dict["reservoir_size"] = reservoir_size
+        if seed is not UNSET:
+            field_dict["seed"] = seed
+        if symmetric is not UNSET:
+            field_dict["symmetric"] = symmetric
+
+        return field_dict
+
+    @classmethod
+    def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
+        from ..models.bit_budget import BitBudget  # noqa: PLC0415
+        from ..models.calibration_row import CalibrationRow  # noqa: PLC0415
+
+        d = dict(src_dict)
+        model = d.pop("model")
+
+        _allocation = d.pop("allocation", UNSET)
+        allocation: AllocationRule | Unset
+        if isinstance(_allocation, Unset):
+            allocation = UNSET
+        else:
+            allocation = AllocationRule(_allocation)
+
+        def _parse_bit_budget(data: object) -> BitBudget | None | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                bit_budget_type_0 = BitBudget.from_dict(data)
+
+                return bit_budget_type_0
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(BitBudget | None | Unset, data)
+
+        bit_budget = _parse_bit_budget(d.pop("bit_budget", UNSET))
+
+        bit_choices = cast(list[int], d.pop("bit_choices", UNSET))
+
+        def _parse_calibration(data: object) -> list[CalibrationRow] | None | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, list):
+                    raise TypeError()
+                calibration_type_0 = []
+                _calibration_type_0 = data
+                for calibration_type_0_item_data in _calibration_type_0:
+                    calibration_type_0_item = CalibrationRow.from_dict(calibration_type_0_item_data)
+
+                    calibration_type_0.append(calibration_type_0_item)
+
+                return calibration_type_0
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(list[CalibrationRow] | None | Unset, data)
+
+        calibration = _parse_calibration(d.pop("calibration", UNSET))
+
+        def _parse_calibration_dataset_id(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        calibration_dataset_id = _parse_calibration_dataset_id(d.pop("calibration_dataset_id", UNSET))
+
+        clip_search = d.pop("clip_search", UNSET)
+
+        def _parse_eval_dataset_id(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        eval_dataset_id = _parse_eval_dataset_id(d.pop("eval_dataset_id", UNSET))
+
+        def _parse_eval_fraction(data: object) -> float | None | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(float | None | Unset, data)
+
+        eval_fraction = _parse_eval_fraction(d.pop("eval_fraction", UNSET))
+
+        _exports = d.pop("exports", UNSET)
+        exports: list[ExportFormat] | Unset = UNSET
+        if _exports is not UNSET:
+            exports = []
+            for exports_item_data in _exports:
+                exports_item = ExportFormat(exports_item_data)
+
+                exports.append(exports_item)
+
+        group_size = d.pop("group_size", UNSET)
+
+        max_calibration_rows = d.pop("max_calibration_rows", UNSET)
+
+        max_tokens = d.pop("max_tokens", UNSET)
+
+        _method = d.pop("method", UNSET)
+        method: Method | Unset
+        if isinstance(_method, Unset):
+            method = UNSET
+        else:
+            method = Method(_method)
+
+        def _parse_profile_from_job_id(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        profile_from_job_id = _parse_profile_from_job_id(d.pop("profile_from_job_id", UNSET))
+
+        reservoir_size = d.pop("reservoir_size", UNSET)
+
+        seed = d.pop("seed", UNSET)
+
+        symmetric = d.pop("symmetric", UNSET)
+
+        job_spec = cls(
+            model=model,
+            allocation=allocation,
+            bit_budget=bit_budget,
+            bit_choices=bit_choices,
+            calibration=calibration,
+            calibration_dataset_id=calibration_dataset_id,
+            clip_search=clip_search,
+            eval_dataset_id=eval_dataset_id,
+            eval_fraction=eval_fraction,
+            exports=exports,
+            group_size=group_size,
+            max_calibration_rows=max_calibration_rows,
+            max_tokens=max_tokens,
+            method=method,
+            profile_from_job_id=profile_from_job_id,
+            reservoir_size=reservoir_size,
+            seed=seed,
+            symmetric=symmetric,
+        )
+
+        return job_spec

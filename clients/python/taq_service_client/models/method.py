@@ -1,0 +1,11 @@
+from enum import StrEnum
+
+
+class Method(StrEnum):
+    TAQ = "taq"
+    TAQO = "taqo"
+    TAQ_KL = "taq_kl"
+    UNIFORM = "uniform"
+
+    def __str__(self) -> str:
+        return str(self.value)
