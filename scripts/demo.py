@@ -95,7 +95,7 @@ def main() -> None:
             print("artifacts:")
             for art in artifacts:
                 print(f"  {art['name']:40s} {art['format']:8s} {art['size']:>12,d}  {art['sha256'][:16]}")
-            print(f"stored under {data_dir / 'objects' / 'jobs' / job['id']}")
+            print(f"stored under {data_dir / 'objects' / 'jobs' / job['id'] / 'artifacts'}")
             print(f"download: curl -O http://127.0.0.1:{port}/v1/jobs/{job['id']}/artifacts/<name>")
     finally:
         os.killpg(server.pid, signal.SIGINT)
