@@ -23,6 +23,7 @@ STATUS_BY_TYPE: list[tuple[type, int]] = [
     (svc.Conflict, 409),
     (svc.Unauthorized, 401),
     (svc.PayloadTooLarge, 413),
+    (svc.TooManyRequests, 429),
     (svc.InvalidParameter, 422),
     (svc.InvalidRequest, 400),
     (svc.RangeNotSatisfiable, 416),

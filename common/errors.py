@@ -46,6 +46,17 @@ class InvalidParameter(InvalidRequest):
     code = "invalid_parameter"
 
 
+class TooManyRequests(ServiceError):
+    """A per-tenant quota is exhausted (429); the message names the limit."""
+
+    code = "too_many_requests"
+
+    def __init__(self, message: str, details=None, code: str | None = None) -> None:
+        super().__init__(message, details)
+        if code:
+            self.code = code
+
+
 class RangeNotSatisfiable(ServiceError):
     code = "range_not_satisfiable"
 

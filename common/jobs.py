@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from common import broker
 from common.datasets import get_dataset
-from common.errors import Conflict, InvalidParameter, InvalidRequest, NotFound
+from common.errors import Conflict, InvalidParameter, InvalidRequest, NotFound, TooManyRequests
 from common.ids import new_id
 from common.lifecycle import add_event, purge_job_outputs
 from common.orm import Artifact, IdempotencyKey, Job, JobEvent, JobStatus, ProfileLayer, utcnow
@@ -68,6 +68,17 @@ def validate_references(session: Session, settings: Settings, tenant: str, spec:
     check_budget_feasible(spec)
 
 
+def check_queue_quota(session: Session, settings: Settings, tenant: str) -> None:
+    queued = session.scalar(select(func.count()).select_from(Job)
+                            .where(Job.tenant == tenant, Job.status == JobStatus.queued))
+    limit = settings.max_queued_jobs_per_tenant
+    if queued >= limit:
+        raise TooManyRequests(
+            f"tenant '{tenant}' already has {queued} queued jobs (TAQ_MAX_QUEUED_JOBS_PER_TENANT={limit}); "
+            "wait for some to start or cancel them", details={"limit": limit, "queued": queued},
+            code="queued_job_limit")
+
+
 @dataclass(frozen=True)
 class Submitted:
     job_id: str
@@ -88,6 +99,7 @@ def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
         if replay is not None:
             return replay
     validate_references(session, settings, tenant, spec)
+    check_queue_quota(session, settings, tenant)
     now = utcnow()
     job = Job(id=new_id("job"), tenant=tenant, status=JobStatus.queued, stage=None, progress=0.0,
               spec=spec.model_dump(mode="json"), created_at=now, updated_at=now, attempts=0,

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     max_page_size: int = Field(default=100, ge=1, le=1000)
     default_page_size: int = Field(default=20, ge=1, le=1000)
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    #: jobs a tenant may have waiting in the queue; one more answers 429
+    max_queued_jobs_per_tenant: int = Field(default=50, ge=1)
     sse_max_seconds: float = Field(default=600.0, gt=0)
     sse_poll_seconds: float = Field(default=0.5, gt=0)
 

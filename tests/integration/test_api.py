@@ -37,7 +37,7 @@ def settings(tmp_path_factory, pg_database, tiny_model_root) -> Settings:
     settings = Settings(data_dir=data, database_url=pg_database(), broker_url="filesystem://",
                         storage_url=f"file://{data / 'objects'}", model_roots=[tiny_model_root],
                         api_keys=f"alice:{ALICE},bob:{BOB}", max_page_size=5, default_page_size=3,
-                        max_upload_bytes=4096)
+                        max_upload_bytes=4096, max_queued_jobs_per_tenant=8)
     migrate(settings)
     return settings
 
@@ -243,6 +243,19 @@ def test_cursor_pagination_newest_first_with_status_filter(client, settings):
     assert_envelope(client.get("/v1/jobs", headers=headers, params={"limit": 0}), 422, "validation_error")
     assert_envelope(client.get("/v1/jobs", headers=headers, params={"status": "weird"}), 422, "validation_error")
     assert_envelope(client.get("/v1/jobs", headers=headers, params={"cursor": "garbage!"}), 400, "invalid_request")
+
+
+def test_queued_jobs_per_tenant_limit_is_429(client, settings):
+    headers, other = new_tenant(settings), new_tenant(settings)
+    ids = [client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=i)).json()["id"]
+           for i in range(settings.max_queued_jobs_per_tenant)]
+    error = assert_envelope(client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=99)),
+                            429, "queued_job_limit")
+    assert "TAQ_MAX_QUEUED_JOBS_PER_TENANT=8" in error["message"] and error["details"]["queued"] == 8
+    # another tenant is not affected, and cancelling one frees a slot
+    assert client.post("/v1/jobs", headers=other, json=tiny_spec("uniform")).status_code == 202
+    assert client.post(f"/v1/jobs/{ids[0]}/cancel", headers=headers).status_code == 202
+    assert client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=99)).status_code == 202
 
 
 # ---- cancel, events --------------------------------------------------------------------------
