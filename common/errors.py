@@ -7,25 +7,22 @@ from core.errors import TaqError
 
 
 class ServiceError(TaqError):
+    """`code` may be narrowed per raise (e.g. `job_not_found` for a NotFound) so clients can branch."""
+
     code = "service_error"
+
+    def __init__(self, message: str, details=None, code: str | None = None) -> None:
+        super().__init__(message, details)
+        if code:
+            self.code = code
 
 
 class NotFound(ServiceError):
     code = "not_found"
 
-    def __init__(self, message: str, details=None, code: str | None = None) -> None:
-        super().__init__(message, details)
-        if code:
-            self.code = code
-
 
 class Conflict(ServiceError):
     code = "conflict"
-
-    def __init__(self, message: str, details=None, code: str | None = None) -> None:
-        super().__init__(message, details)
-        if code:
-            self.code = code
 
 
 class Unauthorized(ServiceError):
@@ -50,11 +47,6 @@ class TooManyRequests(ServiceError):
     """A per-tenant quota is exhausted (429); the message names the limit."""
 
     code = "too_many_requests"
-
-    def __init__(self, message: str, details=None, code: str | None = None) -> None:
-        super().__init__(message, details)
-        if code:
-            self.code = code
 
 
 class RangeNotSatisfiable(ServiceError):
