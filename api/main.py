@@ -9,6 +9,7 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.errors import envelope, install_error_handlers
 from api.routes import datasets, health, jobs, models
@@ -30,19 +31,38 @@ TAGS = [
 
 class RequestContext:
     """Pure ASGI middleware: request id header, one structured access-log line per request, and
-    an early 413 for bodies whose declared length is over the limit (before any parsing)."""
+    413 for bodies over the limit: at once when the declared length is over it (before any
+    parsing), and while reading for bodies without a length (chunked)."""
 
     def __init__(self, app, max_body: int = 8 * 1024 * 1024, max_upload: int = 64 * 1024 * 1024) -> None:
         self.app = app
         self.max_body = max_body
         self.max_upload = max_upload
 
+    def _limit(self, scope) -> tuple[int, str]:
+        if scope.get("path") == "/v1/datasets":  # multipart framing on top of the file
+            return self.max_upload + 1024 * 1024, "TAQ_MAX_UPLOAD_BYTES"
+        return self.max_body, "TAQ_MAX_REQUEST_BYTES"
+
     def _too_large(self, scope) -> int | None:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if not declared or not declared.isdigit():
             return None
-        limit = self.max_upload + 1024 * 1024 if scope.get("path") == "/v1/datasets" else self.max_body
+        limit, _ = self._limit(scope)
         return limit if int(declared) > limit else None
+
+    def _counting(self, scope, receive):
+        limit, setting = self._limit(scope)
+        seen = {"bytes": 0}
+
+        async def counted():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen["bytes"] += len(message.get("body", b""))
+                if seen["bytes"] > limit:  # FastAPI re-raises HTTPException from body parsing
+                    raise StarletteHTTPException(413, f"request body larger than {limit} bytes ({setting})")
+            return message
+        return counted
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -63,10 +83,11 @@ class RequestContext:
         try:
             limit = self._too_large(scope)
             if limit is not None:
-                response = envelope(413, "payload_too_large", f"request body larger than {limit} bytes")
+                setting = self._limit(scope)[1]
+                response = envelope(413, "payload_too_large", f"request body larger than {limit} bytes ({setting})")
                 await response(scope, receive, send_wrapper)
             else:
-                await self.app(scope, receive, send_wrapper)
+                await self.app(scope, self._counting(scope, receive), send_wrapper)
         finally:
             if scope.get("path") not in ("/healthz", "/metrics"):
                 log.info("request", extra={"method": scope.get("method"), "path": scope.get("path"),
@@ -96,7 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (jobs, datasets, models, health):
         app.include_router(module.router)
-    app.add_middleware(RequestContext, max_upload=settings.max_upload_bytes)
+    app.add_middleware(RequestContext, max_body=settings.max_request_bytes, max_upload=settings.max_upload_bytes)
     _mark_file_uploads_binary(app)
     return app
 

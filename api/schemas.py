@@ -136,6 +136,10 @@ class DatasetOut(BaseModel):
     filename: str | None = None
     created_at: datetime
 
+    @classmethod
+    def render(cls, row: Any) -> dict[str, Any]:
+        return cls.model_validate(row).model_dump(mode="json")
+
 
 class ModelOut(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -154,6 +158,8 @@ class ReadyOut(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
-    for code, text in {401: "missing or invalid API key", 404: "not found (or another tenant's)",
-                       422: "invalid request"}.items()
+    for code, text in {400: "malformed request (a body that cannot be parsed, an invalid cursor)",
+                       401: "missing or invalid API key", 404: "not found (or another tenant's)",
+                       422: "invalid request",
+                       503: "the database is unreachable (`database_unavailable`); retry later"}.items()
 }

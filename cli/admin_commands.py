@@ -67,6 +67,7 @@ def list_keys_cmd() -> None:
 
 @admin.command("revoke-key")
 def revoke_key_cmd(key_id: str) -> None:
+    """Revoke a DB-managed API key by id (see `list-keys`); exit 1 when there is no such key."""
     from common.auth import revoke_key
     from common.db import session_scope
     from common.errors import NotFound

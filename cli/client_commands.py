@@ -14,6 +14,7 @@ Exit codes:
 * 4 the service could not be reached (connection error)
 * 5 timeout (``wait --timeout`` elapsed, or a request timed out)
 * 6 checksum mismatch (``download``)
+* 7 the server refused the credentials (401/403: no, wrong or revoked API key)
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ from rich.table import Column, Table
 
 from cli.app import app
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_CONNECTION, EXIT_TIMEOUT, EXIT_CHECKSUM = range(7)
+(EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_CONNECTION, EXIT_TIMEOUT, EXIT_CHECKSUM,
+ EXIT_AUTH) = range(8)
 FINISHED = ("succeeded", "failed", "cancelled")
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 EXIT_CODES_HELP = ("Client exit codes: 0 ok, 1 job failed/cancelled, 2 usage error, 3 server error response "
-                   "(printed as error.code: message), 4 connection error, 5 timeout, 6 checksum mismatch. "
+                   "(printed as error.code: message), 4 connection error, 5 timeout, 6 checksum mismatch, "
+                   "7 authentication refused (401/403: no, wrong or revoked API key). "
                    "Client commands use --url / TAQ_URL and --api-key / TAQ_API_KEY.")
 app.info.epilog = EXIT_CODES_HELP
 
@@ -91,6 +94,9 @@ class Client:
         text = f"{code}: {message}"
         if details:
             text += f"\n{json.dumps(details, default=str)}"
+        if response.status_code in (401, 403):
+            # a credentials problem is not a server fault: scripts can tell it apart (exit 7)
+            _fail(EXIT_AUTH, text + "\n(pass --api-key KEY or set TAQ_API_KEY)")
         _fail(EXIT_SERVER, text)
 
     def request(self, method: str, path: str, **kwargs) -> httpx.Response:
@@ -332,9 +338,10 @@ def _emit_event(event: dict, as_json: bool) -> None:
         out.print(_event_line(event), markup=False, highlight=False)
 
 
-def _follow_sse(client: Client, job_id: str, as_json: bool) -> bool:
-    """Stream events; False when the server did not answer an event stream (caller polls)."""
-    last_id = 0
+def _follow_sse(client: Client, job_id: str, as_json: bool, after: int = 0) -> bool:
+    """Stream events after id ``after``; False when the server did not answer an event stream
+    (caller polls)."""
+    last_id = after
     while True:
         headers = {"Accept": "text/event-stream"}
         if last_id:
@@ -364,8 +371,7 @@ def _follow_sse(client: Client, job_id: str, as_json: bool) -> bool:
             time.sleep(1)  # dropped stream: resume from Last-Event-ID
 
 
-def _follow_poll(client: Client, job_id: str, as_json: bool, interval: float) -> None:
-    after = 0
+def _follow_poll(client: Client, job_id: str, as_json: bool, interval: float, after: int = 0) -> None:
     while True:
         events = client.json("GET", f"/v1/jobs/{job_id}/events", params={"after": after})
         for event in events:
@@ -386,8 +392,8 @@ def events(job_id: Annotated[str, typer.Argument(metavar="JOB")],
     """Show a job's progress events (--json: a list; with --follow, one JSON object a line)."""
     client = Client(url, api_key)
     if follow:
-        if poll or not _follow_sse(client, job_id, as_json):
-            _follow_poll(client, job_id, as_json, 1.0)
+        if poll or not _follow_sse(client, job_id, as_json, after):
+            _follow_poll(client, job_id, as_json, 1.0, after)
         return
     items = client.json("GET", f"/v1/jobs/{job_id}/events", params={"after": after})
     if as_json:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any, Callable
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from common import idempotency
 from common.errors import NotFound, PayloadTooLarge
+from common.idempotency import StoredResponse
 from common.ids import new_id
-from common.orm import Dataset
+from common.limits import check_dataset_rows, check_prompt_sizes, nonblank_line_numbers
+from common.orm import Dataset, IdempotencyKey
 from common.settings import Settings
 from common.storage import Storage, dataset_key
 
@@ -22,8 +26,12 @@ def upload_dataset(session: Session, storage: Storage, settings: Settings, tenan
     from core.data import parse_jsonl
 
     if len(data) > settings.max_upload_bytes:
-        raise PayloadTooLarge(f"dataset is {len(data)} bytes; the limit is {settings.max_upload_bytes}")
+        raise PayloadTooLarge(f"dataset is {len(data)} bytes; the limit is {settings.max_upload_bytes} "
+                              "(TAQ_MAX_UPLOAD_BYTES)")
+    lines = nonblank_line_numbers(data)
+    check_dataset_rows(settings, len(lines))  # before parsing: a row costs far more parsed than raw
     rows = parse_jsonl(data)
+    check_prompt_sizes(settings, rows, lines)
     digest = hashlib.sha256(data).hexdigest()
     existing = session.execute(select(Dataset).where(Dataset.tenant == tenant, Dataset.sha256 == digest)
                                ).scalar_one_or_none()
@@ -43,6 +51,43 @@ def upload_dataset(session: Session, storage: Storage, settings: Settings, tenan
         return session.execute(select(Dataset).where(Dataset.tenant == tenant, Dataset.sha256 == digest)
                                ).scalar_one()
     return row
+
+
+def create_dataset(session: Session, storage: Storage, settings: Settings, tenant: str, data: bytes,
+                   filename: str | None, render: Callable[[Dataset], dict[str, Any]],
+                   idempotency_key: str | None = None) -> StoredResponse:
+    """upload_dataset behind an optional ``Idempotency-Key``: the same key with the same file bytes
+    and filename replays the first answer (201); with another body it is a 409."""
+    digest = None
+    if idempotency_key is not None:
+        idempotency.check_key(idempotency_key)
+        digest = idempotency.request_digest("upload_dataset", {"sha256": hashlib.sha256(data).hexdigest(),
+                                                               "filename": filename or ""})
+        stored = _replay(session, tenant, idempotency_key, digest)
+        if stored is not None:
+            return stored
+    row = upload_dataset(session, storage, settings, tenant, data, filename)
+    body = render(row)
+    if idempotency_key is None:
+        return StoredResponse(row.id, 201, body, replayed=False)
+    session.add(IdempotencyKey(tenant=tenant, key=idempotency_key, request_hash=digest, dataset_id=row.id,
+                               status_code=201, response=body))
+    try:
+        session.commit()
+    except IntegrityError:  # the same key raced us: replay its answer (or 409 for another body)
+        session.rollback()
+        stored = _replay(session, tenant, idempotency_key, digest)
+        if stored is None:
+            raise
+        return stored
+    return StoredResponse(row.id, 201, body, replayed=False)
+
+
+def _replay(session: Session, tenant: str, key: str, digest: str) -> StoredResponse | None:
+    row = idempotency.find(session, tenant, key, digest)
+    if row is None or row.dataset_id is None:
+        return None
+    return StoredResponse(row.dataset_id, row.status_code, row.response, replayed=True)
 
 
 def get_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:

@@ -16,11 +16,12 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from common import broker
+from common import broker, idempotency
 from common.datasets import get_dataset
 from common.errors import Conflict, InvalidParameter, InvalidRequest, NotFound, TooManyRequests
 from common.ids import new_id
 from common.lifecycle import add_event, purge_job_outputs
+from common.limits import check_job_memory, check_prompt_sizes
 from common.orm import Artifact, IdempotencyKey, Job, JobEvent, JobStatus, ProfileLayer, utcnow
 from common.settings import Settings
 from common.storage import Storage
@@ -30,7 +31,7 @@ from core.types import effective_bits
 
 log = logging.getLogger(__name__)
 
-MAX_IDEMPOTENCY_KEY = 255
+MAX_IDEMPOTENCY_KEY = idempotency.MAX_IDEMPOTENCY_KEY
 
 
 # ---- submit ----------------------------------------------------------------------------------
@@ -56,16 +57,21 @@ def validate_references(session: Session, settings: Settings, tenant: str, spec:
     """Everything a spec points at must exist for this tenant before the job is accepted."""
     from common.models import resolve_model
 
-    resolve_model(settings, spec.model)  # ModelNotFound (404) / UnsafeModel (422)
+    source = resolve_model(settings, spec.model)  # ModelNotFound (404) / UnsafeModel (422)
+    calibration_rows = 0
+    if spec.calibration is not None:
+        check_prompt_sizes(settings, spec.calibration, where="calibration_row")
+        calibration_rows = len(spec.calibration)
     if spec.calibration_dataset_id is not None:
-        get_dataset(session, tenant, spec.calibration_dataset_id)
+        calibration_rows = get_dataset(session, tenant, spec.calibration_dataset_id).rows
     if spec.eval_dataset_id is not None:
         get_dataset(session, tenant, spec.eval_dataset_id)
     if spec.profile_from_job_id is not None:
-        source = get_job(session, tenant, spec.profile_from_job_id)
-        if source.status != JobStatus.succeeded:
-            raise InvalidSpec(f"job '{source.id}' has no profile to reuse (status {source.status})")
+        prior = get_job(session, tenant, spec.profile_from_job_id)
+        if prior.status != JobStatus.succeeded:
+            raise InvalidSpec(f"job '{prior.id}' has no profile to reuse (status {prior.status})")
     check_budget_feasible(spec)
+    check_job_memory(settings, source, spec, calibration_rows)  # 422 job_too_large
 
 
 def check_queue_quota(session: Session, settings: Settings, tenant: str) -> None:
@@ -93,8 +99,7 @@ def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
     stored: the same key with the same spec replays it, with another spec it is a 409."""
     digest = spec_hash(spec)
     if idempotency_key is not None:
-        if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
-            raise InvalidRequest(f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY} characters")
+        idempotency.check_key(idempotency_key)
         replay = _replay(session, tenant, idempotency_key, digest)
         if replay is not None:
             return replay
@@ -131,13 +136,9 @@ def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
 
 
 def _replay(session: Session, tenant: str, key: str, digest: str) -> Submitted | None:
-    row = session.execute(select(IdempotencyKey).where(IdempotencyKey.tenant == tenant,
-                                                       IdempotencyKey.key == key)).scalar_one_or_none()
-    if row is None:
+    row = idempotency.find(session, tenant, key, digest)
+    if row is None or row.job_id is None:
         return None
-    if row.request_hash != digest:
-        raise Conflict("this Idempotency-Key was already used with a different request body",
-                       details={"job_id": row.job_id}, code="idempotency_conflict")
     return Submitted(row.job_id, row.status_code, row.response, replayed=True)
 
 

@@ -8,6 +8,7 @@ refuses configurations that are only safe on one loopback machine.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -68,6 +69,14 @@ class Settings(BaseSettings):
     max_page_size: int = Field(default=100, ge=1, le=1000)
     default_page_size: int = Field(default=20, ge=1, le=1000)
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    #: any other request body (JSON); declared or streamed (chunked) bodies over it answer 413
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    #: rows (non-blank lines) one dataset may hold; more answers 422 ``too_many_rows``
+    max_dataset_rows: int = Field(default=100_000, ge=1)
+    #: tokens one prompt (or one answer) may have. Datasets are uploaded without a model, so it is
+    #: enforced on UTF-8 bytes, an upper bound on the tokens of any tokenizer the service loads
+    #: (byte-level BPE / byte-fallback SentencePiece emit at most one token per byte)
+    max_prompt_tokens: int = Field(default=32768, ge=16)
     #: jobs a tenant may have waiting in the queue; one more answers 429
     max_queued_jobs_per_tenant: int = Field(default=50, ge=1)
     sse_max_seconds: float = Field(default=600.0, gt=0)
@@ -75,6 +84,9 @@ class Settings(BaseSettings):
 
     # worker / lifecycle
     worker_device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: memory one worker may use for a job (RAM; the GPU's memory for CUDA workers). None = the
+    #: total RAM of the machine the API runs on. A job whose estimate exceeds it answers 422.
+    worker_memory_bytes: int | None = Field(default=None, ge=1)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     stale_after_seconds: float = Field(default=120.0, gt=0)
     requeue_queued_after_seconds: float = Field(default=300.0, gt=0)
@@ -164,6 +176,13 @@ class Settings(BaseSettings):
             for key in ("data_folder_in", "data_folder_out", "control_folder"):
                 Path(str(self.broker_transport_options[key])).mkdir(parents=True, exist_ok=True)
 
+    def worker_memory_limit(self) -> tuple[int, str] | None:
+        """(bytes, where the number came from) for the memory preflight; None when unknown."""
+        if self.worker_memory_bytes is not None:
+            return self.worker_memory_bytes, "TAQ_WORKER_MEMORY_BYTES"
+        total = detected_memory_bytes()
+        return (total, "detected total RAM of the API machine") if total else None
+
     @property
     def sqlite_path(self) -> Path | None:
         if not self.is_sqlite:
@@ -184,6 +203,15 @@ class Settings(BaseSettings):
             problems.append(f"TAQ_BROKER_URL uses the '{self.broker_scheme}' transport; use redis://…")
         if problems:
             raise UnsafeConfig("unsafe production configuration: " + "; ".join(problems))
+
+
+def detected_memory_bytes() -> int | None:
+    """Total physical RAM of this machine (POSIX sysconf), or None where it is not available."""
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return pages * page_size if pages > 0 and page_size > 0 else None
 
 
 def is_loopback(host: str) -> bool:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -176,6 +177,29 @@ def service_env(**taq: str) -> dict[str, str]:
                 "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     env.update({f"TAQ_{k.upper()}": v for k, v in taq.items()})
     return env
+
+
+@contextmanager
+def serve_embedded(data: Path, model_root: Path, **taq: str) -> Iterator[dict]:
+    """`taq serve` as a subprocess on a free loopback port with ``TAQ_DATA_DIR=data``,
+    ``TAQ_MODEL_ROOTS=model_root`` and any other ``TAQ_*`` given as keywords (``storage_url=…``);
+    yields {"client": httpx client on it (no auth header), "proc", "data", "env"} once /readyz is
+    200, and stops it with Ctrl-C (SIGINT) afterwards."""
+    port = free_port()
+    env = service_env(data_dir=str(data), model_roots=str(model_root), **taq)
+    proc = Proc([TAQ, "serve", "--host", "127.0.0.1", "--port", str(port)], env, data / "serve.log")
+    try:
+        with http(f"http://127.0.0.1:{port}") as client:
+            def ready():
+                assert proc.alive(), proc.tail()
+                try:
+                    return client.get("/readyz").status_code == 200
+                except Exception:
+                    return False
+            wait_for(ready, 180, what="taq serve /readyz")
+            yield {"client": client, "proc": proc, "data": data, "env": env}
+    finally:
+        proc.stop(signal.SIGINT)
 
 
 def dump_json(path: Path, data) -> None:

@@ -12,29 +12,15 @@ import signal
 
 import pytest
 
-from .conftest import (TAQ, Proc, calibration_jsonl, free_port, http, service_env, tiny_spec, verify_artifacts,
-                       wait_for, wait_job)
+from .conftest import calibration_jsonl, serve_embedded, tiny_spec, verify_artifacts, wait_job
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_model_root):
-    data = tmp_path_factory.mktemp("embedded")
-    port = free_port()
-    env = service_env(data_dir=str(data), model_roots=str(tiny_model_root))
-    proc = Proc([TAQ, "serve", "--host", "127.0.0.1", "--port", str(port)], env, data / "serve.log")
-    base = f"http://127.0.0.1:{port}"
-    with http(base) as client:
-        def ready():
-            assert proc.alive(), proc.tail()
-            try:
-                return client.get("/readyz").status_code == 200
-            except Exception:
-                return False
-        wait_for(ready, 180, what="taq serve /readyz")
-        yield {"client": client, "proc": proc, "data": data}
-    proc.stop(signal.SIGINT)
+    with serve_embedded(tmp_path_factory.mktemp("embedded"), tiny_model_root) as service:
+        yield service
 
 
 def test_jobs_succeed_and_artifacts_verify(served):

@@ -1,0 +1,114 @@
+"""Admission limits checked before anything is stored or queued: dataset rows, prompt length, and
+the memory preflight of a job. Each refusal is a 422 whose message names the limit, its
+``TAQ_`` setting and how to get under it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from common.errors import InvalidParameter
+from common.settings import Settings
+from core.spec import CalibrationRow, JobSpec
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+#: offending rows listed in an error's details (as core.data.MAX_REPORTED_ERRORS)
+MAX_REPORTED = 20
+
+
+# ---- datasets --------------------------------------------------------------------------------
+def nonblank_line_numbers(data: bytes) -> list[int]:
+    """1-based numbers of the non-blank lines: row i of core.data.parse_jsonl is on line [i]."""
+    return [n for n, raw in enumerate(data.split(b"\n"), start=1) if raw.strip()]
+
+
+def check_dataset_rows(settings: Settings, n_rows: int) -> None:
+    limit = settings.max_dataset_rows
+    if n_rows > limit:
+        raise InvalidParameter(
+            f"the dataset has {n_rows} rows; the limit is {limit} (TAQ_MAX_DATASET_ROWS); split it or "
+            "ask the operator to raise TAQ_MAX_DATASET_ROWS", details={"rows": n_rows, "limit": limit},
+            code="too_many_rows")
+
+
+def _prompt_bytes(row: CalibrationRow) -> int:
+    if row.prompt is not None:
+        return len(row.prompt.encode("utf-8"))
+    return sum(len(m.content.encode("utf-8")) + len(m.role.encode("utf-8")) for m in row.messages or [])
+
+
+def check_prompt_sizes(settings: Settings, rows: Sequence[CalibrationRow], lines: Sequence[int] | None = None,
+                       where: str = "line") -> None:
+    """Refuse rows whose prompt (or one of whose answers) may exceed TAQ_MAX_PROMPT_TOKENS.
+
+    No tokenizer is known at upload, so tokens are bounded by UTF-8 bytes: byte-level BPE and
+    byte-fallback SentencePiece never emit more than one token per byte (the chat template adds
+    a few tokens per message on top). Every accepted row therefore has at most that many tokens;
+    typical text is ~4 bytes a token, so at the default (32768) a row holds ~8k real tokens, the
+    most a job reads per prompt (`max_tokens` ≤ 8192)."""
+    limit = settings.max_prompt_tokens
+    bad: list[dict[str, Any]] = []
+    count = 0
+    for i, row in enumerate(rows):
+        number = lines[i] if lines is not None else i + 1
+        sizes = [("prompt" if row.prompt is not None else "messages", _prompt_bytes(row))]
+        sizes += [(f"answers[{j}]", len(a.encode("utf-8"))) for j, a in enumerate(row.answers or [])]
+        for fld, size in sizes:
+            if size > limit:
+                count += 1
+                if len(bad) < MAX_REPORTED:
+                    bad.append({where: number, "field": fld, "bytes": size, "limit": limit})
+    if bad:
+        first = bad[0]
+        raise InvalidParameter(
+            f"{count} prompt{'s' if count != 1 else ''} over the limit; {where} {first[where]}: "
+            f"{first['field']} is {first['bytes']} UTF-8 bytes, which may be up to {first['bytes']} tokens, "
+            f"over TAQ_MAX_PROMPT_TOKENS={limit} (counted as UTF-8 bytes, an upper bound on tokens, because "
+            "data is checked without a model's tokenizer); shorten it or ask the operator to raise "
+            "TAQ_MAX_PROMPT_TOKENS", details=bad, code="prompt_too_long")
+
+
+# ---- jobs: memory preflight ------------------------------------------------------------------
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def estimate_for_spec(settings: Settings, source: Any, spec: JobSpec, calibration_rows: int):
+    """core.memory.estimate_job_memory for this spec on this deployment's workers, or None when
+    the model's shapes cannot be read (the job is then admitted; the worker reports any failure)."""
+    from core.memory import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, estimate_job_memory, read_model_dims
+
+    try:
+        dims = read_model_dims(source)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("memory preflight skipped: model shapes unreadable",
+                    extra={"model": spec.model, "error": repr(exc)})
+        return None
+    cuda = settings.worker_device == "cuda"
+    rows = min(calibration_rows, spec.max_calibration_rows)
+    return estimate_job_memory(dims, method=spec.method.value, calibration_rows=rows, max_tokens=spec.max_tokens,
+                               evaluates=spec.eval_dataset_id is not None or spec.eval_fraction is not None,
+                               weight_bytes=2 if cuda else 4,
+                               batch_tokens=CUDA_BATCH_TOKENS if cuda else CPU_BATCH_TOKENS)
+
+
+def check_job_memory(settings: Settings, source: Any, spec: JobSpec, calibration_rows: int) -> None:
+    """Refuse (422 ``job_too_large``) a job whose estimated peak memory exceeds what a worker has."""
+    limit = settings.worker_memory_limit()
+    if limit is None:
+        return
+    limit_bytes, limit_source = limit
+    estimate = estimate_for_spec(settings, source, spec, calibration_rows)
+    if estimate is None or estimate.total_bytes <= limit_bytes:
+        return
+    parts = ", ".join(f"{name} {_gib(n)}" for name, n in estimate.breakdown.items() if n)
+    raise InvalidParameter(
+        f"job needs about {_gib(estimate.total_bytes)} of worker memory ({parts}) but the limit is "
+        f"{_gib(limit_bytes)} ({limit_source}); lower max_tokens or max_calibration_rows, use a smaller "
+        "model, or run larger workers and raise TAQ_WORKER_MEMORY_BYTES",
+        details={"estimate_bytes": estimate.total_bytes, "limit_bytes": limit_bytes, "limit_source": limit_source,
+                 "breakdown": estimate.breakdown, "parameters": estimate.parameters,
+                 "assumptions": estimate.assumptions},
+        code="job_too_large")
