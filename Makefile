@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-unit test-integration test-slow openapi client clean
+.PHONY: setup demo test test-unit test-integration test-slow bench-quality openapi client clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test-integration: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
+
+# the equal-bits quality benchmark of BENCHMARKS.md (about an hour on 2 CPU cores)
+bench-quality: setup
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/bench_quality.py --suites capitals arithmetic python_eval \
+		--json bench/out/quality.json --markdown bench/out/quality.md --plot bench/out/quality.png
 
 openapi: setup
 	$(BIN)/python scripts/export_openapi.py > openapi.json

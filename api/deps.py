@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Iterator
+import logging
+from typing import Annotated, Callable, Iterator
 
+import sqlalchemy.exc
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -12,6 +14,8 @@ from common.auth import authenticate
 from common.db import session_factory
 from common.settings import Settings
 from common.storage import Storage
+
+log = logging.getLogger(__name__)
 
 _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`")
 
@@ -29,10 +33,21 @@ def get_session(request: Request) -> Iterator[Session]:
     try:
         yield session
     except BaseException:
-        session.rollback()
+        _quietly(session.rollback)
         raise
     finally:
-        session.close()
+        _quietly(session.close)
+
+
+def _quietly(end: Callable[[], None]) -> None:
+    """Roll back / close a session whose connection may have died meanwhile (database outage).
+    This runs after the response was sent: raising here would only reset the client's
+    keep-alive connection. SQLAlchemy has already invalidated a dead connection, so the pool
+    does not hand it out again."""
+    try:
+        end()
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        log.warning("could not end the database session", extra={"error": type(exc).__name__})
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

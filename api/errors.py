@@ -28,6 +28,7 @@ STATUS_BY_TYPE: list[tuple[type, int]] = [
     (svc.InvalidRequest, 400),
     (svc.RangeNotSatisfiable, 416),
     (svc.NotReady, 503),
+    (svc.TransientError, 503),
     (svc.InvalidKey, 400),
     (core_errors.ModelNotFound, 404),
     (core_errors.UnsafeModel, 422),
@@ -97,12 +98,28 @@ def install_error_handlers(app: FastAPI) -> None:
         return envelope(exc.status_code, code, message, None, getattr(exc, "headers", None))
 
     @app.exception_handler(sqlalchemy.exc.OperationalError)
+    @app.exception_handler(sqlalchemy.exc.InterfaceError)
+    @app.exception_handler(sqlalchemy.exc.TimeoutError)
     async def _database_down(request: Request, exc: Exception):
-        log.error("database unavailable", extra={"path": request.url.path, "error": type(exc).__name__})
-        return envelope(503, "database_unavailable", "the database is unavailable; retry shortly",
-                        headers={"Retry-After": "5"})
+        return database_unavailable(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
+        if is_disconnect(exc):
+            return database_unavailable(request, exc)
         log.exception("unhandled error", extra={"path": request.url.path})
         return envelope(500, "internal_error", "internal server error; the incident was logged")
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """A DB-API error that SQLAlchemy recognised as a lost connection (whatever its class)."""
+    return isinstance(exc, sqlalchemy.exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
+def database_unavailable(request: Request, exc: BaseException) -> JSONResponse:
+    """503 ``database_unavailable`` for a database that cannot be reached (outage, restart, lost
+    connection, exhausted pool). The engine pings pooled connections before use, so the next
+    request after the database is back gets a fresh connection: no restart needed."""
+    log.error("database unavailable", extra={"path": request.url.path, "error": type(exc).__name__})
+    return envelope(503, "database_unavailable", "the database is unavailable; retry shortly",
+                    headers={"Retry-After": "5"})

@@ -35,7 +35,12 @@ def make_engine(url: str) -> Engine:
                                pool_pre_ping=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_recycle=1800)
+    # pre-ping: a pooled connection that died (database restart, network cut) is replaced before
+    # use, so the service recovers from an outage without a restart; connect_timeout bounds a
+    # connection attempt to an unreachable host (503 instead of a hung request)
+    connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_recycle=1800,
+                         pool_timeout=10, connect_args=connect_args)
 
 
 def get_engine(settings: Settings) -> Engine:

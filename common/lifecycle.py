@@ -219,8 +219,11 @@ def reap(session: Session, settings: Settings, storage: Storage,
     for job_id in report.requeued + report.reenqueued:
         try:
             enqueue(job_id)
-        except Exception as exc:  # next round
+        except Exception as exc:  # broker down: mark it never sent, so the next pass tries again
             log.warning("re-enqueue failed", extra={"job_id": job_id, "error": repr(exc)})
+            session.execute(update(table).where((table.c.id == job_id) & (table.c.status == JobStatus.queued)
+                                                & (table.c.enqueued_at == now)).values(enqueued_at=None))
+            session.commit()
     if any((report.requeued, report.reenqueued, report.failed, report.cancelled)):
         log.info("reaper", extra={"requeued": report.requeued, "reenqueued": report.reenqueued,
                                   "failed": report.failed, "cancelled": report.cancelled})

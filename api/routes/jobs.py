@@ -8,7 +8,8 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
-from api.schemas import ERROR_RESPONSES, ArtifactOut, EventOut, JobOut, JobPage, JobStatusLiteral, LayerOut, ProfileOut
+from api.schemas import (ERROR_RESPONSES, ArtifactOut, ErrorResponse, EventOut, JobOut, JobPage, JobStatusLiteral,
+                         LayerOut, ProfileOut)
 from api.sse import job_event_stream
 from common import jobs as service
 from common.artifacts import open_download
@@ -20,7 +21,10 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
 
 @router.post("", operation_id="create_job", status_code=202, response_model=JobOut,
-             responses={409: {"description": "Idempotency-Key reused with another body"}})
+             responses={409: {"model": ErrorResponse, "description": "Idempotency-Key reused with another body"},
+                        413: {"model": ErrorResponse, "description": "request body too large"},
+                        429: {"model": ErrorResponse,
+                              "description": "the tenant's queued-job limit is reached (`queued_job_limit`)"}})
 def create_job(spec: JobSpec, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant,
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> JSONResponse:
     """Submit a quantization job; it is queued and runs on a worker."""

@@ -1,9 +1,11 @@
 """(b)/(c) A real Celery worker process (`taq worker`) on Redis + PostgreSQL + S3 (moto server),
 the API in-process: every method on the tiny Llama; cancel mid-run removes the partial files; a
-worker killed mid-run is replaced and the job resumes after its stored stages."""
+worker killed mid-run is replaced and the job resumes after its stored stages, with artifacts
+byte-identical to an uninterrupted run of the same spec."""
 
 from __future__ import annotations
 
+import hashlib
 import signal
 
 import pytest
@@ -49,7 +51,7 @@ def stack(tmp_path_factory, pg_database, redis_url, s3_endpoint, tiny_model_root
     start_worker()
     with TestClient(create_app(settings)) as client:
         yield {"client": client, "settings": settings, "storage": storage_from_settings(settings),
-               "start_worker": start_worker, "workers": workers}
+               "start_worker": start_worker, "workers": workers, "env": env}
     for proc in workers:
         proc.stop(signal.SIGTERM)
 
@@ -110,6 +112,7 @@ def test_cancel_mid_run_removes_partial_files(stack):
     assert events[-1]["status"] == "cancelled"
 
 
+@pytest.mark.timeout(600)
 def test_killed_worker_is_replaced_and_the_job_resumes(stack):
     client, workers = stack["client"], stack["workers"]
     job_id = client.post("/v1/jobs", headers=AUTH, json=tiny_spec("taq", **SWEEP)).json()["id"]
@@ -125,6 +128,20 @@ def test_killed_worker_is_replaced_and_the_job_resumes(stack):
     assert "allocate: skipped (bitmap.json stored)" in messages
     blobs = verify_artifacts(client, job_id, AUTH)
     assert {"hf-b5", "model-b8.5.gguf", "bitmap.json"} <= set(blobs)
+
+    # the same spec run without interruption, on the same worker process (same torch thread
+    # count: OMP_NUM_THREADS=1 from service_env), gives byte-identical artifacts
+    assert stack["env"]["OMP_NUM_THREADS"] == "1"
+    clean_id = client.post("/v1/jobs", headers=AUTH, json=tiny_spec("taq", **SWEEP)).json()["id"]
+    clean = wait_job(client, clean_id, timeout=300, headers=AUTH)
+    assert clean["status"] == "succeeded" and clean["attempts"] == 1, clean["error"]
+    clean_blobs = verify_artifacts(client, clean_id, AUTH)
+    digests = {name: hashlib.sha256(body).hexdigest() for name, body in blobs.items()}
+    clean_digests = {name: hashlib.sha256(body).hexdigest() for name, body in clean_blobs.items()}
+    assert digests == clean_digests
+    listing = client.get(f"/v1/jobs/{job_id}/artifacts", headers=AUTH).json()
+    assert listing == client.get(f"/v1/jobs/{clean_id}/artifacts", headers=AUTH).json()
+    assert final["result"]["budgets"] == clean["result"]["budgets"]
 
 
 def test_sigterm_hands_the_running_job_back(stack):
