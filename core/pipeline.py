@@ -7,6 +7,14 @@ The worker runs the stages separately so it can checkpoint between them:
 
 All linears of one layer share its bits. Rows beyond `spec.max_calibration_rows` are
 subsampled deterministically with `spec.seed`. Quantized weights are returned on the CPU.
+
+`spec.quantizer == gptq` (error-compensating quantization, `core.quant.gptq`) needs the Hessian
+H = XᵀX / n of every linear's input on the calibration rows: `collect_hessians` gets them in one
+full-precision pass (the same pass and collector the scorers use), and `quantize_stage` takes
+either those (`hessians=`, computed once and shared by every budget of a sweep) or the `rows`
+to compute them itself (a worker whose quantize stage runs after a checkpoint). Every layer is
+quantized against the full-precision inputs (no sequential propagation of quantized outputs);
+linears that read the same input (q/k/v, gate/up) share one Hessian and one GPTQ sweep.
 """
 
 from __future__ import annotations
@@ -17,13 +25,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from core.calibration import StageProgress
-from core.errors import InvalidSpec
+from core.calibration import HessianCollector, StageProgress, run_fp_pass
+from core.errors import DataError, InvalidSpec
 from core.models import LoadedModel
 from core.modules import get_module
 from core.scorers import score_layers
-from core.scorers.common import select_rows
-from core.spec import AllocationRule, CalibrationRow, JobSpec, Method
+from core.scorers.common import calibration_batches, prompt_sequences, select_rows
+from core.spec import AllocationRule, CalibrationRow, JobSpec, Method, Quantizer
 from core.types import (BitAllocation, CancelFn, Profile, ProgressFn, QuantizedWeight, never_cancel,
                         no_progress)
 
@@ -33,6 +41,7 @@ __all__ = [
     "QuantizedOutput",
     "allocate_stage",
     "apply_quantized",
+    "collect_hessians",
     "layer_costs",
     "quantize_stage",
     "run_pipeline",
@@ -95,11 +104,35 @@ def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
             for budget in spec.budgets]
 
 
+def collect_hessians(spec: JobSpec, loaded: LoadedModel, rows: Sequence[CalibrationRow], *,
+                     progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel,
+                     stage: str = "quantize", batch_tokens: int | None = None) -> HessianCollector:
+    """H = XᵀX / n of every decoder linear's input over the valid tokens of the (subsampled)
+    calibration rows, from one full-precision pass. Progress is reported under `stage`."""
+    return _collect_hessians(spec, loaded, rows, StageProgress(progress, should_cancel, stage), batch_tokens)
+
+
+def _collect_hessians(spec: JobSpec, loaded: LoadedModel, rows: Sequence[CalibrationRow],
+                      tracker: StageProgress, batch_tokens: int | None = None) -> HessianCollector:
+    rows = select_rows(rows, spec)
+    if not rows:
+        raise DataError(f"quantizer '{spec.quantizer.value}' needs calibration rows", details=[])
+    batches = calibration_batches(loaded, prompt_sequences(loaded, rows, spec), batch_tokens)
+    hessians = HessianCollector(loaded)
+    run_fp_pass(loaded, batches, hessians=hessians, tracker=tracker)
+    return hessians
+
+
 def quantize_stage(spec: JobSpec, loaded: LoadedModel, allocation: BitAllocation, *,
+                   rows: Sequence[CalibrationRow] | None = None, hessians: HessianCollector | None = None,
                    progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel
                    ) -> dict[str, QuantizedWeight]:
     """Quantize every linear of every layer allocated below 16 bits (all linears of a layer
-    share its bits). Progress and cancellation once per layer; weights end up on the CPU."""
+    share its bits) with `spec.quantizer`. Progress and cancellation once per layer; weights end
+    up on the CPU.
+
+    GPTQ needs `hessians` (from `collect_hessians`) or the calibration `rows` to collect them
+    (then the pass takes the first quarter of this stage's progress); RTN ignores both."""
     from core.quant.primitives import quantize_weight
 
     tracker = StageProgress(progress, should_cancel, "quantize")
@@ -107,18 +140,47 @@ def quantize_stage(spec: JobSpec, loaded: LoadedModel, allocation: BitAllocation
     if missing:
         raise InvalidSpec(f"the allocation has no bits for layers {missing[:3]}"
                           f"{' …' if len(missing) > 3 else ''}")
+    gptq = spec.quantizer == Quantizer.gptq
+    if gptq and hessians is None and any(int(allocation.bits[ref.name]) < 16 for ref in loaded.layers):
+        if rows is None:
+            raise InvalidSpec("quantizer 'gptq' needs the calibration rows or their Hessians")
+        hessians = _collect_hessians(spec, loaded, rows, tracker.span(0.0, 0.25))
+        tracker = tracker.span(0.25, 1.0)
     weights: dict[str, QuantizedWeight] = {}
     n = len(loaded.layers)
     for ref in loaded.layers:
         tracker.check()
         bits = int(allocation.bits[ref.name])
         if bits < 16:
-            for name, linear in ref.linears.items():
-                q = quantize_weight(linear.weight.detach().float(), bits, spec.group_size, spec.symmetric,
-                                    clip_search=spec.clip_search)
-                weights[name] = _to_cpu(q)
+            if gptq:
+                quantized = _gptq_layer(ref.linears, hessians, bits, spec)
+            else:
+                quantized = {name: quantize_weight(linear.weight.detach().float(), bits, spec.group_size,
+                                                   spec.symmetric, clip_search=spec.clip_search)
+                             for name, linear in ref.linears.items()}
+            for name in ref.linears:
+                weights[name] = _to_cpu(quantized[name])
         tracker.report((ref.index + 1) / n, f"quantized {ref.name} at {bits} bits ({ref.index + 1}/{n})")
     return weights
+
+
+def _gptq_layer(linears: dict[str, nn.Module], hessians: HessianCollector, bits: int,
+                spec: JobSpec) -> dict[str, QuantizedWeight]:
+    """GPTQ of one layer's linears, one sweep per group of linears that share an input."""
+    from core.quant.gptq import gptq_quantize_weights
+
+    shared: dict[str, list[str]] = {}
+    for name in linears:
+        lead = hessians.leader.get(name)
+        if lead is None or hessians.hessian(name) is None:
+            raise InvalidSpec(f"no calibration activations reached {name}; cannot run GPTQ on it")
+        shared.setdefault(lead, []).append(name)
+    out: dict[str, QuantizedWeight] = {}
+    for lead, names in shared.items():
+        out.update(gptq_quantize_weights({n: linears[n].weight.detach() for n in names},
+                                         hessians.hessian(lead), bits, spec.group_size, spec.symmetric,
+                                         clip_search=spec.clip_search))
+    return out
 
 
 def _to_cpu(q: QuantizedWeight) -> QuantizedWeight:
@@ -155,12 +217,20 @@ def run_pipeline(spec: JobSpec, loaded: LoadedModel, rows: Sequence[CalibrationR
         raise Cancelled("cancelled by request")
     allocations = allocate_stage(spec, profile)
     progress("allocate", 1.0, f"{len(allocations)} allocation(s)")
+    hessians, share = None, 0.0
+    if spec.quantizer == Quantizer.gptq and any(b < 16 for a in allocations for b in a.bits.values()):
+        # one pass shared by every budget: the first 20 % of "quantize"
+        share = 0.2
+        hessians = collect_hessians(spec, loaded, rows, should_cancel=should_cancel,
+                                    progress=lambda stage, fraction, message: progress(stage, share * fraction,
+                                                                                       message))
     outputs = []
     for i, allocation in enumerate(allocations):
         def sub(stage: str, fraction: float, message: str, _i: int = i) -> None:
-            progress(stage, (_i + fraction) / len(allocations), message)
+            progress(stage, share + (1.0 - share) * (_i + fraction) / len(allocations), message)
 
-        weights = quantize_stage(spec, loaded, allocation, progress=sub, should_cancel=should_cancel)
+        weights = quantize_stage(spec, loaded, allocation, hessians=hessians, progress=sub,
+                                 should_cancel=should_cancel)
         outputs.append(QuantizedOutput(budget=allocation.budget, allocation=allocation, weights=weights))
     if len(allocations) == 1:
         profile = profile.with_bits(allocations[0].bits)

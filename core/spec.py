@@ -28,6 +28,15 @@ class ExportFormat(str, Enum):
     gguf = "gguf"
 
 
+class Quantizer(str, Enum):
+    """How a weight is rounded to its grid: `rtn` round-to-nearest per weight; `gptq`
+    error-compensating (GPTQ-style) using the Hessian XᵀX of each linear's input on the
+    calibration rows (see core/quant/gptq.py)."""
+
+    rtn = "rtn"
+    gptq = "gptq"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -100,6 +109,7 @@ class JobSpec(_Strict):
     max_calibration_rows: int = Field(default=256, ge=1, le=4096)
     reservoir_size: int = Field(default=256, ge=8, le=4096)
     clip_search: bool = False
+    quantizer: Quantizer = Quantizer.rtn
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
     @field_validator("bit_choices")
@@ -125,6 +135,11 @@ class JobSpec(_Strict):
         if self.method != Method.uniform and not has_calibration and self.profile_from_job_id is None:
             raise ValueError(f"method '{self.method.value}' needs calibration data "
                              "('calibration_dataset_id' or inline 'calibration')")
+        if self.quantizer == Quantizer.gptq and not has_calibration:
+            # also with profile_from_job_id: a reused profile has no activations, and GPTQ needs
+            # the Hessians of every linear's input on this job's calibration rows
+            raise ValueError("quantizer 'gptq' needs calibration data ('calibration_dataset_id' or "
+                             "inline 'calibration'), also when the profile is reused")
         if self.allocation == AllocationRule.budget and self.bit_budget is None:
             raise ValueError("allocation 'budget' needs 'bit_budget'")
         if self.allocation == AllocationRule.paper and self.method in (Method.uniform, Method.taq_kl):

@@ -142,6 +142,7 @@ class JobRunner:
         self.profile: Profile | None = None
         self.allocations: list[BitAllocation] = []
         self.weights: dict[str, dict] = {}
+        self.hessians = None  # GPTQ: core.calibration.HessianCollector of the calibration rows
         self.eval_report: dict | None = None
 
     # ---- keys ---------------------------------------------------------------------------
@@ -260,6 +261,8 @@ class JobRunner:
         with self.run_stage("quantize", skip=not need_weights, reason="exports and eval stored"):
             if need_weights:
                 self.stage_quantize()
+            if have_eval:
+                self.hessians = None  # only the uniform baseline of the evaluate stage reuses them
         with self.run_stage("export", skip=have_exports, reason="exports stored"):
             if not have_exports:
                 self.stage_export()
@@ -363,14 +366,26 @@ class JobRunner:
                             group_size=self.spec.group_size, symmetric=self.spec.symmetric, effective=effective)
 
     def stage_quantize(self) -> None:
-        from core.pipeline import quantize_stage
+        """RTN, or GPTQ (``quantizer: gptq``): one full-precision pass over the calibration rows
+        (loaded by ``stage_calibrate`` on every attempt, so a resumed job recomputes them)
+        collects the Hessians first; they are shared by every budget and the uniform baseline."""
+        from core.pipeline import collect_hessians, quantize_stage
+        from core.spec import Quantizer
 
+        share = 0.0
+        if (self.spec.quantizer == Quantizer.gptq and self.hessians is None
+                and any(b < 16 for a in self.allocations for b in a.bits.values())):
+            share = 0.2
+            self.hessians = collect_hessians(
+                self.spec, self.loaded, self.rows, should_cancel=self.should_cancel,
+                progress=lambda stage, fraction, message: self.progress("quantize", share * fraction, message))
         for i, allocation in enumerate(self.allocations):
             def sub_progress(stage: str, fraction: float, message: str, _i=i) -> None:
-                self.progress("quantize", (_i + fraction) / len(self.allocations), message)
+                self.progress("quantize", share + (1.0 - share) * (_i + fraction) / len(self.allocations), message)
 
             self.weights[budget_tag(allocation.budget)] = quantize_stage(
-                self.spec, self.loaded, allocation, progress=sub_progress, should_cancel=self.should_cancel)
+                self.spec, self.loaded, allocation, rows=self.rows, hessians=self.hessians,
+                progress=sub_progress, should_cancel=self.should_cancel)
             self.check_cancel()
 
     def artifact_names(self, allocation: BitAllocation) -> dict[str, str]:
@@ -470,7 +485,8 @@ class JobRunner:
         except TaqError as exc:
             log.info("no uniform baseline", extra={"reason": exc.message})
             return None, None, None
-        weights = quantize_stage(self.spec, self.loaded, uniform, should_cancel=self.should_cancel)
+        weights = quantize_stage(self.spec, self.loaded, uniform, rows=self.rows, hessians=self.hessians,
+                                 should_cancel=self.should_cancel)
         model = copy.deepcopy(self.loaded.model)
         apply_quantized(model, weights)
         try:
@@ -635,6 +651,7 @@ def run_claimed(settings: Settings, storage: Storage, claim: Claim) -> str:
             return "failed"
         finally:
             runner.loaded = None
+            runner.hessians = None
             runner.weights.clear()
 
 

@@ -1,5 +1,6 @@
 """Weight quantization: group-wise integer primitives and code packing."""
 
+from core.quant.gptq import gptq_quantize_weight, gptq_quantize_weights
 from core.quant.packing import PACKERS, Packer, pack_codes, pack_int32, unpack_codes, unpack_int32
 from core.quant.primitives import (
     SUPPORTED_BITS,
@@ -14,6 +15,8 @@ __all__ = [
     "Packer",
     "SUPPORTED_BITS",
     "dequantize_weight",
+    "gptq_quantize_weight",
+    "gptq_quantize_weights",
     "pack_codes",
     "pack_int32",
     "quantization_error",

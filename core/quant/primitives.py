@@ -99,18 +99,28 @@ def _qparams(g: _Groups, bits: int, symmetric: bool, shrink: float) -> tuple[tor
     return scale16, zero
 
 
+def _raw_codes(w: torch.Tensor, scale16: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """float32 codes clamp(round(w / scale) + zero); `scale16` and `zero` broadcast against `w`."""
+    return torch.clamp(torch.round(w / scale16.to(torch.float32)) + zero, 0, 2**bits - 1)
+
+
+def _short_groups(g: _Groups, codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[out, n_groups] bool: asymmetric groups whose positive maximum landed on qmax - 1."""
+    qmax = 2**bits - 1
+    return (g.w_max > 0) & (codes.masked_fill(~g.mask, 0).amax(dim=-1) == qmax - 1)
+
+
 def _codes(g: _Groups, scale16: torch.Tensor, zero: torch.Tensor, bits: int,
            symmetric: bool) -> torch.Tensor:
     """float32 codes (integers) of every column, padding set to the zero point."""
     qmax = 2**bits - 1
-    scale = scale16.to(torch.float32).unsqueeze(-1)
     z = zero.unsqueeze(-1)
-    codes = torch.clamp(torch.round(g.w / scale) + z, 0, qmax)
+    codes = _raw_codes(g.w, scale16.unsqueeze(-1), z, bits)
     if not symmetric:
         # fp16 rounding of the scale can leave a positive maximum at qmax - 1 (both ends' fractions
         # just under .5); it then goes to qmax (error ≤ ~0.63 step instead of ~0.37) so the
         # extremes always sit on 0 and qmax and requantizing the dequantized weight is exact.
-        short = (g.w_max > 0) & (codes.masked_fill(~g.mask, 0).amax(dim=-1) == qmax - 1)
+        short = _short_groups(g, codes, bits)
         at_max = g.mask & (g.w == g.w_max.unsqueeze(-1)) & short.unsqueeze(-1)
         codes = torch.where(at_max, torch.full_like(codes, float(qmax)), codes)
     return torch.where(g.mask, codes, z.expand_as(codes))
@@ -122,14 +132,7 @@ def _group_sq_error(g: _Groups, codes: torch.Tensor, scale16: torch.Tensor, zero
     return diff.square().sum(dim=-1)
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                    clip_search: bool = False) -> QuantizedWeight:
-    """Quantize a [out, in] weight group-wise along `in` (see the module docstring for the scheme).
-
-    `clip_search` tries `CLIP_STEPS` shrink factors of the range from 1.0 down to
-    `CLIP_MIN_SHRINK` and keeps, per group, the one with the smallest squared error (ties keep
-    the larger range). 1.0 is tried first, so the result is never worse than without the search.
-    """
+def _check_weight(weight: torch.Tensor, bits: int, group_size: int) -> None:
     _check_bits(bits)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
@@ -142,36 +145,56 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric:
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight has NaN or inf values")
 
-    g = _Groups(weight, group_size)
+
+def _const_step(g: _Groups) -> torch.Tensor:
+    """code - zero of a constant group: sign(c), or 0 when |c| rounds to 0 in float16."""
+    c16 = g.w_max.abs().clamp(max=_FP16_MAX).to(torch.float16)
+    return torch.where(c16 > 0, torch.sign(g.w_max), torch.zeros_like(g.w_max))
+
+
+def _select_qparams(g: _Groups, bits: int, symmetric: bool,
+                    clip_search: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fp16 scale, float32 zero, constant-group mask) per group, as `quantize_weight` chooses
+    them: the full range, or the best shrink of it under `clip_search`, then the constant-group
+    rule (scale |c|, code - zero = sign(c)). Shared with the GPTQ quantizer."""
     scale16, zero = _qparams(g, bits, symmetric, 1.0)
-    codes = _codes(g, scale16, zero, bits, symmetric)
     if clip_search:
-        best = _group_sq_error(g, codes, scale16, zero)
+        best = _group_sq_error(g, _codes(g, scale16, zero, bits, symmetric), scale16, zero)
         for shrink in torch.linspace(1.0, CLIP_MIN_SHRINK, CLIP_STEPS).tolist()[1:]:
             s16, z = _qparams(g, bits, symmetric, shrink)
-            c = _codes(g, s16, z, bits, symmetric)
-            err = _group_sq_error(g, c, s16, z)
+            err = _group_sq_error(g, _codes(g, s16, z, bits, symmetric), s16, z)
             better = err < best  # strict: ties keep the larger range
             best = torch.where(better, err, best)
             scale16 = torch.where(better, s16, scale16)
             zero = torch.where(better, z, zero)
-            codes = torch.where(better.unsqueeze(-1), c, codes)
 
     # Constant groups: scale = |c| and code - zero = sign(c) is exact for fp16-representable c.
     const = g.w_min == g.w_max
     if bool(const.any()):
-        c = g.w_max
-        c16 = c.abs().clamp(max=_FP16_MAX).to(torch.float16)
+        c16 = g.w_max.abs().clamp(max=_FP16_MAX).to(torch.float16)
         nonzero = const & (c16 > 0)
-        sign = torch.sign(c)
-        if symmetric:
-            z_const = zero
-        else:  # zero point 0 for c > 0 (code 1), 1 for c < 0 (code 0)
-            z_const = torch.where(nonzero & (sign < 0), 1.0, 0.0)
-        code_const = z_const + torch.where(nonzero, sign, 0.0)
+        if not symmetric:  # zero point 0 for c > 0 (code 1), 1 for c < 0 (code 0)
+            zero = torch.where(const, torch.where(nonzero & (g.w_max < 0), 1.0, 0.0), zero)
         scale16 = torch.where(const, torch.where(nonzero, c16, torch.ones_like(c16)), scale16)
-        zero = torch.where(const, z_const, zero)
-        fill = torch.where(g.mask, code_const.unsqueeze(-1), z_const.unsqueeze(-1))
+    return scale16, zero, const
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                    clip_search: bool = False) -> QuantizedWeight:
+    """Quantize a [out, in] weight group-wise along `in` (see the module docstring for the scheme).
+
+    `clip_search` tries `CLIP_STEPS` shrink factors of the range from 1.0 down to
+    `CLIP_MIN_SHRINK` and keeps, per group, the one with the smallest squared error (ties keep
+    the larger range). 1.0 is tried first, so the result is never worse than without the search.
+    """
+    _check_weight(weight, bits, group_size)
+    g = _Groups(weight, group_size)
+    scale16, zero, const = _select_qparams(g, bits, symmetric, clip_search)
+    codes = _codes(g, scale16, zero, bits, symmetric)
+    if bool(const.any()):
+        # constant groups: code - zero = sign(c) exactly (`_codes` gives the same except where |c|
+        # overflows float16)
+        fill = torch.where(g.mask, (zero + _const_step(g)).unsqueeze(-1), zero.unsqueeze(-1))
         codes = torch.where(const.unsqueeze(-1), fill, codes)
 
     out_features, in_features = weight.shape

@@ -1,0 +1,199 @@
+"""Error-compensating group-wise quantization (GPTQ-style; Frantar et al., 2022), our own code.
+
+Round-to-nearest (`core.quant.primitives.quantize_weight`) rounds every weight on its own. GPTQ
+quantizes the input columns of a [out, in] weight one at a time and, after each column, spreads
+that column's rounding error over the columns not yet quantized so that the *output* error
+‖X Wᵀ − X Ŵᵀ‖² on the calibration inputs (H = XᵀX / n) is minimised, column by column:
+
+    U = upper Cholesky factor of H⁻¹ (H⁻¹ = Uᵀ U)
+    for column j:  q_j = quant(w_j);  e_j = (w_j − q_j) / U[j, j];  w_k −= e_j · U[j, k]  (k > j)
+
+Rows are independent given H, so linears that read the same input (q/k/v, gate/up) can be
+quantized in one sweep (`gptq_quantize_weights`).
+
+Choices (the output is a `QuantizedWeight` of exactly the shape, dtypes, padding and zero-point
+rules of `quantize_weight`, so packing, export and dequantization are unchanged):
+
+* Static groups along the input dimension, in column order (no act-order), so every group maps
+  onto the export formats' groups. A group's qparams (scale, zero; `clip_search` included) are
+  chosen by the same code as round-to-nearest (`primitives._select_qparams`), on the
+  *error-updated* weights of that group at the moment the sweep reaches its first column. The
+  codes of a column are clamp(round(w / scale) + zero) with RTN's "maximum on qmax" rule for
+  asymmetric groups. Consequently, when H is diagonal (no correlation between inputs, e.g.
+  c·I) no error is ever propagated and the result equals `quantize_weight` code for code
+  (the one exception: a constant group whose |value| overflows float16).
+* Dampening: H + damp · mean(diag H) · I (mean over live inputs). The Cholesky factorisations
+  run in float64; if one fails, or a pivot of H + λI falls below λ / 2 (impossible for a
+  positive semi-definite H, so H is indefinite beyond what λ covers), damp is multiplied by 10
+  (up to `_DAMP_RETRIES` times) before a ValueError. The column sweep runs in float32 on the weight's device.
+* Dead inputs (diag H = 0: the input was 0 on every calibration token) get diag = mean(diag H).
+  Their row and column of H are zero, so they are decoupled: no error flows into or out of them
+  and their weights are rounded to nearest as they are (not zeroed, as some implementations do,
+  so inputs unseen in calibration still see the original weights).
+* Lazy batching: the sweep updates only the current block of columns; the rest of the matrix is
+  updated once per block with one matrix product. Blocks are whole groups
+  (`group_size · max(1, block_size // group_size)` columns), so a group's columns are always up
+  to date when its qparams are chosen.
+* Deterministic: no randomness; the same inputs on the same device give the same codes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+from core.quant.primitives import (_check_weight, _Groups, _raw_codes, _select_qparams, _short_groups)
+from core.types import QuantizedWeight
+
+__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_DAMP", "gptq_quantize_weight", "gptq_quantize_weights",
+           "inverse_hessian_factor"]
+
+DEFAULT_DAMP = 0.01
+DEFAULT_BLOCK_SIZE = 128
+#: how many times damp is multiplied by 10 when a Cholesky factorisation fails
+_DAMP_RETRIES = 6
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (so that (H + λI)⁻¹ = Uᵀ U) in float64, with
+    λ = damp · mean of the live diagonal and dead inputs given the mean diagonal.
+
+    Raises ValueError for a non-square or non-finite H or when no dampening up to
+    damp · 10^_DAMP_RETRIES makes it positive definite."""
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"hessian must be square [in, in], got shape {tuple(hessian.shape)}")
+    if not damp > 0.0:
+        raise ValueError(f"damp must be > 0, got {damp}")
+    h = hessian.detach().to(torch.float64).clone()
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError("hessian has NaN or inf values")
+    h = (h + h.T) / 2  # exact symmetry for the factorisation
+    diag = torch.diagonal(h)
+    dead = diag <= 0
+    live_mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
+    diag[dead] = live_mean  # a view: writes into h
+    n = h.shape[0]
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    for attempt in range(_DAMP_RETRIES + 1):
+        lam = damp * (10.0**attempt) * live_mean
+        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        # for a positive semi-definite H every pivot of H + λI is ≥ λ; a smaller one means H is
+        # indefinite beyond what λ covers (the factorisation may "succeed" on a near-singular matrix)
+        if int(info) == 0 and float(torch.diagonal(chol).square().min()) >= 0.5 * lam:
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper
+    raise ValueError(f"hessian is not positive definite even with damp {damp * 10.0**_DAMP_RETRIES:g}")
+
+
+def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
+                         symmetric: bool, *, damp: float = DEFAULT_DAMP, block_size: int = DEFAULT_BLOCK_SIZE,
+                         clip_search: bool = False) -> QuantizedWeight:
+    """Quantize a [out, in] weight with GPTQ given H = XᵀX / n ([in, in]) of its input.
+
+    Same result type and storage rules as `quantize_weight` (see the module docstring)."""
+    _check_weight(weight, bits, group_size)
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    out_features, in_features = weight.shape
+    if tuple(hessian.shape) != (in_features, in_features):
+        raise ValueError(f"hessian must be [{in_features}, {in_features}], got {tuple(hessian.shape)}")
+    upper = inverse_hessian_factor(hessian, damp).to(device=weight.device, dtype=torch.float32)
+    return _sweep(weight.detach().to(torch.float32), upper, bits, group_size, symmetric,
+                  block_size, clip_search)
+
+
+def gptq_quantize_weights(weights: Mapping[str, torch.Tensor], hessian: torch.Tensor, bits: int,
+                          group_size: int, symmetric: bool, *, damp: float = DEFAULT_DAMP,
+                          block_size: int = DEFAULT_BLOCK_SIZE,
+                          clip_search: bool = False) -> dict[str, QuantizedWeight]:
+    """GPTQ of several weights that read the same input (one shared H) in one column sweep:
+    their rows are stacked, quantized together (rows are independent given H) and split again."""
+    if not weights:
+        return {}
+    names = list(weights)
+    in_features = {int(w.shape[1]) for w in weights.values() if w.dim() == 2}
+    if len(in_features) != 1 or any(w.dim() != 2 for w in weights.values()):
+        raise ValueError("weights sharing a Hessian must all be 2-D with the same in_features")
+    if len(names) == 1:
+        return {names[0]: gptq_quantize_weight(weights[names[0]], hessian, bits, group_size, symmetric,
+                                               damp=damp, block_size=block_size, clip_search=clip_search)}
+    device = weights[names[0]].device
+    stacked = torch.cat([weights[n].detach().to(device=device, dtype=torch.float32) for n in names], dim=0)
+    q = gptq_quantize_weight(stacked, hessian, bits, group_size, symmetric, damp=damp,
+                             block_size=block_size, clip_search=clip_search)
+    out: dict[str, QuantizedWeight] = {}
+    start = 0
+    for name in names:
+        rows = int(weights[name].shape[0])
+        sl = slice(start, start + rows)
+        out[name] = QuantizedWeight(codes=q.codes[sl].contiguous(), scale=q.scale[sl].contiguous(),
+                                    zero=None if q.zero is None else q.zero[sl].contiguous(),
+                                    bits=q.bits, group_size=q.group_size, symmetric=q.symmetric,
+                                    shape=(rows, q.shape[1]))
+        start += rows
+    return out
+
+
+def _sweep(w: torch.Tensor, upper: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+           block_size: int, clip_search: bool) -> QuantizedWeight:
+    """The column sweep over a float32 weight `w` [out, in] (not modified).
+
+    Works on the transpose ([in, out], a column of W is a contiguous row) so the per-column
+    reads, writes and rank-1 updates touch contiguous memory."""
+    out_features, in_features = w.shape
+    qmax = float(2**bits - 1)
+    n_groups = math.ceil(in_features / group_size)
+    wt = w.T.clone(memory_format=torch.contiguous_format)  # [in, out], never the caller's tensor
+    codes_t = torch.empty(n_groups * group_size, out_features, dtype=torch.float32, device=w.device)
+    scale16 = torch.empty(out_features, n_groups, dtype=torch.float16, device=w.device)
+    zero = torch.empty(out_features, n_groups, dtype=torch.float32, device=w.device)
+    block = group_size * max(1, block_size // group_size)  # whole groups
+    for b0 in range(0, in_features, block):
+        b1 = min(b0 + block, in_features)
+        w1 = wt[b0:b1]  # a view: updated in place
+        err1 = torch.empty_like(w1)
+        u1 = upper[b0:b1, b0:b1]
+        for g0 in range(b0, b1, group_size):
+            g1 = min(g0 + group_size, in_features)
+            k = g0 // group_size
+            # qparams from the group's current (error-updated) weights, padded like RTN
+            g = _Groups(w1[g0 - b0:g1 - b0].T, group_size)
+            s16, z, const = _select_qparams(g, bits, symmetric, clip_search)
+            scale16[:, k] = s16[:, 0]
+            zero[:, k] = z[:, 0]
+            s, zk = s16[:, 0].to(torch.float32), z[:, 0]
+            bump = None
+            if not symmetric:  # RTN's rule: a group maximum that rounds to qmax - 1 goes to qmax
+                short = _short_groups(g, _raw_codes(g.w, s16.unsqueeze(-1), z.unsqueeze(-1), bits), bits)
+                bump = (short & ~const)[:, 0]
+                w_max = g.w_max[:, 0]
+                if not bool(bump.any()):
+                    bump = None
+            for j in range(g0, g1):
+                i = j - b0
+                col = w1[i]
+                c = _raw_codes(col, s, zk, bits)
+                if bump is not None:
+                    c = torch.where(bump & (col >= w_max), qmax, c)
+                codes_t[j] = c
+                e = (col - (c - zk) * s) / u1[i, i]
+                err1[i] = e
+                if i + 1 < b1 - b0:
+                    w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1.0)
+            if g1 - g0 < group_size:  # padding of a last partial group: the zero point
+                codes_t[g1:(k + 1) * group_size] = zk
+        if b1 < in_features:
+            wt[b1:].sub_(upper[b0:b1, b1:].T @ err1)
+    return QuantizedWeight(
+        codes=codes_t.T.to(torch.uint8).contiguous(),
+        scale=scale16.contiguous(),
+        zero=None if symmetric else zero.to(torch.uint8),
+        bits=bits,
+        group_size=group_size,
+        symmetric=symmetric,
+        shape=(int(out_features), int(in_features)),
+    )
