@@ -28,6 +28,7 @@ from .message import Message
 from .method import Method
 from .model_out import ModelOut
 from .profile_out import ProfileOut
+from .quantizer import Quantizer
 from .ready_out import ReadyOut
 from .ready_out_checks import ReadyOutChecks
 from .ready_out_status import ReadyOutStatus
@@ -61,6 +62,7 @@ __all__ = (
     "Method",
     "ModelOut",
     "ProfileOut",
+    "Quantizer",
     "ReadyOut",
     "ReadyOutChecks",
     "ReadyOutStatus",

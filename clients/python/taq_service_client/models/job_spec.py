@@ -8,6 +8,7 @@ from attrs import define as _attrs_define
 from ..models.allocation_rule import AllocationRule
 from ..models.export_format import ExportFormat
 from ..models.method import Method
+from ..models.quantizer import Quantizer
 from ..types import UNSET, Unset
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ class JobSpec:
         max_tokens (int | Unset):  Default: 256.
         method (Method | Unset):
         profile_from_job_id (None | str | Unset):
+        quantizer (Quantizer | Unset): How a weight is rounded to its grid: `rtn` round-to-nearest per weight; `gptq`
+            error-compensating (GPTQ-style) using the Hessian XᵀX of each linear's input on the
+            calibration rows (see core/quant/gptq.py).
         reservoir_size (int | Unset):  Default: 256.
         seed (int | Unset):  Default: 0.
         symmetric (bool | Unset):  Default: False.
@@ -57,6 +61,7 @@ class JobSpec:
     max_tokens: int | Unset = 256
     method: Method | Unset = UNSET
     profile_from_job_id: None | str | Unset = UNSET
+    quantizer: Quantizer | Unset = UNSET
     reservoir_size: int | Unset = 256
     seed: int | Unset = 0
     symmetric: bool | Unset = False
@@ -137,6 +142,10 @@ class JobSpec:
         else:
             profile_from_job_id = self.profile_from_job_id
 
+        quantizer: str | Unset = UNSET
+        if not isinstance(self.quantizer, Unset):
+            quantizer = self.quantizer.value
+
         reservoir_size = self.reservoir_size
 
         seed = self.seed
@@ -178,6 +187,8 @@ class JobSpec:
             field_dict["method"] = method
         if profile_from_job_id is not UNSET:
             field_dict["profile_from_job_id"] = profile_from_job_id
+        if quantizer is not UNSET:
+            field_dict["quantizer"] = quantizer
         if reservoir_size is not UNSET:
             field_dict["reservoir_size"] = reservoir_size
         if seed is not UNSET:
@@ -303,6 +314,13 @@ class JobSpec:
 
         profile_from_job_id = _parse_profile_from_job_id(d.pop("profile_from_job_id", UNSET))
 
+        _quantizer = d.pop("quantizer", UNSET)
+        quantizer: Quantizer | Unset
+        if isinstance(_quantizer, Unset):
+            quantizer = UNSET
+        else:
+            quantizer = Quantizer(_quantizer)
+
         reservoir_size = d.pop("reservoir_size", UNSET)
 
         seed = d.pop("seed", UNSET)
@@ -325,6 +343,7 @@ class JobSpec:
             max_tokens=max_tokens,
             method=method,
             profile_from_job_id=profile_from_job_id,
+            quantizer=quantizer,
             reservoir_size=reservoir_size,
             seed=seed,
             symmetric=symmetric,

@@ -1,5 +1,5 @@
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any
 
 import httpx
 
@@ -8,14 +8,17 @@ from ...client import AuthenticatedClient, Client
 from ...models.body_upload_dataset import BodyUploadDataset
 from ...models.dataset_out import DatasetOut
 from ...models.error_response import ErrorResponse
-from ...types import Response
+from ...types import UNSET, Response, Unset
 
 
 def _get_kwargs(
     *,
     body: BodyUploadDataset,
+    idempotency_key: None | str | Unset = UNSET,
 ) -> dict[str, Any]:
     headers: dict[str, Any] = {}
+    if not isinstance(idempotency_key, Unset):
+        headers["Idempotency-Key"] = idempotency_key
 
     _kwargs: dict[str, Any] = {
         "method": "post",
@@ -32,11 +35,16 @@ def _get_kwargs(
 
 def _parse_response(
     *, client: AuthenticatedClient | Client, response: httpx.Response
-) -> Any | DatasetOut | ErrorResponse | None:
+) -> DatasetOut | ErrorResponse | None:
     if response.status_code == 201:
         response_201 = DatasetOut.from_dict(response.json())
 
         return response_201
+
+    if response.status_code == 400:
+        response_400 = ErrorResponse.from_dict(response.json())
+
+        return response_400
 
     if response.status_code == 401:
         response_401 = ErrorResponse.from_dict(response.json())
@@ -48,14 +56,25 @@ def _parse_response(
 
         return response_404
 
+    if response.status_code == 409:
+        response_409 = ErrorResponse.from_dict(response.json())
+
+        return response_409
+
     if response.status_code == 413:
-        response_413 = cast(Any, None)
+        response_413 = ErrorResponse.from_dict(response.json())
+
         return response_413
 
     if response.status_code == 422:
         response_422 = ErrorResponse.from_dict(response.json())
 
         return response_422
+
+    if response.status_code == 503:
+        response_503 = ErrorResponse.from_dict(response.json())
+
+        return response_503
 
     if client.raise_on_unexpected_status:
         raise errors.UnexpectedStatus(response.status_code, response.content)
@@ -65,7 +84,7 @@ def _parse_response(
 
 def _build_response(
     *, client: AuthenticatedClient | Client, response: httpx.Response
-) -> Response[Any | DatasetOut | ErrorResponse]:
+) -> Response[DatasetOut | ErrorResponse]:
     return Response(
         status_code=HTTPStatus(response.status_code),
         content=response.content,
@@ -78,12 +97,14 @@ def sync_detailed(
     *,
     client: AuthenticatedClient,
     body: BodyUploadDataset,
-) -> Response[Any | DatasetOut | ErrorResponse]:
+    idempotency_key: None | str | Unset = UNSET,
+) -> Response[DatasetOut | ErrorResponse]:
     """Upload Dataset
 
      Validate every line and store the file content-addressed; bad rows answer 422 with line numbers.
 
     Args:
+        idempotency_key (None | str | Unset):
         body (BodyUploadDataset):
 
     Raises:
@@ -91,11 +112,12 @@ def sync_detailed(
         httpx.TimeoutException: If the request takes longer than Client.timeout.
 
     Returns:
-        Response[Any | DatasetOut | ErrorResponse]
+        Response[DatasetOut | ErrorResponse]
     """
 
     kwargs = _get_kwargs(
         body=body,
+        idempotency_key=idempotency_key,
     )
 
     response = client.get_httpx_client().request(
@@ -109,12 +131,14 @@ def sync(
     *,
     client: AuthenticatedClient,
     body: BodyUploadDataset,
-) -> Any | DatasetOut | ErrorResponse | None:
+    idempotency_key: None | str | Unset = UNSET,
+) -> DatasetOut | ErrorResponse | None:
     """Upload Dataset
 
      Validate every line and store the file content-addressed; bad rows answer 422 with line numbers.
 
     Args:
+        idempotency_key (None | str | Unset):
         body (BodyUploadDataset):
 
     Raises:
@@ -122,12 +146,13 @@ def sync(
         httpx.TimeoutException: If the request takes longer than Client.timeout.
 
     Returns:
-        Any | DatasetOut | ErrorResponse
+        DatasetOut | ErrorResponse
     """
 
     return sync_detailed(
         client=client,
         body=body,
+        idempotency_key=idempotency_key,
     ).parsed
 
 
@@ -135,12 +160,14 @@ async def asyncio_detailed(
     *,
     client: AuthenticatedClient,
     body: BodyUploadDataset,
-) -> Response[Any | DatasetOut | ErrorResponse]:
+    idempotency_key: None | str | Unset = UNSET,
+) -> Response[DatasetOut | ErrorResponse]:
     """Upload Dataset
 
      Validate every line and store the file content-addressed; bad rows answer 422 with line numbers.
 
     Args:
+        idempotency_key (None | str | Unset):
         body (BodyUploadDataset):
 
     Raises:
@@ -148,11 +175,12 @@ async def asyncio_detailed(
         httpx.TimeoutException: If the request takes longer than Client.timeout.
 
     Returns:
-        Response[Any | DatasetOut | ErrorResponse]
+        Response[DatasetOut | ErrorResponse]
     """
 
     kwargs = _get_kwargs(
         body=body,
+        idempotency_key=idempotency_key,
     )
 
     response = await client.get_async_httpx_client().request(**kwargs)
@@ -164,12 +192,14 @@ async def asyncio(
     *,
     client: AuthenticatedClient,
     body: BodyUploadDataset,
-) -> Any | DatasetOut | ErrorResponse | None:
+    idempotency_key: None | str | Unset = UNSET,
+) -> DatasetOut | ErrorResponse | None:
     """Upload Dataset
 
      Validate every line and store the file content-addressed; bad rows answer 422 with line numbers.
 
     Args:
+        idempotency_key (None | str | Unset):
         body (BodyUploadDataset):
 
     Raises:
@@ -177,12 +207,13 @@ async def asyncio(
         httpx.TimeoutException: If the request takes longer than Client.timeout.
 
     Returns:
-        Any | DatasetOut | ErrorResponse
+        DatasetOut | ErrorResponse
     """
 
     return (
         await asyncio_detailed(
             client=client,
             body=body,
+            idempotency_key=idempotency_key,
         )
     ).parsed

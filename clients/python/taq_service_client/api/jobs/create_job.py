@@ -1,5 +1,5 @@
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any
 
 import httpx
 
@@ -33,13 +33,16 @@ def _get_kwargs(
     return _kwargs
 
 
-def _parse_response(
-    *, client: AuthenticatedClient | Client, response: httpx.Response
-) -> Any | ErrorResponse | JobOut | None:
+def _parse_response(*, client: AuthenticatedClient | Client, response: httpx.Response) -> ErrorResponse | JobOut | None:
     if response.status_code == 202:
         response_202 = JobOut.from_dict(response.json())
 
         return response_202
+
+    if response.status_code == 400:
+        response_400 = ErrorResponse.from_dict(response.json())
+
+        return response_400
 
     if response.status_code == 401:
         response_401 = ErrorResponse.from_dict(response.json())
@@ -52,13 +55,29 @@ def _parse_response(
         return response_404
 
     if response.status_code == 409:
-        response_409 = cast(Any, None)
+        response_409 = ErrorResponse.from_dict(response.json())
+
         return response_409
+
+    if response.status_code == 413:
+        response_413 = ErrorResponse.from_dict(response.json())
+
+        return response_413
 
     if response.status_code == 422:
         response_422 = ErrorResponse.from_dict(response.json())
 
         return response_422
+
+    if response.status_code == 429:
+        response_429 = ErrorResponse.from_dict(response.json())
+
+        return response_429
+
+    if response.status_code == 503:
+        response_503 = ErrorResponse.from_dict(response.json())
+
+        return response_503
 
     if client.raise_on_unexpected_status:
         raise errors.UnexpectedStatus(response.status_code, response.content)
@@ -68,7 +87,7 @@ def _parse_response(
 
 def _build_response(
     *, client: AuthenticatedClient | Client, response: httpx.Response
-) -> Response[Any | ErrorResponse | JobOut]:
+) -> Response[ErrorResponse | JobOut]:
     return Response(
         status_code=HTTPStatus(response.status_code),
         content=response.content,
@@ -82,7 +101,7 @@ def sync_detailed(
     client: AuthenticatedClient,
     body: JobSpec,
     idempotency_key: None | str | Unset = UNSET,
-) -> Response[Any | ErrorResponse | JobOut]:
+) -> Response[ErrorResponse | JobOut]:
     """Create Job
 
      Submit a quantization job; it is queued and runs on a worker.
@@ -96,7 +115,7 @@ def sync_detailed(
         httpx.TimeoutException: If the request takes longer than Client.timeout.
 
     Returns:
-        Response[Any | ErrorResponse | JobOut]
+        Response[ErrorResponse | JobOut]
     """
 
     kwargs = _get_kwargs(
@@ -116,7 +135,7 @@ def sync(
     client: AuthenticatedClient,
     body: JobSpec,
     idempotency_key: None | str | Unset = UNSET,
-) -> Any | ErrorResponse | JobOut | None:
+) -> ErrorResponse | JobOut | None:
     """Create Job
 
      Submit a quantization job; it is queued and runs on a worker.
@@ -130,7 +149,7 @@ def sync(
         httpx.TimeoutException: If the request takes longer than Client.timeout.
 
     Returns:
-        Any | ErrorResponse | JobOut
+        ErrorResponse | JobOut
     """
 
     return sync_detailed(
@@ -145,7 +164,7 @@ async def asyncio_detailed(
     client: AuthenticatedClient,
     body: JobSpec,
     idempotency_key: None | str | Unset = UNSET,
-) -> Response[Any | ErrorResponse | JobOut]:
+) -> Response[ErrorResponse | JobOut]:
     """Create Job
 
      Submit a quantization job; it is queued and runs on a worker.
@@ -159,7 +178,7 @@ async def asyncio_detailed(
         httpx.TimeoutException: If the request takes longer than Client.timeout.
 
     Returns:
-        Response[Any | ErrorResponse | JobOut]
+        Response[ErrorResponse | JobOut]
     """
 
     kwargs = _get_kwargs(
@@ -177,7 +196,7 @@ async def asyncio(
     client: AuthenticatedClient,
     body: JobSpec,
     idempotency_key: None | str | Unset = UNSET,
-) -> Any | ErrorResponse | JobOut | None:
+) -> ErrorResponse | JobOut | None:
     """Create Job
 
      Submit a quantization job; it is queued and runs on a worker.
@@ -191,7 +210,7 @@ async def asyncio(
         httpx.TimeoutException: If the request takes longer than Client.timeout.
 
     Returns:
-        Any | ErrorResponse | JobOut
+        ErrorResponse | JobOut
     """
 
     return (
