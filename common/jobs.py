@@ -8,7 +8,6 @@ import binascii
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
 
@@ -17,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from common import broker, idempotency
+from common.idempotency import StoredResponse
 from common.datasets import get_dataset
 from common.errors import Conflict, InvalidParameter, InvalidRequest, NotFound, TooManyRequests
 from common.ids import new_id
@@ -85,16 +85,8 @@ def check_queue_quota(session: Session, settings: Settings, tenant: str) -> None
             code="queued_job_limit")
 
 
-@dataclass(frozen=True)
-class Submitted:
-    job_id: str
-    status_code: int
-    body: dict[str, Any]
-    replayed: bool
-
-
 def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
-               render: Callable[[Job], dict[str, Any]], idempotency_key: str | None = None) -> Submitted:
+               render: Callable[[Job], dict[str, Any]], idempotency_key: str | None = None) -> StoredResponse:
     """Create a queued job and enqueue it. With an ``Idempotency-Key`` the first response is
     stored: the same key with the same spec replays it, with another spec it is a 409."""
     digest = spec_hash(spec)
@@ -132,14 +124,14 @@ def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
         session.rollback()
         log.warning("enqueue failed; the reaper will retry", extra={"job_id": job.id, "error": repr(exc)})
     log.info("job submitted", extra={"job_id": job.id, "tenant": tenant, "method": spec.method.value})
-    return Submitted(job.id, 202, body, replayed=False)
+    return StoredResponse(job.id, 202, body, replayed=False)
 
 
-def _replay(session: Session, tenant: str, key: str, digest: str) -> Submitted | None:
+def _replay(session: Session, tenant: str, key: str, digest: str) -> StoredResponse | None:
     row = idempotency.find(session, tenant, key, digest)
     if row is None or row.job_id is None:
         return None
-    return Submitted(row.job_id, row.status_code, row.response, replayed=True)
+    return StoredResponse(row.job_id, row.status_code, row.response, replayed=True)
 
 
 # ---- read ------------------------------------------------------------------------------------

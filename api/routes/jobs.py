@@ -29,7 +29,7 @@ def create_job(spec: JobSpec, session: SessionDep, settings: SettingsDep, tenant
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> JSONResponse:
     """Submit a quantization job; it is queued and runs on a worker."""
     submitted = service.submit_job(session, settings, tenant, spec, JobOut.render, idempotency_key)
-    headers = {"Location": f"/v1/jobs/{submitted.job_id}"}
+    headers = {"Location": f"/v1/jobs/{submitted.resource_id}"}
     if submitted.replayed:
         headers["Idempotent-Replayed"] = "true"
     return JSONResponse(submitted.body, status_code=submitted.status_code, headers=headers)

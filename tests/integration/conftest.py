@@ -210,6 +210,16 @@ def http(base_url: str, headers: dict | None = None) -> httpx.Client:
     return httpx.Client(base_url=base_url, timeout=60, headers=headers or {})
 
 
+def new_tenant(settings) -> dict[str, str]:
+    """Auth headers of a fresh tenant with a DB-managed key."""
+    from common.auth import create_key
+    from common.db import session_scope
+
+    with session_scope(settings) as session:
+        created = create_key(session, f"t-{secrets.token_hex(4)}")
+    return {"Authorization": f"Bearer {created.key}"}
+
+
 def calibration_jsonl(rows=CALIBRATION) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 

@@ -5,19 +5,17 @@ cancel of queued jobs, events (JSON and SSE), readiness, metrics, OpenAPI."""
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 
 import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from common.auth import create_key
 from common.db import migrate, session_scope
 from common.orm import Job
 from common.settings import Settings, UnsafeConfig
 
-from .conftest import TAQ, service_env, tiny_spec
+from .conftest import TAQ, new_tenant, service_env, tiny_spec
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +44,6 @@ def settings(tmp_path_factory, pg_database, tiny_model_root) -> Settings:
 def client(settings) -> TestClient:
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client
-
-
-def new_tenant(settings) -> dict[str, str]:
-    with session_scope(settings) as session:
-        created = create_key(session, f"t-{secrets.token_hex(4)}")
-    return {"Authorization": f"Bearer {created.key}"}
 
 
 def assert_envelope(response, status: int, code: str | None = None) -> dict:

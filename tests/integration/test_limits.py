@@ -5,18 +5,16 @@ a declared length (413), and ``Idempotency-Key`` on dataset uploads."""
 from __future__ import annotations
 
 import json
-import secrets
 
 import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from common.auth import create_key
-from common.db import migrate, session_scope
+from common.db import migrate
 from common.settings import Settings
 from core.memory import ModelDims, estimate_job_memory
 
-from .conftest import CALIBRATION, tiny_spec
+from .conftest import CALIBRATION, new_tenant, tiny_spec
 
 pytestmark = pytest.mark.integration
 
@@ -40,12 +38,6 @@ def settings(tmp_path_factory, pg_database, tiny_model_root) -> Settings:
 def client(settings) -> TestClient:
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client
-
-
-def new_tenant(settings) -> dict[str, str]:
-    with session_scope(settings) as session:
-        created = create_key(session, f"t-{secrets.token_hex(4)}")
-    return {"Authorization": f"Bearer {created.key}"}
 
 
 def assert_envelope(response, status: int, code: str) -> dict:
