@@ -237,28 +237,35 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def series_name(method: str) -> str:
+    """Peers are labelled with their group size per row ("hqq g64"); one plot series per peer."""
+    head, _, tail = method.rpartition(" g")
+    return head if head and tail.isdigit() else method
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     suites = list(dict.fromkeys(r["suite"] for r in rows))
-    fig = Figure(figsize=(5.0 * len(suites), 4.2), dpi=100)
+    fig = Figure(figsize=(6.0 * len(suites), 6.5), dpi=100)
     FigureCanvasAgg(fig)
+    markers = "os^vDP*Xh<>"
     for i, suite in enumerate(suites):
         ax = fig.add_subplot(1, len(suites), i + 1)
         ax.axhline(1.0, color="black", lw=0.8, ls=":", label="full precision")
-        methods = [m for m in dict.fromkeys(r["method"] for r in rows if r["suite"] == suite)
-                   if m != "full precision"]
-        for method in methods:
-            pts = sorted((r["effective_bits"], r["retained"]) for r in rows
-                         if r["suite"] == suite and r["method"] == method and r["retained"] is not None)
-            label = method.split(" g")[0] if " g" in method else method
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        names = [m for m in dict.fromkeys(series_name(r["method"]) for r in rows if r["suite"] == suite)
+                 if m != "full precision"]
+        for k, name in enumerate(names):
+            pts = sorted({(r["effective_bits"], r["retained"]) for r in rows
+                          if r["suite"] == suite and series_name(r["method"]) == name and r["retained"] is not None})
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[k % len(markers)],
+                    ls="--" if "gptq" not in name else "-", label=name)
         ax.set_title(suite)
-        ax.set_xlabel("effective bits")
-        ax.set_ylabel("task score retained vs full precision")
+        ax.set_xlabel("effective bits (codes + fp16 scale/zero per group)")
+        ax.set_ylabel("task score retained vs full precision (contains)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
