@@ -33,7 +33,7 @@ def settings(tmp_path_factory, pg_database, tiny_model_root) -> Settings:
 def new_job(settings, tenant: str = "default") -> str:
     with session_scope(settings) as session:
         return submit_job(session, settings, tenant, JobSpec.model_validate(tiny_spec("uniform")),
-                          render=lambda job: {"id": job.id}).job_id
+                          render=lambda job: {"id": job.id}).resource_id
 
 
 def age(settings, job_id: str, **fields) -> None:
