@@ -46,6 +46,42 @@ def unique(rows: list[dict]) -> list[dict]:
     return out
 
 
+TASK_AWARE = ("taq", "taq_kl", "taqo")
+AGNOSTIC = ("uniform", "rtn_matched", "gptq_matched", "hqq")
+
+
+def _base(method: str) -> str:
+    return method.split("+")[0].split(" ")[0]
+
+
+def summary(rows: list[dict], target: float = 0.9) -> str:
+    """Per suite and budget: the best task-aware row (same-task profile) against every
+    task-agnostic row (uniform allocation, matched-group peers) whose effective bits are not
+    above it — the issue's "beats uniform at equal effective bits" — and the retained target."""
+    lines = ["| suite | budget | best task-aware (eff. bits) | retained | best task-agnostic at ≤ those bits "
+             "(eff. bits) | retained | ≥ 90 % | beats task-agnostic |", "|---|---|---|---|---|---|---|---|"]
+    suites = list(dict.fromkeys(r["suite"] for r in rows))
+    for suite in suites:
+        mine = [r for r in rows if r["suite"] == suite and r["retained"] is not None]
+        budgets = sorted({r["avg_bits"] for r in mine if r["avg_bits"] is not None})
+        for budget in budgets:
+            aware = [r for r in mine if r["avg_bits"] == budget and _base(r["method"]) in TASK_AWARE
+                     and "profile from" not in r["method"]]
+            if not aware:
+                continue
+            best = max(aware, key=lambda r: (r["retained"], -r["effective_bits"]))
+            rivals = [r for r in mine if _base(r["method"]) in AGNOSTIC
+                      and r["effective_bits"] <= best["effective_bits"] + 1e-9]
+            rival = max(rivals, key=lambda r: (r["retained"], -r["effective_bits"])) if rivals else None
+            lines.append(
+                f"| {suite} | {budget} | {best['method']} ({best['effective_bits']:.3f}) | {best['retained']:.2f} | "
+                + (f"{rival['method']} ({rival['effective_bits']:.3f}) | {rival['retained']:.2f} | "
+                   if rival else "— | — | ")
+                + f"{'yes' if best['retained'] >= target else 'no'} | "
+                + f"{'—' if rival is None else 'yes' if best['retained'] > rival['retained'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path, nargs="+")
@@ -59,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = merge(args.runs)
     if args.unique:
         rows = unique(rows)
-    table = markdown(rows)
+    table = summary(rows) + "\n\n" + markdown(rows)
     print(table)
     if args.markdown:
         args.markdown.write_text(table + "\n")
