@@ -63,7 +63,7 @@ def create_dataset(session: Session, storage: Storage, settings: Settings, tenan
         idempotency.check_key(idempotency_key)
         digest = idempotency.request_digest("upload_dataset", {"sha256": hashlib.sha256(data).hexdigest(),
                                                                "filename": filename or ""})
-        stored = _replay(session, tenant, idempotency_key, digest)
+        stored = idempotency.replay(session, tenant, idempotency_key, digest, "dataset_id")
         if stored is not None:
             return stored
     row = upload_dataset(session, storage, settings, tenant, data, filename)
@@ -76,18 +76,11 @@ def create_dataset(session: Session, storage: Storage, settings: Settings, tenan
         session.commit()
     except IntegrityError:  # the same key raced us: replay its answer (or 409 for another body)
         session.rollback()
-        stored = _replay(session, tenant, idempotency_key, digest)
+        stored = idempotency.replay(session, tenant, idempotency_key, digest, "dataset_id")
         if stored is None:
             raise
         return stored
     return StoredResponse(row.id, 201, body, replayed=False)
-
-
-def _replay(session: Session, tenant: str, key: str, digest: str) -> StoredResponse | None:
-    row = idempotency.find(session, tenant, key, digest)
-    if row is None or row.dataset_id is None:
-        return None
-    return StoredResponse(row.dataset_id, row.status_code, row.response, replayed=True)
 
 
 def get_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:

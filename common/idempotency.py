@@ -53,3 +53,13 @@ def find(session: Session, tenant: str, key: str, digest: str) -> IdempotencyKey
         raise Conflict("this Idempotency-Key was already used with a different request body",
                        details=details, code="idempotency_conflict")
     return row
+
+
+def replay(session: Session, tenant: str, key: str, digest: str, resource: str) -> StoredResponse | None:
+    """The stored first answer for (tenant, key) when it created a `resource` ("job_id" or
+    "dataset_id"); None when the key is new (or stored for the other kind of resource)."""
+    row = find(session, tenant, key, digest)
+    resource_id = None if row is None else getattr(row, resource)
+    if resource_id is None:
+        return None
+    return StoredResponse(resource_id, row.status_code, row.response, replayed=True)

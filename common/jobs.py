@@ -92,7 +92,7 @@ def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
     digest = spec_hash(spec)
     if idempotency_key is not None:
         idempotency.check_key(idempotency_key)
-        replay = _replay(session, tenant, idempotency_key, digest)
+        replay = idempotency.replay(session, tenant, idempotency_key, digest, "job_id")
         if replay is not None:
             return replay
     validate_references(session, settings, tenant, spec)
@@ -112,7 +112,7 @@ def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
         session.commit()
     except IntegrityError:
         session.rollback()
-        replay = _replay(session, tenant, idempotency_key, digest) if idempotency_key else None
+        replay = idempotency.replay(session, tenant, idempotency_key, digest, "job_id") if idempotency_key else None
         if replay is None:
             raise
         return replay
@@ -125,13 +125,6 @@ def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
         log.warning("enqueue failed; the reaper will retry", extra={"job_id": job.id, "error": repr(exc)})
     log.info("job submitted", extra={"job_id": job.id, "tenant": tenant, "method": spec.method.value})
     return StoredResponse(job.id, 202, body, replayed=False)
-
-
-def _replay(session: Session, tenant: str, key: str, digest: str) -> StoredResponse | None:
-    row = idempotency.find(session, tenant, key, digest)
-    if row is None or row.job_id is None:
-        return None
-    return StoredResponse(row.job_id, row.status_code, row.response, replayed=True)
 
 
 # ---- read ------------------------------------------------------------------------------------
