@@ -78,6 +78,16 @@ class EventOut(BaseModel):
                    stage=e.stage, progress=e.progress, message=e.message, data=e.data)
 
 
+class LinearOut(BaseModel):
+    """One linear of a layer: its relative output error per width and, under per-linear
+    allocation, its bits."""
+
+    name: str
+    params: int
+    quant_error: dict[str, float]
+    bits: int | None = None
+
+
 class LayerOut(BaseModel):
     index: int
     name: str
@@ -87,12 +97,13 @@ class LayerOut(BaseModel):
     bits: int | None
     scores: dict[str, Any]
     quant_error: dict[str, Any] | None = None
+    linears: list[LinearOut] = []
 
     @classmethod
     def of(cls, row: ProfileLayer) -> "LayerOut":
         return cls(index=row.index, name=row.name, params=row.params, importance=row.importance,
                    sensitivity=row.sensitivity, bits=row.bits, scores=row.scores or {},
-                   quant_error=row.quant_error)
+                   quant_error=row.quant_error, linears=[LinearOut(**x) for x in row.linears or []])
 
 
 class ProfileOut(BaseModel):

@@ -10,10 +10,12 @@ method scores the suite's calibration split once (the profile is reused across b
 budget-sweep job does), then allocates and quantizes per budget with core.pipeline; the
 dequantized weights go into a working copy of the model, which is greedy-evaluated (contains /
 F1 with 95 % bootstrap CIs) and compared with the full-precision model's next-token distribution
-(mean KL, top-1 agreement). A method written `taq+gptq` quantizes with the error-compensating
-quantizer instead of round-to-nearest. Peers (bench/peers.py) spend each budget uniformly with
-4-bit codes and the group size that reaches it (`rtn_matched`: our round-to-nearest,
-`gptq_matched`: our GPTQ on the suite's calibration rows, `hqq`: HQQ from PyPI).
+(mean KL, top-1 agreement). Modifiers after a method set spec fields: `+gptq` quantizes with the
+error-compensating quantizer instead of round-to-nearest, `+clip` turns on clip search, `+linear`
+allocates per linear (`allocation_unit: linear`), e.g. `taq+gptq+linear`. Peers (bench/peers.py)
+spend each budget uniformly with 4-bit codes and the group size that reaches it (`rtn_matched`:
+our round-to-nearest, `gptq_matched`: our GPTQ on the suite's calibration rows, `hqq`: HQQ from
+PyPI).
 `--cross-task SRC:DST` quantizes with the profile scored on SRC and evaluates on DST.
 Identical weights (e.g. an allocation that came out all-4-bit, like `uniform`) are evaluated once.
 
@@ -124,22 +126,45 @@ class SuiteEval:
                 "mean_kl": 0.0, "top1": 1.0, "eval_s": time.perf_counter() - t0, "reused": False}
 
 
-def parse_method(token: str) -> tuple[str, str]:
-    method, _, quantizer = token.partition("+")
-    return method, quantizer or "rtn"
+#: method-token modifiers and the JobSpec fields they set
+MODIFIERS = {"gptq": {"quantizer": "gptq"}, "clip": {"clip_search": True},
+             "linear": {"allocation_unit": "linear"}}
 
 
-def make_spec(args: argparse.Namespace, model_id: str, method: str, quantizer: str) -> JobSpec:
-    extra = {"quantizer": quantizer} if quantizer != "rtn" else {}
+@dataclass(frozen=True)
+class Variant:
+    """A method token such as `taq+gptq+linear`: the method and the spec fields its modifiers set."""
+
+    method: str
+    options: tuple[tuple[str, object], ...]
+
+    @property
+    def scoring_options(self) -> dict:
+        """The fields that change the profile's quant_error: the quantizer and clip search."""
+        return {k: v for k, v in self.options if k in ("clip_search", "quantizer")}
+
+
+def parse_method(token: str) -> Variant:
+    method, *modifiers = token.split("+")
+    unknown = [m for m in modifiers if m not in MODIFIERS]
+    if unknown:
+        raise SystemExit(f"unknown modifier(s) {unknown} in {token!r}; known: {sorted(MODIFIERS)}")
+    options: dict = {}
+    for m in modifiers:
+        options.update(MODIFIERS[m])
+    return Variant(method, tuple(sorted(options.items())))
+
+
+def make_spec(args: argparse.Namespace, model_id: str, method: str, **options) -> JobSpec:
     return JobSpec(model=model_id, method=method, calibration_dataset_id="bench",
                    bit_budget={"avg_bits": list(args.avg_bits) if len(args.avg_bits) > 1 else args.avg_bits[0]},
                    bit_choices=args.bit_choices, group_size=args.group_size,
-                   max_calibration_rows=args.calibration_rows, max_tokens=128, seed=0, **extra)
+                   max_calibration_rows=args.calibration_rows, max_tokens=128, seed=0, **options)
 
 
-def pipeline_rows(args, ctx: SuiteEval, model_id: str, label: str, method: str, quantizer: str,
+def pipeline_rows(args, ctx: SuiteEval, model_id: str, label: str, variant: Variant,
                   profile: Profile, score_s: float, calibration: list[CalibrationRow]) -> list[dict]:
-    spec = make_spec(args, model_id, method, quantizer)
+    spec = make_spec(args, model_id, variant.method, **dict(variant.options))
     t0 = time.perf_counter()
     result = run_pipeline(spec, ctx.loaded, calibration, profile=profile)
     quantize_s = (time.perf_counter() - t0) / len(result.outputs)
@@ -173,21 +198,30 @@ def print_progress(row: dict) -> None:
           f"{' (same weights as an earlier row)' if row['reused'] else ''}", flush=True)
 
 
+def scored(args, loaded: LoadedModel, model_id: str, suite: str, variant: Variant,
+           calibration: list[CalibrationRow], profiles: dict) -> tuple[Profile, float]:
+    """The suite's profile for the variant's method, scored once and reused by every variant and
+    budget that shares it (the allocation unit does not change the profile; the quantizer and
+    clip search change its quant_error)."""
+    key = (suite, variant.method, tuple(sorted(variant.scoring_options.items())))
+    if key not in profiles:
+        t0 = time.perf_counter()
+        spec = make_spec(args, model_id, variant.method, **variant.scoring_options)
+        profiles[key] = (score_stage(spec, loaded, calibration), time.perf_counter() - t0)
+    return profiles[key]
+
+
 def run_suite(args, loaded: LoadedModel, model_id: str, suite: str,
-              profiles: dict[tuple[str, str], tuple[Profile, float]]) -> list[dict]:
+              profiles: dict) -> list[dict]:
     ctx = SuiteEval(loaded, suite, args.eval_limit, args.fidelity_prompts)
     fp = ctx.full_precision()
     rows = [{"suite": suite, "method": "full precision", "avg_bits": None, "effective_bits": 16.0,
              "bits": {}, "score_s": 0.0, "quantize_s": 0.0, **fp}]
     print_progress(rows[0])
     for token in args.methods:
-        method, quantizer = parse_method(token)
-        if (suite, method) not in profiles:
-            t0 = time.perf_counter()
-            spec = make_spec(args, model_id, method, "rtn")
-            profiles[(suite, method)] = (score_stage(spec, loaded, ctx.calibration), time.perf_counter() - t0)
-        profile, score_s = profiles[(suite, method)]
-        rows += pipeline_rows(args, ctx, model_id, token, method, quantizer, profile, score_s, ctx.calibration)
+        variant = parse_method(token)
+        profile, score_s = scored(args, loaded, model_id, suite, variant, ctx.calibration, profiles)
+        rows += pipeline_rows(args, ctx, model_id, token, variant, profile, score_s, ctx.calibration)
     for peer in args.peers:
         for budget in args.avg_bits:
             config = config_for_budget(budget)
@@ -208,15 +242,11 @@ def run_suite(args, loaded: LoadedModel, model_id: str, suite: str,
         if target != suite:
             continue
         for token in args.cross_task_methods:
-            method, quantizer = parse_method(token)
-            if (source, method) not in profiles:
-                t0 = time.perf_counter()
-                spec = make_spec(args, model_id, method, "rtn")
-                source_rows = read_rows(TASKS / source / "calibration.jsonl")
-                profiles[(source, method)] = (score_stage(spec, loaded, source_rows), time.perf_counter() - t0)
-            profile, score_s = profiles[(source, method)]
-            rows += pipeline_rows(args, ctx, model_id, f"{token} (profile from {source})", method,
-                                  quantizer, profile, score_s, read_rows(TASKS / source / "calibration.jsonl"))
+            variant = parse_method(token)
+            source_rows = read_rows(TASKS / source / "calibration.jsonl")
+            profile, score_s = scored(args, loaded, model_id, source, variant, source_rows, profiles)
+            rows += pipeline_rows(args, ctx, model_id, f"{token} (profile from {source})", variant,
+                                  profile, score_s, source_rows)
     for row in rows:
         row["retained"] = row["contains"]["mean"] / fp["contains"]["mean"] if fp["contains"]["mean"] else None
     return rows
@@ -297,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     loaded = load(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.0f}s", flush=True)
-    profiles: dict[tuple[str, str], tuple[Profile, float]] = {}
+    profiles: dict = {}
     rows: list[dict] = []
     for suite in args.suites:
         rows += run_suite(args, loaded, args.model, suite, profiles)

@@ -166,6 +166,8 @@ class ProfileLayer(Base):
     bits: Mapped[int | None] = mapped_column(Integer)
     scores: Mapped[dict[str, Any]] = mapped_column(JSON)
     quant_error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: [{name, params, quant_error, bits}] per linear (core.types.LinearProfile.to_dict)
+    linears: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
 
 class Artifact(Base):

@@ -6,6 +6,8 @@ zero is added; 16 bits costs n·16·g), i.e. g times `core.types.effective_bits`
 ⌊avg_bits·g·Σn⌋ units, with `avg_bits` taken as the decimal the user wrote (4.3 is 43/10, not its
 binary float), so "meets the budget" involves no rounding at all.
 
+The units are layers, or (per-linear allocation) single linears and groups of linears that
+runtimes fuse (`linear_units`, expanded to bits per linear by `expand_units`).
 `allocate_budget` (a multiple-choice knapsack) minimises, lexicographically,
   1. Σ s_l·e_l(b_l)   the sensitivity-weighted relative output error (the objective),
   2. Σ n_l·e_l(b_l)   unweighted, size-weighted error: only decides between allocations with
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Mapping, Sequence
 
@@ -50,6 +52,47 @@ class LayerCost:
 
 def layer_costs_from_profile(profile: Profile) -> list[LayerCost]:
     return [LayerCost(l.name, l.params, l.sensitivity, dict(l.quant_error)) for l in profile.layers]
+
+
+@dataclass(frozen=True)
+class LinearUnit:
+    """One unit of per-linear allocation: linears a runtime fuses into one matrix (q/k/v,
+    gate/up; see `core.modules.fused_linear_groups`) or a single linear, with their joint cost.
+    `cost.name` is the first member's name."""
+
+    cost: LayerCost
+    linears: tuple[str, ...]
+
+
+def linear_units(profile: Profile) -> list[LinearUnit]:
+    """Per-linear allocation units of a profile. A layer's objective term is s_l·e_l with
+    e_l = Σ_j n_j·e_j / n_l; a unit U of its linears gets sensitivity s_l·n_U/n_l and error
+    Σ_{j∈U} n_j·e_j / n_U, so giving every unit of a layer one width reproduces the per-layer
+    objective exactly, and the per-linear optimum is never worse than the per-layer one."""
+    from core.modules import fused_linear_groups
+
+    missing = [l.name for l in profile.layers if not l.linears]
+    if missing:
+        raise InvalidSpec(f"the profile has no per-linear errors for {missing[:3]}"
+                          f"{' …' if len(missing) > 3 else ''}; it was scored before they were "
+                          "kept: score again for allocation_unit 'linear'")
+    units = []
+    for layer in profile.layers:
+        by_name = {lin.name: lin for lin in layer.linears}
+        for names in fused_linear_groups(list(by_name)):
+            members = [by_name[n] for n in names]
+            n_unit = sum(m.params for m in members)
+            widths = set.intersection(*(set(m.quant_error) for m in members))
+            error = {b: sum(m.params * m.quant_error[b] for m in members) / n_unit for b in sorted(widths)}
+            units.append(LinearUnit(LayerCost(names[0], n_unit, layer.sensitivity * n_unit / layer.params, error),
+                                    tuple(names)))
+    return units
+
+
+def expand_units(allocation: BitAllocation, units: Sequence[LinearUnit]) -> BitAllocation:
+    """The allocation over units as bits per linear (`unit` "linear")."""
+    bits = {name: allocation.bits[u.cost.name] for u in units for name in u.linears}
+    return replace(allocation, bits=bits, unit="linear")
 
 
 # ------------------------------------------------------------------------------ shared helpers
@@ -263,7 +306,7 @@ def allocate_budget(layers: Profile | Sequence[LayerCost], avg_bits: float, bit_
 
 def allocate_uniform(profile_or_layers: Profile | Sequence[LayerCost], avg_bits: float,
                      bit_choices: Sequence[int], group_size: int, symmetric: bool) -> BitAllocation:
-    """Every layer at the highest choice whose effective bits fit `avg_bits` (baseline)."""
+    """Every layer (or linear) at the highest choice whose effective bits fit `avg_bits` (baseline)."""
     choices = _check_common(bit_choices, group_size)
     layers = _as_layers(profile_or_layers)
     budget = _exact_budget(avg_bits)

@@ -17,11 +17,16 @@ __all__ = [
     "DecoderStack",
     "decoder_layers",
     "decoder_stack",
+    "fused_linear_groups",
     "get_module",
     "linears_in",
     "named_linears",
     "set_module",
 ]
+
+#: linears that serving runtimes fuse into one matrix (vLLM's qkv_proj and gate_up_proj): the
+#: shards of a fused matrix must share one quantization scheme, so they share one width
+_FUSED_SHARDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
 
 #: attribute names of the final norm on the module that holds the decoder layers
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
@@ -137,3 +142,14 @@ def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def linears_in(model: nn.Module, layer_name: str) -> dict[str, nn.Linear]:
     """The linears of one decoder layer by full dotted name."""
     return named_linears(model, layer_name)
+
+
+def fused_linear_groups(linear_names: list[str]) -> list[list[str]]:
+    """Full linear names grouped as runtimes fuse them: q/k/v of one attention module form one
+    group, gate/up of one MLP another, every other linear is its own group. Order follows the
+    first member of each group."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in linear_names:
+        parent, _, leaf = name.rpartition(".")
+        groups.setdefault((parent, _FUSED_SHARDS.get(leaf, leaf)), []).append(name)
+    return list(groups.values())

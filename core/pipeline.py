@@ -5,7 +5,9 @@ The worker runs the stages separately so it can checkpoint between them:
 `paper` rule), `quantize_stage` → the QuantizedWeight of every linear in a layer below 16 bits.
 `run_pipeline` chains them; a given `profile` skips scoring (resume, `profile_from_job_id`).
 
-All linears of one layer share its bits. Rows beyond `spec.max_calibration_rows` are
+All linears of one layer share its bits, unless `spec.allocation_unit` is `linear`: then each
+linear gets its own, except that linears runtimes fuse (q/k/v, gate/up) share one
+(`core.allocation.linear_units`, `BitAllocation.unit`, `linear_bits`). Rows beyond `spec.max_calibration_rows` are
 subsampled deterministically with `spec.seed`. Quantized weights are returned on the CPU.
 
 `spec.quantizer == gptq` (error-compensating quantization, `core.quant.gptq`) needs the Hessian
@@ -30,8 +32,8 @@ from core.errors import DataError, InvalidSpec
 from core.models import LoadedModel
 from core.modules import get_module
 from core.scorers import score_layers
-from core.scorers.common import calibration_batches, prompt_sequences, select_rows
-from core.spec import AllocationRule, CalibrationRow, JobSpec, Method, Quantizer
+from core.scorers.common import calibration_batches, gptq_layer, prompt_sequences, select_rows
+from core.spec import AllocationRule, AllocationUnit, CalibrationRow, JobSpec, Method, Quantizer
 from core.types import (BitAllocation, CancelFn, Profile, ProgressFn, QuantizedWeight, never_cancel,
                         no_progress)
 
@@ -43,6 +45,7 @@ __all__ = [
     "apply_quantized",
     "collect_hessians",
     "layer_costs",
+    "linear_bits",
     "quantize_stage",
     "run_pipeline",
     "score_stage",
@@ -88,7 +91,6 @@ def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
     width that fits each budget), or a single one for the paper rule. Raises BudgetInfeasible."""
     from core import allocation as alloc
 
-    costs = layer_costs(profile)
     bit_choices = list(spec.bit_choices)
     if spec.allocation == AllocationRule.paper:
         if spec.method not in (Method.taq, Method.taqo):
@@ -97,11 +99,14 @@ def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
         return [alloc.allocate_paper(profile, spec.method, spec.group_size, spec.symmetric, avg_bits=budget)]
     if not spec.budgets:
         raise InvalidSpec("allocation 'budget' needs 'bit_budget'")
-    if spec.method == Method.uniform:
-        return [alloc.allocate_uniform(costs, budget, bit_choices, spec.group_size, spec.symmetric)
+    allocate = alloc.allocate_uniform if spec.method == Method.uniform else alloc.allocate_budget
+    if spec.allocation_unit == AllocationUnit.linear:
+        units = alloc.linear_units(profile)
+        return [alloc.expand_units(allocate([u.cost for u in units], budget, bit_choices, spec.group_size,
+                                            spec.symmetric), units)
                 for budget in spec.budgets]
-    return [alloc.allocate_budget(costs, budget, bit_choices, spec.group_size, spec.symmetric)
-            for budget in spec.budgets]
+    costs = layer_costs(profile)
+    return [allocate(costs, budget, bit_choices, spec.group_size, spec.symmetric) for budget in spec.budgets]
 
 
 def collect_hessians(spec: JobSpec, loaded: LoadedModel, rows: Sequence[CalibrationRow], *,
@@ -127,8 +132,8 @@ def quantize_stage(spec: JobSpec, loaded: LoadedModel, allocation: BitAllocation
                    rows: Sequence[CalibrationRow] | None = None, hessians: HessianCollector | None = None,
                    progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel
                    ) -> dict[str, QuantizedWeight]:
-    """Quantize every linear of every layer allocated below 16 bits (all linears of a layer
-    share its bits) with `spec.quantizer`. Progress and cancellation once per layer; weights end
+    """Quantize every linear allocated below 16 bits (its layer's bits, or its own under
+    per-linear allocation) with `spec.quantizer`. Progress and cancellation once per layer; weights end
     up on the CPU.
 
     GPTQ needs `hessians` (from `collect_hessians`) or the calibration `rows` to collect them
@@ -136,12 +141,9 @@ def quantize_stage(spec: JobSpec, loaded: LoadedModel, allocation: BitAllocation
     from core.quant.primitives import quantize_weight
 
     tracker = StageProgress(progress, should_cancel, "quantize")
-    missing = [ref.name for ref in loaded.layers if ref.name not in allocation.bits]
-    if missing:
-        raise InvalidSpec(f"the allocation has no bits for layers {missing[:3]}"
-                          f"{' …' if len(missing) > 3 else ''}")
+    bits_by_linear = linear_bits(loaded, allocation)
     gptq = spec.quantizer == Quantizer.gptq
-    if gptq and hessians is None and any(int(allocation.bits[ref.name]) < 16 for ref in loaded.layers):
+    if gptq and hessians is None and any(b < 16 for b in bits_by_linear.values()):
         if rows is None:
             raise InvalidSpec("quantizer 'gptq' needs the calibration rows or their Hessians")
         hessians = _collect_hessians(spec, loaded, rows, tracker.span(0.0, 0.25))
@@ -150,36 +152,36 @@ def quantize_stage(spec: JobSpec, loaded: LoadedModel, allocation: BitAllocation
     n = len(loaded.layers)
     for ref in loaded.layers:
         tracker.check()
-        bits = int(allocation.bits[ref.name])
-        if bits < 16:
+        bits = {name: bits_by_linear[name] for name in ref.linears}
+        low = {name: linear for name, linear in ref.linears.items() if bits[name] < 16}
+        if low:
             if gptq:
-                quantized = _gptq_layer(ref.linears, hessians, bits, spec)
+                quantized = gptq_layer(low, hessians, bits, spec)
             else:
-                quantized = {name: quantize_weight(linear.weight.detach().float(), bits, spec.group_size,
+                quantized = {name: quantize_weight(linear.weight.detach().float(), bits[name], spec.group_size,
                                                    spec.symmetric, clip_search=spec.clip_search)
-                             for name, linear in ref.linears.items()}
-            for name in ref.linears:
+                             for name, linear in low.items()}
+            for name in low:
                 weights[name] = _to_cpu(quantized[name])
-        tracker.report((ref.index + 1) / n, f"quantized {ref.name} at {bits} bits ({ref.index + 1}/{n})")
+        widths = "/".join(str(b) for b in sorted(set(bits.values())))
+        tracker.report((ref.index + 1) / n, f"quantized {ref.name} at {widths} bits ({ref.index + 1}/{n})")
     return weights
 
 
-def _gptq_layer(linears: dict[str, nn.Module], hessians: HessianCollector, bits: int,
-                spec: JobSpec) -> dict[str, QuantizedWeight]:
-    """GPTQ of one layer's linears, one sweep per group of linears that share an input."""
-    from core.quant.gptq import gptq_quantize_weights
-
-    shared: dict[str, list[str]] = {}
-    for name in linears:
-        lead = hessians.leader.get(name)
-        if lead is None or hessians.hessian(name) is None:
-            raise InvalidSpec(f"no calibration activations reached {name}; cannot run GPTQ on it")
-        shared.setdefault(lead, []).append(name)
-    out: dict[str, QuantizedWeight] = {}
-    for lead, names in shared.items():
-        out.update(gptq_quantize_weights({n: linears[n].weight.detach() for n in names},
-                                         hessians.hessian(lead), bits, spec.group_size, spec.symmetric,
-                                         clip_search=spec.clip_search))
+def linear_bits(loaded: LoadedModel, allocation: BitAllocation) -> dict[str, int]:
+    """The bits of every decoder linear (full dotted name) under `allocation`, per layer or per
+    linear; InvalidSpec when the allocation misses one."""
+    out: dict[str, int] = {}
+    missing: list[str] = []
+    for ref in loaded.layers:
+        for name in ref.linears:
+            try:
+                out[name] = allocation.bits_of(name, ref.name)
+            except KeyError:
+                missing.append(name if allocation.unit == "linear" else ref.name)
+    if missing:
+        missing = list(dict.fromkeys(missing))
+        raise InvalidSpec(f"the allocation has no bits for {missing[:3]}{' …' if len(missing) > 3 else ''}")
     return out
 
 

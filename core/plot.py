@@ -14,20 +14,35 @@ __all__ = ["plot_profile", "profile_effective_bits"]
 
 _BIT_COLOURS = {2: "#b2182b", 3: "#ef8a62", 4: "#f4a582", 8: "#92c5de", 16: "#2166ac"}
 _NO_BITS = "#888888"
+_MIXED_BITS = "#b8a1cf"  # a layer whose linears got different widths (per-linear allocation)
+
+
+def _linear_widths(profile: Profile) -> list[tuple[int, int]] | None:
+    """(bits, params) of every allocated unit: the linears when they carry bits, else the layers."""
+    out = []
+    for l in profile.layers:
+        if l.linears and all(x.bits is not None for x in l.linears):
+            out += [(x.bits, x.params) for x in l.linears]
+        elif l.bits is not None:
+            out.append((l.bits, l.params))
+        else:
+            return None
+    return out
 
 
 def profile_effective_bits(profile: Profile, group_size: int | None = None, symmetric: bool = False) -> float | None:
     """Weight-count-weighted effective bits of the chosen widths (nominal bits without group
     overhead when `group_size` is None); None when no bits are chosen."""
-    if not profile.layers or any(l.bits is None for l in profile.layers):
+    widths = _linear_widths(profile) if profile.layers else None
+    if not widths:
         return None
-    total = sum(l.params for l in profile.layers)
+    total = sum(n for _, n in widths)
     if total == 0:
         return None
     stored = 0.0
-    for l in profile.layers:
-        per_weight = effective_bits(l.bits, group_size, symmetric) if group_size else float(l.bits)
-        stored += per_weight * l.params
+    for bits, n in widths:
+        per_weight = effective_bits(bits, group_size, symmetric) if group_size else float(bits)
+        stored += per_weight * n
     return stored / total
 
 
@@ -44,7 +59,8 @@ def plot_profile(profile: Profile, title: str | None = None, *, group_size: int 
 
     layers = profile.layers
     x = [l.index for l in layers]
-    has_bits = bool(layers) and all(l.bits is not None for l in layers)
+    mean_bits = [l.mean_bits for l in layers]
+    has_bits = bool(layers) and all(b is not None for b in mean_bits)
     eff = effective if effective is not None else profile_effective_bits(profile, group_size, symmetric)
     heading = title or f"{profile.model} · {profile.method}"
     if eff is not None and "bits" not in heading:
@@ -53,7 +69,8 @@ def plot_profile(profile: Profile, title: str | None = None, *, group_size: int 
     fig = Figure(figsize=(max(6.0, 0.28 * len(layers) + 2.5), 5.2), dpi=100)
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
-    colours = [_BIT_COLOURS.get(l.bits, _NO_BITS) if l.bits is not None else _NO_BITS for l in layers]
+    colours = [_BIT_COLOURS.get(l.bits, _NO_BITS) if l.bits is not None
+               else (_MIXED_BITS if b is not None else _NO_BITS) for l, b in zip(layers, mean_bits)]
     ax1.bar(x, [l.importance for l in layers], color=colours, edgecolor="black", linewidth=0.3)
     ax1.axhline(0.0, color="black", linewidth=0.6)
     values = [l.importance for l in layers] or [0.0]
@@ -70,17 +87,19 @@ def plot_profile(profile: Profile, title: str | None = None, *, group_size: int 
         twin.set_ylabel("sensitivity", fontsize=8)
         twin.tick_params(labelsize=7)
     if has_bits:
-        used = sorted({l.bits for l in layers})
-        ax1.legend(handles=[Patch(color=_BIT_COLOURS.get(b, _NO_BITS), label=f"{b} bit") for b in used],
-                   fontsize=7, loc="upper right", ncol=len(used))
-        ax2.step(x, [l.bits for l in layers], where="mid", color="#333333")
-        ax2.scatter(x, [l.bits for l in layers], c=colours, edgecolors="black", linewidths=0.3, zorder=3)
-        ax2.set_yticks(used)
+        used = sorted({l.bits for l in layers if l.bits is not None})
+        handles = [Patch(color=_BIT_COLOURS.get(b, _NO_BITS), label=f"{b} bit") for b in used]
+        if any(l.bits is None for l in layers):
+            handles.append(Patch(color=_MIXED_BITS, label="mixed (per linear)"))
+        ax1.legend(handles=handles, fontsize=7, loc="upper right", ncol=len(handles))
+        ax2.step(x, mean_bits, where="mid", color="#333333")
+        ax2.scatter(x, mean_bits, c=colours, edgecolors="black", linewidths=0.3, zorder=3)
+        ax2.set_yticks(sorted({b for b in used} | {min(mean_bits), max(mean_bits)}))
     else:
         ax2.text(0.5, 0.5, "no bits allocated yet", ha="center", va="center", transform=ax2.transAxes,
                  fontsize=8, color="#555555")
         ax2.set_yticks([])
-    ax2.set_ylabel("bits")
+    ax2.set_ylabel("bits" if all(l.bits is not None for l in layers) else "mean bits")
     ax2.set_xlabel("layer")
     if len(x) <= 40:
         ax2.set_xticks(x)

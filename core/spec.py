@@ -23,6 +23,14 @@ class AllocationRule(str, Enum):
     paper = "paper"
 
 
+class AllocationUnit(str, Enum):
+    """What one allocated width covers: a whole transformer `layer` (the default), or each
+    `linear` of it separately (q/k/v/o and the MLP projections get their own bits)."""
+
+    layer = "layer"
+    linear = "linear"
+
+
 class ExportFormat(str, Enum):
     hf = "hf"
     gguf = "gguf"
@@ -101,6 +109,7 @@ class JobSpec(_Strict):
     group_size: int = Field(default=128, ge=8, le=4096)
     symmetric: bool = False
     allocation: AllocationRule = AllocationRule.budget
+    allocation_unit: AllocationUnit = AllocationUnit.layer
     exports: list[ExportFormat] = Field(default_factory=lambda: [ExportFormat.hf])
     eval_dataset_id: str | None = None
     eval_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
@@ -144,6 +153,9 @@ class JobSpec(_Strict):
             raise ValueError("allocation 'budget' needs 'bit_budget'")
         if self.allocation == AllocationRule.paper and self.method in (Method.uniform, Method.taq_kl):
             raise ValueError("allocation 'paper' is defined for methods 'taq' and 'taqo' only")
+        if self.allocation == AllocationRule.paper and self.allocation_unit == AllocationUnit.linear:
+            raise ValueError("allocation 'paper' assigns bits to whole layers; use allocation_unit "
+                             "'layer' or allocation 'budget'")
         if self.eval_fraction is not None and self.eval_dataset_id is not None:
             raise ValueError("give either 'eval_dataset_id' or 'eval_fraction', not both")
         return self

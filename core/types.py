@@ -70,6 +70,27 @@ class LayerRefLike(Protocol):
 
 
 @dataclass(frozen=True)
+class LinearProfile:
+    """One linear of a layer: its own relative output error per width (the layer's `quant_error`
+    is the parameter-weighted mean of these) and, under per-linear allocation, its bits."""
+
+    name: str
+    params: int
+    quant_error: dict[int, float] = field(default_factory=dict)
+    bits: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": self.params,
+                "quant_error": {str(k): v for k, v in self.quant_error.items()}, "bits": self.bits}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LinearProfile":
+        return cls(name=data["name"], params=int(data["params"]),
+                   quant_error={int(k): float(v) for k, v in data.get("quant_error", {}).items()},
+                   bits=data.get("bits"))
+
+
+@dataclass(frozen=True)
 class LayerProfile:
     """One transformer layer in the sensitivity profile.
 
@@ -77,6 +98,9 @@ class LayerProfile:
     `delta_em`); `quant_error[bits]` is the measured relative output error of the layer's linears
     at that width on calibration activations; `sensitivity` (>= 0) is what the budget allocator
     weighs that error with; `importance` is the method's ranking score (z-scored for TAQ).
+    `linears` holds each linear's own errors (empty in profiles written before they were kept).
+    `bits` is the layer's width when all its linears share one; under per-linear allocation with
+    mixed widths it is None and `mean_bits` gives the parameter-weighted mean.
     """
 
     index: int
@@ -87,16 +111,29 @@ class LayerProfile:
     sensitivity: float
     quant_error: dict[int, float] = field(default_factory=dict)
     bits: int | None = None
+    linears: list[LinearProfile] = field(default_factory=list)
+
+    @property
+    def mean_bits(self) -> float | None:
+        """Parameter-weighted mean nominal bits of the layer's linears (the layer's bits when
+        they share one width); None before allocation."""
+        if self.bits is not None:
+            return float(self.bits)
+        if not self.linears or any(l.bits is None for l in self.linears):
+            return None
+        return sum(l.bits * l.params for l in self.linears) / sum(l.params for l in self.linears)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["quant_error"] = {str(k): v for k, v in self.quant_error.items()}
+        data["linears"] = [l.to_dict() for l in self.linears]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerProfile":
         data = dict(data)
         data["quant_error"] = {int(k): float(v) for k, v in data.get("quant_error", {}).items()}
+        data["linears"] = [LinearProfile.from_dict(l) for l in data.get("linears", [])]
         return cls(**data)
 
 
@@ -106,8 +143,19 @@ class Profile:
     method: str
     layers: list[LayerProfile]
 
-    def with_bits(self, bits_by_layer: dict[str, int]) -> "Profile":
-        return replace(self, layers=[replace(l, bits=bits_by_layer.get(l.name)) for l in self.layers])
+    def with_bits(self, bits: dict[str, int]) -> "Profile":
+        """The profile with an allocation's bits: `bits` is keyed by layer names (per-layer
+        allocation) or by linear names (per-linear); every linear gets its bits either way."""
+        layers = []
+        for layer in self.layers:
+            linears = [replace(l, bits=bits.get(l.name, bits.get(layer.name))) for l in layer.linears]
+            widths = {l.bits for l in linears}
+            if layer.name in bits:
+                layer_bits = bits[layer.name]
+            else:
+                layer_bits = widths.pop() if len(widths) == 1 else None
+            layers.append(replace(layer, bits=layer_bits, linears=linears))
+        return replace(self, layers=layers)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "method": self.method, "layers": [l.to_dict() for l in self.layers]}
@@ -120,7 +168,8 @@ class Profile:
 
 @dataclass(frozen=True)
 class BitAllocation:
-    """Bits per layer (layer name -> bits) and what they cost."""
+    """Bits per allocation unit and what they cost: `bits` maps full dotted names of layers
+    (`unit` "layer") or of linears (`unit` "linear") to bits."""
 
     bits: dict[str, int]
     effective_bits: float
@@ -128,6 +177,11 @@ class BitAllocation:
     rule: str  # "budget" | "paper" | "uniform"
     objective: float | None = None
     solver: str = ""
+    unit: str = "layer"
+
+    def bits_of(self, linear_name: str, layer_name: str) -> int:
+        """The bits of one linear: its own entry under per-linear allocation, else its layer's."""
+        return int(self.bits[linear_name] if self.unit == "linear" else self.bits[layer_name])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -522,6 +522,7 @@ class JobRunner:
         """core's manifest needs local files (it measures the stored bits from their bytes): a
         file:// store hands out its paths, anything else is downloaded into ``tmp``."""
         from core.export import build_manifest, library_versions, write_manifest
+        from core.export.manifest import bit_map_key
 
         local: list[tuple[str, Path]] = []
         for rel in sorted(files):
@@ -538,7 +539,7 @@ class JobRunner:
                                   local, library_versions())
         if single is None:  # a budget sweep: one bit map per budget
             manifest["budgets"] = [
-                {"avg_bits": a.budget, "effective_bits": a.effective_bits, "bits_by_layer": dict(a.bits),
+                {"avg_bits": a.budget, "effective_bits": a.effective_bits, bit_map_key(self.spec): dict(a.bits),
                  "artifacts": sorted(self.artifact_names(a).values())}
                 for a in self.allocations]
         return write_manifest(tmp / "manifest", manifest)
@@ -594,7 +595,8 @@ class JobRunner:
             session.add_all(ProfileLayer(job_id=self.job_id, index=l.index, name=l.name, params=int(l.params),
                                          importance=float(l.importance), sensitivity=float(l.sensitivity),
                                          bits=l.bits, scores=jsonable(l.scores),
-                                         quant_error={str(k): float(v) for k, v in l.quant_error.items()})
+                                         quant_error={str(k): float(v) for k, v in l.quant_error.items()},
+                                         linears=[x.to_dict() for x in l.linears] or None)
                             for l in profile.layers)
 
 

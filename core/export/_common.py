@@ -36,39 +36,46 @@ class LinearPlan:
 
 
 def plan_linears(model: nn.Module, weights: dict[str, QuantizedWeight],
-                 bits_by_layer: dict[str, int]) -> list[LinearPlan]:
+                 bit_map: dict[str, int]) -> list[LinearPlan]:
     """Every linear of every decoder layer in module order, checked against the bit map.
 
-    A layer below 16 bits must have a QuantizedWeight of that width and shape for each of its
-    linears; a 16-bit layer must have none. Anything else means the allocation and the weights
-    come from different runs, so it is an ExportError rather than a silently wrong artifact.
+    `bit_map` gives every decoder layer a width (per-layer allocation) or every decoder linear
+    one (per-linear allocation), keyed by full dotted names. A linear below 16 bits must have a
+    QuantizedWeight of that width and shape; a 16-bit linear must have none. Anything else means
+    the allocation and the weights come from different runs, so it is an ExportError rather than
+    a silently wrong artifact.
     """
     layers = decoder_layers(model)
-    layer_names = [name for name, _ in layers]
-    unknown_layers = sorted(set(bits_by_layer) - set(layer_names))
-    if unknown_layers:
-        raise ExportError(f"bit map names layers the model does not have: {unknown_layers[:3]}",
-                          details={"layers": unknown_layers})
-    missing = [name for name in layer_names if name not in bits_by_layer]
+    linears_by_layer = {layer_name: named_linears(model, layer_name) for layer_name, _ in layers}
+    layer_names = list(linears_by_layer)
+    linear_names = [name for linears in linears_by_layer.values() for name in linears]
+    per_linear = bool(bit_map) and set(bit_map) <= set(linear_names)
+    known = linear_names if per_linear else layer_names
+    unknown = sorted(set(bit_map) - set(known))
+    if unknown:
+        raise ExportError(f"bit map names layers or linears the model does not have (or mixes both): "
+                          f"{unknown[:3]}", details={"layers": unknown})
+    missing = [name for name in known if name not in bit_map]
     if missing:
-        raise ExportError(f"bit map has no width for layers {missing[:3]}", details={"layers": missing})
+        raise ExportError(f"bit map has no width for {'linears' if per_linear else 'layers'} {missing[:3]}",
+                          details={"layers": missing})
 
     plans: list[LinearPlan] = []
-    for layer_name, _ in layers:
-        bits = int(bits_by_layer[layer_name])
-        if bits not in QUANTIZED_BITS and bits != KEEP_BITS:
-            raise ExportError(f"{layer_name}: {bits} bits is not a supported width "
-                              f"(choose from {list(QUANTIZED_BITS) + [KEEP_BITS]})")
-        for name, module in named_linears(model, layer_name).items():
+    for layer_name, linears in linears_by_layer.items():
+        for name, module in linears.items():
+            bits = int(bit_map[name if per_linear else layer_name])
+            if bits not in QUANTIZED_BITS and bits != KEEP_BITS:
+                raise ExportError(f"{name if per_linear else layer_name}: {bits} bits is not a supported width "
+                                  f"(choose from {list(QUANTIZED_BITS) + [KEEP_BITS]})")
             q = weights.get(name)
             if bits == KEEP_BITS:
                 if q is not None:
-                    raise ExportError(f"{name} has a quantized weight but its layer is kept at 16 bits")
+                    raise ExportError(f"{name} has a quantized weight but the bit map keeps it at 16 bits")
             else:
                 if q is None:
-                    raise ExportError(f"{name} has no quantized weight but its layer is at {bits} bits")
+                    raise ExportError(f"{name} has no quantized weight but the bit map puts it at {bits} bits")
                 if q.bits != bits:
-                    raise ExportError(f"{name} is quantized at {q.bits} bits but its layer is at {bits}")
+                    raise ExportError(f"{name} is quantized at {q.bits} bits but the bit map puts it at {bits}")
                 if tuple(q.shape) != tuple(module.weight.shape):
                     raise ExportError(f"{name}: quantized shape {tuple(q.shape)} != weight shape "
                                       f"{tuple(module.weight.shape)}")

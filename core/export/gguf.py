@@ -323,7 +323,7 @@ def _hf_metadata(writer, tokenizer, hyper: _Hyper, name: str, file_type: int) ->
 # entry point
 # ---------------------------------------------------------------------------------------------
 
-def export_gguf(model: nn.Module, tokenizer, weights: dict[str, QuantizedWeight], bits_by_layer: dict[str, int],
+def export_gguf(model: nn.Module, tokenizer, weights: dict[str, QuantizedWeight], bit_map: dict[str, int],
                 spec: JobSpec, out_path: Path, source_gguf: Path | None = None) -> Path:
     """Write one llama GGUF file to `out_path` and return it.
 
@@ -335,7 +335,7 @@ def export_gguf(model: nn.Module, tokenizer, weights: dict[str, QuantizedWeight]
     from gguf import GGMLQuantizationType, GGUFWriter
 
     hyper = _Hyper(model)
-    plans = plan_linears(model, weights, bits_by_layer)
+    plans = plan_linears(model, weights, bit_map)
     check_spec_grid(plans, spec)
     tensors = _tensors(model, plans, hyper)
     file_type = _file_type(tensors, plans)

@@ -191,16 +191,16 @@ def _generation_config(model: nn.Module) -> dict:
     return gen.to_diff_dict()
 
 
-def export_hf(model: nn.Module, tokenizer, weights: dict[str, QuantizedWeight], bits_by_layer: dict[str, int],
+def export_hf(model: nn.Module, tokenizer, weights: dict[str, QuantizedWeight], bit_map: dict[str, int],
               spec: JobSpec, out_dir: Path, *, strategy: Strategy = "auto") -> list[Path]:
     """Write a compressed-tensors HF model directory to `out_dir`; returns the files written.
 
-    `weights` maps full linear names to their QuantizedWeight; `bits_by_layer` maps every decoder
-    layer to 2/3/4/8/16. Linears of 16-bit layers, embeddings, norms and an untied LM head are
+    `weights` maps full linear names to their QuantizedWeight; `bit_map` maps every decoder
+    layer, or every decoder linear (per-linear allocation), to 2/3/4/8/16. Linears of 16-bit layers, embeddings, norms and an untied LM head are
     stored in float16. Same inputs give byte-identical files. Raises ExportError when the weights,
     the bit map and the spec disagree, or the chosen strategy cannot represent the grid.
     """
-    plans = plan_linears(model, weights, bits_by_layer)
+    plans = plan_linears(model, weights, bit_map)
     check_spec_grid(plans, spec)
     chosen = choose_strategy(plans, strategy)
     tied = embeddings_tied(model)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.export._common import json_bytes
-from core.spec import JobSpec
+from core.spec import AllocationUnit, JobSpec
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -119,7 +119,13 @@ def gguf_storage(path: Path) -> dict[str, Any] | None:
             "effective_bits": q_bytes * 8 / q_weights if q_weights else None}
 
 
-def build_manifest(spec: JobSpec, source_model_id: str, source_sha256: str | None, bits_by_layer: dict[str, int],
+def bit_map_key(spec: JobSpec) -> str:
+    """The manifest's name for the bit map: `bits_by_layer`, or `bits_by_linear` under
+    per-linear allocation (keys are then full linear names)."""
+    return "bits_by_linear" if spec.allocation_unit == AllocationUnit.linear else "bits_by_layer"
+
+
+def build_manifest(spec: JobSpec, source_model_id: str, source_sha256: str | None, bit_map: dict[str, int],
                    effective_bits_reported: float | None, files: list[tuple[str, Path]],
                    library_versions: dict[str, str]) -> dict[str, Any]:
     """The manifest as a dict. `files` are (name relative to the artifact root, local path); an HF
@@ -152,7 +158,7 @@ def build_manifest(spec: JobSpec, source_model_id: str, source_sha256: str | Non
         "seed": spec.seed,
         "source": {"model_id": source_model_id, "sha256": source_sha256},
         "library_versions": dict(sorted(library_versions.items())),
-        "bits_by_layer": dict(bits_by_layer),
+        bit_map_key(spec): dict(bit_map),
         "effective_bits": {
             "allocator": effective_bits_reported,
             "stored": {name: s.get("effective_bits") for name, s in storage.items()},

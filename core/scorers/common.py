@@ -8,16 +8,19 @@ H = XᵀX / n of that linear's input (the quantity of `core.quant.primitives.qua
 evaluated in float32 by `relative_output_error` with tr(W H Wᵀ) computed once per linear). The layer's
 value is the parameter-weighted mean of its linears' relative errors: each term is scale-free,
 so a linear with a large output (down_proj) does not drown the others, and the weights make the
-number the per-weight average the allocator trades against bits. 16 bits → 0.
+number the per-weight average the allocator trades against bits. 16 bits → 0. Each linear's own
+error is kept too (`LayerProfile.linears`): per-linear allocation trades those.
 Without calibration activations (the `uniform` method with no data) H is the identity
-(relative weight error).
+(relative weight error). With `quantizer: gptq` the weights are quantized by GPTQ on the same
+Hessians, so the allocator trades the errors the job will actually have (GPTQ lowers the 4-bit
+error far more than the 8-bit one, and by different amounts per layer).
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -26,7 +29,7 @@ from core.calibration import Batch, HessianCollector, StageProgress, default_bat
 from core.data import subsample_rows, tokenize_rows
 from core.models import LayerRef, LoadedModel
 from core.spec import CalibrationRow, JobSpec
-from core.types import LayerProfile, Profile, QuantizedWeight
+from core.types import LayerProfile, LinearProfile, Profile, QuantizedWeight
 
 __all__ = [
     "LayerOutputStats",
@@ -203,21 +206,48 @@ def output_energy(weight: torch.Tensor, hessian: torch.Tensor | None) -> float:
     return float(((w @ hessian.to(device=w.device, dtype=torch.float32)) * w).sum())
 
 
+def gptq_layer(linears: dict[str, torch.nn.Module], hessians: HessianCollector, bits: dict[str, int],
+               spec: JobSpec) -> dict[str, QuantizedWeight]:
+    """GPTQ of some of a layer's linears at their `bits`, one sweep per group of linears that
+    share an input (one Hessian) and a width."""
+    from core.errors import InvalidSpec
+    from core.quant.gptq import gptq_quantize_weights
+
+    shared: dict[tuple[str, int], list[str]] = {}
+    for name in linears:
+        lead = hessians.leader.get(name)
+        if lead is None or hessians.hessian(name) is None:
+            raise InvalidSpec(f"no calibration activations reached {name}; cannot run GPTQ on it")
+        shared.setdefault((lead, bits[name]), []).append(name)
+    out: dict[str, QuantizedWeight] = {}
+    for (lead, width), names in shared.items():
+        out.update(gptq_quantize_weights({n: linears[n].weight.detach() for n in names},
+                                         hessians.hessian(lead), width, spec.group_size, spec.symmetric,
+                                         clip_search=spec.clip_search))
+    return out
+
+
 @dataclass(frozen=True)
 class LayerQuantization:
-    """quant_error per width, plus the quantized weights at `kept_bits` when asked for."""
+    """quant_error per width for the layer and for each of its linears, plus the quantized
+    weights at `keep_bits` when asked for (empty otherwise)."""
 
     errors: dict[int, float]
-    kept: dict[str, QuantizedWeight]
+    linears: list[LinearProfile]
+    kept: dict[str, QuantizedWeight] = field(default_factory=dict)
 
 
 def layer_quant_errors(ref: LayerRef, hessians: HessianCollector | None, spec: JobSpec, *,
                        keep_bits: int | None = None) -> LayerQuantization:
     """quant_error[b] for every b in spec.bit_choices (see module docstring); the quantized
-    weights at `keep_bits` are returned too (TAQO reuses them for its probe)."""
+    weights at `keep_bits` are returned too (TAQO reuses them for its probe). The weights are
+    quantized as the job will quantize them: with GPTQ when `spec.quantizer` is gptq (and
+    Hessians are given), else round-to-nearest."""
     from core.quant.primitives import dequantize_weight, quantize_weight
+    from core.spec import Quantizer
 
     errors: dict[int, float] = {}
+    per_linear: dict[str, dict[int, float]] = {name: {} for name in ref.linears}
     kept: dict[str, QuantizedWeight] = {}
     weights = {name: lin.weight.detach().float() for name, lin in ref.linears.items()}
     total = sum(int(w.numel()) for w in weights.values())
@@ -227,25 +257,34 @@ def layer_quant_errors(ref: LayerRef, hessians: HessianCollector | None, spec: J
     for bits in widths:
         if bits >= 16 or total == 0:
             errors[bits] = 0.0
+            for name in weights:
+                per_linear[name][bits] = 0.0
             continue
         acc = 0.0
+        gptq = (gptq_layer(ref.linears, hessians, {name: bits for name in weights}, spec)
+                if spec.quantizer == Quantizer.gptq and hessians is not None else None)
         for name, w in weights.items():
-            q = quantize_weight(w, bits, spec.group_size, spec.symmetric, clip_search=spec.clip_search)
+            q = (gptq[name] if gptq is not None
+                 else quantize_weight(w, bits, spec.group_size, spec.symmetric, clip_search=spec.clip_search))
             if bits == keep_bits:
                 kept[name] = q
             err = relative_output_error(w, dequantize_weight(q, torch.float32), h[name], energy[name])
+            per_linear[name][bits] = err
             acc += err * w.numel()
         errors[bits] = acc / total
-    return LayerQuantization(errors={b: errors[b] for b in spec.bit_choices}, kept=kept)
+    linears = [LinearProfile(name=name, params=int(w.numel()),
+                             quant_error={b: per_linear[name][b] for b in spec.bit_choices})
+               for name, w in weights.items()]
+    return LayerQuantization(errors={b: errors[b] for b in spec.bit_choices}, linears=linears, kept=kept)
 
 
 def quant_error_profile(loaded: LoadedModel, hessians: HessianCollector | None, spec: JobSpec,
-                        tracker: StageProgress) -> list[dict[int, float]]:
+                        tracker: StageProgress) -> list[LayerQuantization]:
     out = []
     n = len(loaded.layers)
     for ref in loaded.layers:
         tracker.check()
-        out.append(layer_quant_errors(ref, hessians, spec).errors)
+        out.append(layer_quant_errors(ref, hessians, spec))
         if hessians is not None:
             hessians.release(list(ref.linears))
         tracker.report((ref.index + 1) / n, f"quantization error of {ref.name} ({ref.index + 1}/{n})")
@@ -260,11 +299,14 @@ class LayerScores:
 
 
 def build_profile(spec: JobSpec, loaded: LoadedModel, method: str, layer_scores: Sequence[LayerScores],
-                  quant_errors: Sequence[dict[int, float]]) -> Profile:
+                  quant_errors: Sequence[LayerQuantization]) -> Profile:
     layers = []
     for ref, ls, qe in zip(loaded.layers, layer_scores, quant_errors, strict=True):
         layers.append(LayerProfile(index=ref.index, name=ref.name, params=ref.params,
                                    scores={k: float(v) for k, v in ls.scores.items()},
                                    importance=float(ls.importance), sensitivity=max(0.0, float(ls.sensitivity)),
-                                   quant_error={int(b): float(e) for b, e in sorted(qe.items())}))
+                                   quant_error={int(b): float(e) for b, e in sorted(qe.errors.items())},
+                                   linears=[LinearProfile(l.name, l.params,
+                                                          {int(b): float(e) for b, e in sorted(l.quant_error.items())})
+                                            for l in qe.linears]))
     return Profile(model=spec.model, method=method, layers=layers)

@@ -28,7 +28,7 @@ at answer positions), then the cache advances one layer with the fp layer l.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from core.calibration import Batch, HessianCollector, StageProgress, head_logits, pad_token_id, run_fp_pass
 from core.data import encode_text
 from core.models import LoadedModel
-from core.scorers.common import (LayerScores, build_profile, calibration_batches, layer_quant_errors, lowest_bits,
+from core.scorers.common import (LayerQuantization, LayerScores, build_profile, calibration_batches, layer_quant_errors, lowest_bits,
                                  prompt_sequences, quantized_layer, select_rows)
 from core.spec import CalibrationRow, JobSpec
 from core.types import CancelFn, Profile, ProgressFn, never_cancel, no_progress
@@ -212,14 +212,14 @@ def score_taqo(loaded: LoadedModel, rows: Sequence[CalibrationRow], spec: JobSpe
 
     layer_tracker = tracker.span(0.15, 1.0)
     quantized: list[TaskScore] = []
-    quant_errors: list[dict[int, float]] = []
+    quant_errors: list[LayerQuantization] = []
     for ref in loaded.layers:
         layer_tracker.check()
         acc = _Accumulator(len(sequences))
         # the probe reuses the weights quantized for the layer's quant_error at the probe width
         lq = layer_quant_errors(ref, hessians, spec, keep_bits=bits)
         hessians.release(list(ref.linears))
-        quant_errors.append(lq.errors)
+        quant_errors.append(replace(lq, kept={}))  # the weights are needed for this probe only
         with quantized_layer(ref, bits, spec, lq.kept):
             for b in range(len(batches)):
                 acc.add(model, stack, cache.replay(b), targets_by_batch[b])

@@ -86,6 +86,31 @@ def test_profile_reuse_and_eval_dataset(served):
     assert evaluation["n_items"] == 4 and "uniform" in evaluation["fidelity"]
 
 
+def test_per_linear_allocation_job(served):
+    """allocation_unit "linear" through the service: bits per linear in the result, the profile
+    (DB rows and profile.json), bitmap.json and the manifest, and both exports verify."""
+    client = served["client"]
+    source = next(j for j in client.get("/v1/jobs", params={"status": "succeeded"}).json()["items"]
+                  if j["spec"]["method"] == "taq" and not j["spec"].get("profile_from_job_id"))
+    spec = tiny_spec("taq", calibration=None, profile_from_job_id=source["id"], bit_budget={"avg_bits": 5.5},
+                     allocation_unit="linear", exports=["hf", "gguf"])
+    job = client.post("/v1/jobs", json=spec).json()
+    final = wait_job(client, job["id"], timeout=300)
+    assert final["status"] == "succeeded", final["error"]
+    (budget,) = final["result"]["budgets"]
+    layers = client.get(f"/v1/jobs/{job['id']}/profile").json()["layers"]
+    linears = {l["name"]: l["bits"] for layer in layers for l in layer["linears"]}
+    assert len(linears) == 7 * len(layers) and budget["bits"] == linears
+    assert budget["effective_bits"] <= 5.5 and set(linears.values()) <= {4, 8, 16}
+    blobs = verify_artifacts(client, job["id"])
+    manifest = json.loads(blobs["manifest.json"])
+    assert manifest["bits_by_linear"] == linears and "bits_by_layer" not in manifest
+    assert manifest["spec"]["allocation_unit"] == "linear"
+    assert json.loads(blobs["bitmap.json"])["budgets"][0]["unit"] == "linear"
+    stored = json.loads(blobs["profile.json"])
+    assert {l["name"]: l["bits"] for layer in stored["layers"] for l in layer["linears"]} == linears
+
+
 def test_range_etag_and_event_stream(served):
     client = served["client"]
     job_id = client.get("/v1/jobs", params={"status": "succeeded", "limit": 1}).json()["items"][0]["id"]

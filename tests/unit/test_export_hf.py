@@ -194,7 +194,7 @@ def test_inconsistent_inputs_are_export_errors(tiny, tmp_path):
 
     extra = dict(weights)
     extra["model.layers.2.self_attn.q_proj"] = weights["model.layers.0.self_attn.q_proj"]
-    with pytest.raises(ExportError, match="kept at 16 bits"):
+    with pytest.raises(ExportError, match="keeps it at 16 bits"):
         export_hf(model, tokenizer, extra, bits, spec, tmp_path / "b")
 
     with pytest.raises(ExportError, match="no width"):

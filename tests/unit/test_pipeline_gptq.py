@@ -142,3 +142,17 @@ def test_progress_and_cancel_per_layer(loaded: LoadedModel) -> None:
 
 def test_all_sixteen_bits_needs_no_rows(loaded: LoadedModel) -> None:
     assert quantize_stage(make_spec(), loaded, all_at(loaded, 16)) == {}
+
+
+def test_profile_errors_are_measured_with_the_jobs_quantizer(loaded: LoadedModel, result: PipelineResult) -> None:
+    """Under gptq the profile's quant_error (what the allocator trades) is GPTQ's error, below
+    RTN's for every layer and linear at 4 bits; the same spec with rtn measures RTN's."""
+    from core.pipeline import score_stage
+
+    gptq = result.profile
+    rtn = score_stage(make_spec(quantizer="rtn"), loaded, ROWS)
+    for g, r in zip(gptq.layers, rtn.layers, strict=True):
+        assert g.scores == r.scores and g.quant_error[16] == r.quant_error[16] == 0.0
+        assert g.quant_error[4] < r.quant_error[4] and g.quant_error[8] <= r.quant_error[8]
+        for gl, rl in zip(g.linears, r.linears, strict=True):
+            assert gl.quant_error[4] < rl.quant_error[4]

@@ -1,6 +1,7 @@
 """Contains all the data models used in inputs/outputs"""
 
 from .allocation_rule import AllocationRule
+from .allocation_unit import AllocationUnit
 from .artifact_file_out import ArtifactFileOut
 from .artifact_out import ArtifactOut
 from .artifact_out_kind import ArtifactOutKind
@@ -23,6 +24,8 @@ from .job_spec import JobSpec
 from .layer_out import LayerOut
 from .layer_out_quant_error_type_0 import LayerOutQuantErrorType0
 from .layer_out_scores import LayerOutScores
+from .linear_out import LinearOut
+from .linear_out_quant_error import LinearOutQuantError
 from .list_jobs_status_type_0_item import ListJobsStatusType0Item
 from .message import Message
 from .method import Method
@@ -35,6 +38,7 @@ from .ready_out_status import ReadyOutStatus
 
 __all__ = (
     "AllocationRule",
+    "AllocationUnit",
     "ArtifactFileOut",
     "ArtifactOut",
     "ArtifactOutKind",
@@ -57,6 +61,8 @@ __all__ = (
     "LayerOut",
     "LayerOutQuantErrorType0",
     "LayerOutScores",
+    "LinearOut",
+    "LinearOutQuantError",
     "ListJobsStatusType0Item",
     "Message",
     "Method",

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from attrs import define as _attrs_define
 
 from ..models.allocation_rule import AllocationRule
+from ..models.allocation_unit import AllocationUnit
 from ..models.export_format import ExportFormat
 from ..models.method import Method
 from ..models.quantizer import Quantizer
@@ -25,6 +26,9 @@ class JobSpec:
     Attributes:
         model (str):
         allocation (AllocationRule | Unset):
+        allocation_unit (AllocationUnit | Unset): What one allocated width covers: a whole transformer `layer` (the
+            default), or each
+            `linear` of it separately (q/k/v/o and the MLP projections get their own bits).
         bit_budget (BitBudget | None | Unset):
         bit_choices (list[int] | Unset):
         calibration (list[CalibrationRow] | None | Unset):
@@ -48,6 +52,7 @@ class JobSpec:
 
     model: str
     allocation: AllocationRule | Unset = UNSET
+    allocation_unit: AllocationUnit | Unset = UNSET
     bit_budget: BitBudget | None | Unset = UNSET
     bit_choices: list[int] | Unset = UNSET
     calibration: list[CalibrationRow] | None | Unset = UNSET
@@ -74,6 +79,10 @@ class JobSpec:
         allocation: str | Unset = UNSET
         if not isinstance(self.allocation, Unset):
             allocation = self.allocation.value
+
+        allocation_unit: str | Unset = UNSET
+        if not isinstance(self.allocation_unit, Unset):
+            allocation_unit = self.allocation_unit.value
 
         bit_budget: dict[str, Any] | None | Unset
         if isinstance(self.bit_budget, Unset):
@@ -161,6 +170,8 @@ class JobSpec:
         )
         if allocation is not UNSET:
             field_dict["allocation"] = allocation
+        if allocation_unit is not UNSET:
+            field_dict["allocation_unit"] = allocation_unit
         if bit_budget is not UNSET:
             field_dict["bit_budget"] = bit_budget
         if bit_choices is not UNSET:
@@ -212,6 +223,13 @@ class JobSpec:
             allocation = UNSET
         else:
             allocation = AllocationRule(_allocation)
+
+        _allocation_unit = d.pop("allocation_unit", UNSET)
+        allocation_unit: AllocationUnit | Unset
+        if isinstance(_allocation_unit, Unset):
+            allocation_unit = UNSET
+        else:
+            allocation_unit = AllocationUnit(_allocation_unit)
 
         def _parse_bit_budget(data: object) -> BitBudget | None | Unset:
             if data is None:
@@ -330,6 +348,7 @@ class JobSpec:
         job_spec = cls(
             model=model,
             allocation=allocation,
+            allocation_unit=allocation_unit,
             bit_budget=bit_budget,
             bit_choices=bit_choices,
             calibration=calibration,

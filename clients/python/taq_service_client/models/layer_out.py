@@ -11,6 +11,7 @@ from ..types import UNSET, Unset
 if TYPE_CHECKING:
     from ..models.layer_out_quant_error_type_0 import LayerOutQuantErrorType0
     from ..models.layer_out_scores import LayerOutScores
+    from ..models.linear_out import LinearOut
 
 
 T = TypeVar("T", bound="LayerOut")
@@ -27,6 +28,7 @@ class LayerOut:
         params (int):
         scores (LayerOutScores):
         sensitivity (float):
+        linears (list[LinearOut] | Unset):
         quant_error (LayerOutQuantErrorType0 | None | Unset):
     """
 
@@ -37,6 +39,7 @@ class LayerOut:
     params: int
     scores: LayerOutScores
     sensitivity: float
+    linears: list[LinearOut] | Unset = UNSET
     quant_error: LayerOutQuantErrorType0 | None | Unset = UNSET
     additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
@@ -57,6 +60,13 @@ class LayerOut:
         scores = self.scores.to_dict()
 
         sensitivity = self.sensitivity
+
+        linears: list[dict[str, Any]] | Unset = UNSET
+        if not isinstance(self.linears, Unset):
+            linears = []
+            for linears_item_data in self.linears:
+                linears_item = linears_item_data.to_dict()
+                linears.append(linears_item)
 
         quant_error: dict[str, Any] | None | Unset
         if isinstance(self.quant_error, Unset):
@@ -79,6 +89,8 @@ class LayerOut:
                 "sensitivity": sensitivity,
             }
         )
+        if linears is not UNSET:
+            field_dict["linears"] = linears
         if quant_error is not UNSET:
             field_dict["quant_error"] = quant_error
 
@@ -88,6 +100,7 @@ class LayerOut:
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
         from ..models.layer_out_quant_error_type_0 import LayerOutQuantErrorType0  # noqa: PLC0415
         from ..models.layer_out_scores import LayerOutScores  # noqa: PLC0415
+        from ..models.linear_out import LinearOut  # noqa: PLC0415
 
         d = dict(src_dict)
 
@@ -109,6 +122,15 @@ class LayerOut:
         scores = LayerOutScores.from_dict(d.pop("scores"))
 
         sensitivity = d.pop("sensitivity")
+
+        _linears = d.pop("linears", UNSET)
+        linears: list[LinearOut] | Unset = UNSET
+        if _linears is not UNSET:
+            linears = []
+            for linears_item_data in _linears:
+                linears_item = LinearOut.from_dict(linears_item_data)
+
+                linears.append(linears_item)
 
         def _parse_quant_error(data: object) -> LayerOutQuantErrorType0 | None | Unset:
             if data is None:
@@ -135,6 +157,7 @@ class LayerOut:
             params=params,
             scores=scores,
             sensitivity=sensitivity,
+            linears=linears,
             quant_error=quant_error,
         )
 

@@ -1,0 +1,26 @@
+"""Per-linear errors and bits in the profile: profile_layers.linears
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-25
+"""
+from __future__ import annotations
+
+from alembic import op
+import sqlalchemy as sa
+
+
+revision = '0003'
+down_revision = '0002'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('profile_layers', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('linears', sa.JSON(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('profile_layers', schema=None) as batch_op:
+        batch_op.drop_column('linears')

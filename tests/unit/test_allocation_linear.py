@@ -1,0 +1,167 @@
+"""allocation_unit "linear": fused groups, units that reproduce the per-layer objective, an optimum
+never worse than per-layer, bits per linear through quantize and both exports, and the errors."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from core.allocation import allocate_budget, expand_units, layer_costs_from_profile, linear_units
+from core.errors import InvalidSpec
+from core.export import export_gguf, export_hf
+from core.export.manifest import bit_map_key
+from core.models import LoadedModel, load_model, resolve_model
+from core.modules import fused_linear_groups
+from core.pipeline import allocate_stage, linear_bits, run_pipeline
+from core.plot import plot_profile, profile_effective_bits
+from core.quant.primitives import dequantize_weight
+from core.spec import CalibrationRow, JobSpec
+from core.types import LayerProfile, LinearProfile, Profile
+
+pytestmark = pytest.mark.unit
+
+LEAVES = {"self_attn.q_proj": 576 * 576, "self_attn.k_proj": 576 * 192, "self_attn.v_proj": 576 * 192,
+          "self_attn.o_proj": 576 * 576, "mlp.gate_proj": 576 * 1536, "mlp.up_proj": 576 * 1536,
+          "mlp.down_proj": 576 * 1536}
+
+
+def synthetic_profile(layers: int = 6, seed: int = 0) -> Profile:
+    """A SmolLM2-shaped profile with random sensitivities and per-linear errors (e(4) > e(8) > 0)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(layers):
+        linears = []
+        for leaf, n in LEAVES.items():
+            e4 = rng.uniform(0.001, 0.05)
+            linears.append(LinearProfile(f"model.layers.{i}.{leaf}", n, {4: e4, 8: e4 / rng.uniform(150, 300), 16: 0.0}))
+        params = sum(l.params for l in linears)
+        error = {b: sum(l.params * l.quant_error[b] for l in linears) / params for b in (4, 8, 16)}
+        out.append(LayerProfile(index=i, name=f"model.layers.{i}", params=params, scores={}, importance=0.0,
+                                sensitivity=rng.uniform(0.2, 3.0), quant_error=error, linears=linears))
+    return Profile(model="synthetic", method="taq", layers=out)
+
+
+def test_fused_groups_follow_the_runtimes_fused_matrices() -> None:
+    names = [f"model.layers.0.{leaf}" for leaf in LEAVES] + [f"model.layers.1.{leaf}" for leaf in LEAVES]
+    groups = fused_linear_groups(names)
+    assert groups[:4] == [["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                           "model.layers.0.self_attn.v_proj"], ["model.layers.0.self_attn.o_proj"],
+                          ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],
+                          ["model.layers.0.mlp.down_proj"]]
+    assert len(groups) == 8 and sorted(n for g in groups for n in g) == sorted(names)
+
+
+def test_units_reproduce_the_per_layer_objective_and_the_optimum_is_never_worse() -> None:
+    profile = synthetic_profile()
+    units = linear_units(profile)
+    assert len(units) == 4 * len(profile.layers)
+    for budget in (4.5, 5.0, 6.0, 8.0):
+        per_layer = allocate_budget(profile, budget, [4, 8, 16], 128, False)
+        per_linear = expand_units(allocate_budget([u.cost for u in units], budget, [4, 8, 16], 128, False), units)
+        assert per_linear.unit == "linear" and per_linear.effective_bits <= budget
+        # the per-layer allocation, written per unit, has exactly the per-layer objective
+        as_units = {u.cost.name: per_layer.bits[u.cost.name.rsplit(".", 2)[0]] for u in units}
+        objective = sum(u.cost.sensitivity * (u.cost.quant_error[as_units[u.cost.name]]) for u in units)
+        assert objective == pytest.approx(per_layer.objective, rel=1e-12)
+        assert per_linear.objective <= per_layer.objective * (1 + 1e-12)
+        # fused shards share one width
+        for i in range(len(profile.layers)):
+            qkv = {per_linear.bits[f"model.layers.{i}.self_attn.{p}_proj"] for p in "qkv"}
+            gate_up = {per_linear.bits[f"model.layers.{i}.mlp.{p}_proj"] for p in ("gate", "up")}
+            assert len(qkv) == 1 and len(gate_up) == 1
+    # somewhere in the sweep, per-linear finds a strictly better optimum on this random profile
+    better = [b for b in (4.5, 5.0, 6.0)
+              if expand_units(allocate_budget([u.cost for u in units], b, [4, 8, 16], 128, False), units).objective
+              < allocate_budget(profile, b, [4, 8, 16], 128, False).objective * (1 - 1e-9)]
+    assert better
+
+
+def test_profile_without_linear_errors_is_an_actionable_error() -> None:
+    profile = synthetic_profile(layers=2)
+    old = Profile(model=profile.model, method=profile.method,
+                  layers=[LayerProfile(**{**l.__dict__, "linears": []}) for l in profile.layers])
+    assert layer_costs_from_profile(old)  # per-layer allocation still works on it
+    with pytest.raises(InvalidSpec, match="score again"):
+        linear_units(old)
+
+
+def test_paper_rule_refuses_per_linear_allocation() -> None:
+    with pytest.raises(ValidationError, match="whole layers"):
+        JobSpec(model="m", method="taq", calibration=[CalibrationRow(prompt="x")], allocation="paper",
+                allocation_unit="linear")
+
+
+def test_profile_round_trip_and_bits_per_linear() -> None:
+    profile = synthetic_profile(layers=3)
+    spec = JobSpec(model="m", method="taq", calibration=[CalibrationRow(prompt="x")],
+                   bit_budget={"avg_bits": 5.0}, allocation_unit="linear")
+    [allocation] = allocate_stage(spec, profile)
+    assert allocation.unit == "linear" and set(allocation.bits) == {l.name for x in profile.layers for l in x.linears}
+    with_bits = profile.with_bits(allocation.bits)
+    assert Profile.from_dict(with_bits.to_dict()) == with_bits
+    for layer in with_bits.layers:
+        widths = {l.bits for l in layer.linears}
+        assert layer.bits == (widths.pop() if len(widths) == 1 else None)
+        assert layer.mean_bits == pytest.approx(sum(l.bits * l.params for l in layer.linears) / layer.params)
+    # effective bits from the profile's per-linear bits equal the allocator's
+    assert profile_effective_bits(with_bits, 128, False) == pytest.approx(allocation.effective_bits)
+    assert plot_profile(with_bits, group_size=128).startswith(b"\x89PNG")
+    assert bit_map_key(spec) == "bits_by_linear"
+
+
+ROWS = [CalibrationRow(prompt=f"Item {i}: what is {i} times {i + 3}? Answer briefly.") for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_root: Path) -> LoadedModel:
+    return load_model(resolve_model("tiny-llama", [tiny_model_root], {}))
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_pipeline_quantizes_and_exports_each_linear_at_its_bits(loaded: LoadedModel, tmp_path: Path,
+                                                                quantizer: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    spec = JobSpec(model="tiny-llama", method="taq", calibration=ROWS, bit_budget={"avg_bits": 5.5},
+                   bit_choices=[4, 8, 16], group_size=32, reservoir_size=32, max_tokens=32, seed=0,
+                   allocation_unit="linear", quantizer=quantizer)
+    result = run_pipeline(spec, loaded, ROWS)
+    out = result.outputs[0]
+    bits = linear_bits(loaded, out.allocation)
+    assert out.allocation.unit == "linear" and out.allocation.effective_bits <= 5.5
+    # a real per-linear choice: some layer mixes widths
+    assert any(len({bits[n] for n in ref.linears}) > 1 for ref in loaded.layers), bits
+    assert {n for n, b in bits.items() if b < 16} == set(out.weights)
+    for name, q in out.weights.items():
+        assert q.bits == bits[name]
+    assert any(l.bits is None and l.mean_bits is not None for l in result.profile.layers)
+
+    export_hf(loaded.model, loaded.tokenizer, out.weights, out.allocation.bits, spec, tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    reference = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        for value in reference.state_dict().values():
+            value.copy_(value.half().float())
+        for name, q in out.weights.items():
+            reference.get_submodule(name).weight.copy_(dequantize_weight(q))
+    batch = loaded.tokenizer(["The capital of France is", "2 + 2 ="], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a, b = exported(**batch).logits, reference(**batch).logits
+    mask = batch["attention_mask"].bool()
+    assert float((a - b).abs()[mask].max()) <= 1e-3 * float(b.abs()[mask].max())
+
+    path = export_gguf(loaded.model, loaded.tokenizer, out.weights, out.allocation.bits, spec, tmp_path / "m.gguf")
+    from gguf import GGUFReader
+
+    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    for name, b in bits.items():
+        layer, leaf = name.split(".")[2], name.rsplit(".", 1)[1]
+        gguf_name = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[leaf]
+        expected = {4: ("Q4_0", "Q4_1"), 8: ("Q8_0",), 16: ("F16",)}[b]
+        assert types[f"blk.{layer}.{gguf_name}.weight"] in expected, (name, b)
