@@ -74,6 +74,26 @@ def weights_key(weights: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def with_continuation(loaded: LoadedModel, rows: list[CalibrationRow], how: str) -> list[CalibrationRow]:
+    """Calibration rows as given (`none`), or with an assistant turn appended: the first gold
+    answer (`gold`) or the full-precision model's own greedy answer (`self`), so calibration
+    activations also cover the answer tokens."""
+    if how == "none":
+        return rows
+    if how == "gold":
+        answers = [(r.answers or [""])[0] for r in rows]
+    else:
+        ids = tokenize_rows(rows, loaded.tokenizer, 256)
+        answers = evaluate_generation(loaded.model, loaded.tokenizer, ids, [[] for _ in rows]).generations
+    out = []
+    for row, answer in zip(rows, answers, strict=True):
+        messages = ([m.model_dump() for m in row.messages] if row.messages is not None
+                    else [{"role": "user", "content": row.prompt}])
+        out.append(CalibrationRow(messages=messages + [{"role": "assistant", "content": answer.strip()}],
+                                  answers=row.answers))
+    return out
+
+
 @dataclass
 class SuiteEval:
     """Evaluates weight sets on one suite with a single working copy of the model."""
@@ -85,10 +105,13 @@ class SuiteEval:
     work: torch.nn.Module = field(init=False)
     cache: dict[str, dict] = field(default_factory=dict)
 
+    continuation: str = "none"
+
     def __post_init__(self) -> None:
         tok = self.loaded.tokenizer
         rows = read_rows(TASKS / self.suite / "eval.jsonl")[: self.eval_limit]
-        self.calibration = read_rows(TASKS / self.suite / "calibration.jsonl")
+        self.calibration = with_continuation(self.loaded, read_rows(TASKS / self.suite / "calibration.jsonl"),
+                                             self.continuation)
         # token ids (chat template applied when the tokenizer has one; plain prompts get the
         # tokenizer's BOS, which Gemma 3 needs and whose GGUF carries no chat template)
         self.prompts = tokenize_rows(rows, tok, 256)
@@ -213,7 +236,7 @@ def scored(args, loaded: LoadedModel, model_id: str, suite: str, variant: Varian
 
 def run_suite(args, loaded: LoadedModel, model_id: str, suite: str,
               profiles: dict) -> list[dict]:
-    ctx = SuiteEval(loaded, suite, args.eval_limit, args.fidelity_prompts)
+    ctx = SuiteEval(loaded, suite, args.eval_limit, args.fidelity_prompts, continuation=args.calibration_continuation)
     fp = ctx.full_precision()
     rows = [{"suite": suite, "method": "full precision", "avg_bits": None, "effective_bits": 16.0,
              "bits": {}, "score_s": 0.0, "quantize_s": 0.0, **fp}]
@@ -314,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cross-task", nargs="*", default=[], metavar="SRC:DST")
     parser.add_argument("--cross-task-methods", nargs="+", default=["taq"])
     parser.add_argument("--calibration-rows", type=int, default=32)
+    parser.add_argument("--calibration-continuation", choices=["none", "gold", "self"], default="none",
+                        help="append an assistant turn to every calibration row: the gold answer or "
+                             "the full-precision model's own greedy answer")
     parser.add_argument("--eval-limit", type=int, default=150)
     parser.add_argument("--fidelity-prompts", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
@@ -335,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(rows, indent=2))
     heading = (f"{args.model}, group {args.group_size}, bit choices {args.bit_choices}, "
-               f"{args.calibration_rows} calibration rows, eval n ≤ {args.eval_limit}, "
+               f"{args.calibration_rows} calibration rows (continuation: {args.calibration_continuation}), "
+               f"eval n ≤ {args.eval_limit}, "
                f"total {time.perf_counter() - t0:.0f}s")
     table = markdown(rows)
     print(f"\n{heading}\n\n{table}")

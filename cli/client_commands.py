@@ -198,6 +198,9 @@ def submit(
     group_size: Annotated[Optional[int], typer.Option()] = None,
     symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", show_default=False)] = None,
     allocation: Annotated[Optional[str], typer.Option(help="budget | paper")] = None,
+    allocation_unit: Annotated[Optional[str], typer.Option(help="layer | linear")] = None,
+    quantizer: Annotated[Optional[str], typer.Option(help="rtn | gptq (gptq needs calibration data)")] = None,
+    clip_search: Annotated[Optional[bool], typer.Option("--clip-search/--no-clip-search", show_default=False)] = None,
     export: Annotated[Optional[list[str]], typer.Option("--export", help="hf | gguf; repeatable")] = None,
     eval_file: Annotated[Optional[Path], typer.Option("--eval", help="eval JSONL; uploaded first")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
@@ -222,7 +225,8 @@ def submit(
         except ValueError:
             _fail(EXIT_USAGE, f"--bit-choices must be comma-separated integers, got {bit_choices!r}")
     for key, value in (("model", model), ("method", method), ("group_size", group_size), ("symmetric", symmetric),
-                       ("allocation", allocation), ("seed", seed)):
+                       ("allocation", allocation), ("allocation_unit", allocation_unit), ("quantizer", quantizer),
+                       ("clip_search", clip_search), ("seed", seed)):
         if value is not None:
             spec[key] = value
     if avg_bits:

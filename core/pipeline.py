@@ -133,8 +133,8 @@ def quantize_stage(spec: JobSpec, loaded: LoadedModel, allocation: BitAllocation
                    progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel
                    ) -> dict[str, QuantizedWeight]:
     """Quantize every linear allocated below 16 bits (its layer's bits, or its own under
-    per-linear allocation) with `spec.quantizer`. Progress and cancellation once per layer; weights end
-    up on the CPU.
+    per-linear allocation) with `spec.quantizer`. Progress and cancellation once per layer;
+    weights end up on the CPU.
 
     GPTQ needs `hessians` (from `collect_hessians`) or the calibration `rows` to collect them
     (then the pass takes the first quarter of this stage's progress); RTN ignores both."""

@@ -44,11 +44,14 @@ def done_job(svc, tmp_path_factory):
     (tmp / "spec.json").write_text(json.dumps(base))
     result = ok(taq(svc, "submit", "--spec", str(tmp / "spec.json"), "--model", "tiny-llama", "--method", "uniform",
                     "--calibration", str(tmp / "cal.jsonl"), "--avg-bits", "6", "--bit-choices", "4,8",
-                    "--group-size", "32", "--export", "hf", "--seed", "0", "--wait", "--json", "--interval", "0.5"))
+                    "--group-size", "32", "--export", "hf", "--seed", "0", "--allocation-unit", "linear",
+                    "--quantizer", "gptq", "--clip-search", "--wait", "--json", "--interval", "0.5"))
     job = json.loads(result.stdout)
     assert job["status"] == "succeeded", job
     assert job["spec"]["model"] == "tiny-llama" and job["spec"]["calibration_dataset_id"].startswith("ds_")
     assert job["spec"]["bit_budget"] == {"avg_bits": 6.0} and job["spec"]["bit_choices"] == [4, 8]
+    assert (job["spec"]["allocation_unit"], job["spec"]["quantizer"], job["spec"]["clip_search"]) == (
+        "linear", "gptq", True)
     return job
 
 

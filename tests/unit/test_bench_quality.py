@@ -12,7 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_quality import series_name  # noqa: E402
+from bench.bench_quality import parse_method, series_name  # noqa: E402
 from bench.peers import UniformConfig, config_for_budget, rtn_dequantized  # noqa: E402
 from bench.report_quality import merge, unique  # noqa: E402
 from core.quant.primitives import dequantize_weight, quantize_weight  # noqa: E402
@@ -67,3 +67,15 @@ def test_peer_rows_form_one_plot_series() -> None:
     assert series_name("rtn_matched g128") == "rtn_matched"
     assert series_name("taq+gptq (profile from arithmetic)") == "taq+gptq (profile from arithmetic)"
     assert series_name("taq") == "taq"
+
+
+def test_method_modifiers_set_spec_fields_and_profile_keys() -> None:
+    plain, full = parse_method("taq"), parse_method("taq_kl+linear+gptq+clip")
+    assert plain.method == "taq" and plain.options == () and plain.scoring_options == {}
+    assert full.method == "taq_kl"
+    assert dict(full.options) == {"allocation_unit": "linear", "quantizer": "gptq", "clip_search": True}
+    # the allocation unit does not change the profile; the quantizer and clip search do
+    assert full.scoring_options == {"quantizer": "gptq", "clip_search": True}
+    assert parse_method("taq+gptq+linear") == parse_method("taq+linear+gptq")
+    with pytest.raises(SystemExit, match="unknown modifier"):
+        parse_method("taq+awq")
