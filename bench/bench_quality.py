@@ -1,8 +1,8 @@
 """Task score retained by each method at equal bit budgets, on a packaged model (CPU), in one run.
 
     python bench/bench_quality.py --suites capitals arithmetic python_eval \
-        --avg-bits 4.25 4.5 5.0 6.0 --group-size 128 --methods uniform taq taq_kl taqo \
-        --peers rtn_matched hqq --cross-task capitals:arithmetic \
+        --avg-bits 4.25 4.5 5.0 6.0 --group-size 128 --methods uniform taq taq_kl taqo taq+gptq+clip \
+        --peers rtn_matched gptq_matched hqq --cross-task capitals:arithmetic \
         --json bench/out/quality.json --markdown bench/out/quality.md --plot bench/out/quality.png
 
 For every suite: the full-precision model is evaluated once on the suite's eval split; every
@@ -50,6 +50,10 @@ from core.spec import CalibrationRow, JobSpec  # noqa: E402
 from core.types import Profile  # noqa: E402
 
 TASKS = ROOT / "bench" / "tasks"
+#: the default sweep (`make bench-quality`): the RTN `uniform` baseline, then every method with
+#: the service's strongest quantizer settings (GPTQ with clip search), one per-linear variant
+DEFAULT_METHODS = ["uniform", "uniform+gptq+clip", "taq+gptq+clip", "taq_kl+gptq+clip",
+                   "taq_kl+gptq+clip+linear", "taqo+gptq+clip"]
 MODELS_DIR = ROOT / "bench" / "out" / "models"
 
 
@@ -332,11 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--avg-bits", type=float, nargs="+", default=[4.25, 4.5, 5.0, 6.0])
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--bit-choices", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--methods", nargs="*", default=["uniform", "taq", "taq_kl", "taqo"])
-    parser.add_argument("--peers", nargs="*", default=["rtn_matched", "hqq"])
-    parser.add_argument("--cross-task", nargs="*", default=[], metavar="SRC:DST")
-    parser.add_argument("--cross-task-methods", nargs="+", default=["taq"])
-    parser.add_argument("--calibration-rows", type=int, default=32)
+    parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
+    parser.add_argument("--peers", nargs="*", default=["gptq_matched", "hqq"])
+    parser.add_argument("--cross-task", nargs="*", default=["arithmetic:capitals"], metavar="SRC:DST")
+    parser.add_argument("--cross-task-methods", nargs="+", default=["taq_kl+gptq+clip"])
+    parser.add_argument("--calibration-rows", type=int, default=128)
     parser.add_argument("--calibration-continuation", choices=["none", "gold", "self"], default="none",
                         help="append an assistant turn to every calibration row: the gold answer or "
                              "the full-precision model's own greedy answer")
