@@ -37,7 +37,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
 
 # the equal-bits quality benchmark of BENCHMARKS.md, one process with the script's default sweep
-# (methods, peers, budgets, cross-task row): about 1.5 hours on 2 CPU cores
+# (methods, peers, budgets, cross-task row): about 70 minutes on 2 idle CPU cores
 bench-quality: setup
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench_quality.py --suites capitals arithmetic python_eval \

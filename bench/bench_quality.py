@@ -51,9 +51,8 @@ from core.types import Profile  # noqa: E402
 
 TASKS = ROOT / "bench" / "tasks"
 #: the default sweep (`make bench-quality`): the RTN `uniform` baseline, then every method with
-#: the service's strongest quantizer settings (GPTQ with clip search), one per-linear variant
-DEFAULT_METHODS = ["uniform", "uniform+gptq+clip", "taq+gptq+clip", "taq_kl+gptq+clip",
-                   "taq_kl+gptq+clip+linear", "taqo+gptq+clip"]
+#: the service's strongest quantizer settings (GPTQ with clip search)
+DEFAULT_METHODS = ["uniform", "uniform+gptq+clip", "taq+gptq+clip", "taq_kl+gptq+clip", "taqo+gptq+clip"]
 MODELS_DIR = ROOT / "bench" / "out" / "models"
 
 
@@ -337,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--bit-choices", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
-    parser.add_argument("--peers", nargs="*", default=["gptq_matched", "hqq"])
+    parser.add_argument("--peers", nargs="*", default=["hqq"])
     parser.add_argument("--cross-task", nargs="*", default=["arithmetic:capitals"], metavar="SRC:DST")
     parser.add_argument("--cross-task-methods", nargs="+", default=["taq_kl+gptq+clip"])
     parser.add_argument("--calibration-rows", type=int, default=128)

@@ -12,7 +12,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_quality import parse_method, series_name  # noqa: E402
+from bench.bench_quality import parse_method, series_name, with_continuation  # noqa: E402
+from core.spec import CalibrationRow  # noqa: E402
 from bench.peers import UniformConfig, config_for_budget, rtn_dequantized  # noqa: E402
 from bench.report_quality import merge, unique  # noqa: E402
 from core.quant.primitives import dequantize_weight, quantize_weight  # noqa: E402
@@ -79,3 +80,13 @@ def test_method_modifiers_set_spec_fields_and_profile_keys() -> None:
     assert parse_method("taq+gptq+linear") == parse_method("taq+linear+gptq")
     with pytest.raises(SystemExit, match="unknown modifier"):
         parse_method("taq+awq")
+
+
+def test_gold_continuation_appends_the_first_answer_as_an_assistant_turn() -> None:
+    rows = [CalibrationRow(prompt="Capital of Peru?", answers=["Lima", "Lima, Peru"]),
+            CalibrationRow(messages=[{"role": "user", "content": "2 + 2?"}], answers=["4"])]
+    assert with_continuation(None, rows, "none") == rows
+    out = with_continuation(None, rows, "gold")
+    assert [[(m.role, m.content) for m in r.messages] for r in out] == [
+        [("user", "Capital of Peru?"), ("assistant", "Lima")], [("user", "2 + 2?"), ("assistant", "4")]]
+    assert [r.answers for r in out] == [r.answers for r in rows]
