@@ -94,10 +94,12 @@ class LayerOut(BaseModel):
     params: int
     importance: float
     sensitivity: float
-    bits: int | None
+    bits: int | None = Field(description="the layer's width; null before allocation, or under per-linear "
+                                         "allocation when its linears got different widths (see linears)")
     scores: dict[str, Any]
     quant_error: dict[str, Any] | None = None
-    linears: list[LinearOut] = []
+    linears: list[LinearOut] = Field(default=[], description="each linear's own quant_error and, under "
+                                                             "allocation_unit 'linear', its bits")
 
     @classmethod
     def of(cls, row: ProfileLayer) -> "LayerOut":

@@ -21,14 +21,15 @@ T = TypeVar("T", bound="LayerOut")
 class LayerOut:
     """
     Attributes:
-        bits (int | None):
+        bits (int | None): the layer's width; null before allocation, or under per-linear allocation when its linears
+            got different widths (see linears)
         importance (float):
         index (int):
         name (str):
         params (int):
         scores (LayerOutScores):
         sensitivity (float):
-        linears (list[LinearOut] | Unset):
+        linears (list[LinearOut] | Unset): each linear's own quant_error and, under allocation_unit 'linear', its bits
         quant_error (LayerOutQuantErrorType0 | None | Unset):
     """
 
