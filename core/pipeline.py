@@ -7,8 +7,9 @@ The worker runs the stages separately so it can checkpoint between them:
 
 All linears of one layer share its bits, unless `spec.allocation_unit` is `linear`: then each
 linear gets its own, except that linears runtimes fuse (q/k/v, gate/up) share one
-(`core.allocation.linear_units`, `BitAllocation.unit`, `linear_bits`). Rows beyond `spec.max_calibration_rows` are
-subsampled deterministically with `spec.seed`. Quantized weights are returned on the CPU.
+(`core.allocation.linear_units`, `BitAllocation.unit`, `linear_bits`). Rows beyond
+`spec.max_calibration_rows` are subsampled deterministically with `spec.seed`. Quantized weights
+are returned on the CPU.
 
 `spec.quantizer == gptq` (error-compensating quantization, `core.quant.gptq`) needs the Hessian
 H = XᵀX / n of every linear's input on the calibration rows: `collect_hessians` gets them in one

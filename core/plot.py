@@ -94,7 +94,7 @@ def plot_profile(profile: Profile, title: str | None = None, *, group_size: int 
         ax1.legend(handles=handles, fontsize=7, loc="upper right", ncol=len(handles))
         ax2.step(x, mean_bits, where="mid", color="#333333")
         ax2.scatter(x, mean_bits, c=colours, edgecolors="black", linewidths=0.3, zorder=3)
-        ax2.set_yticks(sorted({b for b in used} | {min(mean_bits), max(mean_bits)}))
+        ax2.set_yticks(sorted(set(used) | {min(mean_bits), max(mean_bits)}))
     else:
         ax2.text(0.5, 0.5, "no bits allocated yet", ha="center", va="center", transform=ax2.transAxes,
                  fontsize=8, color="#555555")

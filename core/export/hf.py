@@ -196,9 +196,10 @@ def export_hf(model: nn.Module, tokenizer, weights: dict[str, QuantizedWeight], 
     """Write a compressed-tensors HF model directory to `out_dir`; returns the files written.
 
     `weights` maps full linear names to their QuantizedWeight; `bit_map` maps every decoder
-    layer, or every decoder linear (per-linear allocation), to 2/3/4/8/16. Linears of 16-bit layers, embeddings, norms and an untied LM head are
-    stored in float16. Same inputs give byte-identical files. Raises ExportError when the weights,
-    the bit map and the spec disagree, or the chosen strategy cannot represent the grid.
+    layer, or every decoder linear (per-linear allocation), to 2/3/4/8/16. 16-bit linears,
+    embeddings, norms and an untied LM head are stored in float16. Same inputs give byte-identical
+    files. Raises ExportError when the weights, the bit map and the spec disagree, or the chosen
+    strategy cannot represent the grid.
     """
     plans = plan_linears(model, weights, bit_map)
     check_spec_grid(plans, spec)

@@ -27,6 +27,7 @@ import torch
 
 from core.calibration import Batch, HessianCollector, StageProgress, default_batch_tokens, make_batches, pad_token_id
 from core.data import subsample_rows, tokenize_rows
+from core.errors import InvalidSpec
 from core.models import LayerRef, LoadedModel
 from core.spec import CalibrationRow, JobSpec
 from core.types import LayerProfile, LinearProfile, Profile, QuantizedWeight
@@ -210,7 +211,6 @@ def gptq_layer(linears: dict[str, torch.nn.Module], hessians: HessianCollector, 
                spec: JobSpec) -> dict[str, QuantizedWeight]:
     """GPTQ of some of a layer's linears at their `bits`, one sweep per group of linears that
     share an input (one Hessian) and a width."""
-    from core.errors import InvalidSpec
     from core.quant.gptq import gptq_quantize_weights
 
     shared: dict[tuple[str, int], list[str]] = {}
@@ -306,7 +306,5 @@ def build_profile(spec: JobSpec, loaded: LoadedModel, method: str, layer_scores:
                                    scores={k: float(v) for k, v in ls.scores.items()},
                                    importance=float(ls.importance), sensitivity=max(0.0, float(ls.sensitivity)),
                                    quant_error={int(b): float(e) for b, e in sorted(qe.errors.items())},
-                                   linears=[LinearProfile(l.name, l.params,
-                                                          {int(b): float(e) for b, e in sorted(l.quant_error.items())})
-                                            for l in qe.linears]))
+                                   linears=list(qe.linears)))
     return Profile(model=spec.model, method=method, layers=layers)

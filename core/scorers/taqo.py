@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from core.calibration import Batch, HessianCollector, StageProgress, head_logits, pad_token_id, run_fp_pass
 from core.data import encode_text
 from core.models import LoadedModel
-from core.scorers.common import (LayerQuantization, LayerScores, build_profile, calibration_batches, layer_quant_errors, lowest_bits,
-                                 prompt_sequences, quantized_layer, select_rows)
+from core.scorers.common import (LayerQuantization, LayerScores, build_profile, calibration_batches,
+                                 layer_quant_errors, lowest_bits, prompt_sequences, quantized_layer, select_rows)
 from core.spec import CalibrationRow, JobSpec
 from core.types import CancelFn, Profile, ProgressFn, never_cancel, no_progress
 
