@@ -33,6 +33,7 @@ STATUS_BY_TYPE: list[tuple[type, int]] = [
     (core_errors.ModelNotFound, 404),
     (core_errors.UnsafeModel, 422),
     (core_errors.UnsupportedModel, 422),
+    (core_errors.ModelInvalid, 422),
     (core_errors.DataError, 422),
     (core_errors.BudgetInfeasible, 422),
     (core_errors.InvalidSpec, 422),

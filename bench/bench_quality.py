@@ -6,11 +6,12 @@
         --json bench/out/quality.json --markdown bench/out/quality.md --plot bench/out/quality.png
 
 For every suite: the full-precision model is evaluated once on the suite's eval split; every
-method scores the suite's calibration split once (the profile is reused across budgets, as a
-budget-sweep job does), then allocates and quantizes per budget with core.pipeline; the
-dequantized weights go into a working copy of the model, which is greedy-evaluated (contains /
-F1 with 95 % bootstrap CIs) and compared with the full-precision model's next-token distribution
-(mean KL, top-1 agreement). Modifiers after a method set spec fields: `+gptq` quantizes with the
+method runs the service's own pipeline (core.pipeline.run_job: the layer pass scores the suite's
+calibration split and stores every layer's codes at every width, as a budget-sweep job does) once
+per scoring setting; each budget and allocation unit is then allocated from that profile and its
+codes read from the pass's checkpoints; the dequantized weights go into a working copy of the
+model, which is greedy-evaluated (contains / F1 with 95 % bootstrap CIs) and compared with the
+full-precision model's next-token distribution (mean KL, top-1 agreement). Modifiers after a method set spec fields: `+gptq` quantizes with the
 error-compensating quantizer instead of round-to-nearest, `+clip` turns on clip search, `+linear`
 allocates per linear (`allocation_unit: linear`), e.g. `taq+gptq+linear`. Peers (bench/peers.py)
 spend each budget uniformly with 4-bit codes and the group size that reaches it (`rtn_matched`:
@@ -44,10 +45,12 @@ from core.data import tokenize_rows  # noqa: E402
 from core.evaluation import evaluate_generation, fidelity  # noqa: E402
 from core.models import LoadedModel, load_model, resolve_model  # noqa: E402
 from core.packaged_models import GEMMA3_ID, SMOLLM2_ID, assemble_gemma3, packaged_models  # noqa: E402
-from core.pipeline import run_pipeline, score_stage  # noqa: E402
+from core.job_stages import CheckpointWeights  # noqa: E402
+from core.pipeline import LAYERS_PREFIX, JobInputs, allocate_stage, linear_bits, run_job  # noqa: E402
 from core.quant.primitives import dequantize_weight  # noqa: E402
 from core.spec import CalibrationRow, JobSpec  # noqa: E402
-from core.types import Profile  # noqa: E402
+from core.streaming.checkpoints import MemoryStore  # noqa: E402
+from core.types import BitAllocation, Profile  # noqa: E402
 
 TASKS = ROOT / "bench" / "tasks"
 #: the default sweep (`make bench-quality`): the RTN `uniform` baseline, then every method with
@@ -185,23 +188,42 @@ def make_spec(args: argparse.Namespace, model_id: str, method: str, **options) -
     return JobSpec(model=model_id, method=method, calibration_dataset_id="bench",
                    bit_budget={"avg_bits": list(args.avg_bits) if len(args.avg_bits) > 1 else args.avg_bits[0]},
                    bit_choices=args.bit_choices, group_size=args.group_size,
-                   max_calibration_rows=args.calibration_rows, max_tokens=128, seed=0, **options)
+                   max_calibration_rows=args.calibration_rows, max_tokens=128, seed=0, exports=[],
+                   calibration_inputs=args.calibration_inputs, **options)
 
 
-def pipeline_rows(args, ctx: SuiteEval, model_id: str, label: str, variant: Variant,
-                  profile: Profile, score_s: float, calibration: list[CalibrationRow]) -> list[dict]:
-    spec = make_spec(args, model_id, variant.method, **dict(variant.options))
+@dataclass
+class Scored:
+    """One layer pass: the profile, and the store holding every layer's codes at every width."""
+
+    profile: Profile
+    store: MemoryStore
+    seconds: float
+
+
+def run_pass(loaded: LoadedModel, spec: JobSpec, calibration: list[CalibrationRow]) -> Scored:
+    """The service's pipeline on `calibration` (no exports, no evaluation)."""
     t0 = time.perf_counter()
-    result = run_pipeline(spec, ctx.loaded, calibration, profile=profile)
-    quantize_s = (time.perf_counter() - t0) / len(result.outputs)
+    store = MemoryStore()
+    outputs = run_job(JobInputs(spec=spec, source=loaded.source, rows=calibration), store)
+    return Scored(outputs.profile.with_bits({}), store, time.perf_counter() - t0)
+
+
+def dequantized(loaded: LoadedModel, scored: Scored, allocation: BitAllocation) -> dict[str, torch.Tensor]:
+    """The dequantized weight of every linear below 16 bits under `allocation`, from the pass's
+    checkpoints."""
+    codes = CheckpointWeights(scored.store, LAYERS_PREFIX, loaded.layers, linear_bits(loaded.layers, allocation))
+    return {name: dequantize_weight(codes[name], dtype=torch.float32) for name in codes}
+
+
+def pipeline_rows(args, ctx: SuiteEval, model_id: str, label: str, variant: Variant, scored: Scored) -> list[dict]:
+    spec = make_spec(args, model_id, variant.method, **dict(variant.options))
     rows = []
-    for output in result.outputs:
-        weights = {name: dequantize_weight(q, dtype=torch.float32) for name, q in output.weights.items()}
-        measured = ctx.measure(weights)
-        rows.append({"suite": ctx.suite, "method": label, "avg_bits": output.budget,
-                     "effective_bits": output.allocation.effective_bits,
-                     "bits": dict(output.allocation.bits), "score_s": score_s,
-                     "quantize_s": quantize_s, **measured})
+    for allocation in allocate_stage(spec, scored.profile):
+        measured = ctx.measure(dequantized(ctx.loaded, scored, allocation))
+        rows.append({"suite": ctx.suite, "method": label, "avg_bits": allocation.budget,
+                     "effective_bits": allocation.effective_bits,
+                     "bits": dict(allocation.bits), "score_s": scored.seconds, "quantize_s": 0.0, **measured})
         print_progress(rows[-1])
     return rows
 
@@ -213,9 +235,9 @@ def gptq_matched_weights(loaded: LoadedModel, model_id: str, config: UniformConf
     spec = JobSpec(model=model_id, method="uniform", quantizer="gptq", calibration_dataset_id="bench",
                    bit_budget={"avg_bits": config.effective_bits}, bit_choices=[config.bits],
                    group_size=config.group_size, max_calibration_rows=args.calibration_rows,
-                   max_tokens=128, seed=0)
-    output = run_pipeline(spec, loaded, calibration).outputs[0]
-    return {name: dequantize_weight(q, dtype=torch.float32) for name, q in output.weights.items()}
+                   max_tokens=128, seed=0, exports=[], calibration_inputs=args.calibration_inputs)
+    scored = run_pass(loaded, spec, calibration)
+    return dequantized(loaded, scored, allocate_stage(spec, scored.profile)[0])
 
 
 def print_progress(row: dict) -> None:
@@ -225,15 +247,14 @@ def print_progress(row: dict) -> None:
 
 
 def scored(args, loaded: LoadedModel, model_id: str, suite: str, variant: Variant,
-           calibration: list[CalibrationRow], profiles: dict) -> tuple[Profile, float]:
-    """The suite's profile for the variant's method, scored once and reused by every variant and
-    budget that shares it (the allocation unit does not change the profile; the quantizer and
-    clip search change its quant_error)."""
+           calibration: list[CalibrationRow], profiles: dict) -> Scored:
+    """The suite's layer pass for the variant's method, run once and reused by every variant and
+    budget that shares it (the allocation unit does not change the pass; the quantizer and clip
+    search change its codes and errors)."""
     key = (suite, variant.method, tuple(sorted(variant.scoring_options.items())))
     if key not in profiles:
-        t0 = time.perf_counter()
         spec = make_spec(args, model_id, variant.method, **variant.scoring_options)
-        profiles[key] = (score_stage(spec, loaded, calibration), time.perf_counter() - t0)
+        profiles[key] = run_pass(loaded, spec, calibration)
     return profiles[key]
 
 
@@ -246,8 +267,8 @@ def run_suite(args, loaded: LoadedModel, model_id: str, suite: str,
     print_progress(rows[0])
     for token in args.methods:
         variant = parse_method(token)
-        profile, score_s = scored(args, loaded, model_id, suite, variant, ctx.calibration, profiles)
-        rows += pipeline_rows(args, ctx, model_id, token, variant, profile, score_s, ctx.calibration)
+        rows += pipeline_rows(args, ctx, model_id, token, variant,
+                              scored(args, loaded, model_id, suite, variant, ctx.calibration, profiles))
     for peer in args.peers:
         for budget in args.avg_bits:
             config = config_for_budget(budget)
@@ -270,9 +291,8 @@ def run_suite(args, loaded: LoadedModel, model_id: str, suite: str,
         for token in args.cross_task_methods:
             variant = parse_method(token)
             source_rows = read_rows(TASKS / source / "calibration.jsonl")
-            profile, score_s = scored(args, loaded, model_id, source, variant, source_rows, profiles)
             rows += pipeline_rows(args, ctx, model_id, f"{token} (profile from {source})", variant,
-                                  profile, score_s, source_rows)
+                                  scored(args, loaded, model_id, source, variant, source_rows, profiles))
     for row in rows:
         row["retained"] = row["contains"]["mean"] / fp["contains"]["mean"] if fp["contains"]["mean"] else None
     return rows
@@ -340,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cross-task", nargs="*", default=["arithmetic:capitals"], metavar="SRC:DST")
     parser.add_argument("--cross-task-methods", nargs="+", default=["taq_kl+gptq+clip"])
     parser.add_argument("--calibration-rows", type=int, default=128)
+    parser.add_argument("--calibration-inputs", choices=["fp", "quantized"], default="fp",
+                        help="calibrate each layer on full-precision activations or on the outputs of the "
+                             "already-quantized layers before it (sequential)")
     parser.add_argument("--calibration-continuation", choices=["none", "gold", "self"], default="none",
                         help="append an assistant turn to every calibration row: the gold answer or "
                              "the full-precision model's own greedy answer")
@@ -364,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(rows, indent=2))
     heading = (f"{args.model}, group {args.group_size}, bit choices {args.bit_choices}, "
-               f"{args.calibration_rows} calibration rows (continuation: {args.calibration_continuation}), "
+               f"{args.calibration_rows} calibration rows (continuation: {args.calibration_continuation}, "
+               f"calibration inputs: {args.calibration_inputs}), "
                f"eval n ≤ {args.eval_limit}, "
                f"total {time.perf_counter() - t0:.0f}s")
     table = markdown(rows)

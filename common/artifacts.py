@@ -11,6 +11,7 @@ import hashlib
 import re
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 from common.errors import RangeNotSatisfiable
@@ -90,6 +91,20 @@ def tar_digest(storage: Storage, layout: TarLayout) -> str:
     digest = hashlib.sha256()
     for chunk in iter_tar(storage, layout):
         digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tar_digest_local(layout: TarLayout, paths: dict[str, Path]) -> str:
+    """The same digest from local copies of the files (`paths`: storage key -> local file), so a
+    worker that just wrote them need not read them back from the store."""
+    digest = hashlib.sha256()
+    for seg in layout.segments:
+        if seg.data is not None:
+            digest.update(seg.data)
+            continue
+        with open(paths[seg.key], "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

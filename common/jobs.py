@@ -53,6 +53,16 @@ def check_budget_feasible(spec: JobSpec) -> None:
             details={"min_avg_bits": floor, "avg_bits": too_low})
 
 
+def check_checkpoint(source):
+    """The checkpoint's headers (never its data): a missing or truncated shard, a corrupt header,
+    an index naming a file outside the model directory is a 422 ``model_invalid`` at submit."""
+    from core.weights import inspect_checkpoint
+
+    if source.weights_format == "pickle":
+        return None
+    return inspect_checkpoint(source.path, gguf_file=source.gguf_file)
+
+
 def validate_references(session: Session, settings: Settings, tenant: str, spec: JobSpec) -> None:
     """Everything a spec points at must exist for this tenant before the job is accepted."""
     from common.models import resolve_model
@@ -64,14 +74,19 @@ def validate_references(session: Session, settings: Settings, tenant: str, spec:
         calibration_rows = len(spec.calibration)
     if spec.calibration_dataset_id is not None:
         calibration_rows = get_dataset(session, tenant, spec.calibration_dataset_id).rows
+    eval_rows = 0
     if spec.eval_dataset_id is not None:
-        get_dataset(session, tenant, spec.eval_dataset_id)
+        eval_rows = get_dataset(session, tenant, spec.eval_dataset_id).rows
+    elif spec.eval_fraction is not None:
+        eval_rows = max(1, round(calibration_rows * spec.eval_fraction))
     if spec.profile_from_job_id is not None:
         prior = get_job(session, tenant, spec.profile_from_job_id)
         if prior.status != JobStatus.succeeded:
             raise InvalidSpec(f"job '{prior.id}' has no profile to reuse (status {prior.status})")
     check_budget_feasible(spec)
-    check_job_memory(settings, source, spec, calibration_rows)  # 422 job_too_large
+    summary = check_checkpoint(source)  # 422 model_invalid where the headers show it
+    check_job_memory(settings, source, spec, calibration_rows, eval_rows=eval_rows,
+                     checkpoint=summary)  # 422 job_too_large
 
 
 def check_queue_quota(session: Session, settings: Settings, tenant: str) -> None:

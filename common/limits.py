@@ -75,10 +75,15 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def estimate_for_spec(settings: Settings, source: Any, spec: JobSpec, calibration_rows: int):
+def estimate_for_spec(settings: Settings, source: Any, spec: JobSpec, calibration_rows: int, *,
+                      eval_rows: int = 0, checkpoint: Any = None, limit_bytes: int | None = None):
     """core.memory.estimate_job_memory for this spec on this deployment's workers, or None when
-    the model's shapes cannot be read (the job is then admitted; the worker reports any failure)."""
-    from core.memory import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, estimate_job_memory, read_model_dims
+    the model's shapes cannot be read (the job is then admitted; the worker reports any failure).
+    Greedy generation is counted only when the whole model fits `limit_bytes` (the worker skips
+    it otherwise)."""
+    from core.memory import (CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, RUNTIME_BYTES, estimate_job_memory,
+                             read_model_dims)
+    from core.spec import CalibrationInputs
 
     try:
         dims = read_model_dims(source)
@@ -87,20 +92,31 @@ def estimate_for_spec(settings: Settings, source: Any, spec: JobSpec, calibratio
                     extra={"model": spec.model, "error": repr(exc)})
         return None
     cuda = settings.worker_device == "cuda"
-    rows = min(calibration_rows, spec.max_calibration_rows)
-    return estimate_job_memory(dims, method=spec.method.value, calibration_rows=rows, max_tokens=spec.max_tokens,
-                               evaluates=spec.eval_dataset_id is not None or spec.eval_fraction is not None,
-                               weight_bytes=2 if cuda else 4,
-                               batch_tokens=CUDA_BATCH_TOKENS if cuda else CPU_BATCH_TOKENS)
+    evaluates = spec.eval_dataset_id is not None or spec.eval_fraction is not None
+    dtypes = getattr(checkpoint, "dtypes", None) or {}
+    source_bytes = 2 if dtypes and set(dtypes) <= {"BF16", "F16"} else 4
+    options = dict(method=spec.method.value, calibration_rows=min(calibration_rows, spec.max_calibration_rows),
+                   max_tokens=spec.max_tokens, evaluates=evaluates, weight_bytes=2 if cuda else 4,
+                   batch_tokens=CUDA_BATCH_TOKENS if cuda else CPU_BATCH_TOKENS, quantizer=spec.quantizer.value,
+                   widths=len([b for b in spec.bit_choices if b < 16]),
+                   sequential=spec.calibration_inputs == CalibrationInputs.quantized, eval_rows=eval_rows,
+                   budgets=len(spec.budgets) or 1, activation_ram_bytes=settings.activation_ram_bytes,
+                   group_size=spec.group_size, source_bytes=source_bytes)
+    estimate = estimate_job_memory(dims, **options)
+    if evaluates and limit_bytes is not None and estimate.generation_bytes + RUNTIME_BYTES <= limit_bytes:
+        estimate = estimate_job_memory(dims, **options, generation=True)
+    return estimate
 
 
-def check_job_memory(settings: Settings, source: Any, spec: JobSpec, calibration_rows: int) -> None:
+def check_job_memory(settings: Settings, source: Any, spec: JobSpec, calibration_rows: int, *,
+                     eval_rows: int = 0, checkpoint: Any = None) -> None:
     """Refuse (422 ``job_too_large``) a job whose estimated peak memory exceeds what a worker has."""
     limit = settings.worker_memory_limit()
     if limit is None:
         return
     limit_bytes, limit_source = limit
-    estimate = estimate_for_spec(settings, source, spec, calibration_rows)
+    estimate = estimate_for_spec(settings, source, spec, calibration_rows, eval_rows=eval_rows,
+                                 checkpoint=checkpoint, limit_bytes=limit_bytes)
     if estimate is None or estimate.total_bytes <= limit_bytes:
         return
     parts = ", ".join(f"{name} {_gib(n)}" for name, n in estimate.breakdown.items() if n)
@@ -109,6 +125,6 @@ def check_job_memory(settings: Settings, source: Any, spec: JobSpec, calibration
         f"{_gib(limit_bytes)} ({limit_source}); lower max_tokens or max_calibration_rows, use a smaller "
         "model, or run larger workers and raise TAQ_WORKER_MEMORY_BYTES",
         details={"estimate_bytes": estimate.total_bytes, "limit_bytes": limit_bytes, "limit_source": limit_source,
-                 "breakdown": estimate.breakdown, "parameters": estimate.parameters,
-                 "assumptions": estimate.assumptions},
+                 "breakdown": estimate.breakdown, "phase": estimate.phase, "phases": estimate.phases,
+                 "parameters": estimate.parameters, "assumptions": estimate.assumptions},
         code="job_too_large")

@@ -67,3 +67,35 @@ def list_available(settings: Settings) -> list[dict[str, Any]]:
 
     return sorted((_source_dict(s) for s in list_models(list(settings.model_roots), model_registry(settings))),
                   key=lambda d: str(d.get("id")))
+
+
+def source_sha256(settings: Settings, source: Any) -> str:
+    """The model's content hash (core.models.ModelSource.compute_sha256), cached under
+    ``$TAQ_DATA_DIR/cache/source-sha256.json`` by file names, sizes and mtimes, so a 140 GB
+    checkpoint is hashed once per version rather than once per job."""
+    import os
+    import tempfile
+
+    cache_file = settings.data_dir / "cache" / "source-sha256.json"
+    key = str(Path(source.file).resolve())
+    signature = [list(entry) for entry in source.content_signature()]
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(key) if isinstance(cache, dict) else None
+    if isinstance(entry, dict) and entry.get("signature") == signature and isinstance(entry.get("sha256"), str):
+        source.content_sha256 = entry["sha256"]
+        return entry["sha256"]
+    digest = source.compute_sha256()
+    cache = cache if isinstance(cache, dict) else {}
+    cache[key] = {"signature": signature, "sha256": digest}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".source-sha256-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(cache, fh, sort_keys=True)
+        os.replace(tmp, cache_file)
+    except OSError:
+        log.warning("could not write the source hash cache", exc_info=True)
+    return digest

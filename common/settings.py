@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     #: memory one worker may use for a job (RAM; the GPU's memory for CUDA workers). None = the
     #: total RAM of the machine the API runs on. A job whose estimate exceeds it answers 422.
     worker_memory_bytes: int | None = Field(default=None, ge=1)
+    #: hidden states a job's layer pass keeps in memory (on the worker's device) before spilling
+    #: the rest to files under TAQ_DATA_DIR/work; probe-stream methods (taq_kl, taqo) carry one
+    #: stream per layer, so this bounds their memory
+    activation_ram_bytes: int = Field(default=1 << 30, ge=0)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     stale_after_seconds: float = Field(default=120.0, gt=0)
     requeue_queued_after_seconds: float = Field(default=300.0, gt=0)

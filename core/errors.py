@@ -52,3 +52,12 @@ class Cancelled(TaqError):
 
 class ExportError(TaqError):
     code = "export_failed"
+
+
+class ModelInvalid(TaqError):
+    """A checkpoint whose files contradict themselves or the model config: a missing or truncated
+    shard, a corrupt header, an index naming a file outside the model directory, a tensor of the
+    wrong shape. The message names the tensor or file (by its name inside the model, never a
+    server path)."""
+
+    code = "model_invalid"

@@ -2,27 +2,27 @@
 
 Nothing is loaded: the shapes come from `config.json` (a model directory) or from the GGUF header
 (a `.gguf` file; parameters are then counted exactly from the tensor shapes). The estimate follows
-what the worker actually holds at its peak:
+the streaming pipeline (core/pipeline.py), which never holds the model: its peak is the runtime
+plus the largest of its phases.
 
-* **weights** — every parameter at the dtype the worker loads (`core.models.default_dtype`: float32
-  on CPU, 2 bytes on CUDA); GGUF files are dequantized on load, so their on-disk size does not count.
-* **hessians** — `core.calibration.HessianCollector` keeps XᵀX (float32) of every distinct linear
-  input of every decoder layer at once after the calibration pass: per layer hidden² (q/k/v share
-  their input), (heads·head_dim)² (o_proj), hidden² (gate/up share theirs) and intermediate²
-  (down_proj). Only when the job has calibration data.
-* **activations** — one padded batch of `batch_tokens` tokens through a layer (hidden states, MLP,
-  attention scores of `max_tokens` keys per token), full-vocabulary logits of that batch when the
-  method or the evaluation needs them (×3: logits, log-probabilities, probabilities), and for the
-  methods that replay cached layer inputs (taq_kl, taqo) the inputs and outputs of one layer for
-  every calibration token (+ taq_kl's cached reference log-probabilities, capped at 1 GiB).
-* **quantized** — the codes (one byte a weight) and fp16 scale/zero of every quantized linear.
-* **evaluation** — two more copies of the weights (the quantized model and the uniform baseline
-  are deep copies next to the full-precision one) when the job evaluates.
-* **runtime** — a fixed allowance for the interpreter, torch and transformers themselves.
+* **layer pass** (score, quantize) — one decoder layer's weights at the worker's compute dtype
+  (float32 on CPU, 2 bytes on CUDA, plus a float32 working copy there); what its linears' inputs
+  leave behind (`core.quant.layer.LayerInputs`: per distinct input min(tokens, in)·in float32: the
+  raw rows when there are fewer tokens than features, else XᵀX); GPTQ's inverse-Hessian
+  factorisation of the widest input (two [in, in] matrices, float64 up to 8192 inputs, float32
+  above) and its column sweep over the widest group of linears; the layer's codes at every stored
+  width until they are checkpointed; the error measurement's temporaries; the carried hidden
+  states (input and output of every stream, capped by `activation_ram_bytes`, beyond which they
+  are spilled to disk) and one batch's activations inside the layer.
+* **head** (taq_kl, taqo, evaluation) — the final hidden states of every scored stream at the
+  scored positions and one vocabulary chunk of logits per query (`core.streaming.head`).
+* **export** — the largest single tensor (usually the embedding or LM head) as read and as written.
+* **generation** — greedy generation materialises the whole model once (weights at the compute
+  dtype + 1 GiB); it runs only when that fits the worker's limit, so it is reported separately
+  (`generation_bytes`) and counted only when the caller says it will run.
 
 Token counts are upper bounds (`rows × max_tokens`; real prompts are usually shorter), so the
-estimate errs on the large side. It is a preflight to refuse jobs that cannot fit, not a
-promise that everything below it does.
+estimate errs on the large side.
 """
 
 from __future__ import annotations
@@ -45,13 +45,21 @@ __all__ = [
 ]
 
 GiB = 1 << 30
-#: interpreter + torch + transformers resident before any tensor of the job exists
-RUNTIME_BYTES = 512 * (1 << 20)
-#: taq_kl keeps the full-precision log-probabilities only up to this size (core.scorers.taq_kl)
-LOGPROB_CACHE_CAP = 1 << 30
-#: padded tokens per batch the scorers use (core.calibration.default_batch_tokens)
+#: a worker process (interpreter, torch, transformers, Celery, SQLAlchemy, the tokenizer,
+#: allocator slack) before any tensor of the job exists; calibrated against the measured peak of
+#: a tiny-model job (BENCHMARKS.md, "Memory preflight")
+RUNTIME_BYTES = 700 * (1 << 20)
+#: padded tokens per batch the passes use (core.calibration.default_batch_tokens)
 CPU_BATCH_TOKENS = 2048
 CUDA_BATCH_TOKENS = 16384
+#: logits held per query and vocabulary chunk (core.streaming.head)
+HEAD_CHUNK_ELEMENTS = 16 * 1024 * 1024
+#: greedy generation's working memory on top of the weights (core.streaming.generate)
+GENERATION_OVERHEAD_BYTES = 1 << 30
+#: GPTQ factors H in float64 up to this many inputs (core.quant.layer)
+FLOAT64_FACTOR_MAX_FEATURES = 8192
+#: gold answers are scored on at most this many tokens
+ANSWER_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,24 @@ class ModelDims:
         return embeddings + self.linear_parameters + norms
 
     @property
+    def linear_inputs(self) -> list[int]:
+        """in_features of each distinct linear input of a layer: q/k/v share one, o_proj,
+        gate/up share one, down_proj."""
+        return [self.hidden_size, self.attention_width, self.hidden_size, self.intermediate_size]
+
+    @property
+    def largest_linear(self) -> int:
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        return max(h * self.attention_width, h * kv, h * self.intermediate_size)
+
+    @property
+    def largest_gptq_group(self) -> int:
+        """Weights of the widest group of linears GPTQ sweeps together (one shared input)."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        return max(h * (self.attention_width + 2 * kv), self.attention_width * h, 2 * self.intermediate_size * h,
+                   self.intermediate_size * h)
+
+    @property
     def hessian_elements_per_layer(self) -> int:
         h = self.hidden_size
         return h * h + self.attention_width ** 2 + h * h + self.intermediate_size ** 2
@@ -130,23 +156,22 @@ class ModelDims:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes a job needs at its peak; `breakdown` adds up to `total_bytes`."""
+    """Bytes a job needs at its peak: `runtime_bytes` plus the largest phase (`phase`);
+    `breakdown` lists the peak phase's terms and adds up to `total_bytes`. `phases` has every
+    phase's total; `generation_bytes` is what greedy generation would add to the runtime if it ran."""
 
     total_bytes: int
-    weights_bytes: int
-    hessian_bytes: int
-    activation_bytes: int
-    quantized_bytes: int
-    evaluation_bytes: int
+    phase: str
+    terms: dict[str, int]
+    phases: dict[str, int]
     runtime_bytes: int
+    generation_bytes: int
     parameters: int
     assumptions: dict[str, Any] = field(default_factory=dict)
 
     @property
     def breakdown(self) -> dict[str, int]:
-        return {"weights": self.weights_bytes, "hessians": self.hessian_bytes,
-                "activations": self.activation_bytes, "quantized": self.quantized_bytes,
-                "evaluation": self.evaluation_bytes, "runtime": self.runtime_bytes}
+        return {**self.terms, "runtime": self.runtime_bytes}
 
     @property
     def total_gib(self) -> float:
@@ -158,45 +183,95 @@ class MemoryEstimate:
         return out
 
 
+def _factor_bytes(features: int) -> int:
+    return 8 if features <= FLOAT64_FACTOR_MAX_FEATURES else 4
+
+
 def estimate_job_memory(dims: ModelDims, *, method: str, calibration_rows: int, max_tokens: int,
-                        evaluates: bool = False, weight_bytes: int = 4,
-                        batch_tokens: int = CPU_BATCH_TOKENS) -> MemoryEstimate:
+                        evaluates: bool = False, weight_bytes: int = 4, batch_tokens: int = CPU_BATCH_TOKENS,
+                        quantizer: str = "rtn", widths: int = 2, sequential: bool = False, eval_rows: int = 0,
+                        budgets: int = 1, activation_ram_bytes: int = GiB, generation: bool = False,
+                        group_size: int = 128, source_bytes: int = 4) -> MemoryEstimate:
     """Peak bytes of one job (see the module docstring for every term).
 
-    `calibration_rows` is the number of rows the scorer will use (0: no calibration pass, no
-    Hessians); `weight_bytes` is 4 for a CPU worker (float32), 2 for a CUDA one (bf16/fp16);
-    `batch_tokens` the padded tokens per batch (2048 on CPU, 16384 on CUDA)."""
+    `calibration_rows` is the number of rows the pass will use (0: no calibration activations);
+    `weight_bytes` 4 for a CPU worker (float32), 2 for a CUDA one (bf16); `widths` the stored bit
+    widths below 16; `eval_rows` and `budgets` size the evaluation's streams; `generation` says
+    whether greedy generation will run (the model fits the worker); `source_bytes` the width the
+    checkpoint stores its floats in (2 for bf16/fp16 safetensors, 4 otherwise)."""
     if weight_bytes not in (2, 4):
         raise ValueError("weight_bytes must be 2 or 4")
     f32 = 4
-    params = dims.parameters
-    weights = params * weight_bytes
+    h, inter, L = dims.hidden_size, dims.intermediate_size, dims.num_layers
     rows = max(0, int(calibration_rows))
-    tokens = rows * max_tokens
-    batch = max(max_tokens, min(tokens, batch_tokens)) if rows or evaluates else 0
+    prompt_tokens = rows * max_tokens
+    # taqo scores prompt + answer: its sequences are longer by the answer
+    tokens = rows * (max_tokens + ANSWER_TOKENS) if method == "taqo" else prompt_tokens
+    batch = max(max_tokens, min(tokens, batch_tokens)) if tokens else 0
+    layer_params = dims.layer_linear_parameters
+    largest = dims.largest_linear
 
-    hessians = dims.num_layers * dims.hessian_elements_per_layer * f32 if rows else 0
+    # ---- layer pass ----
+    layer = {"layer_weights": layer_params * weight_bytes + (layer_params * f32 if weight_bytes == 2 else 0)}
+    if tokens:
+        layer["linear_inputs"] = sum(min(tokens, n) * n * f32 for n in dims.linear_inputs)
+    if quantizer == "gptq" and tokens:
+        widest = max(dims.linear_inputs)
+        layer["gptq"] = (widest * widest * (f32 + 2 * _factor_bytes(widest))
+                         + 3 * dims.largest_gptq_group * f32)
+    layer["codes"] = widths * (layer_params + layer_params // group_size * 4) + 4 * largest * f32
+    streams = 1 + (1 if sequential else 0)
+    if method in ("taq_kl", "taqo"):
+        streams += L  # one probe stream per layer by the last layer
+    carried = 2 * streams * tokens * h * weight_bytes
+    per_batch_calls = rows * max_tokens * max_tokens  # a [B, 1, T, T] boolean mask per batch
+    layer["activations"] = (min(carried, activation_ram_bytes) + 2 * batch * h * weight_bytes
+                            + batch * (3 * inter + 4 * h) * weight_bytes
+                            + batch * max_tokens * dims.num_heads * f32 + per_batch_calls)
+    phases = {"layer pass": layer}
 
-    h, inter = dims.hidden_size, dims.intermediate_size
-    per_token = 6 * h + 3 * inter + dims.attention_width + 2 * dims.num_kv_heads * dims.head_dim
-    forward = batch * per_token * f32 + batch * max_tokens * dims.num_heads * f32
-    full_logits = method in ("taq_kl", "taqo") or evaluates
-    logits = 3 * batch * dims.vocab_size * f32 if full_logits else 0
-    cached = 2 * tokens * h * f32 if method in ("taq_kl", "taqo") else 0
+    # ---- head (taq_kl / taqo scoring; evaluation) ----
+    def head_phase(queries: int, positions: int) -> dict[str, int]:
+        chunk = HEAD_CHUNK_ELEMENTS if positions else 0
+        return {"head_queries": 2 * queries * positions * h * f32,
+                "head_chunk": 3 * chunk * f32 + min(dims.vocab_size, chunk // max(1, positions)) * h * weight_bytes}
+
     if method == "taq_kl":
-        cached += tokens * h * f32 + min(LOGPROB_CACHE_CAP, tokens * dims.vocab_size * f32)
-    activations = forward + logits + cached
+        phases["scoring head"] = {**head_phase(L + 1, prompt_tokens),
+                                  "carried": min(streams * tokens * h * weight_bytes, activation_ram_bytes)}
+    elif method == "taqo":
+        answers = rows * ANSWER_TOKENS
+        phases["scoring head"] = {**head_phase(L + 1, answers),
+                                  "carried": min(streams * answers * h * weight_bytes, activation_ram_bytes)}
+    if evaluates:
+        variants = 1 + 2 * max(1, budgets)
+        eval_tokens = max(1, eval_rows) * (max_tokens + ANSWER_TOKENS)
+        phases["evaluation"] = {"layer_weights": layer_params * weight_bytes,
+                                "carried": min(2 * variants * eval_tokens * h * weight_bytes, activation_ram_bytes),
+                                **head_phase(variants, eval_tokens)}
 
-    # uint8 codes + fp16 scale and zero per group of (at least) 32 weights
-    quantized = dims.linear_parameters + dims.linear_parameters * 4 // 32
-    evaluation = 2 * weights if evaluates else 0
-    total = weights + hessians + activations + quantized + evaluation + RUNTIME_BYTES
+    # ---- export: the largest tensor as read (at most float32) and written (fp16), or a linear's codes ----
+    biggest = max(dims.vocab_size * h, largest)
+    # read (source width) + fp16 copy + the finiteness check's boolean mask
+    phases["export"] = {"tensor": biggest * (source_bytes + 3), "encoding": largest * 8}
+
+    totals = {name: sum(terms.values()) for name, terms in phases.items()}
+    peak = max(totals, key=lambda name: totals[name])
+    generation_bytes = dims.parameters * weight_bytes + GENERATION_OVERHEAD_BYTES
+    terms = dict(phases[peak])
+    if generation and evaluates and generation_bytes > totals[peak]:
+        peak, terms = "generation", {"model": dims.parameters * weight_bytes,
+                                     "generation": GENERATION_OVERHEAD_BYTES}
+    total = sum(terms.values()) + RUNTIME_BYTES
     return MemoryEstimate(
-        total_bytes=int(total), weights_bytes=int(weights), hessian_bytes=int(hessians),
-        activation_bytes=int(activations), quantized_bytes=int(quantized), evaluation_bytes=int(evaluation),
-        runtime_bytes=RUNTIME_BYTES, parameters=int(params),
+        total_bytes=int(total), phase=peak, terms={k: int(v) for k, v in terms.items()},
+        phases={k: int(v) for k, v in totals.items()}, runtime_bytes=RUNTIME_BYTES,
+        generation_bytes=int(generation_bytes), parameters=int(dims.parameters),
         assumptions={"weight_bytes": weight_bytes, "calibration_rows": rows, "max_tokens": max_tokens,
-                     "batch_tokens": batch, "method": method, "evaluates": evaluates})
+                     "batch_tokens": batch, "method": method, "quantizer": quantizer, "widths": widths,
+                     "sequential": sequential, "evaluates": evaluates, "eval_rows": eval_rows,
+                     "budgets": budgets, "activation_ram_bytes": activation_ram_bytes,
+                     "generation": generation, "source_bytes": source_bytes})
 
 
 # ---------------------------------------------------------------------------------------------

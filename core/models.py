@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from core.errors import ModelNotFound, UnsafeModel, UnsupportedModel
+from core.errors import ModelNotFound, UnsafeModel
 from core.modules import decoder_stack, named_linears
 
 __all__ = [
@@ -75,17 +75,31 @@ class ModelSource:
         return sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.startswith("."))
 
     def compute_sha256(self) -> str:
-        """sha256 of the GGUF file, or of a directory's (relative name, file sha256) list."""
+        """sha256 of the GGUF file, or of a directory's (relative name, file sha256) list.
+
+        A file in a Hugging Face cache snapshot is a link to `blobs/<sha256>` when it is stored
+        with LFS (the weights): that name is its content hash, so it is not read again."""
         if self.content_sha256 is None:
             if self.gguf_file:
-                self.content_sha256 = _file_sha256(self.path / self.gguf_file)
+                self.content_sha256 = _known_sha256(self.path / self.gguf_file) or _file_sha256(
+                    self.path / self.gguf_file)
             else:
                 outer = hashlib.sha256()
                 for p in self.content_files():
                     outer.update(p.relative_to(self.path).as_posix().encode() + b"\0")
-                    outer.update(_file_sha256(p).encode() + b"\n")
+                    outer.update((_known_sha256(p) or _file_sha256(p)).encode() + b"\n")
                 self.content_sha256 = outer.hexdigest()
         return self.content_sha256
+
+    def content_signature(self) -> list[tuple[str, int, int]]:
+        """(relative name, size, mtime_ns) of every content file: a cached hash is valid while
+        this is unchanged."""
+        out = []
+        for p in self.content_files():
+            stat = p.stat()
+            out.append((p.relative_to(self.path).as_posix() if not self.gguf_file else p.name, stat.st_size,
+                        stat.st_mtime_ns))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """Client-safe description (no server paths)."""
@@ -155,6 +169,16 @@ def layer_parameter_count(loaded: LoadedModel) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 # Resolution
 # ---------------------------------------------------------------------------------------------
+
+def _known_sha256(path: Path) -> str | None:
+    """The content hash a Hugging Face cache already names a file by (an LFS blob), else None."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    if target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", target.name):
+        return target.name
+    return None
+
 
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -347,31 +371,11 @@ def layer_refs(model: nn.Module) -> list[LayerRef]:
 
 def load_model(source: ModelSource, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load tokenizer and causal LM from local files only, eval mode, on `device`.
+    """The whole model in memory (tests, the bench, generation): the same lazy reader and
+    skeleton as streaming (`core.streaming.model.open_streamed`), every parameter onloaded.
+    `dtype=None` picks `default_dtype(device)` (float32 on CPU, bf16/fp16 on CUDA)."""
+    from core.streaming.model import open_streamed
 
-    `dtype=None` picks `default_dtype(device)` (float32 on CPU, bf16/fp16 on CUDA).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dtype = dtype or default_dtype(device)
-    common: dict[str, Any] = {"trust_remote_code": False, "local_files_only": True}
-    if source.gguf_file:
-        common["gguf_file"] = source.gguf_file
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source.path), **common)
-        extra: dict[str, Any] = {}
-        if source.weights_format == "safetensors":
-            extra["use_safetensors"] = True
-        elif source.weights_format == "pickle":
-            extra["use_safetensors"] = False
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=dtype, **common, **extra)
-    except (ValueError, KeyError, NotImplementedError) as exc:
-        raise UnsupportedModel(f"model '{source.model_id}' cannot be loaded: {exc}") from exc
-    except OSError as exc:
-        raise ModelNotFound(f"model '{source.model_id}' files are incomplete: {exc}") from exc
-    model = model.to(device).eval()
-    refs = layer_refs(model)
-    if not refs or not any(ref.linears for ref in refs):
-        raise UnsupportedModel(f"model '{source.model_id}' ({type(model).__name__}) has no decoder layers "
-                               "with linear weights")
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, layers=refs)
+    streamed = open_streamed(source, device=device, dtype=dtype)
+    model = streamed.materialize()
+    return LoadedModel(model=model, tokenizer=streamed.tokenizer, source=source, layers=layer_refs(model))

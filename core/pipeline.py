@@ -1,91 +1,143 @@
-"""calibrate → score → allocate → quantize, as one call or as separate stages.
+"""The one job pipeline, used by the worker, the bench and the tests alike:
 
-The worker runs the stages separately so it can checkpoint between them:
-`score_stage` → Profile, `allocate_stage` → one BitAllocation per budget (or one for the
-`paper` rule), `quantize_stage` → the QuantizedWeight of every linear in a layer below 16 bits.
-`run_pipeline` chains them; a given `profile` skips scoring (resume, `profile_from_job_id`).
+    load → calibrate → score → allocate → quantize → export → evaluate → publish
 
-All linears of one layer share its bits, unless `spec.allocation_unit` is `linear`: then each
-linear gets its own, except that linears runtimes fuse (q/k/v, gate/up) share one
-(`core.allocation.linear_units`, `BitAllocation.unit`, `linear_bits`). Rows beyond
-`spec.max_calibration_rows` are subsampled deterministically with `spec.seed`. Quantized weights
-are returned on the CPU.
+| stage     | does                                                                  | output (in the store)                         |
+|-----------|-----------------------------------------------------------------------|-----------------------------------------------|
+| load      | opens the checkpoint for streaming (skeleton, tokenizer, headers)      | —                                             |
+| calibrate | subsamples rows, builds the sequences the pass runs                    | —                                             |
+| score     | the layer pass: statistics, errors and codes at every width, per layer | `work/layers/…` per layer, `artifacts/profile.json` |
+| allocate  | bits per layer (or linear) for every budget                            | `artifacts/bitmap.json`, `profile.png`        |
+| quantize  | a codes-only pass when the profile was reused from another job         | `work/layers/…`                               |
+| export    | streams the chosen codes into each format                              | `artifacts/hf…/`, `artifacts/model….gguf`, `work/export-<tag>.json` |
+| evaluate  | streamed teacher-forced metrics; greedy generation when the model fits | `artifacts/eval.json`                          |
+| publish   | the caller's (`JobHooks.publish`): manifest, records, final status     | `artifacts/manifest.json`                      |
 
-`spec.quantizer == gptq` (error-compensating quantization, `core.quant.gptq`) needs the Hessian
-H = XᵀX / n of every linear's input on the calibration rows: `collect_hessians` gets them in one
-full-precision pass (the same pass and collector the scorers use), and `quantize_stage` takes
-either those (`hessians=`, computed once and shared by every budget of a sweep) or the `rows`
-to compute them itself (a worker whose quantize stage runs after a checkpoint). Every layer is
-quantized against the full-precision inputs (no sequential propagation of quantized outputs);
-linears that read the same input (q/k/v, gate/up) share one Hessian and one GPTQ sweep.
+Resume (`StagePlan.from_store`): a stage whose output exists is skipped; inside the score and
+quantize passes a layer whose checkpoint exists is not recomputed. Same inputs and seed give the
+same bytes. Stage order, resume decisions and progress shares live here and nowhere else.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Sequence
+import hashlib
+import json
+from abc import ABC
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ContextManager, Protocol, Sequence
 
-import torch
-from torch import nn
-
-from core.calibration import HessianCollector, StageProgress, run_fp_pass
-from core.errors import DataError, InvalidSpec
-from core.models import LoadedModel
-from core.modules import get_module
-from core.scorers import score_layers
-from core.scorers.common import calibration_batches, gptq_layer, prompt_sequences, select_rows
+from core.errors import Cancelled, DataError, InvalidSpec
+from core.models import ModelSource
 from core.spec import AllocationRule, AllocationUnit, CalibrationRow, JobSpec, Method, Quantizer
-from core.types import (BitAllocation, CancelFn, Profile, ProgressFn, QuantizedWeight, never_cancel,
-                        no_progress)
+from core.streaming.checkpoints import CheckpointStore
+from core.types import BitAllocation, Profile
 
-__all__ = [
-    "PipelineResult",
-    "QuantizedModelOutput",
-    "QuantizedOutput",
-    "allocate_stage",
-    "apply_quantized",
-    "collect_hessians",
-    "layer_costs",
-    "linear_bits",
-    "quantize_stage",
-    "run_pipeline",
-    "score_stage",
-]
+__all__ = ["ArtifactStore", "JobHooks", "JobInputs", "JobOutputs", "STAGES", "STAGE_SHARES", "StagePlan",
+           "allocate_stage", "budget_tag", "linear_bits", "overall_progress", "reference_bits", "run_job"]
+
+STAGES = ("load", "calibrate", "score", "allocate", "quantize", "export", "evaluate", "publish")
+#: share of the overall progress bar per stage (sums to 1)
+STAGE_SHARES = {"load": 0.02, "calibrate": 0.01, "score": 0.55, "allocate": 0.01, "quantize": 0.05,
+                "export": 0.16, "evaluate": 0.17, "publish": 0.03}
+_STAGE_START = {s: sum(STAGE_SHARES[t] for t in STAGES[:i]) for i, s in enumerate(STAGES)}
+
+LAYERS_PREFIX = "work/layers"
+CODES_PREFIX = "work/codes"  # the quantize stage's pass (reused profiles)
 
 
-@dataclass(frozen=True)
-class QuantizedOutput:
-    """One quantized model: the budget it was allocated for (None for the paper rule), the
-    allocation, and the quantized weight of every linear in a layer below 16 bits."""
-
-    budget: float | None
-    allocation: BitAllocation
-    weights: dict[str, QuantizedWeight]
+def overall_progress(stage: str, fraction: float) -> float:
+    """Job progress in [0, 1] when `stage` is `fraction` done."""
+    return _STAGE_START[stage] + STAGE_SHARES[stage] * max(0.0, min(1.0, fraction))
 
 
-#: the name used in docs/ARCHITECTURE.md
-QuantizedModelOutput = QuantizedOutput
+def budget_tag(avg_bits: float | None) -> str:
+    """Artifact suffix of a budget: 'default' for the paper rule, else b<bits> (`4.5` -> `b4.5`)."""
+    return "default" if avg_bits is None else f"b{avg_bits:g}"
 
 
-@dataclass(frozen=True)
-class PipelineResult:
+class ArtifactStore(CheckpointStore, Protocol):
+    """Where a job's outputs go (keys like `artifacts/profile.json`)."""
+
+    def put_file(self, key: str, path: Path) -> Any: ...
+
+    def delete_prefix(self, prefix: str) -> Any: ...
+
+
+class JobHooks(ABC):
+    """What the caller learns and decides while the pipeline runs. The defaults suit tests and the
+    bench; the worker records stages, progress and cancellation in the database."""
+
+    def stage(self, name: str, *, skipped: bool, reason: str) -> ContextManager[None]:
+        return nullcontext()
+
+    def progress(self, stage: str, fraction: float, message: str) -> None:
+        return None
+
+    def should_cancel(self) -> bool:
+        return False
+
+    def profile_ready(self, profile: Profile) -> None:
+        """The profile was stored (with bits once allocated)."""
+
+    def exported(self, tag: str, files: list[tuple[str, Path]]) -> dict[str, Any]:
+        """One budget's artifacts were written and uploaded; `files` are (name under artifacts/,
+        local path) while the local copies still exist. What this returns is kept with the
+        export's record (`ExportRecord.extra`), e.g. digests the caller derives from the files."""
+        return {}
+
+    def publish(self, outputs: "JobOutputs") -> Any:
+        """The last stage; returns what `run_job` returns."""
+        return outputs
+
+
+@dataclass
+class JobInputs:
+    spec: JobSpec
+    source: ModelSource
+    rows: list[CalibrationRow]
+    eval_rows: list[CalibrationRow] = field(default_factory=list)
+    reused_profile: Profile | None = None
+    device: str = "cpu"
+    dtype: Any = None                     # torch dtype; None: float32 on CPU, bf16 on CUDA
+    memory_limit_bytes: int | None = None  # greedy generation only when the whole model fits
+    activation_ram_bytes: int = 2 << 30   # carried hidden states kept in RAM before spilling
+    work_dir: Path | None = None          # spill files and export staging (a temp dir when None)
+    batch_tokens: int | None = None
+
+
+@dataclass
+class ExportRecord:
+    tag: str
+    files: list[dict[str, Any]]           # {"name" (under artifacts/), "size", "sha256"}
+    storage: dict[str, Any]               # stored bits per artifact (core.export.manifest)
+    extra: dict[str, Any] = field(default_factory=dict)  # JobHooks.exported's result
+
+
+@dataclass
+class JobOutputs:
+    spec: JobSpec
+    source: ModelSource
     profile: Profile
-    outputs: list[QuantizedOutput]
+    allocations: list[BitAllocation]
+    exports: list[ExportRecord]
+    eval_report: dict[str, Any] | None
+    written: dict[str, tuple[int, str]]   # small artifacts: key -> (size, sha256)
+    generation: dict[str, Any] | None = None
+
+    def artifact_names(self, allocation: BitAllocation) -> dict[str, str]:
+        return artifact_names(self.allocations, allocation)
 
 
-def score_stage(spec: JobSpec, loaded: LoadedModel, rows: Sequence[CalibrationRow], *,
-                progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel,
-                **options) -> Profile:
-    """Subsample the rows (max_calibration_rows, seeded) and score every layer."""
-    return score_layers(loaded, select_rows(rows, spec), spec, progress, should_cancel, **options)
+def artifact_names(allocations: Sequence[BitAllocation], allocation: BitAllocation) -> dict[str, str]:
+    suffix = "" if len(allocations) == 1 else f"-{budget_tag(allocation.budget)}"
+    return {"hf": f"hf{suffix}", "gguf": f"model{suffix}.gguf"}
 
 
-def layer_costs(profile: Profile) -> list:
-    """The allocator's view of a profile (`core.allocation.LayerCost` per layer)."""
-    from core.allocation import layer_costs_from_profile
-
-    return layer_costs_from_profile(profile)
-
+# ---------------------------------------------------------------------------------------------
+# decisions that need no model
+# ---------------------------------------------------------------------------------------------
 
 def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
     """One allocation per budget in `spec.budgets` (budget rule, and `uniform`: the widest single
@@ -106,75 +158,17 @@ def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
         return [alloc.expand_units(allocate([u.cost for u in units], budget, bit_choices, spec.group_size,
                                             spec.symmetric), units)
                 for budget in spec.budgets]
-    costs = layer_costs(profile)
+    costs = alloc.layer_costs_from_profile(profile)
     return [allocate(costs, budget, bit_choices, spec.group_size, spec.symmetric) for budget in spec.budgets]
 
 
-def collect_hessians(spec: JobSpec, loaded: LoadedModel, rows: Sequence[CalibrationRow], *,
-                     progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel,
-                     stage: str = "quantize", batch_tokens: int | None = None) -> HessianCollector:
-    """H = XᵀX / n of every decoder linear's input over the valid tokens of the (subsampled)
-    calibration rows, from one full-precision pass. Progress is reported under `stage`."""
-    return _collect_hessians(spec, loaded, rows, StageProgress(progress, should_cancel, stage), batch_tokens)
-
-
-def _collect_hessians(spec: JobSpec, loaded: LoadedModel, rows: Sequence[CalibrationRow],
-                      tracker: StageProgress, batch_tokens: int | None = None) -> HessianCollector:
-    rows = select_rows(rows, spec)
-    if not rows:
-        raise DataError(f"quantizer '{spec.quantizer.value}' needs calibration rows", details=[])
-    batches = calibration_batches(loaded, prompt_sequences(loaded, rows, spec), batch_tokens)
-    hessians = HessianCollector(loaded)
-    run_fp_pass(loaded, batches, hessians=hessians, tracker=tracker)
-    return hessians
-
-
-def quantize_stage(spec: JobSpec, loaded: LoadedModel, allocation: BitAllocation, *,
-                   rows: Sequence[CalibrationRow] | None = None, hessians: HessianCollector | None = None,
-                   progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel
-                   ) -> dict[str, QuantizedWeight]:
-    """Quantize every linear allocated below 16 bits (its layer's bits, or its own under
-    per-linear allocation) with `spec.quantizer`. Progress and cancellation once per layer;
-    weights end up on the CPU.
-
-    GPTQ needs `hessians` (from `collect_hessians`) or the calibration `rows` to collect them
-    (then the pass takes the first quarter of this stage's progress); RTN ignores both."""
-    from core.quant.primitives import quantize_weight
-
-    tracker = StageProgress(progress, should_cancel, "quantize")
-    bits_by_linear = linear_bits(loaded, allocation)
-    gptq = spec.quantizer == Quantizer.gptq
-    if gptq and hessians is None and any(b < 16 for b in bits_by_linear.values()):
-        if rows is None:
-            raise InvalidSpec("quantizer 'gptq' needs the calibration rows or their Hessians")
-        hessians = _collect_hessians(spec, loaded, rows, tracker.span(0.0, 0.25))
-        tracker = tracker.span(0.25, 1.0)
-    weights: dict[str, QuantizedWeight] = {}
-    n = len(loaded.layers)
-    for ref in loaded.layers:
-        tracker.check()
-        bits = {name: bits_by_linear[name] for name in ref.linears}
-        low = {name: linear for name, linear in ref.linears.items() if bits[name] < 16}
-        if low:
-            if gptq:
-                quantized = gptq_layer(low, hessians, bits, spec)
-            else:
-                quantized = {name: quantize_weight(linear.weight.detach().float(), bits[name], spec.group_size,
-                                                   spec.symmetric, clip_search=spec.clip_search)
-                             for name, linear in low.items()}
-            for name in low:
-                weights[name] = _to_cpu(quantized[name])
-        widths = "/".join(str(b) for b in sorted(set(bits.values())))
-        tracker.report((ref.index + 1) / n, f"quantized {ref.name} at {widths} bits ({ref.index + 1}/{n})")
-    return weights
-
-
-def linear_bits(loaded: LoadedModel, allocation: BitAllocation) -> dict[str, int]:
+def linear_bits(layers: Sequence[Any], allocation: BitAllocation) -> dict[str, int]:
     """The bits of every decoder linear (full dotted name) under `allocation`, per layer or per
-    linear; InvalidSpec when the allocation misses one."""
+    linear; `layers` are LayerRefs (or anything with `.name` and `.linears`). InvalidSpec when the
+    allocation misses one."""
     out: dict[str, int] = {}
     missing: list[str] = []
-    for ref in loaded.layers:
+    for ref in layers:
         for name in ref.linears:
             try:
                 out[name] = allocation.bits_of(name, ref.name)
@@ -186,55 +180,105 @@ def linear_bits(loaded: LoadedModel, allocation: BitAllocation) -> dict[str, int
     return out
 
 
-def _to_cpu(q: QuantizedWeight) -> QuantizedWeight:
-    return replace(q, codes=q.codes.cpu(), scale=q.scale.cpu(), zero=None if q.zero is None else q.zero.cpu())
+def reference_bits(spec: JobSpec) -> int | None:
+    """The width the sequentially calibrated stream is quantized at (`calibration_inputs:
+    quantized`): the widest choice below 16 whose uniform cost fits the smallest budget, else the
+    lowest choice below 16; None when every choice is 16."""
+    from core.types import effective_bits
+
+    low = sorted(b for b in spec.bit_choices if b < 16)
+    if not low:
+        return None
+    if spec.budgets:
+        fitting = [b for b in low if effective_bits(b, spec.group_size, spec.symmetric) <= min(spec.budgets)]
+        if fitting:
+            return fitting[-1]
+    return low[0]
 
 
-def apply_quantized(model: nn.Module, weights: dict[str, QuantizedWeight]) -> None:
-    """Replace each quantized linear's weight by its dequantized value, in place (the core's own
-    dequantized model)."""
-    from core.quant.primitives import dequantize_weight
+@dataclass(frozen=True)
+class StagePlan:
+    """Which stages run and which are skipped (with the reason), decided from what the store
+    already holds."""
 
-    with torch.no_grad():
-        for name, q in weights.items():
-            module = get_module(model, name)
-            weight = module.weight
-            if tuple(weight.shape) != tuple(q.shape):
-                raise ValueError(f"{name}: weight shape {tuple(weight.shape)} != quantized shape {q.shape}")
-            weight.copy_(dequantize_weight(q, dtype=torch.float32).to(device=weight.device, dtype=weight.dtype))
+    have_profile: bool
+    have_bitmap: bool
+    have_exports: bool
+    have_eval: bool
+    wants_eval: bool
+    reused_profile: bool
+
+    @classmethod
+    def from_store(cls, store: CheckpointStore, spec: JobSpec, *, reused_profile: bool) -> "StagePlan":
+        have_bitmap = store.exists("artifacts/bitmap.json")
+        tags = [budget_tag(b) for b in (spec.budgets or [None])]
+        if spec.allocation == AllocationRule.paper:
+            tags = [budget_tag(spec.budgets[0] if spec.budgets else None)]
+        wants_eval = spec.eval_dataset_id is not None or spec.eval_fraction is not None
+        return cls(have_profile=store.exists("artifacts/profile.json"), have_bitmap=have_bitmap,
+                   have_exports=have_bitmap and all(store.exists(f"work/export-{t}.json") for t in tags),
+                   have_eval=(not wants_eval) or store.exists("artifacts/eval.json"), wants_eval=wants_eval,
+                   reused_profile=reused_profile)
+
+    @property
+    def needs_codes(self) -> bool:
+        return not (self.have_exports and self.have_eval)
+
+    @property
+    def needs_model(self) -> bool:
+        return self.needs_codes or not self.have_profile
+
+    def skip(self, stage: str) -> str | None:
+        """None when `stage` runs, else why it is skipped."""
+        if stage == "load":
+            return None if self.needs_model else "all model outputs stored"
+        if stage == "score":
+            if self.have_profile:
+                return "profile.json stored"
+            return "profile reused from another job" if self.reused_profile else None
+        if stage == "allocate":
+            return "bitmap.json stored" if self.have_bitmap else None
+        if stage == "quantize":
+            if not self.reused_profile:
+                return "codes stored per layer by the score stage"
+            return None if self.needs_codes else "exports and eval stored"
+        if stage == "export":
+            return "exports stored" if self.have_exports else None
+        if stage == "evaluate":
+            if not self.wants_eval:
+                return "no eval data"
+            return "eval.json stored" if self.have_eval else None
+        return None
 
 
-def run_pipeline(spec: JobSpec, loaded: LoadedModel, rows: Sequence[CalibrationRow], *,
-                 progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel,
-                 profile: Profile | None = None) -> PipelineResult:
-    """calibrate → score (skipped when `profile` is given) → allocate → quantize."""
-    rows = select_rows(rows, spec)
-    progress("calibrate", 1.0, f"{len(rows)} calibration rows")
-    if profile is None:
-        profile = score_stage(spec, loaded, rows, progress=progress, should_cancel=should_cancel)
-    if [l.name for l in profile.layers] != [ref.name for ref in loaded.layers]:
-        raise InvalidSpec("the given profile does not match the model's layers")
-    if should_cancel():
-        from core.errors import Cancelled
+def pass_key(spec: JobSpec, rows: Sequence[CalibrationRow], widths: Sequence[int], source: ModelSource,
+             scorer: str, *, device: str = "cpu", dtype: Any = None) -> str:
+    """Digest of everything that shapes a layer pass's checkpoints (a job retried on a worker of
+    another device or compute dtype recomputes its layers rather than mixing the two)."""
+    fields = spec.model_dump(mode="json", include={
+        "model", "method", "bit_choices", "group_size", "symmetric", "quantizer", "clip_search", "max_tokens",
+        "max_calibration_rows", "reservoir_size", "seed", "calibration_inputs", "bit_budget"})
+    digest = hashlib.sha256(json.dumps({"spec": fields, "widths": list(widths), "scorer": scorer,
+                                        "source": source.model_id, "device": str(device).split(":")[0],
+                                        "dtype": str(dtype)}, sort_keys=True).encode())
+    for row in rows:
+        digest.update(row.model_dump_json().encode())
+    return digest.hexdigest()
 
-        raise Cancelled("cancelled by request")
-    allocations = allocate_stage(spec, profile)
-    progress("allocate", 1.0, f"{len(allocations)} allocation(s)")
-    hessians, share = None, 0.0
-    if spec.quantizer == Quantizer.gptq and any(b < 16 for a in allocations for b in a.bits.values()):
-        # one pass shared by every budget: the first 20 % of "quantize"
-        share = 0.2
-        hessians = collect_hessians(spec, loaded, rows, should_cancel=should_cancel,
-                                    progress=lambda stage, fraction, message: progress(stage, share * fraction,
-                                                                                       message))
-    outputs = []
-    for i, allocation in enumerate(allocations):
-        def sub(stage: str, fraction: float, message: str, _i: int = i) -> None:
-            progress(stage, share + (1.0 - share) * (_i + fraction) / len(allocations), message)
 
-        weights = quantize_stage(spec, loaded, allocation, hessians=hessians, progress=sub,
-                                 should_cancel=should_cancel)
-        outputs.append(QuantizedOutput(budget=allocation.budget, allocation=allocation, weights=weights))
-    if len(allocations) == 1:
-        profile = profile.with_bits(allocations[0].bits)
-    return PipelineResult(profile=profile, outputs=outputs)
+def run_job(inputs: JobInputs, store: ArtifactStore, hooks: JobHooks | None = None) -> Any:
+    """Run every stage (see the module docstring); returns `hooks.publish(outputs)`."""
+    from core.job_stages import JobRun
+
+    return JobRun(inputs, store, hooks or JobHooks()).run()
+
+
+def check_rows(spec: JobSpec, rows: Sequence[CalibrationRow]) -> None:
+    if spec.method != Method.uniform and not rows and spec.profile_from_job_id is None:
+        raise DataError(f"method '{spec.method.value}' needs calibration rows", details=[])
+    if spec.quantizer == Quantizer.gptq and not rows:
+        raise DataError("quantizer 'gptq' needs calibration rows", details=[])
+
+
+def cancelled() -> Cancelled:
+    return Cancelled("cancelled by request")

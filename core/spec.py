@@ -45,6 +45,16 @@ class Quantizer(str, Enum):
     gptq = "gptq"
 
 
+class CalibrationInputs(str, Enum):
+    """What each layer is calibrated on in the layer pass: the full-precision model's activations
+    (`fp`), or the outputs of the layers before it already quantized (`quantized`, sequential
+    calibration as in llm-compressor's sequential pipeline; the earlier layers are quantized at
+    the widest width whose uniform cost fits the smallest budget)."""
+
+    fp = "fp"
+    quantized = "quantized"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -119,6 +129,7 @@ class JobSpec(_Strict):
     reservoir_size: int = Field(default=256, ge=8, le=4096)
     clip_search: bool = False
     quantizer: Quantizer = Quantizer.rtn
+    calibration_inputs: CalibrationInputs = CalibrationInputs.fp
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
     @field_validator("bit_choices")

@@ -1,12 +1,16 @@
-"""What the HF and GGUF exporters share: which linears are quantized at which width, checked once,
-and deterministic file writing."""
+"""What the HF and GGUF exporters share: the plan of which linears are quantized at which width
+(checked by key up front, each weight checked when it is loaded), where source tensors come from,
+and deterministic, hashed file writing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -19,31 +23,116 @@ from core.types import QuantizedWeight
 QUANTIZED_BITS = (2, 3, 4, 8)
 KEEP_BITS = 16
 
+#: one floating tensor of the source model by state-dict name, on the CPU, in any float dtype;
+#: called once per tensor, and the exporters drop the result once it is written
+TensorFetcher = Callable[[str], torch.Tensor]
+
+
+def model_tensors(model: nn.Module) -> TensorFetcher:
+    """A TensorFetcher over an in-memory model's state dict."""
+    state = model.state_dict()
+
+    def fetch(name: str) -> torch.Tensor:
+        return state[name].detach()
+
+    return fetch
+
+
+@dataclass(frozen=True)
+class ExportedFile:
+    """One written file: `name` relative to the directory the caller gave, sha256 computed while writing."""
+
+    name: str
+    path: Path
+    size: int
+    sha256: str
+
+    def __fspath__(self) -> str:  # lets callers that expected a Path pass this on unchanged
+        return str(self.path)
+
+
+class HashingWriter:
+    """A binary file that accumulates sha256 and size as bytes go out."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file: BinaryIO = open(self.path, "wb")
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self._digest.update(view)
+        self._file.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def result(self, name: str) -> ExportedFile:
+        return ExportedFile(name=name, path=self.path, size=self.size, sha256=self._digest.hexdigest())
+
+
+def hashed_file(path: Path, name: str) -> ExportedFile:
+    """ExportedFile of a small file already written (JSON, tokenizer files)."""
+    data = Path(path).read_bytes()
+    return ExportedFile(name=name, path=Path(path), size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+class OutputGuard:
+    """Removes what an export wrote when it fails, so no half-written artifact is left behind:
+    the directory if the export created it, otherwise the files it registered."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.created = not self.directory.exists()
+        self.paths: list[Path] = []
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> OutputGuard:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            return
+        if self.created:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        else:
+            for path in self.paths:
+                path.unlink(missing_ok=True)
+
 
 @dataclass(frozen=True)
 class LinearPlan:
-    """One decoder-layer linear: its layer, width and (below 16 bits) its quantized weight."""
+    """One decoder-layer linear: its layer, width and weight shape [out, in]; its QuantizedWeight
+    (below 16 bits) is loaded only when it is written (`load_weight`)."""
 
     name: str
     layer: str
     bits: int
-    module: nn.Linear
-    q: QuantizedWeight | None
+    shape: tuple[int, int]
 
     @property
     def quantized(self) -> bool:
-        return self.q is not None
+        return self.bits != KEEP_BITS
 
 
-def plan_linears(model: nn.Module, weights: dict[str, QuantizedWeight],
-                 bit_map: dict[str, int]) -> list[LinearPlan]:
-    """Every linear of every decoder layer in module order, checked against the bit map.
+def plan_linears(model: nn.Module, weights: Mapping[str, QuantizedWeight],
+                 bit_map: Mapping[str, int]) -> list[LinearPlan]:
+    """Every linear of every decoder layer in module order, checked against the bit map by name.
 
     `bit_map` gives every decoder layer a width (per-layer allocation) or every decoder linear
     one (per-linear allocation), keyed by full dotted names. A linear below 16 bits must have a
-    QuantizedWeight of that width and shape; a 16-bit linear must have none. Anything else means
-    the allocation and the weights come from different runs, so it is an ExportError rather than
-    a silently wrong artifact.
+    weight, a 16-bit linear none. Only `weights`' keys are read here (it may load lazily);
+    `load_weight` checks each weight when it is written. Anything inconsistent means the
+    allocation and the weights come from different runs: an ExportError, not a wrong artifact.
     """
     layers = decoder_layers(model)
     linears_by_layer = {layer_name: named_linears(model, layer_name) for layer_name, _ in layers}
@@ -60,6 +149,7 @@ def plan_linears(model: nn.Module, weights: dict[str, QuantizedWeight],
         raise ExportError(f"bit map has no width for {'linears' if per_linear else 'layers'} {missing[:3]}",
                           details={"layers": missing})
 
+    available = set(weights.keys())  # a Mapping's default `in` would load the weight
     plans: list[LinearPlan] = []
     for layer_name, linears in linears_by_layer.items():
         for name, module in linears.items():
@@ -67,38 +157,38 @@ def plan_linears(model: nn.Module, weights: dict[str, QuantizedWeight],
             if bits not in QUANTIZED_BITS and bits != KEEP_BITS:
                 raise ExportError(f"{name if per_linear else layer_name}: {bits} bits is not a supported width "
                                   f"(choose from {list(QUANTIZED_BITS) + [KEEP_BITS]})")
-            q = weights.get(name)
-            if bits == KEEP_BITS:
-                if q is not None:
-                    raise ExportError(f"{name} has a quantized weight but the bit map keeps it at 16 bits")
-            else:
-                if q is None:
-                    raise ExportError(f"{name} has no quantized weight but the bit map puts it at {bits} bits")
-                if q.bits != bits:
-                    raise ExportError(f"{name} is quantized at {q.bits} bits but the bit map puts it at {bits}")
-                if tuple(q.shape) != tuple(module.weight.shape):
-                    raise ExportError(f"{name}: quantized shape {tuple(q.shape)} != weight shape "
-                                      f"{tuple(module.weight.shape)}")
-                expected_cols = q.n_groups * q.group_size
-                if q.codes.shape != (q.shape[0], expected_cols) or q.scale.shape != (q.shape[0], q.n_groups):
-                    raise ExportError(f"{name}: codes/scale shapes do not match the group layout")
-            plans.append(LinearPlan(name=name, layer=layer_name, bits=bits, module=module, q=q))
+            present = name in available
+            if bits == KEEP_BITS and present:
+                raise ExportError(f"{name} has a quantized weight but the bit map keeps it at 16 bits")
+            if bits != KEEP_BITS and not present:
+                raise ExportError(f"{name} has no quantized weight but the bit map puts it at {bits} bits")
+            shape = tuple(int(s) for s in module.weight.shape)
+            plans.append(LinearPlan(name=name, layer=layer_name, bits=bits, shape=shape))
     planned = {p.name for p in plans}
-    stray = sorted(set(weights) - planned)
+    stray = sorted(available - planned)
     if stray:
         raise ExportError(f"quantized weights for linears outside the decoder layers: {stray[:3]}",
                           details={"linears": stray})
     return plans
 
 
-def check_spec_grid(plans: list[LinearPlan], spec: JobSpec) -> None:
-    """Every quantized linear must use the spec's group size and symmetry: a config group (HF) or
-    a file (GGUF) describes one grid, and a mismatch means weights from another run."""
-    for p in plans:
-        if p.q is not None and (p.q.group_size != spec.group_size or p.q.symmetric != spec.symmetric):
-            raise ExportError(
-                f"{p.name} is quantized with group_size {p.q.group_size}, symmetric {p.q.symmetric} but the "
-                f"spec asks for group_size {spec.group_size}, symmetric {spec.symmetric}")
+def load_weight(plan: LinearPlan, weights: Mapping[str, QuantizedWeight], spec: JobSpec) -> QuantizedWeight:
+    """`weights[plan.name]`, read once, checked against the plan and the spec's grid (one config
+    group (HF) or one file (GGUF) describes one grid; a mismatch means weights from another run)."""
+    q = weights[plan.name]
+    name = plan.name
+    if q.bits != plan.bits:
+        raise ExportError(f"{name} is quantized at {q.bits} bits but the bit map puts it at {plan.bits}")
+    if tuple(q.shape) != plan.shape:
+        raise ExportError(f"{name}: quantized shape {tuple(q.shape)} != weight shape {plan.shape}")
+    expected_cols = q.n_groups * q.group_size
+    if tuple(q.codes.shape) != (q.shape[0], expected_cols) or tuple(q.scale.shape) != (q.shape[0], q.n_groups):
+        raise ExportError(f"{name}: codes/scale shapes do not match the group layout")
+    if q.group_size != spec.group_size or q.symmetric != spec.symmetric:
+        raise ExportError(
+            f"{name} is quantized with group_size {q.group_size}, symmetric {q.symmetric} but the "
+            f"spec asks for group_size {spec.group_size}, symmetric {spec.symmetric}")
+    return q
 
 
 def output_embedding_name(model: nn.Module) -> str | None:
@@ -113,13 +203,22 @@ def output_embedding_name(model: nn.Module) -> str | None:
 
 
 def embeddings_tied(model: nn.Module) -> bool:
-    """True when the LM head shares the input embedding's storage (SmolLM2, the tiny fixture)."""
+    """True when the LM head shares the input embedding (SmolLM2, the tiny fixture). By identity
+    or the config, never by storage: a meta skeleton's tensors all have data_ptr 0."""
     if not hasattr(model, "get_output_embeddings"):
         return False
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or embed is None:
         return False
-    return head.weight.data_ptr() == embed.weight.data_ptr()
+    return head.weight is embed.weight or bool(getattr(text_config(model), "tie_word_embeddings", False))
+
+
+def state_entries(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(state-dict name, tensor: possibly meta, for shape and dtype only) in state-dict order,
+    without a tied LM head."""
+    head = output_embedding_name(model)
+    skip = head if (head is not None and embeddings_tied(model)) else None
+    return [(key, value) for key, value in model.state_dict().items() if key != skip]
 
 
 def to_fp16(name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,9 @@ Metadata: from a GGUF source (SmolLM2) every key of the source is copied (hyperp
 tokenizer, general.*) except the file type, which describes our tensors. From an HF directory the
 llama hyperparameters and a byte-level BPE ("gpt2") tokenizer are written from the config and the
 tokenizer. Same inputs give byte-identical files.
+
+Streaming: every tensor's name, type and size is planned first; GGUFWriter writes header, metadata
+and tensor infos, then each tensor is produced just before it is written.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +36,19 @@ from torch import nn
 
 from core.errors import ExportError
 from core.export._common import (
+    ExportedFile,
+    HashingWriter,
     LinearPlan,
-    check_spec_grid,
-    embeddings_tied,
-    output_embedding_name,
+    OutputGuard,
+    TensorFetcher,
+    load_weight,
+    model_tensors,
     plan_linears,
+    state_entries,
     text_config,
     to_fp16,
 )
-from core.export.ggml_blocks import BLOCK, Q4_0, Q4_1, Q8_0, encode_quantized
+from core.export.ggml_blocks import BLOCK, Q4_0, Q4_1, Q8_0, encode_quantized, target_type
 from core.spec import JobSpec
 from core.types import QuantizedWeight
 
@@ -126,66 +134,96 @@ class _Hyper:
 # tensors
 # ---------------------------------------------------------------------------------------------
 
-def _linear_tensor(plan: LinearPlan, hyper: _Hyper) -> tuple[np.ndarray, str]:
-    """(array, GGML type name) of one decoder linear, rows permuted for q/k."""
+@dataclass(frozen=True)
+class _Planned:
+    """One GGUF tensor before its data exists: state-dict name, GGUF name, GGML type, [rows, cols]."""
+
+    key: str
+    name: str
+    qtype: str
+    shape: tuple[int, ...]
+    linear: LinearPlan | None
+
+
+def _plan(model: nn.Module, plans: list[LinearPlan], spec: JobSpec) -> list[_Planned]:
+    """Every tensor of the file in state-dict order (a tied LM head is not stored)."""
+    by_weight = {f"{p.name}.weight": p for p in plans}
+    planned = []
+    for key, value in state_entries(model):
+        name, plan = gguf_tensor_name(key), by_weight.get(key)
+        if plan is None:
+            qtype = "F32" if name.endswith(_NORM_SUFFIX) else "F16"
+        elif not plan.quantized or plan.shape[1] % BLOCK != 0:
+            qtype = "F16"  # GGML blocks need rows of whole 32-blocks: such a linear is kept dequantized
+        else:
+            qtype = target_type(plan.bits, spec.symmetric)
+        planned.append(_Planned(key, name, qtype, tuple(int(s) for s in value.shape), plan))
+    return planned
+
+
+def _array(entry: _Planned, fetch: TensorFetcher, weights: Mapping[str, QuantizedWeight], spec: JobSpec,
+           hyper: _Hyper) -> np.ndarray:
+    """One tensor's data; q/k rows permuted for llama.cpp's rope."""
     from core.quant.primitives import dequantize_weight
 
-    idx = None
-    if plan.name.endswith("self_attn.q_proj"):
-        idx = rope_row_permutation(plan.module.weight.shape[0], hyper.n_head)
-    elif plan.name.endswith("self_attn.k_proj"):
-        idx = rope_row_permutation(plan.module.weight.shape[0], hyper.n_head_kv)
-    if plan.q is None:
-        weight = plan.module.weight.detach()
-        weight = weight[idx] if idx is not None else weight
-        return to_fp16(plan.name, weight).numpy(), "F16"
-    q = _permute_q(plan.q, idx) if idx is not None else plan.q
-    if q.shape[1] % BLOCK != 0:
-        # GGML block types need rows of whole 32-blocks; keep the (dequantized) weight in F16
-        return to_fp16(plan.name, dequantize_weight(q, torch.float32)).numpy(), "F16"
+    linear, idx = entry.linear, None
+    if linear is not None and linear.name.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+        heads = hyper.n_head if linear.name.endswith("q_proj") else hyper.n_head_kv
+        idx = rope_row_permutation(linear.shape[0], heads)
+    if linear is None or not linear.quantized:
+        value = fetch(entry.key)
+        if entry.qtype == "F32":
+            return value.detach().cpu().to(torch.float32).numpy()
+        return to_fp16(entry.key, value[idx] if idx is not None else value).numpy()
+    q = load_weight(linear, weights, spec)
+    q = _permute_q(q, idx) if idx is not None else q
+    if entry.qtype == "F16":
+        return to_fp16(linear.name, dequantize_weight(q, torch.float32)).numpy()
     encoded = encode_quantized(q)
-    return encoded.data, encoded.qtype
+    if encoded.qtype != entry.qtype:
+        raise ExportError(f"{linear.name}: encoded as {encoded.qtype}, planned {entry.qtype}")
+    return encoded.data
 
 
-def _tensors(model: nn.Module, plans: list[LinearPlan], hyper: _Hyper) -> list[tuple[str, np.ndarray, str]]:
-    """[(gguf name, array, GGML type name)] in state-dict order."""
-    by_weight = {f"{p.name}.weight": p for p in plans}
-    skip = set()
-    head = output_embedding_name(model)
-    if head is not None and embeddings_tied(model):
-        skip.add(head)
-    tensors: list[tuple[str, np.ndarray, str]] = []
-    for key, value in model.state_dict().items():
-        if key in skip:
-            continue
-        name = gguf_tensor_name(key)
-        plan = by_weight.get(key)
-        if plan is not None:
-            array, qtype = _linear_tensor(plan, hyper)
-            tensors.append((name, array, qtype))
-        elif name.endswith(_NORM_SUFFIX):
-            tensors.append((name, value.detach().cpu().to(torch.float32).numpy(), "F32"))
-        else:
-            tensors.append((name, to_fp16(key, value).numpy(), "F16"))
-    return tensors
-
-
-def _file_type(tensors: list[tuple[str, np.ndarray, str]], plans: list[LinearPlan]) -> int:
+def _file_type(planned: list[_Planned]) -> int:
     """general.file_type: the GGML type holding most of the decoder linears' weights."""
     from gguf import LlamaFileType
 
     file_types = {Q4_0: LlamaFileType.MOSTLY_Q4_0, Q4_1: LlamaFileType.MOSTLY_Q4_1,
                   Q8_0: LlamaFileType.MOSTLY_Q8_0, "F16": LlamaFileType.MOSTLY_F16}
-    linear_names = {gguf_tensor_name(f"{p.name}.weight"): p.module.weight.numel() for p in plans}
     counts: Counter[str] = Counter()
-    for name, _, qtype in tensors:
-        if name in linear_names:
-            counts[qtype] += linear_names[name]
-    if not counts:
-        return int(LlamaFileType.MOSTLY_F16)
+    for entry in planned:
+        if entry.linear is not None:
+            counts[entry.qtype] += entry.linear.shape[0] * entry.linear.shape[1]
     # ties broken by type name so the choice never depends on iteration order
-    best = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+    best = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0] if counts else "F16"
     return int(file_types[best])
+
+
+def _hashing_writer(sink: HashingWriter):
+    """A GGUFWriter writing through `sink`. Its tensor data goes out with numpy's tofile, which
+    writes to the file descriptor past any wrapper (unhashed), so here it goes out with write()."""
+    from gguf import GGUFWriter
+    from gguf.gguf_writer import WriterState
+
+    class _Writer(GGUFWriter):
+        def open_output_file(self, path=None) -> None:
+            if self.state is WriterState.NO_FILE:
+                self.fout = [sink]
+                self.state = WriterState.EMPTY
+
+        def write_tensor_data(self, tensor: np.ndarray, tensor_endianess=None) -> None:
+            if self.state not in (WriterState.TI_DATA, WriterState.WEIGHTS):
+                raise ValueError(f"tensor data before tensor info ({self.state})")
+            info = self.tensors[0].pop(next(iter(self.tensors[0])))
+            if info.nbytes != tensor.nbytes:
+                raise ExportError(f"tensor data of {tensor.nbytes} bytes, planned {info.nbytes}")
+            self.write_padding(sink, sink.tell())
+            sink.write(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))
+            self.write_padding(sink, tensor.nbytes)
+            self.state = WriterState.WEIGHTS
+
+    return _Writer(path=None, arch=ARCH)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,38 +361,53 @@ def _hf_metadata(writer, tokenizer, hyper: _Hyper, name: str, file_type: int) ->
 # entry point
 # ---------------------------------------------------------------------------------------------
 
-def export_gguf(model: nn.Module, tokenizer, weights: dict[str, QuantizedWeight], bit_map: dict[str, int],
-                spec: JobSpec, out_path: Path, source_gguf: Path | None = None) -> Path:
-    """Write one llama GGUF file to `out_path` and return it.
+def export_gguf(model: nn.Module, tokenizer, weights: Mapping[str, QuantizedWeight], bit_map: Mapping[str, int],
+                spec: JobSpec, out_path: Path, source_gguf: Path | None = None, *,
+                tensors: TensorFetcher | None = None) -> ExportedFile:
+    """Write one llama GGUF file to `out_path`; returns it with its size and sha256.
 
-    `source_gguf`: the GGUF the model was loaded from; its metadata (tokenizer included) is copied.
-    Without it the hyperparameters and tokenizer are written from the model config and `tokenizer`.
-    Raises ExportError for non-llama models, inconsistent weights / bit map, or a source GGUF that
-    does not describe this model.
+    `model` gives config, structure and state-dict order (it may be a meta-device skeleton);
+    `tensors` fetches each non-quantized tensor's values (default: `model`'s own). `weights` may
+    load lazily: each is read once, when written. `source_gguf`: the GGUF the model was loaded
+    from; its metadata (tokenizer included) is copied. Without it the hyperparameters and
+    tokenizer are written from the model config and `tokenizer`. Raises ExportError for non-llama
+    models, inconsistent weights / bit map, or a source GGUF that does not describe this model;
+    a failed export leaves no partial file.
     """
-    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quant_shape_to_byte_shape
 
     hyper = _Hyper(model)
     plans = plan_linears(model, weights, bit_map)
-    check_spec_grid(plans, spec)
-    tensors = _tensors(model, plans, hyper)
-    file_type = _file_type(tensors, plans)
-
-    writer = GGUFWriter(path=None, arch=ARCH)
-    if source_gguf is not None:
-        _copy_source_metadata(writer, Path(source_gguf), hyper, file_type)
-    else:
-        _hf_metadata(writer, tokenizer, hyper, spec.model, file_type)
-    for name, array, qtype in tensors:
-        raw = None if qtype in ("F16", "F32") else GGMLQuantizationType[qtype]
-        writer.add_tensor(name, np.ascontiguousarray(array), raw_dtype=raw)
+    planned = _plan(model, plans, spec)
+    file_type = _file_type(planned)
+    fetch = tensors if tensors is not None else model_tensors(model)
 
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        writer.write_header_to_file(path=out_path)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    return out_path
+    with OutputGuard(out_path.parent) as guard:
+        guard.paths.append(out_path)
+        sink = HashingWriter(out_path)
+        writer = _hashing_writer(sink)
+        try:
+            if source_gguf is not None:
+                _copy_source_metadata(writer, Path(source_gguf), hyper, file_type)
+            else:
+                _hf_metadata(writer, tokenizer, hyper, spec.model, file_type)
+            for e in planned:  # shapes and sizes as add_tensor would record the arrays
+                if e.qtype in ("F16", "F32"):
+                    dtype = np.dtype(np.float16 if e.qtype == "F16" else np.float32)
+                    writer.add_tensor_info(e.name, e.shape, dtype, int(np.prod(e.shape)) * dtype.itemsize)
+                else:  # block types: a uint8 array of the bytes
+                    raw = GGMLQuantizationType[e.qtype]
+                    byte_shape = quant_shape_to_byte_shape(e.shape, raw)
+                    writer.add_tensor_info(e.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for entry in planned:
+                # one tensor alive at a time: produced, written, dropped
+                writer.write_tensor_data(_array(entry, fetch, weights, spec, hyper))
+        finally:
+            writer.close()
+            sink.close()
+    return sink.result(out_path.name)

@@ -12,6 +12,9 @@ Layout (see docs/ARTIFACTS.md for the reasoning and the runtime matrix):
   (float16 [out, n_groups]), ``weight_shape`` (int64 [2]) and, for asymmetric weights,
   ``weight_zero_point``. Every other floating tensor (embeddings, norms, 16-bit layers, an untied
   LM head) is stored in float16. A tied LM head is not stored; ``tie_word_embeddings`` says so.
+  Above ``max_shard_bytes`` the tensors go to ``model-0000i-of-0000N.safetensors`` shards with a
+  ``model.safetensors.index.json`` (the Hugging Face convention). Written streaming: one source
+  tensor and one quantized weight at a time, in state-dict order.
 - ``generation_config.json`` and the tokenizer files.
 
 compressed-tensors stores signed codes ``code - 2**(b-1)`` and packs them with that offset added
@@ -35,24 +38,32 @@ Two strategies describe our group grid (groups of ``group_size`` along the input
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from core.errors import ExportError
 from core.export._common import (
+    ExportedFile,
     LinearPlan,
-    check_spec_grid,
+    OutputGuard,
+    TensorFetcher,
     embeddings_tied,
+    hashed_file,
+    load_weight,
+    model_tensors,
     output_embedding_name,
     plan_linears,
+    state_entries,
     text_config,
     to_fp16,
     write_json,
 )
+from core.export.safetensors_stream import SafetensorsStreamWriter, TensorSpec
 from core.quant.packing import pack_int32
 from core.spec import JobSpec
 from core.types import QuantizedWeight
@@ -61,33 +72,36 @@ Strategy = Literal["auto", "group", "block"]
 STRATEGIES = ("auto", "group", "block")
 
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_FILE = "model-{:05d}-of-{:05d}.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 #: fixed safetensors header metadata: nothing run-dependent goes into the file
 SAFETENSORS_METADATA = {"format": "pt"}
 #: config keys that name local paths or the in-memory dtype; dropped so the artifact is portable
 _DROP_CONFIG_KEYS = ("_name_or_path", "torch_dtype", "quantization_config", "_commit_hash")
 
 
-def choose_strategy(plans: list[LinearPlan], requested: str = "auto") -> str:
-    """The compressed-tensors strategy for this export (see the module docstring)."""
+def choose_strategy(plans: list[LinearPlan], group_size: int, symmetric: bool, requested: str = "auto") -> str:
+    """The compressed-tensors strategy for this export (see the module docstring); the quantized
+    linears' grid is the spec's (`load_weight` enforces it)."""
     if requested not in STRATEGIES:
         raise ExportError(f"unknown compressed-tensors strategy '{requested}'; choose from {list(STRATEGIES)}")
-    quantized = [p for p in plans if p.q is not None]
+    quantized = [p for p in plans if p.quantized]
     if not quantized:
         return "group"
-    dividing = all(p.q.shape[1] % p.q.group_size == 0 for p in quantized)
-    symmetric = all(p.q.symmetric for p in quantized)
+    not_dividing = [p for p in quantized if p.shape[1] % group_size != 0]
     if requested == "group":
-        if not dividing:
-            bad = next(p for p in quantized if p.q.shape[1] % p.q.group_size != 0)
+        if not_dividing:
+            bad = not_dividing[0]
             raise ExportError(
                 f"compressed-tensors 'group' strategy needs group_size to divide in_features, but "
-                f"{bad.name} has in_features {bad.q.shape[1]} and group_size {bad.q.group_size}; "
+                f"{bad.name} has in_features {bad.shape[1]} and group_size {group_size}; "
                 "use a group size that divides every in_features or the 'block' strategy",
-                details={"linear": bad.name, "in_features": bad.q.shape[1], "group_size": bad.q.group_size})
+                details={"linear": bad.name, "in_features": bad.shape[1], "group_size": group_size})
         return "group"
     if requested == "block":
         return "block"
-    return "group" if (dividing and symmetric) else "block"
+    return "group" if (not not_dividing and symmetric) else "block"
 
 
 def quantized_tensors(q: QuantizedWeight, strategy: str) -> dict[str, torch.Tensor]:
@@ -110,6 +124,23 @@ def quantized_tensors(q: QuantizedWeight, strategy: str) -> dict[str, torch.Tens
     return tensors
 
 
+def quantized_specs(plan: LinearPlan, group_size: int, symmetric: bool, strategy: str) -> list[TensorSpec]:
+    """Names, dtypes and shapes `quantized_tensors` gives for this linear, known before loading it;
+    widest dtype first, so the data of most tensors stays naturally aligned."""
+    out_features, in_features = plan.shape
+    groups = math.ceil(in_features / group_size)
+    specs = [TensorSpec("weight_shape", torch.int64, (2,)),
+             TensorSpec("weight_packed", torch.int32, (out_features, math.ceil(in_features * plan.bits / 32))),
+             TensorSpec("weight_scale", torch.float16, (out_features, groups))]
+    if not symmetric:
+        if strategy == "group":
+            specs.insert(2, TensorSpec("weight_zero_point", torch.int32,
+                                       (math.ceil(out_features * plan.bits / 32), groups)))
+        else:
+            specs.append(TensorSpec("weight_zero_point", torch.int8, (out_features, groups)))
+    return [TensorSpec(f"{plan.name}.{s.name}", s.dtype, s.shape) for s in specs]
+
+
 def _weights_args(bits: int, group_size: int, symmetric: bool, strategy: str) -> dict:
     args = {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False, "strategy": strategy}
     if strategy == "group":
@@ -119,23 +150,22 @@ def _weights_args(bits: int, group_size: int, symmetric: bool, strategy: str) ->
     return args
 
 
-def quantization_config(plans: list[LinearPlan], lm_head: str | None, strategy: str) -> dict:
+def quantization_config(plans: list[LinearPlan], lm_head: str | None, strategy: str,
+                        group_size: int, symmetric: bool) -> dict:
     """compressed-tensors ``quantization_config``: one config group per bit-width."""
     by_bits: dict[int, list[LinearPlan]] = {}
     for p in plans:
-        if p.q is not None:
+        if p.quantized:
             by_bits.setdefault(p.bits, []).append(p)
     groups = {}
     for bits in sorted(by_bits):
-        members = by_bits[bits]
-        first = members[0].q
         groups[f"int{bits}"] = {
-            "targets": [p.name for p in members],
-            "weights": _weights_args(bits, first.group_size, first.symmetric, strategy),
+            "targets": [p.name for p in by_bits[bits]],
+            "weights": _weights_args(bits, group_size, symmetric, strategy),
             "input_activations": None,
             "output_activations": None,
         }
-    ignore = [p.name for p in plans if p.q is None]
+    ignore = [p.name for p in plans if not p.quantized]
     if lm_head is not None:
         ignore.append(lm_head)
     return {
@@ -149,21 +179,61 @@ def quantization_config(plans: list[LinearPlan], lm_head: str | None, strategy: 
     }
 
 
-def _state_dict(model: nn.Module, plans: list[LinearPlan], strategy: str, skip: set[str]) -> dict[str, torch.Tensor]:
-    by_weight = {f"{p.name}.weight": p for p in plans if p.q is not None}
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        if key in skip:
-            continue
+def _tensor_groups(model: nn.Module, plans: list[LinearPlan], spec: JobSpec,
+                   strategy: str) -> list[tuple[str, LinearPlan | None, list[TensorSpec]]]:
+    """[(state-dict name, its plan if quantized, the tensors stored for it)] in state-dict order."""
+    by_weight = {f"{p.name}.weight": p for p in plans if p.quantized}
+    groups = []
+    for key, value in state_entries(model):
         plan = by_weight.get(key)
         if plan is not None:
-            for suffix, tensor in quantized_tensors(plan.q, strategy).items():
-                tensors[f"{plan.name}.{suffix}"] = tensor
-        elif value.is_floating_point():
-            tensors[key] = to_fp16(key, value)
+            specs = quantized_specs(plan, spec.group_size, spec.symmetric, strategy)
         else:
-            tensors[key] = value.detach().cpu().contiguous()
-    return tensors
+            dtype = torch.float16 if value.is_floating_point() else value.dtype
+            specs = [TensorSpec(key, dtype, tuple(value.shape))]
+        groups.append((key, plan, specs))
+    return groups
+
+
+def _shards(groups: list, max_shard_bytes: int) -> list[list]:
+    """Consecutive groups per file: one file when everything fits, else greedy in order; a linear's
+    tensors stay in one file."""
+    sizes = [sum(s.nbytes for s in specs) for _, _, specs in groups]
+    if sum(sizes) <= max_shard_bytes:
+        return [groups]
+    shards: list[list] = [[]]
+    used = 0
+    for group, size in zip(groups, sizes):
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(group)
+        used += size
+    return shards
+
+
+def _write_shard(path: Path, name: str, shard: list, fetch: TensorFetcher, weights: Mapping[str, QuantizedWeight],
+                 spec: JobSpec, strategy: str) -> ExportedFile:
+    writer = SafetensorsStreamWriter(path, [s for _, _, specs in shard for s in specs], SAFETENSORS_METADATA, name)
+    try:
+        for key, plan, specs in shard:
+            if plan is not None:
+                stored = quantized_tensors(load_weight(plan, weights, spec), strategy)
+                for s in specs:
+                    writer.write(s.name, stored.pop(s.name.rsplit(".", 1)[1]))
+                if stored:
+                    raise ExportError(f"{plan.name}: unplanned tensors {sorted(stored)}")
+                del stored
+            else:
+                writer.write(key, _plain(key, fetch(key)))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def _plain(key: str, value: torch.Tensor) -> torch.Tensor:
+    return to_fp16(key, value) if value.is_floating_point() else value.detach().cpu().contiguous()
 
 
 def _config_dict(model: nn.Module, qconfig: dict, tied: bool) -> dict:
@@ -191,39 +261,53 @@ def _generation_config(model: nn.Module) -> dict:
     return gen.to_diff_dict()
 
 
-def export_hf(model: nn.Module, tokenizer, weights: dict[str, QuantizedWeight], bit_map: dict[str, int],
-              spec: JobSpec, out_dir: Path, *, strategy: Strategy = "auto") -> list[Path]:
-    """Write a compressed-tensors HF model directory to `out_dir`; returns the files written.
+def export_hf(model: nn.Module, tokenizer, weights: Mapping[str, QuantizedWeight], bit_map: Mapping[str, int],
+              spec: JobSpec, out_dir: Path, *, strategy: Strategy = "auto", tensors: TensorFetcher | None = None,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[ExportedFile]:
+    """Write a compressed-tensors HF model directory to `out_dir`; returns its files sorted by name.
 
-    `weights` maps full linear names to their QuantizedWeight; `bit_map` maps every decoder
-    layer, or every decoder linear (per-linear allocation), to 2/3/4/8/16. 16-bit linears,
-    embeddings, norms and an untied LM head are stored in float16. Same inputs give byte-identical
-    files. Raises ExportError when the weights, the bit map and the spec disagree, or the chosen
-    strategy cannot represent the grid.
+    `model` gives config, structure and state-dict order (it may be a meta-device skeleton);
+    `tensors` fetches each non-quantized tensor's values (default: `model`'s own). `weights` maps
+    full linear names to QuantizedWeights and may load lazily: each is read once, when written.
+    `bit_map` maps every decoder layer, or every decoder linear, to 2/3/4/8/16. Same inputs give
+    byte-identical files. Raises ExportError when the weights, the bit map and the spec disagree
+    or the strategy cannot represent the grid; a failed export leaves no partial files.
     """
     plans = plan_linears(model, weights, bit_map)
-    check_spec_grid(plans, spec)
-    chosen = choose_strategy(plans, strategy)
+    chosen = choose_strategy(plans, spec.group_size, spec.symmetric, strategy)
     tied = embeddings_tied(model)
     lm_head = output_embedding_name(model)
+    fetch = tensors if tensors is not None else model_tensors(model)
+    groups = _tensor_groups(model, plans, spec, chosen)
+    shards = _shards(groups, max_shard_bytes)
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    skip = {lm_head} if (tied and lm_head) else set()
-    tensors = _state_dict(model, plans, chosen, skip)
-    weights_path = out_dir / WEIGHTS_FILE
-    save_file(tensors, str(weights_path), metadata=dict(SAFETENSORS_METADATA))
-
-    lm_head_module = lm_head.rsplit(".", 1)[0] if lm_head else None
-    written = [weights_path,
-               write_json(out_dir / "config.json",
-                          _config_dict(model, quantization_config(plans, lm_head_module, chosen), tied)),
-               write_json(out_dir / "generation_config.json", _generation_config(model))]
-    if tokenizer is not None:
-        written += [Path(p) for p in tokenizer.save_pretrained(str(out_dir))]
-    root = out_dir.resolve()
-    files = sorted({Path(p).resolve() for p in written if Path(p).is_file()})
-    outside = [p for p in files if root not in p.parents]
-    if outside:
-        raise ExportError(f"export wrote outside its directory: {outside[:1]}")
-    return [out_dir / p.relative_to(root) for p in files]
+    written: list[ExportedFile] = []
+    with OutputGuard(out_dir) as guard:
+        names = [WEIGHTS_FILE] if len(shards) == 1 else [SHARD_FILE.format(i + 1, len(shards))
+                                                         for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            guard.paths.append(out_dir / name)
+            written.append(_write_shard(out_dir / name, name, shard, fetch, weights, spec, chosen))
+        small = {}
+        if len(shards) > 1:
+            weight_map = {s.name: name for name, shard in zip(names, shards) for _, _, specs in shard for s in specs}
+            total = sum(s.nbytes for _, _, specs in groups for s in specs)
+            small[INDEX_FILE] = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        lm_head_module = lm_head.rsplit(".", 1)[0] if lm_head else None
+        qconfig = quantization_config(plans, lm_head_module, chosen, spec.group_size, spec.symmetric)
+        small["config.json"] = _config_dict(model, qconfig, tied)
+        small["generation_config.json"] = _generation_config(model)
+        for name, obj in small.items():
+            guard.paths.append(out_dir / name)
+            written.append(hashed_file(write_json(out_dir / name, obj), name))
+        if tokenizer is not None:
+            root = out_dir.resolve()
+            for p in sorted({Path(p).resolve() for p in tokenizer.save_pretrained(str(out_dir))}):
+                if root not in p.parents:
+                    raise ExportError(f"export wrote outside its directory: {p}")
+                guard.paths.append(p)
+                if p.is_file():
+                    rel = p.relative_to(root).as_posix()
+                    written.append(hashed_file(out_dir / rel, rel))
+    return sorted({f.name: f for f in written}.values(), key=lambda f: f.name)

@@ -97,18 +97,27 @@ def hf_storage(export_dir: Path) -> dict[str, Any] | None:
 
 
 def gguf_storage(path: Path) -> dict[str, Any] | None:
-    """Stored bytes of the decoder linears of a GGUF file, per GGML type and overall."""
-    from gguf import GGUFReader
+    """Stored bytes of the decoder linears of a GGUF file, per GGML type and overall. Reads the
+    tensor index only (core.weights' header parser skips the vocabulary, which gguf's GGUFReader
+    would turn into a hundred thousand small arrays)."""
+    import math
+    import os
 
-    reader = GGUFReader(path)
+    from core.weights.gguf_reader import parse_gguf_header
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        header = parse_gguf_header(fd, os.fstat(fd).st_size, Path(path).name)
+    finally:
+        os.close(fd)
     by_type: dict[str, dict[str, int]] = {}
-    for tensor in reader.tensors:
+    for tensor in header.tensors:
         if not _GGUF_LINEAR.match(tensor.name):
             continue
-        entry = by_type.setdefault(tensor.tensor_type.name, {"tensors": 0, "weights": 0, "bytes": 0})
+        entry = by_type.setdefault(tensor.qtype.name, {"tensors": 0, "weights": 0, "bytes": 0})
         entry["tensors"] += 1
-        entry["weights"] += int(tensor.n_elements)
-        entry["bytes"] += int(tensor.n_bytes)
+        entry["weights"] += int(math.prod(tensor.shape))
+        entry["bytes"] += int(tensor.nbytes)
     if not by_type:
         return None
     quantized = {k: v for k, v in by_type.items() if k not in ("F16", "F32", "BF16")}
@@ -125,33 +134,34 @@ def bit_map_key(spec: JobSpec) -> str:
     return "bits_by_linear" if spec.allocation_unit == AllocationUnit.linear else "bits_by_layer"
 
 
-def build_manifest(spec: JobSpec, source_model_id: str, source_sha256: str | None, bit_map: dict[str, int],
-                   effective_bits_reported: float | None, files: list[tuple[str, Path]],
-                   library_versions: dict[str, str]) -> dict[str, Any]:
-    """The manifest as a dict. `files` are (name relative to the artifact root, local path); an HF
-    export is recognised by its ``*.safetensors`` files, a GGUF by its ``.gguf`` name, and each
-    one's stored effective bits are measured from its bytes."""
-    entries = []
+def storage_summary(files: list[tuple[str, Path]]) -> dict[str, Any]:
+    """Stored bits per artifact, measured from local files: an HF export is recognised by its
+    ``*.safetensors`` files (keyed by its directory), a GGUF by its ``.gguf`` name. Reads headers
+    only (safetensors headers, GGUF tensor infos)."""
     hf_dirs: dict[str, Path] = {}
     ggufs: dict[str, Path] = {}
     for rel, path in files:
-        path = Path(path)
         rel = Path(rel).as_posix()
-        entries.append({"name": rel, "size": path.stat().st_size, "sha256": file_sha256(path)})
         if rel.endswith(".safetensors"):
-            hf_dirs[rel.rpartition("/")[0] or "."] = path.parent
+            hf_dirs[rel.rpartition("/")[0] or "."] = Path(path).parent
         elif rel.endswith(".gguf"):
-            ggufs[rel] = path
-    names = [e["name"] for e in entries]
-    if len(set(names)) != len(names):
-        raise ValueError("duplicate file names in the manifest")
-
+            ggufs[rel] = Path(path)
     storage: dict[str, Any] = {}
     for name, directory in sorted(hf_dirs.items()):
         storage[name] = {"format": "hf", **(hf_storage(directory) or {})}
     for name, path in sorted(ggufs.items()):
         storage[name] = {"format": "gguf", **(gguf_storage(path) or {})}
+    return storage
 
+
+def assemble_manifest(spec: JobSpec, source_model_id: str, source_sha256: str | None, bit_map: dict[str, int],
+                      effective_bits_reported: float | None, *, entries: list[dict[str, Any]],
+                      storage: dict[str, Any], library_versions: dict[str, str]) -> dict[str, Any]:
+    """The manifest from what is already known: `entries` {"name", "size", "sha256"} of every
+    file (names relative to the artifact root) and `storage` (`storage_summary`)."""
+    names = [e["name"] for e in entries]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate file names in the manifest")
     return {
         "manifest_version": MANIFEST_VERSION,
         "spec": spec.model_dump(mode="json"),
@@ -164,8 +174,26 @@ def build_manifest(spec: JobSpec, source_model_id: str, source_sha256: str | Non
             "stored": {name: s.get("effective_bits") for name, s in storage.items()},
         },
         "storage": storage,
-        "files": sorted(entries, key=lambda e: e["name"]),
+        "files": sorted(({"name": e["name"], "size": int(e["size"]), "sha256": e["sha256"]} for e in entries),
+                        key=lambda e: e["name"]),
     }
+
+
+def build_manifest(spec: JobSpec, source_model_id: str, source_sha256: str | None, bit_map: dict[str, int],
+                   effective_bits_reported: float | None, files: list[tuple[str, Path]],
+                   library_versions: dict[str, str],
+                   hashes: dict[str, tuple[int, str]] | None = None) -> dict[str, Any]:
+    """The manifest as a dict from local files: `files` are (name relative to the artifact root,
+    local path); each file is hashed unless `hashes` (relative name -> (size, sha256), e.g. from
+    the exporters' ExportedFiles) already has it, and stored bits are measured from the files."""
+    hashes = hashes or {}
+    entries = []
+    for rel, path in files:
+        rel = Path(rel).as_posix()
+        size, sha256 = hashes[rel] if rel in hashes else (Path(path).stat().st_size, file_sha256(Path(path)))
+        entries.append({"name": rel, "size": int(size), "sha256": sha256})
+    return assemble_manifest(spec, source_model_id, source_sha256, bit_map, effective_bits_reported,
+                             entries=entries, storage=storage_summary(files), library_versions=library_versions)
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:

@@ -56,9 +56,16 @@ DEFAULT_BLOCK_SIZE = 128
 _DAMP_RETRIES = 6
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + λI)⁻¹ (so that (H + λI)⁻¹ = Uᵀ U) in float64, with
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DEFAULT_DAMP, *,
+                           dtype: torch.dtype = torch.float64, overwrite: bool = False) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (so that (H + λI)⁻¹ = Uᵀ U) in `dtype`, with
     λ = damp · mean of the live diagonal and dead inputs given the mean diagonal.
+
+    float64 by default; a caller factoring a very wide H (an 8B model's 14336-input down_proj:
+    1.6 GB a float64 matrix) may ask for float32, as most GPTQ implementations use. At most two
+    [in, in] matrices are alive at once (the damping is added to the diagonal in place), or one
+    more than the caller's H; with `overwrite` the caller hands H over (it is then modified and
+    used as the working copy when it already has `dtype`).
 
     Raises ValueError for a non-square or non-finite H or when no dampening up to
     damp · 10^_DAMP_RETRIES makes it positive definite."""
@@ -66,50 +73,76 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DEFAULT_DAMP) ->
         raise ValueError(f"hessian must be square [in, in], got shape {tuple(hessian.shape)}")
     if not damp > 0.0:
         raise ValueError(f"damp must be > 0, got {damp}")
-    h = hessian.detach().to(torch.float64).clone()
+    h, live_mean = _prepared(hessian, dtype, overwrite)
+    for attempt in range(_DAMP_RETRIES + 1):
+        lam = damp * (10.0**attempt) * live_mean
+        if h is None:  # freed by an attempt whose second factorisation failed
+            if overwrite:
+                raise ValueError("hessian could not be factored (numerical failure after overwriting it)")
+            h, _ = _prepared(hessian, dtype, False)
+        diag = torch.diagonal(h)
+        diag.add_(lam)
+        chol, info = torch.linalg.cholesky_ex(h)
+        diag.sub_(lam)
+        # for a positive semi-definite H every pivot of H + λI is ≥ λ; a smaller one means H is
+        # indefinite beyond what λ covers (the factorisation may "succeed" on a near-singular matrix)
+        if int(info) == 0 and float(torch.diagonal(chol).square().min()) >= 0.5 * lam:
+            del diag
+            h = None
+            inv = torch.cholesky_inverse(chol)
+            del chol
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper
+            continue
+        del chol
+    raise ValueError(f"hessian is not positive definite even with damp {damp * 10.0**_DAMP_RETRIES:g}")
+
+
+def _prepared(hessian: torch.Tensor, dtype: torch.dtype, overwrite: bool) -> tuple[torch.Tensor, float]:
+    """H in `dtype`, exactly symmetric, dead inputs given the mean live diagonal; that mean."""
+    h = hessian.detach()
+    h = h.to(dtype) if overwrite else h.to(dtype, copy=True)
     if not bool(torch.isfinite(h).all()):
         raise ValueError("hessian has NaN or inf values")
-    h = (h + h.T) / 2  # exact symmetry for the factorisation
+    h.add_(h.T.clone()).div_(2)  # exact symmetry for the factorisation
     diag = torch.diagonal(h)
     dead = diag <= 0
     live_mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
     diag[dead] = live_mean  # a view: writes into h
-    n = h.shape[0]
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
-    for attempt in range(_DAMP_RETRIES + 1):
-        lam = damp * (10.0**attempt) * live_mean
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
-        # for a positive semi-definite H every pivot of H + λI is ≥ λ; a smaller one means H is
-        # indefinite beyond what λ covers (the factorisation may "succeed" on a near-singular matrix)
-        if int(info) == 0 and float(torch.diagonal(chol).square().min()) >= 0.5 * lam:
-            inv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper
-    raise ValueError(f"hessian is not positive definite even with damp {damp * 10.0**_DAMP_RETRIES:g}")
+    return h, live_mean
 
 
-def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
+def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor | None, bits: int, group_size: int,
                          symmetric: bool, *, damp: float = DEFAULT_DAMP, block_size: int = DEFAULT_BLOCK_SIZE,
-                         clip_search: bool = False) -> QuantizedWeight:
+                         clip_search: bool = False, upper: torch.Tensor | None = None) -> QuantizedWeight:
     """Quantize a [out, in] weight with GPTQ given H = XᵀX / n ([in, in]) of its input.
 
+    `upper` is `inverse_hessian_factor(hessian, damp)` when the caller already has it (the
+    factor depends on H only, so one serves every width of a layer); `hessian` may then be None.
     Same result type and storage rules as `quantize_weight` (see the module docstring)."""
     _check_weight(weight, bits, group_size)
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     out_features, in_features = weight.shape
-    if tuple(hessian.shape) != (in_features, in_features):
-        raise ValueError(f"hessian must be [{in_features}, {in_features}], got {tuple(hessian.shape)}")
-    upper = inverse_hessian_factor(hessian, damp).to(device=weight.device, dtype=torch.float32)
-    return _sweep(weight.detach().to(torch.float32), upper, bits, group_size, symmetric,
+    if upper is None:
+        if hessian is None or tuple(hessian.shape) != (in_features, in_features):
+            raise ValueError(f"hessian must be [{in_features}, {in_features}], got "
+                             f"{None if hessian is None else tuple(hessian.shape)}")
+        upper = inverse_hessian_factor(hessian, damp)
+    elif tuple(upper.shape) != (in_features, in_features):
+        raise ValueError(f"upper must be [{in_features}, {in_features}], got {tuple(upper.shape)}")
+    upper = upper.to(device=weight.device, dtype=torch.float32)
+    # the sweep works on its own [in, out] float32 copy (a column of W is a contiguous row)
+    return _sweep(weight.detach().to(torch.float32).T.contiguous(), upper, bits, group_size, symmetric,
                   block_size, clip_search)
 
 
-def gptq_quantize_weights(weights: Mapping[str, torch.Tensor], hessian: torch.Tensor, bits: int,
+def gptq_quantize_weights(weights: Mapping[str, torch.Tensor], hessian: torch.Tensor | None, bits: int,
                           group_size: int, symmetric: bool, *, damp: float = DEFAULT_DAMP,
-                          block_size: int = DEFAULT_BLOCK_SIZE,
-                          clip_search: bool = False) -> dict[str, QuantizedWeight]:
+                          block_size: int = DEFAULT_BLOCK_SIZE, clip_search: bool = False,
+                          upper: torch.Tensor | None = None) -> dict[str, QuantizedWeight]:
     """GPTQ of several weights that read the same input (one shared H) in one column sweep:
     their rows are stacked, quantized together (rows are independent given H) and split again."""
     if not weights:
@@ -120,11 +153,23 @@ def gptq_quantize_weights(weights: Mapping[str, torch.Tensor], hessian: torch.Te
         raise ValueError("weights sharing a Hessian must all be 2-D with the same in_features")
     if len(names) == 1:
         return {names[0]: gptq_quantize_weight(weights[names[0]], hessian, bits, group_size, symmetric,
-                                               damp=damp, block_size=block_size, clip_search=clip_search)}
+                                               damp=damp, block_size=block_size, clip_search=clip_search,
+                                               upper=upper)}
     device = weights[names[0]].device
-    stacked = torch.cat([weights[n].detach().to(device=device, dtype=torch.float32) for n in names], dim=0)
-    q = gptq_quantize_weight(stacked, hessian, bits, group_size, symmetric, damp=damp,
-                             block_size=block_size, clip_search=clip_search)
+    for name in names:
+        _check_weight(weights[name], bits, group_size)
+    if upper is None:
+        upper = inverse_hessian_factor(hessian, damp) if hessian is not None else None
+    n = next(iter(in_features))
+    if upper is None or tuple(upper.shape) != (n, n):
+        raise ValueError(f"hessian (or upper) must be [{n}, {n}]")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    # the stacked rows are built transposed in one copy: [in, sum of out]
+    wt = torch.cat([weights[n_].detach().to(device=device, dtype=torch.float32).T for n_ in names], dim=1)
+    q = _sweep(wt, upper.to(device=device, dtype=torch.float32), bits, group_size, symmetric, block_size,
+               clip_search)
+    del wt
     out: dict[str, QuantizedWeight] = {}
     start = 0
     for name in names:
@@ -138,17 +183,16 @@ def gptq_quantize_weights(weights: Mapping[str, torch.Tensor], hessian: torch.Te
     return out
 
 
-def _sweep(w: torch.Tensor, upper: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+def _sweep(wt: torch.Tensor, upper: torch.Tensor, bits: int, group_size: int, symmetric: bool,
            block_size: int, clip_search: bool) -> QuantizedWeight:
-    """The column sweep over a float32 weight `w` [out, in] (not modified).
-
-    Works on the transpose ([in, out], a column of W is a contiguous row) so the per-column
-    reads, writes and rank-1 updates touch contiguous memory."""
-    out_features, in_features = w.shape
+    """The column sweep over `wt`, the float32 transpose [in, out] of the weight, which it
+    updates in place (callers pass their own copy): a column of W is a contiguous row, so the
+    per-column reads, writes and rank-1 updates touch contiguous memory."""
+    in_features, out_features = wt.shape
     qmax = float(2**bits - 1)
     n_groups = math.ceil(in_features / group_size)
-    wt = w.T.clone(memory_format=torch.contiguous_format)  # [in, out], never the caller's tensor
-    codes_t = torch.empty(n_groups * group_size, out_features, dtype=torch.float32, device=w.device)
+    w = wt  # for the device
+    codes_t = torch.empty(n_groups * group_size, out_features, dtype=torch.uint8, device=wt.device)
     scale16 = torch.empty(out_features, n_groups, dtype=torch.float16, device=w.device)
     zero = torch.empty(out_features, n_groups, dtype=torch.float32, device=w.device)
     block = group_size * max(1, block_size // group_size)  # whole groups
@@ -189,7 +233,7 @@ def _sweep(w: torch.Tensor, upper: torch.Tensor, bits: int, group_size: int, sym
         if b1 < in_features:
             wt[b1:].sub_(upper[b0:b1, b1:].T @ err1)
     return QuantizedWeight(
-        codes=codes_t.T.to(torch.uint8).contiguous(),
+        codes=codes_t.T.contiguous(),
         scale=scale16.contiguous(),
         zero=None if symmetric else zero.to(torch.uint8),
         bits=bits,

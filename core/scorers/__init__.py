@@ -1,48 +1,49 @@
-"""Layer scorers, one module per method; `score_layers` dispatches on `spec.method`.
+"""Layer scorers, one module per method, each a `core.streaming.layer_pass.StreamScorer`:
+per-layer statistics observed during the layer pass, optional probe streams, and per-layer
+scores once the pass is done. `make_scorer` picks one by `spec.method`; `core.pipeline` runs it.
 
-Every scorer returns a `core.types.Profile` with one `LayerProfile` per decoder layer (index,
-full dotted name, quantizable weight count, raw scores, importance, sensitivity >= 0 and
-quant_error[b] for every b in `spec.bit_choices`), reports progress at least once per layer in
-each long stage and checks cancellation at least once per layer (raising `Cancelled`).
-Same model, rows, spec and seed give an identical profile (seeded `torch.Generator`s only).
+Every method's profile has one `LayerProfile` per decoder layer (index, full dotted name,
+quantizable weight count, raw scores, importance, sensitivity >= 0 and quant_error[b] for every b
+in `spec.bit_choices`, measured by the pass). Same model, rows, spec and seed give an identical
+profile (seeded `torch.Generator`s only).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
-from core.models import LoadedModel
-from core.spec import CalibrationRow, JobSpec, Method
-from core.types import CancelFn, Profile, ProgressFn, never_cancel, no_progress
+from core.spec import JobSpec, Method
+from core.streaming.layer_pass import StreamScorer
 
-__all__ = ["SCORERS", "score_layers"]
-
-
-def _taq(*args, **kwargs) -> Profile:
-    from core.scorers.taq import score_taq
-
-    return score_taq(*args, **kwargs)
+__all__ = ["SCORERS", "make_scorer"]
 
 
-def _taq_kl(*args, **kwargs) -> Profile:
-    from core.scorers.taq_kl import score_taq_kl
+def _taq(spec: JobSpec, **options) -> StreamScorer:
+    from core.scorers.taq import TaqScorer
 
-    return score_taq_kl(*args, **kwargs)
-
-
-def _taqo(*args, **kwargs) -> Profile:
-    from core.scorers.taqo import score_taqo
-
-    return score_taqo(*args, **kwargs)
+    return TaqScorer(spec)
 
 
-def _uniform(*args, **kwargs) -> Profile:
-    from core.scorers.uniform import score_uniform
+def _taq_kl(spec: JobSpec, **options) -> StreamScorer:
+    from core.scorers.taq_kl import TaqKlScorer
 
-    return score_uniform(*args, **kwargs)
+    return TaqKlScorer(spec, **{k: v for k, v in options.items() if k == "noise_scale"})
 
 
-SCORERS: dict[Method, Callable[..., Profile]] = {
+def _taqo(spec: JobSpec, **options) -> StreamScorer:
+    from core.scorers.taqo import TaqoScorer
+
+    return TaqoScorer(spec, **{k: v for k, v in options.items() if k in ("generate", "bits", "max_new_tokens")})
+
+
+def _uniform(spec: JobSpec, **options) -> StreamScorer:
+    from core.scorers.uniform import UniformScorer
+
+    return UniformScorer()
+
+
+#: one entry per method: a new method is one entry here and one module
+SCORERS: dict[Method, Callable[..., StreamScorer]] = {
     Method.taq: _taq,
     Method.taq_kl: _taq_kl,
     Method.taqo: _taqo,
@@ -50,14 +51,7 @@ SCORERS: dict[Method, Callable[..., Profile]] = {
 }
 
 
-def score_layers(loaded: LoadedModel, rows: Sequence[CalibrationRow], spec: JobSpec,
-                 progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel,
-                 **options) -> Profile:
-    """Score every decoder layer with `spec.method`. `options` go to the method's scorer
-    (e.g. `batch_tokens`)."""
-    from core.errors import DataError
-
-    method = Method(spec.method)
-    if method != Method.uniform and not rows:
-        raise DataError(f"method '{method.value}' needs calibration rows", details=[])
-    return SCORERS[method](loaded, list(rows), spec, progress, should_cancel, **options)
+def make_scorer(spec: JobSpec, **options) -> StreamScorer:
+    """The scorer of `spec.method`; `options` reach the methods that take them (`generate` for
+    taqo's self-answers, `noise_scale` for taq_kl, `bits` for taqo's probe width)."""
+    return SCORERS[Method(spec.method)](spec, **options)

@@ -1,6 +1,6 @@
 """TAQ (TAQ-IS): information and stability of each layer's output representations.
 
-One forward pass over the calibration prompts:
+Statistics of the full-precision calibration stream, layer by layer in the layer pass:
 
 * information = matrix entropy H = -Σ p_i log p_i of the normalised eigen-spectrum
   p = λ / Σλ of the centred Gram matrix Xc Xcᵀ (r × r) of a reservoir of r token hidden vectors
@@ -19,18 +19,16 @@ One forward pass over the calibration prompts:
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 
-from core.calibration import Batch, HessianCollector, StageProgress, run_fp_pass
-from core.models import LoadedModel
-from core.scorers.common import (LayerOutputStats, LayerScores, build_profile, calibration_batches,
-                                 exp_sensitivity, prompt_sequences, quant_error_profile, select_rows, zscore)
-from core.spec import CalibrationRow, JobSpec
-from core.types import CancelFn, Profile, ProgressFn, never_cancel, no_progress
+from core.calibration import Batch
+from core.scorers.common import LayerOutputStats, LayerScores, exp_sensitivity, zscore
+from core.spec import JobSpec
+from core.streaming.layer_pass import PassResult, StreamScorer, pass_layer_values
+from core.streaming.model import StreamedModel
 
-__all__ = ["ALPHA", "BETA", "TokenReservoir", "covariance_entropy", "matrix_entropy", "score_taq"]
+__all__ = ["ALPHA", "BETA", "TaqScorer", "TokenReservoir", "covariance_entropy", "matrix_entropy"]
 
 ALPHA = 0.5  # weight of z(information)
 BETA = 0.5   # weight of z(stability)
@@ -65,92 +63,101 @@ def covariance_entropy(vectors: torch.Tensor) -> float:
 
 
 class TokenReservoir:
-    """Uniform sample of `size` valid tokens over the whole pass (Algorithm R), one slot plan per
-    batch shared by all layers; vectors are stored per layer."""
+    """Uniform sample of `size` valid tokens over all batches (Algorithm R with a seeded CPU
+    generator, drawn in batch order before the pass), the same tokens at every layer. `plan`
+    holds, per batch, which reservoir slots take which of the batch's valid tokens (a later token
+    replacing the same slot wins, as in sequential Algorithm R)."""
 
-    def __init__(self, n_layers: int, size: int, seed: int) -> None:
-        self.n_layers = n_layers
+    def __init__(self, size: int, seed: int) -> None:
         self.size = size
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.seed = seed
         self.seen = 0
-        self.vectors: torch.Tensor | None = None  # [L, size, d] float32
-        self._slots = torch.empty(0, dtype=torch.long)
-        self._tokens = torch.empty(0, dtype=torch.long)
+        self.plan: list[tuple[torch.Tensor, torch.Tensor]] = []
         #: global token index held in each slot (for tests and bookkeeping)
         self.slot_token = [-1] * size
+        self.vectors: torch.Tensor | None = None  # [size, d] of the current layer
 
     @property
     def filled(self) -> int:
         return min(self.seen, self.size)
 
-    def before_batch(self, batch_index: int, batch: Batch) -> None:
-        n = batch.n_tokens
-        g = torch.arange(self.seen, self.seen + n, dtype=torch.long)
-        slot = torch.full((n,), -1, dtype=torch.long)
-        early = g < self.size
-        slot[early] = g[early]
-        late = ~early
-        n_late = int(late.sum())
-        if n_late:
-            u = torch.rand(n_late, generator=self.generator, dtype=torch.float64)
-            j = torch.floor(u * (g[late] + 1).to(torch.float64)).to(torch.long)
-            j[j >= self.size] = -1
-            slot[late] = j
-        last: dict[int, int] = {}
-        for t, s in enumerate(slot.tolist()):
-            if s >= 0:
-                last[s] = t  # a later token replacing the same slot wins, as in sequential Algorithm R
-        self._slots = torch.tensor(sorted(last), dtype=torch.long)
-        self._tokens = torch.tensor([last[s] for s in sorted(last)], dtype=torch.long)
-        for s in sorted(last):
-            self.slot_token[s] = self.seen + last[s]
-        self.seen += n
+    def draw(self, batches: list[Batch]) -> None:
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.seen, self.plan, self.slot_token = 0, [], [-1] * self.size
+        for batch in batches:
+            n = batch.n_tokens
+            g = torch.arange(self.seen, self.seen + n, dtype=torch.long)
+            slot = torch.full((n,), -1, dtype=torch.long)
+            early = g < self.size
+            slot[early] = g[early]
+            late = ~early
+            n_late = int(late.sum())
+            if n_late:
+                u = torch.rand(n_late, generator=generator, dtype=torch.float64)
+                j = torch.floor(u * (g[late] + 1).to(torch.float64)).to(torch.long)
+                j[j >= self.size] = -1
+                slot[late] = j
+            last: dict[int, int] = {}
+            for t, s in enumerate(slot.tolist()):
+                if s >= 0:
+                    last[s] = t
+            slots = sorted(last)
+            for s in slots:
+                self.slot_token[s] = self.seen + last[s]
+            self.plan.append((torch.tensor(slots, dtype=torch.long), torch.tensor([last[s] for s in slots],
+                                                                                     dtype=torch.long)))
+            self.seen += n
 
-    def on_layer_output(self, layer: int, batch_index: int, hidden: torch.Tensor, batch: Batch) -> None:
-        if self._slots.numel() == 0:
+    def observe(self, batch_index: int, output: torch.Tensor, batch: Batch) -> None:
+        slots, tokens = self.plan[batch_index]
+        if slots.numel() == 0:
             return
-        vectors = hidden[batch.valid]  # [n_valid, d], row-major over (sequence, position)
+        vectors = output[batch.valid.to(output.device)]  # [n_valid, d], row-major over (sequence, position)
         if self.vectors is None:
-            self.vectors = torch.zeros(self.n_layers, self.size, vectors.shape[-1], dtype=torch.float32,
-                                       device=vectors.device)
-        self.vectors[layer, self._slots.to(vectors.device)] = \
-            vectors[self._tokens.to(vectors.device)].detach().to(torch.float32)
+            self.vectors = torch.zeros(self.size, vectors.shape[-1], dtype=torch.float32, device=vectors.device)
+        self.vectors[slots.to(vectors.device)] = vectors[tokens.to(vectors.device)].detach().to(torch.float32)
 
-    def sample(self, layer: int) -> torch.Tensor:
+    def sample(self) -> torch.Tensor:
         if self.vectors is None:
             return torch.zeros(0, 0)
-        return self.vectors[layer, : self.filled]
+        return self.vectors[: self.filled]
+
+    def reset(self) -> None:
+        self.vectors = None
 
 
-def score_taq(loaded: LoadedModel, rows: Sequence[CalibrationRow], spec: JobSpec,
-              progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel, *,
-              batch_tokens: int | None = None) -> Profile:
-    tracker = StageProgress(progress, should_cancel, "score")
-    rows = select_rows(rows, spec)
-    n_layers = len(loaded.layers)
-    batches = calibration_batches(loaded, prompt_sequences(loaded, rows, spec), batch_tokens)
-    stats = LayerOutputStats(n_layers)
-    reservoir = TokenReservoir(n_layers, spec.reservoir_size, spec.seed)
-    hessians = HessianCollector(loaded)
-    run_fp_pass(loaded, batches, observers=(stats, reservoir), hessians=hessians,
-                before_batch=reservoir.before_batch, tracker=tracker.span(0.0, 0.6))
+class TaqScorer(StreamScorer):
+    method = "taq"
 
-    info, stab = [], []
-    entropy_tracker = tracker.span(0.6, 0.7)
-    for layer in range(n_layers):
-        entropy_tracker.check()
-        info.append(matrix_entropy(reservoir.sample(layer)))
-        stab.append(-stats.variance(layer))
-        entropy_tracker.report((layer + 1) / n_layers, f"information of layer {layer + 1}/{n_layers}")
-    z_info, z_stab = zscore(info), zscore(stab)
-    importance = [ALPHA * a + BETA * b for a, b in zip(z_info, z_stab)]
-    sensitivity = exp_sensitivity(importance)
-    layer_scores = [
-        LayerScores(scores={"information": info[l], "effective_rank": math.exp(info[l]),
-                            "stability": stab[l], "variance": -stab[l],
-                            "z_information": z_info[l], "z_stability": z_stab[l],
-                            "reservoir_tokens": float(reservoir.filled)},
-                    importance=importance[l], sensitivity=sensitivity[l])
-        for l in range(n_layers)]
-    quant_errors = quant_error_profile(loaded, hessians, spec, tracker.span(0.7, 1.0))
-    return build_profile(spec, loaded, "taq", layer_scores, quant_errors)
+    def __init__(self, spec: JobSpec) -> None:
+        self.reservoir = TokenReservoir(spec.reservoir_size, spec.seed)
+        self.stats = LayerOutputStats()
+
+    def begin(self, batches: list[Batch], n_layers: int) -> None:
+        self.reservoir.draw(batches)
+
+    def observe(self, layer: int, batch_index: int, output: torch.Tensor, batch: Batch) -> None:
+        self.stats.observe(output, batch)
+        self.reservoir.observe(batch_index, output, batch)
+
+    def layer_values(self, layer: int) -> dict[str, float]:
+        values = {"information": matrix_entropy(self.reservoir.sample()), "variance": self.stats.variance,
+                  "reservoir_tokens": float(self.reservoir.filled)}
+        self.stats.reset()
+        self.reservoir.reset()
+        return values
+
+    def finish(self, model: StreamedModel, result: PassResult) -> list[LayerScores]:
+        info = pass_layer_values(result.records, "information")
+        variance = pass_layer_values(result.records, "variance")
+        filled = pass_layer_values(result.records, "reservoir_tokens")
+        stab = [-v for v in variance]
+        z_info, z_stab = zscore(info), zscore(stab)
+        importance = [ALPHA * a + BETA * b for a, b in zip(z_info, z_stab)]
+        sensitivity = exp_sensitivity(importance)
+        return [LayerScores(scores={"information": info[l], "effective_rank": math.exp(info[l]),
+                                    "stability": stab[l], "variance": variance[l],
+                                    "z_information": z_info[l], "z_stability": z_stab[l],
+                                    "reservoir_tokens": filled[l]},
+                            importance=importance[l], sensitivity=sensitivity[l])
+                for l in range(len(result.records))]

@@ -1,7 +1,8 @@
 """(b)/(c) A real Celery worker process (`taq worker`) on Redis + PostgreSQL + S3 (moto server),
 the API in-process: every method on the tiny Llama; cancel mid-run removes the partial files; a
-worker killed mid-run is replaced and the job resumes after its stored stages, with artifacts
-byte-identical to an uninterrupted run of the same spec."""
+worker killed mid-run is replaced and the job resumes after its stored stages, and one killed in
+the middle of the layer pass resumes at the first layer without a checkpoint; either way the
+artifacts are byte-identical to an uninterrupted run of the same spec."""
 
 from __future__ import annotations
 
@@ -141,6 +142,60 @@ def test_killed_worker_is_replaced_and_the_job_resumes(stack):
     assert digests == clean_digests
     listing = client.get(f"/v1/jobs/{job_id}/artifacts", headers=AUTH).json()
     assert listing == client.get(f"/v1/jobs/{clean_id}/artifacts", headers=AUTH).json()
+    assert final["result"]["budgets"] == clean["result"]["budgets"]
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tiny_model_root, smollm2_tokenizer_dir):
+    """12 layers of width 384: with GPTQ at two widths each layer takes a noticeable fraction of a
+    second on one thread, so a worker can be killed in the middle of the layer pass."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tiny_model_root / "wide-llama"
+    if not (out / "config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
+                             num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                             tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(1)
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    return "wide-llama"
+
+
+@pytest.mark.timeout(900)
+def test_worker_killed_mid_layer_resumes_at_the_first_missing_layer(stack, wide_llama):
+    client, workers, storage = stack["client"], stack["workers"], stack["storage"]
+    spec = tiny_spec("taq", model=wide_llama, quantizer="gptq", group_size=128, bit_choices=[4, 8, 16],
+                     bit_budget={"avg_bits": [5.0, 6.0]}, exports=["gguf", "hf"])
+    job_id = client.post("/v1/jobs", headers=AUTH, json=spec).json()["id"]
+    records = f"jobs/{job_id}/work/layers/"
+
+    def stored_records() -> dict[str, object]:
+        return {o.key: storage.client.head_object(Bucket=storage.bucket, Key=storage._k(o.key))["LastModified"]
+                for o in storage.list(records) if o.key.endswith(".json")}
+
+    wait_for(lambda: len([o for o in storage.list(records) if o.key.endswith(".json")]) >= 3, 300, interval=0.02,
+             what="three layer checkpoints")
+    workers[-1].stop(signal.SIGKILL)
+    before = stored_records()
+    assert 3 <= len(before) < 12, f"the worker was not killed mid-pass: {len(before)} of 12 layers stored"
+    stack["start_worker"]()
+    final = wait_job(client, job_id, timeout=600, headers=AUTH)
+    assert final["status"] == "succeeded" and final["attempts"] == 2, final["error"]
+    after = stored_records()
+    assert len(after) == 12
+    assert {k: after[k] for k in before} == before  # the checkpointed layers were not recomputed
+    blobs = verify_artifacts(client, job_id, AUTH)
+
+    clean_id = client.post("/v1/jobs", headers=AUTH, json=spec).json()["id"]
+    clean = wait_job(client, clean_id, timeout=600, headers=AUTH)
+    assert clean["status"] == "succeeded" and clean["attempts"] == 1, clean["error"]
+    clean_blobs = verify_artifacts(client, clean_id, AUTH)
+    assert ({n: hashlib.sha256(b).hexdigest() for n, b in blobs.items()}
+            == {n: hashlib.sha256(b).hexdigest() for n, b in clean_blobs.items()})
     assert final["result"]["budgets"] == clean["result"]["budgets"]
 
 

@@ -70,7 +70,7 @@ class Exported:
     @property
     def gg(self):
         if self._gg is None:
-            self._gg = AutoModelForCausalLM.from_pretrained(self.root, gguf_file=self.gguf.name,
+            self._gg = AutoModelForCausalLM.from_pretrained(self.root, gguf_file=self.gguf.path.name,
                                                             dtype=torch.float32).eval()
         return self._gg
 
@@ -143,11 +143,16 @@ def test_gguf_export_agrees_with_the_hf_export(exported):
 
 
 def test_manifest_reports_stored_effective_bits(exported):
-    files = [(p.relative_to(exported.root).as_posix(), p) for p in exported.hf_files] + [("model.gguf", exported.gguf)]
+    exported_files = [(f"hf/{f.name}", f) for f in exported.hf_files] + [("model.gguf", exported.gguf)]
+    files = [(rel, f.path) for rel, f in exported_files]
+    hashes = {rel: (f.size, f.sha256) for rel, f in exported_files}
     n = sum(math.prod(q.shape) for q in exported.weights.values())
     allocator = sum(math.prod(q.shape) * effective_bits(q.bits, exported.group_size, exported.symmetric)
                     for q in exported.weights.values()) / n
-    manifest = build_manifest(exported.spec, "smollm2-135m-instruct", None, exported.bits, allocator, files, {})
+    manifest = build_manifest(exported.spec, "smollm2-135m-instruct", None, exported.bits, allocator, files, {},
+                              hashes=hashes)
+    assert manifest == build_manifest(exported.spec, "smollm2-135m-instruct", None, exported.bits, allocator,
+                                      files, {})  # the exporters' hashes are the files' hashes
     stored = manifest["effective_bits"]["stored"]["hf"]
     hf = manifest["storage"]["hf"]
     assert hf["weights"] == n and hf["quantized_linears"] == len(exported.weights)
@@ -170,7 +175,7 @@ def test_manifest_reports_stored_effective_bits(exported):
 def test_llama_cpp_loads_the_gguf(exported):
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(exported.gguf), n_ctx=256, logits_all=True, verbose=False, n_threads=2, seed=0)
+    llm = Llama(model_path=str(exported.gguf.path), n_ctx=256, logits_all=True, verbose=False, n_threads=2, seed=0)
     agreement = []
     for prompt in exported.prompts:
         ids = exported.tokenizer(prompt)["input_ids"]
@@ -197,7 +202,7 @@ def test_llama_cpp_loads_the_tiny_gguf(tiny_llama_dir, tmp_path):
     weights = {name: quantize_weight(lin.weight.detach(), b, 32, False)
                for layer, b in bits.items() if b < 16 for name, lin in named_linears(model, layer).items()}
     spec = JobSpec(model="tiny-llama", method="uniform", bit_budget={"avg_bits": 8.0}, group_size=32)
-    path = export_gguf(model, tokenizer, weights, bits, spec, tmp_path / "tiny.gguf")
+    path = export_gguf(model, tokenizer, weights, bits, spec, tmp_path / "tiny.gguf").path
     llm = Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, seed=0)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     ids = tokenizer("The capital of France is a city")["input_ids"]

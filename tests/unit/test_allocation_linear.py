@@ -1,9 +1,10 @@
 """allocation_unit "linear": fused groups, units that reproduce the per-layer objective, an optimum
-never worse than per-layer, bits per linear through quantize and both exports, and the errors."""
+never worse than per-layer, bits per linear through run_job's layer pass and both exports, and the
+errors."""
 
 from __future__ import annotations
 
-import copy
+import json
 import random
 from pathlib import Path
 
@@ -13,15 +14,16 @@ from pydantic import ValidationError
 
 from core.allocation import allocate_budget, expand_units, layer_costs_from_profile, linear_units
 from core.errors import InvalidSpec
-from core.export import export_gguf, export_hf
 from core.export.manifest import bit_map_key
+from core.job_stages import CheckpointWeights
 from core.models import LoadedModel, load_model, resolve_model
 from core.modules import fused_linear_groups
-from core.pipeline import allocate_stage, linear_bits, run_pipeline
+from core.pipeline import allocate_stage, linear_bits
 from core.plot import plot_profile, profile_effective_bits
-from core.quant.primitives import dequantize_weight
 from core.spec import CalibrationRow, JobSpec
 from core.types import LayerProfile, LinearProfile, Profile
+
+from pipeline_helpers import LAYER_PREFIX, dequantized_model, logits_gap, make_spec, run, write_hf
 
 pytestmark = pytest.mark.unit
 
@@ -117,51 +119,67 @@ def test_profile_round_trip_and_bits_per_linear() -> None:
 ROWS = [CalibrationRow(prompt=f"Item {i}: what is {i} times {i + 3}? Answer briefly.") for i in range(8)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
-def loaded(tiny_model_root: Path) -> LoadedModel:
-    return load_model(resolve_model("tiny-llama", [tiny_model_root], {}))
+def source(tiny_model_root: Path):
+    return resolve_model("tiny-llama", [tiny_model_root], {})
+
+
+@pytest.fixture(scope="module")
+def loaded(source) -> LoadedModel:
+    return load_model(source)
+
+
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 
 @pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
-def test_pipeline_quantizes_and_exports_each_linear_at_its_bits(loaded: LoadedModel, tmp_path: Path,
-                                                                quantizer: str) -> None:
+def test_run_job_quantizes_and_exports_each_linear_at_its_bits(source, loaded: LoadedModel, tmp_path: Path,
+                                                               quantizer: str) -> None:
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
-    spec = JobSpec(model="tiny-llama", method="taq", calibration=ROWS, bit_budget={"avg_bits": 5.5},
-                   bit_choices=[4, 8, 16], group_size=32, reservoir_size=32, max_tokens=32, seed=0,
-                   allocation_unit="linear", quantizer=quantizer)
-    result = run_pipeline(spec, loaded, ROWS)
-    out = result.outputs[0]
-    bits = linear_bits(loaded, out.allocation)
-    assert out.allocation.unit == "linear" and out.allocation.effective_bits <= 5.5
+    spec = make_spec(calibration=ROWS, bit_budget={"avg_bits": 5.5}, max_tokens=32, allocation_unit="linear",
+                     quantizer=quantizer, exports=["hf", "gguf"])
+    result = run(spec, source, rows=ROWS)
+    [allocation] = result.outputs.allocations
+    bits = linear_bits(loaded.layers, allocation)
+    assert allocation.unit == "linear" and allocation.effective_bits <= 5.5
+    assert set(allocation.bits) == set(bits)  # keyed by linear
     # a real per-linear choice: some layer mixes widths
     assert any(len({bits[n] for n in ref.linears}) > 1 for ref in loaded.layers), bits
-    assert {n for n, b in bits.items() if b < 16} == set(out.weights)
-    for name, q in out.weights.items():
+    for group in fused_linear_groups(list(bits)):  # fused shards share one width
+        assert len({bits[n] for n in group}) == 1, group
+    weights = CheckpointWeights(result.store, LAYER_PREFIX, loaded.layers, bits)
+    assert {n for n, b in bits.items() if b < 16} == set(weights)
+    for name, q in weights.items():
         assert q.bits == bits[name]
-    assert any(l.bits is None and l.mean_bits is not None for l in result.profile.layers)
+    profile = result.outputs.profile
+    assert any(l.bits is None and l.mean_bits is not None for l in profile.layers)
+    assert [(lin.name, lin.bits) for layer in profile.layers for lin in layer.linears] == \
+        [(lin.name, bits[lin.name]) for layer in profile.layers for lin in layer.linears]
+    # on the job's own measured profile the per-linear optimum is never worse than per-layer
+    [per_layer] = allocate_stage(spec.model_copy(update={"allocation_unit": "layer"}), profile.with_bits({}))
+    assert allocation.objective <= per_layer.objective * (1 + 1e-12)
+    assert json.loads(result.store.get_bytes("artifacts/bitmap.json"))["budgets"][0]["unit"] == "linear"
 
-    export_hf(loaded.model, loaded.tokenizer, out.weights, out.allocation.bits, spec, tmp_path / "hf")
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    reference = copy.deepcopy(loaded.model)
-    with torch.no_grad():
-        for value in reference.state_dict().values():
-            value.copy_(value.half().float())
-        for name, q in out.weights.items():
-            reference.get_submodule(name).weight.copy_(dequantize_weight(q))
-    batch = loaded.tokenizer(["The capital of France is", "2 + 2 ="], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        a, b = exported(**batch).logits, reference(**batch).logits
-    mask = batch["attention_mask"].bool()
-    assert float((a - b).abs()[mask].max()) <= 1e-3 * float(b.abs()[mask].max())
+    exported = AutoModelForCausalLM.from_pretrained(write_hf(result.store, "hf", tmp_path / "hf"),
+                                                    dtype=torch.float32).eval()
+    gap, scale = logits_gap(exported, dequantized_model(loaded, dict(weights), fp16_rest=True), loaded.tokenizer)
+    assert gap <= 1e-3 * scale
 
-    path = export_gguf(loaded.model, loaded.tokenizer, out.weights, out.allocation.bits, spec, tmp_path / "m.gguf")
-    from gguf import GGUFReader
-
+    path = tmp_path / "m.gguf"
+    path.write_bytes(result.store.get_bytes("artifacts/model.gguf"))
     types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
     for name, b in bits.items():
         layer, leaf = name.split(".")[2], name.rsplit(".", 1)[1]
-        gguf_name = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[leaf]
         expected = {4: ("Q4_0", "Q4_1"), 8: ("Q8_0",), 16: ("F16",)}[b]
-        assert types[f"blk.{layer}.{gguf_name}.weight"] in expected, (name, b)
+        assert types[f"blk.{layer}.{GGUF_NAMES[leaf]}.weight"] in expected, (name, b)

@@ -144,8 +144,10 @@ def test_tensor_names():
 def test_tiny_gguf_loads_in_transformers_with_our_weights(tiny, tmp_path, symmetric):
     model, tokenizer = tiny
     bits, weights = quantize_model(model, MIXED, 32, symmetric)
-    path = export_gguf(model, tokenizer, weights, bits, make_spec(32, symmetric), tmp_path / "tiny.gguf")
-    assert path == tmp_path / "tiny.gguf"
+    exported = export_gguf(model, tokenizer, weights, bits, make_spec(32, symmetric), tmp_path / "tiny.gguf")
+    path = exported.path
+    assert path == tmp_path / "tiny.gguf" and exported.name == "tiny.gguf"
+    assert exported.size == path.stat().st_size
 
     reader = GGUFReader(path)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
@@ -196,7 +198,7 @@ def test_tokenizer_metadata_matches_the_smollm2_gguf(tiny, tmp_path, smollm2_pat
     what llama.cpp's converter wrote into the SmolLM2 GGUF."""
     model, tokenizer = tiny
     bits, weights = quantize_model(model, MIXED, 32, False)
-    path = export_gguf(model, tokenizer, weights, bits, make_spec(32, False), tmp_path / "tiny.gguf")
+    path = export_gguf(model, tokenizer, weights, bits, make_spec(32, False), tmp_path / "tiny.gguf").path
     ours, theirs = GGUFReader(path).fields, GGUFReader(smollm2_path).fields
     for key in TOKENIZER_KEYS:
         assert ours[key].contents() == theirs[key].contents(), key
@@ -214,10 +216,10 @@ def test_export_is_byte_identical_and_source_metadata_round_trips(tiny, tmp_path
     spec = make_spec(64, False)
     first = export_gguf(model, tokenizer, weights, bits, spec, tmp_path / "a.gguf")
     second = export_gguf(model, tokenizer, weights, bits, spec, tmp_path / "b.gguf")
-    assert first.read_bytes() == second.read_bytes()
+    assert first.path.read_bytes() == second.path.read_bytes() and first.sha256 == second.sha256
     # using our own file as the source copies its metadata verbatim: the same bytes again
-    third = export_gguf(model, None, weights, bits, spec, tmp_path / "c.gguf", source_gguf=first)
-    assert third.read_bytes() == first.read_bytes()
+    third = export_gguf(model, None, weights, bits, spec, tmp_path / "c.gguf", source_gguf=first.path)
+    assert third.path.read_bytes() == first.path.read_bytes() and third.sha256 == first.sha256
 
 
 def test_source_gguf_of_another_model_is_rejected(tiny, tmp_path, smollm2_path):
@@ -226,6 +228,15 @@ def test_source_gguf_of_another_model_is_rejected(tiny, tmp_path, smollm2_path):
     with pytest.raises(ExportError, match="does not describe this model"):
         export_gguf(model, tokenizer, weights, bits, make_spec(32, False), tmp_path / "x.gguf",
                     source_gguf=smollm2_path)
+    assert not (tmp_path / "x.gguf").exists()  # no partial file
+
+
+def test_weight_checks_happen_when_the_weight_is_written(tiny, tmp_path):
+    model, tokenizer = tiny
+    bits, weights = quantize_model(model, MIXED, 32, False)
+    with pytest.raises(ExportError, match="spec asks"):
+        export_gguf(model, tokenizer, weights, bits, make_spec(64, False), tmp_path / "g" / "x.gguf")
+    assert not (tmp_path / "g").exists()
 
 
 def test_non_llama_models_are_rejected(tmp_path):

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from core.errors import ExportError
 from core.export import export_hf
 from core.export.hf import choose_strategy, quantized_tensors
-from core.export._common import plan_linears
+from core.export._common import LinearPlan
 from core.modules import named_linears
 from core.quant.primitives import dequantize_weight, quantize_weight
 
@@ -82,9 +82,11 @@ def test_config_groups_target_exactly_the_linears_of_each_width(tiny, tmp_path):
     model, tokenizer = tiny
     bits, weights = quantize_model(model, MIXED, 32, False)
     files = export_hf(model, tokenizer, weights, bits, make_spec(32, False), tmp_path / "hf")
-    assert {p.name for p in files} >= {"config.json", "model.safetensors", "generation_config.json",
+    assert {f.name for f in files} >= {"config.json", "model.safetensors", "generation_config.json",
                                        "tokenizer.json", "tokenizer_config.json"}
-    assert all(p.parent == tmp_path / "hf" for p in files)
+    assert [f.name for f in files] == sorted(f.name for f in files)
+    assert all(f.path == tmp_path / "hf" / f.name for f in files)
+    assert not (tmp_path / "hf" / "model.safetensors.index.json").exists()  # one file below the shard size
 
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     qc = config["quantization_config"]
@@ -120,28 +122,24 @@ def test_export_is_byte_identical_across_runs(tiny, tmp_path):
     spec = make_spec(64, False)
     first = export_hf(model, tokenizer, weights, bits, spec, tmp_path / "a")
     second = export_hf(model, tokenizer, weights, bits, spec, tmp_path / "b")
-    assert [p.name for p in first] == [p.name for p in second]
+    assert [f.name for f in first] == [f.name for f in second]
     for a, b in zip(first, second):
-        assert a.read_bytes() == b.read_bytes(), a.name
+        assert a.path.read_bytes() == b.path.read_bytes(), a.name
+        assert (a.size, a.sha256) == (b.size, b.sha256)
 
 
 def test_strategy_choice():
-    class Stub:
-        def __init__(self, q):
-            self.q, self.name = q, "x"
-
-    def plans(in_features, group, sym):
-        return [Stub(quantize_weight(torch.randn(8, in_features, generator=torch.Generator().manual_seed(0)),
-                                     4, group, sym))]
-
-    assert choose_strategy(plans(96, 32, True)) == "group"
-    assert choose_strategy(plans(96, 32, False)) == "block"   # transformers can't load asym group
-    assert choose_strategy(plans(96, 64, True)) == "block"    # 64 does not divide 96
-    assert choose_strategy(plans(96, 32, False), "group") == "group"
+    plans = [LinearPlan(name="x", layer="l", bits=4, shape=(8, 96)), LinearPlan(name="y", layer="l", bits=16,
+                                                                               shape=(8, 100))]
+    assert choose_strategy(plans, 32, True) == "group"
+    assert choose_strategy(plans, 32, False) == "block"   # transformers can't load asym group
+    assert choose_strategy(plans, 64, True) == "block"    # 64 does not divide 96
+    assert choose_strategy(plans, 32, False, "group") == "group"
+    assert choose_strategy(plans[1:], 64, True) == "group"  # nothing quantized
     with pytest.raises(ExportError, match="divide"):
-        choose_strategy(plans(96, 64, True), "group")
+        choose_strategy(plans, 64, True, "group")
     with pytest.raises(ExportError, match="unknown"):
-        choose_strategy(plans(96, 32, True), "tiles")
+        choose_strategy(plans, 32, True, "tiles")
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -201,10 +199,22 @@ def test_inconsistent_inputs_are_export_errors(tiny, tmp_path):
         export_hf(model, tokenizer, weights, {k: v for k, v in bits.items() if k != "model.layers.3"},
                   spec, tmp_path / "c")
 
+    # checked when each weight is loaded, mid-write: the partial directory is removed
     with pytest.raises(ExportError, match="spec asks"):
         export_hf(model, tokenizer, weights, bits, make_spec(64, False), tmp_path / "d")
 
     wrong_width = dict(bits, **{"model.layers.0": 8})
     with pytest.raises(ExportError, match="quantized at 4 bits"):
-        plan_linears(model, weights, wrong_width)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+        export_hf(model, tokenizer, weights, wrong_width, spec, tmp_path / "e")
+
+    bad_shape = dict(weights)
+    name = "model.layers.1.mlp.up_proj"
+    bad_shape[name] = quantize_weight(torch.randn(192, 64), 8, 32, False)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "keep.txt").write_text("x")
+    with pytest.raises(ExportError, match="quantized shape"):
+        export_hf(model, tokenizer, bad_shape, bits, spec, tmp_path / "f")
+    for d in "ade":
+        assert not (tmp_path / d).exists()
+    # a directory that existed keeps what was there, loses what the failed export wrote
+    assert [p.name for p in (tmp_path / "f").iterdir()] == ["keep.txt"]

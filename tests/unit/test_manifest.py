@@ -49,7 +49,7 @@ def export_all(tiny, root: Path, group_size=32, symmetric=True):
     spec = make_spec(group_size, symmetric)
     hf_files = export_hf(model, tokenizer, weights, bits, spec, root / "hf")
     gguf = export_gguf(model, tokenizer, weights, bits, spec, root / "model.gguf")
-    files = [(p.relative_to(root).as_posix(), p) for p in hf_files] + [("model.gguf", gguf)]
+    files = [(f"hf/{f.name}", f.path) for f in hf_files] + [("model.gguf", gguf.path)]
     return spec, bits, weights, files
 
 
@@ -80,6 +80,24 @@ def test_manifest_content_and_byte_identical_rerun(tiny, tmp_path):
     assert first.name == "manifest.json"
     assert first.read_bytes() == second.read_bytes()
     assert json.loads(first.read_text()) == manifest
+
+
+def test_hashes_from_the_exporters_give_the_same_manifest(tiny, tmp_path):
+    model, tokenizer = tiny
+    bits, weights = quantize_model(model, MIXED, 32, True)
+    spec = make_spec(32, True)
+    hf_files = export_hf(model, tokenizer, weights, bits, spec, tmp_path / "hf")
+    gguf = export_gguf(model, tokenizer, weights, bits, spec, tmp_path / "model.gguf")
+    exported = [(f"hf/{f.name}", f) for f in hf_files] + [("model.gguf", gguf)]
+    files = [(rel, f.path) for rel, f in exported]
+    hashes = {rel: (f.size, f.sha256) for rel, f in exported}
+    plain = build_manifest(spec, "tiny-llama", None, bits, 4.5, files, {})
+    assert build_manifest(spec, "tiny-llama", None, bits, 4.5, files, {}, hashes=hashes) == plain
+    # the given hashes are used as they are, not recomputed
+    fake = dict(hashes, **{"model.gguf": (1, "0" * 64)})
+    entry = next(e for e in build_manifest(spec, "tiny-llama", None, bits, 4.5, files, {}, hashes=fake)["files"]
+                 if e["name"] == "model.gguf")
+    assert entry == {"name": "model.gguf", "size": 1, "sha256": "0" * 64}
 
 
 def test_stored_bytes_match_effective_bits_for_symmetric_dividing_groups(tiny, tmp_path):

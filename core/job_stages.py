@@ -1,0 +1,345 @@
+"""The stages of `core.pipeline.run_job`, in one object that carries the state between them
+(the order, the resume decisions and the progress shares are in core/pipeline.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+from core.calibration import StageProgress, default_batch_tokens, make_batches, pad_token_id
+from core.errors import DataError, InvalidSpec, TaqError
+from core.pipeline import (CODES_PREFIX, LAYERS_PREFIX, ArtifactStore, ExportRecord, JobHooks, JobInputs, JobOutputs,
+                           StagePlan, allocate_stage, artifact_names, budget_tag, check_rows, linear_bits, pass_key,
+                           reference_bits)
+from core.spec import CalibrationInputs, ExportFormat, Method, Quantizer
+from core.streaming.checkpoints import load_codes
+from core.types import BitAllocation, Profile, QuantizedWeight
+
+EVAL_NEW_TOKENS = 32
+SMALL_ARTIFACTS = ("profile.json", "profile.png", "bitmap.json", "eval.json")
+
+
+def dumps(data: Any) -> bytes:
+    return json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
+
+
+class CheckpointWeights(Mapping):
+    """The QuantizedWeights of an allocation, read lazily from the layer checkpoints: one
+    (layer, width) blob is held at a time, since exporters ask for a layer's linears in order."""
+
+    def __init__(self, store, prefix: str, layers, bits_by_linear: dict[str, int], device="cpu") -> None:
+        self.store, self.prefix, self.device = store, prefix, device
+        self.bits = {name: b for name, b in bits_by_linear.items() if b < 16}
+        self.layer_of = {name: ref.index for ref in layers for name in ref.linears}
+        self._blob: tuple[tuple[int, int], dict[str, QuantizedWeight]] | None = None
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        if name not in self.bits:
+            raise KeyError(name)
+        key = (self.layer_of[name], self.bits[name])
+        if self._blob is None or self._blob[0] != key:
+            self._blob = None
+            self._blob = (key, load_codes(self.store, self.prefix, key[0], key[1], device=self.device))
+        return self._blob[1][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.bits)
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+
+class JobRun:
+    def __init__(self, inputs: JobInputs, store: ArtifactStore, hooks: JobHooks) -> None:
+        self.inputs, self.store, self.hooks = inputs, store, hooks
+        self.spec = inputs.spec
+        self.model = None
+        self.rows = []
+        self.profile: Profile | None = None
+        self.allocations: list[BitAllocation] = []
+        self.exports: list[ExportRecord] = []
+        self.eval_report: dict | None = None
+        self.generation: dict | None = None
+        self.written: dict[str, tuple[int, str]] = {}
+        self.codes_prefix = LAYERS_PREFIX
+        self._tmp: Path | None = None
+        self._area = None
+
+    # ---- plumbing -------------------------------------------------------------------------------
+    def tracker(self, stage: str) -> StageProgress:
+        return StageProgress(self.hooks.progress, self.hooks.should_cancel, stage)
+
+    @property
+    def tmp(self) -> Path:
+        if self._tmp is None:
+            base = self.inputs.work_dir
+            if base is not None:
+                Path(base).mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix="taq-job-", dir=base))
+        return self._tmp
+
+    @property
+    def area(self):
+        from core.streaming.hidden import SpillArea
+
+        if self._area is None:
+            self._area = SpillArea(self.inputs.activation_ram_bytes, self.tmp / "spill")
+        return self._area
+
+    def put(self, name: str, data: bytes) -> None:
+        key = f"artifacts/{name}"
+        self.store.put_bytes(key, data)
+        self.written[key] = (len(data), hashlib.sha256(data).hexdigest())
+
+    def batches_for(self, sequences):
+        tokens = self.inputs.batch_tokens or default_batch_tokens(self.model.device)
+        return make_batches(sequences, pad_token_id(self.model.tokenizer), self.model.device,
+                            max_batch_tokens=tokens)
+
+    # ---- the run ----------------------------------------------------------------------------------
+    def run(self) -> Any:
+        plan = StagePlan.from_store(self.store, self.spec, reused_profile=self.inputs.reused_profile is not None)
+        try:
+            for stage in ("load", "calibrate", "score", "allocate", "quantize", "export", "evaluate"):
+                reason = plan.skip(stage)
+                with self.hooks.stage(stage, skipped=reason is not None, reason=reason or ""):
+                    self.tracker(stage).check()
+                    getattr(self, f"stage_{stage}")(plan, reason)
+            with self.hooks.stage("publish", skipped=False, reason=""):
+                self.tracker("publish").check()
+                return self.hooks.publish(self.outputs())
+        finally:
+            if self.model is not None:
+                self.model.close()
+            if self._area is not None:
+                self._area.close()
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def outputs(self) -> JobOutputs:
+        for name in SMALL_ARTIFACTS:
+            key = f"artifacts/{name}"
+            if key not in self.written and self.store.exists(key):
+                data = self.store.get_bytes(key)
+                self.written[key] = (len(data), hashlib.sha256(data).hexdigest())
+        return JobOutputs(spec=self.spec, source=self.inputs.source, profile=self.profile,
+                          allocations=self.allocations, exports=self.exports, eval_report=self.eval_report,
+                          written=dict(self.written), generation=self.generation)
+
+    # ---- stages -----------------------------------------------------------------------------------
+    def stage_load(self, plan: StagePlan, skip: str | None) -> None:
+        from core.streaming.model import open_streamed
+
+        if skip is None:
+            self.model = open_streamed(self.inputs.source, device=self.inputs.device, dtype=self.inputs.dtype)
+            self.hooks.progress("load", 1.0, f"opened {self.spec.model} for streaming on {self.model.device}")
+
+    def stage_calibrate(self, plan: StagePlan, skip: str | None) -> None:
+        from core.scorers.common import select_rows
+
+        self.rows = select_rows(self.inputs.rows, self.spec)
+        if plan.needs_model and not plan.have_profile:
+            check_rows(self.spec, self.rows)
+        self.hooks.progress("calibrate", 1.0, f"{len(self.rows)} calibration rows, "
+                                              f"{len(self.inputs.eval_rows)} eval rows")
+
+    def layer_pass(self, stage: str, scorer, widths: list[int], prefix: str):
+        from core.scorers.common import prompt_plan
+        from core.streaming.layer_pass import PassSettings, run_layer_pass
+
+        sequence_plan = scorer.plan(self.model.tokenizer, self.rows, self.spec) if self.rows else None
+        if sequence_plan is None and self.rows:
+            sequence_plan = prompt_plan(self.model.tokenizer, self.rows, self.spec)
+        if self.rows and not sequence_plan.sequences:
+            raise DataError("no calibration sequence is left after tokenization", details=[])
+        batches = self.batches_for(sequence_plan.sequences) if self.rows else []
+        sequential = self.spec.calibration_inputs == CalibrationInputs.quantized
+        settings = PassSettings(widths=tuple(sorted(widths)), group_size=self.spec.group_size,
+                                symmetric=self.spec.symmetric, gptq=self.spec.quantizer == Quantizer.gptq,
+                                clip_search=self.spec.clip_search, sequential=sequential and bool(widths),
+                                reference_bits=reference_bits(self.spec) if sequential else None,
+                                pass_key=pass_key(self.spec, self.rows, widths, self.inputs.source, scorer.method,
+                                                  device=self.model.device.type, dtype=self.model.dtype),
+                                prefix=prefix)
+        if settings.reference_bits is not None and settings.reference_bits not in settings.widths:
+            settings = replace(settings, reference_bits=min(settings.widths))
+        tracker = self.tracker(stage)
+        result = run_layer_pass(self.model, batches, scorer, settings, self.store, tracker.span(0.0, 0.9),
+                                self.area)
+        tracker.report(0.9, "layer pass done")
+        return result
+
+    def stage_score(self, plan: StagePlan, skip: str | None) -> None:
+        from core.scorers import make_scorer
+        from core.scorers.common import build_profile
+
+        if skip is not None:
+            if plan.have_profile:
+                self.profile = Profile.from_dict(json.loads(self.store.get_bytes("artifacts/profile.json")))
+                self.codes_prefix = CODES_PREFIX if plan.reused_profile else LAYERS_PREFIX
+            else:
+                self.profile = self.inputs.reused_profile
+                self.codes_prefix = CODES_PREFIX
+                if [l.name for l in self.profile.layers] != [ref.name for ref in self.model.layers]:
+                    raise InvalidSpec("the reused profile does not match the model's layers")
+            return
+        scorer = make_scorer(self.spec, generate=self.greedy_token_answers)
+        widths = [b for b in self.spec.bit_choices if b < 16]
+        result = self.layer_pass("score", scorer, widths, LAYERS_PREFIX)
+        scores = scorer.finish(self.model, result)
+        self.profile = build_profile(self.spec, scorer.method, scores, result.records)
+        for stream in result.streams.values():
+            stream.drop()
+        if result.final is not None:
+            result.final.drop()
+        self.put("profile.json", dumps(self.profile.to_dict()))
+        self.hooks.profile_ready(self.profile)
+        self.hooks.progress("score", 1.0, "profile stored")
+
+    def stage_allocate(self, plan: StagePlan, skip: str | None) -> None:
+        from core.plot import plot_profile
+
+        if skip is not None:
+            data = json.loads(self.store.get_bytes("artifacts/bitmap.json"))
+            self.allocations = [BitAllocation(**a) for a in data["budgets"]]
+            if self.profile is not None and len(self.allocations) == 1:
+                self.profile = self.profile.with_bits(self.allocations[0].bits)
+            return
+        self.allocations = list(allocate_stage(self.spec, self.profile))
+        if len(self.allocations) == 1:
+            self.profile = self.profile.with_bits(self.allocations[0].bits)
+        self.put("profile.json", dumps(self.profile.to_dict()))
+        self.hooks.profile_ready(self.profile)
+        effective = self.allocations[0].effective_bits if len(self.allocations) == 1 else None
+        self.put("profile.png", plot_profile(self.profile, f"{self.spec.model} · {self.spec.method.value}",
+                                             group_size=self.spec.group_size, symmetric=self.spec.symmetric,
+                                             effective=effective))
+        self.put("bitmap.json", dumps({"budgets": [a.to_dict() for a in self.allocations]}))  # last: the checkpoint
+        self.hooks.progress("allocate", 1.0, f"{len(self.allocations)} allocation(s)")
+
+    def uniform_baseline(self, allocation: BitAllocation) -> BitAllocation | None:
+        """The same budget spent uniformly (the paper's baseline) for evaluation; None for method
+        `uniform` or when no single width fits."""
+        from core.allocation import allocate_uniform, layer_costs_from_profile
+
+        if self.spec.method == Method.uniform:
+            return None
+        budget = allocation.budget if allocation.budget is not None else allocation.effective_bits
+        try:
+            return allocate_uniform(layer_costs_from_profile(self.profile), budget, list(self.spec.bit_choices),
+                                    self.spec.group_size, self.spec.symmetric)
+        except TaqError:
+            return None
+
+    def stage_quantize(self, plan: StagePlan, skip: str | None) -> None:
+        """Only for a reused profile: one pass storing codes at the widths this job needs."""
+        from core.scorers.uniform import UniformScorer
+
+        if skip is not None:
+            return
+        needed = {b for a in self.allocations for b in a.bits.values()}
+        if plan.wants_eval:
+            needed |= {b for a in self.allocations if (u := self.uniform_baseline(a)) for b in u.bits.values()}
+        widths = sorted(b for b in needed if b < 16)
+        result = self.layer_pass("quantize", UniformScorer(), widths, CODES_PREFIX)
+        if result.final is not None:
+            result.final.drop()
+        self.codes_prefix = CODES_PREFIX
+
+    def codes(self, index: int, bits: int) -> dict[str, QuantizedWeight]:
+        return load_codes(self.store, self.codes_prefix, index, bits, device=self.model.device)
+
+    def stage_export(self, plan: StagePlan, skip: str | None) -> None:
+        from core.export import export_gguf, export_hf
+        from core.export.manifest import storage_summary
+
+        formats = {f.value for f in self.spec.exports}
+        tracker = self.tracker("export")
+        for i, allocation in enumerate(self.allocations):
+            tag = budget_tag(allocation.budget)
+            marker = f"work/export-{tag}.json"
+            if self.store.exists(marker):
+                self.exports.append(ExportRecord(tag=tag, **json.loads(self.store.get_bytes(marker))))
+                continue
+            names = artifact_names(self.allocations, allocation)
+            weights = CheckpointWeights(self.store, self.codes_prefix, self.model.layers,
+                                        linear_bits(self.model.layers, allocation), device="cpu")
+            out = self.tmp / f"export-{tag}"
+            local: list[tuple[str, Path]] = []
+            files: list[dict] = []
+            if ExportFormat.hf.value in formats:
+                written = export_hf(self.model.skeleton, self.model.tokenizer, weights, allocation.bits, self.spec,
+                                    out / names["hf"], tensors=self.source_tensor)
+                tracker.check()
+                self.store.delete_prefix(f"artifacts/{names['hf']}/")  # a partial upload of a crashed attempt
+                for f in written:
+                    rel = f"{names['hf']}/{f.name}"
+                    self.store.put_file(f"artifacts/{rel}", f.path)
+                    local.append((rel, f.path))
+                    files.append({"name": rel, "size": f.size, "sha256": f.sha256})
+            if ExportFormat.gguf.value in formats:
+                source = self.inputs.source
+                f = export_gguf(self.model.skeleton, self.model.tokenizer, weights, allocation.bits, self.spec,
+                                out / names["gguf"], source_gguf=source.file if source.gguf_file else None,
+                                tensors=self.source_tensor)
+                tracker.check()
+                self.store.put_file(f"artifacts/{names['gguf']}", f.path)
+                local.append((names["gguf"], f.path))
+                files.append({"name": names["gguf"], "size": f.size, "sha256": f.sha256})
+            record = ExportRecord(tag=tag, files=files, storage=storage_summary(local),
+                                  extra=self.hooks.exported(tag, local))
+            shutil.rmtree(out, ignore_errors=True)
+            self.store.put_bytes(marker, dumps({"files": record.files, "storage": record.storage,
+                                                "extra": record.extra}))
+            self.exports.append(record)
+            tracker.report((i + 1) / len(self.allocations), f"exported {tag}")
+
+    def source_tensor(self, name: str):
+        """A non-quantized tensor for export, read at its stored float dtype (bf16 stays bf16)."""
+        import torch
+
+        stored = {"BF16": torch.bfloat16, "F16": torch.float16}.get(self.model.reader.infos()[name].dtype,
+                                                                     torch.float32)
+        return self.model.reader.read(name, dtype=stored, device="cpu")
+
+    def stage_evaluate(self, plan: StagePlan, skip: str | None) -> None:
+        from core.eval_report import evaluate_job
+
+        if skip is not None:
+            if plan.wants_eval:
+                self.eval_report = json.loads(self.store.get_bytes("artifacts/eval.json"))
+            return
+        if not self.inputs.eval_rows:
+            return
+        self.eval_report, self.generation = evaluate_job(self)
+        self.put("eval.json", dumps(self.eval_report))
+
+    # ---- generation, when the model fits ------------------------------------------------------------
+    def generation_skip_reason(self) -> str | None:
+        from core.streaming.generate import materialized_bytes
+
+        limit = self.inputs.memory_limit_bytes
+        if limit is None:
+            return None
+        need = materialized_bytes(self.model)
+        if need > limit:
+            return (f"greedy generation needs the whole model in memory ({need / 2**30:.1f} GiB) and the "
+                    f"worker's limit is {limit / 2**30:.1f} GiB; teacher-forced metrics were streamed instead")
+        return None
+
+    def greedy_token_answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """taqo's self-answers: the full-precision model's greedy continuations (token ids)."""
+        from core.streaming.generate import greedy_token_ids, materialized
+
+        reason = self.generation_skip_reason()
+        if reason is not None:
+            raise InvalidSpec("taqo needs the model's own answers for rows without 'answers', and "
+                              + reason.split(";")[0] + "; give gold answers in the calibration rows")
+        with materialized(self.model) as module:
+            return greedy_token_ids(module, self.model.tokenizer, prompts, max_new_tokens)

@@ -1,0 +1,139 @@
+"""The LM head applied in vocabulary chunks: what scorers and evaluation need from the
+next-token distributions (log-normaliser, top-1, the gold token's log-probability, KL to a
+reference distribution) without ever holding full-vocabulary logits or the whole head matrix.
+
+Every query is a set of final hidden states [N, H] (before the final norm). The final norm is
+onloaded once; then each chunk of head rows is read once and applied to every query, so the
+head is read O(1) times however many streams are scored. Statistics are accumulated online in
+float64 (a running maximum rescales the running sums, as in a streaming log-sum-exp):
+
+    lse = m + log Σ exp(z − m)
+    KL(p_ref ‖ p) = Σ p_ref (z_ref − z) − lse_ref + lse = t / s_ref − lse_ref + lse,
+    with s_ref = Σ exp(z_ref − m_ref) and t = Σ exp(z_ref − m_ref)(z_ref − z), rescaled together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from core.streaming.model import StreamedModel
+
+__all__ = ["HeadQuery", "HeadStats", "head_stats"]
+
+#: logits held per query and chunk: about 16M floats (64 MB)
+_CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+
+@dataclass
+class HeadQuery:
+    """`hidden` [N, H] final hidden states (before the final norm); `gold` [N] token ids whose
+    log-probability is wanted; `reference` the index of another query at the same positions
+    whose distribution is p_ref in KL(p_ref ‖ p_this)."""
+
+    hidden: torch.Tensor
+    gold: torch.Tensor | None = None
+    reference: int | None = None
+
+
+@dataclass
+class HeadStats:
+    lse: torch.Tensor                 # [N] float64
+    argmax: torch.Tensor              # [N] long
+    gold_logprob: torch.Tensor | None  # [N] float64
+    kl: torch.Tensor | None           # [N] float64, KL(p_ref ‖ p_this)
+
+
+class _Acc:
+    """Online statistics of one query. Elementwise work runs in float32 on logits shifted by the
+    running maximum (every exponent is ≤ 0); sums are accumulated in float64."""
+
+    def __init__(self, n: int, device: torch.device, gold: torch.Tensor | None, has_ref: bool) -> None:
+        self.m = torch.full((n,), -torch.inf, dtype=torch.float64, device=device)
+        self.s = torch.zeros(n, dtype=torch.float64, device=device)
+        self.best = torch.full((n,), -torch.inf, dtype=torch.float32, device=device)
+        self.argmax = torch.zeros(n, dtype=torch.long, device=device)
+        self.gold = gold
+        self.gold_logit = torch.zeros(n, dtype=torch.float64, device=device) if gold is not None else None
+        self.t = torch.zeros(n, dtype=torch.float64, device=device) if has_ref else None
+
+    def update(self, z: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold in a chunk of logits [N, c] (float32); returns (exp(z − m), m before the chunk)
+        for queries that take this one as their reference."""
+        chunk_max, chunk_arg = z.max(dim=1)
+        better = chunk_max > self.best
+        self.best = torch.where(better, chunk_max, self.best)
+        self.argmax = torch.where(better, chunk_arg + start, self.argmax)
+        m_old = self.m
+        self.m = torch.maximum(m_old, chunk_max.to(torch.float64))
+        shifted = torch.exp(z - self.m.to(z.dtype)[:, None])
+        self.s = self.s * torch.exp(m_old - self.m) + shifted.sum(dim=1, dtype=torch.float64)
+        if self.gold is not None:
+            inside = (self.gold >= start) & (self.gold < start + z.shape[1])
+            if bool(inside.any()):
+                idx = (self.gold - start).clamp(0, z.shape[1] - 1)
+                picked = z.gather(1, idx[:, None])[:, 0].to(torch.float64)
+                self.gold_logit = torch.where(inside, picked, self.gold_logit)
+        return shifted, m_old
+
+    def update_kl(self, z: torch.Tensor, ref: "_Acc", z_ref: torch.Tensor, ref_shifted: torch.Tensor,
+                  ref_m_old: torch.Tensor) -> None:
+        """t = Σ exp(z_ref − m_ref)(z_ref − z), rescaled whenever the reference's maximum moves."""
+        self.t = (self.t * torch.exp(ref_m_old - ref.m)
+                  + (ref_shifted * (z_ref - z)).sum(dim=1, dtype=torch.float64))
+
+    @property
+    def lse(self) -> torch.Tensor:
+        return self.m + torch.log(self.s)
+
+
+def head_stats(model: StreamedModel, queries: list[HeadQuery], *, chunk_rows: int | None = None) -> list[HeadStats]:
+    """HeadStats per query (see the module docstring). References must come before the queries
+    that name them."""
+    for i, q in enumerate(queries):
+        if q.reference is not None and not 0 <= q.reference < i:
+            raise ValueError("a query's reference must be an earlier query")
+    if not queries:
+        return []
+    norm_name = model.stack.final_norm_name
+    with torch.no_grad(), model.onloaded(norm_name) as norm:
+        normed = [norm(q.hidden.to(model.device, model.dtype)) for q in queries]
+    vocab = model.vocab_size
+    widest = max(max(int(h.shape[0]) for h in normed), 1)
+    rows = chunk_rows or max(256, min(vocab, _CHUNK_ELEMENTS // widest))
+    cap = model.logit_softcap
+    accs = [_Acc(int(h.shape[0]), model.device, None if q.gold is None else q.gold.to(model.device),
+                 q.reference is not None) for q, h in zip(queries, normed, strict=True)]
+    dependents: dict[int, list[int]] = {}
+    for i, q in enumerate(queries):
+        if q.reference is not None:
+            dependents.setdefault(q.reference, []).append(i)
+    with torch.no_grad():
+        for start in range(0, vocab, rows):
+            stop = min(vocab, start + rows)
+            weight = model.head_rows(start, stop)
+            chunk: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+            for i, h in enumerate(normed):
+                z = (h @ weight.T).float()
+                if cap:
+                    z = torch.tanh(z / cap) * cap
+                shifted, m_old = accs[i].update(z, start)
+                ref = queries[i].reference
+                if ref is not None:
+                    z_ref, ref_shifted, ref_m_old = chunk[ref]
+                    accs[i].update_kl(z, accs[ref], z_ref, ref_shifted, ref_m_old)
+                if i in dependents:
+                    chunk[i] = (z, shifted, m_old)
+            del weight, chunk
+    out = []
+    for acc in accs:
+        out.append(HeadStats(lse=acc.lse.cpu(), argmax=acc.argmax.cpu(),
+                             gold_logprob=None if acc.gold_logit is None else (acc.gold_logit - acc.lse).cpu(),
+                             kl=None))
+    for i, q in enumerate(queries):
+        if q.reference is not None:
+            ref = accs[q.reference]
+            kl = accs[i].t / ref.s - ref.lse + accs[i].lse
+            out[i].kl = kl.clamp_min(0.0).cpu()
+    return out
