@@ -225,6 +225,33 @@ def _s(x) -> str:
     return "—" if x is None else f"{x:.1f}"
 
 
+def time_baseline(args, model_id: str, env: dict, quantizer: str) -> dict | None:
+    """bench/scale_baseline.py in its own process, with the worker's environment (threads), while
+    the service is not running: one streamed forward pass plus the quantizer at one width."""
+    cmd = [sys.executable, str(ROOT / "bench" / "scale_baseline.py"), "--model-root", str(Path(args.out).resolve()),
+           "--model", model_id, "--rows", str(args.rows), "--max-tokens", str(args.max_tokens),
+           "--quantizer", quantizer]
+    print(f"baseline ({quantizer}): {shlex.join(cmd)}", flush=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"  baseline failed: {done.stderr[-2000:]}", flush=True)
+        return None
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {result['total_s']} s (forward {result['forward_s']} s, {quantizer} {result['quantize_s']} s)", flush=True)
+    return result
+
+
+def preflight(record: dict, ckpt_dir: Path, args) -> dict | None:
+    """What the API's memory preflight estimated for this job (core.memory, as common.limits calls it)."""
+    from core.memory import estimate_job_memory, read_model_dims
+    from core.models import ModelSource
+
+    source = ModelSource(model_id=ckpt_dir.name, kind="hf_dir", path=ckpt_dir)
+    estimate = estimate_job_memory(read_model_dims(source), method=record["method"], calibration_rows=record["rows"],
+                                   max_tokens=record["max_tokens"], quantizer=record["quantizer"], source_bytes=2)
+    return {"total_bytes": estimate.total_bytes, "phase": estimate.phase, "phases": estimate.phases}
+
+
 def complete(record: dict, checkpoint_bytes: int) -> dict:
     reported = (record.get("reported") or {}).get("peak_rss_bytes")
     sampled = (record.get("sampled") or {}).get("peak_rss_bytes") or None
@@ -238,7 +265,7 @@ def complete(record: dict, checkpoint_bytes: int) -> dict:
 
 def table(results: dict) -> str:
     head = (["shape", "quantizer", "rows×tokens", "status", "total wall s"] + [f"{s} s" for s in STAGES]
-            + ["peak RSS GiB", "checkpoint GiB", "RSS/checkpoint"])
+            + ["peak RSS GiB", "checkpoint GiB", "RSS/checkpoint", "preflight GiB", "baseline s", "job/baseline"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["jobs"]:
         t, ev = r.get("timings") or {}, r.get("event_timings") or {}
@@ -249,7 +276,11 @@ def table(results: dict) -> str:
         lines.append("| " + " | ".join([r["shape"], r["quantizer"], f"{r['rows']}×{r['max_tokens']}", r["status"],
                                         _s(r.get("wall_s"))]
                                        + [_s(t[s]) if s in t else (_s(ev[s]) + "e" if s in ev else "—") for s in STAGES]
-                                       + [rss, _gib(r["checkpoint_bytes"]), ratio]) + " |")
+                                       + [rss, _gib(r["checkpoint_bytes"]), ratio,
+                                          _gib((r.get("preflight") or {}).get("total_bytes")),
+                                          _s(((results.get("baselines") or {}).get(r["quantizer"]) or {}).get("total_s")),
+                                          "—" if r.get("job_over_baseline") is None else f"{r['job_over_baseline']:.2f}"])
+                 + " |")
     return "\n".join(lines)
 
 
@@ -278,7 +309,10 @@ def markdown(results: dict) -> str:
         "Wall times in seconds: total = submit → final state seen by the client; stages = the job's "
         "`result.timings`, or with `e` from the job's stage events (publish always: `result.timings` is "
         "written during publish). Peak RSS: the worker's report (`result.resources`) with, in parentheses, the "
-        "peak VmRSS sampled from /proc every 0.5 s; `(s)` alone = sampled only.", "",
+        "peak VmRSS sampled from /proc every 0.5 s; `(s)` alone = sampled only. Preflight: the API's memory "
+        "estimate for the job (core.memory). Baseline: bench/scale_baseline.py in the same run before the service "
+        "started — one streamed forward pass over the calibration rows plus the job's quantizer over every layer at "
+        "4 bits; job/baseline = the sum of the job's stage times over it.", "",
         "Peak RSS per stage (GiB):", "", stage_rss_table(results), ""])
 
 
@@ -318,6 +352,8 @@ def cmd_run(args) -> int:
         m = results["machine"]
         print(f"machine: {m['nproc']} CPUs, {m['mem_total_bytes'] / GiB:.1f} GiB RAM, torch threads "
               f"{m['torch_threads_worker_env']}; checkpoint {checkpoint_bytes / GiB:.2f} GiB", flush=True)
+        results["baselines"] = {} if args.no_baseline else {
+            q: time_baseline(args, ckpt["name"], service.env, q) for q in args.quantizer}
         print(f"starting {shlex.join(service.command)} (data dir {service.data_dir})", flush=True)
         service.start()
         sampler.serve_pid = service.proc.pid
@@ -341,6 +377,12 @@ def cmd_run(args) -> int:
                 record = complete({"shape": args.shape, "quantizer": quantizer, "method": args.method,
                                    "budget": args.budget, "rows": len(lines), "max_tokens": args.max_tokens,
                                    **record, "spec": spec}, checkpoint_bytes)
+                record["preflight"] = preflight(record, ckpt_dir, args)
+                base = results["baselines"].get(quantizer)
+                job_s = sum((record.get("timings") or {}).values()) or None
+                record["job_s"] = job_s
+                record["job_over_baseline"] = (round(job_s / base["total_s"], 2)
+                                               if base and job_s else None)
                 results["jobs"].append(record)
                 rep = (record.get("reported") or {}).get("peak_rss_bytes")
                 smp = (record.get("sampled") or {}).get("peak_rss_bytes")
@@ -386,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--job-timeout", type=float, default=24 * 3600, help="cancel a job after this many s")
     run.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines")
     run.add_argument("--keep-artifacts", action="store_true", help="keep <run dir>/data/objects")
+    run.add_argument("--no-baseline", action="store_true",
+                     help="skip the streamed forward + quantizer baseline (bench/scale_baseline.py)")
     run.add_argument("--json", type=Path)
     run.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)

@@ -201,6 +201,8 @@ def submit(
     allocation_unit: Annotated[Optional[str], typer.Option(help="layer | linear")] = None,
     quantizer: Annotated[Optional[str], typer.Option(help="rtn | gptq (gptq needs calibration data)")] = None,
     clip_search: Annotated[Optional[bool], typer.Option("--clip-search/--no-clip-search", show_default=False)] = None,
+    calibration_inputs: Annotated[Optional[str], typer.Option(
+        help="fp | quantized: calibrate each layer on full-precision or already-quantized inputs")] = None,
     export: Annotated[Optional[list[str]], typer.Option("--export", help="hf | gguf; repeatable")] = None,
     eval_file: Annotated[Optional[Path], typer.Option("--eval", help="eval JSONL; uploaded first")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
@@ -226,7 +228,7 @@ def submit(
             _fail(EXIT_USAGE, f"--bit-choices must be comma-separated integers, got {bit_choices!r}")
     for key, value in (("model", model), ("method", method), ("group_size", group_size), ("symmetric", symmetric),
                        ("allocation", allocation), ("allocation_unit", allocation_unit), ("quantizer", quantizer),
-                       ("clip_search", clip_search), ("seed", seed)):
+                       ("clip_search", clip_search), ("calibration_inputs", calibration_inputs), ("seed", seed)):
         if value is not None:
             spec[key] = value
     if avg_bits:

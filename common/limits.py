@@ -81,8 +81,7 @@ def estimate_for_spec(settings: Settings, source: Any, spec: JobSpec, calibratio
     the model's shapes cannot be read (the job is then admitted; the worker reports any failure).
     Greedy generation is counted only when the whole model fits `limit_bytes` (the worker skips
     it otherwise)."""
-    from core.memory import (CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, RUNTIME_BYTES, estimate_job_memory,
-                             read_model_dims)
+    from core.memory import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, estimate_job_memory, read_model_dims
     from core.spec import CalibrationInputs
 
     try:
@@ -101,9 +100,10 @@ def estimate_for_spec(settings: Settings, source: Any, spec: JobSpec, calibratio
                    widths=len([b for b in spec.bit_choices if b < 16]),
                    sequential=spec.calibration_inputs == CalibrationInputs.quantized, eval_rows=eval_rows,
                    budgets=len(spec.budgets) or 1, activation_ram_bytes=settings.activation_ram_bytes,
-                   group_size=spec.group_size, source_bytes=source_bytes)
+                   group_size=spec.group_size, source_bytes=source_bytes,
+                   gguf_source=bool(getattr(source, "gguf_file", None)))
     estimate = estimate_job_memory(dims, **options)
-    if evaluates and limit_bytes is not None and estimate.generation_bytes + RUNTIME_BYTES <= limit_bytes:
+    if evaluates and limit_bytes is not None and estimate.generation_bytes + estimate.runtime_bytes <= limit_bytes:
         estimate = estimate_job_memory(dims, **options, generation=True)
     return estimate
 

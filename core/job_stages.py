@@ -322,12 +322,13 @@ class JobRun:
 
     # ---- generation, when the model fits ------------------------------------------------------------
     def generation_skip_reason(self) -> str | None:
+        from core.memory import RUNTIME_BYTES
         from core.streaming.generate import materialized_bytes
 
         limit = self.inputs.memory_limit_bytes
         if limit is None:
             return None
-        need = materialized_bytes(self.model)
+        need = materialized_bytes(self.model) + RUNTIME_BYTES
         if need > limit:
             return (f"greedy generation needs the whole model in memory ({need / 2**30:.1f} GiB) and the "
                     f"worker's limit is {limit / 2**30:.1f} GiB; teacher-forced metrics were streamed instead")

@@ -48,14 +48,21 @@ GiB = 1 << 30
 #: a worker process (interpreter, torch, transformers, Celery, SQLAlchemy, the tokenizer,
 #: allocator slack) before any tensor of the job exists; calibrated against the measured peak of
 #: a tiny-model job (BENCHMARKS.md, "Memory preflight")
-RUNTIME_BYTES = 700 * (1 << 20)
+RUNTIME_BYTES = 600 * (1 << 20)
 #: padded tokens per batch the passes use (core.calibration.default_batch_tokens)
 CPU_BATCH_TOKENS = 2048
 CUDA_BATCH_TOKENS = 16384
-#: logits held per query and vocabulary chunk (core.streaming.head)
-HEAD_CHUNK_ELEMENTS = 16 * 1024 * 1024
-#: greedy generation's working memory on top of the weights (core.streaming.generate)
-GENERATION_OVERHEAD_BYTES = 1 << 30
+#: logits held per query and vocabulary chunk, and head bytes read per chunk (core.streaming.head)
+HEAD_CHUNK_ELEMENTS = 4 * 1024 * 1024
+HEAD_WEIGHT_CHUNK_BYTES = 32 * 1024 * 1024
+#: greedy generation's working memory on top of the weights (core.streaming.generate): batches of
+#: 16 prompts, the KV cache and last-position logits
+GENERATION_OVERHEAD_BYTES = 256 * (1 << 20)
+#: per vocabulary entry: a tokenizer built from a GGUF's metadata (held by the worker all along),
+#: and the tokenizer metadata an export copies (a GGUF source's, read back with gguf's reader, or
+#: written from the tokenizer)
+GGUF_TOKENIZER_BYTES_PER_TOKEN = 2048
+EXPORT_METADATA_BYTES_PER_TOKEN = {True: 4096, False: 1024}
 #: GPTQ factors H in float64 up to this many inputs (core.quant.layer)
 FLOAT64_FACTOR_MAX_FEATURES = 8192
 #: gold answers are scored on at most this many tokens
@@ -191,14 +198,16 @@ def estimate_job_memory(dims: ModelDims, *, method: str, calibration_rows: int, 
                         evaluates: bool = False, weight_bytes: int = 4, batch_tokens: int = CPU_BATCH_TOKENS,
                         quantizer: str = "rtn", widths: int = 2, sequential: bool = False, eval_rows: int = 0,
                         budgets: int = 1, activation_ram_bytes: int = GiB, generation: bool = False,
-                        group_size: int = 128, source_bytes: int = 4) -> MemoryEstimate:
+                        group_size: int = 128, source_bytes: int = 4, gguf_source: bool = False) -> MemoryEstimate:
     """Peak bytes of one job (see the module docstring for every term).
 
     `calibration_rows` is the number of rows the pass will use (0: no calibration activations);
     `weight_bytes` 4 for a CPU worker (float32), 2 for a CUDA one (bf16); `widths` the stored bit
     widths below 16; `eval_rows` and `budgets` size the evaluation's streams; `generation` says
     whether greedy generation will run (the model fits the worker); `source_bytes` the width the
-    checkpoint stores its floats in (2 for bf16/fp16 safetensors, 4 otherwise)."""
+    checkpoint stores its floats in (2 for bf16/fp16 safetensors, 4 otherwise); `gguf_source` whether
+    the model is a GGUF file (its tokenizer is built from the file's metadata, and exports copy that
+    metadata)."""
     if weight_bytes not in (2, 4):
         raise ValueError("weight_bytes must be 2 or 4")
     f32 = 4
@@ -232,9 +241,10 @@ def estimate_job_memory(dims: ModelDims, *, method: str, calibration_rows: int, 
 
     # ---- head (taq_kl / taqo scoring; evaluation) ----
     def head_phase(queries: int, positions: int) -> dict[str, int]:
-        chunk = HEAD_CHUNK_ELEMENTS if positions else 0
+        # the stored and normed hidden states of every query; about seven [positions, rows]
+        # float32 arrays alive per chunk; the chunk of head rows as read (up to three copies)
         return {"head_queries": 2 * queries * positions * h * f32,
-                "head_chunk": 3 * chunk * f32 + min(dims.vocab_size, chunk // max(1, positions)) * h * weight_bytes}
+                "head_chunk": (7 * HEAD_CHUNK_ELEMENTS * f32 + 3 * HEAD_WEIGHT_CHUNK_BYTES) if positions else 0}
 
     if method == "taq_kl":
         phases["scoring head"] = {**head_phase(L + 1, prompt_tokens),
@@ -253,7 +263,8 @@ def estimate_job_memory(dims: ModelDims, *, method: str, calibration_rows: int, 
     # ---- export: the largest tensor as read (at most float32) and written (fp16), or a linear's codes ----
     biggest = max(dims.vocab_size * h, largest)
     # read (source width) + fp16 copy + the finiteness check's boolean mask
-    phases["export"] = {"tensor": biggest * (source_bytes + 3), "encoding": largest * 8}
+    phases["export"] = {"tensor": biggest * (source_bytes + 3), "encoding": largest * 8,
+                        "metadata": dims.vocab_size * EXPORT_METADATA_BYTES_PER_TOKEN[gguf_source]}
 
     totals = {name: sum(terms.values()) for name, terms in phases.items()}
     peak = max(totals, key=lambda name: totals[name])
@@ -262,16 +273,17 @@ def estimate_job_memory(dims: ModelDims, *, method: str, calibration_rows: int, 
     if generation and evaluates and generation_bytes > totals[peak]:
         peak, terms = "generation", {"model": dims.parameters * weight_bytes,
                                      "generation": GENERATION_OVERHEAD_BYTES}
-    total = sum(terms.values()) + RUNTIME_BYTES
+    runtime = RUNTIME_BYTES + (dims.vocab_size * GGUF_TOKENIZER_BYTES_PER_TOKEN if gguf_source else 0)
+    total = sum(terms.values()) + runtime
     return MemoryEstimate(
         total_bytes=int(total), phase=peak, terms={k: int(v) for k, v in terms.items()},
-        phases={k: int(v) for k, v in totals.items()}, runtime_bytes=RUNTIME_BYTES,
+        phases={k: int(v) for k, v in totals.items()}, runtime_bytes=int(runtime),
         generation_bytes=int(generation_bytes), parameters=int(dims.parameters),
         assumptions={"weight_bytes": weight_bytes, "calibration_rows": rows, "max_tokens": max_tokens,
                      "batch_tokens": batch, "method": method, "quantizer": quantizer, "widths": widths,
                      "sequential": sequential, "evaluates": evaluates, "eval_rows": eval_rows,
                      "budgets": budgets, "activation_ram_bytes": activation_ram_bytes,
-                     "generation": generation, "source_bytes": source_bytes})
+                     "generation": generation, "source_bytes": source_bytes, "gguf_source": gguf_source})
 
 
 # ---------------------------------------------------------------------------------------------

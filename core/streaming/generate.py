@@ -13,14 +13,12 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from core.memory import GENERATION_OVERHEAD_BYTES
 from core.modules import get_module
 from core.streaming.model import StreamedModel
 from core.types import QuantizedWeight
 
 __all__ = ["greedy_token_ids", "installed", "materialized", "materialized_bytes"]
-
-#: allowance on top of the weights for generation's activations, KV cache and logits
-GENERATION_OVERHEAD_BYTES = 1 << 30
 
 
 def materialized_bytes(model: StreamedModel) -> int:

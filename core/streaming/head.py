@@ -22,8 +22,10 @@ from core.streaming.model import StreamedModel
 
 __all__ = ["HeadQuery", "HeadStats", "head_stats"]
 
-#: logits held per query and chunk: about 16M floats (64 MB)
-_CHUNK_ELEMENTS = 16 * 1024 * 1024
+#: logits held per query and chunk: about 4M floats (16 MB; about seven such arrays are alive at once)
+_CHUNK_ELEMENTS = 4 * 1024 * 1024
+#: head rows read at once (float32 bytes; reading a quantized GGUF head makes ~3 such copies)
+_WEIGHT_CHUNK_BYTES = 32 * 1024 * 1024
 
 
 @dataclass
@@ -47,7 +49,8 @@ class HeadStats:
 
 class _Acc:
     """Online statistics of one query. Elementwise work runs in float32 on logits shifted by the
-    running maximum (every exponent is ≤ 0); sums are accumulated in float64."""
+    running maximum (every exponent is ≤ 0) in preallocated buffers; per-chunk sums are added to
+    float64 running totals."""
 
     def __init__(self, n: int, device: torch.device, gold: torch.Tensor | None, has_ref: bool) -> None:
         self.m = torch.full((n,), -torch.inf, dtype=torch.float64, device=device)
@@ -58,34 +61,50 @@ class _Acc:
         self.gold_logit = torch.zeros(n, dtype=torch.float64, device=device) if gold is not None else None
         self.t = torch.zeros(n, dtype=torch.float64, device=device) if has_ref else None
 
-    def update(self, z: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold in a chunk of logits [N, c] (float32); returns (exp(z − m), m before the chunk)
-        for queries that take this one as their reference."""
+    def update(self, z: torch.Tensor, start: int, shifted: torch.Tensor) -> torch.Tensor:
+        """Fold in a chunk of logits [N, c] (float32); `shifted` receives exp(z − m) (queries that
+        take this one as their reference use it). Returns m before the chunk."""
         chunk_max, chunk_arg = z.max(dim=1)
         better = chunk_max > self.best
         self.best = torch.where(better, chunk_max, self.best)
         self.argmax = torch.where(better, chunk_arg + start, self.argmax)
         m_old = self.m
         self.m = torch.maximum(m_old, chunk_max.to(torch.float64))
-        shifted = torch.exp(z - self.m.to(z.dtype)[:, None])
-        self.s = self.s * torch.exp(m_old - self.m) + shifted.sum(dim=1, dtype=torch.float64)
+        torch.sub(z, self.m.to(z.dtype)[:, None], out=shifted).exp_()
+        self.s = self.s * torch.exp(m_old - self.m) + shifted.sum(dim=1).to(torch.float64)
         if self.gold is not None:
             inside = (self.gold >= start) & (self.gold < start + z.shape[1])
             if bool(inside.any()):
                 idx = (self.gold - start).clamp(0, z.shape[1] - 1)
                 picked = z.gather(1, idx[:, None])[:, 0].to(torch.float64)
                 self.gold_logit = torch.where(inside, picked, self.gold_logit)
-        return shifted, m_old
+        return m_old
 
     def update_kl(self, z: torch.Tensor, ref: "_Acc", z_ref: torch.Tensor, ref_shifted: torch.Tensor,
-                  ref_m_old: torch.Tensor) -> None:
+                  ref_m_old: torch.Tensor, scratch: torch.Tensor) -> None:
         """t = Σ exp(z_ref − m_ref)(z_ref − z), rescaled whenever the reference's maximum moves."""
-        self.t = (self.t * torch.exp(ref_m_old - ref.m)
-                  + (ref_shifted * (z_ref - z)).sum(dim=1, dtype=torch.float64))
+        torch.sub(z_ref, z, out=scratch).mul_(ref_shifted)
+        self.t = self.t * torch.exp(ref_m_old - ref.m) + scratch.sum(dim=1).to(torch.float64)
 
     @property
     def lse(self) -> torch.Tensor:
         return self.m + torch.log(self.s)
+
+
+class _Buffers:
+    """Reused [n, rows] float32 arrays: one pair (logits, shifted) per reference query, which must
+    survive while its dependents are processed, one shared pair for every other query, and a
+    scratch array. Views of the first n·width elements stay contiguous for a narrower last chunk."""
+
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self.rows, self.device = rows, device
+        self.flat: dict[tuple, torch.Tensor] = {}
+
+    def get(self, key: tuple, n: int, width: int) -> torch.Tensor:
+        buf = self.flat.get((key, n))
+        if buf is None:
+            buf = self.flat[(key, n)] = torch.empty(n * self.rows, dtype=torch.float32, device=self.device)
+        return buf[: n * width].view(n, width)
 
 
 def head_stats(model: StreamedModel, queries: list[HeadQuery], *, chunk_rows: int | None = None) -> list[HeadStats]:
@@ -101,7 +120,8 @@ def head_stats(model: StreamedModel, queries: list[HeadQuery], *, chunk_rows: in
         normed = [norm(q.hidden.to(model.device, model.dtype)) for q in queries]
     vocab = model.vocab_size
     widest = max(max(int(h.shape[0]) for h in normed), 1)
-    rows = chunk_rows or max(256, min(vocab, _CHUNK_ELEMENTS // widest))
+    hidden = int(normed[0].shape[-1])
+    rows = chunk_rows or max(256, min(vocab, _CHUNK_ELEMENTS // widest, _WEIGHT_CHUNK_BYTES // (4 * hidden)))
     cap = model.logit_softcap
     accs = [_Acc(int(h.shape[0]), model.device, None if q.gold is None else q.gold.to(model.device),
                  q.reference is not None) for q, h in zip(queries, normed, strict=True)]
@@ -109,23 +129,33 @@ def head_stats(model: StreamedModel, queries: list[HeadQuery], *, chunk_rows: in
     for i, q in enumerate(queries):
         if q.reference is not None:
             dependents.setdefault(q.reference, []).append(i)
+    buffers = _Buffers(rows, model.device)
     with torch.no_grad():
         for start in range(0, vocab, rows):
             stop = min(vocab, start + rows)
+            width = stop - start
             weight = model.head_rows(start, stop)
-            chunk: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+            kept: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
             for i, h in enumerate(normed):
-                z = (h @ weight.T).float()
+                n = int(h.shape[0])
+                own = ("ref", i) if i in dependents else ("shared",)
+                z = buffers.get(own + ("z",), n, width)
+                if h.dtype == torch.float32:
+                    torch.mm(h, weight.T, out=z)
+                else:  # a bf16/fp16 model (CUDA): logits are accumulated in float32 from here on
+                    z.copy_(torch.mm(h, weight.T))
                 if cap:
-                    z = torch.tanh(z / cap) * cap
-                shifted, m_old = accs[i].update(z, start)
+                    z.div_(cap).tanh_().mul_(cap)
+                shifted = buffers.get(own + ("shifted",), n, width)
+                m_old = accs[i].update(z, start, shifted)
                 ref = queries[i].reference
                 if ref is not None:
-                    z_ref, ref_shifted, ref_m_old = chunk[ref]
-                    accs[i].update_kl(z, accs[ref], z_ref, ref_shifted, ref_m_old)
+                    z_ref, ref_shifted, ref_m_old = kept[ref]
+                    accs[i].update_kl(z, accs[ref], z_ref, ref_shifted, ref_m_old,
+                                      buffers.get(("scratch",), n, width))
                 if i in dependents:
-                    chunk[i] = (z, shifted, m_old)
-            del weight, chunk
+                    kept[i] = (z, shifted, m_old)
+            del weight, kept
     out = []
     for acc in accs:
         out.append(HeadStats(lse=acc.lse.cpu(), argmax=acc.argmax.cpu(),

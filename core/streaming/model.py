@@ -152,10 +152,10 @@ class StreamedModel:
     def materialize(self) -> nn.Module:
         """Onload every parameter: the skeleton becomes the full model (used for greedy generation
         when the worker's memory allows it). `release()` returns it to the meta device."""
+        head = self.head_name_in_skeleton
         for name, _ in self.skeleton.named_parameters():
-            if name not in self._onloaded:
-                source = self.embed_name if (self.tied and name == self.head_name_in_skeleton) else name
-                self._set(name, self.reader.read(source, dtype=self.dtype, device=self.device))
+            if name not in self._onloaded and not (self.tied and name == head):
+                self._set(name, self.reader.read(name, dtype=self.dtype, device=self.device))
         if self.tied:
             head = self.skeleton.get_output_embeddings()
             head.weight = self.skeleton.get_input_embeddings().weight
@@ -163,8 +163,9 @@ class StreamedModel:
 
     def release(self) -> None:
         """Every parameter back to the meta device."""
+        head = self.head_name_in_skeleton
         for name, _ in list(self.skeleton.named_parameters(remove_duplicate=False)):
-            if name in self._onloaded:
+            if name in self._onloaded or (self.tied and name == head):  # a tied head shares the embedding
                 self._set(name, None)
         self._onloaded.clear()
 

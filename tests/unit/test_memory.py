@@ -1,5 +1,6 @@
-"""Memory preflight estimate (core.memory): exact parameter and Hessian sizes on known shapes,
-checked against the real model objects and the packaged SmolLM2 GGUF."""
+"""Memory preflight estimate (core.memory) of the streaming pipeline: exact parameter counts and
+per-layer terms on known shapes, checked against the real model objects and the packaged SmolLM2
+GGUF. The estimate against measured peaks is tests/slow/test_memory_peak.py."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.calibration import HessianCollector, make_batches, run_fp_pass
-from core.memory import RUNTIME_BYTES, ModelDims, estimate_job_memory, gguf_model_dims, read_model_dims
+from core.memory import (GENERATION_OVERHEAD_BYTES, RUNTIME_BYTES, ModelDims, estimate_job_memory, gguf_model_dims,
+                         read_model_dims)
 from core.models import ModelSource, load_model, parameter_count
 
 pytestmark = pytest.mark.unit
@@ -20,22 +21,79 @@ SMOLLM2_CONFIG = {"model_type": "llama", "hidden_size": 576, "intermediate_size"
                   "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
                   "vocab_size": 49152, "tie_word_embeddings": True}
 SMOLLM2_PARAMS = 134_515_008
-# per layer, float32: q/k/v input 576², o_proj input (9·64)², gate/up input 576², down input 1536²
-SMOLLM2_HESSIAN_BYTES = 30 * 4 * (576 * 576 * 3 + 1536 * 1536)
+LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
 
 
-def test_smollm2_config_gives_exact_parameters_and_hessians() -> None:
+def test_smollm2_config_gives_exact_parameters_and_layer_terms() -> None:
     dims = ModelDims.from_config(SMOLLM2_CONFIG)
     assert dims.head_dim == 64 and dims.attention_width == 576
     assert dims.parameters == SMOLLM2_PARAMS
+    assert dims.linear_inputs == [576, 576, 576, 1536]
     est = estimate_job_memory(dims, method="taq", calibration_rows=256, max_tokens=256)
-    assert est.parameters == SMOLLM2_PARAMS
-    assert est.weights_bytes == SMOLLM2_PARAMS * 4 == 538_060_032  # float32 on a CPU worker
-    assert est.hessian_bytes == SMOLLM2_HESSIAN_BYTES == 402_554_880
-    assert est.runtime_bytes == RUNTIME_BYTES and est.evaluation_bytes == 0
-    assert sum(est.breakdown.values()) == est.total_bytes
-    assert 1.4 < est.total_gib < 2.0
+    assert est.parameters == SMOLLM2_PARAMS and est.phase in est.phases
+    assert est.runtime_bytes == RUNTIME_BYTES
+    assert sum(est.breakdown.values()) == est.total_bytes == max(est.phases.values()) + RUNTIME_BYTES
     assert est.to_dict()["breakdown"] == est.breakdown
+    # one layer at float32, never the model: 3,538,944 linear weights
+    assert dims.layer_linear_parameters == 3_538_944
+    assert est.phases["layer pass"] < 1 << 30
+    assert est.assumptions["method"] == "taq" and est.assumptions["calibration_rows"] == 256
+
+
+def test_layer_terms_by_hand() -> None:
+    dims = ModelDims.from_config(SMOLLM2_CONFIG)
+    est = estimate_job_memory(dims, method="taq", calibration_rows=4, max_tokens=100, activation_ram_bytes=0,
+                              widths=2, group_size=128)
+    phases = est.phases
+    tokens = 400
+    inputs = 4 * (min(tokens, 576) * 576 * 3 + min(tokens, 1536) * 1536)  # X rows: fewer tokens than features
+    layer = 3_538_944
+    codes = 2 * (layer + layer // 128 * 4) + 4 * dims.largest_linear * 4
+    assert phases["layer pass"] >= layer * 4 + inputs + codes
+    gptq = estimate_job_memory(dims, method="taq", calibration_rows=4, max_tokens=100, activation_ram_bytes=0,
+                               quantizer="gptq")
+    # the float64 factorisation of the widest input (1536) and the sweep over gate+up
+    assert gptq.phases["layer pass"] - phases["layer pass"] == (1536 * 1536 * (4 + 16)
+                                                               + 3 * dims.largest_gptq_group * 4)
+
+
+def test_terms_follow_method_device_rows_and_evaluation() -> None:
+    dims = ModelDims.from_config(SMOLLM2_CONFIG)
+    base = dict(calibration_rows=256, max_tokens=256, activation_ram_bytes=64 << 30)
+    taq = estimate_job_memory(dims, method="taq", **base)
+    kl = estimate_job_memory(dims, method="taq_kl", **base)
+    taqo = estimate_job_memory(dims, method="taqo", **base)
+    # probe streams: one per layer by the last layer (taq_kl: prompts; taqo: prompts + answers)
+    assert kl.phases["layer pass"] > taq.phases["layer pass"] and taqo.phases["layer pass"] > taq.phases["layer pass"]
+    assert "scoring head" in kl.phases and "scoring head" in taqo.phases and "scoring head" not in taq.phases
+    capped = estimate_job_memory(dims, method="taq_kl", calibration_rows=256, max_tokens=256,
+                                 activation_ram_bytes=1 << 30)
+    assert capped.phases["layer pass"] < kl.phases["layer pass"]  # spilled beyond the RAM limit
+    no_rows = estimate_job_memory(dims, method="uniform", calibration_rows=0, max_tokens=256)
+    assert "linear_inputs" not in no_rows.terms and no_rows.phases["layer pass"] < taq.phases["layer pass"]
+    cuda = estimate_job_memory(dims, method="taq", weight_bytes=2, batch_tokens=16384, **base)
+    assert cuda.phases["layer pass"] != taq.phases["layer pass"]
+    evaluated = estimate_job_memory(dims, method="taq", evaluates=True, eval_rows=64, **base)
+    assert "evaluation" in evaluated.phases and "evaluation" not in taq.phases
+    generating = estimate_job_memory(dims, method="taq", evaluates=True, eval_rows=64, generation=True, **base)
+    assert generating.generation_bytes == SMOLLM2_PARAMS * 4 + GENERATION_OVERHEAD_BYTES
+    assert generating.total_bytes >= generating.generation_bytes + RUNTIME_BYTES
+    with pytest.raises(ValueError):
+        estimate_job_memory(dims, method="taq", weight_bytes=3, **base)
+
+
+def test_an_8b_model_fits_a_small_worker_when_streamed() -> None:
+    """The whole-model estimate was 69 GiB for a plain taq job on an 8B model; streaming holds one
+    layer (0.8 GiB at float32), its inputs and codes, and the largest tensor during export."""
+    dims = ModelDims.from_config(LLAMA_8B)
+    assert dims.parameters == 8_030_261_248
+    rtn = estimate_job_memory(dims, method="taq", calibration_rows=8, max_tokens=128, source_bytes=2)
+    gptq = estimate_job_memory(dims, method="taq", calibration_rows=8, max_tokens=128, quantizer="gptq",
+                               source_bytes=2)
+    assert rtn.total_gib < 4.5 and gptq.total_gib < 7.0
+    assert gptq.phase == "layer pass" and gptq.terms["gptq"] > 2 << 30  # the float32 14336² factorisation
+    assert rtn.phases["export"] == 128256 * 4096 * (2 + 3) + dims.largest_linear * 8 + 128256 * 1024
 
 
 def test_packaged_gguf_header_matches_the_config(smollm2_path: Path) -> None:
@@ -48,27 +106,6 @@ def test_packaged_gguf_header_matches_the_config(smollm2_path: Path) -> None:
     source = ModelSource(model_id="smollm2", kind="gguf", path=smollm2_path.parent, gguf_file=smollm2_path.name,
                          weights_format="gguf")
     assert read_model_dims(source) == dims
-
-
-def test_terms_follow_method_device_rows_and_evaluation() -> None:
-    dims = ModelDims.from_config(SMOLLM2_CONFIG)
-    base = dict(calibration_rows=256, max_tokens=256)
-    taq = estimate_job_memory(dims, method="taq", **base)
-    kl = estimate_job_memory(dims, method="taq_kl", **base)
-    taqo = estimate_job_memory(dims, method="taqo", **base)
-    assert kl.activation_bytes > taqo.activation_bytes > taq.activation_bytes  # cached inputs, logits
-    # taqo: 2 cached hidden states of every token + 3 logit buffers of one 2048-token batch on top of taq
-    assert taqo.activation_bytes - taq.activation_bytes == 2 * 256 * 256 * 576 * 4 + 3 * 2048 * 49152 * 4
-    no_rows = estimate_job_memory(dims, method="uniform", calibration_rows=0, max_tokens=256)
-    assert no_rows.hessian_bytes == 0 and no_rows.activation_bytes == 0
-    cuda = estimate_job_memory(dims, method="taq", weight_bytes=2, batch_tokens=16384, **base)
-    assert cuda.weights_bytes * 2 == taq.weights_bytes and cuda.hessian_bytes == taq.hessian_bytes
-    evaluated = estimate_job_memory(dims, method="taq", evaluates=True, **base)
-    assert evaluated.evaluation_bytes == 2 * taq.weights_bytes
-    huge = estimate_job_memory(dims, method="taq_kl", calibration_rows=4096, max_tokens=8192)
-    assert huge.total_gib > 200  # the cached layer inputs of 33M tokens alone
-    with pytest.raises(ValueError):
-        estimate_job_memory(dims, method="taq", weight_bytes=3, **base)
 
 
 def test_attention_width_and_nested_text_config() -> None:
@@ -85,15 +122,21 @@ def test_attention_width_and_nested_text_config() -> None:
 
 
 def test_estimate_matches_the_real_tiny_model(tiny_llama_dir: Path) -> None:
-    """Parameters and Hessian bytes equal what the loaded model and HessianCollector really hold."""
+    """Parameters equal the loaded model's; the per-input record sizes equal what LayerInputs holds."""
+    from core.quant.layer import LayerInputs
+
     source = ModelSource(model_id="tiny-llama", kind="hf_dir", path=tiny_llama_dir)
     dims = read_model_dims(source)
     assert dims == ModelDims.from_config(json.loads((tiny_llama_dir / "config.json").read_text()))
     loaded = load_model(source, device="cpu")
     assert dims.parameters == parameter_count(loaded.model)
-    hessians = HessianCollector(loaded)
-    run_fp_pass(loaded, make_batches([[1, 5, 9, 13], [2, 6]], 0, "cpu"), hessians=hessians)
-    held = sum(t.numel() * t.element_size() for t in hessians.sums.values())
-    assert all(t.dtype == torch.float32 for t in hessians.sums.values())
-    est = estimate_job_memory(dims, method="taq", calibration_rows=2, max_tokens=4)
-    assert est.hessian_bytes == held
+    ref = loaded.layers[0]
+    for tokens in (6, 500):  # X rows (fewer tokens than features) and X^T X
+        inputs = LayerInputs(ref.linears, tokens)
+        hidden = torch.randn(1, tokens, dims.hidden_size)
+        inputs.set_batch(torch.ones(1, tokens, dtype=torch.bool))
+        with inputs.recording(), torch.no_grad():
+            ref.module(hidden, position_embeddings=loaded.model.model.rotary_emb(hidden, torch.arange(tokens)[None]))
+        held = sum(sum(t.numel() * t.element_size() for t in parts) for parts in inputs.rows.values())
+        held += sum(t.numel() * t.element_size() for t in inputs.sums.values())
+        assert held == sum(min(tokens, n) * n * 4 for n in dims.linear_inputs)

@@ -620,8 +620,10 @@ def test_taq_kl_matches_noise_on_the_whole_model(hf, runs: dict) -> None:
         kl, value_range, width = kl_reference(hf, run.batches, l, 4, 0)
         assert layer.scores["activation_range"] == pytest.approx(value_range, rel=1e-6)
         assert layer.scores["noise_width"] == pytest.approx(width, rel=1e-6)
-        assert layer.scores["kl"] == pytest.approx(kl, rel=2e-6)
-        assert layer.sensitivity == pytest.approx(kl, rel=2e-6)
+        # the streamed head sums each vocabulary chunk in float32 (a float64 sum would copy the
+        # chunk to float64); the logits themselves are float32, so 1e-5 is their precision here
+        assert layer.scores["kl"] == pytest.approx(kl, rel=1e-5)
+        assert layer.sensitivity == pytest.approx(kl, rel=1e-5)
 
 
 def test_kl_is_zero_without_noise(source) -> None:
@@ -919,9 +921,10 @@ def test_chunked_lm_head_gives_the_same_scores(method: str, source, runs: dict, 
     monkeypatch.setattr(head, "_CHUNK_ELEMENTS", 256 * 300)
     chunked = score(source, method).profile
     for a, b in zip(chunked.layers, runs[method].profile.layers):
-        # the same up to float32 rounding of the logits shifted by a different running maximum
-        assert a.scores == pytest.approx(b.scores, rel=1e-6, abs=1e-12)
-        assert a.sensitivity == pytest.approx(b.sensitivity, rel=1e-6, abs=1e-12)
+        # the same up to float32 rounding: logits shifted by a different running maximum, and
+        # each chunk's sums taken in float32 over other spans
+        assert a.scores == pytest.approx(b.scores, rel=1e-5, abs=1e-12)
+        assert a.sensitivity == pytest.approx(b.sensitivity, rel=1e-5, abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1112,4 +1115,4 @@ def test_taq_kl_on_gemma3_matches_the_whole_model(tiny_gemma) -> None:
         kl, value_range, width = kl_reference(model, batches, l, 4, 0)
         assert layer.scores["activation_range"] == pytest.approx(value_range, rel=1e-6)
         assert layer.scores["noise_width"] == pytest.approx(width, rel=1e-6)
-        assert layer.scores["kl"] == pytest.approx(kl, rel=2e-6)
+        assert layer.scores["kl"] == pytest.approx(kl, rel=1e-5)

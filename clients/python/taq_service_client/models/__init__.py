@@ -7,6 +7,7 @@ from .artifact_out import ArtifactOut
 from .artifact_out_kind import ArtifactOutKind
 from .bit_budget import BitBudget
 from .body_upload_dataset import BodyUploadDataset
+from .calibration_inputs import CalibrationInputs
 from .calibration_row import CalibrationRow
 from .dataset_out import DatasetOut
 from .error_info import ErrorInfo
@@ -44,6 +45,7 @@ __all__ = (
     "ArtifactOutKind",
     "BitBudget",
     "BodyUploadDataset",
+    "CalibrationInputs",
     "CalibrationRow",
     "DatasetOut",
     "ErrorInfo",

@@ -7,6 +7,7 @@ from attrs import define as _attrs_define
 
 from ..models.allocation_rule import AllocationRule
 from ..models.allocation_unit import AllocationUnit
+from ..models.calibration_inputs import CalibrationInputs
 from ..models.export_format import ExportFormat
 from ..models.method import Method
 from ..models.quantizer import Quantizer
@@ -33,6 +34,11 @@ class JobSpec:
         bit_choices (list[int] | Unset):
         calibration (list[CalibrationRow] | None | Unset):
         calibration_dataset_id (None | str | Unset):
+        calibration_inputs (CalibrationInputs | Unset): What each layer is calibrated on in the layer pass: the full-
+            precision model's activations
+            (`fp`), or the outputs of the layers before it already quantized (`quantized`, sequential
+            calibration as in llm-compressor's sequential pipeline; the earlier layers are quantized at
+            the widest width whose uniform cost fits the smallest budget).
         clip_search (bool | Unset):  Default: False.
         eval_dataset_id (None | str | Unset):
         eval_fraction (float | None | Unset):
@@ -57,6 +63,7 @@ class JobSpec:
     bit_choices: list[int] | Unset = UNSET
     calibration: list[CalibrationRow] | None | Unset = UNSET
     calibration_dataset_id: None | str | Unset = UNSET
+    calibration_inputs: CalibrationInputs | Unset = UNSET
     clip_search: bool | Unset = False
     eval_dataset_id: None | str | Unset = UNSET
     eval_fraction: float | None | Unset = UNSET
@@ -113,6 +120,10 @@ class JobSpec:
             calibration_dataset_id = UNSET
         else:
             calibration_dataset_id = self.calibration_dataset_id
+
+        calibration_inputs: str | Unset = UNSET
+        if not isinstance(self.calibration_inputs, Unset):
+            calibration_inputs = self.calibration_inputs.value
 
         clip_search = self.clip_search
 
@@ -180,6 +191,8 @@ class JobSpec:
             field_dict["calibration"] = calibration
         if calibration_dataset_id is not UNSET:
             field_dict["calibration_dataset_id"] = calibration_dataset_id
+        if calibration_inputs is not UNSET:
+            field_dict["calibration_inputs"] = calibration_inputs
         if clip_search is not UNSET:
             field_dict["clip_search"] = clip_search
         if eval_dataset_id is not UNSET:
@@ -281,6 +294,13 @@ class JobSpec:
 
         calibration_dataset_id = _parse_calibration_dataset_id(d.pop("calibration_dataset_id", UNSET))
 
+        _calibration_inputs = d.pop("calibration_inputs", UNSET)
+        calibration_inputs: CalibrationInputs | Unset
+        if isinstance(_calibration_inputs, Unset):
+            calibration_inputs = UNSET
+        else:
+            calibration_inputs = CalibrationInputs(_calibration_inputs)
+
         clip_search = d.pop("clip_search", UNSET)
 
         def _parse_eval_dataset_id(data: object) -> None | str | Unset:
@@ -353,6 +373,7 @@ class JobSpec:
             bit_choices=bit_choices,
             calibration=calibration,
             calibration_dataset_id=calibration_dataset_id,
+            calibration_inputs=calibration_inputs,
             clip_search=clip_search,
             eval_dataset_id=eval_dataset_id,
             eval_fraction=eval_fraction,

@@ -1,0 +1,160 @@
+"""The memory preflight against the measured peak of real jobs (not a timed test).
+
+    python bench/bench_memory.py --model smollm2-135m-instruct --method taq --quantizer gptq --rows 64 [--eval]
+
+Runs one job in this process with the worker's imports, a file-backed store and the worker's
+per-stage peak-RSS tracking (worker/resources.py: the kernel's high-water mark, reset at each
+stage), then prints one JSON line: the measured peak, the preflight estimate for the same job
+(core.memory.estimate_job_memory with the arguments the API would pass) and their ratio. The
+preflight is right when 1 ≤ estimate / measured ≤ 1.5 (tests/slow/test_memory_peak.py runs this
+on the tiny model and SmolLM2; bench/bench_scale.py reports it for the 1B/8B shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from core.data import split_rows  # noqa: E402
+from core.memory import estimate_job_memory, read_model_dims  # noqa: E402
+from core.models import resolve_model  # noqa: E402
+from core.packaged_models import packaged_models  # noqa: E402
+from core.pipeline import JobHooks, JobInputs, run_job  # noqa: E402
+from core.spec import CalibrationRow, JobSpec  # noqa: E402
+from core.weights import inspect_checkpoint  # noqa: E402
+from worker.resources import PeakMemory  # noqa: E402
+
+TASKS = ROOT / "bench" / "tasks"
+
+
+class MeasuringHooks(JobHooks):
+    def __init__(self) -> None:
+        self.memory = PeakMemory()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, *, skipped: bool, reason: str):
+        t0 = time.monotonic()
+        self.memory.start(name)
+        try:
+            yield
+        finally:
+            self.memory.stop(name)
+            self.seconds[name] = round(time.monotonic() - t0, 2)
+
+
+class DirStore:
+    """A job store in a local directory (what the worker's file:// storage does, without the
+    service's packages: the GPU check runs with core alone)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def exists(self, key: str) -> bool:
+        return (self.root / key).exists()
+
+    def get_bytes(self, key: str) -> bytes:
+        return (self.root / key).read_bytes()
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+
+    def put_file(self, key: str, path: Path) -> None:
+        import shutil
+
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+
+    def delete_prefix(self, prefix: str) -> None:
+        import shutil
+
+        shutil.rmtree(self.root / prefix, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    import torch
+
+    if args.worker_imports:
+        import worker.stages  # noqa: F401  the worker's imports (Celery, SQLAlchemy, ...) count in its RSS
+
+    torch.set_num_threads(args.threads)
+    rows = [CalibrationRow.model_validate_json(line) for line in
+            (TASKS / args.suite / "calibration.jsonl").read_text().splitlines() if line.strip()][: args.rows]
+    source = resolve_model(args.model, [Path(r) for r in args.model_root], packaged_models())
+    spec = JobSpec(model=args.model, method=args.method, calibration_dataset_id="bench",
+                   bit_budget={"avg_bits": args.budget}, bit_choices=[4, 8, 16], group_size=128,
+                   max_tokens=args.max_tokens, max_calibration_rows=len(rows), quantizer=args.quantizer,
+                   exports=["hf", "gguf"], eval_fraction=0.25 if args.eval else None, seed=0)
+    calibration, evaluation = (rows, [])
+    if args.eval:
+        split = split_rows(rows, 0.25, 0)
+        calibration, evaluation = split.calibration, split.evaluation
+    hooks = MeasuringHooks()
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        store = DirStore(Path(tmp) / "objects")
+        t0 = time.monotonic()
+        run_job(JobInputs(spec=spec, source=source, rows=calibration, eval_rows=evaluation,
+                          activation_ram_bytes=args.activation_ram, work_dir=Path(tmp) / "work",
+                          memory_limit_bytes=args.memory_limit, device=args.device), store, hooks)
+        wall = time.monotonic() - t0
+    summary = inspect_checkpoint(source.path, gguf_file=source.gguf_file)
+    source_bytes = 2 if set(summary.dtypes) <= {"BF16", "F16"} else 4
+    cuda = args.device == "cuda"
+    estimate = estimate_job_memory(read_model_dims(source), method=args.method, calibration_rows=len(calibration),
+                                   max_tokens=args.max_tokens, evaluates=args.eval, quantizer=args.quantizer,
+                                   eval_rows=len(evaluation), activation_ram_bytes=args.activation_ram,
+                                   generation=args.eval, source_bytes=source_bytes,
+                                   gguf_source=bool(source.gguf_file),
+                                   weight_bytes=2 if cuda else 4, batch_tokens=16384 if cuda else 2048)
+    by_stage = hooks.memory.gpu_by_stage if cuda else hooks.memory.by_stage
+    peak = max(by_stage.values())
+    return {"model": args.model, "method": args.method, "quantizer": args.quantizer, "rows": len(calibration),
+            "eval_rows": len(evaluation), "wall_s": round(wall, 1), "peak_bytes": peak,
+            "estimate_bytes": estimate.total_bytes, "ratio": round(estimate.total_bytes / peak, 3),
+            "estimate_phase": estimate.phase, "per_stage_reset": hooks.memory.exact,
+            "device": args.device, "peak_rss_by_stage_gib": {k: round(v / 2**30, 3)
+                                                             for k, v in hooks.memory.by_stage.items()},
+            "peak_gpu_by_stage_gib": {k: round(v / 2**30, 3) for k, v in hooks.memory.gpu_by_stage.items()},
+            "estimate_phases_gib": {k: round(v / 2**30, 3) for k, v in estimate.phases.items()},
+            "seconds": hooks.seconds, "command": " ".join(sys.argv)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model-root", nargs="*", default=[str(ROOT / "bench" / "out" / "scale")])
+    parser.add_argument("--method", default="taq", choices=["taq", "taq_kl", "taqo", "uniform"])
+    parser.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"])
+    parser.add_argument("--suite", default="capitals")
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--budget", type=float, default=4.5)
+    parser.add_argument("--eval", action="store_true", help="hold out a quarter of the rows and evaluate")
+    parser.add_argument("--activation-ram", type=int, default=1 << 30)
+    parser.add_argument("--memory-limit", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", default=None, help="directory for the job's store and scratch files")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: peaks are torch.cuda.max_memory_allocated per stage")
+    parser.add_argument("--no-worker-imports", dest="worker_imports", action="store_false",
+                        help="do not import the worker's modules first (a machine with core's packages only)")
+    args = parser.parse_args(argv)
+    print(json.dumps(measure(args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
