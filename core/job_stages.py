@@ -328,7 +328,7 @@ class JobRun:
         limit = self.inputs.memory_limit_bytes
         if limit is None:
             return None
-        need = materialized_bytes(self.model) + RUNTIME_BYTES
+        need = materialized_bytes(self.model, self.spec.max_tokens) + RUNTIME_BYTES
         if need > limit:
             return (f"greedy generation needs the whole model in memory ({need / 2**30:.1f} GiB) and the "
                     f"worker's limit is {limit / 2**30:.1f} GiB; teacher-forced metrics were streamed instead")

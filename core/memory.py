@@ -18,8 +18,9 @@ plus the largest of its phases.
   scored positions and one vocabulary chunk of logits per query (`core.streaming.head`).
 * **export** — the largest single tensor (usually the embedding or LM head) as read and as written.
 * **generation** — greedy generation materialises the whole model once (weights at the compute
-  dtype + 1 GiB); it runs only when that fits the worker's limit, so it is reported separately
-  (`generation_bytes`) and counted only when the caller says it will run.
+  dtype, the KV cache of a batch, last-position logits); it runs only when that fits the worker's
+  limit, so it is reported separately (`generation_bytes`) and counted only when the caller says
+  it will run.
 
 Token counts are upper bounds (`rows × max_tokens`; real prompts are usually shorter), so the
 estimate errs on the large side.
@@ -55,9 +56,11 @@ CUDA_BATCH_TOKENS = 16384
 #: logits held per query and vocabulary chunk, and head bytes read per chunk (core.streaming.head)
 HEAD_CHUNK_ELEMENTS = 4 * 1024 * 1024
 HEAD_WEIGHT_CHUNK_BYTES = 32 * 1024 * 1024
-#: greedy generation's working memory on top of the weights (core.streaming.generate): batches of
-#: 16 prompts, the KV cache and last-position logits
-GENERATION_OVERHEAD_BYTES = 256 * (1 << 20)
+#: greedy generation (core.streaming.generate): prompts per batch, new tokens, and a fixed allowance
+#: for generate()'s own bookkeeping on top of the weights, KV cache and last-position logits
+GENERATION_BATCH = 16
+GENERATION_NEW_TOKENS = 32
+GENERATION_SLACK_BYTES = 64 * (1 << 20)
 #: per vocabulary entry: a tokenizer built from a GGUF's metadata (held by the worker all along),
 #: and the tokenizer metadata an export copies (a GGUF source's, read back with gguf's reader, or
 #: written from the tokenizer)
@@ -190,6 +193,17 @@ class MemoryEstimate:
         return out
 
 
+def generation_bytes(dims: "ModelDims", *, max_tokens: int, weight_bytes: int, parameters: int | None = None) -> int:
+    """Greedy generation: the whole model at `weight_bytes`, the KV cache of a batch of prompts
+    of `max_tokens` plus the new tokens, one layer's activations and last-position logits."""
+    tokens = GENERATION_BATCH * (max_tokens + GENERATION_NEW_TOKENS)
+    kv = 2 * dims.num_layers * dims.num_kv_heads * dims.head_dim * tokens * weight_bytes
+    activations = tokens * (4 * dims.hidden_size + 3 * dims.intermediate_size) * 4
+    logits = 2 * GENERATION_BATCH * dims.vocab_size * 4
+    params = dims.parameters if parameters is None else parameters
+    return params * weight_bytes + kv + activations + logits + GENERATION_SLACK_BYTES
+
+
 def _factor_bytes(features: int) -> int:
     return 8 if features <= FLOAT64_FACTOR_MAX_FEATURES else 4
 
@@ -268,17 +282,17 @@ def estimate_job_memory(dims: ModelDims, *, method: str, calibration_rows: int, 
 
     totals = {name: sum(terms.values()) for name, terms in phases.items()}
     peak = max(totals, key=lambda name: totals[name])
-    generation_bytes = dims.parameters * weight_bytes + GENERATION_OVERHEAD_BYTES
+    generating = generation_bytes(dims, max_tokens=max_tokens, weight_bytes=weight_bytes)
     terms = dict(phases[peak])
-    if generation and evaluates and generation_bytes > totals[peak]:
+    if generation and evaluates and generating > totals[peak]:
         peak, terms = "generation", {"model": dims.parameters * weight_bytes,
-                                     "generation": GENERATION_OVERHEAD_BYTES}
+                                     "generation": generating - dims.parameters * weight_bytes}
     runtime = RUNTIME_BYTES + (dims.vocab_size * GGUF_TOKENIZER_BYTES_PER_TOKEN if gguf_source else 0)
     total = sum(terms.values()) + runtime
     return MemoryEstimate(
         total_bytes=int(total), phase=peak, terms={k: int(v) for k, v in terms.items()},
         phases={k: int(v) for k, v in totals.items()}, runtime_bytes=int(runtime),
-        generation_bytes=int(generation_bytes), parameters=int(dims.parameters),
+        generation_bytes=int(generating), parameters=int(dims.parameters),
         assumptions={"weight_bytes": weight_bytes, "calibration_rows": rows, "max_tokens": max_tokens,
                      "batch_tokens": batch, "method": method, "quantizer": quantizer, "widths": widths,
                      "sequential": sequential, "evaluates": evaluates, "eval_rows": eval_rows,

@@ -22,6 +22,7 @@ __all__ = [
     "linears_in",
     "named_linears",
     "set_module",
+    "weight_name",
 ]
 
 #: linears that serving runtimes fuse into one matrix (vLLM's qkv_proj and gate_up_proj): the
@@ -131,6 +132,16 @@ def decoder_stack(model: nn.Module) -> DecoderStack:
             break
     return DecoderStack(prefix=name, layers=layers, parent=parent, final_norm=final_norm,
                         final_norm_name=final_norm_name)
+
+
+def weight_name(model: nn.Module, module: nn.Module | None) -> str | None:
+    """The full parameter name of `module`'s weight inside `model` (``lm_head.weight``), or None."""
+    if module is None:
+        return None
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return f"{name}.weight"
+    return None
 
 
 def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

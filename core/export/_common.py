@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from core.errors import ExportError
-from core.modules import decoder_layers, named_linears
+from core.modules import decoder_layers, named_linears, weight_name
 from core.spec import JobSpec
 from core.types import QuantizedWeight
 
@@ -194,12 +194,7 @@ def load_weight(plan: LinearPlan, weights: Mapping[str, QuantizedWeight], spec: 
 def output_embedding_name(model: nn.Module) -> str | None:
     """Full parameter name of the LM head weight (``lm_head.weight``), or None."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        return None
-    for name, module in model.named_modules():
-        if module is head:
-            return f"{name}.weight"
-    return None
+    return weight_name(model, head)
 
 
 def embeddings_tied(model: nn.Module) -> bool:

@@ -13,7 +13,6 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from core.memory import GENERATION_OVERHEAD_BYTES
 from core.modules import get_module
 from core.streaming.model import StreamedModel
 from core.types import QuantizedWeight
@@ -21,15 +20,17 @@ from core.types import QuantizedWeight
 __all__ = ["greedy_token_ids", "installed", "materialized", "materialized_bytes"]
 
 
-def materialized_bytes(model: StreamedModel) -> int:
-    """Bytes the whole model takes at the compute dtype, plus generation's working memory."""
+def materialized_bytes(model: StreamedModel, max_tokens: int) -> int:
+    """Bytes greedy generation needs: the whole model at the compute dtype, the KV cache of a
+    batch, activations and logits (core.memory.generation_bytes, so the preflight and the worker
+    agree)."""
+    from core.memory import ModelDims, generation_bytes
+
     itemsize = torch.empty(0, dtype=model.dtype).element_size()
-    total = 0
-    for name, param in model.skeleton.named_parameters():
-        if model.tied and name == model.head_name_in_skeleton:
-            continue
-        total += param.numel() * itemsize
-    return total + GENERATION_OVERHEAD_BYTES
+    params = sum(p.numel() for name, p in model.skeleton.named_parameters()
+                 if not (model.tied and name == model.head_name_in_skeleton))
+    dims = ModelDims.from_config(model.config.to_dict())
+    return generation_bytes(dims, max_tokens=max_tokens, weight_bytes=itemsize, parameters=params)
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from torch import nn
 
 from core.errors import ModelNotFound, UnsupportedModel
 from core.models import LayerRef, ModelSource, default_dtype, layer_refs
-from core.modules import DecoderStack, decoder_stack, get_module
+from core.modules import DecoderStack, decoder_stack, get_module, weight_name
 from core.types import QuantizedWeight
 
 __all__ = ["StreamedModel", "open_streamed"]
@@ -185,15 +185,6 @@ class StreamedModel:
         self.close()
 
 
-def _parameter_name(model: nn.Module, module: nn.Module | None) -> str | None:
-    if module is None:
-        return None
-    for name, candidate in model.named_modules():
-        if candidate is module:
-            return f"{name}.weight"
-    return None
-
-
 def open_streamed(source: ModelSource, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None) -> StreamedModel:
     """Open a resolved model for streaming (tokenizer, config, skeleton, lazy weights): nothing
@@ -232,8 +223,8 @@ def open_streamed(source: ModelSource, device: str | torch.device = "cpu",
     if not refs or not any(ref.linears for ref in refs):
         raise UnsupportedModel(f"model '{source.model_id}' ({type(skeleton).__name__}) has no decoder layers "
                                "with linear weights")
-    embed_name = _parameter_name(skeleton, skeleton.get_input_embeddings())
-    head_name = _parameter_name(skeleton, skeleton.get_output_embeddings())
+    embed_name = weight_name(skeleton, skeleton.get_input_embeddings())
+    head_name = weight_name(skeleton, skeleton.get_output_embeddings())
     if embed_name is None or head_name is None or stack.final_norm is None:
         raise UnsupportedModel(f"{type(skeleton).__name__}: no input embedding, LM head or final norm found")
     reader = open_weights(source.path, gguf_file=source.gguf_file, skeleton=skeleton)

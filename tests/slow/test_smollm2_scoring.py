@@ -29,7 +29,7 @@ from core.scorers.taq import TokenReservoir
 from core.spec import CalibrationRow, JobSpec
 from core.streaming.checkpoints import MemoryStore, load_codes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
             ("Germany", "Berlin"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Kenya", "Nairobi")]
@@ -38,14 +38,6 @@ ROWS = ([CalibrationRow(prompt=f"What is the capital of {c}? Answer with one wor
         + [CalibrationRow(prompt=f"What is {a} plus {b}? Answer with a number.", answers=[str(a + b)])
            for a, b in SUMS])
 N_LAYERS = 30
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_spec() -> JobSpec:

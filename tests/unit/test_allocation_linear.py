@@ -25,7 +25,7 @@ from core.types import LayerProfile, LinearProfile, Profile
 
 from pipeline_helpers import LAYER_PREFIX, dequantized_model, logits_gap, make_spec, run, write_hf
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
 LEAVES = {"self_attn.q_proj": 576 * 576, "self_attn.k_proj": 576 * 192, "self_attn.v_proj": 576 * 192,
           "self_attn.o_proj": 576 * 576, "mlp.gate_proj": 576 * 1536, "mlp.up_proj": 576 * 1536,
@@ -117,14 +117,6 @@ def test_profile_round_trip_and_bits_per_linear() -> None:
 
 
 ROWS = [CalibrationRow(prompt=f"Item {i}: what is {i} times {i + 3}? Answer briefly.") for i in range(8)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,6 @@ def test_report_has_every_column_with_and_without_reported_memory() -> None:
     assert results["jobs"][0]["rss_over_checkpoint"] == 3.0 and results["jobs"][0]["peak_rss_source"] == "sampled"
     assert results["jobs"][1]["rss_over_checkpoint"] == 4.0 and results["jobs"][1]["peak_rss_source"] == "reported"
     rows = table(results).splitlines()
-    assert len(rows) == 4 and all(row.count("|") == 17 for row in rows)
+    assert len(rows) == 4 and all(row.count("|") == 20 for row in rows)  # 19 columns
     assert "4.00 (s 3.00)" in rows[3] and "3.00 (s)" in rows[2]
     assert "Peak RSS per stage" in markdown(results)

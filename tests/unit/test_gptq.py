@@ -13,15 +13,7 @@ from core.quant.packing import PACKERS
 from core.quant.primitives import dequantize_weight, quantization_error, quantize_weight
 from core.spec import CalibrationRow, JobSpec, Quantizer
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
 
 def correlated_inputs(n: int, in_features: int, seed: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from core.data import encode_text, split_rows, tokenize_rows
 from core.errors import BudgetInfeasible, Cancelled, InvalidSpec
 from core.evaluation import fidelity
 from core.job_stages import CheckpointWeights
-from core.models import LoadedModel, load_model, resolve_model
+from core.models import LoadedModel
 from core.pipeline import (STAGE_SHARES, STAGES, JobHooks, JobInputs, StagePlan, allocate_stage, budget_tag,
                            linear_bits, overall_progress, reference_bits, run_job)
 from core.quant.primitives import dequantize_weight
@@ -29,36 +29,11 @@ from core.streaming.checkpoints import LayerRecord, MemoryStore, load_codes, loa
 from core.types import Profile, effective_bits
 
 from pipeline_helpers import (LAYER_MESSAGE, LAYER_PREFIX, LAYERS, ROWS, Interrupted, Recorder, Run, artifacts,
-                              check_progress, clone, count_quantize_calls, dequantized_model, layer_blobs,
+                              check_progress, clone, dequantized_model, layer_blobs,
                               linear_inputs, logits_gap, make_spec, output_error, records, run, same_artifacts,
                               write_hf)
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a CPU shared with other jobs two
-    OpenMP threads spin against each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def count_quantize(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, list[int]]]:
-    return count_quantize_calls(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def source(tiny_model_root: Path):
-    return resolve_model("tiny-llama", [tiny_model_root], {})
-
-
-@pytest.fixture(scope="module")
-def loaded(source) -> LoadedModel:
-    return load_model(source)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
 
 @pytest.fixture(scope="module")

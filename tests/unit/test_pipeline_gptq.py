@@ -13,26 +13,18 @@ import torch
 from core.errors import Cancelled
 from core.calibration import make_batches, pad_token_id
 from core.job_stages import CheckpointWeights
-from core.models import LoadedModel, load_model, resolve_model
+from core.models import LoadedModel
 from core.pipeline import linear_bits, reference_bits
 from core.quant.layer import LayerInputs, quantize_layer
 from core.quant.primitives import dequantize_weight
 from core.scorers.common import prompt_plan, select_rows
 from core.streaming.checkpoints import LayerRecord, MemoryStore, load_codes
 
-from pipeline_helpers import (LAYER_PREFIX, ROWS, Recorder, Run, artifacts, check_progress, count_quantize_calls,
+from pipeline_helpers import (LAYER_PREFIX, ROWS, Recorder, Run, artifacts, check_progress,
                               dequantized_model, layer_blobs, linear_inputs, logits_gap, make_spec as base_spec,
                               output_error, records, run, write_hf)
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
 
 def make_spec(**overrides):
@@ -47,21 +39,6 @@ def record(store: MemoryStore, index: int) -> LayerRecord:
 
 def blob(store: MemoryStore, index: int, bits: int, prefix: str = LAYER_PREFIX) -> bytes:
     return store.get_bytes(f"{prefix}/layers/{index:05d}/b{bits}.safetensors")
-
-
-@pytest.fixture
-def count_quantize(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, list[int]]]:
-    return count_quantize_calls(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def source(tiny_model_root: Path):
-    return resolve_model("tiny-llama", [tiny_model_root], {})
-
-
-@pytest.fixture(scope="module")
-def loaded(source) -> LoadedModel:
-    return load_model(source)
 
 
 @pytest.fixture(scope="module")

@@ -44,17 +44,7 @@ from core.streaming.layer_pass import PassSettings, StreamScorer, run_layer_pass
 from core.streaming.model import open_streamed
 from core.types import Profile
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a CPU shared with other jobs two
-    OpenMP threads spin against each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
 
 METHODS = ["taq", "taq_kl", "taqo", "uniform"]

@@ -23,15 +23,7 @@ from core.streaming.head import HeadQuery, head_stats
 from core.streaming.hidden import HiddenStream, SpillArea
 from core.streaming.model import open_streamed
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
 
 TEXTS = ["The capital of France is Paris, and the capital of Italy is", "1, 2, 3, 4,",
