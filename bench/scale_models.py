@@ -24,13 +24,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from core.export.safetensors_stream import TensorSpec, header_bytes
+from core.export.safetensors_stream import plan_shards as greedy_shards
 
 DEFAULT_MAX_SHARD_BYTES = 2_000_000_000
 STD = 0.02
@@ -89,18 +91,8 @@ def _nbytes(dims: tuple[int, ...]) -> int:
 
 
 def plan_shards(specs: list[tuple[str, tuple[int, ...]]], max_shard_bytes: int) -> list[list[int]]:
-    """Greedy, in order (Hugging Face's rule): start a new shard when the next tensor would push the
-    current one past the limit; a tensor larger than the limit sits alone. Returns tensor indices."""
-    shards: list[list[int]] = [[]]
-    size = 0
-    for k, (_, dims) in enumerate(specs):
-        n = _nbytes(dims)
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += n
-    return shards
+    """Tensor indices per shard, by the exporter's rule (core.export.safetensors_stream.plan_shards)."""
+    return greedy_shards([_nbytes(dims) for _, dims in specs], max_shard_bytes)
 
 
 def shard_name(i: int, n: int) -> str:
@@ -108,15 +100,8 @@ def shard_name(i: int, n: int) -> str:
 
 
 def _header(specs, indices, tag: str) -> bytes:
-    header: dict = {"__metadata__": {"format": "pt", "generator": tag}}
-    offset = 0
-    for k in indices:
-        name, dims = specs[k]
-        header[name] = {"dtype": "BF16", "shape": list(dims), "data_offsets": [offset, offset + _nbytes(dims)]}
-        offset += _nbytes(dims)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    return struct.pack("<Q", len(raw)) + raw
+    return header_bytes([TensorSpec(specs[k][0], torch.bfloat16, tuple(specs[k][1])) for k in indices],
+                        {"format": "pt", "generator": tag})
 
 
 def generator_tag(seed: int) -> str:

@@ -63,7 +63,7 @@ from core.export._common import (
     to_fp16,
     write_json,
 )
-from core.export.safetensors_stream import SafetensorsStreamWriter, TensorSpec
+from core.export.safetensors_stream import SafetensorsStreamWriter, TensorSpec, plan_shards
 from core.quant.packing import pack_int32
 from core.spec import JobSpec
 from core.types import QuantizedWeight
@@ -196,20 +196,9 @@ def _tensor_groups(model: nn.Module, plans: list[LinearPlan], spec: JobSpec,
 
 
 def _shards(groups: list, max_shard_bytes: int) -> list[list]:
-    """Consecutive groups per file: one file when everything fits, else greedy in order; a linear's
-    tensors stay in one file."""
+    """Consecutive groups per file (a linear's tensors stay in one file)."""
     sizes = [sum(s.nbytes for s in specs) for _, _, specs in groups]
-    if sum(sizes) <= max_shard_bytes:
-        return [groups]
-    shards: list[list] = [[]]
-    used = 0
-    for group, size in zip(groups, sizes):
-        if shards[-1] and used + size > max_shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(group)
-        used += size
-    return shards
+    return [[groups[k] for k in shard] for shard in plan_shards(sizes, max_shard_bytes)]
 
 
 def _write_shard(path: Path, name: str, shard: list, fetch: TensorFetcher, weights: Mapping[str, QuantizedWeight],

@@ -57,6 +57,20 @@ def header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> by
     return struct.pack("<Q", len(text)) + text
 
 
+def plan_shards(sizes: Sequence[int], max_shard_bytes: int) -> list[list[int]]:
+    """Hugging Face's rule, greedy and in order: start a new shard when the next item would push the
+    current one past the limit; an item larger than the limit sits alone. Returns item indices."""
+    shards: list[list[int]] = [[]]
+    used = 0
+    for k, size in enumerate(sizes):
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(k)
+        used += size
+    return shards
+
+
 class SafetensorsStreamWriter:
     """Write `specs` to `path`: the header at once, then `write(name, tensor)` in the same order.
 

@@ -110,6 +110,18 @@ def smollm2_hf(smollm2_path: Path):
                                                 dtype=torch.float32).eval()
 
 
+def _run_hooked(model, batches, current: dict, handles) -> None:
+    """Run the whole model over the job's batches (hooks read `current["valid"]`), then unhook."""
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current["valid"] = batch.valid
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @pytest.fixture(scope="module")
 def layer_outputs(job, smollm2_hf) -> list[torch.Tensor]:
     """Per decoder layer, every valid token's output [N, 576] in the pass's batch order."""
@@ -123,14 +135,7 @@ def layer_outputs(job, smollm2_hf) -> list[torch.Tensor]:
         return fn
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(smollm2_hf.model.layers)]
-    try:
-        with torch.no_grad():
-            for batch in job["batches"]:
-                current["valid"] = batch.valid
-                smollm2_hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(smollm2_hf, job["batches"], current, handles)
     return [torch.cat(outs[i]) for i in range(N_LAYERS)]
 
 
@@ -206,14 +211,7 @@ def test_quant_error_matches_the_whole_model(job, smollm2_hf) -> None:
         rows[names[module]].append(args[0].detach()[current["valid"]].double())
 
     handles = [m.register_forward_pre_hook(hook) for m in names]
-    try:
-        with torch.no_grad():
-            for batch in job["batches"]:
-                current["valid"] = batch.valid
-                smollm2_hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(smollm2_hf, job["batches"], current, handles)
     for i in checked:
         layer = profile.layers[i]
         for bits in (4, 8):

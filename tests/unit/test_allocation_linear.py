@@ -16,7 +16,7 @@ from core.allocation import allocate_budget, expand_units, layer_costs_from_prof
 from core.errors import InvalidSpec
 from core.export.manifest import bit_map_key
 from core.job_stages import CheckpointWeights
-from core.models import LoadedModel, load_model, resolve_model
+from core.models import LoadedModel
 from core.modules import fused_linear_groups
 from core.pipeline import allocate_stage, linear_bits
 from core.plot import plot_profile, profile_effective_bits
@@ -117,16 +117,6 @@ def test_profile_round_trip_and_bits_per_linear() -> None:
 
 
 ROWS = [CalibrationRow(prompt=f"Item {i}: what is {i} times {i + 3}? Answer briefly.") for i in range(8)]
-
-
-@pytest.fixture(scope="module")
-def source(tiny_model_root: Path):
-    return resolve_model("tiny-llama", [tiny_model_root], {})
-
-
-@pytest.fixture(scope="module")
-def loaded(source) -> LoadedModel:
-    return load_model(source)
 
 
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
