@@ -283,6 +283,8 @@ class JobRun:
                     self.store.put_file(f"artifacts/{rel}", f.path)
                     local.append((rel, f.path))
                     files.append({"name": rel, "size": f.size, "sha256": f.sha256})
+                if ExportFormat.gguf.value in formats:  # an 8B format takes minutes: show it moved
+                    tracker.report((i + 0.5) / len(self.allocations), f"exported {tag} (hf)")
             if ExportFormat.gguf.value in formats:
                 source = self.inputs.source
                 f = export_gguf(self.model.skeleton, self.model.tokenizer, weights, allocation.bits, self.spec,

@@ -276,8 +276,8 @@ def estimate_job_memory(dims: ModelDims, *, method: str, calibration_rows: int, 
 
     # ---- export: the largest tensor as read (at most float32) and written (fp16), or a linear's codes ----
     biggest = max(dims.vocab_size * h, largest)
-    # read (source width) + fp16 copy + the finiteness check's boolean mask
-    phases["export"] = {"tensor": biggest * (source_bytes + 3), "encoding": largest * 8,
+    # read at the source width; its float16 form goes out a slice of rows at a time
+    phases["export"] = {"tensor": biggest * source_bytes, "encoding": largest * 8,
                         "metadata": dims.vocab_size * EXPORT_METADATA_BYTES_PER_TOKEN[gguf_source]}
 
     totals = {name: sum(terms.values()) for name, terms in phases.items()}

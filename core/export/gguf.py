@@ -36,6 +36,7 @@ from torch import nn
 
 from core.errors import ExportError
 from core.export._common import (
+    Fp16Parts,
     ExportedFile,
     HashingWriter,
     LinearPlan,
@@ -162,7 +163,7 @@ def _plan(model: nn.Module, plans: list[LinearPlan], spec: JobSpec) -> list[_Pla
 
 
 def _array(entry: _Planned, fetch: TensorFetcher, weights: Mapping[str, QuantizedWeight], spec: JobSpec,
-           hyper: _Hyper) -> np.ndarray:
+           hyper: _Hyper) -> np.ndarray | Fp16Parts:
     """One tensor's data; q/k rows permuted for llama.cpp's rope."""
     from core.quant.primitives import dequantize_weight
 
@@ -174,7 +175,7 @@ def _array(entry: _Planned, fetch: TensorFetcher, weights: Mapping[str, Quantize
         value = fetch(entry.key)
         if entry.qtype == "F32":
             return value.detach().cpu().to(torch.float32).numpy()
-        return to_fp16(entry.key, value[idx] if idx is not None else value).numpy()
+        return Fp16Parts(entry.key, value[idx] if idx is not None else value)
     q = load_weight(linear, weights, spec)
     q = _permute_q(q, idx) if idx is not None else q
     if entry.qtype == "F16":
@@ -212,14 +213,18 @@ def _hashing_writer(sink: HashingWriter):
                 self.fout = [sink]
                 self.state = WriterState.EMPTY
 
-        def write_tensor_data(self, tensor: np.ndarray, tensor_endianess=None) -> None:
+        def write_tensor_data(self, tensor: np.ndarray | Fp16Parts, tensor_endianess=None) -> None:
             if self.state not in (WriterState.TI_DATA, WriterState.WEIGHTS):
                 raise ValueError(f"tensor data before tensor info ({self.state})")
             info = self.tensors[0].pop(next(iter(self.tensors[0])))
             if info.nbytes != tensor.nbytes:
                 raise ExportError(f"tensor data of {tensor.nbytes} bytes, planned {info.nbytes}")
             self.write_padding(sink, sink.tell())
-            sink.write(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))
+            if isinstance(tensor, Fp16Parts):
+                for part in tensor:
+                    sink.write(part.numpy().reshape(-1).view(np.uint8))
+            else:
+                sink.write(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))
             self.write_padding(sink, tensor.nbytes)
             self.state = WriterState.WEIGHTS
 

@@ -48,6 +48,7 @@ from torch import nn
 
 from core.errors import ExportError
 from core.export._common import (
+    Fp16Parts,
     ExportedFile,
     LinearPlan,
     OutputGuard,
@@ -60,7 +61,6 @@ from core.export._common import (
     plan_linears,
     state_entries,
     text_config,
-    to_fp16,
     write_json,
 )
 from core.export.safetensors_stream import SafetensorsStreamWriter, TensorSpec, plan_shards
@@ -214,15 +214,16 @@ def _write_shard(path: Path, name: str, shard: list, fetch: TensorFetcher, weigh
                     raise ExportError(f"{plan.name}: unplanned tensors {sorted(stored)}")
                 del stored
             else:
-                writer.write(key, _plain(key, fetch(key)))
+                value = fetch(key)
+                if value.is_floating_point():
+                    writer.write_parts(key, torch.float16, tuple(value.shape), Fp16Parts(key, value))
+                else:
+                    writer.write(key, value.detach().cpu().contiguous())
+                del value  # not alive while the next tensor is read
     except BaseException:
         writer.abort()
         raise
     return writer.close()
-
-
-def _plain(key: str, value: torch.Tensor) -> torch.Tensor:
-    return to_fp16(key, value) if value.is_floating_point() else value.detach().cpu().contiguous()
 
 
 def _config_dict(model: nn.Module, qconfig: dict, tied: bool) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,14 +85,26 @@ class SafetensorsStreamWriter:
         self._out.write(head)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.write_parts(name, tensor.dtype, tuple(tensor.shape), [tensor])
+
+    def write_parts(self, name: str, dtype: torch.dtype, shape: tuple[int, ...],
+                    parts: Iterable[torch.Tensor]) -> None:
+        """One planned tensor given as consecutive parts (e.g. slices of rows) of `dtype`, in order."""
         if self._next >= len(self._specs):
             raise ValueError(f"{name}: every planned tensor was already written")
         spec = self._specs[self._next]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (spec.name, spec.dtype, spec.shape):
+        if (name, dtype, tuple(shape)) != (spec.name, spec.dtype, spec.shape):
             raise ValueError(f"expected {spec.name} {spec.dtype} {list(spec.shape)}, got {name} "
-                             f"{tensor.dtype} {list(tensor.shape)}")
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._out.write(data)
+                             f"{dtype} {list(shape)}")
+        written = 0
+        for part in parts:
+            if part.dtype != dtype:
+                raise ValueError(f"{name}: a part of dtype {part.dtype}, planned {dtype}")
+            data = part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._out.write(data)
+            written += data.nbytes
+        if written != spec.nbytes:
+            raise ValueError(f"{name}: {written} bytes written, planned {spec.nbytes}")
         self._next += 1
 
     def close(self) -> ExportedFile:

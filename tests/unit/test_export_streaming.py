@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from core.export import export_gguf, export_hf
+from core.export._common import Fp16Parts, to_fp16
 from core.export.manifest import hf_storage
 from core.export.safetensors_stream import SafetensorsStreamWriter, TensorSpec, write_safetensors
 
@@ -132,6 +133,23 @@ def test_skeleton_fetcher_and_lazy_weights_give_the_in_memory_bytes(tiny, tmp_pa
         assert tracker.max_alive == 0 and tracker.alive() == 0, kind
 
 
+def test_float16_tensors_written_by_row_slices_give_the_same_bytes(tiny, tmp_path, monkeypatch):
+    from core.export import _common
+
+    model, tokenizer = tiny
+    model = untied(model)
+    bits, weights = quantize_model(model, MIXED, 32, False)
+    spec = make_spec(32, False)
+    whole_hf = export_hf(model, tokenizer, weights, bits, spec, tmp_path / "hf")
+    whole_gguf = export_gguf(model, tokenizer, weights, bits, spec, tmp_path / "m.gguf")
+    monkeypatch.setattr(_common, "_FINITE_CHECK_ELEMENTS", 100)  # many slices of a few rows each
+    assert len(list(Fp16Parts("w", model.get_input_embeddings().weight.detach()))) > 3
+    sliced_hf = export_hf(model, tokenizer, weights, bits, spec, tmp_path / "hf-sliced")
+    sliced_gguf = export_gguf(model, tokenizer, weights, bits, spec, tmp_path / "sliced.gguf")
+    assert [(f.name, f.sha256) for f in sliced_hf] == [(f.name, f.sha256) for f in whole_hf]
+    assert sliced_gguf.sha256 == whole_gguf.sha256
+
+
 @pytest.mark.parametrize("widths, group_size, symmetric", [((2, 3, 16, 8), 16, False), ((4, 8, 4, 16), 64, True)],
                          ids=["requantized-g16", "padded-g64"])
 def test_one_fetched_tensor_or_weight_alive_at_a_time(tiny, tmp_path, widths, group_size, symmetric):
@@ -241,8 +259,10 @@ def test_streaming_gguf_equals_gguf_py_in_memory_writer(tiny, tmp_path):
         fetch = model_tensors(model)
         for entry in planned:
             raw = None if entry.qtype in ("F16", "F32") else GGMLQuantizationType[entry.qtype]
-            writer.add_tensor(entry.name, np.ascontiguousarray(g._array(entry, fetch, weights, spec, hyper)),
-                              raw_dtype=raw)
+            data = g._array(entry, fetch, weights, spec, hyper)
+            if isinstance(data, Fp16Parts):  # converted whole here, by slices in the exporter
+                data = to_fp16(data.name, data.value).numpy()
+            writer.add_tensor(entry.name, np.ascontiguousarray(data), raw_dtype=raw)
         writer.write_header_to_file(path=tmp_path / "m.gguf")
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -309,8 +329,30 @@ def test_streaming_writer_refuses_what_was_not_planned(tmp_path):
         writer.write("b", torch.zeros(3, dtype=torch.int32))
     with pytest.raises(ValueError, match="expected a"):
         writer.write("a", torch.zeros(2, 2))  # float32, planned float16
+    with pytest.raises(ValueError, match="6 bytes written, planned 8"):  # a part missing
+        writer.write_parts("a", torch.float16, (2, 2), [torch.zeros(3, dtype=torch.float16)])
+    writer = SafetensorsStreamWriter(tmp_path / "x.safetensors", specs, {"format": "pt"}, "x.safetensors")
+    with pytest.raises(ValueError, match="a part of dtype torch.float32"):
+        writer.write_parts("a", torch.float16, (2, 2), [torch.zeros(2)])
+    writer = SafetensorsStreamWriter(tmp_path / "x.safetensors", specs, {"format": "pt"}, "x.safetensors")
     writer.write("a", torch.zeros(2, 2, dtype=torch.float16))
     with pytest.raises(ValueError, match="not written"):
         writer.close()
     with pytest.raises(ValueError, match="duplicate"):
         SafetensorsStreamWriter(tmp_path / "y.safetensors", specs + specs[:1], {}, "y.safetensors")
+
+
+def test_fp16_conversion_refuses_overflow_in_any_slice_and_passes_source_nan(monkeypatch) -> None:
+    from core.export import _common
+    from core.errors import ExportError
+
+    monkeypatch.setattr(_common, "_FINITE_CHECK_ELEMENTS", 4)  # 3 slices of a 3×4 tensor
+    value = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)
+    assert torch.equal(_common.to_fp16("w", value), value.to(torch.float16))
+    over = value.clone()
+    over[2, 1] = 1e6  # only the last slice overflows
+    with pytest.raises(ExportError, match="w has values outside the float16 range"):
+        _common.to_fp16("w", over)
+    nan = value.clone()
+    nan[1, 0] = float("nan")  # a NaN the source already had is carried, not refused
+    assert torch.isnan(_common.to_fp16("w", nan)[1, 0])

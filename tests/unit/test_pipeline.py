@@ -132,6 +132,9 @@ def test_budget_sweep_gives_one_allocation_and_export_set_per_budget(source, bas
     names = [{f["name"].split("/")[0] for f in e.files} for e in swept.outputs.exports]
     assert names == [{"hf-b5.5", "model-b5.5.gguf"}, {"hf-b9.5", "model-b9.5.gguf"}]
     assert swept.store.exists("work/export-b5.5.json") and swept.store.exists("work/export-b9.5.json")
+    check_progress(swept.hooks)  # each budget's hf export moves the bar before its GGUF starts
+    assert [(f, m) for s, f, m in swept.hooks.events if s == "export"] == [
+        (0.25, "exported b5.5 (hf)"), (0.5, "exported b5.5"), (0.75, "exported b9.5 (hf)"), (1.0, "exported b9.5")]
     assert not swept.store.exists("artifacts/model.gguf") and not swept.store.exists("artifacts/hf/config.json")
     for a in allocations:
         assert swept.outputs.artifact_names(a) == {"hf": f"hf-{budget_tag(a.budget)}",
