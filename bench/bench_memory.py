@@ -30,7 +30,7 @@ from core.packaged_models import packaged_models  # noqa: E402
 from core.pipeline import JobHooks, JobInputs, run_job  # noqa: E402
 from core.spec import CalibrationRow, JobSpec  # noqa: E402
 from core.weights import inspect_checkpoint  # noqa: E402
-from worker.resources import PeakMemory  # noqa: E402
+from worker.resources import PeakMemory, tune_allocator  # noqa: E402
 
 TASKS = ROOT / "bench" / "tasks"
 
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-worker-imports", dest="worker_imports", action="store_false",
                         help="do not import the worker's modules first (a machine with core's packages only)")
     args = parser.parse_args(argv)
+    tune_allocator()  # as `taq worker` does before it takes jobs
     print(json.dumps(measure(args)), flush=True)
     return 0
 

@@ -167,6 +167,9 @@ def worker(skip_migrate: Annotated[bool, typer.Option("--skip-migrate", help="do
     if parent_pid is not None:
         _watch_parent(parent_pid)
     from worker.celery_app import app as celery_app
+    from worker.resources import tune_allocator
+
+    tune_allocator()  # the jobs run in this process (--pool=solo)
 
     celery_app.worker_main([
         "worker", "--pool=solo", "--concurrency=1", "--prefetch-multiplier=1", "-Q", "quantize",

@@ -12,8 +12,33 @@ import resource
 import sys
 from pathlib import Path
 
+#: glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: blocks above this come from mmap and go back to the kernel when freed; the trim threshold the same
+ALLOCATOR_THRESHOLD_BYTES = 128 * 1024
+
 _STATUS = Path("/proc/self/status")
 _CLEAR = Path("/proc/self/clear_refs")
+
+
+def tune_allocator() -> bool:
+    """Fix glibc's mmap and trim thresholds for this process (as MALLOC_MMAP_THRESHOLD_ would).
+
+    By default glibc raises its mmap threshold up to 32 MB after freeing a large block, so the
+    layer pass's many mid-sized temporaries land on the heap, fragment it, and stay resident after
+    they are freed: an 8B-shaped RTN job kept 2.4 GiB after its layer pass (BENCHMARKS.md, Scale).
+    False where the C library is not glibc (nothing changed)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, ALLOCATOR_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, ALLOCATOR_THRESHOLD_BYTES))
 
 
 def _vm_kib(field: str) -> int | None:
