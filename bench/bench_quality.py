@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import importlib.util
 import json
 import sys
 import time
@@ -373,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args(argv)
+    if "hqq" in (args.peers or []) and importlib.util.find_spec("hqq") is None:
+        # fail before an hour of work, not at the first peer row
+        parser.error("the hqq peer needs HQQ: pip install -e '.[bench]' (or leave it out: --peers rtn_matched)")
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
