@@ -260,13 +260,11 @@ def estimate_job_memory(dims: ModelDims, *, method: str, calibration_rows: int, 
         return {"head_queries": 2 * queries * positions * h * f32,
                 "head_chunk": (7 * HEAD_CHUNK_ELEMENTS * f32 + 3 * HEAD_WEIGHT_CHUNK_BYTES) if positions else 0}
 
+    # the carried streams are the head's queries by then (head_queries counts them and their normed copy)
     if method == "taq_kl":
-        phases["scoring head"] = {**head_phase(L + 1, prompt_tokens),
-                                  "carried": min(streams * tokens * h * weight_bytes, activation_ram_bytes)}
+        phases["scoring head"] = head_phase(L + 1, prompt_tokens)
     elif method == "taqo":
-        answers = rows * ANSWER_TOKENS
-        phases["scoring head"] = {**head_phase(L + 1, answers),
-                                  "carried": min(streams * answers * h * weight_bytes, activation_ram_bytes)}
+        phases["scoring head"] = head_phase(L + 1, rows * ANSWER_TOKENS)
     if evaluates:
         variants = 1 + 2 * max(1, budgets)
         eval_tokens = max(1, eval_rows) * (max_tokens + ANSWER_TOKENS)
