@@ -36,8 +36,8 @@ from torch import nn
 
 from core.errors import ExportError
 from core.export._common import (
-    Fp16Parts,
     ExportedFile,
+    Fp16Parts,
     HashingWriter,
     LinearPlan,
     OutputGuard,
