@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.storage import FileStorage  # noqa: E402  stdlib only: the GPU check can run it
 from core.data import split_rows  # noqa: E402
 from core.memory import estimate_job_memory, read_model_dims  # noqa: E402
 from core.models import resolve_model  # noqa: E402
@@ -51,39 +52,6 @@ class MeasuringHooks(JobHooks):
             self.seconds[name] = round(time.monotonic() - t0, 2)
 
 
-class DirStore:
-    """A job store in a local directory (what the worker's file:// storage does, without the
-    service's packages: the GPU check runs with core alone)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def exists(self, key: str) -> bool:
-        return (self.root / key).exists()
-
-    def get_bytes(self, key: str) -> bytes:
-        return (self.root / key).read_bytes()
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-
-    def put_file(self, key: str, path: Path) -> None:
-        import shutil
-
-        target = self.root / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-
-    def delete_prefix(self, prefix: str) -> None:
-        import shutil
-
-        shutil.rmtree(self.root / prefix, ignore_errors=True)
-
-
 def measure(args: argparse.Namespace) -> dict:
     import torch
 
@@ -104,7 +72,7 @@ def measure(args: argparse.Namespace) -> dict:
         calibration, evaluation = split.calibration, split.evaluation
     hooks = MeasuringHooks()
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        store = DirStore(Path(tmp) / "objects")
+        store = FileStorage(Path(tmp) / "objects")  # the embedded worker's storage
         t0 = time.monotonic()
         run_job(JobInputs(spec=spec, source=source, rows=calibration, eval_rows=evaluation,
                           activation_ram_bytes=args.activation_ram, work_dir=Path(tmp) / "work",
