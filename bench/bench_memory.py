@@ -8,6 +8,11 @@ stage), then prints one JSON line: the measured peak, the preflight estimate for
 (core.memory.estimate_job_memory with the arguments the API would pass) and their ratio. The
 preflight is right when 1 ≤ estimate / measured ≤ 1.5 (tests/slow/test_memory_peak.py runs this
 on the tiny model and SmolLM2; bench/bench_scale.py reports it for the 1B/8B shapes).
+
+`--stop-after-layers N` cancels the job once the layer pass has finished N layers (a partial
+run: an 8B-shaped GPTQ job takes hours on 2 cores, and every layer repeats the same peak); the
+JSON then says `"partial"` and the peak covers the stages up to that point. `--store DIR` keeps
+the job's store (layer checkpoints) in DIR instead of a deleted temporary directory.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.storage import FileStorage  # noqa: E402  stdlib only: the GPU check can run it
 from core.data import split_rows  # noqa: E402
+from core.errors import Cancelled  # noqa: E402
 from core.memory import estimate_job_memory, read_model_dims  # noqa: E402
 from core.models import resolve_model  # noqa: E402
 from core.packaged_models import packaged_models  # noqa: E402
@@ -36,10 +42,39 @@ from worker.resources import PeakMemory, tune_allocator  # noqa: E402
 TASKS = ROOT / "bench" / "tasks"
 
 
+def _vm_hwm_bytes() -> int:
+    """This process's RSS high-water mark since the last reset (the current stage's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class MeasuringHooks(JobHooks):
-    def __init__(self) -> None:
+    def __init__(self, stop_after_layers: int | None = None) -> None:
         self.memory = PeakMemory()
         self.seconds: dict[str, float] = {}
+        self.stop_after_layers = stop_after_layers
+        self.layers_done = 0
+        self.layer_seconds: list[float] = []
+        self._t0 = time.monotonic()
+
+    def progress(self, stage: str, fraction: float, message: str) -> None:
+        if message.startswith("layer ") and "/" in message.split()[1]:
+            done = int(message.split()[1].split("/")[0])
+            if done > self.layers_done:
+                now = time.monotonic()
+                self.layer_seconds.append(round(now - self._t0, 1))
+                self._t0 = now
+                self.layers_done = done
+                print(f"  {message}: {self.layer_seconds[-1]} s, peak RSS so far "
+                      f"{_vm_hwm_bytes() / 2**30:.3f} GiB", file=sys.stderr, flush=True)
+
+    def should_cancel(self) -> bool:
+        return self.stop_after_layers is not None and self.layers_done >= self.stop_after_layers
 
     @contextmanager
     def stage(self, name: str, *, skipped: bool, reason: str):
@@ -70,13 +105,19 @@ def measure(args: argparse.Namespace) -> dict:
     if args.eval:
         split = split_rows(rows, 0.25, 0)
         calibration, evaluation = split.calibration, split.evaluation
-    hooks = MeasuringHooks()
+    hooks = MeasuringHooks(args.stop_after_layers)
+    partial = None
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        store = FileStorage(Path(tmp) / "objects")  # the embedded worker's storage
+        store = FileStorage(Path(args.store) if args.store else Path(tmp) / "objects")  # the embedded worker's storage
         t0 = time.monotonic()
-        run_job(JobInputs(spec=spec, source=source, rows=calibration, eval_rows=evaluation,
-                          activation_ram_bytes=args.activation_ram, work_dir=Path(tmp) / "work",
-                          memory_limit_bytes=args.memory_limit, device=args.device), store, hooks)
+        try:
+            run_job(JobInputs(spec=spec, source=source, rows=calibration, eval_rows=evaluation,
+                              activation_ram_bytes=args.activation_ram, work_dir=Path(tmp) / "work",
+                              memory_limit_bytes=args.memory_limit, device=args.device), store, hooks)
+        except Cancelled:
+            if args.stop_after_layers is None:
+                raise
+            partial = f"stopped after {hooks.layers_done} layers of the layer pass"
         wall = time.monotonic() - t0
     summary = inspect_checkpoint(source.path, gguf_file=source.gguf_file)
     source_bytes = 2 if set(summary.dtypes) <= {"BF16", "F16"} else 4
@@ -97,7 +138,9 @@ def measure(args: argparse.Namespace) -> dict:
                                                              for k, v in hooks.memory.by_stage.items()},
             "peak_gpu_by_stage_gib": {k: round(v / 2**30, 3) for k, v in hooks.memory.gpu_by_stage.items()},
             "estimate_phases_gib": {k: round(v / 2**30, 3) for k, v in estimate.phases.items()},
-            "seconds": hooks.seconds, "command": " ".join(sys.argv)}
+            "seconds": hooks.seconds, "layer_seconds": hooks.layer_seconds, "partial": partial,
+            "estimate_terms_gib": {k: round(v / 2**30, 3) for k, v in estimate.breakdown.items()},
+            "command": " ".join(sys.argv)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-limit", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=None, help="directory for the job's store and scratch files")
+    parser.add_argument("--stop-after-layers", type=int, default=None,
+                        help="cancel the job after this many layers of the layer pass (a partial run)")
+    parser.add_argument("--store", default=None, help="keep the job's store (layer checkpoints) here")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: peaks are torch.cuda.max_memory_allocated per stage")
     parser.add_argument("--no-worker-imports", dest="worker_imports", action="store_false",
