@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from common.auth import authenticate
+from common.auth import authenticate, authorize_operator
 from common.db import session_factory
 from common.settings import Settings
 from common.storage import Storage
@@ -62,3 +62,11 @@ def get_tenant(request: Request, settings: SettingsDep, session: SessionDep,
 
 
 CurrentTenant = Annotated[str, Depends(get_tenant)]
+
+
+def require_operator(request: Request, settings: SettingsDep, session: SessionDep,
+                     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> None:
+    authorize_operator(settings, session, request.headers.get("authorization"))
+
+
+Operator = Annotated[None, Depends(require_operator)]

@@ -22,6 +22,7 @@ STATUS_BY_TYPE: list[tuple[type, int]] = [
     (svc.NotFound, 404),
     (svc.Conflict, 409),
     (svc.Unauthorized, 401),
+    (svc.Forbidden, 403),
     (svc.PayloadTooLarge, 413),
     (svc.TooManyRequests, 429),
     (svc.InvalidParameter, 422),

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.errors import envelope, install_error_handlers
-from api.routes import datasets, health, jobs, models
+from api.routes import datasets, health, jobs, models, workers
 from common.auth import assert_auth_configured
 from common.db import session_scope
 from common.logging import request_id_var
@@ -115,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.storage = storage
     install_error_handlers(app)
-    for module in (jobs, datasets, models, health):
+    for module in (jobs, datasets, models, workers, health):
         app.include_router(module.router)
     app.add_middleware(RequestContext, max_body=settings.max_request_bytes, max_upload=settings.max_upload_bytes)
     _mark_file_uploads_binary(app)

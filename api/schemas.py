@@ -38,6 +38,8 @@ class JobOut(BaseModel):
     heartbeat_at: datetime | None = None
     attempts: int = 0
     cancel_requested: bool = False
+    worker_class: str | None = Field(default=None, description="the worker class (TAQ_WORKER_CLASSES) the job "
+                                     "was routed to: the smallest whose memory holds it, or the pinned one")
 
     @classmethod
     def of(cls, job: Job) -> "JobOut":
@@ -49,7 +51,7 @@ class JobOut(BaseModel):
                    error=error, spec=JobSpec.model_validate(job.spec), result=job.result,
                    created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
                    updated_at=job.updated_at, heartbeat_at=job.heartbeat_at, attempts=job.attempts or 0,
-                   cancel_requested=bool(job.cancel_requested))
+                   cancel_requested=bool(job.cancel_requested), worker_class=job.worker_class)
 
     @classmethod
     def render(cls, job: Job) -> dict[str, Any]:
@@ -176,3 +178,27 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
                        422: "invalid request",
                        503: "the database is unreachable (`database_unavailable`); retry later"}.items()
 }
+
+
+class WorkerOut(BaseModel):
+    name: str = Field(description="host:pid of the worker process")
+    worker_class: str
+    device: str
+    memory_bytes: int | None = Field(description="memory one job may use on this worker (its class's)")
+    job_id: str | None = Field(description="the job it is running now; null when idle")
+    started_at: datetime
+    heartbeat_at: datetime
+
+
+class WorkerClassOut(BaseModel):
+    name: str
+    device: str
+    memory_bytes: int | None
+    queue: str
+    queued_jobs: int
+    live_workers: int
+
+
+class FleetOut(BaseModel):
+    classes: list[WorkerClassOut]
+    workers: list[WorkerOut]

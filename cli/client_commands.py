@@ -206,6 +206,8 @@ def submit(
     export: Annotated[Optional[list[str]], typer.Option("--export", help="hf | gguf; repeatable")] = None,
     eval_file: Annotated[Optional[Path], typer.Option("--eval", help="eval JSONL; uploaded first")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
+    worker_class: Annotated[Optional[str], typer.Option(
+        "--worker-class", help="run on this worker class only (default: the smallest that holds the job)")] = None,
     spec_file: Annotated[Optional[Path], typer.Option("--spec", help="a whole job spec (JSON); options override it")] = None,
     idempotency_key: Annotated[Optional[str], typer.Option(help="Idempotency-Key header")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow the job with a progress bar until it finishes")] = False,
@@ -228,7 +230,8 @@ def submit(
             _fail(EXIT_USAGE, f"--bit-choices must be comma-separated integers, got {bit_choices!r}")
     for key, value in (("model", model), ("method", method), ("group_size", group_size), ("symmetric", symmetric),
                        ("allocation", allocation), ("allocation_unit", allocation_unit), ("quantizer", quantizer),
-                       ("clip_search", clip_search), ("calibration_inputs", calibration_inputs), ("seed", seed)):
+                       ("clip_search", clip_search), ("calibration_inputs", calibration_inputs), ("seed", seed),
+                       ("worker_class", worker_class)):
         if value is not None:
             spec[key] = value
     if avg_bits:
@@ -267,7 +270,8 @@ def status(job_id: Annotated[str, typer.Argument(metavar="JOB")], as_json: JsonO
     spec = job.get("spec") or {}
     rows = [("id", job["id"]), ("status", job["status"]), ("stage", job.get("stage") or "-"),
             ("progress", f"{(job.get('progress') or 0) * 100:.0f}%"), ("model", spec.get("model")),
-            ("method", spec.get("method")), ("created", job.get("created_at")),
+            ("method", spec.get("method")), ("worker class", job.get("worker_class") or "-"),
+            ("created", job.get("created_at")),
             ("started", job.get("started_at") or "-"), ("finished", job.get("finished_at") or "-")]
     if job.get("error"):
         rows.append(("error", f"{job['error'].get('code')}: {job['error'].get('message')}"))

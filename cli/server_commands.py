@@ -62,16 +62,19 @@ class WorkerSupervisor:
     us), restarts it if it dies, and stops it on shutdown: SIGTERM (the worker hands its running
     job back to the queue), then SIGKILL after a grace period."""
 
-    def __init__(self, grace: float = 30.0) -> None:
+    def __init__(self, grace: float = 30.0, worker_class: str | None = None) -> None:
         self.grace = grace
+        self.worker_class = worker_class
         self.proc: subprocess.Popen | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
 
     def _spawn(self) -> None:
         cmd = [sys.executable, "-m", "cli", "worker", "--skip-migrate", "--parent-pid", str(os.getpid())]
+        if self.worker_class is not None:
+            cmd += ["--class", self.worker_class]
         self.proc = subprocess.Popen(cmd, start_new_session=True, env=os.environ.copy())
-        log.info("worker started", extra={"pid": self.proc.pid})
+        log.info("worker started", extra={"pid": self.proc.pid, "worker_class": self.worker_class})
 
     def start(self) -> None:
         self._spawn()
@@ -108,13 +111,16 @@ class WorkerSupervisor:
 @app.command()
 def serve(host: Annotated[str, typer.Option(help="bind address; non-loopback needs API keys")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="TCP port")] = 8000) -> None:
-    """Run the API and one worker (embedded default: SQLite, file:// storage, filesystem broker)."""
+    """Run the API and one worker per worker class (embedded default: SQLite, file:// storage,
+    filesystem broker; one class unless TAQ_WORKER_CLASSES declares more)."""
     import uvicorn
 
     settings = _prepare(migrate=True)
     _check_bind(settings, host)
-    supervisor = WorkerSupervisor()
-    supervisor.start()
+    declared = bool(settings.worker_classes.strip())
+    supervisors = [WorkerSupervisor(worker_class=c.name if declared else None) for c in settings.fleet()]
+    for supervisor in supervisors:
+        supervisor.start()
     server = uvicorn.Server(_uvicorn_config(settings, host, port))
     log.info("serving", extra={"url": f"http://{host}:{port}", "data_dir": str(settings.data_dir)})
     try:
@@ -122,7 +128,8 @@ def serve(host: Annotated[str, typer.Option(help="bind address; non-loopback nee
     except KeyboardInterrupt:
         pass
     finally:
-        supervisor.stop()
+        for supervisor in supervisors:
+            supervisor.stop()
     log.info("stopped")
 
 
@@ -158,12 +165,23 @@ def _watch_parent(parent_pid: int) -> None:
 
 @app.command()
 def worker(skip_migrate: Annotated[bool, typer.Option("--skip-migrate", help="do not run migrations")] = False,
+           worker_class: Annotated[str | None, typer.Option(
+               "--class", help="the worker class (TAQ_WORKER_CLASSES) to serve; needed when several are declared")
+           ] = None,
            parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
            loglevel: Annotated[str | None, typer.Option(help="overrides TAQ_LOG_LEVEL")] = None) -> None:
-    """Run one Celery worker on queue `quantize`: one job at a time, CUDA when available."""
+    """Run one Celery worker on its class's queue `quantize.<class>`: one job at a time, on the
+    class's device (CUDA when available for the default class)."""
     import socket
 
+    if worker_class is not None:
+        os.environ["TAQ_WORKER_CLASS"] = worker_class  # read by get_settings() below and by the Celery app
     settings = _prepare(migrate=not skip_migrate)
+    try:
+        own_class = settings.own_worker_class()
+    except ValueError as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(2) from None
     if parent_pid is not None:
         _watch_parent(parent_pid)
     from worker.celery_app import app as celery_app
@@ -172,7 +190,7 @@ def worker(skip_migrate: Annotated[bool, typer.Option("--skip-migrate", help="do
     tune_allocator()  # the jobs run in this process (--pool=solo)
 
     celery_app.worker_main([
-        "worker", "--pool=solo", "--concurrency=1", "--prefetch-multiplier=1", "-Q", "quantize",
+        "worker", "--pool=solo", "--concurrency=1", "--prefetch-multiplier=1", "-Q", own_class.queue,
         "--loglevel", (loglevel or settings.log_level).upper(), "--without-gossip", "--without-mingle",
         "--hostname", f"taq@{socket.gethostname()}-{os.getpid()}",
     ])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from common.errors import NotFound, Unauthorized
+from common.errors import Forbidden, NotFound, Unauthorized
 from common.ids import new_id
 from common.orm import ApiKey, utcnow
 from common.settings import DEFAULT_TENANT, TENANT_RE, Settings, UnsafeConfig, is_loopback
@@ -56,6 +56,25 @@ def authenticate(settings: Settings, session: Session, authorization: str | None
     if tenant is None:
         raise Unauthorized("invalid or revoked API key")
     return tenant
+
+
+def authorize_operator(settings: Settings, session: Session, authorization: str | None) -> None:
+    """Operator views (GET /v1/workers) need the operator key, TAQ_ADMIN_KEY; with auth off (the
+    keyless loopback mode) they are open like everything else. A tenant key is not enough: the
+    view names every tenant's running jobs."""
+    scheme, _, key = (authorization or "").partition(" ")
+    key = key.strip()
+    if settings.admin_key and scheme.lower() == "bearer" and hmac.compare_digest(
+            settings.admin_key.encode(), key.encode()):
+        return
+    if not auth_enabled(settings, session):
+        return
+    if not key:
+        raise Unauthorized("this operator view needs the operator key: send 'Authorization: Bearer "
+                           "<TAQ_ADMIN_KEY>'")
+    if tenant_for_key(settings, session, key) is None:
+        raise Unauthorized("invalid or revoked API key")
+    raise Forbidden("this operator view needs the operator key (TAQ_ADMIN_KEY), not a tenant's API key")
 
 
 @dataclass(frozen=True)

@@ -9,19 +9,28 @@ import threading
 from celery import Celery
 from kombu import Exchange, Queue
 
-from common.settings import Settings
+from common.settings import QUEUE_PREFIX, Settings
 
 log = logging.getLogger(__name__)
 
-QUEUE = "quantize"
 RUN_JOB_TASK = "taq.run_job"
 
-_apps: dict[tuple[str, str], Celery] = {}
+_apps: dict[tuple[str, str, str], Celery] = {}
 _lock = threading.Lock()
 
 
+def class_queue(name: str) -> Queue:
+    """The Celery queue of one worker class (``quantize.<class>``): a direct exchange of the same
+    name, so a job published for a class reaches only that class's workers."""
+    queue = f"{QUEUE_PREFIX}.{name}"
+    return Queue(queue, Exchange(queue, type="direct"), routing_key=queue)
+
+
 def make_celery(settings: Settings) -> Celery:
+    """The Celery app, with one queue per worker class of the fleet (``taq worker --class NAME``
+    consumes only ``quantize.NAME``: Celery's own routing, no scheduler of ours)."""
     settings.ensure_dirs()
+    queues = [class_queue(c.name) for c in settings.fleet()]
     app = Celery("taq", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
         broker_transport_options=settings.broker_transport_options,
@@ -33,9 +42,9 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
-        task_default_queue=QUEUE,
-        task_queues=[Queue(QUEUE, Exchange(QUEUE, type="direct"), routing_key=QUEUE)],
-        task_routes={RUN_JOB_TASK: {"queue": QUEUE, "routing_key": QUEUE}},
+        # a task sent without a class (none of ours) goes to the largest class
+        task_default_queue=queues[-1].name,
+        task_queues=queues,
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
@@ -49,7 +58,7 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def sender(settings: Settings) -> Celery:
-    key = (settings.broker_url, str(settings.data_dir))
+    key = (settings.broker_url, str(settings.data_dir), settings.worker_classes)
     with _lock:
         app = _apps.get(key)
         if app is None:
@@ -57,9 +66,11 @@ def sender(settings: Settings) -> Celery:
         return app
 
 
-def enqueue_job(settings: Settings, job_id: str) -> None:
-    """Publish ``run_job(job_id)``. Raises on broker failure (the caller decides)."""
-    sender(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE, routing_key=QUEUE,
+def enqueue_job(settings: Settings, job_id: str, worker_class: str | None) -> None:
+    """Publish ``run_job(job_id)`` on the queue of the job's worker class (the largest class when
+    that class is no longer declared). Raises on broker failure (the caller decides)."""
+    queue = class_queue(settings.queue_class(worker_class).name)
+    sender(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=queue, routing_key=queue.routing_key,
                                retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2,
                                                          "interval_step": 0.5, "interval_max": 1.0})
 

@@ -29,6 +29,12 @@ class Unauthorized(ServiceError):
     code = "unauthorized"
 
 
+class Forbidden(ServiceError):
+    """Authenticated, but this key may not do that (403)."""
+
+    code = "forbidden"
+
+
 class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 

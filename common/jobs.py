@@ -21,7 +21,7 @@ from common.datasets import get_dataset
 from common.errors import Conflict, InvalidParameter, InvalidRequest, NotFound, TooManyRequests
 from common.ids import new_id
 from common.lifecycle import add_event, purge_job_outputs
-from common.limits import check_job_memory, check_prompt_sizes
+from common.limits import check_prompt_sizes, route_job
 from common.orm import Artifact, IdempotencyKey, Job, JobEvent, JobStatus, ProfileLayer, utcnow
 from common.settings import Settings
 from common.storage import Storage
@@ -63,8 +63,9 @@ def check_checkpoint(source):
     return inspect_checkpoint(source.path, gguf_file=source.gguf_file)
 
 
-def validate_references(session: Session, settings: Settings, tenant: str, spec: JobSpec) -> None:
-    """Everything a spec points at must exist for this tenant before the job is accepted."""
+def validate_references(session: Session, settings: Settings, tenant: str, spec: JobSpec) -> str:
+    """Everything a spec points at must exist for this tenant before the job is accepted.
+    Returns the worker class the job is routed to (the memory preflight decides)."""
     from common.models import resolve_model
 
     source = resolve_model(settings, spec.model)  # ModelNotFound (404) / UnsafeModel (422)
@@ -85,8 +86,8 @@ def validate_references(session: Session, settings: Settings, tenant: str, spec:
             raise InvalidSpec(f"job '{prior.id}' has no profile to reuse (status {prior.status})")
     check_budget_feasible(spec)
     summary = check_checkpoint(source)  # 422 model_invalid where the headers show it
-    check_job_memory(settings, source, spec, calibration_rows, eval_rows=eval_rows,
-                     checkpoint=summary)  # 422 job_too_large
+    return route_job(settings, source, spec, calibration_rows, eval_rows=eval_rows,
+                     checkpoint=summary)  # 422 job_too_large / unknown_worker_class
 
 
 def check_queue_quota(session: Session, settings: Settings, tenant: str) -> None:
@@ -110,15 +111,16 @@ def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
         replay = idempotency.replay(session, tenant, idempotency_key, digest, "job_id")
         if replay is not None:
             return replay
-    validate_references(session, settings, tenant, spec)
+    worker_class = validate_references(session, settings, tenant, spec)
     check_queue_quota(session, settings, tenant)
     now = utcnow()
     job = Job(id=new_id("job"), tenant=tenant, status=JobStatus.queued, stage=None, progress=0.0,
               spec=spec.model_dump(mode="json"), created_at=now, updated_at=now, attempts=0,
-              cancel_requested=False)
+              cancel_requested=False, worker_class=worker_class)
     session.add(job)
     session.flush()
-    add_event(session, job.id, "status", status=JobStatus.queued, message="job accepted")
+    add_event(session, job.id, "status", status=JobStatus.queued,
+              message=f"job accepted for worker class '{worker_class}'", data={"worker_class": worker_class})
     body = render(job)
     if idempotency_key is not None:
         session.add(IdempotencyKey(tenant=tenant, key=idempotency_key, request_hash=digest,
@@ -132,7 +134,7 @@ def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
             raise
         return replay
     try:
-        broker.enqueue_job(settings, job.id)
+        broker.enqueue_job(settings, job.id, worker_class)
         session.execute(Job.__table__.update().where(Job.id == job.id).values(enqueued_at=utcnow()))
         session.commit()
     except Exception as exc:  # the job is safe in the DB; the reaper enqueues it later

@@ -55,6 +55,8 @@ class Claim:
     attempt: int
     spec: dict[str, Any]
     tenant: str
+    #: the worker class the job was routed to (None: a job from before classes existed)
+    worker_class: str | None = None
 
 
 def claim_job(session: Session, settings: Settings, job_id: str) -> Claim | None:
@@ -82,7 +84,7 @@ def claim_job(session: Session, settings: Settings, job_id: str) -> Claim | None
               message=f"attempt {job.attempts} started on {worker_name()}",
               data={"attempt": job.attempts})
     session.commit()
-    return Claim(job_id, token, job.attempts, dict(job.spec), job.tenant)
+    return Claim(job_id, token, job.attempts, dict(job.spec), job.tenant, job.worker_class)
 
 
 def _owned(job_id: str, token: str):
@@ -172,9 +174,10 @@ class ReapReport:
 
 
 def reap(session: Session, settings: Settings, storage: Storage,
-         enqueue: Callable[[str], None]) -> ReapReport:
+         enqueue: Callable[[str, str | None], None]) -> ReapReport:
     """Requeue running jobs whose worker stopped heart-beating (or fail them after
-    ``max_attempts``), finish cancelled ones, and re-send queued jobs the broker may have lost."""
+    ``max_attempts``), finish cancelled ones, and re-send queued jobs the broker may have lost.
+    ``enqueue(job_id, worker_class)`` sends a job to its own class's queue."""
     report = ReapReport([], [], [], [])
     now = utcnow()
     table = Job.__table__
@@ -216,9 +219,11 @@ def reap(session: Session, settings: Settings, storage: Storage,
         ).values(enqueued_at=now)).rowcount:
             report.reenqueued.append(job_id)
         session.commit()
+    classes = dict(session.execute(select(Job.id, Job.worker_class).where(
+        Job.id.in_(report.requeued + report.reenqueued))).all()) if report.requeued or report.reenqueued else {}
     for job_id in report.requeued + report.reenqueued:
         try:
-            enqueue(job_id)
+            enqueue(job_id, classes.get(job_id))
         except Exception as exc:  # broker down: mark it never sent, so the next pass tries again
             log.warning("re-enqueue failed", extra={"job_id": job_id, "error": repr(exc)})
             session.execute(update(table).where((table.c.id == job_id) & (table.c.status == JobStatus.queued)

@@ -5,7 +5,7 @@ the memory preflight of a job. Each refusal is a 422 whose message names the lim
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from common.errors import InvalidParameter
 from common.settings import Settings
@@ -76,11 +76,12 @@ def _gib(n: int) -> str:
 
 
 def estimate_for_spec(settings: Settings, source: Any, spec: JobSpec, calibration_rows: int, *,
-                      eval_rows: int = 0, checkpoint: Any = None, limit_bytes: int | None = None):
-    """core.memory.estimate_job_memory for this spec on this deployment's workers, or None when
-    the model's shapes cannot be read (the job is then admitted; the worker reports any failure).
-    Greedy generation is counted only when the whole model fits `limit_bytes` (the worker skips
-    it otherwise)."""
+                      eval_rows: int = 0, checkpoint: Any = None, limit_bytes: int | None = None,
+                      device: str | None = None):
+    """core.memory.estimate_job_memory for this spec on a worker of `device` (default:
+    TAQ_WORKER_DEVICE), or None when the model's shapes cannot be read (the job is then admitted;
+    the worker reports any failure). Greedy generation is counted only when the whole model fits
+    `limit_bytes` (the worker skips it otherwise)."""
     from core.memory import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, estimate_job_memory, read_model_dims
     from core.spec import CalibrationInputs
 
@@ -90,7 +91,7 @@ def estimate_for_spec(settings: Settings, source: Any, spec: JobSpec, calibratio
         log.warning("memory preflight skipped: model shapes unreadable",
                     extra={"model": spec.model, "error": repr(exc)})
         return None
-    cuda = settings.worker_device == "cuda"
+    cuda = (device or settings.worker_device) == "cuda"
     evaluates = spec.eval_dataset_id is not None or spec.eval_fraction is not None
     dtypes = getattr(checkpoint, "dtypes", None) or {}
     source_bytes = 2 if dtypes and set(dtypes) <= {"BF16", "F16"} else 4
@@ -108,23 +109,56 @@ def estimate_for_spec(settings: Settings, source: Any, spec: JobSpec, calibratio
     return estimate
 
 
-def check_job_memory(settings: Settings, source: Any, spec: JobSpec, calibration_rows: int, *,
-                     eval_rows: int = 0, checkpoint: Any = None) -> None:
-    """Refuse (422 ``job_too_large``) a job whose estimated peak memory exceeds what a worker has."""
-    limit = settings.worker_memory_limit()
-    if limit is None:
-        return
-    limit_bytes, limit_source = limit
-    estimate = estimate_for_spec(settings, source, spec, calibration_rows, eval_rows=eval_rows,
-                                 checkpoint=checkpoint, limit_bytes=limit_bytes)
-    if estimate is None or estimate.total_bytes <= limit_bytes:
-        return
+def route_job(settings: Settings, source: Any, spec: JobSpec, calibration_rows: int, *,
+              eval_rows: int = 0, checkpoint: Any = None) -> str:
+    """The worker class a job goes to: the pinned one (``spec.worker_class``) when it holds the job,
+    else the smallest class (TAQ_WORKER_CLASSES, ordered by memory) whose memory holds the
+    estimate made for that class's device. Refusals are 422 ``job_too_large`` naming the estimate
+    and the class; an undeclared pinned class is 422 ``unknown_worker_class``."""
+    fleet = settings.fleet()
+    candidates = fleet
+    if spec.worker_class is not None:
+        pinned = settings.find_worker_class(spec.worker_class)
+        if pinned is None:
+            raise InvalidParameter(
+                f"worker_class '{spec.worker_class}' is not a class of this deployment; declared: "
+                + ", ".join(f"{c.name} ({c.device}, {_gib(c.memory_bytes) if c.memory_bytes else 'memory unknown'})"
+                            for c in fleet),
+                details={"worker_class": spec.worker_class, "declared": [c.name for c in fleet]},
+                code="unknown_worker_class")
+        candidates = [pinned]
+    estimate = None
+    for worker_class in candidates:
+        if worker_class.memory_bytes is None:
+            return worker_class.name  # memory unknown: admitted, as without a limit
+        estimate = estimate_for_spec(settings, source, spec, calibration_rows, eval_rows=eval_rows,
+                                     checkpoint=checkpoint, limit_bytes=worker_class.memory_bytes,
+                                     device=worker_class.device)
+        if estimate is None:  # shapes unreadable: the largest class has the best chance
+            return candidates[-1].name
+        if estimate.total_bytes <= worker_class.memory_bytes:
+            return worker_class.name
+    assert estimate is not None
+    refuse_too_large(candidates[-1], estimate, pinned=spec.worker_class is not None, several=len(fleet) > 1)
+
+
+def refuse_too_large(worker_class: Any, estimate: Any, *, pinned: bool, several: bool) -> NoReturn:
+    limit_bytes, source = worker_class.memory_bytes, worker_class.memory_source
     parts = ", ".join(f"{name} {_gib(n)}" for name, n in estimate.breakdown.items() if n)
+    if pinned:
+        where = f"the pinned worker class '{worker_class.name}' has {_gib(limit_bytes)} ({source})"
+        advice = "pin a larger class or none (the service then picks the smallest class that holds the job)"
+    elif several:
+        where = f"the largest worker class, '{worker_class.name}', has {_gib(limit_bytes)} ({source})"
+        advice = "add a larger worker class to TAQ_WORKER_CLASSES"
+    else:
+        where = f"the limit is {_gib(limit_bytes)} ({source})"
+        advice = "run larger workers and raise TAQ_WORKER_MEMORY_BYTES (or declare TAQ_WORKER_CLASSES)"
     raise InvalidParameter(
-        f"job needs about {_gib(estimate.total_bytes)} of worker memory ({parts}) but the limit is "
-        f"{_gib(limit_bytes)} ({limit_source}); lower max_tokens or max_calibration_rows, use a smaller "
-        "model, or run larger workers and raise TAQ_WORKER_MEMORY_BYTES",
-        details={"estimate_bytes": estimate.total_bytes, "limit_bytes": limit_bytes, "limit_source": limit_source,
+        f"job needs about {_gib(estimate.total_bytes)} of worker memory ({parts}) but {where}; lower "
+        f"max_tokens or max_calibration_rows, use a smaller model, or {advice}",
+        details={"estimate_bytes": estimate.total_bytes, "limit_bytes": limit_bytes, "limit_source": source,
+                 "worker_class": worker_class.name, "device": worker_class.device,
                  "breakdown": estimate.breakdown, "phase": estimate.phase, "phases": estimate.phases,
                  "parameters": estimate.parameters, "assumptions": estimate.assumptions},
         code="job_too_large")

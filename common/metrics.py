@@ -1,5 +1,6 @@
 """Prometheus metrics read from the database at scrape time (so the API reports what every
-worker did): jobs by status, stage durations, failures by code."""
+worker did): jobs by status, stage durations, failures by code, queue depth and live workers
+per worker class."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Summa
 from sqlalchemy import func, select
 
 from common.db import session_scope
+from common.fleet import live_workers_by_class, queue_depth_by_class
 from common.orm import Job, JobStatus, StageRun
 from common.settings import Settings
 
@@ -26,6 +28,8 @@ class DatabaseCollector:
                                      .group_by(StageRun.stage)).all()
             skipped = session.execute(select(StageRun.stage, func.count()).where(StageRun.skipped.is_(True))
                                       .group_by(StageRun.stage)).all()
+            depth = queue_depth_by_class(session, self.settings)
+            alive = live_workers_by_class(session, self.settings)
         jobs = GaugeMetricFamily("taq_jobs", "Jobs by status", labels=["status"])
         for status in JobStatus.ALL:
             jobs.add_metric([status], by_status.get(status, 0))
@@ -44,6 +48,15 @@ class DatabaseCollector:
         for stage, n in skipped:
             skips.add_metric([stage], n)
         yield skips
+        queued = GaugeMetricFamily("taq_queue_depth", "Queued jobs per worker class", labels=["worker_class"])
+        for name, n in depth.items():
+            queued.add_metric([name], n)
+        yield queued
+        workers = GaugeMetricFamily("taq_live_workers", "Workers heart-beating, per worker class",
+                                    labels=["worker_class"])
+        for name, n in alive.items():
+            workers.add_metric([name], n)
+        yield workers
 
 
 def render_metrics(settings: Settings, extra: CollectorRegistry | None = None) -> bytes:

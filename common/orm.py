@@ -113,6 +113,8 @@ class Job(Base):
     #: random token of the worker attempt that owns the row; a stale owner loses its writes
     claim_token: Mapped[str | None] = mapped_column(String(40))
     worker: Mapped[str | None] = mapped_column(String(255))
+    #: the worker class (TAQ_WORKER_CLASSES) the job was routed to; its queue is quantize.<class>
+    worker_class: Mapped[str | None] = mapped_column(String(32))
 
     events: Mapped[list["JobEvent"]] = relationship(back_populates="job", cascade="all, delete-orphan",
                                                     passive_deletes=True)
@@ -201,3 +203,18 @@ class StageRun(Base):
     duration_s: Mapped[float | None] = mapped_column(Float)
     skipped: Mapped[bool] = mapped_column(Boolean, default=False)
     outcome: Mapped[str | None] = mapped_column(String(16))  # ok | skipped | failed | cancelled
+
+
+class WorkerRow(Base):
+    """A live (or recently live) worker process: written by the worker every heartbeat, removed
+    when it stops; a row whose heartbeat is stale belongs to a worker that died."""
+
+    __tablename__ = "workers"
+
+    #: host:pid, the same name a claimed job records in ``jobs.worker``
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    worker_class: Mapped[str] = mapped_column(String(32), index=True)
+    device: Mapped[str] = mapped_column(String(16))
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)

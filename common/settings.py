@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -45,6 +46,67 @@ def parse_api_keys(raw: str) -> dict[str, str]:
     return keys
 
 
+WORKER_CLASS_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_MEMORY_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)$", re.IGNORECASE)
+_MEMORY_UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+                 "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+DEFAULT_WORKER_CLASS = "default"
+QUEUE_PREFIX = "quantize"
+
+
+@dataclass(frozen=True)
+class WorkerClass:
+    """A kind of worker in the fleet: its device and the memory one job may use on it (RAM on the
+    CPU, the GPU's memory for CUDA). ``memory_bytes`` None: unknown (the preflight admits)."""
+
+    name: str
+    device: Literal["auto", "cpu", "cuda"]
+    memory_bytes: int | None
+    #: where the memory figure came from, for messages
+    memory_source: str
+
+    @property
+    def queue(self) -> str:
+        return f"{QUEUE_PREFIX}.{self.name}"
+
+
+def parse_memory(text: str) -> int:
+    """``24GiB`` / ``512MiB`` / ``1.5GiB`` (binary units; ``GB`` is decimal) -> bytes."""
+    match = _MEMORY_RE.match(text.strip())
+    if not match:
+        raise ValueError(f"memory '{text}' must look like 24GiB, 512MiB or 1.5TiB")
+    value = float(match.group(1)) * _MEMORY_UNITS[match.group(2).lower()]
+    if value < 1:
+        raise ValueError(f"memory '{text}' must be more than 0")
+    return int(value)
+
+
+def parse_worker_classes(raw: str) -> list[WorkerClass]:
+    """``cpu=cpu:24GiB,gpu24=cuda:24GiB`` -> classes. Raises ValueError naming the bad entry."""
+    classes: list[WorkerClass] = []
+    for entry in (part.strip() for part in raw.split(",")):
+        if not entry:
+            continue
+        name, sep, rest = entry.partition("=")
+        device, sep2, memory = rest.partition(":")
+        name, device, memory = name.strip(), device.strip().lower(), memory.strip()
+        prefix = f"TAQ_WORKER_CLASSES entry '{entry}'"
+        if not sep or not sep2:
+            raise ValueError(f"{prefix} must look like name=device:memory (e.g. gpu24=cuda:24GiB)")
+        if not WORKER_CLASS_RE.match(name):
+            raise ValueError(f"{prefix}: the name must be lower-case letters, digits, '_' or '-' (max 32)")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"{prefix}: unknown device '{device}' (cpu or cuda)")
+        try:
+            memory_bytes = parse_memory(memory)
+        except ValueError as exc:
+            raise ValueError(f"{prefix}: {exc}") from None
+        if any(c.name == name for c in classes):
+            raise ValueError(f"{prefix}: the class name '{name}' is declared twice")
+        classes.append(WorkerClass(name, device, memory_bytes, f"worker class '{name}' (TAQ_WORKER_CLASSES)"))
+    return classes
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TAQ_", extra="ignore", validate_default=True)
 
@@ -57,6 +119,8 @@ class Settings(BaseSettings):
     #: optional JSON file {"model id": "/path/to/dir-or-file.gguf"} added to the packaged models
     model_registry: Path | None = None
     api_keys: str = Field(default="", repr=False)
+    #: the operator key: `Authorization: Bearer <it>` reads operator views (GET /v1/workers)
+    admin_key: str = Field(default="", repr=False)
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     #: answer artifact downloads from S3 with a redirect to a presigned URL
@@ -84,6 +148,12 @@ class Settings(BaseSettings):
 
     # worker / lifecycle
     worker_device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: the worker fleet, ``name=device:memory,…`` (e.g. ``cpu=cpu:24GiB,gpu80=cuda:80GiB``); each
+    #: job goes to the smallest class whose memory holds it. Empty: one class ``default`` made of
+    #: TAQ_WORKER_DEVICE and TAQ_WORKER_MEMORY_BYTES
+    worker_classes: str = ""
+    #: the class a worker process serves (``taq worker --class NAME`` sets it)
+    worker_class: str | None = None
     #: memory one worker may use for a job (RAM; the GPU's memory for CUDA workers). None = the
     #: total RAM of the machine the API runs on. A job whose estimate exceeds it answers 422.
     worker_memory_bytes: int | None = Field(default=None, ge=1)
@@ -116,6 +186,19 @@ class Settings(BaseSettings):
     @classmethod
     def _keys_parse(cls, value: str) -> str:
         parse_api_keys(value)
+        return value
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_long(cls, value: str) -> str:
+        if value and len(value) < 16:
+            raise ValueError("TAQ_ADMIN_KEY is shorter than 16 characters")
+        return value
+
+    @field_validator("worker_classes")
+    @classmethod
+    def _classes_parse(cls, value: str) -> str:
+        parse_worker_classes(value)
         return value
 
     @model_validator(mode="after")
@@ -186,6 +269,40 @@ class Settings(BaseSettings):
             return self.worker_memory_bytes, "TAQ_WORKER_MEMORY_BYTES"
         total = detected_memory_bytes()
         return (total, "detected total RAM of the API machine") if total else None
+
+    def fleet(self) -> list[WorkerClass]:
+        """The declared worker classes, smallest memory first; or the one ``default`` class."""
+        declared = parse_worker_classes(self.worker_classes)
+        if declared:
+            return sorted(declared, key=lambda c: (c.memory_bytes or 0, c.name))
+        limit = self.worker_memory_limit()
+        return [WorkerClass(DEFAULT_WORKER_CLASS, self.worker_device, limit[0] if limit else None,
+                            limit[1] if limit else "unknown")]
+
+    def find_worker_class(self, name: str) -> WorkerClass | None:
+        return next((c for c in self.fleet() if c.name == name), None)
+
+    def queue_class(self, name: str | None) -> WorkerClass:
+        """The class whose queue a job of class `name` goes to: its own, or the largest class when
+        `name` is not (or no longer) declared (jobs from before the classes existed)."""
+        found = self.find_worker_class(name) if name else None
+        return found or self.fleet()[-1]
+
+    def own_worker_class(self) -> WorkerClass:
+        """The class this worker process serves (TAQ_WORKER_CLASS); with one class, that one.
+        Raises ValueError naming the declared classes."""
+        fleet = self.fleet()
+        names = ", ".join(c.name for c in fleet)
+        if self.worker_class is None:
+            if len(fleet) == 1:
+                return fleet[0]
+            raise ValueError(f"TAQ_WORKER_CLASSES declares several classes ({names}); "
+                             "start the worker with --class NAME")
+        found = self.find_worker_class(self.worker_class)
+        if found is None:
+            raise ValueError(f"worker class '{self.worker_class}' is not declared (declared: {names}); "
+                             "add it to TAQ_WORKER_CLASSES as name=device:memory")
+        return found
 
     @property
     def sqlite_path(self) -> Path | None:

@@ -131,6 +131,9 @@ class JobSpec(_Strict):
     quantizer: Quantizer = Quantizer.rtn
     calibration_inputs: CalibrationInputs = CalibrationInputs.fp
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    #: run only on workers of this class (the deployment's TAQ_WORKER_CLASSES); None: the service
+    #: picks the smallest class whose memory holds the job
+    worker_class: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
     @field_validator("bit_choices")
     @classmethod

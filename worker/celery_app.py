@@ -29,6 +29,7 @@ def _setup_logging(**_kwargs) -> None:
 
 
 _reaper_started = threading.Event()
+_presence: list = []
 
 
 @signals.worker_shutting_down.connect
@@ -40,8 +41,19 @@ def _stopping(**_kwargs) -> None:
 
 @signals.worker_ready.connect
 def _start_reaper(**_kwargs) -> None:
+    from worker.presence import Presence
+    from worker.stages import pick_device
     from worker.tasks import start_reaper_thread
 
     if not _reaper_started.is_set():
         _reaper_started.set()
         start_reaper_thread(settings)
+        presence = Presence(settings, pick_device(settings))
+        presence.start()
+        _presence.append(presence)
+
+
+@signals.worker_shutdown.connect
+def _unregister(**_kwargs) -> None:
+    for presence in _presence:
+        presence.stop()

@@ -34,10 +34,13 @@ log = logging.getLogger("taq.worker")
 
 
 def pick_device(settings: Settings) -> str:
+    """This worker's device: its class's (TAQ_WORKER_CLASSES), else TAQ_WORKER_DEVICE; `auto`
+    is CUDA when available."""
     import torch
 
-    if settings.worker_device in ("cuda", "cpu"):
-        return settings.worker_device
+    device = settings.own_worker_class().device
+    if device in ("cuda", "cpu"):
+        return device
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -225,9 +228,9 @@ def job_inputs(settings: Settings, storage: Storage, claim: Claim, device: str) 
         if reused.model and reused.model != spec.model:
             raise InvalidSpec(f"the profile of job '{spec.profile_from_job_id}' is for model '{reused.model}', "
                               f"not '{spec.model}'")
-    limit = settings.worker_memory_limit()
     return JobInputs(spec=spec, source=resolve_model(settings, spec.model), rows=rows, eval_rows=eval_rows,
-                     reused_profile=reused, device=device, memory_limit_bytes=limit[0] if limit else None,
+                     reused_profile=reused, device=device,
+                     memory_limit_bytes=settings.own_worker_class().memory_bytes,
                      activation_ram_bytes=settings.activation_ram_bytes,
                      work_dir=settings.data_dir / "work", batch_tokens=None)
 
@@ -256,7 +259,7 @@ def run_claimed(settings: Settings, storage: Storage, claim: Claim) -> str:
                 if released:
                     from common.broker import enqueue_job
 
-                    enqueue_job(settings, job_id)
+                    enqueue_job(settings, job_id, claim.worker_class)
             except Exception:
                 log.warning("could not hand the job back; the reaper will requeue it", exc_info=True)
             return "interrupted"

@@ -8,6 +8,7 @@ import threading
 
 from common.broker import RUN_JOB_TASK, enqueue_job
 from common.db import session_scope
+from common.fleet import prune_workers
 from common.lifecycle import claim_job, reap
 from common.logging import job_context
 from common.settings import Settings, get_settings
@@ -19,7 +20,7 @@ log = logging.getLogger("taq.worker")
 
 
 @app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
-          max_retries=5, queue="quantize")
+          max_retries=5)
 def run_job(self, job_id: str) -> str:
     settings = get_settings()
     with job_context(job_id):
@@ -43,7 +44,8 @@ def run_job(self, job_id: str) -> str:
 def reap_once(settings: Settings) -> None:
     storage = storage_from_settings(settings)
     with session_scope(settings) as session:
-        reap(session, settings, storage, lambda job_id: enqueue_job(settings, job_id))
+        reap(session, settings, storage, lambda job_id, worker_class: enqueue_job(settings, job_id, worker_class))
+        prune_workers(session, settings)
 
 
 def start_reaper_thread(settings: Settings) -> threading.Thread:

@@ -25,7 +25,7 @@ AUTH_A = {"Authorization": f"Bearer {ALICE}"}
 AUTH_B = {"Authorization": f"Bearer {BOB}"}
 
 EXPECTED_OPERATIONS = {"create_job", "list_jobs", "get_job", "cancel_job", "list_job_events", "get_job_profile",
-                       "list_job_artifacts", "download_job_artifact", "upload_dataset", "list_models",
+                       "list_job_artifacts", "download_job_artifact", "upload_dataset", "list_models", "list_workers",
                        "healthz", "readyz", "metrics"}
 
 

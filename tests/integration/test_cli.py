@@ -124,7 +124,10 @@ def test_failed_job_exits_1(svc, tmp_path):
 
 
 def test_cancel_and_timeout(svc, tmp_path):
-    (tmp_path / "spec.json").write_text(json.dumps(tiny_spec("taq")))
+    # a budget sweep with both formats: long enough that it is still running when `taq wait`
+    # (a fresh process) gives up after 0.01 s, even on a loaded machine
+    sweep = tiny_spec("taq", bit_budget={"avg_bits": [5.0, 6.0, 7.0, 8.0, 8.5]}, exports=["gguf", "hf"])
+    (tmp_path / "spec.json").write_text(json.dumps(sweep))
     job_id = ok(taq(svc, "submit", "--spec", str(tmp_path / "spec.json"))).stdout.strip()
     timed_out = taq(svc, "wait", job_id, "--timeout", "0.01", "-q")
     assert timed_out.returncode == 5 and "timeout" in timed_out.stderr

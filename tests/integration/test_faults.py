@@ -258,7 +258,7 @@ def test_queued_jobs_survive_a_broker_that_lost_its_data(tmp_path, pg_database, 
     from sqlalchemy import select
 
     from api.main import create_app
-    from common.broker import QUEUE, enqueue_job
+    from common.broker import class_queue, enqueue_job
     from common.db import migrate, session_scope
     from common.lifecycle import reap
     from common.orm import Job
@@ -274,6 +274,7 @@ def test_queued_jobs_survive_a_broker_that_lost_its_data(tmp_path, pg_database, 
                   stale_after_seconds="30", reaper_interval_seconds="1", requeue_queued_after_seconds="3")
     settings = Settings(data_dir=data, model_roots=[tiny_model_root], **config)
     migrate(settings)
+    queue = class_queue("default").name  # no TAQ_WORKER_CLASSES: the one class
     worker = None
     try:
         with TestClient(create_app(settings)) as client:
@@ -282,7 +283,7 @@ def test_queued_jobs_survive_a_broker_that_lost_its_data(tmp_path, pg_database, 
             assert [r.status_code for r in before] == [202] * 3, [r.text for r in before]
             job_ids = [r.json()["id"] for r in before]
             submitted = time.monotonic()
-            assert server.client().llen(QUEUE) == 3
+            assert server.client().llen(queue) == 3
 
             # 2. the broker loses everything: killed, and an empty one takes its port. A reaper
             # pass while it is down cannot re-send: the jobs stay due for the next pass
@@ -291,7 +292,7 @@ def test_queued_jobs_survive_a_broker_that_lost_its_data(tmp_path, pg_database, 
             with session_scope(settings) as session:
                 started = time.monotonic()
                 report = reap(session, settings, storage_from_settings(settings),
-                              lambda job_id: enqueue_job(settings, job_id))
+                              lambda job_id, worker_class: enqueue_job(settings, job_id, worker_class))
                 assert sorted(report.reenqueued) == sorted(job_ids) and time.monotonic() - started < 60
                 assert set(session.scalars(select(Job.enqueued_at).where(Job.id.in_(job_ids)))) == {None}
             server.start()
@@ -303,9 +304,9 @@ def test_queued_jobs_survive_a_broker_that_lost_its_data(tmp_path, pg_database, 
             after = client.post("/v1/jobs", headers=AUTH, json=tiny_spec("uniform", seed=3))
             assert after.status_code == 202, after.text
             job_ids.append(after.json()["id"])
-            enqueue_job(settings, job_ids[0])
-            enqueue_job(settings, job_ids[0])
-            assert server.client().llen(QUEUE) == 3
+            enqueue_job(settings, job_ids[0], "default")
+            enqueue_job(settings, job_ids[0], "default")
+            assert server.client().llen(queue) == 3
 
             # 4. a worker starts; its reaper re-sends what the broker dropped
             worker = Proc([TAQ, "worker", "--skip-migrate"],

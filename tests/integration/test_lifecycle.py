@@ -103,7 +103,7 @@ def test_reaper(settings):
     age(settings, lost_queued, enqueued_at=3600, created_at=3600)
     sent: list[str] = []
     with session_scope(settings) as session:
-        report = reap(session, settings, storage, sent.append)
+        report = reap(session, settings, storage, lambda job_id, _class: sent.append(job_id))
     assert stale_retry in report.requeued and stale_exhausted in report.failed
     assert stale_cancel in report.cancelled and lost_queued in report.reenqueued
     assert set(sent) >= {stale_retry, lost_queued} and stale_exhausted not in sent
@@ -117,5 +117,5 @@ def test_reaper(settings):
     assert storage.list(f"jobs/{stale_cancel}/") == []
     # a second pass finds nothing new (the re-enqueued job's clock was reset)
     with session_scope(settings) as session:
-        again = reap(session, settings, storage, sent.append)
+        again = reap(session, settings, storage, lambda job_id, _class: sent.append(job_id))
     assert lost_queued not in again.reenqueued and not again.requeued

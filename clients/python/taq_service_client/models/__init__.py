@@ -15,6 +15,7 @@ from .error_response import ErrorResponse
 from .event_out import EventOut
 from .event_out_data_type_0 import EventOutDataType0
 from .export_format import ExportFormat
+from .fleet_out import FleetOut
 from .get_job_profile_format import GetJobProfileFormat
 from .health_out import HealthOut
 from .job_out import JobOut
@@ -36,6 +37,8 @@ from .quantizer import Quantizer
 from .ready_out import ReadyOut
 from .ready_out_checks import ReadyOutChecks
 from .ready_out_status import ReadyOutStatus
+from .worker_class_out import WorkerClassOut
+from .worker_out import WorkerOut
 
 __all__ = (
     "AllocationRule",
@@ -53,6 +56,7 @@ __all__ = (
     "EventOut",
     "EventOutDataType0",
     "ExportFormat",
+    "FleetOut",
     "GetJobProfileFormat",
     "HealthOut",
     "JobOut",
@@ -74,4 +78,6 @@ __all__ = (
     "ReadyOut",
     "ReadyOutChecks",
     "ReadyOutStatus",
+    "WorkerClassOut",
+    "WorkerOut",
 )

@@ -37,6 +37,8 @@ class JobOut:
         cancel_requested (bool | Unset):  Default: False.
         heartbeat_at (datetime.datetime | None | Unset):
         updated_at (datetime.datetime | None | Unset):
+        worker_class (None | str | Unset): the worker class (TAQ_WORKER_CLASSES) the job was routed to: the smallest
+            whose memory holds it, or the pinned one
     """
 
     created_at: datetime.datetime
@@ -53,6 +55,7 @@ class JobOut:
     cancel_requested: bool | Unset = False
     heartbeat_at: datetime.datetime | None | Unset = UNSET
     updated_at: datetime.datetime | None | Unset = UNSET
+    worker_class: None | str | Unset = UNSET
     additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +119,12 @@ class JobOut:
         else:
             updated_at = self.updated_at
 
+        worker_class: None | str | Unset
+        if isinstance(self.worker_class, Unset):
+            worker_class = UNSET
+        else:
+            worker_class = self.worker_class
+
         field_dict: dict[str, Any] = {}
         field_dict.update(self.additional_properties)
         field_dict.update(
@@ -140,6 +149,8 @@ class JobOut:
             field_dict["heartbeat_at"] = heartbeat_at
         if updated_at is not UNSET:
             field_dict["updated_at"] = updated_at
+        if worker_class is not UNSET:
+            field_dict["worker_class"] = worker_class
 
         return field_dict
 
@@ -265,6 +276,15 @@ class JobOut:
 
         updated_at = _parse_updated_at(d.pop("updated_at", UNSET))
 
+        def _parse_worker_class(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        worker_class = _parse_worker_class(d.pop("worker_class", UNSET))
+
         job_out = cls(
             created_at=created_at,
             error=error,
@@ -280,6 +300,7 @@ class JobOut:
             cancel_requested=cancel_requested,
             heartbeat_at=heartbeat_at,
             updated_at=updated_at,
+            worker_class=worker_class,
         )
 
         job_out.additional_properties = d

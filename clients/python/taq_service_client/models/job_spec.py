@@ -54,6 +54,7 @@ class JobSpec:
         reservoir_size (int | Unset):  Default: 256.
         seed (int | Unset):  Default: 0.
         symmetric (bool | Unset):  Default: False.
+        worker_class (None | str | Unset):
     """
 
     model: str
@@ -77,6 +78,7 @@ class JobSpec:
     reservoir_size: int | Unset = 256
     seed: int | Unset = 0
     symmetric: bool | Unset = False
+    worker_class: None | str | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
         from ..models.bit_budget import BitBudget  # noqa: PLC0415
@@ -172,6 +174,12 @@ class JobSpec:
 
         symmetric = self.symmetric
 
+        worker_class: None | str | Unset
+        if isinstance(self.worker_class, Unset):
+            worker_class = UNSET
+        else:
+            worker_class = self.worker_class
+
         field_dict: dict[str, Any] = {}
 
         field_dict.update(
@@ -219,6 +227,8 @@ class JobSpec:
             field_dict["seed"] = seed
         if symmetric is not UNSET:
             field_dict["symmetric"] = symmetric
+        if worker_class is not UNSET:
+            field_dict["worker_class"] = worker_class
 
         return field_dict
 
@@ -365,6 +375,15 @@ class JobSpec:
 
         symmetric = d.pop("symmetric", UNSET)
 
+        def _parse_worker_class(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        worker_class = _parse_worker_class(d.pop("worker_class", UNSET))
+
         job_spec = cls(
             model=model,
             allocation=allocation,
@@ -387,6 +406,7 @@ class JobSpec:
             reservoir_size=reservoir_size,
             seed=seed,
             symmetric=symmetric,
+            worker_class=worker_class,
         )
 
         return job_spec
