@@ -65,9 +65,10 @@ def baseline(model_root: Path, model_id: str, rows: int, max_tokens: int, quanti
             with torch.no_grad():
                 if inputs is not None:
                     for lead, names in inputs.groups().items():
-                        h = inputs.hessian(lead)
-                        dtype = torch.float64 if h.shape[0] <= FLOAT64_FACTOR_MAX_FEATURES else torch.float32
-                        upper = inverse_hessian_factor(h, dtype=dtype, overwrite=True)
+                        width = ref.linears[lead].in_features
+                        dtype = torch.float64 if width <= FLOAT64_FACTOR_MAX_FEATURES else torch.float32
+                        # in place from a fresh H, as the job's layer pass does (core.quant.layer)
+                        upper = inverse_hessian_factor(lambda _lead=lead: inputs.hessian(_lead), dtype=dtype)
                         gptq_quantize_weights({n: ref.linears[n].weight.detach() for n in names}, None, bits,
                                               group_size, False, upper=upper)
                     inputs.clear()

@@ -110,13 +110,15 @@ class LayerInputs:
         return parts[0]
 
     def hessian(self, name: str) -> torch.Tensor | None:
-        """H = XᵀX / n (float32) of the linear's input, None without calibration data."""
+        """H = XᵀX / n (float32) of the linear's input, a new matrix each call (one [in, in] matrix:
+        XᵀX is scaled in place), None without calibration data."""
         lead = self._lead(name)
         if lead is None:
             return None
         x = self.x(lead)
-        xtx = x.T @ x if x is not None else self.sums[lead]
-        return xtx / self.counts[lead]
+        if x is None:
+            return self.sums[lead] / self.counts[lead]  # the sums stay for the error measurement
+        return (x.T @ x).div_(self.counts[lead])
 
     def groups(self) -> dict[str, list[str]]:
         """Linears by the record (leader) of their input."""
@@ -172,12 +174,13 @@ def quantize_layer(weights: dict[str, torch.Tensor], inputs: LayerInputs | None,
         if inputs is None:
             raise InvalidSpec("quantizer 'gptq' needs calibration activations")
         for lead, names in inputs.groups().items():
-            hessian = inputs.hessian(lead)
-            if hessian is None:
+            if not inputs.has_data(lead):
                 raise InvalidSpec(f"no calibration activations reached {names[0]}; cannot run GPTQ on it")
-            dtype = torch.float64 if hessian.shape[0] <= FLOAT64_FACTOR_MAX_FEATURES else torch.float32
-            upper = inverse_hessian_factor(hessian, dtype=dtype, overwrite=True)
-            del hessian
+            width = int(weights[names[0]].shape[1])
+            dtype = torch.float64 if width <= FLOAT64_FACTOR_MAX_FEATURES else torch.float32
+            # H is built inside the factorisation, which works in place: one [in, in] matrix is
+            # alive from H to the factor (core.memory counts it so)
+            upper = inverse_hessian_factor(lambda _lead=lead: inputs.hessian(_lead), dtype=dtype)
             for bits in low:
                 codes[bits].update(gptq_quantize_weights({n: weights[n] for n in names}, None, bits, group_size,
                                                          symmetric, clip_search=clip_search, upper=upper))

@@ -203,3 +203,126 @@ def test_spec_quantizer_field() -> None:
                    calibration=ROWS).profile_from_job_id == "job_1"
     with pytest.raises(ValidationError):
         JobSpec(**base, quantizer="awq", calibration=ROWS)
+
+
+# ---- the in-place factorisation (memory) -------------------------------------------------------
+def out_of_place_factor(h: torch.Tensor, damp: float = 0.01, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The factorisation as it was before it ran in place (three [in, in] matrices at its peak):
+    the reference the in-place one must equal bit for bit."""
+    h = h.to(dtype, copy=True)
+    h.add_(h.T.clone()).div_(2)
+    diag = torch.diagonal(h)
+    dead = diag <= 0
+    live_mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
+    diag[dead] = live_mean
+    for attempt in range(7):
+        lam = damp * 10.0**attempt * live_mean
+        diag.add_(lam)
+        chol, info = torch.linalg.cholesky_ex(h)
+        diag.sub_(lam)
+        if int(info) == 0 and float(torch.diagonal(chol).square().min()) >= 0.5 * lam:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            assert int(info) == 0
+            return upper
+    raise AssertionError("not factored")
+
+
+def rss_high_water_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_in_place_factor_equals_the_out_of_place_one(dtype: torch.dtype) -> None:
+    """Same numbers, same (column-major) layout, whichever way H is handed over; with a builder
+    (or `overwrite`) the factor lives in the very matrix the builder returned."""
+    x = correlated_inputs(600, 2200, seed=21)  # 2200 inputs: several symmetrisation blocks
+    x[:, [7, 1500]] = 0.0  # dead inputs
+    h = x.T @ x / 600
+    h[3, 9] += 1e-3  # not exactly symmetric, as a blocked XᵀX may be
+    ref = out_of_place_factor(h, dtype=dtype)
+    built: list[int] = []
+
+    def build() -> torch.Tensor:
+        fresh = h.clone()
+        built.append(fresh.data_ptr())
+        return fresh
+
+    kept = h.clone()
+    for upper in (inverse_hessian_factor(h, dtype=dtype), inverse_hessian_factor(build, dtype=dtype),
+                  inverse_hessian_factor(h.clone(), dtype=dtype, overwrite=True)):
+        assert torch.equal(upper, ref) and upper.stride() == ref.stride() and upper.dtype == dtype
+    assert torch.equal(h, kept)  # a tensor without overwrite is left alone
+    if dtype == torch.float32:  # no conversion: the builder's matrix became the factor
+        assert len(built) == 1 and inverse_hessian_factor(build, dtype=dtype).data_ptr() == built[-1]
+
+
+def test_damp_retries_rebuild_the_hessian() -> None:
+    indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])
+    calls = []
+
+    def build() -> torch.Tensor:
+        calls.append(1)
+        return indefinite.clone()
+
+    ref = inverse_hessian_factor(indefinite)  # a copy per attempt
+    assert torch.equal(inverse_hessian_factor(build), ref) and len(calls) > 2
+    with pytest.raises(ValueError, match="overwritten"):  # H itself was factored: nothing to retry with
+        inverse_hessian_factor(indefinite.double().clone(), overwrite=True)
+    # overwrite with a conversion leaves the caller's H intact, so retries still work
+    assert torch.equal(inverse_hessian_factor(indefinite.clone(), overwrite=True), ref)
+    with pytest.raises(ValueError, match="None"):
+        inverse_hessian_factor(lambda: None)
+
+
+@pytest.mark.skipif(rss_high_water_bytes() is None, reason="needs /proc/self/status (Linux)")
+def test_factorisation_holds_one_matrix() -> None:
+    """The builder's H is the only [in, in] matrix: the process's RSS high-water mark grows by
+    one matrix plus small temporaries the allocator keeps (1.1-1.5 matrices measured), where the
+    out-of-place chain (H, L, (LLᵀ)⁻¹, U) held three at once (4.3 measured)."""
+    n = 3072  # 37.7 MB float32: above glibc's largest mmap threshold, so freed memory leaves RSS
+    x = correlated_inputs(256, n, seed=22)
+    matrix = n * n * 4
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        pytest.skip("cannot reset the RSS high-water mark")
+    base = rss_high_water_bytes()
+    upper = inverse_hessian_factor(lambda: (x.T @ x).div_(256), dtype=torch.float32)
+    grown = rss_high_water_bytes() - base
+    assert upper.shape == (n, n)
+    assert grown < 2 * matrix, grown / matrix
+
+
+def test_layer_gptq_codes_equal_the_out_of_place_factor() -> None:
+    """quantize_layer factors H in place from the recorded inputs; its codes are those of the
+    out-of-place factor of the same H, for a group of linears sharing an input and a single one."""
+    from torch import nn
+
+    from core.quant.layer import LayerInputs, quantize_layer
+
+    g = torch.Generator().manual_seed(23)
+    linears = {"gate": nn.Linear(192, 40, bias=False), "up": nn.Linear(192, 24, bias=False),
+               "down": nn.Linear(40, 192, bias=False)}
+    weights = {n: torch.randn(m.out_features, m.in_features, generator=g) * 0.05 for n, m in linears.items()}
+    for n_tokens in (0, 10**6):  # raw rows, summed XᵀX
+        inputs = LayerInputs(linears, n_tokens)
+        x, y = correlated_inputs(300, 192, seed=24)[None], correlated_inputs(300, 40, seed=25)[None]
+        with inputs.recording(), torch.no_grad():
+            inputs.set_batch(None)
+            linears["gate"](x), linears["up"](x), linears["down"](y)
+        got = quantize_layer(weights, inputs, [3, 4, 16], group_size=64, symmetric=False, gptq=True,
+                             clip_search=True)
+        for lead, names in (("gate", ["gate", "up"]), ("down", ["down"])):
+            upper = out_of_place_factor(inputs.hessian(lead))
+            for bits in (3, 4):
+                want = gptq_quantize_weights({n: weights[n] for n in names}, None, bits, 64, False,
+                                             clip_search=True, upper=upper)
+                for name in names:
+                    assert torch.equal(got.codes[bits][name].codes, want[name].codes)
+                    assert torch.equal(got.codes[bits][name].scale, want[name].scale)
+                    assert torch.equal(got.codes[bits][name].zero, want[name].zero)
