@@ -8,10 +8,12 @@ plus the largest of its phases.
 * **layer pass** (score, quantize) — one decoder layer's weights at the worker's compute dtype
   (float32 on CPU, 2 bytes on CUDA, plus a float32 working copy there); what its linears' inputs
   leave behind (`core.quant.layer.LayerInputs`: per distinct input min(tokens, in)·in float32: the
-  raw rows when there are fewer tokens than features, else XᵀX); GPTQ's inverse-Hessian
-  factorisation of the widest input (two [in, in] matrices, float64 up to 8192 inputs, float32
-  above) and its column sweep over the widest group of linears; the layer's codes at every stored
-  width until they are checkpointed; the error measurement's temporaries; the carried hidden
+  raw rows when there are fewer tokens than features, else XᵀX); the layer's codes at every stored
+  width until they are checkpointed; the error measurement's temporaries or, when larger, GPTQ's
+  working memory, which is gone before the errors are measured: for its worst group of linears
+  sharing an input (`ModelDims.gptq_groups`) the inverse-Hessian factor, one [in, in] matrix
+  factored in place (float64 up to 8192 inputs, with a float32 one beside it; float32 above),
+  and the sweep's float32 working copy and block update and uint8 codes; the carried hidden
   states (input and output of every stream, capped by `activation_ram_bytes`, beyond which they
   are spilled to disk) and one batch's activations inside the layer.
 * **head** (taq_kl, taqo, evaluation) — the final hidden states of every scored stream at the
@@ -122,11 +124,12 @@ class ModelDims:
         return max(h * self.attention_width, h * kv, h * self.intermediate_size)
 
     @property
-    def largest_gptq_group(self) -> int:
-        """Weights of the widest group of linears GPTQ sweeps together (one shared input)."""
+    def gptq_groups(self) -> list[tuple[int, int]]:
+        """(in_features, stacked out_features) of each group of linears GPTQ sweeps together (one
+        shared input): q/k/v, o_proj, gate/up, down_proj."""
         h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
-        return max(h * (self.attention_width + 2 * kv), self.attention_width * h, 2 * self.intermediate_size * h,
-                   self.intermediate_size * h)
+        return [(h, self.attention_width + 2 * kv), (self.attention_width, h), (h, 2 * self.intermediate_size),
+                (self.intermediate_size, h)]
 
     @property
     def hessian_elements_per_layer(self) -> int:
@@ -208,6 +211,14 @@ def _factor_bytes(features: int) -> int:
     return 8 if features <= FLOAT64_FACTOR_MAX_FEATURES else 4
 
 
+def _gptq_bytes(dims: ModelDims) -> int:
+    """GPTQ's peak over a layer's groups (one at a time, core.quant.layer): the in-place [in, in]
+    factor, a float32 matrix more for a float64 one, and the sweep's float32 working copy and
+    block update and its uint8 codes (as swept, transposed, split: 2·4 + 3 bytes per weight)."""
+    return max(n * n * (_factor_bytes(n) + (4 if _factor_bytes(n) == 8 else 0)) + n * out * (2 * 4 + 3)
+               for n, out in dims.gptq_groups)
+
+
 def estimate_job_memory(dims: ModelDims, *, method: str, calibration_rows: int, max_tokens: int,
                         evaluates: bool = False, weight_bytes: int = 4, batch_tokens: int = CPU_BATCH_TOKENS,
                         quantizer: str = "rtn", widths: int = 2, sequential: bool = False, eval_rows: int = 0,
@@ -238,11 +249,14 @@ def estimate_job_memory(dims: ModelDims, *, method: str, calibration_rows: int, 
     layer = {"layer_weights": layer_params * weight_bytes + (layer_params * f32 if weight_bytes == 2 else 0)}
     if tokens:
         layer["linear_inputs"] = sum(min(tokens, n) * n * f32 for n in dims.linear_inputs)
+    layer["codes"] = widths * (layer_params + layer_params // group_size * 4)
+    # the error measurement's temporaries (a dequantized weight, its difference, ...), or GPTQ's
+    # working memory, which is gone before the errors are measured
+    errors = 4 * largest * f32
     if quantizer == "gptq" and tokens:
-        widest = max(dims.linear_inputs)
-        layer["gptq"] = (widest * widest * (f32 + 2 * _factor_bytes(widest))
-                         + 3 * dims.largest_gptq_group * f32)
-    layer["codes"] = widths * (layer_params + layer_params // group_size * 4) + 4 * largest * f32
+        layer["gptq"] = max(_gptq_bytes(dims), errors)
+    else:
+        layer["error_measure"] = errors
     streams = 1 + (1 if sequential else 0)
     if method in ("taq_kl", "taqo"):
         streams += L  # one probe stream per layer by the last layer
