@@ -10,8 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from common.auth import authenticate, authorize_operator
-from common.db import session_factory
+from common.db import session_factory, session_scope
 from common.settings import Settings
 from common.storage import Storage
 
@@ -55,18 +54,22 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_tenant(request: Request, settings: SettingsDep, session: SessionDep,
+def get_tenant(request: Request, settings: SettingsDep,
                _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> str:
-    # the HTTPBearer dependency documents the scheme in OpenAPI; the raw header is checked here
-    return authenticate(settings, session, request.headers.get("authorization"))
+    # a short session of its own (a cached key reads nothing): a route that streams for minutes
+    # must not hold a pooled connection for its whole life. The HTTPBearer dependency documents
+    # the scheme in OpenAPI; the raw header is checked here
+    with session_scope(settings) as session:
+        return request.app.state.authenticator.authenticate(session, request.headers.get("authorization"))
 
 
 CurrentTenant = Annotated[str, Depends(get_tenant)]
 
 
-def require_operator(request: Request, settings: SettingsDep, session: SessionDep,
+def require_operator(request: Request, settings: SettingsDep,
                      _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> None:
-    authorize_operator(settings, session, request.headers.get("authorization"))
+    with session_scope(settings) as session:
+        request.app.state.authenticator.authorize_operator(session, request.headers.get("authorization"))
 
 
 Operator = Annotated[None, Depends(require_operator)]

@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common import errors as svc
+from common.logging import request_id_var
+from common.redact import redact_paths, redact_text
 from core import errors as core_errors
 
 log = logging.getLogger(__name__)
@@ -48,9 +50,12 @@ CODE_BY_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404
 
 def envelope(status: int, code: str, message: str, details: Any = None,
              headers: dict[str, str] | None = None) -> JSONResponse:
+    # the request id ties what the client saw to the server's log lines (which hold the details
+    # a client must not see: paths, exception text)
     return JSONResponse(status_code=status, headers=headers,
                         content={"error": {"code": code, "message": message,
-                                           "details": jsonable_encoder(details)}})
+                                           "details": jsonable_encoder(details),
+                                           "request_id": request_id_var.get() or None}})
 
 
 def status_for(exc: core_errors.TaqError) -> int:
@@ -80,7 +85,9 @@ def install_error_handlers(app: FastAPI) -> None:
             headers = {"WWW-Authenticate": 'Bearer realm="taq"'}
         elif status == 416 and isinstance(exc.details, dict) and "size" in exc.details:
             headers = {"Content-Range": f"bytes */{exc.details['size']}"}
-        return envelope(status, exc.code, exc.message, exc.details, headers)
+        elif status == 429 and isinstance(exc.details, dict) and "retry_after" in exc.details:
+            headers = {"Retry-After": str(exc.details["retry_after"])}
+        return envelope(status, exc.code, redact_text(exc.message), redact_paths(exc.details), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -103,14 +110,25 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(sqlalchemy.exc.InterfaceError)
     @app.exception_handler(sqlalchemy.exc.TimeoutError)
     async def _database_down(request: Request, exc: Exception):
-        return database_unavailable(request, exc)
+        return database_unavailable(request.url.path, exc)
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError):
+        # a request body (or value in it) nested deeper than the JSON parser can follow
+        return envelope(422, "validation_error", "invalid request: JSON nested too deeply")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        if is_disconnect(exc):
-            return database_unavailable(request, exc)
-        log.exception("unhandled error", extra={"path": request.url.path})
-        return envelope(500, "internal_error", "internal server error; the incident was logged")
+        return unexpected_error(request.url.path, exc)
+
+
+def unexpected_error(path: str, exc: BaseException) -> JSONResponse:
+    """The answer to an exception no handler knew: 503 for a lost database connection, else a
+    500 whose message names nothing internal (the log has the traceback and the request id)."""
+    if is_disconnect(exc):
+        return database_unavailable(path, exc)
+    log.error("unhandled error", extra={"path": path}, exc_info=exc)
+    return envelope(500, "internal_error", "internal server error; the incident was logged with the request id")
 
 
 def is_disconnect(exc: BaseException) -> bool:
@@ -118,10 +136,10 @@ def is_disconnect(exc: BaseException) -> bool:
     return isinstance(exc, sqlalchemy.exc.DBAPIError) and bool(exc.connection_invalidated)
 
 
-def database_unavailable(request: Request, exc: BaseException) -> JSONResponse:
+def database_unavailable(path: str, exc: BaseException) -> JSONResponse:
     """503 ``database_unavailable`` for a database that cannot be reached (outage, restart, lost
     connection, exhausted pool). The engine pings pooled connections before use, so the next
     request after the database is back gets a fresh connection: no restart needed."""
-    log.error("database unavailable", extra={"path": request.url.path, "error": type(exc).__name__})
+    log.error("database unavailable", extra={"path": path, "error": type(exc).__name__})
     return envelope(503, "database_unavailable", "the database is unavailable; retry shortly",
                     headers={"Retry-After": "5"})

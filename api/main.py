@@ -11,9 +11,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.errors import envelope, install_error_handlers
+from api.errors import envelope, install_error_handlers, unexpected_error
+from api.sse import StreamSlots
 from api.routes import datasets, health, jobs, models, workers
-from common.auth import assert_auth_configured
+from common.auth import Authenticator, assert_auth_configured
 from common.db import session_scope
 from common.logging import request_id_var
 from common.settings import Settings, get_settings
@@ -71,11 +72,11 @@ class RequestContext:
         request_id = incoming[:64] if incoming.isprintable() and incoming else uuid.uuid4().hex
         token = request_id_var.set(request_id)
         started = time.perf_counter()
-        status = {"code": 500}
+        status = {"code": 500, "started": False}
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
             await send(message)
@@ -87,7 +88,14 @@ class RequestContext:
                 response = envelope(413, "payload_too_large", f"request body larger than {limit} bytes ({setting})")
                 await response(scope, receive, send_wrapper)
             else:
-                await self.app(scope, self._counting(scope, receive), send_wrapper)
+                try:
+                    await self.app(scope, self._counting(scope, receive), send_wrapper)
+                except Exception as exc:
+                    # answered here, not by Starlette's outermost handler, so the 500 (or 503) carries
+                    # the request id in its header and body like every other error
+                    if status["started"]:
+                        raise
+                    await unexpected_error(scope.get("path", ""), exc)(scope, receive, send_wrapper)
         finally:
             if scope.get("path") not in ("/healthz", "/metrics"):
                 log.info("request", extra={"method": scope.get("method"), "path": scope.get("path"),
@@ -114,6 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "sensitivity (TAQ, TAQ-KL, TAQO) and bit allocation under a budget.")
     app.state.settings = settings
     app.state.storage = storage
+    app.state.authenticator = Authenticator(settings)
+    app.state.streams = StreamSlots(settings)
     install_error_handlers(app)
     for module in (jobs, datasets, models, workers, health):
         app.include_router(module.router)

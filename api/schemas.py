@@ -17,6 +17,8 @@ class ErrorInfo(BaseModel):
     code: str = Field(examples=["job_not_found"])
     message: str
     details: Any = None
+    request_id: str | None = Field(default=None, description="the X-Request-ID of the call; quote it when "
+                                   "reporting a problem (the server's logs carry the details)")
 
 
 class ErrorResponse(BaseModel):

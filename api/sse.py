@@ -1,10 +1,13 @@
 """Server-sent events for a job: replay from ``after``, then follow until the job finishes.
-Bounded by ``TAQ_SSE_MAX_SECONDS``; a comment line keeps proxies from closing an idle stream."""
+Bounded by ``TAQ_SSE_MAX_SECONDS``; a comment line keeps proxies from closing an idle stream.
+Each poll uses its own short session (a stream never holds a pooled connection between polls),
+and ``StreamSlots`` caps the streams open per tenant and per API process."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from typing import AsyncIterator
 
@@ -13,9 +16,63 @@ from starlette.requests import Request
 
 from api.schemas import EventOut
 from common.db import session_scope
+from common.errors import TooManyRequests
 from common.jobs import events_since
 from common.orm import JobStatus
 from common.settings import Settings
+
+
+#: event ids are BIGINT; a larger `after` / `Last-Event-ID` is a 422, not an overflow in the driver
+MAX_EVENT_ID = 2**63 - 1
+#: what a refused stream is told to wait before trying again
+RETRY_AFTER_SECONDS = 5
+
+
+class StreamSlots:
+    """Open event streams per tenant and in all (this API process)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.per_tenant, self.total = settings.max_streams_per_tenant, settings.max_streams
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, tenant: str) -> "StreamSlot":
+        with self._lock:
+            mine, everyone = self._open.get(tenant, 0), sum(self._open.values())
+            if mine >= self.per_tenant or everyone >= self.total:
+                over_tenant = mine >= self.per_tenant
+                limit = self.per_tenant if over_tenant else self.total
+                setting = "TAQ_MAX_STREAMS_PER_TENANT" if over_tenant else "TAQ_MAX_STREAMS"
+                raise TooManyRequests(
+                    f"{'this tenant has' if over_tenant else 'the service has'} {limit} event streams open "
+                    f"({setting}={limit}); close one, poll GET /v1/jobs/{{id}}/events?after=N instead, or retry "
+                    f"in {RETRY_AFTER_SECONDS} s", details={"limit": limit, "setting": setting,
+                                                          "retry_after": RETRY_AFTER_SECONDS},
+                    code="too_many_streams")
+            self._open[tenant] = mine + 1
+        return StreamSlot(self, tenant)
+
+    def release(self, tenant: str) -> None:
+        with self._lock:
+            left = self._open.get(tenant, 0) - 1
+            if left > 0:
+                self._open[tenant] = left
+            else:
+                self._open.pop(tenant, None)
+
+    def open_streams(self, tenant: str | None = None) -> int:
+        with self._lock:
+            return self._open.get(tenant, 0) if tenant is not None else sum(self._open.values())
+
+
+class StreamSlot:
+    def __init__(self, slots: StreamSlots, tenant: str) -> None:
+        self._slots, self._tenant, self._held = slots, tenant, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release(self._tenant)
 
 
 def _fetch(settings: Settings, job_id: str, after: int):
@@ -24,7 +81,16 @@ def _fetch(settings: Settings, job_id: str, after: int):
         return [EventOut.of(e).model_dump(mode="json") for e in events], status
 
 
-async def job_event_stream(request: Request, settings: Settings, job_id: str, after: int) -> AsyncIterator[str]:
+async def job_event_stream(request: Request, settings: Settings, job_id: str, after: int,
+                           slot: StreamSlot) -> AsyncIterator[str]:
+    try:
+        async for chunk in _follow(request, settings, job_id, after):
+            yield chunk
+    finally:
+        slot.release()
+
+
+async def _follow(request: Request, settings: Settings, job_id: str, after: int) -> AsyncIterator[str]:
     deadline = time.monotonic() + settings.sse_max_seconds
     last_keepalive = time.monotonic()
     yield "retry: 2000\n\n"

@@ -98,6 +98,7 @@ def config_cmd() -> None:
     data = settings.model_dump(mode="json")
     data["api_keys"] = f"<{len(settings.api_key_map)} keys>" if settings.api_keys else ""
     data["admin_key"] = "<set>" if settings.admin_key else ""
+    data["metrics_key"] = "<set>" if settings.metrics_key else ""
     for key in ("database_url", "broker_url"):
         data[key] = _redact(data[key])
     typer.echo(json.dumps(data, indent=2))

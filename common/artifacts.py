@@ -108,7 +108,8 @@ def tar_digest_local(layout: TarLayout, paths: dict[str, Path]) -> str:
     return digest.hexdigest()
 
 
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# at most 19 digits a side (a 64-bit offset): a longer number is malformed, not a 500 from int()
+_RANGE_RE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -160,7 +161,9 @@ def _etag_matches(header: str | None, etag: str) -> bool:
 
 def open_download(session, storage: Storage, settings, tenant: str, job_id: str, name: str, *,
                   range_header: str | None = None, if_none_match: str | None = None,
-                  if_range: str | None = None) -> Download:
+                  if_range: str | None = None, head: bool = False) -> Download:
+    """What a GET (or, with `head`, a HEAD: the same status and headers, no body opened) of one
+    artifact answers."""
     from common.jobs import get_artifact
 
     artifact, entry = get_artifact(session, tenant, job_id, name)
@@ -198,8 +201,8 @@ def open_download(session, storage: Storage, settings, tenant: str, job_id: str,
     headers["Content-Disposition"] = f'attachment; filename="{filename}"'
     if span is None:
         headers["Content-Length"] = str(size)
-        return Download(200, headers, reader(0, size - 1) if size else iter(()))
+        return Download(200, headers, None if head else (reader(0, size - 1) if size else iter(())))
     start, end = span
     headers["Content-Range"] = f"bytes {start}-{end}/{size}"
     headers["Content-Length"] = str(end - start + 1)
-    return Download(206, headers, reader(start, end))
+    return Download(206, headers, None if head else reader(start, end))

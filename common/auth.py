@@ -1,7 +1,7 @@
 """API keys: ``TAQ_API_KEYS`` (``tenant:key,…``) and DB-managed keys (hashed at rest).
 
-Auth is *on* as soon as either source has a key; then every /v1 call needs
-``Authorization: Bearer <key>``. With auth off there is a single tenant, ``default``.
+``TAQ_AUTH`` decides whether keys are required (``Authenticator``); when they are, every /v1 call
+needs ``Authorization: Bearer <key>``. Keyless (loopback dev only) there is one tenant, ``default``.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -26,55 +28,105 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def db_keys_exist(session: Session) -> bool:
-    return session.execute(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)).first() is not None
+def key_rows_exist(session: Session) -> bool:
+    """Whether any API key was ever created in the database, revoked ones included (rows are
+    never deleted): a deployment that has had keys keeps needing them."""
+    return session.execute(select(ApiKey.id).limit(1)).first() is not None
 
 
-def auth_enabled(settings: Settings, session: Session) -> bool:
-    return bool(settings.api_key_map) or db_keys_exist(session)
+class Authenticator:
+    """Who is calling, failing closed.
+
+    ``TAQ_AUTH=required`` (and ``TAQ_ENV=production``): every /v1 call needs a valid key, however
+    many keys exist, so revoking the last key leaves the API answering 401. ``TAQ_AUTH=off``: the
+    keyless single-tenant mode, refused outside loopback and in production. ``auto`` (default):
+    keyless only while no key has ever been configured (env or database); the first key latches
+    auth on for good. Valid keys are cached for ``TAQ_AUTH_CACHE_SECONDS`` (no database read per
+    request); a revoked key stops working within that time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._required = settings.auth == "required" or settings.env == "production" or bool(settings.api_key_map)
+        self._cache: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def required(self, session: Session) -> bool:
+        if self.settings.auth == "off":
+            return False
+        if not self._required and key_rows_exist(session):
+            self._required = True  # a latch: never back to keyless while this process runs
+        return self._required
+
+    def tenant_for_key(self, session: Session, key: str) -> str | None:
+        for known, tenant in self.settings.api_key_map.items():
+            if hmac.compare_digest(known.encode(), key.encode()):
+                return tenant
+        digest, now = hash_key(key), time.monotonic()
+        with self._lock:
+            cached = self._cache.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        row = session.execute(select(ApiKey.tenant).where(ApiKey.key_hash == digest,
+                                                          ApiKey.revoked_at.is_(None))).first()
+        if row is None:
+            return None
+        with self._lock:
+            if len(self._cache) >= _MAX_CACHED_KEYS:
+                self._cache.clear()
+            self._cache[digest] = (row.tenant, now + self.settings.auth_cache_seconds)
+        return row.tenant
+
+    def forget(self, key_hash: str | None = None) -> None:
+        """Drop cached keys (one, or all): called after a revoke in this process."""
+        with self._lock:
+            if key_hash is None:
+                self._cache.clear()
+            else:
+                self._cache.pop(key_hash, None)
+
+    def authenticate(self, session: Session, authorization: str | None) -> str:
+        """The tenant of the caller; raises Unauthorized. Keyless: the ``default`` tenant."""
+        if not self.required(session):
+            return DEFAULT_TENANT
+        key = _bearer_key(authorization)
+        tenant = self.tenant_for_key(session, key)
+        if tenant is None:
+            raise Unauthorized("invalid or revoked API key")
+        return tenant
+
+    def authorize_operator(self, session: Session, authorization: str | None) -> None:
+        """Operator views (GET /v1/workers) need the operator key, TAQ_ADMIN_KEY; keyless, they
+        are open like everything else. A tenant key is not enough: the view names every tenant's
+        running jobs."""
+        key = (authorization or "").partition(" ")[2].strip()
+        if self.settings.admin_key and bearer_matches(authorization, self.settings.admin_key):
+            return
+        if not self.required(session):
+            return
+        if not key:
+            raise Unauthorized("this operator view needs the operator key: send 'Authorization: Bearer "
+                               "<TAQ_ADMIN_KEY>'")
+        if self.tenant_for_key(session, key) is None:
+            raise Unauthorized("invalid or revoked API key")
+        raise Forbidden("this operator view needs the operator key (TAQ_ADMIN_KEY), not a tenant's API key")
 
 
-def tenant_for_key(settings: Settings, session: Session, key: str) -> str | None:
-    for known, tenant in settings.api_key_map.items():
-        if hmac.compare_digest(known.encode(), key.encode()):
-            return tenant
-    row = session.execute(select(ApiKey).where(ApiKey.key_hash == hash_key(key),
-                                               ApiKey.revoked_at.is_(None))).scalar_one_or_none()
-    return row.tenant if row is not None else None
+_MAX_CACHED_KEYS = 4096
 
 
-def authenticate(settings: Settings, session: Session, authorization: str | None) -> str:
-    """The tenant of the caller; raises Unauthorized. With auth off, the ``default`` tenant."""
-    if not auth_enabled(settings, session):
-        return DEFAULT_TENANT
+def bearer_matches(authorization: str | None, secret: str) -> bool:
+    """Whether the header is `Bearer <secret>` (constant-time compare)."""
+    scheme, _, key = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(secret.encode(), key.strip().encode())
+
+
+def _bearer_key(authorization: str | None) -> str:
     if not authorization:
         raise Unauthorized("this service needs an API key: send 'Authorization: Bearer <key>'")
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("the Authorization header must be 'Bearer <key>'")
-    tenant = tenant_for_key(settings, session, key.strip())
-    if tenant is None:
-        raise Unauthorized("invalid or revoked API key")
-    return tenant
-
-
-def authorize_operator(settings: Settings, session: Session, authorization: str | None) -> None:
-    """Operator views (GET /v1/workers) need the operator key, TAQ_ADMIN_KEY; with auth off (the
-    keyless loopback mode) they are open like everything else. A tenant key is not enough: the
-    view names every tenant's running jobs."""
-    scheme, _, key = (authorization or "").partition(" ")
-    key = key.strip()
-    if settings.admin_key and scheme.lower() == "bearer" and hmac.compare_digest(
-            settings.admin_key.encode(), key.encode()):
-        return
-    if not auth_enabled(settings, session):
-        return
-    if not key:
-        raise Unauthorized("this operator view needs the operator key: send 'Authorization: Bearer "
-                           "<TAQ_ADMIN_KEY>'")
-    if tenant_for_key(settings, session, key) is None:
-        raise Unauthorized("invalid or revoked API key")
-    raise Forbidden("this operator view needs the operator key (TAQ_ADMIN_KEY), not a tenant's API key")
+    return key.strip()
 
 
 @dataclass(frozen=True)
@@ -108,7 +160,14 @@ def revoke_key(session: Session, key_id: str) -> None:
 
 def assert_auth_configured(settings: Settings, session: Session, host: str | None = None) -> None:
     """Refuse to serve without auth in production, or on a non-loopback address."""
-    if auth_enabled(settings, session):
+    if settings.auth == "off":
+        if settings.env == "production":
+            raise UnsafeConfig("TAQ_AUTH=off is refused in production")
+        if host is not None and not is_loopback(host):
+            raise UnsafeConfig(f"refusing to bind {host} with TAQ_AUTH=off: the keyless mode is for loopback "
+                               "only; bind 127.0.0.1 or set TAQ_AUTH=required with keys")
+        return
+    if settings.api_key_map or key_rows_exist(session) or settings.auth == "required":
         return
     if settings.env == "production":
         raise UnsafeConfig("production needs API keys: set TAQ_API_KEYS or run 'taq admin create-key'")

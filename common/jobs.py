@@ -8,10 +8,12 @@ import binascii
 import hashlib
 import json
 import logging
+import threading
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -90,6 +92,23 @@ def validate_references(session: Session, settings: Settings, tenant: str, spec:
                      checkpoint=summary)  # 422 job_too_large / unknown_worker_class
 
 
+_sqlite_quota_lock = threading.Lock()
+
+
+@contextmanager
+def queue_quota_lock(session: Session, tenant: str) -> Iterator[None]:
+    """Serialise "count the tenant's queued jobs, then insert one" so that concurrent submits
+    cannot overshoot the quota: a transaction-scoped advisory lock per tenant on PostgreSQL
+    (released by the commit or rollback that ends the insert), a process lock on SQLite (the
+    embedded default runs one API process). Call it at the start of a fresh transaction."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"taq-queued:{tenant}"})
+        yield
+    else:
+        with _sqlite_quota_lock:
+            yield
+
+
 def check_queue_quota(session: Session, settings: Settings, tenant: str) -> None:
     queued = session.scalar(select(func.count()).select_from(Job)
                             .where(Job.tenant == tenant, Job.status == JobStatus.queued))
@@ -112,6 +131,18 @@ def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
         if replay is not None:
             return replay
     worker_class = validate_references(session, settings, tenant, spec)
+    session.rollback()  # nothing written yet: the quota check and the insert get a fresh transaction
+    with queue_quota_lock(session, tenant):
+        stored = _insert_job(session, settings, tenant, spec, worker_class, render, idempotency_key, digest)
+    if not stored.replayed:
+        _enqueue(session, settings, stored.resource_id, worker_class)
+        log.info("job submitted", extra={"job_id": stored.resource_id, "tenant": tenant,
+                                         "method": spec.method.value, "worker_class": worker_class})
+    return stored
+
+
+def _insert_job(session: Session, settings: Settings, tenant: str, spec: JobSpec, worker_class: str,
+                render: Callable[[Job], dict[str, Any]], idempotency_key: str | None, digest: str) -> StoredResponse:
     check_queue_quota(session, settings, tenant)
     now = utcnow()
     job = Job(id=new_id("job"), tenant=tenant, status=JobStatus.queued, stage=None, progress=0.0,
@@ -133,15 +164,17 @@ def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
         if replay is None:
             raise
         return replay
+    return StoredResponse(job.id, 202, body, replayed=False)
+
+
+def _enqueue(session: Session, settings: Settings, job_id: str, worker_class: str) -> None:
     try:
-        broker.enqueue_job(settings, job.id, worker_class)
-        session.execute(Job.__table__.update().where(Job.id == job.id).values(enqueued_at=utcnow()))
+        broker.enqueue_job(settings, job_id, worker_class)
+        session.execute(Job.__table__.update().where(Job.id == job_id).values(enqueued_at=utcnow()))
         session.commit()
     except Exception as exc:  # the job is safe in the DB; the reaper enqueues it later
         session.rollback()
-        log.warning("enqueue failed; the reaper will retry", extra={"job_id": job.id, "error": repr(exc)})
-    log.info("job submitted", extra={"job_id": job.id, "tenant": tenant, "method": spec.method.value})
-    return StoredResponse(job.id, 202, body, replayed=False)
+        log.warning("enqueue failed; the reaper will retry", extra={"job_id": job_id, "error": repr(exc)})
 
 
 # ---- read ------------------------------------------------------------------------------------
@@ -157,13 +190,20 @@ def encode_cursor(job: Job) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+#: our cursors are ~90 characters; anything much longer is not one of ours
+MAX_CURSOR_LENGTH = 256
+
+
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    invalid = InvalidRequest("invalid cursor; pass back the 'next_cursor' of the previous page")
+    if len(cursor) > MAX_CURSOR_LENGTH:
+        raise invalid
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, job_id = json.loads(raw)
-        return datetime.fromisoformat(created), str(job_id)
-    except (ValueError, TypeError, binascii.Error):
-        raise InvalidRequest("invalid cursor; pass back the 'next_cursor' of the previous page") from None
+        return datetime.fromisoformat(str(created)), str(job_id)
+    except (ValueError, TypeError, binascii.Error, RecursionError):
+        raise invalid from None
 
 
 def list_jobs(session: Session, settings: Settings, tenant: str, *, status: list[str] | None = None,

@@ -38,10 +38,20 @@ def model_registry(settings: Settings) -> dict[str, Path]:
 
 def resolve_model(settings: Settings, model_id: str):
     """core.models.resolve_model with this deployment's roots and registry (ModelNotFound / UnsafeModel)."""
+    from core.errors import ModelNotFound
     from core.models import resolve_model as core_resolve
 
-    return core_resolve(model_id, list(settings.model_roots), model_registry(settings),
-                        allow_pickle=settings.allow_pickle)
+    try:
+        return core_resolve(model_id, list(settings.model_roots), model_registry(settings),
+                            allow_pickle=settings.allow_pickle)
+    except ModelNotFound as exc:
+        if not (isinstance(exc.details, dict) and "tried" in exc.details):
+            raise  # a specific reason (e.g. a directory without weights); the API cuts any path
+        # the places tried are server paths: they go to the log (with the request id), not to the caller
+        log.info("model not found", extra={"model": model_id, "tried": exc.message})
+        raise ModelNotFound(f"model '{model_id}' not found: it is not a packaged model, a registry entry or a "
+                            "model directory under TAQ_MODEL_ROOTS; GET /v1/models lists the ids this "
+                            "deployment can load", details={"model": model_id}) from None
 
 
 def _source_dict(source: Any) -> dict[str, Any]:

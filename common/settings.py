@@ -119,8 +119,17 @@ class Settings(BaseSettings):
     #: optional JSON file {"model id": "/path/to/dir-or-file.gguf"} added to the packaged models
     model_registry: Path | None = None
     api_keys: str = Field(default="", repr=False)
+    #: required: every /v1 call needs a key, however many exist (revoking the last one leaves the
+    #: API refusing everything); off: keyless single tenant, loopback and dev only; auto: keyless
+    #: until a first key is configured, then required for good (production: always required)
+    auth: Literal["auto", "required", "off"] = "auto"
+    #: how long a valid database key is trusted without reading the database again (a revoked key
+    #: stops working within this time)
+    auth_cache_seconds: float = Field(default=5.0, ge=0)
     #: the operator key: `Authorization: Bearer <it>` reads operator views (GET /v1/workers)
     admin_key: str = Field(default="", repr=False)
+    #: when set, GET /metrics needs `Authorization: Bearer <it>` (scrapers send it)
+    metrics_key: str = Field(default="", repr=False)
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     #: answer artifact downloads from S3 with a redirect to a presigned URL
@@ -144,6 +153,9 @@ class Settings(BaseSettings):
     #: jobs a tenant may have waiting in the queue; one more answers 429
     max_queued_jobs_per_tenant: int = Field(default=50, ge=1)
     sse_max_seconds: float = Field(default=600.0, gt=0)
+    #: event streams open at once per tenant / in one API process; more answer 429 with Retry-After
+    max_streams_per_tenant: int = Field(default=8, ge=1)
+    max_streams: int = Field(default=64, ge=1)
     sse_poll_seconds: float = Field(default=0.5, gt=0)
 
     # worker / lifecycle
@@ -188,11 +200,11 @@ class Settings(BaseSettings):
         parse_api_keys(value)
         return value
 
-    @field_validator("admin_key")
+    @field_validator("admin_key", "metrics_key")
     @classmethod
-    def _admin_key_long(cls, value: str) -> str:
+    def _secret_long(cls, value: str, info) -> str:
         if value and len(value) < 16:
-            raise ValueError("TAQ_ADMIN_KEY is shorter than 16 characters")
+            raise ValueError(f"TAQ_{info.field_name.upper()} is shorter than 16 characters")
         return value
 
     @field_validator("worker_classes")
@@ -322,6 +334,8 @@ class Settings(BaseSettings):
             problems.append("TAQ_DATABASE_URL is SQLite; use postgresql+psycopg://…")
         if self.broker_scheme in ("filesystem", "memory", "sqla", "sqlalchemy", "db"):
             problems.append(f"TAQ_BROKER_URL uses the '{self.broker_scheme}' transport; use redis://…")
+        if self.auth == "off":
+            problems.append("TAQ_AUTH=off (the keyless mode is for loopback development only)")
         if problems:
             raise UnsafeConfig("unsafe production configuration: " + "; ".join(problems))
 

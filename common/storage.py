@@ -14,7 +14,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -94,7 +93,8 @@ class Storage(ABC):
 
     @abstractmethod
     def check(self) -> None:
-        """Raise when the store is unreachable or not writable (readiness probe)."""
+        """Raise when the store is unreachable (readiness probe; reads only: a probe polled every
+        few seconds must not write)."""
 
     def get_bytes(self, key: str) -> bytes:
         return b"".join(self.open_range(key))
@@ -238,9 +238,11 @@ class FileStorage(Storage):
         return path if path.is_file() else None
 
     def check(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
-            pass
+        # a read-only probe: the root exists and this process may write into it (access(2), no write)
+        if not self.root.is_dir():
+            raise OSError(f"storage root {self.root.name} is missing")
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise PermissionError(f"storage root {self.root.name} is not writable")
 
 
 # ------------------------------------------------------------------------------------------

@@ -48,6 +48,36 @@ def _reason(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+#: deepest JSON nesting a row may have (a row is at most 3 deep: object, messages list, message);
+#: deeper input is refused before json.loads, whose recursion would otherwise overflow
+MAX_JSON_DEPTH = 32
+
+
+def json_depth_exceeds(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON text nests arrays/objects deeper than `limit` (brackets inside strings are
+    not counted). Cheap for ordinary rows: the scan runs only when there are enough brackets."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
 def parse_jsonl(data: bytes) -> list[CalibrationRow]:
     """Parse and validate JSONL rows. Blank lines are skipped. Every bad line (up to
     MAX_REPORTED_ERRORS) is reported in `DataError.details` as `{"line": n (1-based), "reason"}`;
@@ -76,6 +106,9 @@ def parse_jsonl(data: bytes) -> list[CalibrationRow]:
             continue
         if number == 1:
             text = text.removeprefix("\ufeff")
+        if json_depth_exceeds(text):
+            bad(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+            continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -84,6 +84,11 @@ class CalibrationRow(_Strict):
         return self
 
 
+#: budgets one job may sweep: each budget is exported in full (hf and/or gguf) and counted by the
+#: preflight and the disk estimate
+MAX_BUDGETS = 8
+
+
 class BitBudget(_Strict):
     """Effective-bits ceiling; a list runs a budget sweep (one artifact set per budget)."""
 
@@ -99,8 +104,13 @@ class BitBudget(_Strict):
             if not 1.0 < v <= 32.0:
                 raise ValueError(f"avg_bits {v} is outside (1, 32]")
         if isinstance(value, list):
-            if len(set(values)) != len(values):
-                raise ValueError("avg_bits list has duplicates")
+            if len(values) > MAX_BUDGETS:
+                raise ValueError(f"avg_bits lists at most {MAX_BUDGETS} budgets (each is a full export), "
+                                 f"got {len(values)}; run several jobs for a wider sweep")
+            rounded = [round(v, 2) for v in values]
+            if len(set(rounded)) != len(rounded):
+                raise ValueError("avg_bits list has budgets closer than 0.01 bit (duplicates after rounding "
+                                 "to 0.01); give distinct budgets")
             return sorted(values)
         return value
 

@@ -287,16 +287,19 @@ def run_claimed(settings: Settings, storage: Storage, claim: Claim) -> str:
             return "retry"
         except Exception as exc:
             log.exception("job crashed")
-            _fail(settings, claim, "internal_error", f"{type(exc).__name__}: {str(exc)[:500]}")
+            # the exception text may hold server paths and internals: it stays in the log above
+            _fail(settings, claim, "internal_error",
+                  f"internal error in the worker ({type(exc).__name__}); the incident was logged with the job id")
             return "failed"
 
 
 def _fail(settings: Settings, claim: Claim, code: str, message: str, details: Any = None) -> None:
+    from common.redact import redact_paths, redact_text
     from worker.publish import jsonable
 
     try:
-        with session_scope(settings) as session:
+        with session_scope(settings) as session:  # what the job resource shows: no server paths
             finish_job(session, claim.job_id, claim.token, JobStatus.failed, error_code=code,
-                       error_message=message, error_details=jsonable(details))
+                       error_message=redact_text(message), error_details=redact_paths(jsonable(details)))
     except Exception:
         log.exception("could not record the failure; the reaper will requeue the job")

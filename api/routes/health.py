@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from api.deps import SettingsDep, StorageDep
 from api.errors import envelope
 from api.schemas import ErrorResponse, HealthOut, ReadyOut
+from common.auth import bearer_matches
+from common.errors import Unauthorized
 from common.health import readiness
 from common.metrics import render_metrics
 
@@ -29,6 +31,10 @@ def readyz(settings: SettingsDep, storage: StorageDep):
 
 
 @router.get("/metrics", operation_id="metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}}})
-def metrics(settings: SettingsDep) -> Response:
+            responses={200: {"content": {"text/plain": {}}},
+                       401: {"model": ErrorResponse, "description": "TAQ_METRICS_KEY is set and was not sent"}})
+def metrics(request: Request, settings: SettingsDep) -> Response:
+    """Prometheus metrics; with TAQ_METRICS_KEY set, only for `Authorization: Bearer <it>`."""
+    if settings.metrics_key and not bearer_matches(request.headers.get("authorization"), settings.metrics_key):
+        raise Unauthorized("/metrics needs the metrics key: send 'Authorization: Bearer <TAQ_METRICS_KEY>'")
     return Response(render_metrics(settings), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -10,9 +10,10 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from api.schemas import (ERROR_RESPONSES, ArtifactOut, ErrorResponse, EventOut, JobOut, JobPage, JobStatusLiteral,
                          LayerOut, ProfileOut)
-from api.sse import job_event_stream
+from api.sse import MAX_EVENT_ID, job_event_stream
 from common import jobs as service
 from common.artifacts import open_download
+from common.db import session_scope
 from common.errors import NotFound
 from common.storage import job_key
 from core.spec import JobSpec
@@ -58,16 +59,20 @@ def cancel_job(job_id: str, session: SessionDep, storage: StorageDep, tenant: Cu
 
 @router.get("/{job_id}/events", operation_id="list_job_events", response_model=list[EventOut],
             responses={200: {"content": {"text/event-stream": {}}}})
-def list_job_events(job_id: str, request: Request, session: SessionDep, settings: SettingsDep,
-                    tenant: CurrentTenant, after: Annotated[int, Query(ge=0)] = 0,
-                    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID")] = None):
-    """Progress events; `Accept: text/event-stream` streams them until the job finishes."""
-    if "text/event-stream" in request.headers.get("accept", ""):
+def list_job_events(job_id: str, request: Request, settings: SettingsDep, tenant: CurrentTenant,
+                    after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID)] = 0,
+                    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0, le=MAX_EVENT_ID)] = None):
+    """Progress events; `Accept: text/event-stream` streams them until the job finishes (at most
+    TAQ_MAX_STREAMS_PER_TENANT open per tenant: 429 with Retry-After over it)."""
+    # short sessions only: a stream lives for minutes and must not hold a pooled connection
+    with session_scope(settings) as session:
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            return [EventOut.of(e) for e in service.list_events(session, tenant, job_id, after=after)]
         service.get_job(session, tenant, job_id)
-        stream = job_event_stream(request, settings, job_id, max(after, last_event_id or 0))
-        return StreamingResponse(stream, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return [EventOut.of(e) for e in service.list_events(session, tenant, job_id, after=after)]
+    slot = request.app.state.streams.acquire(tenant)  # 429 too_many_streams
+    stream = job_event_stream(request, settings, job_id, max(after, last_event_id or 0), slot)
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.get("/{job_id}/profile", operation_id="get_job_profile", response_model=ProfileOut,
@@ -90,10 +95,12 @@ def list_job_artifacts(job_id: str, session: SessionDep, tenant: CurrentTenant) 
     return [ArtifactOut.of(a) for a in service.list_artifacts(session, tenant, job_id)]
 
 
-@router.get("/{job_id}/artifacts/{name:path}", operation_id="download_job_artifact",
-            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "partial"},
+_DOWNLOAD_RESPONSES = {200: {"content": {"application/octet-stream": {}}}, 206: {"description": "partial"},
                        304: {"description": "not modified"}, 307: {"description": "presigned URL"},
-                       416: {"description": "range not satisfiable"}})
+                       416: {"description": "range not satisfiable"}}
+
+
+@router.get("/{job_id}/artifacts/{name:path}", operation_id="download_job_artifact", responses=_DOWNLOAD_RESPONSES)
 def download_job_artifact(job_id: str, name: str, session: SessionDep, storage: StorageDep,
                           settings: SettingsDep, tenant: CurrentTenant,
                           range: Annotated[str | None, Header()] = None,
@@ -107,3 +114,17 @@ def download_job_artifact(job_id: str, name: str, session: SessionDep, storage: 
     if dl.body is None:
         return Response(status_code=dl.status, headers=dl.headers)
     return StreamingResponse(dl.body, status_code=dl.status, headers=dl.headers)
+
+
+@router.head("/{job_id}/artifacts/{name:path}", operation_id="head_job_artifact", responses=_DOWNLOAD_RESPONSES)
+def head_job_artifact(job_id: str, name: str, session: SessionDep, storage: StorageDep,
+                      settings: SettingsDep, tenant: CurrentTenant,
+                      range: Annotated[str | None, Header()] = None,
+                      if_none_match: Annotated[str | None, Header()] = None,
+                      if_range: Annotated[str | None, Header()] = None):
+    """The headers a download would get (size, `ETag`, `X-Checksum-Sha256`), no body."""
+    dl = open_download(session, storage, settings, tenant, job_id, name, range_header=range,
+                       if_none_match=if_none_match, if_range=if_range, head=True)
+    if dl.redirect:
+        return RedirectResponse(dl.redirect, status_code=dl.status, headers=dl.headers)
+    return Response(status_code=dl.status, headers=dl.headers)

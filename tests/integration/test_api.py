@@ -25,7 +25,7 @@ AUTH_A = {"Authorization": f"Bearer {ALICE}"}
 AUTH_B = {"Authorization": f"Bearer {BOB}"}
 
 EXPECTED_OPERATIONS = {"create_job", "list_jobs", "get_job", "cancel_job", "list_job_events", "get_job_profile",
-                       "list_job_artifacts", "download_job_artifact", "upload_dataset", "list_models", "list_workers",
+                       "list_job_artifacts", "download_job_artifact", "upload_dataset", "list_models", "list_workers", "head_job_artifact",
                        "healthz", "readyz", "metrics"}
 
 
@@ -49,7 +49,8 @@ def client(settings) -> TestClient:
 def assert_envelope(response, status: int, code: str | None = None) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details", "request_id"}, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"]  # ties the reply to the logs
     assert "Traceback" not in response.text
     if code:
         assert body["error"]["code"] == code, body

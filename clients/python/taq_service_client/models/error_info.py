@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from attrs import define as _attrs_define
 from attrs import field as _attrs_field
@@ -18,11 +18,14 @@ class ErrorInfo:
         code (str):
         message (str):
         details (Any | Unset):
+        request_id (None | str | Unset): the X-Request-ID of the call; quote it when reporting a problem (the server's
+            logs carry the details)
     """
 
     code: str
     message: str
     details: Any | Unset = UNSET
+    request_id: None | str | Unset = UNSET
     additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -31,6 +34,12 @@ class ErrorInfo:
         message = self.message
 
         details = self.details
+
+        request_id: None | str | Unset
+        if isinstance(self.request_id, Unset):
+            request_id = UNSET
+        else:
+            request_id = self.request_id
 
         field_dict: dict[str, Any] = {}
         field_dict.update(self.additional_properties)
@@ -42,6 +51,8 @@ class ErrorInfo:
         )
         if details is not UNSET:
             field_dict["details"] = details
+        if request_id is not UNSET:
+            field_dict["request_id"] = request_id
 
         return field_dict
 
@@ -54,10 +65,20 @@ class ErrorInfo:
 
         details = d.pop("details", UNSET)
 
+        def _parse_request_id(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        request_id = _parse_request_id(d.pop("request_id", UNSET))
+
         error_info = cls(
             code=code,
             message=message,
             details=details,
+            request_id=request_id,
         )
 
         error_info.additional_properties = d

@@ -103,7 +103,8 @@ def sync_detailed(
 ) -> Response[ErrorResponse | list[EventOut]]:
     """List Job Events
 
-     Progress events; `Accept: text/event-stream` streams them until the job finishes.
+     Progress events; `Accept: text/event-stream` streams them until the job finishes (at most
+    TAQ_MAX_STREAMS_PER_TENANT open per tenant: 429 with Retry-After over it).
 
     Args:
         job_id (str):
@@ -140,7 +141,8 @@ def sync(
 ) -> ErrorResponse | list[EventOut] | None:
     """List Job Events
 
-     Progress events; `Accept: text/event-stream` streams them until the job finishes.
+     Progress events; `Accept: text/event-stream` streams them until the job finishes (at most
+    TAQ_MAX_STREAMS_PER_TENANT open per tenant: 429 with Retry-After over it).
 
     Args:
         job_id (str):
@@ -172,7 +174,8 @@ async def asyncio_detailed(
 ) -> Response[ErrorResponse | list[EventOut]]:
     """List Job Events
 
-     Progress events; `Accept: text/event-stream` streams them until the job finishes.
+     Progress events; `Accept: text/event-stream` streams them until the job finishes (at most
+    TAQ_MAX_STREAMS_PER_TENANT open per tenant: 429 with Retry-After over it).
 
     Args:
         job_id (str):
@@ -207,7 +210,8 @@ async def asyncio(
 ) -> ErrorResponse | list[EventOut] | None:
     """List Job Events
 
-     Progress events; `Accept: text/event-stream` streams them until the job finishes.
+     Progress events; `Accept: text/event-stream` streams them until the job finishes (at most
+    TAQ_MAX_STREAMS_PER_TENANT open per tenant: 429 with Retry-After over it).
 
     Args:
         job_id (str):
