@@ -59,8 +59,11 @@ def get_tenant(request: Request, settings: SettingsDep,
     # a short session of its own (a cached key reads nothing): a route that streams for minutes
     # must not hold a pooled connection for its whole life. The HTTPBearer dependency documents
     # the scheme in OpenAPI; the raw header is checked here
+    authorization = request.headers.get("authorization")
     with session_scope(settings) as session:
-        return request.app.state.authenticator.authenticate(session, request.headers.get("authorization"))
+        tenant = request.app.state.authenticator.authenticate(session, authorization)
+    request.app.state.rate_limiter.hit(authorization, tenant)  # 429 rate_limited
+    return tenant
 
 
 CurrentTenant = Annotated[str, Depends(get_tenant)]

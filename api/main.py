@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.errors import envelope, install_error_handlers, unexpected_error
+from api.ratelimit import RateLimiter
 from api.sse import StreamSlots
 from api.routes import datasets, health, jobs, models, workers
 from common.auth import Authenticator, assert_auth_configured
@@ -124,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = storage
     app.state.authenticator = Authenticator(settings)
     app.state.streams = StreamSlots(settings)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     install_error_handlers(app)
     for module in (jobs, datasets, models, workers, health):
         app.include_router(module.router)

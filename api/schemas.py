@@ -158,6 +158,11 @@ class DatasetOut(BaseModel):
         return cls.model_validate(row).model_dump(mode="json")
 
 
+class DatasetPage(BaseModel):
+    items: list[DatasetOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
+
+
 class ModelOut(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -178,6 +183,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, text in {400: "malformed request (a body that cannot be parsed, an invalid cursor)",
                        401: "missing or invalid API key", 404: "not found (or another tenant's)",
                        422: "invalid request",
+                       429: "a quota or the rate limit of the key (`Retry-After` when waiting helps)",
                        503: "the database is unreachable (`database_unavailable`); retry later"}.items()
 }
 

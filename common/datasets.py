@@ -13,7 +13,8 @@ from common import idempotency
 from common.errors import NotFound, PayloadTooLarge
 from common.idempotency import StoredResponse
 from common.ids import new_id
-from common.limits import check_dataset_rows, check_prompt_sizes, nonblank_line_numbers
+from common.limits import (check_dataset_quota, check_dataset_rows, check_prompt_sizes, check_storage_quota,
+                           nonblank_line_numbers)
 from common.orm import Dataset, IdempotencyKey
 from common.settings import Settings
 from common.storage import Storage, dataset_key
@@ -37,6 +38,8 @@ def upload_dataset(session: Session, storage: Storage, settings: Settings, tenan
                                ).scalar_one_or_none()
     if existing is not None:
         return existing
+    check_dataset_quota(session, settings, tenant)                 # 429 dataset_limit
+    check_storage_quota(session, settings, tenant, adding=len(data))  # 413 storage_quota
     key = dataset_key(digest)
     if not storage.exists(key):
         storage.put_bytes(key, data)

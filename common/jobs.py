@@ -23,7 +23,7 @@ from common.datasets import get_dataset
 from common.errors import Conflict, InvalidParameter, InvalidRequest, NotFound, TooManyRequests
 from common.ids import new_id
 from common.lifecycle import add_event, purge_job_outputs
-from common.limits import check_prompt_sizes, route_job
+from common.limits import check_job_quota, check_prompt_sizes, check_storage_quota, route_job
 from common.orm import Artifact, IdempotencyKey, Job, JobEvent, JobStatus, ProfileLayer, utcnow
 from common.settings import Settings
 from common.storage import Storage
@@ -144,6 +144,8 @@ def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
 def _insert_job(session: Session, settings: Settings, tenant: str, spec: JobSpec, worker_class: str,
                 render: Callable[[Job], dict[str, Any]], idempotency_key: str | None, digest: str) -> StoredResponse:
     check_queue_quota(session, settings, tenant)
+    check_job_quota(session, settings, tenant)      # 429 job_limit
+    check_storage_quota(session, settings, tenant)  # 413 storage_quota
     now = utcnow()
     job = Job(id=new_id("job"), tenant=tenant, status=JobStatus.queued, stage=None, progress=0.0,
               spec=spec.model_dump(mode="json"), created_at=now, updated_at=now, attempts=0,

@@ -1,5 +1,5 @@
 """Admission limits checked before anything is stored or queued: dataset rows, prompt length, and
-the memory preflight of a job. Each refusal is a 422 whose message names the limit, its
+the per-tenant quotas (datasets, jobs, stored bytes) and the memory preflight of a job. Each refusal is a 422 whose message names the limit, its
 ``TAQ_`` setting and how to get under it."""
 
 from __future__ import annotations
@@ -7,7 +7,11 @@ from __future__ import annotations
 import logging
 from typing import Any, NoReturn, Sequence
 
-from common.errors import InvalidParameter
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from common.errors import InvalidParameter, PayloadTooLarge, TooManyRequests
+from common.orm import Artifact, Dataset, Job
 from common.settings import Settings
 from core.spec import CalibrationRow, JobSpec
 
@@ -68,6 +72,47 @@ def check_prompt_sizes(settings: Settings, rows: Sequence[CalibrationRow], lines
             f"over TAQ_MAX_PROMPT_TOKENS={limit} (counted as UTF-8 bytes, an upper bound on tokens, because "
             "data is checked without a model's tokenizer); shorten it or ask the operator to raise "
             "TAQ_MAX_PROMPT_TOKENS", details=bad, code="prompt_too_long")
+
+
+# ---- per-tenant quotas -----------------------------------------------------------------------
+def stored_bytes(session: Session, tenant: str) -> int:
+    """Bytes a tenant keeps in storage: its datasets and its jobs' artifacts."""
+    datasets = session.scalar(select(func.coalesce(func.sum(Dataset.size), 0)).where(Dataset.tenant == tenant))
+    artifacts = session.scalar(select(func.coalesce(func.sum(Artifact.size), 0))
+                               .join(Job, Job.id == Artifact.job_id).where(Job.tenant == tenant))
+    return int(datasets or 0) + int(artifacts or 0)
+
+
+def check_storage_quota(session: Session, settings: Settings, tenant: str, adding: int = 0) -> None:
+    """413 ``storage_quota`` when the tenant's stored bytes plus `adding` exceed
+    TAQ_MAX_STORED_BYTES_PER_TENANT (a job's artifacts are not known in advance: a submit is
+    refused once the tenant is at or over the limit)."""
+    limit = settings.max_stored_bytes_per_tenant
+    used = stored_bytes(session, tenant)
+    if used + adding > limit or (not adding and used >= limit):
+        raise PayloadTooLarge(
+            f"tenant '{tenant}' stores {used} bytes (+{adding} new) and the limit is {limit} "
+            "(TAQ_MAX_STORED_BYTES_PER_TENANT); delete datasets or finished jobs "
+            "(DELETE /v1/datasets/{id}, DELETE /v1/jobs/{id})",
+            details={"stored_bytes": used, "adding": adding, "limit": limit}, code="storage_quota")
+
+
+def check_dataset_quota(session: Session, settings: Settings, tenant: str) -> None:
+    limit = settings.max_datasets_per_tenant
+    count = session.scalar(select(func.count()).select_from(Dataset).where(Dataset.tenant == tenant))
+    if count >= limit:
+        raise TooManyRequests(
+            f"tenant '{tenant}' already has {count} datasets (TAQ_MAX_DATASETS_PER_TENANT={limit}); delete some "
+            "with DELETE /v1/datasets/{id}", details={"limit": limit, "datasets": count}, code="dataset_limit")
+
+
+def check_job_quota(session: Session, settings: Settings, tenant: str) -> None:
+    limit = settings.max_jobs_per_tenant
+    count = session.scalar(select(func.count()).select_from(Job).where(Job.tenant == tenant))
+    if count >= limit:
+        raise TooManyRequests(
+            f"tenant '{tenant}' already has {count} jobs (TAQ_MAX_JOBS_PER_TENANT={limit}); delete finished ones "
+            "with DELETE /v1/jobs/{id}", details={"limit": limit, "jobs": count}, code="job_limit")
 
 
 # ---- jobs: memory preflight ------------------------------------------------------------------

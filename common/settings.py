@@ -152,6 +152,16 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(default=32768, ge=16)
     #: jobs a tenant may have waiting in the queue; one more answers 429
     max_queued_jobs_per_tenant: int = Field(default=50, ge=1)
+    #: jobs (any status) and datasets a tenant may keep; more answer 429 (delete some first)
+    max_jobs_per_tenant: int = Field(default=10_000, ge=1)
+    max_datasets_per_tenant: int = Field(default=1_000, ge=1)
+    #: bytes a tenant may keep in storage (datasets + artifacts); over it uploads and submits answer 413
+    max_stored_bytes_per_tenant: int = Field(default=200 << 30, ge=1)
+    #: finished jobs and unused datasets older than this are deleted by the workers' reaper; unset: kept
+    retention_days: float | None = Field(default=None, gt=0)
+    #: per-API-key token bucket: sustained requests per second and burst; 0 turns it off
+    rate_limit_per_second: float = Field(default=50.0, ge=0)
+    rate_limit_burst: int = Field(default=500, ge=1)
     sse_max_seconds: float = Field(default=600.0, gt=0)
     #: event streams open at once per tenant / in one API process; more answer 429 with Retry-After
     max_streams_per_tenant: int = Field(default=8, ge=1)

@@ -9,6 +9,7 @@ import threading
 from common.broker import RUN_JOB_TASK, enqueue_job
 from common.db import session_scope
 from common.fleet import prune_workers
+from common.retention import retention_pass
 from common.lifecycle import claim_job, reap
 from common.logging import job_context
 from common.settings import Settings, get_settings
@@ -46,6 +47,7 @@ def reap_once(settings: Settings) -> None:
     with session_scope(settings) as session:
         reap(session, settings, storage, lambda job_id, worker_class: enqueue_job(settings, job_id, worker_class))
         prune_workers(session, settings)
+        retention_pass(session, settings, storage)
 
 
 def start_reaper_thread(settings: Settings) -> threading.Thread:

@@ -12,6 +12,7 @@ from api.schemas import (ERROR_RESPONSES, ArtifactOut, ErrorResponse, EventOut, 
                          LayerOut, ProfileOut)
 from api.sse import MAX_EVENT_ID, job_event_stream
 from common import jobs as service
+from common import retention
 from common.artifacts import open_download
 from common.db import session_scope
 from common.errors import NotFound
@@ -48,6 +49,14 @@ def list_jobs(session: SessionDep, settings: SettingsDep, tenant: CurrentTenant,
 @router.get("/{job_id}", operation_id="get_job", response_model=JobOut)
 def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobOut:
     return JobOut.of(service.get_job(session, tenant, job_id))
+
+
+@router.delete("/{job_id}", operation_id="delete_job", status_code=204, response_class=Response,
+               responses={409: {"model": ErrorResponse, "description": "the job is queued or running"}})
+def delete_job(job_id: str, session: SessionDep, storage: StorageDep, tenant: CurrentTenant) -> Response:
+    """Delete a finished job and its artifacts (409 `job_not_finished` while queued or running)."""
+    retention.delete_job(session, storage, tenant, job_id)
+    return Response(status_code=204)
 
 
 @router.post("/{job_id}/cancel", operation_id="cancel_job", status_code=202, response_model=JobOut,

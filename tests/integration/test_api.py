@@ -24,8 +24,9 @@ BOB = "bob-key-0123456789abcdef"
 AUTH_A = {"Authorization": f"Bearer {ALICE}"}
 AUTH_B = {"Authorization": f"Bearer {BOB}"}
 
-EXPECTED_OPERATIONS = {"create_job", "list_jobs", "get_job", "cancel_job", "list_job_events", "get_job_profile",
-                       "list_job_artifacts", "download_job_artifact", "upload_dataset", "list_models", "list_workers", "head_job_artifact",
+EXPECTED_OPERATIONS = {"create_job", "list_jobs", "get_job", "cancel_job", "delete_job", "list_job_events",
+                       "get_job_profile", "list_job_artifacts", "download_job_artifact", "head_job_artifact",
+                       "upload_dataset", "list_datasets", "delete_dataset", "list_models", "list_workers",
                        "healthz", "readyz", "metrics"}
 
 

@@ -228,3 +228,104 @@ def test_readyz_writes_nothing_and_metrics_need_their_key(base):
         envelope(client.get("/metrics", headers={"Authorization": "Bearer wrong-key-0123456789"}), 401, "unauthorized")
         scraped = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"})
     assert scraped.status_code == 200 and "taq_jobs" in scraped.text
+
+
+# ---- quotas and retention --------------------------------------------------------------------
+def _upload(client, headers, text: str, name: str = "d.jsonl"):
+    return client.post("/v1/datasets", headers=headers, files={"file": (name, text.encode())})
+
+
+def test_datasets_are_listed_and_deleted_unless_in_use(base):
+    storage = storage_from_settings(base)
+    alice, bob = new_tenant(base), new_tenant(base)
+    with TestClient(create_app(base), raise_server_exceptions=False) as client:
+        ids = [_upload(client, alice, f'{{"prompt": "row {i}", "answers": ["x"]}}\n').json()["id"] for i in range(3)]
+        first = client.get("/v1/datasets", headers=alice, params={"limit": 2}).json()
+        second = client.get("/v1/datasets", headers=alice, params={"cursor": first["next_cursor"]}).json()
+        assert [d["id"] for d in first["items"] + second["items"]] == ids[::-1] and second["next_cursor"] is None
+        assert client.get("/v1/datasets", headers=bob).json() == {"items": [], "next_cursor": None}
+        # a queued job reads ids[0]: it cannot be deleted
+        spec = tiny_spec("taq", calibration=None, calibration_dataset_id=ids[0], seed=5)
+        job_id = client.post("/v1/jobs", headers=alice, json=spec).json()["id"]
+        error = envelope(client.delete(f"/v1/datasets/{ids[0]}", headers=alice), 409, "dataset_in_use")
+        assert error["details"] == {"jobs": [job_id]}
+        envelope(client.delete(f"/v1/datasets/{ids[1]}", headers=bob), 404, "dataset_not_found")
+        # bob uploaded the same bytes as ids[1]: the stored file is shared until its last reference goes
+        shared = _upload(client, bob, '{"prompt": "row 1", "answers": ["x"]}\n').json()
+        key = f"datasets/{shared['sha256']}.jsonl"
+        assert client.delete(f"/v1/datasets/{ids[1]}", headers=alice).status_code == 204
+        assert storage.exists(key)
+        assert client.delete(f"/v1/datasets/{shared['id']}", headers=bob).status_code == 204
+        assert not storage.exists(key)
+        assert [d["id"] for d in client.get("/v1/datasets", headers=alice).json()["items"]] == [ids[2], ids[0]]
+        envelope(client.delete(f"/v1/datasets/{ids[1]}", headers=alice), 404, "dataset_not_found")
+
+
+def test_finished_jobs_are_deleted_with_their_files(base):
+    storage = storage_from_settings(base)
+    headers = new_tenant(base)
+    with TestClient(create_app(base), raise_server_exceptions=False) as client:
+        job_id = client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=11)).json()["id"]
+        envelope(client.delete(f"/v1/jobs/{job_id}", headers=headers), 409, "job_not_finished")
+        assert client.post(f"/v1/jobs/{job_id}/cancel", headers=headers).status_code == 202
+        storage.put_bytes(f"jobs/{job_id}/artifacts/leftover.json", b"{}")
+        assert client.delete(f"/v1/jobs/{job_id}", headers=headers).status_code == 204
+        envelope(client.get(f"/v1/jobs/{job_id}", headers=headers), 404, "job_not_found")
+        assert storage.list(f"jobs/{job_id}/") == []
+
+
+def test_per_tenant_quotas_name_their_setting(base):
+    tight = base.model_copy(update={"max_datasets_per_tenant": 2, "max_jobs_per_tenant": 2,
+                                    "max_stored_bytes_per_tenant": 200})
+    headers = new_tenant(base)
+    with TestClient(create_app(tight), raise_server_exceptions=False) as client:
+        assert _upload(client, headers, '{"prompt": "a"}\n').status_code == 201
+        error = envelope(_upload(client, headers, '{"prompt": "' + "b" * 300 + '"}\n'), 413, "storage_quota")
+        assert "TAQ_MAX_STORED_BYTES_PER_TENANT" in error["message"]
+        assert _upload(client, headers, '{"prompt": "c"}\n').status_code == 201
+        error = envelope(_upload(client, headers, '{"prompt": "d"}\n'), 429, "dataset_limit")
+        assert "TAQ_MAX_DATASETS_PER_TENANT=2" in error["message"]
+        for seed in (1, 2):
+            assert client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=seed)).status_code == 202
+        error = envelope(client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=3)), 429, "job_limit")
+        assert "TAQ_MAX_JOBS_PER_TENANT=2" in error["message"]
+
+
+def test_the_retention_pass_removes_what_is_old_and_unused(base):
+    from datetime import timedelta
+
+    from common.orm import Dataset, utcnow
+    from common.retention import retention_pass
+
+    storage = storage_from_settings(base)
+    headers = new_tenant(base)
+    with TestClient(create_app(base), raise_server_exceptions=False) as client:
+        old_ds = _upload(client, headers, '{"prompt": "old one"}\n').json()["id"]
+        new_ds = _upload(client, headers, '{"prompt": "new one"}\n').json()["id"]
+        old_job = client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=21)).json()["id"]
+        new_job = client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=22)).json()["id"]
+        for job_id in (old_job, new_job):
+            client.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
+    storage.put_bytes(f"jobs/{old_job}/artifacts/x.json", b"{}")
+    with session_scope(base) as session:
+        session.get(Job, old_job).finished_at = utcnow() - timedelta(days=10)
+        session.get(Dataset, old_ds).created_at = utcnow() - timedelta(days=10)
+    with session_scope(base) as session:
+        assert retention_pass(session, base, storage).jobs == []  # TAQ_RETENTION_DAYS unset: nothing goes
+        report = retention_pass(session, base.model_copy(update={"retention_days": 7}), storage)
+    assert old_job in report.jobs and new_job not in report.jobs
+    assert old_ds in report.datasets and new_ds not in report.datasets
+    assert storage.list(f"jobs/{old_job}/") == []
+    with session_scope(base) as session:
+        assert session.get(Job, old_job) is None and session.get(Job, new_job) is not None
+
+
+def test_the_rate_limit_answers_429_with_retry_after(base):
+    limited = base.model_copy(update={"rate_limit_per_second": 0.5, "rate_limit_burst": 3})
+    headers = new_tenant(base)
+    with TestClient(create_app(limited), raise_server_exceptions=False) as client:
+        assert [client.get("/v1/jobs", headers=headers).status_code for _ in range(3)] == [200, 200, 200]
+        over = client.get("/v1/jobs", headers=headers)
+        error = envelope(over, 429, "rate_limited")
+        assert over.headers["retry-after"] == "2" and "TAQ_RATE_LIMIT_PER_SECOND" in error["message"]
+        assert client.get("/v1/jobs", headers=new_tenant(base)).status_code == 200  # another key has its own bucket

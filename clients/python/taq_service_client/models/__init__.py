@@ -10,6 +10,7 @@ from .body_upload_dataset import BodyUploadDataset
 from .calibration_inputs import CalibrationInputs
 from .calibration_row import CalibrationRow
 from .dataset_out import DatasetOut
+from .dataset_page import DatasetPage
 from .error_info import ErrorInfo
 from .error_response import ErrorResponse
 from .event_out import EventOut
@@ -51,6 +52,7 @@ __all__ = (
     "CalibrationInputs",
     "CalibrationRow",
     "DatasetOut",
+    "DatasetPage",
     "ErrorInfo",
     "ErrorResponse",
     "EventOut",
