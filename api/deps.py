@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Callable, Iterator
+from typing import Annotated, AsyncIterator, Callable
 
+import anyio
 import sqlalchemy.exc
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -19,23 +20,27 @@ log = logging.getLogger(__name__)
 _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`")
 
 
-def get_settings_dep(request: Request) -> Settings:
+# cheap dependencies are `async def`: FastAPI runs a sync dependency on a worker thread, and a
+# thread hop per dependency per request is what made the hot read path slow under load
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    # creating a session does no I/O (it connects on first use, on the route's thread); ending it
+    # may talk to the database, so that runs on a thread
     session = session_factory(request.app.state.settings)()
     try:
         yield session
     except BaseException:
-        _quietly(session.rollback)
+        await anyio.to_thread.run_sync(_quietly, session.rollback)
         raise
     finally:
-        _quietly(session.close)
+        await anyio.to_thread.run_sync(_quietly, session.close)
 
 
 def _quietly(end: Callable[[], None]) -> None:
@@ -54,16 +59,24 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_tenant(request: Request, settings: SettingsDep,
-               _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> str:
-    # a short session of its own (a cached key reads nothing): a route that streams for minutes
-    # must not hold a pooled connection for its whole life. The HTTPBearer dependency documents
-    # the scheme in OpenAPI; the raw header is checked here
+async def get_tenant(request: Request, settings: SettingsDep,
+                     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> str:
+    # a cached key needs no database: answered on the event loop. Otherwise a short session of
+    # its own on a thread (never the request's: a route that streams for minutes must not hold a
+    # pooled connection for its whole life). The HTTPBearer dependency documents the scheme in
+    # OpenAPI; the raw header is checked here
     authorization = request.headers.get("authorization")
-    with session_scope(settings) as session:
-        tenant = request.app.state.authenticator.authenticate(session, authorization)
+    authenticator = request.app.state.authenticator
+    tenant = authenticator.cached_tenant(authorization)
+    if tenant is None:
+        tenant = await anyio.to_thread.run_sync(_authenticate, settings, authenticator, authorization)
     request.app.state.rate_limiter.hit(authorization, tenant)  # 429 rate_limited
     return tenant
+
+
+def _authenticate(settings: Settings, authenticator, authorization: str | None) -> str:
+    with session_scope(settings) as session:
+        return authenticator.authenticate(session, authorization)
 
 
 CurrentTenant = Annotated[str, Depends(get_tenant)]

@@ -8,6 +8,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -113,6 +114,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # sync routes run on AnyIO's thread pool: as many threads as pooled connections, so that
+        # requests queue in the event loop (cheap) rather than in threads waiting for the pool
+        anyio.to_thread.current_default_thread_limiter().total_tokens = \
+            settings.db_pool_size + settings.db_max_overflow
         if settings.env == "production":
             with session_scope(settings) as session:
                 assert_auth_configured(settings, session)

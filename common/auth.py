@@ -84,6 +84,22 @@ class Authenticator:
             else:
                 self._cache.pop(key_hash, None)
 
+    def cached_tenant(self, authorization: str | None) -> str | None:
+        """The tenant when it is known without the database (auth latched on and the key in
+        TAQ_API_KEYS or cached); None when the full check must run."""
+        if self.settings.auth == "off" or not self._required or not authorization:
+            return None
+        scheme, _, key = authorization.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            return None
+        for known, tenant in self.settings.api_key_map.items():
+            if hmac.compare_digest(known.encode(), key.encode()):
+                return tenant
+        with self._lock:
+            cached = self._cache.get(hash_key(key))
+        return cached[0] if cached is not None and cached[1] > time.monotonic() else None
+
     def authenticate(self, session: Session, authorization: str | None) -> str:
         """The tenant of the caller; raises Unauthorized. Keyless: the ``default`` tenant."""
         if not self.required(session):

@@ -29,7 +29,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, pool_size: int = 20, max_overflow: int = 20) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                pool_pre_ping=True)
@@ -39,8 +39,8 @@ def make_engine(url: str) -> Engine:
     # use, so the service recovers from an outage without a restart; connect_timeout bounds a
     # connection attempt to an unreachable host (503 instead of a hung request)
     connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_recycle=1800,
-                         pool_timeout=10, connect_args=connect_args)
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow,
+                         pool_recycle=1800, pool_timeout=10, connect_args=connect_args)
 
 
 def get_engine(settings: Settings) -> Engine:
@@ -48,7 +48,8 @@ def get_engine(settings: Settings) -> Engine:
         engine = _engines.get(settings.database_url)
         if engine is None:
             settings.ensure_dirs()
-            engine = _engines[settings.database_url] = make_engine(settings.database_url)
+            engine = _engines[settings.database_url] = make_engine(
+                settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
         return engine
 
 

@@ -138,6 +138,11 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
+    #: pooled PostgreSQL connections per process (+ overflow). The API runs its sync routes on as
+    #: many threads as the pool holds, so a request never waits for a connection
+    db_pool_size: int = Field(default=20, ge=1)
+    db_max_overflow: int = Field(default=20, ge=0)
+
     # API limits
     max_page_size: int = Field(default=100, ge=1, le=1000)
     default_page_size: int = Field(default=20, ge=1, le=1000)
