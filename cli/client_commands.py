@@ -280,6 +280,20 @@ def status(job_id: Annotated[str, typer.Argument(metavar="JOB")], as_json: JsonO
     for key, value in rows:
         table.add_row(f"[bold]{key}", str(value))
     out.print(table)
+    if job["status"] == "succeeded" and (job.get("result") or {}).get("metrics"):
+        from cli.tables import eval_tables
+
+        report = _json_artifact(Client(url, api_key), job_id, "eval.json")
+        for evaluation in eval_tables(report, job.get("result")) if report else []:
+            out.print(evaluation)
+
+
+def _json_artifact(client: Client, job_id: str, name: str) -> Any:
+    """A JSON artifact of the job, or None when the job has none by that name."""
+    listing = client.json("GET", f"/v1/jobs/{job_id}/artifacts")
+    if not any(a["name"] == name for a in listing):
+        return None
+    return client.request("GET", f"/v1/jobs/{job_id}/artifacts/{name}").json()
 
 
 @app.command("list", rich_help_panel="Client")
@@ -432,12 +446,9 @@ def profile(job_id: Annotated[str, typer.Argument(metavar="JOB")],
     data = client.json("GET", f"/v1/jobs/{job_id}/profile")
     if as_json:
         return _print_json(data)
-    table = Table("#", "layer", "params", "importance", "sensitivity", "bits",
-                  title=f"{data['job_id']} · {data['model']} · {data['method']}")
-    for layer in data["layers"]:
-        table.add_row(str(layer["index"]), layer["name"], f"{layer['params']:,}", f"{layer['importance']:.4g}",
-                      f"{layer['sensitivity']:.4g}", str(layer.get("bits") or "-"))
-    out.print(table)
+    from cli.tables import profile_table
+
+    out.print(profile_table(data, client.json("GET", f"/v1/jobs/{job_id}").get("result")))
 
 
 def _find_artifact(listing: list[dict], name: str) -> tuple[str, int, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -153,3 +154,25 @@ def test_server_errors_and_unreachable(svc, tmp_path):
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
     down = taq("http://127.0.0.1:9", "list")
     assert down.returncode == 4 and "cannot reach" in down.stderr
+
+
+def test_status_shows_the_evaluation_and_profile_the_bits_of_each_budget(svc, tmp_path):
+    # an evaluated taq sweep: `status` prints one evaluation table per budget, `profile` one bits
+    # column per budget (a sweep's profile holds no single choice)
+    spec = tiny_spec("taq", bit_budget={"avg_bits": [5.0, 8.0]}, eval_fraction=0.5,
+                     calibration=CALIBRATION * 2, exports=["hf"])
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    job = json.loads(ok(taq(svc, "submit", "--spec", str(tmp_path / "spec.json"), "--wait", "--json",
+                            "--interval", "0.5")).stdout)
+    assert job["status"] == "succeeded", job["error"]
+    shown = ok(taq(svc, "status", job["id"])).stdout
+    assert shown.count("evaluation · budget") == 2 and "budget 5.0 bits" in shown and "budget 8.0 bits" in shown
+    for variant in ("full precision", "quantized", "uniform"):
+        assert shown.count(variant) >= 2, shown
+    assert "gold NLL" in shown and re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", shown), shown
+    profile = ok(taq(svc, "profile", job["id"])).stdout
+    assert "bits @5.0" in profile and "bits @8.0" in profile
+    bits = {b["avg_bits"]: b["bits"] for b in job["result"]["budgets"]}
+    row = next(line for line in profile.splitlines() if "model.layers.0" in line)
+    cells = [cell.strip() for cell in row.split("│") if cell.strip()]
+    assert cells[-2:] == [str(bits[5.0]["model.layers.0"]), str(bits[8.0]["model.layers.0"])], row
