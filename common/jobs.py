@@ -23,7 +23,7 @@ from common.datasets import get_dataset
 from common.errors import Conflict, InvalidParameter, InvalidRequest, NotFound, TooManyRequests
 from common.ids import new_id
 from common.lifecycle import add_event, purge_job_outputs
-from common.limits import check_job_quota, check_prompt_sizes, check_storage_quota, route_job
+from common.limits import check_job_quota, check_prompt_sizes, check_storage_quota, job_disk_bytes, route_job
 from common.orm import Artifact, IdempotencyKey, Job, JobEvent, JobStatus, ProfileLayer, utcnow
 from common.settings import Settings
 from common.storage import Storage
@@ -65,9 +65,10 @@ def check_checkpoint(source):
     return inspect_checkpoint(source.path, gguf_file=source.gguf_file)
 
 
-def validate_references(session: Session, settings: Settings, tenant: str, spec: JobSpec) -> str:
+def validate_references(session: Session, settings: Settings, tenant: str, spec: JobSpec) -> tuple[str, int]:
     """Everything a spec points at must exist for this tenant before the job is accepted.
-    Returns the worker class the job is routed to (the memory preflight decides)."""
+    Returns the worker class the job is routed to (the memory preflight decides) and the bytes
+    the job will store (core.disk)."""
     from common.models import resolve_model
 
     source = resolve_model(settings, spec.model)  # ModelNotFound (404) / UnsafeModel (422)
@@ -88,8 +89,9 @@ def validate_references(session: Session, settings: Settings, tenant: str, spec:
             raise InvalidSpec(f"job '{prior.id}' has no profile to reuse (status {prior.status})")
     check_budget_feasible(spec)
     summary = check_checkpoint(source)  # 422 model_invalid where the headers show it
-    return route_job(settings, source, spec, calibration_rows, eval_rows=eval_rows,
-                     checkpoint=summary)  # 422 job_too_large / unknown_worker_class
+    worker_class = route_job(settings, source, spec, calibration_rows, eval_rows=eval_rows,
+                             checkpoint=summary)  # 422 job_too_large / unknown_worker_class
+    return worker_class, job_disk_bytes(source, spec)
 
 
 _sqlite_quota_lock = threading.Lock()
@@ -130,10 +132,11 @@ def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
         replay = idempotency.replay(session, tenant, idempotency_key, digest, "job_id")
         if replay is not None:
             return replay
-    worker_class = validate_references(session, settings, tenant, spec)
+    worker_class, disk_bytes = validate_references(session, settings, tenant, spec)
     session.rollback()  # nothing written yet: the quota check and the insert get a fresh transaction
     with queue_quota_lock(session, tenant):
-        stored = _insert_job(session, settings, tenant, spec, worker_class, render, idempotency_key, digest)
+        stored = _insert_job(session, settings, tenant, spec, worker_class, render, idempotency_key, digest,
+                             disk_bytes)
     if not stored.replayed:
         _enqueue(session, settings, stored.resource_id, worker_class)
         log.info("job submitted", extra={"job_id": stored.resource_id, "tenant": tenant,
@@ -142,10 +145,11 @@ def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
 
 
 def _insert_job(session: Session, settings: Settings, tenant: str, spec: JobSpec, worker_class: str,
-                render: Callable[[Job], dict[str, Any]], idempotency_key: str | None, digest: str) -> StoredResponse:
+                render: Callable[[Job], dict[str, Any]], idempotency_key: str | None, digest: str,
+                disk_bytes: int) -> StoredResponse:
     check_queue_quota(session, settings, tenant)
-    check_job_quota(session, settings, tenant)      # 429 job_limit
-    check_storage_quota(session, settings, tenant)  # 413 storage_quota
+    check_job_quota(session, settings, tenant)                          # 429 job_limit
+    check_storage_quota(session, settings, tenant, adding=disk_bytes)  # 413 storage_quota
     now = utcnow()
     job = Job(id=new_id("job"), tenant=tenant, status=JobStatus.queued, stage=None, progress=0.0,
               spec=spec.model_dump(mode="json"), created_at=now, updated_at=now, attempts=0,

@@ -83,10 +83,23 @@ def stored_bytes(session: Session, tenant: str) -> int:
     return int(datasets or 0) + int(artifacts or 0)
 
 
+def job_disk_bytes(source: Any, spec: JobSpec) -> int:
+    """The object storage a job will write (core.disk), 0 when the model's shapes are unreadable."""
+    from core.disk import estimate_job_disk
+    from core.memory import read_model_dims
+
+    try:
+        dims = read_model_dims(source)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return estimate_job_disk(dims, bit_choices=list(spec.bit_choices), group_size=spec.group_size,
+                             budgets=list(spec.budgets), formats=len(spec.exports)).total_bytes
+
+
 def check_storage_quota(session: Session, settings: Settings, tenant: str, adding: int = 0) -> None:
-    """413 ``storage_quota`` when the tenant's stored bytes plus `adding` exceed
-    TAQ_MAX_STORED_BYTES_PER_TENANT (a job's artifacts are not known in advance: a submit is
-    refused once the tenant is at or over the limit)."""
+    """413 ``storage_quota`` when the tenant's stored bytes plus `adding` (a dataset's size, or a
+    job's disk estimate: every budget's export in every format and the layer checkpoints) exceed
+    TAQ_MAX_STORED_BYTES_PER_TENANT."""
     limit = settings.max_stored_bytes_per_tenant
     used = stored_bytes(session, tenant)
     if used + adding > limit or (not adding and used >= limit):

@@ -162,6 +162,9 @@ class Settings(BaseSettings):
     max_datasets_per_tenant: int = Field(default=1_000, ge=1)
     #: bytes a tenant may keep in storage (datasets + artifacts); over it uploads and submits answer 413
     max_stored_bytes_per_tenant: int = Field(default=200 << 30, ge=1)
+    #: keep a succeeded job's work files (layer checkpoints, stage markers) instead of deleting them
+    #: at publish; for inspection only: they can be as large as the model at every bit width
+    keep_work_files: bool = False
     #: finished jobs and unused datasets older than this are deleted by the workers' reaper; unset: kept
     retention_days: float | None = Field(default=None, gt=0)
     #: per-API-key token bucket: sustained requests per second and burst; 0 turns it off

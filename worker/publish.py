@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from common.storage import job_key
 from core.pipeline import JobOutputs
 from core.types import Profile
 from worker.errors import LostOwnership
+
+log = logging.getLogger("taq.worker")
 
 FORMAT_BY_EXT = {"json": "json", "png": "png", "gguf": "gguf", "safetensors": "safetensors",
                  "jsonl": "jsonl", "txt": "txt"}
@@ -165,6 +168,13 @@ def publish(hooks, outputs: JobOutputs) -> dict[str, Any]:
     with session_scope(settings) as session:
         if not finish_job(session, job_id, hooks.claim.token, JobStatus.succeeded, result=result, message="succeeded"):
             raise LostOwnership(job_id)
+    if not settings.keep_work_files:
+        # the layer checkpoints (codes at every width) and stage markers only serve a resume: an
+        # 8B job leaves ~12 GB there, which no quota counts; the artifacts stay
+        try:
+            hooks.storage.delete_prefix(job_key(job_id, "work") + "/")
+        except Exception as exc:  # the job succeeded; a leftover is harmless, only space
+            log.warning("could not remove the job's work files", extra={"error": repr(exc)})
     return result
 
 

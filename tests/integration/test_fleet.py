@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from common.db import migrate
 from common.settings import Settings
+from common.storage import storage_from_settings
 
 from .conftest import CALIBRATION, TAQ, Proc, service_env, tiny_spec, verify_artifacts, wait_for, wait_job
 
@@ -83,6 +84,9 @@ def test_jobs_go_to_the_smallest_class_that_holds_them_and_wait_for_its_workers(
     done = wait_job(client, big.json()["id"], timeout=600, headers=AUTH)
     assert done["status"] == "succeeded", done["error"]
     assert "hf" in verify_artifacts(client, done["id"], AUTH)
+    # a succeeded job keeps its artifacts, not its work files (layer checkpoints at every width)
+    storage = storage_from_settings(fleet["settings"])
+    assert storage.list(f"jobs/{done['id']}/artifacts/") and storage.list(f"jobs/{done['id']}/work/") == []
     # no small worker yet: the tiny job waits in its own queue; the large worker never took it
     waiting = client.get(f"/v1/jobs/{tiny.json()['id']}", headers=AUTH).json()
     assert waiting["status"] == "queued" and waiting["attempts"] == 0

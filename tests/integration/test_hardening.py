@@ -285,6 +285,11 @@ def test_per_tenant_quotas_name_their_setting(base):
         assert _upload(client, headers, '{"prompt": "c"}\n').status_code == 201
         error = envelope(_upload(client, headers, '{"prompt": "d"}\n'), 429, "dataset_limit")
         assert "TAQ_MAX_DATASETS_PER_TENANT=2" in error["message"]
+        # a job's disk estimate (every budget's export, the layer checkpoints) counts against the quota
+        error = envelope(client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform")), 413, "storage_quota")
+        assert error["details"]["adding"] > 200
+    roomy = tight.model_copy(update={"max_stored_bytes_per_tenant": 1 << 40})
+    with TestClient(create_app(roomy), raise_server_exceptions=False) as client:
         for seed in (1, 2):
             assert client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=seed)).status_code == 202
         error = envelope(client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=3)), 429, "job_limit")

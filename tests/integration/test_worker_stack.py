@@ -35,7 +35,7 @@ def stack(tmp_path_factory, pg_database, redis_url, s3_endpoint, tiny_model_root
     config = dict(database_url=pg_database(), broker_url=redis_url, storage_url=f"s3://{bucket}/taq",
                   s3_endpoint_url=s3_endpoint, model_roots=str(tiny_model_root), api_keys=f"team:{KEY}",
                   heartbeat_seconds="1", stale_after_seconds="6", reaper_interval_seconds="2",
-                  requeue_queued_after_seconds="60")
+                  requeue_queued_after_seconds="60", keep_work_files="true")  # the resume test reads them
     settings = Settings(data_dir=data, **{k: v for k, v in config.items() if k != "model_roots"},
                         model_roots=[tiny_model_root])
     migrate(settings)
