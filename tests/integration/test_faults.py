@@ -178,6 +178,10 @@ def test_api_answers_503_during_a_database_outage_and_recovers(tmp_path, pg_data
             for _ in range(2):  # first with the dead pooled connections, then with fresh attempts
                 started = time.monotonic()
                 _assert_db_unavailable(client.get(f"/v1/jobs/{job_id}"))
+                # fast: a refused connection is a 503 at once, never a wait for a pooled connection
+                single = time.monotonic()
+                _assert_db_unavailable(client.get(f"/v1/jobs/{job_id}"))
+                assert time.monotonic() - single < 1.0
                 _assert_db_unavailable(client.get("/v1/jobs"))
                 assert client.get("/v1/models").status_code == 200  # env keys + model roots: no DB needed
                 _assert_db_unavailable(client.post("/v1/jobs", json=tiny_spec("uniform")))
