@@ -58,10 +58,20 @@ def dispose_engines() -> None:
         for engine in _engines.values():
             engine.dispose()
         _engines.clear()
+        _factories.clear()
+
+
+_factories: dict[str, sessionmaker[Session]] = {}
 
 
 def session_factory(settings: Settings) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(settings), expire_on_commit=False)
+    """One sessionmaker per database (built once: this runs for every request)."""
+    factory = _factories.get(settings.database_url)
+    if factory is None:
+        engine = get_engine(settings)
+        with _lock:
+            factory = _factories.setdefault(settings.database_url, sessionmaker(bind=engine, expire_on_commit=False))
+    return factory
 
 
 @contextmanager
