@@ -2,14 +2,21 @@
 transformers and reproduces our dequantized model, the GGUF (metadata copied from the source GGUF)
 loads in transformers and llama.cpp and agrees with the HF export, and the manifest reports the
 stored bits. Cases: asymmetric group 128 (576 % 128 != 0: the padded last group) and symmetric
-group 64 (the vLLM "group" layout; every GGUF block exact)."""
+group 64 (the vLLM "group" layout; every GGUF block exact).
+
+llama.cpp (llama-cpp-python, installed by `make setup`): every GGUF tensor type the exporter
+writes (Q8_0, Q4_0, Q4_1, F16), each alone in a file and mixed in the two cases above, loads,
+generates, and picks the same next token as transformers loading the same file after >= 95 % of
+32 prompts (flips at near-ties, which llama.cpp's 8-bit activations cause, aside; the plain
+agreement is reported and must reach 85 %). Under CI=true a missing llama-cpp-python fails these
+tests instead of skipping them."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +38,37 @@ NEW_TOKENS = 16
 #: first and last two layers kept, the middle cycles 4 / 8 / 4 / 4 bits
 WIDTHS = [16, 16] + ([4, 8, 4, 4] * 7)[:26] + [16, 16]
 CASES = {"asym-g128": (False, 128), "sym-g64": (True, 64)}
+#: every tensor type the GGUF exporter writes for a linear, each filling a whole file:
+#: (bits of every layer, symmetric); group 32 = one GGML block per group
+GGUF_TYPES = {"Q8_0": (8, True), "Q4_0": (4, True), "Q4_1": (4, False), "F16": (16, False)}
+#: the llama.cpp agreement prompts: plain text, code and chat (formatted with the model's template)
+TEXT_PROMPTS = [
+    "The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
+    "The largest planet in the solar system is", "Once upon a time, there was a", "import numpy as np\n",
+    "The quick brown fox jumps over the", "In 1492, Christopher Columbus", "for i in range(10):\n   ",
+    "The chemical symbol for gold is", "My favourite food is", "The sun rises in the",
+    "Photosynthesis is the process by which", "SELECT name FROM users WHERE", "The first man on the moon was",
+    "A triangle has three", "To make a cup of tea, first", "The opposite of hot is",
+    "Monday, Tuesday, Wednesday,", "The Eiffel Tower is located in",
+]
+CHAT_PROMPTS = [
+    "What is 2+2?", "What is the capital city of Japan? Reply with just the name of the city.",
+    "Name a primary colour.", "What does the Python expression `sum([1, 1, 6])` evaluate to?",
+    "Write a haiku about the sea.", "How many legs does a spider have?", "Translate 'thank you' into French.",
+    "What is 7 times 8?", "Give me one word that rhymes with cat.", "Who wrote Romeo and Juliet?",
+    "What is the boiling point of water in Celsius?", "Say hello in Spanish.",
+]
+#: llama.cpp rounds activations to 8 bits for its quantized dot products, which moves SmolLM2's
+#: logits by ~3 % of the largest one (median; 0.1 % for F16): where transformers' top two tokens lie
+#: within LLAMA_NEAR_TIE (in logits, i.e. nats of log-probability) that can flip the top-1. A flip
+#: there counts as agreeing in the asserted figure; the plain top-1 agreement is reported beside
+#: it and has a floor of its own, so more flips than near-ties explain still fail.
+LLAMA_MIN_AGREEMENT = 0.95
+LLAMA_MIN_EXACT_AGREEMENT = 0.85
+LLAMA_NEAR_TIE = 0.5
+LLAMA_NEW_TOKENS = 8
+#: llama.cpp on one thread: the tests share 2 cores, and spinning OpenMP threads cost more than they gain
+LLAMA_THREADS = 1
 
 
 @pytest.fixture(scope="module")
@@ -169,17 +207,108 @@ def test_manifest_reports_stored_effective_bits(exported):
     assert set(gguf["by_type"]) == ({"F16", "Q4_0", "Q8_0"} if exported.symmetric else {"F16", "Q4_1", "Q8_0"})
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                    reason="llama-cpp-python is not installed (pip install llama-cpp-python; builds llama.cpp "
-                           "from source, ~10 min on 2 cores)")
-def test_llama_cpp_loads_the_gguf(exported):
-    from llama_cpp import Llama
+def require_llama_cpp():
+    """The llama_cpp module. `make setup` installs it, so under CI=true its absence is a failure;
+    elsewhere (a hand-made venv) the test is skipped."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
+            pytest.fail(f"llama-cpp-python cannot be imported under CI=true ({exc}); `make setup` installs it",
+                        pytrace=False)
+        pytest.skip(f"llama-cpp-python is not installed ({exc}); `make setup` installs it")
+    return llama_cpp
 
-    llm = Llama(model_path=str(exported.gguf.path), n_ctx=256, logits_all=True, verbose=False, n_threads=2, seed=0)
+
+def open_llama(path: Path, n_ctx: int = 128, logits_all: bool = False):
+    llama_cpp = require_llama_cpp()
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all, verbose=False,
+                           n_threads=LLAMA_THREADS, n_threads_batch=LLAMA_THREADS, seed=0)
+
+
+def llama_prompts(tokenizer) -> list[str]:
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                           add_generation_prompt=True) for c in CHAT_PROMPTS]
+    return TEXT_PROMPTS + chats
+
+
+def hf_next_logits(model, tokenizer, prompts: list[str]) -> np.ndarray:
+    """transformers' next-token logits after each prompt, [prompts, vocab]: one right-padded batch
+    (causal, so the padding after a prompt never reaches its last position), the LM head applied
+    to the last positions only."""
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    width = max(map(len, ids))
+    batch = torch.tensor([row + [0] * (width - len(row)) for row in ids])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch, attention_mask=mask).last_hidden_state
+        last = hidden[torch.arange(len(ids)), torch.tensor([len(row) - 1 for row in ids])]
+        return model.lm_head(last).numpy()
+
+
+def llama_next_logits(llm, ids: list[int]) -> np.ndarray:
+    """llama.cpp's next-token logits after `ids` (a fresh sequence; only the last position's)."""
+    import llama_cpp
+
+    llm.reset()
+    llm.eval(ids)
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
+def check_llama_cpp(path: Path, model, tokenizer, record_property, label: str) -> dict:
+    """llama.cpp loads `path` (which transformers loaded as `model`): same tokenization of the 32
+    prompts, the same next token after >= 95 % of them (near-ties aside, see LLAMA_NEAR_TIE), and a
+    greedy generation that transformers, teacher-forced along it, agrees with."""
+    llm = open_llama(path)
+    prompts = llama_prompts(tokenizer)
+    assert len(prompts) == 32
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    for prompt, row in zip(prompts, ids):
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == row, prompt
+    theirs = hf_next_logits(model, tokenizer, prompts)
+    ours = np.stack([llama_next_logits(llm, row) for row in ids])
+    top_ours, top_theirs = ours.argmax(-1), theirs.argmax(-1)
+    exact = top_ours == top_theirs
+    # transformers' own preference of its top-1 over llama.cpp's: 0 where they agree
+    gap = theirs.max(-1) - theirs[np.arange(len(ids)), top_ours]
+    stats = {"agreement": float(exact.mean()), "agreement_near_ties_aside": float((gap <= LLAMA_NEAR_TIE).mean()),
+             "flips": [(prompts[i], tokenizer.decode([int(top_ours[i])]), tokenizer.decode([int(top_theirs[i])]),
+                        round(float(gap[i]), 3)) for i in np.flatnonzero(~exact)],
+             "max_logit_difference": float(np.abs(ours - theirs).max() / np.abs(theirs).max())}
+
+    # a few greedy tokens from llama.cpp's own sampler, continuing a plain and a chat prompt
+    generated, forced = [], []
+    for row in (ids[0], ids[len(TEXT_PROMPTS)]):
+        tokens = []
+        for token in llm.generate(row, temp=0.0, top_k=1, reset=True):
+            if token == llm.token_eos() or len(tokens) == LLAMA_NEW_TOKENS:
+                break
+            tokens.append(token)
+        assert tokens, "llama.cpp generated nothing"
+        generated.append(tokens)
+        with torch.no_grad():
+            top = model(torch.tensor([row + tokens])).logits[0, len(row) - 1: -1].argmax(-1).tolist()
+        forced += [a == b for a, b in zip(top, tokens)]
+    stats["generated"] = [tokenizer.decode(t) for t in generated]
+    stats["teacher_forced_agreement"] = float(np.mean(forced))
+    record_property(f"llama_cpp[{label}]", stats)
+    print(f"llama.cpp vs transformers on the same GGUF [{label}]: {stats}")
+    assert stats["agreement_near_ties_aside"] >= LLAMA_MIN_AGREEMENT, (label, stats)
+    assert stats["agreement"] >= LLAMA_MIN_EXACT_AGREEMENT, (label, stats)
+    assert stats["teacher_forced_agreement"] >= 0.8, (label, stats)
+    return stats
+
+
+def test_llama_cpp_loads_the_gguf(exported, record_property):
+    """The mixed files (F16 + Q8_0 + Q4_1 or Q4_0): against transformers on the same GGUF, and
+    teacher-forced along the HF export's greedy continuations."""
+    label = f"mixed {'sym-g64' if exported.symmetric else 'asym-g128'}"
+    check_llama_cpp(exported.gguf.path, exported.gg, exported.tokenizer, record_property, label)
+
+    llm = open_llama(exported.gguf.path, n_ctx=256, logits_all=True)
     agreement = []
     for prompt in exported.prompts:
         ids = exported.tokenizer(prompt)["input_ids"]
-        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
         hf_tokens = exported.greedy(exported.hf, prompt)
         full = ids + hf_tokens
         llm.reset()
@@ -192,10 +321,34 @@ def test_llama_cpp_loads_the_gguf(exported):
     assert float(np.mean(agreement)) >= 0.8, agreement
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
-def test_llama_cpp_loads_the_tiny_gguf(tiny_llama_dir, tmp_path):
-    from llama_cpp import Llama
+@pytest.mark.parametrize("qtype", sorted(GGUF_TYPES))
+def test_llama_cpp_loads_each_gguf_type(qtype, smol, smollm2_path, tmp_path, record_property):
+    """One file per tensor type: every linear of every layer stored as `qtype` (token embedding
+    F16, norms F32 as always)."""
+    from core.weights.gguf_reader import parse_gguf_header
 
+    require_llama_cpp()
+    model, tokenizer, _ = smol
+    bits, symmetric = GGUF_TYPES[qtype]
+    layers = [name for name, _ in decoder_layers(model)]
+    bit_map = dict.fromkeys(layers, bits)
+    weights = {name: quantize_weight(linear.weight.detach(), bits, 32, symmetric)
+               for layer in layers if bits < 16 for name, linear in named_linears(model, layer).items()}
+    spec = JobSpec(model="smollm2-135m-instruct", method="uniform", bit_budget={"avg_bits": float(bits)},
+                   bit_choices=[bits], group_size=32, symmetric=symmetric)
+    path = export_gguf(model, tokenizer, weights, bit_map, spec, tmp_path / f"{qtype}.gguf",
+                       source_gguf=smollm2_path).path
+    with path.open("rb") as f:
+        header = parse_gguf_header(f.fileno(), path.stat().st_size, path.name)
+    assert {t.qtype.name for t in header.tensors} == {qtype, "F16", "F32"}
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    check_llama_cpp(path, loaded, tokenizer, record_property, qtype)
+
+
+def test_llama_cpp_loads_the_tiny_gguf(tiny_llama_dir, tmp_path):
+    """A GGUF written without a source GGUF (hyperparameters and tokenizer from the HF directory)."""
+    require_llama_cpp()
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     bits = {name: b for (name, _), b in zip(decoder_layers(model), (4, 8, 16, 4))}
@@ -203,7 +356,7 @@ def test_llama_cpp_loads_the_tiny_gguf(tiny_llama_dir, tmp_path):
                for layer, b in bits.items() if b < 16 for name, lin in named_linears(model, layer).items()}
     spec = JobSpec(model="tiny-llama", method="uniform", bit_budget={"avg_bits": 8.0}, group_size=32)
     path = export_gguf(model, tokenizer, weights, bits, spec, tmp_path / "tiny.gguf").path
-    llm = Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, seed=0)
+    llm = open_llama(path, logits_all=True)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     ids = tokenizer("The capital of France is a city")["input_ids"]
     llm.reset()
