@@ -17,10 +17,7 @@ import argparse
 import json
 import os
 import re
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,14 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PG_ADMIN_DSN = os.environ.get("TAQ_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
-PG_URL = os.environ.get("TAQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/{db}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from bench.local_stack import free_port, stop_all, temporary_database, write_summary  # noqa: E402
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -91,8 +81,17 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
 
-    import psycopg
+    work = Path(tempfile.mkdtemp(prefix="bench-api-"))
+    procs: list[subprocess.Popen] = []
+    with temporary_database("taq_bench") as (_db, url):
+        try:
+            _run(args, work, url, procs)
+        finally:
+            stop_all(procs, grace=20)
+            shutil.rmtree(work, ignore_errors=True)
 
+
+def _run(args, work: Path, url: str, procs: list[subprocess.Popen]) -> None:
     from common.auth import create_key
     from common.db import migrate, session_scope
     from common.ids import new_id
@@ -100,70 +99,46 @@ def main() -> None:
     from common.settings import Settings
     from core.spec import JobSpec
 
-    db = f"taq_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{db}"')
-    work = Path(tempfile.mkdtemp(prefix="bench-api-"))
-    procs: list[subprocess.Popen] = []
-    try:
-        url = PG_URL.format(db=db)
-        settings = Settings(data_dir=work, database_url=url)
-        migrate(settings)
-        spec = JobSpec(model="smollm2-135m-instruct", method="uniform", bit_budget={"avg_bits": 5.0})
-        with session_scope(settings) as session:
-            key = create_key(session, "bench").key
-            job_id = new_id("job")
-            now = utcnow()
-            session.add(Job(id=job_id, tenant="bench", status=JobStatus.running, stage="score", progress=0.4,
-                            spec=spec.model_dump(mode="json"), created_at=now, updated_at=now, attempts=1,
-                            cancel_requested=False, worker_class="default"))
-        taq_port, bare_port = free_port(), free_port()
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("TAQ_")},
-               "TAQ_DATA_DIR": str(work), "TAQ_DATABASE_URL": url, "TAQ_RATE_LIMIT_PER_SECOND": "0",
-               "TAQ_LOG_LEVEL": "INFO"}
-        taq = str(Path(sys.executable).with_name("taq"))
-        with open(work / "taq.log", "wb") as log:
-            procs.append(subprocess.Popen([taq, "api", "--port", str(taq_port), "--skip-migrate"], env=env,
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_api.py"), "--port", str(bare_port),
-                                       "--database-url", url], start_new_session=True))
-        targets = {"taq": (f"http://127.0.0.1:{taq_port}/v1/jobs/{job_id}", {"Authorization": f"Bearer {key}"}),
-                   "bare": (f"http://127.0.0.1:{bare_port}/jobs/{job_id}", {})}
-        for (target, headers), proc in zip(targets.values(), procs):
-            wait_ready(target, proc)
-            httpx.get(target, headers=headers).raise_for_status()
-            wrk(target, args.clients, 2, headers)  # warm-up: pools, JIT-free but caches and threads
-        rounds = []
-        for number in range(args.rounds):
-            result = {name: wrk(target, args.clients, args.duration, headers)
-                      for name, (target, headers) in targets.items()}
-            result["ratio"] = round(result["taq"]["requests_per_s"] / result["bare"]["requests_per_s"], 3)
-            rounds.append(result)
-            print(json.dumps({"round": number + 1, **result}), flush=True)
-        summary = {"clients": args.clients, "duration_s": args.duration, "rounds": rounds,
-                   "min_ratio": min(r["ratio"] for r in rounds),
-                   "max_p99_ms_taq": max(r["taq"]["p99_ms"] for r in rounds),
-                   "non_2xx_taq": sum(r["taq"]["non_2xx"] for r in rounds),
-                   "timeouts_taq": sum(r["taq"]["timeouts"] for r in rounds),
-                   "command": " ".join(["python"] + sys.argv)}
-        print(json.dumps(summary))
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(summary, indent=2))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-        from common.db import dispose_engines
-
-        dispose_engines()
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        shutil.rmtree(work, ignore_errors=True)
+    settings = Settings(data_dir=work, database_url=url)
+    migrate(settings)
+    spec = JobSpec(model="smollm2-135m-instruct", method="uniform", bit_budget={"avg_bits": 5.0})
+    with session_scope(settings) as session:
+        key = create_key(session, "bench").key
+        job_id = new_id("job")
+        now = utcnow()
+        session.add(Job(id=job_id, tenant="bench", status=JobStatus.running, stage="score", progress=0.4,
+                        spec=spec.model_dump(mode="json"), created_at=now, updated_at=now, attempts=1,
+                        cancel_requested=False, worker_class="default"))
+    taq_port, bare_port = free_port(), free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TAQ_")},
+           "TAQ_DATA_DIR": str(work), "TAQ_DATABASE_URL": url, "TAQ_RATE_LIMIT_PER_SECOND": "0",
+           "TAQ_LOG_LEVEL": "INFO"}
+    taq = str(Path(sys.executable).with_name("taq"))
+    with open(work / "taq.log", "wb") as log:
+        procs.append(subprocess.Popen([taq, "api", "--port", str(taq_port), "--skip-migrate"], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    procs.append(subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_api.py"), "--port", str(bare_port),
+                                   "--database-url", url], start_new_session=True))
+    targets = {"taq": (f"http://127.0.0.1:{taq_port}/v1/jobs/{job_id}", {"Authorization": f"Bearer {key}"}),
+               "bare": (f"http://127.0.0.1:{bare_port}/jobs/{job_id}", {})}
+    for (target, headers), proc in zip(targets.values(), procs):
+        wait_ready(target, proc)
+        httpx.get(target, headers=headers).raise_for_status()
+        wrk(target, args.clients, 2, headers)  # warm-up: pools, JIT-free but caches and threads
+    rounds = []
+    for number in range(args.rounds):
+        result = {name: wrk(target, args.clients, args.duration, headers)
+                  for name, (target, headers) in targets.items()}
+        result["ratio"] = round(result["taq"]["requests_per_s"] / result["bare"]["requests_per_s"], 3)
+        rounds.append(result)
+        print(json.dumps({"round": number + 1, **result}), flush=True)
+    summary = {"clients": args.clients, "duration_s": args.duration, "rounds": rounds,
+               "min_ratio": min(r["ratio"] for r in rounds),
+               "max_p99_ms_taq": max(r["taq"]["p99_ms"] for r in rounds),
+               "non_2xx_taq": sum(r["taq"]["non_2xx"] for r in rounds),
+               "timeouts_taq": sum(r["taq"]["timeouts"] for r in rounds),
+               "command": " ".join(["python"] + sys.argv)}
+    write_summary(summary, args.json)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import random
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,17 +27,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PG_ADMIN_DSN = os.environ.get("TAQ_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
-PG_URL = os.environ.get("TAQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/{db}")
+from bench.local_stack import PG_ADMIN_DSN, free_port, stop_all, temporary_database, write_summary  # noqa: E402
+
 REDIS = os.environ.get("TAQ_TEST_REDIS", "redis://127.0.0.1:6379")
 SPEC = {"model": "tiny-llama", "method": "uniform", "bit_budget": {"avg_bits": 6.0}, "bit_choices": [4, 8],
         "group_size": 32, "exports": ["hf"], "max_tokens": 32}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tiny_model(root: Path) -> None:
@@ -126,92 +116,80 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    import psycopg
     import redis
 
-    from common.auth import create_key
-    from common.db import dispose_engines, migrate, session_scope
-    from common.settings import Settings
-
-    db = f"taq_soak_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{db}"')
     redis_index = next(i for i in range(15, 1, -1) if redis.Redis.from_url(f"{REDIS}/{i}").dbsize() == 0)
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     procs: list[subprocess.Popen] = []
-    try:
-        (work / "models").mkdir()
-        tiny_model(work / "models")
-        url = PG_URL.format(db=db)
-        settings = Settings(data_dir=work, database_url=url)
-        migrate(settings)
-        with session_scope(settings) as session:
-            keys = [create_key(session, f"tenant-{i}").key for i in range(3)]
-        port = free_port()
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("TAQ_")}, "TAQ_DATA_DIR": str(work),
-               "TAQ_DATABASE_URL": url, "TAQ_BROKER_URL": f"{REDIS}/{redis_index}",
-               "TAQ_MODEL_ROOTS": str(work / "models"), "OMP_NUM_THREADS": "1", "TAQ_LOG_LEVEL": "WARNING"}
-        taq = str(Path(sys.executable).with_name("taq"))
-        for name, cmd in (("api", [taq, "api", "--port", str(port), "--skip-migrate"]),
-                          ("worker", [taq, "worker", "--skip-migrate"])):
-            with open(work / f"{name}.log", "wb") as log:
-                procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                              start_new_session=True))
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        traffic = Traffic(base, keys, time.monotonic() + args.minutes * 60)
-        threads = [threading.Thread(target=traffic.tenant, args=(key, i), daemon=True) for i, key in enumerate(keys)]
-        for thread in threads:
-            thread.start()
-        connections = []
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-            while any(t.is_alive() for t in threads):
-                count = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (db,)).fetchone()[0]
-                connections.append(count)
-                time.sleep(10)
-        # every submitted job must finish
-        finished: dict[str, str] = {}
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and len(finished) < len(traffic.jobs):
-            for key, job_id in traffic.jobs:
-                if job_id not in finished:
-                    job = httpx.get(f"{base}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()
-                    if job["status"] in ("succeeded", "failed", "cancelled"):
-                        finished[job_id] = job["status"]
-            time.sleep(2)
-        outcome = collections.Counter(finished.values())
-        summary = {"minutes": args.minutes, "requests": sum(traffic.statuses.values()),
+    with temporary_database("taq_soak") as (db, url):
+        try:
+            _run(args, work, db, url, f"{REDIS}/{redis_index}", procs)
+        finally:
+            stop_all(procs, grace=60)
+            redis.Redis.from_url(f"{REDIS}/{redis_index}").flushdb()
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, work: Path, db: str, url: str, broker_url: str, procs: list[subprocess.Popen]) -> None:
+    import psycopg
+
+    from common.auth import create_key
+    from common.db import migrate, session_scope
+    from common.settings import Settings
+
+    (work / "models").mkdir()
+    tiny_model(work / "models")
+    settings = Settings(data_dir=work, database_url=url)
+    migrate(settings)
+    with session_scope(settings) as session:
+        keys = [create_key(session, f"tenant-{i}").key for i in range(3)]
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TAQ_")}, "TAQ_DATA_DIR": str(work),
+           "TAQ_DATABASE_URL": url, "TAQ_BROKER_URL": broker_url,
+           "TAQ_MODEL_ROOTS": str(work / "models"), "OMP_NUM_THREADS": "1", "TAQ_LOG_LEVEL": "WARNING"}
+    taq = str(Path(sys.executable).with_name("taq"))
+    for name, cmd in (("api", [taq, "api", "--port", str(port), "--skip-migrate"]),
+                      ("worker", [taq, "worker", "--skip-migrate"])):
+        with open(work / f"{name}.log", "wb") as log:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    traffic = Traffic(base, keys, time.monotonic() + args.minutes * 60)
+    threads = [threading.Thread(target=traffic.tenant, args=(key, i), daemon=True) for i, key in enumerate(keys)]
+    for thread in threads:
+        thread.start()
+    connections = []
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        while any(t.is_alive() for t in threads):
+            count = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (db,)).fetchone()[0]
+            connections.append(count)
+            time.sleep(10)
+    # every submitted job must finish
+    finished: dict[str, str] = {}
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and len(finished) < len(traffic.jobs):
+        for key, job_id in traffic.jobs:
+            if job_id not in finished:
+                job = httpx.get(f"{base}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()
+                if job["status"] in ("succeeded", "failed", "cancelled"):
+                    finished[job_id] = job["status"]
+        time.sleep(2)
+    outcome = collections.Counter(finished.values())
+    write_summary({"minutes": args.minutes, "requests": sum(traffic.statuses.values()),
                    "statuses": dict(sorted(traffic.statuses.items())),
                    "server_errors": sum(n for code, n in traffic.statuses.items() if code >= 500),
                    "client_errors_sample": traffic.errors[:5], "jobs_submitted": len(traffic.jobs),
                    "jobs_finished": dict(outcome), "jobs_unfinished": len(traffic.jobs) - len(finished),
                    "db_connections": {"first": connections[:1], "max": max(connections, default=0),
                                       "last": connections[-1:], "samples": connections},
-                   "command": " ".join(["python"] + sys.argv)}
-        print(json.dumps(summary))
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(summary, indent=2))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-        dispose_engines()
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        redis.Redis.from_url(f"{REDIS}/{redis_index}").flushdb()
-        shutil.rmtree(work, ignore_errors=True)
-
+                   "command": " ".join(["python"] + sys.argv)}, args.json)
 
 if __name__ == "__main__":
     main()
