@@ -92,8 +92,3 @@ def get_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
         raise NotFound(f"dataset '{dataset_id}' not found", code="dataset_not_found")
     return row
 
-
-def load_rows(storage: Storage, dataset: Dataset):
-    from core.data import parse_jsonl
-
-    return parse_jsonl(storage.get_bytes(dataset.storage_key))

@@ -309,9 +309,3 @@ def get_artifact(session: Session, tenant: str, job_id: str, name: str) -> tuple
                     return parent, entry
     raise NotFound(f"job '{job_id}' has no artifact '{name}'", code="artifact_not_found")
 
-
-def count_jobs_by_status(session: Session) -> dict[str, int]:
-    rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
-    counts = {s: 0 for s in JobStatus.ALL}
-    counts.update({status: n for status, n in rows})
-    return counts

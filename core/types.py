@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 
@@ -62,11 +62,6 @@ class QuantizedWeight:
         if self.zero is not None:
             return self.zero
         return torch.full_like(self.scale, 2 ** (self.bits - 1), dtype=torch.uint8)
-
-
-class LayerRefLike(Protocol):
-    index: int
-    name: str
 
 
 @dataclass(frozen=True)
