@@ -60,10 +60,6 @@ class StreamSlots:
             else:
                 self._open.pop(tenant, None)
 
-    def open_streams(self, tenant: str | None = None) -> int:
-        with self._lock:
-            return self._open.get(tenant, 0) if tenant is not None else sum(self._open.values())
-
 
 class StreamSlot:
     def __init__(self, slots: StreamSlots, tenant: str) -> None:

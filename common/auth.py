@@ -57,15 +57,20 @@ class Authenticator:
             self._required = True  # a latch: never back to keyless while this process runs
         return self._required
 
-    def tenant_for_key(self, session: Session, key: str) -> str | None:
+    def _known_tenant(self, key: str) -> str | None:
+        """The tenant of `key` from TAQ_API_KEYS or the cache of valid database keys."""
         for known, tenant in self.settings.api_key_map.items():
             if hmac.compare_digest(known.encode(), key.encode()):
                 return tenant
-        digest, now = hash_key(key), time.monotonic()
         with self._lock:
-            cached = self._cache.get(digest)
-        if cached is not None and cached[1] > now:
-            return cached[0]
+            cached = self._cache.get(hash_key(key))
+        return cached[0] if cached is not None and cached[1] > time.monotonic() else None
+
+    def tenant_for_key(self, session: Session, key: str) -> str | None:
+        tenant = self._known_tenant(key)
+        if tenant is not None:
+            return tenant
+        digest = hash_key(key)
         row = session.execute(select(ApiKey.tenant).where(ApiKey.key_hash == digest,
                                                           ApiKey.revoked_at.is_(None))).first()
         if row is None:
@@ -73,32 +78,18 @@ class Authenticator:
         with self._lock:
             if len(self._cache) >= _MAX_CACHED_KEYS:
                 self._cache.clear()
-            self._cache[digest] = (row.tenant, now + self.settings.auth_cache_seconds)
+            self._cache[digest] = (row.tenant, time.monotonic() + self.settings.auth_cache_seconds)
         return row.tenant
-
-    def forget(self, key_hash: str | None = None) -> None:
-        """Drop cached keys (one, or all): called after a revoke in this process."""
-        with self._lock:
-            if key_hash is None:
-                self._cache.clear()
-            else:
-                self._cache.pop(key_hash, None)
 
     def cached_tenant(self, authorization: str | None) -> str | None:
         """The tenant when it is known without the database (auth latched on and the key in
         TAQ_API_KEYS or cached); None when the full check must run."""
-        if self.settings.auth == "off" or not self._required or not authorization:
+        if self.settings.auth == "off" or not self._required:
             return None
-        scheme, _, key = authorization.partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
             return None
-        for known, tenant in self.settings.api_key_map.items():
-            if hmac.compare_digest(known.encode(), key.encode()):
-                return tenant
-        with self._lock:
-            cached = self._cache.get(hash_key(key))
-        return cached[0] if cached is not None and cached[1] > time.monotonic() else None
+        return self._known_tenant(key.strip())
 
     def authenticate(self, session: Session, authorization: str | None) -> str:
         """The tenant of the caller; raises Unauthorized. Keyless: the ``default`` tenant."""

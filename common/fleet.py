@@ -77,8 +77,10 @@ def queue_depth_by_class(session: Session, settings: Settings) -> dict[str, int]
     return depth
 
 
-def live_workers_by_class(session: Session, settings: Settings) -> dict[str, int]:
+def live_workers_by_class(session: Session, settings: Settings,
+                          workers: list[LiveWorker] | None = None) -> dict[str, int]:
+    """Live workers per class (every declared class present); `workers` when already listed."""
     counts = {c.name: 0 for c in settings.fleet()}
-    for worker in live_workers(session, settings):
+    for worker in live_workers(session, settings) if workers is None else workers:
         counts[worker.worker_class] = counts.get(worker.worker_class, 0) + 1
     return counts

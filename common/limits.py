@@ -1,6 +1,7 @@
 """Admission limits checked before anything is stored or queued: dataset rows, prompt length, and
-the per-tenant quotas (datasets, jobs, stored bytes) and the memory preflight of a job. Each refusal is a 422 whose message names the limit, its
-``TAQ_`` setting and how to get under it."""
+the per-tenant quotas (datasets, jobs, stored bytes) and the memory preflight of a job. Each
+refusal (a 422; 413 or 429 for the quotas) names the limit, its ``TAQ_`` setting and how to get
+under it."""
 
 from __future__ import annotations
 
@@ -110,22 +111,24 @@ def check_storage_quota(session: Session, settings: Settings, tenant: str, addin
             details={"stored_bytes": used, "adding": adding, "limit": limit}, code="storage_quota")
 
 
-def check_dataset_quota(session: Session, settings: Settings, tenant: str) -> None:
-    limit = settings.max_datasets_per_tenant
-    count = session.scalar(select(func.count()).select_from(Dataset).where(Dataset.tenant == tenant))
+def _check_count(session: Session, tenant: str, model: Any, limit: int, *, noun: str, setting: str,
+                 advice: str, code: str) -> None:
+    """429 `code` when the tenant already keeps `limit` rows of `model`."""
+    count = session.scalar(select(func.count()).select_from(model).where(model.tenant == tenant))
     if count >= limit:
-        raise TooManyRequests(
-            f"tenant '{tenant}' already has {count} datasets (TAQ_MAX_DATASETS_PER_TENANT={limit}); delete some "
-            "with DELETE /v1/datasets/{id}", details={"limit": limit, "datasets": count}, code="dataset_limit")
+        raise TooManyRequests(f"tenant '{tenant}' already has {count} {noun} ({setting}={limit}); {advice}",
+                              details={"limit": limit, noun: count}, code=code)
+
+
+def check_dataset_quota(session: Session, settings: Settings, tenant: str) -> None:
+    _check_count(session, tenant, Dataset, settings.max_datasets_per_tenant, noun="datasets",
+                 setting="TAQ_MAX_DATASETS_PER_TENANT", advice="delete some with DELETE /v1/datasets/{id}",
+                 code="dataset_limit")
 
 
 def check_job_quota(session: Session, settings: Settings, tenant: str) -> None:
-    limit = settings.max_jobs_per_tenant
-    count = session.scalar(select(func.count()).select_from(Job).where(Job.tenant == tenant))
-    if count >= limit:
-        raise TooManyRequests(
-            f"tenant '{tenant}' already has {count} jobs (TAQ_MAX_JOBS_PER_TENANT={limit}); delete finished ones "
-            "with DELETE /v1/jobs/{id}", details={"limit": limit, "jobs": count}, code="job_limit")
+    _check_count(session, tenant, Job, settings.max_jobs_per_tenant, noun="jobs", setting="TAQ_MAX_JOBS_PER_TENANT",
+                 advice="delete finished ones with DELETE /v1/jobs/{id}", code="job_limit")
 
 
 # ---- jobs: memory preflight ------------------------------------------------------------------

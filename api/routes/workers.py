@@ -19,8 +19,9 @@ def list_workers(session: SessionDep, settings: SettingsDep, _operator: Operator
     """Worker classes with their queue depth and live workers (heartbeat fresher than
     TAQ_STALE_AFTER_SECONDS): class, device, memory, current job, last heartbeat. Needs the
     operator key (TAQ_ADMIN_KEY), or nothing in the keyless loopback mode."""
-    depth, alive = queue_depth_by_class(session, settings), live_workers_by_class(session, settings)
+    workers = live_workers(session, settings)
+    depth, alive = queue_depth_by_class(session, settings), live_workers_by_class(session, settings, workers)
     classes = [WorkerClassOut(name=c.name, device=c.device, memory_bytes=c.memory_bytes, queue=c.queue,
                               queued_jobs=depth.get(c.name, 0), live_workers=alive.get(c.name, 0))
                for c in settings.fleet()]
-    return FleetOut(classes=classes, workers=[WorkerOut(**asdict(w)) for w in live_workers(session, settings)])
+    return FleetOut(classes=classes, workers=[WorkerOut(**asdict(w)) for w in workers])
