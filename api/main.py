@@ -12,6 +12,7 @@ import anyio
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import ui
 from api.errors import envelope, install_error_handlers, unexpected_error
 from api.ratelimit import RateLimiter
 from api.sse import StreamSlots
@@ -134,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (jobs, datasets, models, workers, health):
         app.include_router(module.router)
+    ui.install(app)  # the dashboard at /ui (static files; not in the OpenAPI document)
     app.add_middleware(RequestContext, max_body=settings.max_request_bytes, max_upload=settings.max_upload_bytes)
     _mark_file_uploads_binary(app)
     return app

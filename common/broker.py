@@ -31,6 +31,9 @@ def make_celery(settings: Settings) -> Celery:
     consumes only ``quantize.NAME``: Celery's own routing, no scheduler of ours)."""
     settings.ensure_dirs()
     queues = [class_queue(c.name) for c in settings.fleet()]
+    # task events (received/started/succeeded/failed, and "sent" from the API) are what Flower
+    # shows; like remote control, not on the embedded filesystem broker, where nothing reads them
+    events = settings.broker_scheme != "filesystem"
     app = Celery("taq", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
         broker_transport_options=settings.broker_transport_options,
@@ -48,8 +51,8 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        worker_send_task_events=events,
+        task_send_sent_event=events,
         # the filesystem transport has no fan-out exchange for remote control
         worker_enable_remote_control=settings.broker_scheme != "filesystem",
         enable_utc=True,
