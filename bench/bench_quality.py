@@ -1,27 +1,30 @@
-"""Task score retained by each method at equal bit budgets, on a packaged model (CPU), in one run.
+"""Does task-aware allocation beat task-agnostic allocation at equal bits? One run, one model (CPU).
 
-    python bench/bench_quality.py --suites capitals arithmetic python_eval \
-        --avg-bits 4.25 4.5 5.0 6.0 --group-size 128 --methods uniform taq taq_kl taqo taq+gptq+clip \
-        --peers rtn_matched gptq_matched hqq --cross-task capitals:arithmetic \
+    python bench/bench_quality.py --suites capitals capitals_mc arithmetic \
+        --avg-bits 5.0 --methods taq+gptq taq_kl+gptq --controls uniform error_only random \
+        --cross-task arithmetic:capitals \
         --json bench/out/quality.json --markdown bench/out/quality.md --plot bench/out/quality.png
 
-For every suite: the full-precision model is evaluated once on the suite's eval split; every
-method runs the service's own pipeline (core.pipeline.run_job: the layer pass scores the suite's
-calibration split and stores every layer's codes at every width, as a budget-sweep job does) once
-per scoring setting; each budget and allocation unit is then allocated from that profile and its
-codes read from the pass's checkpoints; the dequantized weights go into a working copy of the
-model, which is greedy-evaluated (contains / F1 with 95 % bootstrap CIs) and compared with the
-full-precision model's next-token distribution (mean KL, top-1 agreement). Modifiers after a method set spec fields: `+gptq` quantizes with the
-error-compensating quantizer instead of round-to-nearest, `+clip` turns on clip search, `+linear`
-allocates per linear (`allocation_unit: linear`), e.g. `taq+gptq+linear`. Peers (bench/peers.py)
-spend each budget uniformly with 4-bit codes and the group size that reaches it (`rtn_matched`:
-our round-to-nearest, `gptq_matched`: our GPTQ on the suite's calibration rows, `hqq`: HQQ from
-PyPI).
-`--cross-task SRC:DST` quantizes with the profile scored on SRC and evaluates on DST.
-Identical weights (e.g. an allocation that came out all-4-bit, like `uniform`) are evaluated once.
+For every suite, every method runs the service's own pipeline (core.pipeline.run_job: the layer
+pass scores the suite's calibration split and stores every layer's codes at every width) once
+per scoring setting, and each budget is allocated from that profile. The controls use the first
+method's pass (the same quantizer and calibration, hence the same codes and measured errors) at
+the same budget with the task taken out (core/controls.py): `uniform` (the widest single width
+plus as many layers one width higher as the budget pays for, spread over the depth), `error_only`
+(the same exact knapsack with every sensitivity 1) and `random` (seeded random layers). A
+cross-task row `SRC:DST` allocates with the sensitivities of SRC's profile and DST's own measured
+errors and codes (GPTQ calibrated on DST), so it isolates the allocation.
 
-Caveat: the packaged SmolLM2 weights are Q4_1 (asymmetric blocks of 32), so 4-bit asymmetric
-groups of 32 (the 5.0-bit peers) reproduce them almost exactly and are flattered.
+Every variant of a suite is then measured on the whole eval split:
+* gold-answer NLL per item (teacher-forced, best alias) and KL / top-1 agreement against full
+  precision at the answer positions, all variants in one streamed layer pass
+  (core.streaming.evaluate, the service's evaluate stage);
+* greedy generation scored with `contains` and exact match per item (core.evaluation).
+Then every method row is compared with every control row of the same budget, item by item: the
+paired-bootstrap mean difference with its 95 % interval; "beats" means the interval excludes zero
+at no more effective bits. Effective bits count padded partial groups and the int8 zero points;
+full precision is the packaged source as stored (SmolLM2: GGUF Q4_1, about 5 bits), said in its row.
+Identical allocations from the same pass are measured once.
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ import copy
 import hashlib
 import importlib.util
 import json
+import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,21 +48,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.peers import UniformConfig, config_for_budget, peer_weights  # noqa: E402
+from bench.quality_tables import comparison_table, comparisons, plot, variant_table, verdict_summary  # noqa: E402
+from core.allocation import LayerCost, allocate_budget, layer_costs_from_profile  # noqa: E402
+from core.calibration import StageProgress  # noqa: E402
+from core.controls import allocate_error_only, allocate_random, allocate_uniform_mix  # noqa: E402
 from core.data import tokenize_rows  # noqa: E402
-from core.evaluation import evaluate_generation, fidelity  # noqa: E402
+from core.eval_report import source_precision  # noqa: E402
+from core.evaluation import GenerationEval, evaluate_generation  # noqa: E402
+from core.job_stages import CheckpointWeights  # noqa: E402
 from core.models import LoadedModel, load_model, resolve_model  # noqa: E402
 from core.packaged_models import GEMMA3_ID, SMOLLM2_ID, assemble_gemma3, packaged_models  # noqa: E402
-from core.job_stages import CheckpointWeights  # noqa: E402
 from core.pipeline import LAYERS_PREFIX, JobInputs, allocate_stage, linear_bits, run_job  # noqa: E402
 from core.quant.primitives import dequantize_weight  # noqa: E402
 from core.spec import CalibrationRow, JobSpec  # noqa: E402
-from core.streaming.checkpoints import MemoryStore  # noqa: E402
+from core.stats import bootstrap_ci, paired_difference, paired_ratio  # noqa: E402
+from core.streaming.checkpoints import MemoryStore, load_codes  # noqa: E402
+from core.streaming.evaluate import EvalVariant, teacher_forced_eval  # noqa: E402
+from core.streaming.hidden import SpillArea  # noqa: E402
+from core.streaming.model import open_streamed  # noqa: E402
 from core.types import BitAllocation, Profile  # noqa: E402
 
 TASKS = ROOT / "bench" / "tasks"
-#: the default sweep (`make bench-quality`): the RTN `uniform` baseline, then every method with
-#: the service's strongest quantizer settings (GPTQ with clip search)
-DEFAULT_METHODS = ["uniform", "uniform+gptq+clip", "taq+gptq+clip", "taq_kl+gptq+clip", "taqo+gptq+clip"]
+#: the default sweep (`make bench-quality`): two task-aware methods with GPTQ, the three controls
+DEFAULT_METHODS = ["taq+gptq", "taq_kl+gptq"]
+DEFAULT_SUITES = ["capitals", "capitals_mc", "arithmetic"]
+CONTROLS = {"uniform": allocate_uniform_mix, "error_only": allocate_error_only, "random": allocate_random}
 MODELS_DIR = ROOT / "bench" / "out" / "models"
 
 
@@ -99,61 +115,6 @@ def with_continuation(loaded: LoadedModel, rows: list[CalibrationRow], how: str)
         out.append(CalibrationRow(messages=messages + [{"role": "assistant", "content": answer.strip()}],
                                   answers=row.answers))
     return out
-
-
-@dataclass
-class SuiteEval:
-    """Evaluates weight sets on one suite with a single working copy of the model."""
-
-    loaded: LoadedModel
-    suite: str
-    eval_limit: int
-    fidelity_prompts: int
-    work: torch.nn.Module = field(init=False)
-    cache: dict[str, dict] = field(default_factory=dict)
-
-    continuation: str = "none"
-
-    def __post_init__(self) -> None:
-        tok = self.loaded.tokenizer
-        rows = read_rows(TASKS / self.suite / "eval.jsonl")[: self.eval_limit]
-        self.calibration = with_continuation(self.loaded, read_rows(TASKS / self.suite / "calibration.jsonl"),
-                                             self.continuation)
-        # token ids (chat template applied when the tokenizer has one; plain prompts get the
-        # tokenizer's BOS, which Gemma 3 needs and whose GGUF carries no chat template)
-        self.prompts = tokenize_rows(rows, tok, 256)
-        self.golds = [r.answers or [] for r in rows]
-        self.fid_ids = tokenize_rows(rows[: self.fidelity_prompts], tok, 128)
-        self.work = copy.deepcopy(self.loaded.model)
-        self.n = len(rows)
-
-    def _install(self, weights: dict[str, torch.Tensor]) -> None:
-        modules = dict(self.work.named_modules())
-        originals = dict(self.loaded.model.named_modules())
-        with torch.no_grad():
-            for ref in self.loaded.layers:
-                for name in ref.linears:
-                    source = weights.get(name, originals[name].weight)
-                    modules[name].weight.copy_(source.to(modules[name].weight.dtype))
-
-    def measure(self, weights: dict[str, torch.Tensor]) -> dict:
-        key = weights_key(weights)
-        if key in self.cache:
-            return {**self.cache[key], "eval_s": 0.0, "reused": True}
-        t0 = time.perf_counter()
-        self._install(weights)
-        ev = evaluate_generation(self.work, self.loaded.tokenizer, self.prompts, self.golds)
-        fid = fidelity(self.loaded.model, self.work, self.fid_ids)
-        result = {"contains": ev.contains_match.to_dict(), "f1": ev.f1_score.to_dict(),
-                  "mean_kl": fid.mean_kl, "top1": fid.top1_agreement}
-        self.cache[key] = result
-        return {**result, "eval_s": time.perf_counter() - t0, "reused": False}
-
-    def full_precision(self) -> dict:
-        t0 = time.perf_counter()
-        ev = evaluate_generation(self.loaded.model, self.loaded.tokenizer, self.prompts, self.golds)
-        return {"contains": ev.contains_match.to_dict(), "f1": ev.f1_score.to_dict(),
-                "mean_kl": 0.0, "top1": 1.0, "eval_s": time.perf_counter() - t0, "reused": False}
 
 
 #: method-token modifiers and the JobSpec fields they set
@@ -217,16 +178,65 @@ def dequantized(loaded: LoadedModel, scored: Scored, allocation: BitAllocation) 
     return {name: dequantize_weight(codes[name], dtype=torch.float32) for name in codes}
 
 
-def pipeline_rows(args, ctx: SuiteEval, model_id: str, label: str, variant: Variant, scored: Scored) -> list[dict]:
-    spec = make_spec(args, model_id, variant.method, **dict(variant.options))
-    rows = []
-    for allocation in allocate_stage(spec, scored.profile):
-        measured = ctx.measure(dequantized(ctx.loaded, scored, allocation))
-        rows.append({"suite": ctx.suite, "method": label, "avg_bits": allocation.budget,
-                     "effective_bits": allocation.effective_bits,
-                     "bits": dict(allocation.bits), "score_s": scored.seconds, "quantize_s": 0.0, **measured})
-        print_progress(rows[-1])
-    return rows
+@dataclass
+class Candidate:
+    """One weight variant of a suite before it is measured."""
+
+    label: str
+    kind: str
+    method: str
+    budget: float | None
+    allocation: BitAllocation | None = None
+    scored: Scored | None = None
+    weights: dict[str, torch.Tensor] | None = None  # peers: dequantized weights, no codes
+    effective_bits: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class SuiteEval:
+    """Greedy generation of weight variants on one suite with a single working copy of the model."""
+
+    loaded: LoadedModel
+    rows: list[CalibrationRow]
+    max_new_tokens: int
+    work: torch.nn.Module = field(init=False)
+    cache: dict[str, GenerationEval] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # token ids (chat template applied when the tokenizer has one; plain prompts get the
+        # tokenizer's BOS, which Gemma 3 needs and whose GGUF carries no chat template)
+        self.prompts = tokenize_rows(self.rows, self.loaded.tokenizer, 256)
+        self.golds = [r.answers or [] for r in self.rows]
+        self.work = copy.deepcopy(self.loaded.model)
+
+    def generate(self, weights: dict[str, torch.Tensor] | None) -> GenerationEval:
+        model = self.loaded.model
+        if weights is not None:
+            key = weights_key(weights)
+            if key in self.cache:
+                return self.cache[key]
+            modules = dict(self.work.named_modules())
+            originals = dict(self.loaded.model.named_modules())
+            with torch.no_grad():
+                for ref in self.loaded.layers:
+                    for name in ref.linears:
+                        modules[name].weight.copy_(weights.get(name, originals[name].weight))
+            model = self.work
+        result = evaluate_generation(model, self.loaded.tokenizer, self.prompts, self.golds,
+                                     max_new_tokens=self.max_new_tokens)
+        if weights is not None:
+            self.cache[key] = result
+        return result
+
+
+def cross_allocation(spec: JobSpec, source: Profile, target: Profile) -> list[BitAllocation]:
+    """The sensitivities of `source` (another task's profile) with the errors and shapes of
+    `target` (this task's pass), allocated as the method allocates."""
+    sens = {l.name: l.sensitivity for l in source.layers}
+    layers = [LayerCost(c.name, c.params, sens[c.name], c.quant_error, c.shapes)
+              for c in layer_costs_from_profile(target)]
+    return [allocate_budget(layers, b, list(spec.bit_choices), spec.group_size, spec.symmetric) for b in spec.budgets]
 
 
 def gptq_matched_weights(loaded: LoadedModel, model_id: str, config: UniformConfig,
@@ -234,42 +244,61 @@ def gptq_matched_weights(loaded: LoadedModel, model_id: str, config: UniformConf
     """Our GPTQ, every layer at 4 bits with the group size that spends the budget (calibrated on
     the suite's calibration rows: the error-compensating counterpart of `rtn_matched`)."""
     spec = JobSpec(model=model_id, method="uniform", quantizer="gptq", calibration_dataset_id="bench",
-                   bit_budget={"avg_bits": config.effective_bits}, bit_choices=[config.bits],
+                   bit_budget={"avg_bits": math.ceil(config.model_effective_bits(loaded) * 1e6) / 1e6},
+                   bit_choices=[config.bits],
                    group_size=config.group_size, max_calibration_rows=args.calibration_rows,
                    max_tokens=128, seed=0, exports=[], calibration_inputs=args.calibration_inputs)
     scored = run_pass(loaded, spec, calibration)
     return dequantized(loaded, scored, allocate_stage(spec, scored.profile)[0])
 
 
-def print_progress(row: dict) -> None:
-    print(f"  {row['suite']} · {row['method']} @ {row['avg_bits']}: contains "
-          f"{row['contains']['mean']:.3f} eff {row['effective_bits']:.3f} kl {row['mean_kl']:.3f}"
-          f"{' (same weights as an earlier row)' if row['reused'] else ''}", flush=True)
-
-
-def scored(args, loaded: LoadedModel, model_id: str, suite: str, variant: Variant,
-           calibration: list[CalibrationRow], profiles: dict) -> Scored:
-    """The suite's layer pass for the variant's method, run once and reused by every variant and
-    budget that shares it (the allocation unit does not change the pass; the quantizer and clip
+def scored_pass(args, loaded: LoadedModel, model_id: str, suite: str, variant: Variant, profiles: dict) -> Scored:
+    """The suite's layer pass for the variant's method, run once and reused by every budget and
+    control that shares it (the allocation unit does not change the pass; the quantizer and clip
     search change its codes and errors)."""
     key = (suite, variant.method, tuple(sorted(variant.scoring_options.items())))
     if key not in profiles:
+        calibration = with_continuation(loaded, read_rows(TASKS / suite / "calibration.jsonl"),
+                                        args.calibration_continuation)
         spec = make_spec(args, model_id, variant.method, **variant.scoring_options)
         profiles[key] = run_pass(loaded, spec, calibration)
+        print(f"  {suite} · {variant.method} {variant.scoring_options or ''} pass: "
+              f"{profiles[key].seconds:.0f}s", flush=True)
     return profiles[key]
 
 
-def run_suite(args, loaded: LoadedModel, model_id: str, suite: str,
-              profiles: dict) -> list[dict]:
-    ctx = SuiteEval(loaded, suite, args.eval_limit, args.fidelity_prompts, continuation=args.calibration_continuation)
-    fp = ctx.full_precision()
-    rows = [{"suite": suite, "method": "full precision", "avg_bits": None, "effective_bits": 16.0,
-             "bits": {}, "score_s": 0.0, "quantize_s": 0.0, **fp}]
-    print_progress(rows[0])
+def candidates(args, loaded: LoadedModel, model_id: str, suite: str, profiles: dict) -> list[Candidate]:
+    """Methods at every budget, the controls on the first method's pass, cross-task rows, peers."""
+    out: list[Candidate] = []
+    first: tuple[str, Variant, Scored] | None = None
     for token in args.methods:
         variant = parse_method(token)
-        rows += pipeline_rows(args, ctx, model_id, token, variant,
-                              scored(args, loaded, model_id, suite, variant, ctx.calibration, profiles))
+        scored = scored_pass(args, loaded, model_id, suite, variant, profiles)
+        first = first or (token, variant, scored)
+        spec = make_spec(args, model_id, variant.method, **dict(variant.options))
+        for allocation in allocate_stage(spec, scored.profile):
+            out.append(Candidate(token, "method", token, allocation.budget, allocation, scored))
+    if first is not None:
+        token, variant, scored = first
+        suffix = "".join(f"+{m}" for m in token.split("+")[1:] if m != "linear")  # same codes as that pass
+        spec = make_spec(args, model_id, variant.method, **dict(variant.options))
+        layers = layer_costs_from_profile(scored.profile)
+        for name in args.controls:
+            make = partial(CONTROLS[name], seed=0) if name == "random" else CONTROLS[name]
+            for budget in spec.budgets:
+                allocation = make(layers, budget, list(spec.bit_choices), spec.group_size, spec.symmetric)
+                out.append(Candidate(f"{name}{suffix}", "control", name, budget, allocation, scored))
+    for pair in args.cross_task:
+        source, _, target = pair.partition(":")
+        if target != suite:
+            continue
+        variant = parse_method(args.cross_task_method or args.methods[0])
+        spec = make_spec(args, model_id, variant.method, **dict(variant.options))
+        mine = scored_pass(args, loaded, model_id, suite, variant, profiles)
+        theirs = scored_pass(args, loaded, model_id, source, variant, profiles)
+        for allocation in cross_allocation(spec, theirs.profile, mine.profile):
+            out.append(Candidate(f"{args.cross_task_method or args.methods[0]} (profile from {source})",
+                                 "cross-task", variant.method, allocation.budget, allocation, mine))
     for peer in args.peers:
         for budget in args.avg_bits:
             config = config_for_budget(budget)
@@ -277,106 +306,135 @@ def run_suite(args, loaded: LoadedModel, model_id: str, suite: str,
                 continue
             t0 = time.perf_counter()
             if peer == "gptq_matched":
-                weights = gptq_matched_weights(loaded, model_id, config, ctx.calibration, args)
+                calibration = read_rows(TASKS / suite / "calibration.jsonl")
+                weights = gptq_matched_weights(loaded, model_id, config, calibration, args)
             else:
                 weights = peer_weights(loaded, peer, config)
-            quantize_s = time.perf_counter() - t0
-            rows.append({"suite": suite, "method": f"{peer} g{config.group_size}", "avg_bits": budget,
-                         "effective_bits": config.effective_bits, "bits": {}, "score_s": 0.0,
-                         "quantize_s": quantize_s, **ctx.measure(weights)})
-            print_progress(rows[-1])
-    for pair in args.cross_task:
-        source, _, target = pair.partition(":")
-        if target != suite:
+            out.append(Candidate(f"{peer} g{config.group_size}", "peer", peer, budget, weights=weights,
+                                 effective_bits=config.model_effective_bits(loaded),
+                                 seconds=time.perf_counter() - t0))
+    for c in out:
+        if c.allocation is not None:
+            c.effective_bits = c.allocation.effective_bits
+    return out
+
+
+def teacher_forced(loaded: LoadedModel, rows: list[CalibrationRow], found: list[Candidate], args) -> dict:
+    """Gold NLL / KL / top-1 of every candidate with codes, in one streamed layer pass."""
+    streamed = open_streamed(loaded.source, device="cpu", dtype=torch.float32)
+    variants, names = [], {}
+    seen: dict[tuple, str] = {}
+    for i, c in enumerate(found):
+        if c.allocation is None:
             continue
-        for token in args.cross_task_methods:
-            variant = parse_method(token)
-            source_rows = read_rows(TASKS / source / "calibration.jsonl")
-            rows += pipeline_rows(args, ctx, model_id, f"{token} (profile from {source})", variant,
-                                  scored(args, loaded, model_id, source, variant, source_rows, profiles))
-    for row in rows:
-        row["retained"] = row["contains"]["mean"] / fp["contains"]["mean"] if fp["contains"]["mean"] else None
-    return rows
+        bits = linear_bits(streamed.layers, c.allocation)
+        key = (id(c.scored), tuple(sorted(bits.items())))
+        if key not in seen:
+            seen[key] = f"v{i}"
+            variants.append(EvalVariant(seen[key], bits, codes=partial(load_codes, c.scored.store, LAYERS_PREFIX)))
+        names[i] = seen[key]
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        area = SpillArea(8 * 2**30, Path(tmp))
+        try:
+            results = teacher_forced_eval(streamed, rows, variants, codes=None, max_tokens=256,
+                                          tracker=StageProgress(stage="evaluate"), area=area)
+        finally:
+            area.close()
+            streamed.close()
+    return {"full_precision": results["full_precision"], **{i: results[name] for i, name in names.items()}}
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| suite | method | budget | effective bits | contains [95% CI] | retained vs FP | F1 | "
-             "KL to FP | top-1 agree | score s | quantize s | eval s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        c = r["contains"]
-        retained = f"{r['retained']:.2f}" if r["retained"] is not None else "—"
-        lines.append(
-            f"| {r['suite']} | {r['method']} | {r['avg_bits'] or '—'} | {r['effective_bits']:.3f} | "
-            f"{c['mean']:.3f} [{c['low']:.3f}, {c['high']:.3f}] | {retained} | {r['f1']['mean']:.3f} | "
-            f"{r['mean_kl']:.3f} | {r['top1']:.3f} | {r['score_s']:.0f} | {r['quantize_s']:.1f} | "
-            f"{'=' if r['reused'] else format(r['eval_s'], '.0f')} |")
-    return "\n".join(lines)
+def measure_suite(args, loaded: LoadedModel, model_id: str, suite: str, profiles: dict) -> list[dict]:
+    rows = read_rows(TASKS / suite / "eval.jsonl")[: args.eval_limit]
+    found = candidates(args, loaded, model_id, suite, profiles)
+    t0 = time.perf_counter()
+    teacher = teacher_forced(loaded, rows, found, args)
+    print(f"  {suite}: teacher-forced pass over {len(rows)} items x {len(teacher)} variants in "
+          f"{time.perf_counter() - t0:.0f}s", flush=True)
+    gen = SuiteEval(loaded, rows, args.max_new_tokens)
+    fp_gen = gen.generate(None)
+    streamed = open_streamed(loaded.source, device="cpu", dtype=torch.float32)
+    source = source_precision(streamed)
+    streamed.close()
+    fp_label = "/".join(sorted(source["formats"])) or "source"
+    out = [summarise(suite, "full precision", "full precision", "source", None, source["bits"] or 16.0,
+                     teacher["full_precision"], fp_gen, fp_gen, teacher["full_precision"], source=fp_label)]
+    print_progress(out[-1])
+    for i, c in enumerate(found):
+        t0 = time.perf_counter()
+        weights = c.weights if c.weights is not None else dequantized(loaded, c.scored, c.allocation)
+        generated = gen.generate(weights)
+        tf = teacher.get(i)
+        row = summarise(suite, c.label, c.kind, c.method, c.budget, c.effective_bits, tf, generated, fp_gen,
+                        teacher["full_precision"])
+        row["seconds"] = {"pass": c.scored.seconds if c.scored else c.seconds, "eval": time.perf_counter() - t0}
+        row["bits_histogram"] = ({str(b): n for b, n in sorted(_histogram(c.allocation).items())}
+                                 if c.allocation else {"4": "all"})
+        out.append(row)
+        print_progress(row)
+    return out
 
 
-def series_name(method: str) -> str:
-    """Peers are labelled with their group size per row ("hqq g64"); one plot series per peer."""
-    head, _, tail = method.rpartition(" g")
-    return head if head and tail.isdigit() else method
+def _histogram(allocation: BitAllocation) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for b in allocation.bits.values():
+        counts[b] = counts.get(b, 0) + 1
+    return counts
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def summarise(suite, label, kind, method, budget, effective_bits, tf, generated: GenerationEval,
+              fp_gen: GenerationEval, fp_tf, source: str | None = None) -> dict:
+    nll_items = tf.gold_nll_items if tf is not None else [None] * generated.n
+    answered = [v for v in nll_items if v is not None]
+    row = {"suite": suite, "label": label, "kind": kind, "method": method, "budget": budget,
+           "effective_bits": effective_bits, "source": source,
+           "gold_nll": bootstrap_ci(answered).to_dict() if answered else None,
+           "delta_nll": (paired_difference(fp_tf.gold_nll_items, nll_items).to_dict()
+                         if tf is not None and kind != "full precision" else None),
+           "contains": generated.contains_match.to_dict(), "exact_match": generated.exact_match.to_dict(),
+           "retained": (None if kind == "full precision" else
+                        (r.to_dict() if (r := paired_ratio(generated.contains, fp_gen.contains)) else None)),
+           "mean_kl": tf.mean_kl if tf is not None else float("nan"),
+           "top1": tf.top1_agreement if tf is not None else float("nan"),
+           "items": {"gold_nll": nll_items, "contains": generated.contains, "exact_match": generated.em,
+                     "prediction": generated.predictions}}
+    return row
 
-    suites = list(dict.fromkeys(r["suite"] for r in rows))
-    fig = Figure(figsize=(6.0 * len(suites), 6.5), dpi=100)
-    FigureCanvasAgg(fig)
-    markers = "os^vDP*Xh<>"
-    for i, suite in enumerate(suites):
-        ax = fig.add_subplot(1, len(suites), i + 1)
-        ax.axhline(1.0, color="black", lw=0.8, ls=":", label="full precision")
-        names = [m for m in dict.fromkeys(series_name(r["method"]) for r in rows if r["suite"] == suite)
-                 if m != "full precision"]
-        for k, name in enumerate(names):
-            pts = sorted({(r["effective_bits"], r["retained"]) for r in rows
-                          if r["suite"] == suite and series_name(r["method"]) == name and r["retained"] is not None})
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[k % len(markers)],
-                    ls="--" if "gptq" not in name else "-", label=name)
-        ax.set_title(suite)
-        ax.set_xlabel("effective bits (codes + fp16 scale/zero per group)")
-        ax.set_ylabel("task score retained vs full precision (contains)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+
+def print_progress(row: dict) -> None:
+    nll = row["gold_nll"]["mean"] if row["gold_nll"] else float("nan")
+    print(f"  {row['suite']} · {row['label']} @ {row['budget']}: eff {row['effective_bits']:.3f} "
+          f"gold NLL {nll:.3f} contains {row['contains']['mean']:.3f} kl {row['mean_kl']:.4f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=SMOLLM2_ID, choices=[SMOLLM2_ID, GEMMA3_ID])
-    parser.add_argument("--suites", nargs="+", default=["capitals"])
-    parser.add_argument("--avg-bits", type=float, nargs="+", default=[4.25, 4.5, 5.0, 6.0])
+    parser.add_argument("--suites", nargs="+", default=DEFAULT_SUITES)
+    parser.add_argument("--avg-bits", type=float, nargs="+", default=[5.0])
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--bit-choices", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
-    parser.add_argument("--peers", nargs="*", default=["hqq"])
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    parser.add_argument("--controls", nargs="*", default=list(CONTROLS), choices=list(CONTROLS))
+    parser.add_argument("--peers", nargs="*", default=[], choices=["rtn_matched", "gptq_matched", "hqq"])
     parser.add_argument("--cross-task", nargs="*", default=["arithmetic:capitals"], metavar="SRC:DST")
-    parser.add_argument("--cross-task-methods", nargs="+", default=["taq_kl+gptq+clip"])
+    parser.add_argument("--cross-task-method", default=None, help="method token of the cross-task rows "
+                        "(default: the first of --methods)")
     parser.add_argument("--calibration-rows", type=int, default=128)
-    parser.add_argument("--calibration-inputs", choices=["fp", "quantized"], default="fp",
-                        help="calibrate each layer on full-precision activations or on the outputs of the "
-                             "already-quantized layers before it (sequential)")
-    parser.add_argument("--calibration-continuation", choices=["none", "gold", "self"], default="none",
-                        help="append an assistant turn to every calibration row: the gold answer or "
-                             "the full-precision model's own greedy answer")
-    parser.add_argument("--eval-limit", type=int, default=150)
-    parser.add_argument("--fidelity-prompts", type=int, default=64)
+    parser.add_argument("--calibration-inputs", choices=["fp", "quantized"], default="fp")
+    parser.add_argument("--calibration-continuation", choices=["none", "gold", "self"], default="none")
+    parser.add_argument("--eval-limit", type=int, default=None, help="first N eval rows (default: all)")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args(argv)
-    if "hqq" in (args.peers or []) and importlib.util.find_spec("hqq") is None:
-        # fail before an hour of work, not at the first peer row
-        parser.error("the hqq peer needs HQQ: pip install -e '.[bench]' (or leave it out: --peers rtn_matched)")
+    if "hqq" in args.peers and importlib.util.find_spec("hqq") is None:
+        parser.error("the hqq peer needs HQQ: pip install -e '.[bench]' (or leave it out)")
+    missing = [s for s in args.suites if not (TASKS / s / "eval.jsonl").exists()]
+    if missing:
+        parser.error(f"no task suite {missing} under {TASKS}")
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -386,20 +444,23 @@ def main(argv: list[str] | None = None) -> int:
     profiles: dict = {}
     rows: list[dict] = []
     for suite in args.suites:
-        rows += run_suite(args, loaded, args.model, suite, profiles)
+        rows += measure_suite(args, loaded, args.model, suite, profiles)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(rows, indent=2))
-    heading = (f"{args.model}, group {args.group_size}, bit choices {args.bit_choices}, "
-               f"{args.calibration_rows} calibration rows (continuation: {args.calibration_continuation}, "
-               f"calibration inputs: {args.calibration_inputs}), "
-               f"eval n ≤ {args.eval_limit}, "
-               f"total {time.perf_counter() - t0:.0f}s")
-    table = markdown(rows)
-    print(f"\n{heading}\n\n{table}")
+            args.json.write_text(json.dumps({"rows": rows, "comparisons": comparisons(rows)}, indent=1))
+    compared = comparisons(rows)
+    heading = (f"{args.model}, group {args.group_size}, bit choices {args.bit_choices}, budgets {args.avg_bits}, "
+               f"{args.calibration_rows} calibration rows, eval: all rows of each suite's eval split"
+               f"{'' if args.eval_limit is None else f' (first {args.eval_limit})'}, greedy {args.max_new_tokens} "
+               f"new tokens, total {time.perf_counter() - t0:.0f}s")
+    text = (f"{heading}\n\n{verdict_summary(compared)}\n\n{comparison_table(compared)}\n\n"
+            f"{variant_table(rows)}\n")
+    print(f"\n{text}")
+    if args.json:
+        args.json.write_text(json.dumps({"heading": heading, "rows": rows, "comparisons": compared}, indent=1))
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(f"{heading}\n\n{table}\n")
+        args.markdown.write_text(text)
     if args.plot:
         plot(rows, args.plot, f"{args.model} · group {args.group_size}")
     return 0

@@ -1,8 +1,11 @@
 """Task-agnostic baselines that spend a bit budget uniformly, for equal-effective-bits comparisons.
 
-Both quantize every decoder linear at 4 bits (asymmetric, fp16 scale + zero per group) and pick the
-group size that spends the budget: effective bits = 4 + 32 / group_size, so 4.25 → group 128,
-4.5 → 64, 5.0 → 32, 6.0 → 16 (the smallest group whose effective bits do not exceed the budget).
+Both quantize every decoder linear at 4 bits (asymmetric: an fp16 scale and an int8 zero per
+group, as our hf export stores them) and pick the group size that spends the budget: effective
+bits = 4 + 24 / group_size for whole groups, so 4.1875 → group 128, 4.375 → 64, 4.75 → 32,
+5.5 → 16 (the smallest group whose effective bits do not exceed the budget). `model_effective_bits`
+gives the exact figure on a model, padded partial groups counted (SmolLM2's 576 inputs store 5
+groups of 128).
 
 * `rtn_matched`: our own round-to-nearest (core.quant.primitives.quantize_weight).
 * `hqq`: HQQ (Half-Quadratic Quantization, `pip install hqq`), the third-party peer; it optimises
@@ -20,7 +23,7 @@ import torch
 
 from core.models import LoadedModel
 from core.quant.primitives import dequantize_weight, quantize_weight
-from core.types import effective_bits
+from core.types import effective_bits, stored_bits
 
 PEER_BITS = 4
 GROUP_SIZES = (128, 64, 32, 16)
@@ -34,6 +37,12 @@ class UniformConfig:
     @property
     def effective_bits(self) -> float:
         return effective_bits(self.bits, self.group_size, symmetric=False)
+
+    def model_effective_bits(self, loaded: LoadedModel) -> float:
+        """Stored bits per weight over the model's decoder linears, padded groups counted."""
+        shapes = [tuple(linear.weight.shape) for ref in loaded.layers for linear in ref.linears.values()]
+        total = sum(stored_bits(self.bits, self.group_size, False, shape) for shape in shapes)
+        return total / sum(o * i for o, i in shapes)
 
 
 def config_for_budget(avg_bits: float) -> UniformConfig | None:

@@ -197,7 +197,7 @@ def submit(
     bit_choices: Annotated[Optional[str], typer.Option(help="comma-separated, e.g. 4,8,16")] = None,
     group_size: Annotated[Optional[int], typer.Option()] = None,
     symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", show_default=False)] = None,
-    allocation: Annotated[Optional[str], typer.Option(help="budget | paper")] = None,
+    allocation: Annotated[Optional[str], typer.Option(help="budget | paper | error_only | random")] = None,
     allocation_unit: Annotated[Optional[str], typer.Option(help="layer | linear")] = None,
     quantizer: Annotated[Optional[str], typer.Option(help="rtn | gptq (gptq needs calibration data)")] = None,
     clip_search: Annotated[Optional[bool], typer.Option("--clip-search/--no-clip-search", show_default=False)] = None,

@@ -9,7 +9,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-VARIANT_ORDER = ("full_precision", "quantized", "uniform")
+VARIANT_ORDER = ("full_precision", "quantized", "uniform", "error_only", "random")
 
 
 def _interval(value: Any, digits: int = 3) -> str:
@@ -56,7 +56,24 @@ def eval_tables(report: dict[str, Any], result: dict[str, Any] | None) -> list[T
         if not (budget_report.get("generation") or {}).get("ran", True):
             table.caption = f"greedy generation skipped: {budget_report['generation'].get('skipped_reason')}"
         tables.append(table)
+        if budget_report.get("comparisons"):
+            tables.append(comparison_table(budget_report["comparisons"], meta.get("avg_bits")))
     return tables
+
+
+def comparison_table(comparisons: list[dict[str, Any]], avg_bits: Any) -> Table:
+    """The quantized model against each task-agnostic control at the same budget: the paired
+    difference quantized − control with its interval, and the verdict."""
+    table = Table("against", "metric", "quantized − control", "bits (quantized / control)", "verdict",
+                  title=f"quantized vs task-agnostic controls · budget {avg_bits} bits · paired bootstrap",
+                  box=box.SIMPLE_HEAD)
+    for c in comparisons:
+        arrow = "↓" if c.get("lower_is_better") else "↑"
+        table.add_row(str(c.get("baseline", "-")).replace("_", " "), f"{c.get('metric')} {arrow}",
+                      _interval(c.get("difference"), 4),
+                      f"{_number(c.get('variant_effective_bits'))} / {_number(c.get('baseline_effective_bits'))}",
+                      str(c.get("verdict", "-")).replace("_", " "))
+    return table
 
 
 def profile_table(profile: dict[str, Any], result: dict[str, Any] | None) -> Table:

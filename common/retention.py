@@ -15,7 +15,7 @@ from common.errors import Conflict, InvalidParameter
 from common.jobs import decode_cursor, encode_cursor, get_job
 from common.datasets import get_dataset
 from common.lifecycle import purge_job_outputs
-from common.orm import Artifact, Dataset, Job, JobStatus, utcnow
+from common.orm import Dataset, Job, JobStatus, utcnow
 from common.settings import Settings
 from common.storage import Storage
 

@@ -1,8 +1,10 @@
 """Bits per layer from scores and a budget: exact budget allocation, uniform baseline, paper rule.
 
-Costs are exact integers. With group size g, a layer of n weights at b bits costs
-n·(b·g + overhead) "bit/g" units (overhead 16 for symmetric fp16 scales, 32 when an fp16-counted
-zero is added; 16 bits costs n·16·g), i.e. g times `core.types.effective_bits`. The budget is
+Costs are exact integers: g times the stored bits (`core.types.stored_bits`), in "bit/g" units.
+A linear [out, in] at b bits stores out·in codes and out·⌈in/g⌉ groups of overhead (a float16 scale,
+plus an int8 zero point when asymmetric), so the padded last group of a row is counted; 16 bits
+costs out·in·16. A unit without known shapes (profiles from before they were kept) counts its n
+weights as whole groups, n·(b·g + overhead). The budget is
 ⌊avg_bits·g·Σn⌋ units, with `avg_bits` taken as the decimal the user wrote (4.3 is 43/10, not its
 binary float), so "meets the budget" involves no rounding at all.
 
@@ -34,7 +36,7 @@ from typing import Mapping, Sequence
 
 from core.errors import BudgetInfeasible, InvalidSpec
 from core.spec import ALLOWED_BITS, Method
-from core.types import BitAllocation, Profile
+from core.types import BitAllocation, Profile, group_overhead_bits
 
 EXACT_SOLVER = "exact-pareto-dp"
 
@@ -42,16 +44,24 @@ EXACT_SOLVER = "exact-pareto-dp"
 @dataclass(frozen=True)
 class LayerCost:
     """One allocation unit: `quant_error[b]` is e_l(b) (relative output error at b bits; an absent
-    16 means 0) and `sensitivity` (>= 0) weighs it in the objective."""
+    16 means 0) and `sensitivity` (>= 0) weighs it in the objective. `shapes` are its linears'
+    [out, in] (empty when unknown: the weights are then counted as whole groups)."""
 
     name: str
     params: int
     sensitivity: float
     quant_error: dict[int, float]
+    shapes: tuple[tuple[int, int], ...] = ()
+
+
+def _shapes(linears) -> tuple[tuple[int, int], ...]:
+    shapes = tuple(l.shape for l in linears)
+    return () if not shapes or any(s is None for s in shapes) else shapes
 
 
 def layer_costs_from_profile(profile: Profile) -> list[LayerCost]:
-    return [LayerCost(l.name, l.params, l.sensitivity, dict(l.quant_error)) for l in profile.layers]
+    return [LayerCost(l.name, l.params, l.sensitivity, dict(l.quant_error), _shapes(l.linears))
+            for l in profile.layers]
 
 
 @dataclass(frozen=True)
@@ -84,8 +94,8 @@ def linear_units(profile: Profile) -> list[LinearUnit]:
             n_unit = sum(m.params for m in members)
             widths = set.intersection(*(set(m.quant_error) for m in members))
             error = {b: sum(m.params * m.quant_error[b] for m in members) / n_unit for b in sorted(widths)}
-            units.append(LinearUnit(LayerCost(names[0], n_unit, layer.sensitivity * n_unit / layer.params, error),
-                                    tuple(names)))
+            units.append(LinearUnit(LayerCost(names[0], n_unit, layer.sensitivity * n_unit / layer.params, error,
+                                              _shapes(members)), tuple(names)))
     return units
 
 
@@ -97,11 +107,15 @@ def expand_units(allocation: BitAllocation, units: Sequence[LinearUnit]) -> BitA
 
 # ------------------------------------------------------------------------------ shared helpers
 
-def _unit_cost(bits: int, group_size: int, symmetric: bool) -> int:
-    """g · effective_bits(bits), an exact integer."""
+def layer_cost(layer: LayerCost, bits: int, group_size: int, symmetric: bool) -> int:
+    """g · stored bits of the unit at `bits`, an exact integer (see the module docstring)."""
     if bits >= 16:
-        return 16 * group_size
-    return bits * group_size + (16 if symmetric else 32)
+        return 16 * group_size * layer.params
+    overhead = group_overhead_bits(symmetric)
+    if not layer.shapes:
+        return layer.params * (bits * group_size + overhead)
+    return sum(out * (inp * bits * group_size + -(-inp // group_size) * group_size * overhead)
+               for out, inp in layer.shapes)
 
 
 def _exact_budget(avg_bits: float) -> Fraction:
@@ -157,9 +171,10 @@ def _objective(layers: Sequence[LayerCost], bits: Mapping[str, int]) -> float | 
     return total
 
 
-def _effective(layers: Sequence[LayerCost], bits: Mapping[str, int], group_size: int,
-               symmetric: bool) -> Fraction:
-    cost = sum(l.params * _unit_cost(bits[l.name], group_size, symmetric) for l in layers)
+def effective_of(layers: Sequence[LayerCost], bits: Mapping[str, int], group_size: int,
+                 symmetric: bool) -> Fraction:
+    """Exact stored bits per weight of `bits` over `layers`."""
+    cost = sum(layer_cost(l, bits[l.name], group_size, symmetric) for l in layers)
     return Fraction(cost, group_size * sum(l.params for l in layers))
 
 
@@ -254,10 +269,10 @@ def allocate_budget(layers: Profile | Sequence[LayerCost], avg_bits: float, bit_
             if not (math.isfinite(e) and e >= 0):
                 raise ValueError(f"layer {layer.name!r}: quant_error[{b}] must be finite and >= 0, got {e}")
 
-    unit = {b: _unit_cost(b, group_size, symmetric) for b in choices}
+    costs = [{b: layer_cost(l, b, group_size, symmetric) for b in choices} for l in layers]
     total_params = sum(l.params for l in layers)
     budget = math.floor(budget_exact * group_size * total_params)
-    base = sum(l.params * unit[choices[0]] for l in layers)
+    base = sum(c[choices[0]] for c in costs)
     if base > budget:
         min_bits = Fraction(base, group_size * total_params)
         raise BudgetInfeasible(
@@ -269,10 +284,10 @@ def allocate_budget(layers: Profile | Sequence[LayerCost], avg_bits: float, bit_
 
     def build(scale: int | None) -> list[list[_Option]]:
         out = []
-        for layer in layers:
+        for layer, cost in zip(layers, costs):
             opts = []
             for b in choices:
-                true_extra = layer.params * (unit[b] - unit[choices[0]])
+                true_extra = cost[b] - cost[choices[0]]
                 # grid: round UP so a grid-feasible allocation is always truly feasible
                 extra = true_extra if scale is None else -(-true_extra * scale // slack)
                 e = _error(layer, b)
@@ -310,9 +325,10 @@ def allocate_uniform(profile_or_layers: Profile | Sequence[LayerCost], avg_bits:
     choices = _check_common(bit_choices, group_size)
     layers = _as_layers(profile_or_layers)
     budget = _exact_budget(avg_bits)
-    fitting = [b for b in choices if Fraction(_unit_cost(b, group_size, symmetric), group_size) <= budget]
+    every = {b: effective_of(layers, {l.name: b for l in layers}, group_size, symmetric) for b in choices}
+    fitting = [b for b in choices if every[b] <= budget]
     if not fitting:
-        min_bits = Fraction(_unit_cost(choices[0], group_size, symmetric), group_size)
+        min_bits = every[choices[0]]
         raise BudgetInfeasible(
             f"bit budget avg_bits={avg_bits} cannot be met by a uniform allocation: the lowest of "
             f"bit_choices {choices} ({_scheme(group_size, symmetric)}) costs {_display_up(min_bits)} "
@@ -320,7 +336,7 @@ def allocate_uniform(profile_or_layers: Profile | Sequence[LayerCost], avg_bits:
     bits = {l.name: fitting[-1] for l in layers}
     return BitAllocation(
         bits=bits,
-        effective_bits=float(_effective(layers, bits, group_size, symmetric)),
+        effective_bits=float(effective_of(layers, bits, group_size, symmetric)),
         budget=float(avg_bits),
         rule="uniform",
         objective=_objective(layers, bits),
@@ -380,7 +396,7 @@ def allocate_paper(profile_or_layers: Profile | Sequence[LayerCost], method: Met
         bits = {n: 16 if n in keep else 4 for n in names}
         rule_text = (f"taqo: first 2, last 2 and top {k} of {count} layers at 16 bits, the rest at 4")
 
-    achieved = _effective(layers, bits, group_size, symmetric)
+    achieved = effective_of(layers, bits, group_size, symmetric)
     if avg_bits is not None and achieved > _exact_budget(avg_bits):
         raise BudgetInfeasible(
             f"the paper rule ({rule_text}; {_scheme(group_size, symmetric)}) costs "

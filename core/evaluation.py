@@ -1,6 +1,7 @@
-"""Task evaluation: answer normalisation, EM / F1 / contains metrics, bootstrap confidence
-intervals, greedy batched generation, and distribution fidelity (KL, top-1 agreement) between a
-reference (full-precision) model and a quantized one.
+"""Task evaluation on whole models: answer normalisation, EM / F1 / contains metrics with
+bootstrap confidence intervals (core/stats.py), and greedy batched generation. The teacher-forced
+metrics (gold-answer NLL, KL and top-1 agreement at the answer positions) are streamed layer by
+layer in core/streaming/evaluate.py.
 
 Scoring follows the SQuAD / TriviaQA conventions with three deliberate deviations, each tested:
 
@@ -10,7 +11,8 @@ Scoring follows the SQuAD / TriviaQA conventions with three deliberate deviation
   non-empty text, the text before the emptying step is kept instead (see `normalize_answer`);
 * accents are folded (NFKD, combining marks dropped) so "Bogota" matches "Bogotá";
 * signs and decimal points of numbers survive punctuation removal ("-5" is not "5", "3.5" is not
-  "35"), which matters for arithmetic and code-evaluation tasks.
+  "35"), which matters for arithmetic and code-evaluation tasks; other punctuation becomes a
+  space, so it separates words instead of gluing them ("10-5=5" is "10 5 5", not "1055").
 
 An empty prediction, or an empty gold, never matches anything.
 
@@ -23,25 +25,22 @@ import re
 import string
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
+
+from core.stats import ConfidenceInterval, bootstrap_ci
 
 __all__ = [
     "ConfidenceInterval",
     "EvalMetrics",
-    "EvalReport",
-    "Fidelity",
-    "FidelityMetrics",
     "GenerationEval",
     "bootstrap_ci",
     "contains_match",
     "evaluate_generation",
     "exact_match",
     "f1_score",
-    "fidelity",
     "first_line_answer",
     "generate_greedy",
     "normalize_answer",
@@ -57,6 +56,8 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _SIGN = re.compile(r"(?<![\w])-(?=\d)")
 # "." between two digits is a decimal point: keep it.
 _DECIMAL = re.compile(r"(?<=\d)\.(?=\d)")
+# "," between digits with exactly three after it is a thousands separator: drop it ("1,000" is 1000).
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _PUNCT = set(string.punctuation) | {"“", "”", "‘", "’", "«", "»", "–", "—", "…", "¿", "¡"}
 _SIGN_MARK = "\x00"
 _DECIMAL_MARK = "\x01"
@@ -72,8 +73,8 @@ def _collapse(text: str) -> str:
 
 
 def normalize_answer(s: str) -> str:
-    """Lower-case, fold accents, strip punctuation (keeping number signs and decimal points),
-    drop the articles a/an/the, collapse whitespace.
+    """Lower-case, fold accents, replace punctuation by spaces (keeping number signs and decimal
+    points), drop the articles a/an/the, collapse whitespace.
 
     A text that is non-empty after stripping never normalises to "": when dropping articles would
     empty it ("A", "(a)", "The") the text before that step is returned ("a"); when punctuation
@@ -84,9 +85,11 @@ def normalize_answer(s: str) -> str:
     base = _collapse(_fold_accents(str(s)).lower())
     if not base:
         return ""
-    text = _SIGN.sub(_SIGN_MARK, base)
+    text = _THOUSANDS.sub("", base)
+    text = _SIGN.sub(_SIGN_MARK, text)
     text = _DECIMAL.sub(_DECIMAL_MARK, text)
-    text = "".join(ch for ch in text if ch not in _PUNCT)
+    # a space, not nothing: "10-5=5" is "10 5 5", not "1055"; "St.John's" is "st john s"
+    text = "".join(" " if ch in _PUNCT else ch for ch in text)
     text = _collapse(text.replace(_SIGN_MARK, "-").replace(_DECIMAL_MARK, "."))
     without_articles = _collapse(_ARTICLES.sub(" ", text))
     return without_articles or text or base
@@ -160,50 +163,6 @@ def first_line_answer(generation: str, stop_strings: Sequence[str] = ()) -> str:
     line = next((ln for ln in text.splitlines() if ln.strip()), "")
     line = _ANSWER_LABEL.sub("", line.strip())
     return line.strip().strip("*_`").strip()
-
-
-# --------------------------------------------------------------------------------------------
-# Bootstrap
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConfidenceInterval:
-    """Mean of per-item values with a percentile-bootstrap interval [low, high]."""
-
-    mean: float
-    low: float
-    high: float
-    n: int = 0
-    alpha: float = 0.05
-
-    def to_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n,
-                "alpha": self.alpha}
-
-
-def bootstrap_ci(values: Sequence[float], *, n_resamples: int = 1000, alpha: float = 0.05,
-                 seed: int = 0) -> ConfidenceInterval:
-    """Percentile bootstrap of the mean: resample items with replacement `n_resamples` times
-    (numpy `default_rng(seed)`), return the mean and the alpha/2, 1-alpha/2 quantiles."""
-    data = np.asarray(list(values), dtype=np.float64)
-    if data.ndim != 1 or data.size == 0:
-        raise ValueError("bootstrap_ci needs a non-empty 1-D list of values")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha {alpha} is outside (0, 1)")
-    if n_resamples < 1:
-        raise ValueError("n_resamples must be >= 1")
-    rng = np.random.default_rng(seed)
-    n = data.size
-    means = np.empty(n_resamples, dtype=np.float64)
-    chunk = max(1, 2_000_000 // n)  # bound memory for long value lists
-    for start in range(0, n_resamples, chunk):
-        stop = min(n_resamples, start + chunk)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = data[idx].mean(axis=1)
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return ConfidenceInterval(mean=float(data.mean()), low=float(low), high=float(high), n=int(n),
-                              alpha=alpha)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,144 +342,3 @@ def evaluate_generation(model: Any, tokenizer: Any, prompts: Sequence[Any],
     return score_predictions(predictions, golds, generations=generations,
                              max_new_tokens=max_new_tokens, n_resamples=n_resamples, alpha=alpha,
                              seed=seed)
-
-
-# --------------------------------------------------------------------------------------------
-# Fidelity
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fidelity:
-    """How close a model's next-token distributions are to a reference model's, over every
-    non-padding prompt position: mean KL(p_ref || p_model) in nats and top-1 agreement."""
-
-    mean_kl: float
-    top1_agreement: float
-    n_tokens: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mean_kl": self.mean_kl, "top1_agreement": self.top1_agreement,
-                "n_tokens": self.n_tokens}
-
-
-FidelityMetrics = Fidelity
-
-
-def _right_pad(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention[row, :len(ids)] = 1
-    return input_ids, attention
-
-
-@torch.no_grad()
-def fidelity(reference_model: Any, model: Any, prompts_token_ids: Sequence[Sequence[int]], *,
-             batch_size: int = 8, device: str = "cpu", position_chunk: int = 2048) -> Fidelity:
-    """Mean next-token KL(p_ref || p_model) and top-1 agreement over all prompt positions.
-
-    Sequences are right-padded (causal attention: padding after a position cannot influence it)
-    and padding positions are excluded. Logits are compared in float32; KL is summed per position
-    and then averaged over positions of all prompts (token-weighted).
-    """
-    seqs = [[int(t) for t in ids] for ids in prompts_token_ids]
-    if not seqs or any(not s for s in seqs):
-        raise ValueError("fidelity needs non-empty token-id lists")
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    total_kl = 0.0
-    agree = 0
-    count = 0
-    states = (reference_model.training, model.training)
-    reference_model.eval()
-    model.eval()
-    try:
-        for start in range(0, len(seqs), batch_size):
-            input_ids, attention = _right_pad(seqs[start:start + batch_size])
-            input_ids, attention = input_ids.to(device), attention.to(device)
-            ref_logits = reference_model(input_ids=input_ids, attention_mask=attention).logits
-            q_logits = model(input_ids=input_ids, attention_mask=attention).logits
-            mask = attention.bool()
-            ref_valid = ref_logits[mask]
-            q_valid = q_logits[mask]
-            del ref_logits, q_logits
-            for p in range(0, ref_valid.shape[0], position_chunk):
-                ref_lp = torch.log_softmax(ref_valid[p:p + position_chunk].float(), dim=-1)
-                q_lp = torch.log_softmax(q_valid[p:p + position_chunk].float(), dim=-1)
-                kl = (ref_lp.exp() * (ref_lp - q_lp)).sum(dim=-1).clamp_min(0.0)
-                total_kl += float(kl.double().sum())
-                agree += int((ref_lp.argmax(dim=-1) == q_lp.argmax(dim=-1)).sum())
-                count += int(ref_lp.shape[0])
-    finally:
-        if states[0]:
-            reference_model.train()
-        if states[1]:
-            model.train()
-    return Fidelity(mean_kl=total_kl / count, top1_agreement=agree / count, n_tokens=count)
-
-
-# --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
-
-
-def _paired_delta(a: GenerationEval, b: GenerationEval, metric: str, *, n_resamples: int,
-                  alpha: float, seed: int) -> ConfidenceInterval:
-    va, vb = getattr(a, metric), getattr(b, metric)
-    if len(va) != len(vb):
-        raise ValueError("paired comparison needs the same items")
-    return bootstrap_ci([y - x for x, y in zip(va, vb)], n_resamples=n_resamples, alpha=alpha,
-                        seed=seed)
-
-
-@dataclass(frozen=True)
-class EvalReport:
-    """Full-precision, quantized and uniform-baseline results on one eval set, side by side.
-
-    `to_dict()` is what goes into `eval.json`: per-variant summaries, fidelity to the
-    full-precision model, and paired-bootstrap CIs of each variant's score minus full precision
-    (same items, so the paired interval is much tighter than comparing two marginal CIs).
-    """
-
-    quantized: GenerationEval | None = None
-    full_precision: GenerationEval | None = None
-    uniform: GenerationEval | None = None
-    quantized_fidelity: Fidelity | None = None
-    uniform_fidelity: Fidelity | None = None
-    dataset: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    n_resamples: int = 1000
-    alpha: float = 0.05
-    seed: int = 0
-
-    def variants(self) -> dict[str, GenerationEval]:
-        return {name: ev for name, ev in (("full_precision", self.full_precision),
-                                          ("quantized", self.quantized),
-                                          ("uniform", self.uniform)) if ev is not None}
-
-    def to_dict(self, include_items: bool = False) -> dict[str, Any]:
-        variants = self.variants()
-        data: dict[str, Any] = {
-            "dataset": self.dataset,
-            "n_items": next(iter(variants.values())).n if variants else 0,
-            "metrics": {name: ev.to_dict(include_items=include_items) for name, ev in variants.items()},
-            "fidelity": {name: f.to_dict() for name, f in (("quantized", self.quantized_fidelity),
-                                                            ("uniform", self.uniform_fidelity))
-                         if f is not None},
-            "meta": dict(self.meta),
-        }
-        if self.full_precision is not None:
-            ci = dict(n_resamples=self.n_resamples, alpha=self.alpha, seed=self.seed)
-            deltas: dict[str, Any] = {}
-            for name in ("quantized", "uniform"):
-                ev = variants.get(name)
-                if ev is None:
-                    continue
-                deltas[name] = {metric_name: _paired_delta(self.full_precision, ev, attr, **ci).to_dict()
-                                for metric_name, attr in (("exact_match", "em"), ("f1", "f1"),
-                                                          ("contains", "contains"))}
-            data["delta_vs_full_precision"] = deltas
-        return data

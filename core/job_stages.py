@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from core.calibration import StageProgress, default_batch_tokens, make_batches, pad_token_id
-from core.errors import DataError, InvalidSpec, TaqError
+from core.errors import DataError, InvalidSpec
 from core.pipeline import (CODES_PREFIX, LAYERS_PREFIX, ArtifactStore, ExportRecord, JobHooks, JobInputs, JobOutputs,
                            StagePlan, allocate_stage, artifact_names, budget_tag, check_rows, linear_bits, pass_key,
                            reference_bits)
-from core.spec import CalibrationInputs, ExportFormat, Method, Quantizer
+from core.spec import CalibrationInputs, ExportFormat, Quantizer
 from core.streaming.checkpoints import load_codes
 from core.types import BitAllocation, Profile, QuantizedWeight
 
@@ -223,20 +223,6 @@ class JobRun:
         self.put("bitmap.json", dumps({"budgets": [a.to_dict() for a in self.allocations]}))  # last: the checkpoint
         self.hooks.progress("allocate", 1.0, f"{len(self.allocations)} allocation(s)")
 
-    def uniform_baseline(self, allocation: BitAllocation) -> BitAllocation | None:
-        """The same budget spent uniformly (the paper's baseline) for evaluation; None for method
-        `uniform` or when no single width fits."""
-        from core.allocation import allocate_uniform, layer_costs_from_profile
-
-        if self.spec.method == Method.uniform:
-            return None
-        budget = allocation.budget if allocation.budget is not None else allocation.effective_bits
-        try:
-            return allocate_uniform(layer_costs_from_profile(self.profile), budget, list(self.spec.bit_choices),
-                                    self.spec.group_size, self.spec.symmetric)
-        except TaqError:
-            return None
-
     def stage_quantize(self, plan: StagePlan, skip: str | None) -> None:
         """Only for a reused profile: one pass storing codes at the widths this job needs."""
         from core.scorers.uniform import UniformScorer
@@ -244,8 +230,8 @@ class JobRun:
         if skip is not None:
             return
         needed = {b for a in self.allocations for b in a.bits.values()}
-        if plan.wants_eval:
-            needed |= {b for a in self.allocations if (u := self.uniform_baseline(a)) for b in u.bits.values()}
+        if plan.wants_eval:  # the controls evaluated next to the allocation may use any width of the menu
+            needed |= set(self.spec.bit_choices)
         widths = sorted(b for b in needed if b < 16)
         result = self.layer_pass("quantize", UniformScorer(), widths, CODES_PREFIX)
         if result.final is not None:

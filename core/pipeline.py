@@ -140,9 +140,13 @@ def artifact_names(allocations: Sequence[BitAllocation], allocation: BitAllocati
 # ---------------------------------------------------------------------------------------------
 
 def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
-    """One allocation per budget in `spec.budgets` (budget rule, and `uniform`: the widest single
-    width that fits each budget), or a single one for the paper rule. Raises BudgetInfeasible."""
+    """One allocation per budget in `spec.budgets` (budget rule; `uniform`: the widest single
+    width that fits each budget; the error_only / random controls), or a single one for the paper
+    rule. Raises BudgetInfeasible."""
+    from functools import partial
+
     from core import allocation as alloc
+    from core import controls
 
     bit_choices = list(spec.bit_choices)
     if spec.allocation == AllocationRule.paper:
@@ -151,8 +155,15 @@ def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
         budget = spec.budgets[0] if spec.budgets else None  # the smallest: the rule must fit every one
         return [alloc.allocate_paper(profile, spec.method, spec.group_size, spec.symmetric, avg_bits=budget)]
     if not spec.budgets:
-        raise InvalidSpec("allocation 'budget' needs 'bit_budget'")
-    allocate = alloc.allocate_uniform if spec.method == Method.uniform else alloc.allocate_budget
+        raise InvalidSpec(f"allocation '{spec.allocation.value}' needs 'bit_budget'")
+    if spec.allocation == AllocationRule.error_only:
+        allocate = controls.allocate_error_only
+    elif spec.allocation == AllocationRule.random:
+        allocate = partial(controls.allocate_random, seed=spec.seed)
+    elif spec.method == Method.uniform:
+        allocate = alloc.allocate_uniform
+    else:
+        allocate = alloc.allocate_budget
     if spec.allocation_unit == AllocationUnit.linear:
         units = alloc.linear_units(profile)
         return [alloc.expand_units(allocate([u.cost for u in units], budget, bit_choices, spec.group_size,

@@ -19,8 +19,15 @@ class Method(str, Enum):
 
 
 class AllocationRule(str, Enum):
+    """How a budget becomes bits per layer: `budget` the exact knapsack over the method's
+    sensitivities, `paper` the paper's fixed rule; and two task-agnostic controls at the same
+    budget (core/controls.py): `error_only` the same knapsack with every sensitivity 1, `random`
+    layers raised in a seeded random order."""
+
     budget = "budget"
     paper = "paper"
+    error_only = "error_only"
+    random = "random"
 
 
 class AllocationUnit(str, Enum):
@@ -141,6 +148,9 @@ class JobSpec(_Strict):
     quantizer: Quantizer = Quantizer.rtn
     calibration_inputs: CalibrationInputs = CalibrationInputs.fp
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    #: evaluate the task-agnostic controls at each budget next to the method (uniform at equal
+    #: bits, error_only, random; see docs/SERVICE.md "Evaluation") when the job evaluates
+    eval_controls: bool = True
     #: run only on workers of this class (the deployment's TAQ_WORKER_CLASSES); None: the service
     #: picks the smallest class whose memory holds the job
     worker_class: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -173,8 +183,8 @@ class JobSpec(_Strict):
             # the Hessians of every linear's input on this job's calibration rows
             raise ValueError("quantizer 'gptq' needs calibration data ('calibration_dataset_id' or "
                              "inline 'calibration'), also when the profile is reused")
-        if self.allocation == AllocationRule.budget and self.bit_budget is None:
-            raise ValueError("allocation 'budget' needs 'bit_budget'")
+        if self.allocation != AllocationRule.paper and self.bit_budget is None:
+            raise ValueError(f"allocation '{self.allocation.value}' needs 'bit_budget'")
         if self.allocation == AllocationRule.paper and self.method in (Method.uniform, Method.taq_kl):
             raise ValueError("allocation 'paper' is defined for methods 'taq' and 'taqo' only")
         if self.allocation == AllocationRule.paper and self.allocation_unit == AllocationUnit.linear:

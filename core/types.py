@@ -21,15 +21,37 @@ def never_cancel() -> bool:
     return False
 
 
-def effective_bits(bits: int, group_size: int, symmetric: bool) -> float:
-    """Stored bits per weight: codes plus an fp16 scale (and an fp16-counted zero) per group.
+#: bits of one group's scale: float16
+SCALE_BITS = 16
+#: bits of one group's stored zero point (asymmetric weights): our hf export keeps it as int8 (the
+#: compressed-tensors `block` layout transformers loads; the vLLM `group` layout packs it tighter)
+ZERO_POINT_BITS = 8
 
-    16 means "kept in fp16/bf16": no codes, no group overhead.
-    """
+
+def group_overhead_bits(symmetric: bool) -> int:
+    """Stored bits per group besides the codes: the scale, and the zero point when asymmetric."""
+    return SCALE_BITS + (0 if symmetric else ZERO_POINT_BITS)
+
+
+def stored_bits(bits: int, group_size: int, symmetric: bool, shape: tuple[int, int]) -> int:
+    """Exact stored bits of one [out, in] weight: codes for the real columns plus a scale (and a
+    zero point) for every group, the last partial group of a row included (576 inputs in groups
+    of 128 store 5 groups). 16 bits: the weight kept in fp16/bf16, no group overhead."""
+    out_features, in_features = shape
+    if bits >= 16:
+        return 16 * out_features * in_features
+    groups = -(-in_features // group_size)
+    return out_features * (in_features * bits + groups * group_overhead_bits(symmetric))
+
+
+def effective_bits(bits: int, group_size: int, symmetric: bool, in_features: int | None = None) -> float:
+    """Stored bits per weight (`stored_bits` / weights). Without `in_features` the row is taken as
+    whole groups (no padded partial group). 16 means "kept in fp16/bf16": no group overhead."""
     if bits >= 16:
         return 16.0
-    overhead = 16 if symmetric else 32
-    return bits + overhead / group_size
+    if in_features is None:
+        return bits + group_overhead_bits(symmetric) / group_size
+    return stored_bits(bits, group_size, symmetric, (1, in_features)) / in_features
 
 
 @dataclass(frozen=True)
@@ -56,7 +78,7 @@ class QuantizedWeight:
 
     @property
     def effective_bits(self) -> float:
-        return effective_bits(self.bits, self.group_size, self.symmetric)
+        return effective_bits(self.bits, self.group_size, self.symmetric, self.shape[1])
 
     def zero_points(self) -> torch.Tensor:
         if self.zero is not None:
@@ -73,16 +95,26 @@ class LinearProfile:
     params: int
     quant_error: dict[int, float] = field(default_factory=dict)
     bits: int | None = None
+    #: the weight's input width (None in profiles written before it was kept): with `params` it
+    #: gives the shape, so the allocator counts the padded last group of every row
+    in_features: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        if not self.in_features:
+            return None
+        return self.params // self.in_features, self.in_features
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "params": self.params,
-                "quant_error": {str(k): v for k, v in self.quant_error.items()}, "bits": self.bits}
+                "quant_error": {str(k): v for k, v in self.quant_error.items()}, "bits": self.bits,
+                "in_features": self.in_features}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LinearProfile":
         return cls(name=data["name"], params=int(data["params"]),
                    quant_error={int(k): float(v) for k, v in data.get("quant_error", {}).items()},
-                   bits=data.get("bits"))
+                   bits=data.get("bits"), in_features=data.get("in_features"))
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,8 @@ def build_profile(spec: JobSpec, method: str, layer_scores: Sequence[LayerScores
     for ls, record in zip(layer_scores, records, strict=True):
         total = sum(record.params.values())
         linears = [LinearProfile(name=name, params=params,
-                                 quant_error={b: float(record.errors[name][b]) for b in choices})
+                                 quant_error={b: float(record.errors[name][b]) for b in choices},
+                                 in_features=record.in_features.get(name))
                    for name, params in record.params.items()]
         quant_error = {b: (sum(l.quant_error[b] * l.params for l in linears) / total if total else 0.0)
                        for b in choices}

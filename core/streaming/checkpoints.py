@@ -70,13 +70,15 @@ class LayerRecord:
     errors: dict[str, dict[int, float]]       # linear -> width -> relative output error
     widths: list[int]                         # widths whose codes are stored
     scorer: dict[str, float] = field(default_factory=dict)
+    in_features: dict[str, int] = field(default_factory=dict)  # linear -> input width
 
     def to_json(self) -> bytes:
         # not sort_keys: the linears keep the module order, which the profile (and the order its
         # errors are summed in) follows; insertion order is deterministic
         data = {"index": self.index, "name": self.name, "pass_key": self.pass_key, "params": self.params,
                 "errors": {n: {str(b): e for b, e in errs.items()} for n, errs in self.errors.items()},
-                "widths": self.widths, "scorer": dict(sorted(self.scorer.items()))}
+                "widths": self.widths, "scorer": dict(sorted(self.scorer.items())),
+                "in_features": self.in_features}
         return json.dumps(data).encode() + b"\n"
 
     @classmethod
@@ -85,7 +87,8 @@ class LayerRecord:
         return cls(index=int(data["index"]), name=data["name"], pass_key=data["pass_key"],
                    params={k: int(v) for k, v in data["params"].items()},
                    errors={n: {int(b): float(e) for b, e in errs.items()} for n, errs in data["errors"].items()},
-                   widths=[int(b) for b in data["widths"]], scorer={k: float(v) for k, v in data["scorer"].items()})
+                   widths=[int(b) for b in data["widths"]], scorer={k: float(v) for k, v in data["scorer"].items()},
+                   in_features={k: int(v) for k, v in data.get("in_features", {}).items()})
 
 
 def _layer_dir(prefix: str, index: int) -> str:

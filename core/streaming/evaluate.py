@@ -10,8 +10,10 @@ position that predicts a next token:
 
 * `gold_nll`: mean negative log-likelihood of a gold answer's tokens given the prompt; per row the
   best (lowest) over its aliases; reported as the mean over rows with a bootstrap interval.
-* `mean_kl` / `top1_agreement` against full precision over every prompt position of each row
-  (token-weighted, as `core.evaluation.fidelity` computes on whole models), plus per-row values.
+* `mean_kl` / `top1_agreement` against full precision at the answer positions of each row: the
+  last prompt token (which predicts the answer's first token) and the positions predicting the
+  rest of its first gold answer (a row without answers: the last prompt token only). Chat-template
+  positions say little about the task, so they are left out. Token-weighted, plus per-row values.
 
 Codes come from the layer pass's checkpoints: `codes(layer_index, bits)` returns that layer's
 QuantizedWeights at a width.
@@ -26,7 +28,7 @@ import torch
 
 from core.calibration import StageProgress, make_batches, pad_token_id
 from core.data import encode_text, tokenize_rows
-from core.evaluation import ConfidenceInterval, bootstrap_ci
+from core.stats import ConfidenceInterval, bootstrap_ci
 from core.spec import CalibrationRow
 from core.streaming.capture import capture_inputs, run_layer
 from core.streaming.head import HeadQuery, head_stats
@@ -42,10 +44,13 @@ MAX_ANSWER_TOKENS = 32
 
 @dataclass(frozen=True)
 class EvalVariant:
-    """A quantized model to evaluate: bits per linear (16 keeps the linear in full precision)."""
+    """A quantized model to evaluate: bits per linear (16 keeps the linear in full precision).
+    `codes` (layer index, bits) -> QuantizedWeights overrides the pass-wide source of codes, so
+    variants quantized by different passes (the bench's methods) share one evaluation pass."""
 
     name: str
     bits: dict[str, int]
+    codes: Callable[[int, int], dict[str, QuantizedWeight]] | None = None
 
 
 @dataclass(frozen=True)
@@ -105,16 +110,18 @@ def teacher_forced_eval(model: StreamedModel, rows: Sequence[CalibrationRow], va
     n = model.n_layers
     for index, ref in enumerate(model.layers):
         tracker.check()
-        cache: dict[int, dict[str, QuantizedWeight]] = {}
+        cache: dict[tuple[int, int], dict[str, QuantizedWeight]] = {}
 
         def weights_for(variant: EvalVariant) -> dict[str, QuantizedWeight]:
+            source = variant.codes or codes
             out = {}
             for linear in ref.linears:
                 bits = variant.bits[linear]
                 if bits < 16:
-                    if bits not in cache:
-                        cache[bits] = codes(index, bits)
-                    out[linear] = cache[bits][linear]
+                    key = (id(source), bits)
+                    if key not in cache:
+                        cache[key] = source(index, bits)
+                    out[linear] = cache[key][linear]
             return out
 
         with model.onloaded(ref.name) as layer:
@@ -183,7 +190,8 @@ def _summarise(stat, reference, positions, seq_of, sequences, starts, row_of, n_
             nll_sum[s] -= float(logprob[k])
             nll_count[s] += 1
         r = row_of[s]
-        if first_seq[r] == s and t < len(prompts[r]):
+        last_prompt = len(prompts[r]) - 1
+        if first_seq[r] == s and (t == last_prompt or (last_prompt <= t < len(sequences[s]) - 1)):
             kl_sum[r] += float(kl[k])
             top_sum[r] += float(agree[k])
             count[r] += 1

@@ -177,7 +177,8 @@ def run_layer_pass(model: StreamedModel, batches: list[Batch], scorer: StreamSco
                 record = LayerRecord(index=index, name=ref.name, pass_key=settings.pass_key,
                                      params={name: int(lin.weight.numel()) for name, lin in ref.linears.items()},
                                      errors=quant.errors, widths=sorted(settings.widths),
-                                     scorer=scorer.layer_values(index))
+                                     scorer=scorer.layer_values(index),
+                                     in_features={name: int(lin.weight.shape[1]) for name, lin in ref.linears.items()})
                 save_layer(store, settings.prefix, record, quant.codes)
                 held = quant.codes
             else:

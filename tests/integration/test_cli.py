@@ -167,8 +167,11 @@ def test_status_shows_the_evaluation_and_profile_the_bits_of_each_budget(svc, tm
     assert job["status"] == "succeeded", job["error"]
     shown = ok(taq(svc, "status", job["id"])).stdout
     assert shown.count("evaluation · budget") == 2 and "budget 5.0 bits" in shown and "budget 8.0 bits" in shown
-    for variant in ("full precision", "quantized", "uniform"):
+    for variant in ("full precision", "quantized", "uniform", "error only", "random"):
         assert shown.count(variant) >= 2, shown
+    # the quantized model against each control, per budget, with a verdict
+    assert shown.count("quantized vs task-agnostic controls") == 2, shown
+    assert re.search(r"(beats|loses|no difference)", shown), shown
     assert "gold NLL" in shown and re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", shown), shown
     profile = ok(taq(svc, "profile", job["id"])).stdout
     assert "bits @5.0" in profile and "bits @8.0" in profile

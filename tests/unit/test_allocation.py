@@ -25,7 +25,7 @@ pytestmark = pytest.mark.unit
 
 
 def unit_cost(bits: int, g: int, symmetric: bool) -> int:
-    return 16 * g if bits == 16 else bits * g + (16 if symmetric else 32)
+    return 16 * g if bits == 16 else bits * g + (16 if symmetric else 24)  # fp16 scale, int8 zero
 
 
 def brute_force(layers: list[LayerCost], avg_bits: float, choices: list[int], g: int, symmetric: bool):
@@ -123,21 +123,21 @@ def layers_equal(n: int, errors: dict[int, float], sensitivity: float = 1.0, par
 def test_infeasible_budget_states_smallest_feasible_avg_bits() -> None:
     layers = layers_equal(3, {4: 0.1, 8: 0.01})
     with pytest.raises(BudgetInfeasible) as info:
-        allocate_budget(layers, 4.2, [4, 8, 16], 128, False)
-    assert info.value.details["min_avg_bits"] == 4.25
+        allocate_budget(layers, 4.1, [4, 8, 16], 128, False)
+    assert info.value.details["min_avg_bits"] == 4.1875
     assert info.value.code == "budget_infeasible"
-    assert "4.2500" in info.value.message and "avg_bits=4.2" in info.value.message
+    assert "4.1875" in info.value.message and "avg_bits=4.1" in info.value.message
     # a group size whose overhead is not a short decimal is shown rounded UP (still feasible)
     with pytest.raises(BudgetInfeasible) as info:
-        allocate_budget(layers, 4.3, [4, 8], 96, False)
-    assert info.value.details["min_avg_bits"] == 4 + 32 / 96
-    assert "4.3334" in info.value.message
-    assert allocate_budget(layers, 4.3334, [4, 8], 96, False).bits == {l.name: 4 for l in layers}
+        allocate_budget(layers, 4.2, [4, 8], 112, False)
+    assert info.value.details["min_avg_bits"] == 4 + 24 / 112
+    assert "4.2143" in info.value.message
+    assert allocate_budget(layers, 4.2143, [4, 8], 112, False).bits == {l.name: 4 for l in layers}
 
 
 def test_budget_is_the_decimal_the_user_wrote() -> None:
-    # (79·544 + 1·1056) / (80·128) is exactly 4.3, while the float 4.3 is slightly below 43/10
-    layers = [LayerCost("a", 79, 0.0, {4: 0.1, 8: 0.0}), LayerCost("b", 1, 1.0, {4: 0.1, 8: 0.0})]
+    # (311·536 + 9·1048) / (320·128) is exactly 4.3, while the float 4.3 is slightly below 43/10
+    layers = [LayerCost("a", 311, 0.0, {4: 0.1, 8: 0.0}), LayerCost("b", 9, 1.0, {4: 0.1, 8: 0.0})]
     assert Fraction(4.3) < Fraction(43, 10)
     got = allocate_budget(layers, 4.3, [4, 8], 128, False)
     assert got.bits == {"a": 4, "b": 8}
@@ -146,8 +146,8 @@ def test_budget_is_the_decimal_the_user_wrote() -> None:
 
 def test_budget_boundary_and_all_at_highest() -> None:
     layers = layers_equal(4, {4: 0.2, 8: 0.01, 16: 0.0})
-    at_min = allocate_budget(layers, 4.25, [4, 8, 16], 128, False)
-    assert set(at_min.bits.values()) == {4} and at_min.effective_bits == 4.25
+    at_min = allocate_budget(layers, 4.1875, [4, 8, 16], 128, False)
+    assert set(at_min.bits.values()) == {4} and at_min.effective_bits == 4.1875
     rich = allocate_budget(layers, 16.0, [4, 8, 16], 128, False)
     assert set(rich.bits.values()) == {16} and rich.effective_bits == 16.0 and rich.objective == 0.0
 
@@ -155,10 +155,10 @@ def test_budget_boundary_and_all_at_highest() -> None:
 def test_sensitivity_decides_who_gets_precision() -> None:
     errors = {4: 0.1, 8: 0.01}
     layers = [LayerCost(f"model.layers.{i}", 1000, s, dict(errors)) for i, s in enumerate([0.1, 5.0, 0.2, 3.0])]
-    # room for two upgrades: (2·8.25 + 2·4.25) / 4 = 6.25
-    got = allocate_budget(layers, 6.25, [4, 8], 128, False)
+    # room for two upgrades: (2·8.1875 + 2·4.1875) / 4 = 6.1875
+    got = allocate_budget(layers, 6.1875, [4, 8], 128, False)
     assert got.bits == {"model.layers.0": 4, "model.layers.1": 8, "model.layers.2": 4, "model.layers.3": 8}
-    assert got.effective_bits == 6.25
+    assert got.effective_bits == 6.1875
     assert got.objective == pytest.approx(0.1 * 0.1 + 5.0 * 0.01 + 0.2 * 0.1 + 3.0 * 0.01, rel=1e-12)
 
 
@@ -225,7 +225,7 @@ def profile(importances: list[float], params: int = 1000, method: str = "taq") -
 
 
 @pytest.mark.parametrize("avg_bits, symmetric, expected, eff", [
-    (4.5, False, 4, 4.25), (8.25, False, 8, 8.25), (8.2, False, 4, 4.25),
+    (4.5, False, 4, 4.1875), (8.1875, False, 8, 8.1875), (8.1, False, 4, 4.1875),
     (4.125, True, 4, 4.125), (16.0, False, 16, 16.0),
 ])
 def test_uniform_takes_highest_fitting_width(avg_bits: float, symmetric: bool, expected: int, eff: float) -> None:
@@ -239,7 +239,7 @@ def test_uniform_takes_highest_fitting_width(avg_bits: float, symmetric: bool, e
 def test_uniform_infeasible_and_profile_input() -> None:
     with pytest.raises(BudgetInfeasible) as info:
         allocate_uniform(profile([0.0, 1.0]), 4.0, [4, 8], 128, False)
-    assert info.value.details["min_avg_bits"] == 4.25
+    assert info.value.details["min_avg_bits"] == 4.1875
     got = allocate_uniform(profile([0.0, 1.0]), 5.0, [4, 8], 128, False)
     assert got.bits == {"model.layers.0": 4, "model.layers.1": 4}
     # errors unknown for the chosen width -> no objective
@@ -255,7 +255,7 @@ def test_paper_taq_top_quarter_at_8_bits() -> None:
     # 3.0 (layer 3), then the 2.0 tie between layers 1 and 5: both fit
     assert eights == {"model.layers.3", "model.layers.1", "model.layers.5"}
     assert set(got.bits.values()) == {4, 8} and got.rule == "paper" and got.budget is None
-    assert got.effective_bits == pytest.approx((3 * 8.25 + 7 * 4.25) / 10, abs=1e-12)
+    assert got.effective_bits == pytest.approx((3 * 8.1875 + 7 * 4.1875) / 10, abs=1e-12)
     # a tie at the cut goes to the earlier layer
     tie = allocate_paper(profile([1.0, 1.0, 1.0, 1.0]), "taq", 128, False)
     assert tie.bits == {"model.layers.0": 8, "model.layers.1": 4, "model.layers.2": 4, "model.layers.3": 4}
@@ -264,7 +264,7 @@ def test_paper_taq_top_quarter_at_8_bits() -> None:
 def test_paper_taq_effective_bits_exact() -> None:
     got = allocate_paper(profile([float(i) for i in range(8)]), "taq", 128, False)
     assert got.bits["model.layers.7"] == 8 and got.bits["model.layers.6"] == 8
-    assert got.effective_bits == 5.25  # (2·8.25 + 6·4.25) / 8
+    assert got.effective_bits == 5.1875  # (2·8.1875 + 6·4.1875) / 8
 
 
 @pytest.mark.parametrize("n_layers, k", [(30, 3), (25, 3), (24, 2), (14, 1), (5, 1)])
@@ -303,10 +303,10 @@ def test_paper_with_layer_costs_and_importance_mapping() -> None:
 def test_paper_over_budget_explains_cost() -> None:
     with pytest.raises(BudgetInfeasible) as info:
         allocate_paper(profile([float(i) for i in range(8)]), "taq", 128, False, avg_bits=5.0)
-    assert info.value.details["min_avg_bits"] == 5.25
-    assert "5.2500" in info.value.message and "paper rule" in info.value.message
-    ok = allocate_paper(profile([float(i) for i in range(8)]), "taq", 128, False, avg_bits=5.25)
-    assert ok.budget == 5.25 and ok.effective_bits == 5.25
+    assert info.value.details["min_avg_bits"] == 5.1875
+    assert "5.1875" in info.value.message and "paper rule" in info.value.message
+    ok = allocate_paper(profile([float(i) for i in range(8)]), "taq", 128, False, avg_bits=5.1875)
+    assert ok.budget == 5.1875 and ok.effective_bits == 5.1875
 
 
 @pytest.mark.parametrize("method", ["uniform", "taq_kl", Method.uniform, "nope"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -12,17 +11,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_quality import parse_method, series_name, with_continuation  # noqa: E402
-from core.spec import CalibrationRow  # noqa: E402
+from bench.bench_quality import parse_method, with_continuation  # noqa: E402
 from bench.peers import UniformConfig, config_for_budget, rtn_dequantized  # noqa: E402
-from bench.report_quality import merge, unique  # noqa: E402
+from bench.quality_tables import comparison_table, comparisons, verdict_summary  # noqa: E402
+from core.spec import CalibrationRow  # noqa: E402
 from core.quant.primitives import dequantize_weight, quantize_weight  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize("budget, group", [(4.25, 128), (4.3, 128), (4.5, 64), (4.99, 64), (5.0, 32),
-                                           (6.0, 16), (9.0, 16)])
+@pytest.mark.parametrize("budget, group", [(4.1875, 128), (4.3, 128), (4.375, 64), (4.5, 64), (4.99, 32),
+                                           (5.0, 32), (5.49, 32), (6.0, 16), (9.0, 16)])
 def test_peer_spends_the_budget_with_the_smallest_fitting_group(budget: float, group: int) -> None:
     config = config_for_budget(budget)
     assert config == UniformConfig(4, group)
@@ -30,7 +29,7 @@ def test_peer_spends_the_budget_with_the_smallest_fitting_group(budget: float, g
 
 
 def test_no_peer_config_below_group_128() -> None:
-    assert config_for_budget(4.2) is None
+    assert config_for_budget(4.18) is None
 
 
 def test_rtn_peer_is_our_round_to_nearest() -> None:
@@ -39,35 +38,28 @@ def test_rtn_peer_is_our_round_to_nearest() -> None:
     assert torch.equal(rtn_dequantized(w, UniformConfig(4, 128)), expected)
 
 
-def _row(suite: str, method: str, eff: float, budget: float | None, score: float) -> dict:
-    return {"suite": suite, "method": method, "effective_bits": eff, "avg_bits": budget,
-            "contains": {"mean": score}, "retained": score}
+def _row(label: str, kind: str, budget: float | None, bits: float, nll: list[float], contains: list[float]) -> dict:
+    return {"suite": "capitals", "label": label, "kind": kind, "budget": budget, "effective_bits": bits,
+            "items": {"gold_nll": nll, "contains": contains}}
 
 
-def test_merge_keeps_one_full_precision_row_per_suite_and_groups_suites(tmp_path: Path) -> None:
-    a = [_row("capitals", "full precision", 16.0, None, 0.3), _row("capitals", "uniform", 4.25, 4.25, 0.2),
-         _row("arithmetic", "full precision", 16.0, None, 0.4)]
-    b = [_row("capitals", "full precision", 16.0, None, 0.3), _row("capitals", "taq+gptq", 4.9, 5.0, 0.25)]
-    (tmp_path / "a.json").write_text(json.dumps(a))
-    (tmp_path / "b.json").write_text(json.dumps(b))
-    rows = merge([tmp_path / "a.json", tmp_path / "b.json"])
-    assert [(r["suite"], r["method"]) for r in rows] == [
-        ("capitals", "full precision"), ("capitals", "uniform"), ("capitals", "taq+gptq"),
-        ("arithmetic", "full precision")]
-
-
-def test_unique_drops_budgets_that_repeat_an_allocation() -> None:
-    rows = [_row("capitals", "uniform", 4.25, 4.25, 0.2), _row("capitals", "uniform", 4.25, 4.5, 0.2),
-            _row("capitals", "taq", 4.25, 4.25, 0.2), _row("capitals", "taq", 4.383, 4.5, 0.21)]
-    assert [(r["method"], r["avg_bits"]) for r in unique(rows)] == [
-        ("uniform", 4.25), ("taq", 4.25), ("taq", 4.5)]
-
-
-def test_peer_rows_form_one_plot_series() -> None:
-    assert series_name("hqq g64") == "hqq"
-    assert series_name("rtn_matched g128") == "rtn_matched"
-    assert series_name("taq+gptq (profile from arithmetic)") == "taq+gptq (profile from arithmetic)"
-    assert series_name("taq") == "taq"
+def test_every_method_meets_every_control_of_its_budget() -> None:
+    n = 40
+    rows = [_row("full precision", "full precision", None, 5.0, [1.0] * n, [1.0] * n),
+            _row("taq", "method", 5.0, 4.9, [2.0] * n, [1.0] * 30 + [0.0] * 10),
+            _row("uniform", "control", 5.0, 4.9, [2.5] * n, [1.0] * 20 + [0.0] * 20),
+            _row("random", "control", 5.0, 4.8, [2.0] * n, [1.0] * 30 + [0.0] * 10),
+            _row("uniform", "control", 6.0, 5.9, [1.5] * n, [1.0] * n)]
+    compared = comparisons(rows)
+    assert [(c["variant"], c["baseline"], c["budget"], c["metric"]) for c in compared] == [
+        ("taq", "uniform", 5.0, "gold_nll"), ("taq", "uniform", 5.0, "contains"),
+        ("taq", "random", 5.0, "gold_nll"), ("taq", "random", 5.0, "contains")]
+    verdicts = [c["verdict"] for c in compared]
+    # lower NLL and more contains than uniform at equal bits; identical to random, which has fewer bits
+    assert verdicts == ["beats", "beats", "no_difference", "no_difference"]
+    assert compared[0]["difference"]["mean"] == pytest.approx(-0.5)
+    assert "| taq (4.900) | uniform (4.900) | gold_nll (lower is better) |" in comparison_table(compared)
+    assert "gold_nll: 2 comparisons — beats 1" in verdict_summary(compared)
 
 
 def test_method_modifiers_set_spec_fields_and_profile_keys() -> None:

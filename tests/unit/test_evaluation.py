@@ -1,8 +1,7 @@
-"""core.evaluation: normalisation, metrics, bootstrap, batched greedy generation, fidelity, report."""
+"""core.evaluation: normalisation, metrics, bootstrap, batched greedy generation."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +10,12 @@ import torch
 
 from core.evaluation import (
     ConfidenceInterval,
-    EvalReport,
-    Fidelity,
     GenerationEval,
     bootstrap_ci,
     contains_match,
     evaluate_generation,
     exact_match,
     f1_score,
-    fidelity,
     first_line_answer,
     generate_greedy,
     normalize_answer,
@@ -35,15 +31,19 @@ pytestmark = pytest.mark.unit
     ("The Eiffel Tower!", "eiffel tower"),
     ("  Paris.  ", "paris"),
     ("an apple and a pear", "apple and pear"),
-    ("Washington, D.C.", "washington dc"),
+    ("Washington, D.C.", "washington d c"),
     ("Bogotá", "bogota"),
     ("São   Tomé", "sao tome"),
     ("-5", "-5"),
     ("x = -5", "x -5"),
     ("3.5", "3.5"),
-    ("1,000", "1000"),
+    ("1,000", "1000"),            # a thousands separator joins digits
+    ("12,345,678", "12345678"),
+    ("1,2", "1 2"),               # not a thousands separator
     ("end.", "end"),
-    ("well-known", "wellknown"),
+    ("well-known", "well known"),  # punctuation separates words, it does not glue them
+    ("10-5=5", "10 5 5"),
+    ("St.John's", "st john s"),
 ])
 def test_normalize_answer_squad_style(text: str, expected: str) -> None:
     assert normalize_answer(text) == expected
@@ -237,73 +237,6 @@ def test_evaluate_generation_with_render_callable(tiny) -> None:
     assert set(result.to_dict()) >= {"exact_match", "f1", "contains", "items"}
     with pytest.raises(ValueError):
         evaluate_generation(model, tokenizer, PROMPTS, [["a"]])
-
-
-def test_fidelity_identity_and_perturbation(tiny, tiny_llama_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    model, tokenizer = tiny
-    ids = [tokenizer(p)["input_ids"] for p in _rendered(tokenizer)]
-    same = fidelity(model, model, ids, batch_size=3)
-    assert isinstance(same, Fidelity)
-    assert same.mean_kl == pytest.approx(0.0, abs=1e-6)
-    assert same.top1_agreement == 1.0
-    assert same.n_tokens == sum(len(i) for i in ids)  # padding excluded
-
-    noisy = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in noisy.named_parameters():
-            if "layers.1." in name and param.dim() == 2:
-                param.add_(torch.randn_like(param) * param.std() * 2.0)
-    diff = fidelity(model, noisy, ids, batch_size=2)
-    assert diff.mean_kl > 1e-3
-    assert diff.top1_agreement < 1.0
-    assert diff.n_tokens == same.n_tokens
-    # batch size (and so padding) must not change the numbers
-    diff1 = fidelity(model, noisy, ids, batch_size=1)
-    assert diff1.mean_kl == pytest.approx(diff.mean_kl, rel=1e-4)
-    assert diff1.top1_agreement == diff.top1_agreement
-
-    # manual KL over positions of one prompt
-    with torch.no_grad():
-        x = torch.tensor([ids[0]])
-        lp = torch.log_softmax(model(input_ids=x).logits[0].float(), -1)
-        lq = torch.log_softmax(noisy(input_ids=x).logits[0].float(), -1)
-    manual = float((lp.exp() * (lp - lq)).sum(-1).mean())
-    assert fidelity(model, noisy, ids[:1]).mean_kl == pytest.approx(manual, rel=1e-4)
-
-
-# ------------------------------------------------------------------------------ report
-
-def _fake_eval(preds: list[str], golds: list[list[str]]) -> GenerationEval:
-    return score_predictions(preds, golds, max_new_tokens=8)
-
-
-def test_eval_report_side_by_side_and_paired_deltas() -> None:
-    golds = [["a1"], ["b2"], ["c3"], ["d4"]]
-    fp = _fake_eval(["a1", "b2", "c3", "x"], golds)
-    quant = _fake_eval(["a1", "b2", "y", "x"], golds)
-    uniform = _fake_eval(["a1", "z", "y", "x"], golds)
-    report = EvalReport(quantized=quant, full_precision=fp, uniform=uniform,
-                        quantized_fidelity=Fidelity(0.1, 0.9, 100),
-                        uniform_fidelity=Fidelity(0.3, 0.8, 100), dataset="ds_1",
-                        meta={"budget": 4.5})
-    data = report.to_dict()
-    json.dumps(data)  # serialisable for eval.json
-    assert data["n_items"] == 4
-    assert set(data["metrics"]) == {"full_precision", "quantized", "uniform"}
-    assert data["metrics"]["full_precision"]["exact_match"]["mean"] == 0.75
-    assert data["metrics"]["quantized"]["exact_match"]["mean"] == 0.5
-    assert data["delta_vs_full_precision"]["quantized"]["exact_match"]["mean"] == pytest.approx(-0.25)
-    assert data["delta_vs_full_precision"]["uniform"]["exact_match"]["mean"] == pytest.approx(-0.5)
-    assert data["fidelity"]["uniform"] == {"mean_kl": 0.3, "top1_agreement": 0.8, "n_tokens": 100}
-    assert "items" not in data["metrics"]["quantized"]
-    assert "items" in report.to_dict(include_items=True)["metrics"]["quantized"]
-
-    only_q = EvalReport(quantized=quant).to_dict()
-    assert set(only_q["metrics"]) == {"quantized"}
-    assert "delta_vs_full_precision" not in only_q
 
 
 def test_confidence_interval_to_dict() -> None:

@@ -48,7 +48,7 @@ def test_effective_bits() -> None:
     nominal = (4 * 1000 + 8 * 2000 + 16 * 1000 + 4 * 2000 + 8 * 1000 + 4 * 2000) / 9000
     assert profile_effective_bits(profile) == pytest.approx(nominal)
     with_overhead = profile_effective_bits(profile, group_size=128)
-    assert with_overhead == pytest.approx(nominal + 0.25 * 8000 / 9000)
+    assert with_overhead == pytest.approx(nominal + 24 / 128 * 8000 / 9000)  # fp16 scale + int8 zero per group
     assert profile_effective_bits(_profile(False)) is None
 
 

@@ -26,7 +26,11 @@ class JobSpec:
     """
     Attributes:
         model (str):
-        allocation (AllocationRule | Unset):
+        allocation (AllocationRule | Unset): How a budget becomes bits per layer: `budget` the exact knapsack over the
+            method's
+            sensitivities, `paper` the paper's fixed rule; and two task-agnostic controls at the same
+            budget (core/controls.py): `error_only` the same knapsack with every sensitivity 1, `random`
+            layers raised in a seeded random order.
         allocation_unit (AllocationUnit | Unset): What one allocated width covers: a whole transformer `layer` (the
             default), or each
             `linear` of it separately (q/k/v/o and the MLP projections get their own bits).
@@ -40,6 +44,7 @@ class JobSpec:
             calibration as in llm-compressor's sequential pipeline; the earlier layers are quantized at
             the widest width whose uniform cost fits the smallest budget).
         clip_search (bool | Unset):  Default: False.
+        eval_controls (bool | Unset):  Default: True.
         eval_dataset_id (None | str | Unset):
         eval_fraction (float | None | Unset):
         exports (list[ExportFormat] | Unset):
@@ -66,6 +71,7 @@ class JobSpec:
     calibration_dataset_id: None | str | Unset = UNSET
     calibration_inputs: CalibrationInputs | Unset = UNSET
     clip_search: bool | Unset = False
+    eval_controls: bool | Unset = True
     eval_dataset_id: None | str | Unset = UNSET
     eval_fraction: float | None | Unset = UNSET
     exports: list[ExportFormat] | Unset = UNSET
@@ -128,6 +134,8 @@ class JobSpec:
             calibration_inputs = self.calibration_inputs.value
 
         clip_search = self.clip_search
+
+        eval_controls = self.eval_controls
 
         eval_dataset_id: None | str | Unset
         if isinstance(self.eval_dataset_id, Unset):
@@ -203,6 +211,8 @@ class JobSpec:
             field_dict["calibration_inputs"] = calibration_inputs
         if clip_search is not UNSET:
             field_dict["clip_search"] = clip_search
+        if eval_controls is not UNSET:
+            field_dict["eval_controls"] = eval_controls
         if eval_dataset_id is not UNSET:
             field_dict["eval_dataset_id"] = eval_dataset_id
         if eval_fraction is not UNSET:
@@ -313,6 +323,8 @@ class JobSpec:
 
         clip_search = d.pop("clip_search", UNSET)
 
+        eval_controls = d.pop("eval_controls", UNSET)
+
         def _parse_eval_dataset_id(data: object) -> None | str | Unset:
             if data is None:
                 return data
@@ -394,6 +406,7 @@ class JobSpec:
             calibration_dataset_id=calibration_dataset_id,
             calibration_inputs=calibration_inputs,
             clip_search=clip_search,
+            eval_controls=eval_controls,
             eval_dataset_id=eval_dataset_id,
             eval_fraction=eval_fraction,
             exports=exports,

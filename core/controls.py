@@ -1,0 +1,118 @@
+"""Task-agnostic allocations at the same budget: the controls a task-aware allocation must beat.
+
+* `allocate_error_only`: the same exact knapsack (`core.allocation.allocate_budget`) with every
+  sensitivity 1, so only the measured quantization error decides. A method that beats it owes the
+  win to its task signal, not to the solver or the error measurements.
+* `allocate_random`: layers raised in a seeded random order, each to the widest choice the
+  remaining budget pays for. It spends the budget like the method does, on layers chosen blind.
+* `allocate_uniform_mix`: the nearest thing to "uniform" at equal effective bits: every layer at
+  the widest single choice that fits, then as many layers as the budget pays for one choice
+  higher, spread evenly over the depth (first and last included when they fit).
+
+All return a `BitAllocation` that meets the budget exactly as `allocate_budget` does (costs from
+`core.allocation.layer_cost`, padded groups counted).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import replace
+from typing import Sequence
+
+from core.allocation import (LayerCost, _as_layers, _check_common, _exact_budget, _objective, _scheme,
+                             allocate_budget, allocate_uniform, effective_of, layer_cost)
+from core.errors import BudgetInfeasible
+from core.types import BitAllocation, Profile
+
+__all__ = ["allocate_error_only", "allocate_random", "allocate_uniform_mix", "spread"]
+
+
+def allocate_error_only(layers: Profile | Sequence[LayerCost], avg_bits: float, bit_choices: Sequence[int],
+                        group_size: int, symmetric: bool) -> BitAllocation:
+    """`allocate_budget` with every sensitivity set to 1 (rule "error_only")."""
+    flat = [replace(l, sensitivity=1.0) for l in _as_layers(layers)]
+    allocation = allocate_budget(flat, avg_bits, bit_choices, group_size, symmetric)
+    return replace(allocation, rule="error_only", solver=f"{allocation.solver}, sensitivities 1")
+
+
+def _budget_units(layers: list[LayerCost], avg_bits: float, group_size: int) -> int:
+    return math.floor(_exact_budget(avg_bits) * group_size * sum(l.params for l in layers))
+
+
+def _infeasible(layers: list[LayerCost], avg_bits: float, choices: list[int], group_size: int,
+                symmetric: bool) -> BudgetInfeasible:
+    lowest = effective_of(layers, {l.name: choices[0] for l in layers}, group_size, symmetric)
+    return BudgetInfeasible(
+        f"bit budget avg_bits={avg_bits} cannot be met: with bit_choices {choices} "
+        f"({_scheme(group_size, symmetric)}) every layer at {choices[0]} bits already costs "
+        f"{math.ceil(lowest * 10_000) / 10_000:.4f} effective bits",
+        details={"min_avg_bits": float(lowest), "avg_bits": float(avg_bits)})
+
+
+def _allocation(layers: list[LayerCost], bits: dict[str, int], avg_bits: float, group_size: int,
+                symmetric: bool, rule: str, solver: str) -> BitAllocation:
+    return BitAllocation(bits=bits, effective_bits=float(effective_of(layers, bits, group_size, symmetric)),
+                         budget=float(avg_bits), rule=rule, objective=_objective(layers, bits), solver=solver)
+
+
+def allocate_random(layers: Profile | Sequence[LayerCost], avg_bits: float, bit_choices: Sequence[int],
+                    group_size: int, symmetric: bool, *, seed: int = 0) -> BitAllocation:
+    """Every layer at the lowest choice; then, in the order of a `random.Random(seed)` shuffle,
+    each layer raised to the widest choice the remaining budget pays for (rule "random")."""
+    choices = _check_common(bit_choices, group_size)
+    layers = _as_layers(layers)
+    budget = _budget_units(layers, avg_bits, group_size)
+    bits = {l.name: choices[0] for l in layers}
+    spent = sum(layer_cost(l, choices[0], group_size, symmetric) for l in layers)
+    if spent > budget:
+        raise _infeasible(layers, avg_bits, choices, group_size, symmetric)
+    order = list(range(len(layers)))
+    random.Random(seed).shuffle(order)
+    for i in order:
+        layer = layers[i]
+        base = layer_cost(layer, choices[0], group_size, symmetric)
+        for b in reversed(choices[1:]):
+            extra = layer_cost(layer, b, group_size, symmetric) - base
+            if spent + extra <= budget:
+                bits[layer.name] = b
+                spent += extra
+                break
+    return _allocation(layers, bits, avg_bits, group_size, symmetric, "random", f"random(seed={seed})")
+
+
+def spread(count: int, total: int) -> list[int]:
+    """`count` indices out of range(total), evenly spaced, first and last included when count >= 2."""
+    if count <= 0:
+        return []
+    if count >= total:
+        return list(range(total))
+    if count == 1:
+        return [total // 2]
+    return sorted({round(k * (total - 1) / (count - 1)) for k in range(count)})
+
+
+def allocate_uniform_mix(layers: Profile | Sequence[LayerCost], avg_bits: float, bit_choices: Sequence[int],
+                         group_size: int, symmetric: bool) -> BitAllocation:
+    """The widest single choice that fits everywhere, plus the most layers one choice higher that
+    the budget pays for, evenly spaced over the depth (rule "uniform")."""
+    choices = _check_common(bit_choices, group_size)
+    layers = _as_layers(layers)
+    base_alloc = allocate_uniform(layers, avg_bits, choices, group_size, symmetric)  # raises when nothing fits
+    low = next(iter(base_alloc.bits.values()))
+    higher = [b for b in choices if b > low]
+    if not higher:
+        return base_alloc
+    high = higher[0]
+    budget = _budget_units(layers, avg_bits, group_size)
+    count = len(layers)
+    while count > 0:
+        raised = {layers[i].name for i in spread(count, len(layers))}
+        bits = {l.name: high if l.name in raised else low for l in layers}
+        if sum(layer_cost(l, bits[l.name], group_size, symmetric) for l in layers) <= budget:
+            break
+        count -= 1
+    if count == 0:
+        return base_alloc
+    return _allocation(layers, bits, avg_bits, group_size, symmetric, "uniform",
+                       f"uniform-mix({low}/{high} bits, {count} of {len(layers)} layers at {high})")
