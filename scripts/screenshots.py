@@ -7,7 +7,7 @@ for them, then drives headless Chromium (Debian's `chromium`, through Playwright
 list, the new-job form, the job page (stages and profile; evaluation and Pareto plot; artifacts),
 the comparison and the job page at phone width.
 
-    .venv/bin/python scripts/screenshots.py                      # SmolLM2-135M-Instruct, ~10 min on 2 cores
+    .venv/bin/python scripts/screenshots.py          # SmolLM2-135M-Instruct: the jobs take ~17 min on 2 busy cores
     .venv/bin/python scripts/screenshots.py --data-dir /tmp/shots-data   # keep the jobs; a rerun reuses them
 """
 
@@ -134,6 +134,8 @@ def shoot(base: str, jobs: dict[str, str], out: Path) -> None:
         page.screenshot(path=str(out / "job.png"))
         page.set_viewport_size({"width": 1280, "height": 860})
         page.wait_for_timeout(600)
+        page.click("#evaluation .tab:last-child")  # the widest budget, where the variants differ most
+        page.wait_for_timeout(300)
         page.locator("#evaluation").screenshot(path=str(out / "evaluation.png"))
         page.click("#artifacts details.snippets summary")
         page.locator("#artifacts").screenshot(path=str(out / "artifacts.png"))

@@ -17,11 +17,11 @@ function validationRows(details) {
   return details.map((d) => ({ field: (d.loc || []).filter((x) => x !== 'body').join('.') || '(body)', problem: d.msg || d.type }));
 }
 
-function bytesTable(title, obj) {
+function bytesTable(title, obj, keyLabel) {
   const rows = Object.entries(obj).filter(([, v]) => typeof v === 'number');
   if (!rows.length) return null;
   return h('div', {}, h('h4', {}, title), table([
-    { label: 'part', cell: (r) => humanKey(r[0]) },
+    { label: keyLabel, cell: (r) => humanKey(r[0]) },
     { label: 'bytes', cell: (r) => `${fmtBytes(r[1])} (${r[1].toLocaleString()})`, class: 'num' }], rows,
   { className: 'grid details' }));
 }
@@ -39,10 +39,10 @@ export function errorBlock(err, prefix = '') {
     const scalars = Object.entries(d).filter(([, v]) => v === null || typeof v !== 'object');
     if (scalars.length) {
       box.append(h('dl', { class: 'kv' }, scalars.map(([k, v]) => [h('dt', {}, humanKey(k)),
-        h('dd', {}, /_bytes$/.test(k) && typeof v === 'number' ? `${fmtBytes(v)} (${v.toLocaleString()})` : String(v))])));
+        h('dd', {}, /_bytes$/.test(k) && typeof v === 'number' ? `${fmtBytes(v)} (${v.toLocaleString()})` : typeof v === 'number' ? v.toLocaleString() : String(v))])));
     }
-    if (d.breakdown && typeof d.breakdown === 'object') box.append(bytesTable('memory estimate, by part', d.breakdown));
-    if (d.phases && typeof d.phases === 'object') box.append(bytesTable('memory estimate, by phase', d.phases));
+    if (d.breakdown && typeof d.breakdown === 'object') box.append(bytesTable('memory estimate, by part', d.breakdown, 'part'));
+    if (d.phases && typeof d.phases === 'object') box.append(bytesTable('memory estimate, by phase', d.phases, 'phase'));
     const rest = Object.entries(d).filter(([k, v]) => v !== null && typeof v === 'object' && !['breakdown', 'phases'].includes(k));
     if (rest.length) {
       box.append(h('details', {}, h('summary', {}, 'more details'),

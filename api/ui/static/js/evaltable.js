@@ -98,10 +98,15 @@ function cellText(key, v) {
   return typeof v === 'object' ? JSON.stringify(v) : humanKey(String(v));
 }
 
+// the columns a reader looks for first; any others follow in the report's order
+const FIRST = ['variant', 'a', 'baseline', 'b', 'metric', 'difference', 'verdict', 'rule', 'effective_bits', 'budget'];
+
 function genericList(title, rows, id) {
   if (!rows.length) return null;
   const keys = [];
   for (const r of rows) for (const k of Object.keys(r)) if (!keys.includes(k) && !SKIP.has(k)) keys.push(k);
+  const rank = (k) => (FIRST.includes(k) ? FIRST.indexOf(k) : FIRST.length);
+  keys.sort((x, y) => rank(x) - rank(y));
   return h('div', { id }, h('h3', {}, title), table(keys.map((k) => ({ label: humanKey(k), cell: (r) => cellText(k, r[k]),
     class: typeof rows[0][k] === 'number' || isInterval(rows[0][k]) ? 'num' : '' })), rows, { className: 'grid compact' }));
 }
@@ -147,7 +152,9 @@ export function reportView(report) {
   ];
   const variants = obj(report.variants);
   if (Object.keys(variants).length) {
-    parts.push(genericList('Variants', Object.entries(variants).map(([name, v]) => ({ variant: name, ...obj(v) })), 'eval-variants'));
+    const at = (name) => (names.includes(name) ? names.indexOf(name) : names.length);
+    const rows = Object.entries(variants).sort(([x], [y]) => at(x) - at(y)).map(([name, v]) => ({ variant: name, ...obj(v) }));
+    parts.push(genericList('Variants', rows, 'eval-variants'));
   }
   if (Array.isArray(report.comparisons) && report.comparisons.length) {
     parts.push(genericList('Comparisons', comparisonRows(report.comparisons), 'eval-comparisons'));
