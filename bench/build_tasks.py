@@ -9,9 +9,17 @@ typed by hand. Splits are seeded and disjoint; the output is byte-for-byte repro
 same source package versions (recorded in bench/tasks/manifest.json).
 
 Suites
-  capitals     country -> capital from the `countryinfo` PyPI package (MIT).
-  arithmetic   one-step word problems, templates x seeded random numbers, answers computed.
-  python_eval  short Python expressions, answers from evaluating them with Python itself.
+  capitals        country -> capital from the `countryinfo` PyPI package (MIT).
+  capitals_mc     the same countries and split as `capitals`, as four-option multiple choice
+                  (distractors: other countries' capitals); the gold is the letter.
+  arithmetic      one-step word problems, templates x seeded random numbers, answers computed.
+  arithmetic_mc   the same problems and split as `arithmetic`, as four-option multiple choice
+                  (distractors computed from the operands); the gold is the letter.
+  python_eval     short Python expressions, answers from evaluating them with Python itself.
+
+Multiple-choice golds are a single letter, so exact match is the metric for them (for a model
+that answers with the letter); `contains` is not (every letter is in the question's options, and
+the scorer drops "A" as an article inside a longer answer such as "A) Paris").
 """
 
 from __future__ import annotations
@@ -22,17 +30,21 @@ import hashlib
 import json
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "tasks"
 SEED = 20251106
 CALIBRATION_SIZE = 128
-EVAL_SIZE = 200
-CAPITALS_EVAL_SIZE = 150
+EVAL_SIZE = 500
+#: capitals: eval takes every country left after this many calibration rows
+CAPITALS_CALIBRATION_SIZE = 64
+MC_LETTERS = "ABCD"
+MC_INSTRUCTION = "Answer with the letter only."
 
 #: Rows: {"messages": [{"role": "user", "content": ...}], "answers": [...]}.
 Row = dict[str, Any]
@@ -67,6 +79,28 @@ def _echo_scores(row: Row) -> bool:
     from core.evaluation import contains_match
 
     return contains_match(_question(row), row["answers"]) > 0
+
+
+def _mc_question(stem: str, options: list[str]) -> str:
+    """`stem`, one "X) option" line per letter, then the instruction."""
+    if len(options) != len(MC_LETTERS):
+        raise ValueError(f"{len(options)} options for {stem!r}")
+    lines = [stem, *(f"{letter}) {text}" for letter, text in zip(MC_LETTERS, options))]
+    return "\n".join([*lines, MC_INSTRUCTION])
+
+
+def _balanced_letters(n: int, rng: random.Random) -> list[int]:
+    """Positions of the correct option for `n` rows: each letter n/4 times (+-1), seeded order."""
+    positions = [i % len(MC_LETTERS) for i in range(n)]
+    rng.shuffle(positions)
+    return positions
+
+
+def _mc_row(stem: str, correct: str, distractors: list[str], position: int) -> Row:
+    """A multiple-choice row whose gold is the letter of `correct`, placed at `position`."""
+    options = list(distractors)
+    options.insert(position, correct)
+    return _row(_mc_question(stem, options), [MC_LETTERS[position]])
 
 
 def _split(rows: list[Row], *, seed: int, n_eval: int, n_calibration: int | None) -> tuple[list[Row], list[Row]]:
@@ -111,9 +145,10 @@ def _capital_names(value: Any) -> list[str]:
 def capital_entries() -> tuple[list[tuple[str, list[str]]], str]:
     """(country name, capitals) pairs, one per ISO 3166-1 alpha-2 code, and the package version.
 
-    Entries without an alpha-2 code (e.g. Scotland) or without a capital are dropped. When
-    several entries share a code (Burma/Myanmar, the two Vatican and Palestine records) their
-    capitals are merged as alternative answers and the shortest name is asked about.
+    Entries without a capital (Antarctica, Bouvet Island, Macau, Wales, ...) are dropped: there is
+    no gold to ask about. An entry without an alpha-2 code (Scotland) is kept under its own name.
+    When several entries share a code (Burma/Myanmar, the two Vatican and Palestine records)
+    their capitals are merged as alternative answers and the shortest name is asked about.
     """
     import countryinfo
     from countryinfo import CountryInfo
@@ -122,10 +157,11 @@ def capital_entries() -> tuple[list[tuple[str, list[str]]], str]:
     data = CountryInfo.all()
     for key in sorted(data):
         info = data[key]
-        code = ((info.get("ISO") or {}).get("alpha2") or "").strip().upper()
-        if not code or not _capital_names(info.get("capital")):
+        if not _capital_names(info.get("capital")):
             continue
-        by_code.setdefault(code, []).append(info)
+        code = ((info.get("ISO") or {}).get("alpha2") or "").strip().upper()
+        # no alpha-2 code: the entry stands alone (keyed by its name, never merged with a code)
+        by_code.setdefault(code or f"name:{str(info['name']).strip()}", []).append(info)
     entries: list[tuple[str, list[str]]] = []
     for code in sorted(by_code):
         infos = by_code[code]
@@ -139,18 +175,61 @@ def capital_entries() -> tuple[list[tuple[str, list[str]]], str]:
     return entries, countryinfo.__version__
 
 
-def build_capitals(seed: int = SEED) -> Suite:
+def _capitals_split(seed: int) -> tuple[list[Row], list[Row], list[tuple[str, list[str]]], str]:
+    """The free-text capitals rows split into (calibration, eval), plus every package entry and
+    the package version. `capitals_mc` asks about the same countries in the same split."""
     entries, version = capital_entries()
     rows = [_row(CAPITALS_PROMPT.format(country=name), capitals) for name, capitals in entries]
-    # Djibouti, Singapore, Mexico City...: a gold already in the question would score an echo
+    # Djibouti, Singapore, Luxembourg...: a gold already in the question would score an echo
     rows = [r for r in rows if not _echo_scores(r)]
-    # eval gets 150 countries when the source allows; calibration keeps at least 64
-    n_eval = min(CAPITALS_EVAL_SIZE, len(rows) - 64)
+    # calibration keeps CAPITALS_CALIBRATION_SIZE countries, eval gets all the others
+    n_eval = len(rows) - CAPITALS_CALIBRATION_SIZE
     calibration, eval_rows = _split(rows, seed=seed, n_eval=n_eval,
-                                    n_calibration=min(CALIBRATION_SIZE, len(rows) - n_eval))
+                                    n_calibration=CAPITALS_CALIBRATION_SIZE)
+    return calibration, eval_rows, entries, version
+
+
+def build_capitals(seed: int = SEED) -> Suite:
+    calibration, eval_rows, _, version = _capitals_split(seed)
     return Suite("capitals", calibration, eval_rows,
                  {"package": "countryinfo", "version": version, "licence": "MIT",
-                  "entries": len(rows)})
+                  "entries": len(calibration) + len(eval_rows)})
+
+
+CAPITALS_MC_STEM = "Which city is the capital of {country}?"
+
+
+def build_capitals_mc(seed: int = SEED) -> Suite:
+    """Four options: the country's first listed capital and three distractors drawn (seeded)
+    from the other entries' capitals, none of which is a capital of the asked country (compared
+    after the scorer's normalisation, so "Kingston" of Jamaica is never a distractor for
+    Norfolk Island). The correct letter is balanced over A-D within each split."""
+    from core.evaluation import normalize_answer
+
+    free_calibration, free_eval, entries, version = _capitals_split(seed)
+    capitals_of = {CAPITALS_PROMPT.format(country=name): (name, capitals) for name, capitals in entries}
+    pool: dict[str, str] = {}  # normalised name -> the first spelling met, in entry order
+    for _, capitals in entries:
+        for c in capitals:
+            pool.setdefault(normalize_answer(c), c)
+    rng = random.Random(seed + 4)
+
+    def convert(free_rows: list[Row]) -> list[Row]:
+        positions = _balanced_letters(len(free_rows), rng)
+        rows: list[Row] = []
+        for free, position in zip(free_rows, positions):
+            name, capitals = capitals_of[_question(free)]
+            own = {normalize_answer(c) for c in capitals}
+            candidates = sorted(k for k in pool if k not in own)
+            distractors = [pool[k] for k in rng.sample(candidates, len(MC_LETTERS) - 1)]
+            rows.append(_mc_row(CAPITALS_MC_STEM.format(country=name), capitals[0], distractors, position))
+        return rows
+
+    calibration, eval_rows = convert(free_calibration), convert(free_eval)
+    return Suite("capitals_mc", calibration, eval_rows,
+                 {"package": "countryinfo", "version": version, "licence": "MIT",
+                  "entries": len(calibration) + len(eval_rows),
+                  "derived_from": "capitals (same countries, same split)"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,64 +251,135 @@ class _ArithTemplate:
 #: Zero-shot, small numbers, round-robin over the templates. SmolLM2-135M answers these by
 #: restating the problem ("... so she has 5 - 1 = 4 marbles left."); a pilot dropped templates it
 #: almost never finished within 24 new tokens ("What is a * b?", "rows of", "are lost",
-#: "altogether": <10 %), which measured the token limit rather than the skill.
+#: "altogether": <10 %), which measured the token limit rather than the skill. The last two
+#: templates were added so that 628 distinct problems fit in small operand ranges; a pilot of 48
+#: problems each gave `contains` 0.60 ("boxes"), 0.21 ("sold"; "gave away" 0.27), and dropped
+#: "has a and finds b more" (0.19, against 0.48 for "gets b more").
 ARITHMETIC_TEMPLATES = [
     _ArithTemplate("What is {a} + {b}?", "+"),
     _ArithTemplate("What is {a} - {b}?", "-"),
     _ArithTemplate("{name} has {a} {items} and gets {b} more. How many {items} does {name} have now?", "+"),
     _ArithTemplate("{name} had {a} {items} and gave away {b}. How many {items} does {name} have left?", "-"),
     _ArithTemplate("{name} buys {a} bags with {b} {items} in each bag. How many {items} does {name} buy?", "*"),
+    _ArithTemplate("{name} buys {a} boxes with {b} {items} in each box. How many {items} does {name} buy?", "*"),
+    _ArithTemplate("{name} had {a} {items} and sold {b}. How many {items} does {name} have left?", "-"),
 ]
 
 
-def _arith_numbers(rng: random.Random, op: str) -> tuple[int, int, int] | None:
-    """Operands and the Python-computed answer; None when the answer equals an operand (an echo
-    of the question would then count as correct)."""
+def _arith(a: int, b: int, op: str) -> int:
     if op == "+":
-        a, b = rng.randint(1, 10), rng.randint(1, 10)
-        answer = a + b
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    raise ValueError(op)
+
+
+def _arith_operands(op: str) -> list[tuple[int, int]]:
+    """Every operand pair of an operation, in order: 1-10 + 1-10 (100), a - b with a in 3-15 and
+    0 < b < a (98 once a = 2b is dropped), 2-10 x 2-10 (81). Pairs whose answer equals an operand
+    are left out (an echo of the question would then count as correct).
+
+    The ranges stay small on purpose: SmolLM2-135M restates the problem before the result, and
+    two-digit operands push the result past the 24 new tokens. With the first five templates,
+    operands 1-20 + 1-20, a up to 20 and 2-12 x 2-15 scored `contains` 22 % (1-12, 3-18,
+    2-9 x 2-10: 27 %), the earlier 200-row set with these ranges 42 %; more templates, not larger
+    numbers, give the 628 distinct problems (35 % with all seven)."""
+    if op == "+":
+        pairs = [(a, b) for a in range(1, 11) for b in range(1, 11)]
     elif op == "-":
-        a = rng.randint(3, 15)
-        b = rng.randint(1, a - 1)
-        answer = a - b
+        pairs = [(a, b) for a in range(3, 16) for b in range(1, a)]
     elif op == "*":
-        a, b = rng.randint(2, 9), rng.randint(2, 10)
-        answer = a * b
+        pairs = [(a, b) for a in range(2, 11) for b in range(2, 11)]
     else:
         raise ValueError(op)
-    return None if answer in (a, b) else (a, b, answer)
+    return [(a, b) for a, b in pairs if _arith(a, b, op) not in (a, b)]
+
+
+@dataclass(frozen=True)
+class _ArithProblem:
+    question: str
+    a: int
+    b: int
+    op: str
+    answer: int
+
+
+def _arith_problems(seed: int, n_total: int) -> list[_ArithProblem]:
+    """`n_total` distinct problems: each template's operand pairs in a seeded order, taken
+    round-robin over the templates while a template has pairs left (656 in all, so nearly every
+    pair is used). One problem per (template, operands): names and items alone do not make a new
+    problem; the same operands do appear under different templates ("What is 3 + 4?" and "Anna
+    has 3 apples and gets 4 more"), possibly in different splits."""
+    rng = random.Random(seed)
+    queues: list[list[tuple[int, int]]] = []
+    for template in ARITHMETIC_TEMPLATES:
+        pairs = _arith_operands(template.op)
+        rng.shuffle(pairs)
+        queues.append(pairs)
+    problems: list[_ArithProblem] = []
+    while len(problems) < n_total:
+        if not any(queues):
+            raise RuntimeError(f"only {len(problems)} distinct arithmetic problems, need {n_total}")
+        for template, queue in zip(ARITHMETIC_TEMPLATES, queues):
+            if not queue or len(problems) == n_total:
+                continue
+            a, b = queue.pop(0)
+            answer = _arith(a, b, template.op)
+            question = template.text.format(name=rng.choice(NAMES), items=rng.choice(ITEMS), a=a, b=b)
+            if _echo_scores(_row(question, [str(answer)])):
+                continue
+            problems.append(_ArithProblem(question, a, b, template.op, answer))
+    return problems
+
+
+def _arithmetic_split(seed: int, n_total: int) -> tuple[list[Row], list[Row], dict[str, _ArithProblem]]:
+    """The free-text arithmetic rows split into (calibration, eval), and the problem behind each
+    question. `arithmetic_mc` asks the same problems in the same split."""
+    problems = _arith_problems(seed, n_total)
+    rows = [_row(p.question, [str(p.answer)]) for p in problems]
+    calibration, eval_rows = _split(rows, seed=seed + 1, n_eval=n_total - CALIBRATION_SIZE,
+                                    n_calibration=CALIBRATION_SIZE)
+    return calibration, eval_rows, {p.question: p for p in problems}
 
 
 def build_arithmetic(seed: int = SEED, n_total: int = EVAL_SIZE + CALIBRATION_SIZE) -> Suite:
-    rng = random.Random(seed)
-    rows: list[Row] = []
-    seen: set[str] = set()
-    attempts = 0
-    while len(rows) < n_total:
-        attempts += 1
-        if attempts > 100 * n_total:
-            raise RuntimeError("could not generate enough distinct arithmetic problems")
-        index = len(rows) % len(ARITHMETIC_TEMPLATES)
-        template = ARITHMETIC_TEMPLATES[index]
-        numbers = _arith_numbers(rng, template.op)
-        if numbers is None:
-            continue
-        a, b, answer = numbers
-        # one problem per (template, numbers): names and items alone do not make a new problem
-        key = f"{index}:{a}:{b}"
-        if key in seen:
-            continue
-        seen.add(key)
-        question = template.text.format(name=rng.choice(NAMES), items=rng.choice(ITEMS), a=a, b=b)
-        row = _row(question, [str(answer)])
-        if _echo_scores(row):
-            continue
-        rows.append(row)
-
-    calibration, eval_rows = _split(rows, seed=seed + 1, n_eval=EVAL_SIZE, n_calibration=CALIBRATION_SIZE)
+    calibration, eval_rows, _ = _arithmetic_split(seed, n_total)
     return Suite("arithmetic", calibration, eval_rows,
                  {"generator": "bench/build_tasks.py (seeded templates; answers computed by Python)",
                   "licence": "generated", "seed": seed})
+
+
+def arith_distractors(p: _ArithProblem) -> list[int]:
+    """Wrong answers a solver plausibly gives, all computed: off by 1, 2 or 10, and the results
+    of the other two operations on the same operands. Non-negative, distinct, never the answer;
+    sorted (the caller draws from them with its seeded generator)."""
+    candidates = {p.answer + d for d in (-10, -2, -1, 1, 2, 10)}
+    candidates |= {_arith(p.a, p.b, op) for op in "+-*" if op != p.op}
+    return sorted(c for c in candidates if c >= 0 and c != p.answer)
+
+
+def build_arithmetic_mc(seed: int = SEED, n_total: int = EVAL_SIZE + CALIBRATION_SIZE) -> Suite:
+    """`arithmetic`'s problems and split, each with its answer and three distractors drawn
+    (seeded) from `arith_distractors`; the correct letter is balanced over A-D within each split."""
+    free_calibration, free_eval, problems = _arithmetic_split(seed, n_total)
+    rng = random.Random(seed + 5)
+
+    def convert(free_rows: list[Row]) -> list[Row]:
+        positions = _balanced_letters(len(free_rows), rng)
+        rows: list[Row] = []
+        for free, position in zip(free_rows, positions):
+            p = problems[_question(free)]
+            distractors = [str(d) for d in rng.sample(arith_distractors(p), len(MC_LETTERS) - 1)]
+            rows.append(_mc_row(p.question, str(p.answer), distractors, position))
+        return rows
+
+    return Suite("arithmetic_mc", convert(free_calibration), convert(free_eval),
+                 {"generator": "bench/build_tasks.py (arithmetic's problems; answers and "
+                               "distractors computed by Python)",
+                  "licence": "generated", "seed": seed,
+                  "derived_from": "arithmetic (same problems, same split)"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,12 +392,17 @@ def build_arithmetic(seed: int = SEED, n_total: int = EVAL_SIZE + CALIBRATION_SI
 PYTHON_PROMPT = "What does the Python expression `{expr}` evaluate to?"
 
 WORDS = ["cat", "dog", "hello", "python", "river", "apple", "green", "moon", "table", "code",
-         "sun", "tree", "house", "water", "light", "bird", "stone", "music", "paper", "cloud"]
+         "sun", "tree", "house", "water", "light", "bird", "stone", "music", "paper", "cloud",
+         "banana", "garden", "window", "letter", "coffee", "bottle", "pepper", "yellow", "rabbit",
+         "summer", "button", "butter", "kitten", "mirror", "puzzle", "ribbon", "school", "tomato",
+         "planet", "sky"]
 
 #: Expression kinds, drawn uniformly. The mix spans kinds SmolLM2-135M mostly gets right (small
 #: +, *, squares) to kinds it rarely does (%, len, sum). Kinds whose answer is a literal of the
 #: expression (max, min, indexing) are left out: echoing the expression would score; so are
-#: .upper()/.lower(), which a case-insensitive scorer cannot check.
+#: .upper()/.lower(), which a case-insensitive scorer cannot check. Squares (19 bases) and len
+#: (40 words) have fewer distinct expressions than a uniform share of 628 rows (~63), so they are
+#: used up and slightly under-represented; the other kinds have hundreds.
 PYTHON_KINDS = ["add", "sub", "mul", "pow", "floordiv", "mod", "count", "bool_int", "sum", "len"]
 
 
@@ -255,13 +410,14 @@ def _py_expr(rng: random.Random, kind: str) -> str:
     a, b = rng.randint(1, 10), rng.randint(1, 10)
     word = rng.choice(WORDS)
     if kind == "add":
-        return f"{a} + {b}"
+        return f"{a + rng.randint(0, 10)} + {b + rng.randint(0, 10)}"
     if kind == "sub":
+        a, b = a + rng.randint(0, 10), b + rng.randint(0, 10)
         return f"{max(a, b)} - {min(a, b)}"
     if kind == "mul":
         return f"{a} * {b}"
     if kind == "pow":
-        return f"{rng.randint(2, 15)} ** 2"
+        return f"{rng.randint(2, 20)} ** 2"
     if kind == "floordiv":
         return f"{a * b + rng.randint(0, b - 1)} // {b}"
     if kind == "mod":
@@ -269,7 +425,7 @@ def _py_expr(rng: random.Random, kind: str) -> str:
     if kind == "count":
         return f'"{word}".count("{rng.choice(word)}")'
     if kind == "bool_int":
-        return f"True + {rng.randint(1, 20)}"
+        return f"True + {rng.randint(1, 50)}"
     if kind == "sum":
         return f"sum({[rng.randint(1, 9) for _ in range(rng.randint(2, 3))]})"
     if kind == "len":
@@ -287,7 +443,7 @@ def python_value(expr: str) -> Any:
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and node.id not in _SAFE_BUILTINS:
             raise ValueError(f"unexpected name {node.id!r} in {expr!r}")
-    return eval(compile(tree, "<expr>", "eval"), {"__builtins__": {}}, dict(_SAFE_BUILTINS))  # noqa: S307
+    return eval(compile(tree, "<expr>", "eval"), {"__builtins__": {}}, dict(_SAFE_BUILTINS))
 
 
 def python_answers(value: Any) -> list[str]:
@@ -316,7 +472,8 @@ def build_python_eval(seed: int = SEED, n_total: int = EVAL_SIZE + CALIBRATION_S
         if _echo_scores(row):
             continue
         rows.append(row)
-    calibration, eval_rows = _split(rows, seed=seed + 3, n_eval=EVAL_SIZE, n_calibration=CALIBRATION_SIZE)
+    calibration, eval_rows = _split(rows, seed=seed + 3, n_eval=n_total - CALIBRATION_SIZE,
+                                    n_calibration=CALIBRATION_SIZE)
     return Suite("python_eval", calibration, eval_rows,
                  {"generator": "bench/build_tasks.py (seeded expression templates; answers from "
                                "evaluating them with Python)",
@@ -329,7 +486,9 @@ def build_python_eval(seed: int = SEED, n_total: int = EVAL_SIZE + CALIBRATION_S
 
 BUILDERS: dict[str, Callable[[], Suite]] = {
     "capitals": build_capitals,
+    "capitals_mc": build_capitals_mc,
     "arithmetic": build_arithmetic,
+    "arithmetic_mc": build_arithmetic_mc,
     "python_eval": build_python_eval,
 }
 

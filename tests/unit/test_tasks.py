@@ -15,7 +15,11 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ROOT / "bench" / "tasks"
-SUITES = ["arithmetic", "capitals", "python_eval"]
+SUITES = ["arithmetic", "arithmetic_mc", "capitals", "capitals_mc", "python_eval"]
+FREE_TEXT = ["arithmetic", "capitals", "python_eval"]
+#: multiple-choice suite -> the free-text suite whose questions (same split) it asks
+MC = {"arithmetic_mc": "arithmetic", "capitals_mc": "capitals"}
+SPLITS = ("calibration", "eval")
 
 
 def _load_builder():
@@ -39,8 +43,21 @@ def _question(row: dict) -> str:
     return row["messages"][-1]["content"]
 
 
+def _options(question: str) -> tuple[str, dict[str, str]]:
+    """(stem, {letter: option text}) of a multiple-choice question."""
+    lines = question.split("\n")
+    assert lines[-1] == build_tasks.MC_INSTRUCTION, question
+    options = {}
+    for line in lines[-1 - len(build_tasks.MC_LETTERS):-1]:
+        letter, sep, text = line.partition(") ")
+        assert sep and text, line
+        options[letter] = text
+    assert list(options) == list(build_tasks.MC_LETTERS), question
+    return "\n".join(lines[:-1 - len(build_tasks.MC_LETTERS)]), options
+
+
 def _skip_reason(suite: str) -> str | None:
-    if suite != "capitals":
+    if not suite.startswith("capitals"):
         return None
     if importlib.util.find_spec("countryinfo") is None:
         return "countryinfo is not installed (pip install countryinfo) - capitals cannot be rebuilt"
@@ -90,6 +107,9 @@ def test_splits_disjoint_and_sized(suite: str) -> None:
     assert not demos & set(cal_q)
     assert len(eval_rows) >= 150
     assert len(calibration) >= 64
+    if suite in ("arithmetic", "arithmetic_mc", "python_eval"):
+        assert len(eval_rows) >= 500
+        assert len(calibration) == 128
     files = MANIFEST["suites"][suite]["files"]
     assert files["eval"]["rows"] == len(eval_rows)
     assert files["calibration"]["rows"] == len(calibration)
@@ -103,6 +123,9 @@ def test_generated_suites_are_seeded() -> None:
     assert build_tasks.build_arithmetic(seed=1).eval != a.eval
     p = build_tasks.build_python_eval()
     assert p == build_tasks.build_python_eval()
+    m = build_tasks.build_arithmetic_mc()
+    assert m == build_tasks.build_arithmetic_mc()
+    assert build_tasks.build_arithmetic_mc(seed=1).eval != m.eval
 
 
 def test_python_answers_come_from_python() -> None:
@@ -117,12 +140,92 @@ def test_python_value_refuses_names() -> None:
         build_tasks.python_value("__import__('os')")
 
 
-@pytest.mark.parametrize("suite", SUITES)
+@pytest.mark.parametrize("suite", FREE_TEXT)
 def test_echoing_the_question_never_scores(suite: str) -> None:
     from core.evaluation import contains_match
 
     for row in _rows(suite, "eval") + _rows(suite, "calibration"):
         assert contains_match(_question(row), row["answers"]) == 0.0, _question(row)
+
+
+@pytest.mark.parametrize("suite", list(MC))
+def test_mc_golds_are_one_letter_of_the_options(suite: str) -> None:
+    from core.evaluation import exact_match
+
+    for split in SPLITS:
+        rows = _rows(suite, split)
+        for row in rows:
+            question = _question(row)
+            _, options = _options(question)
+            assert len(row["answers"]) == 1 and row["answers"][0] in options, question
+            # the scorer keeps a lone letter (even the article "A") and tells letters apart
+            for letter in options:
+                assert exact_match(letter, row["answers"]) == float(letter == row["answers"][0])
+            # echoing the question is never an exact match
+            assert exact_match(question, row["answers"]) == 0.0
+        # the correct position is balanced over the letters within each split
+        counts = [sum(r["answers"][0] == letter for r in rows) for letter in build_tasks.MC_LETTERS]
+        assert max(counts) - min(counts) <= 1, (split, counts)
+
+
+@pytest.mark.parametrize("suite", list(MC))
+def test_mc_correct_option_is_the_free_text_gold(suite: str) -> None:
+    """Each MC row asks a question of its free-text suite, in the same split; the gold letter's
+    option is one of that question's golds and no other option is."""
+    from core.evaluation import normalize_answer
+
+    source = MC[suite]
+    for split in SPLITS:
+        free = _rows(source, split)
+        mc = _rows(suite, split)
+        assert len(mc) == len(free)
+        if source == "capitals":
+            golds_by_key = {_question(r).split(" of ", 1)[1].split("? Reply")[0]: r["answers"] for r in free}
+        else:
+            golds_by_key = {_question(r): r["answers"] for r in free}
+        keys = []
+        for row in mc:
+            stem, options = _options(_question(row))
+            key = stem.split(" of ", 1)[1].rstrip("?") if source == "capitals" else stem
+            keys.append(key)
+            golds = {normalize_answer(g) for g in golds_by_key[key]}
+            for letter, text in options.items():
+                assert (normalize_answer(text) in golds) == (letter == row["answers"][0]), (stem, letter, text)
+            assert len({normalize_answer(t) for t in options.values()}) == len(options), stem
+        assert sorted(keys) == sorted(golds_by_key)
+
+
+def test_mc_splits_are_disjoint_by_underlying_question() -> None:
+    """capitals_mc never asks about a calibration country in eval; arithmetic_mc never asks a
+    calibration problem in eval (stems, not only the full questions, are disjoint)."""
+    for suite in MC:
+        stems = {split: {_options(_question(r))[0] for r in _rows(suite, split)} for split in SPLITS}
+        assert not stems["calibration"] & stems["eval"]
+
+
+def test_arithmetic_mc_options_are_computed() -> None:
+    for row in _rows("arithmetic_mc", "eval") + _rows("arithmetic_mc", "calibration"):
+        stem, options = _options(_question(row))
+        gold = int(options[row["answers"][0]])
+        if stem.startswith("What is "):  # the bare templates: evaluate the expression itself
+            assert gold == build_tasks.python_value(stem[len("What is "):].rstrip("?"))
+        assert all(int(text) >= 0 for text in options.values())
+
+
+def test_capitals_eval_takes_every_remaining_country() -> None:
+    if _skip_reason("capitals"):
+        pytest.skip(_skip_reason("capitals"))
+    calibration, eval_rows = _rows("capitals", "calibration"), _rows("capitals", "eval")
+    assert len(calibration) == build_tasks.CAPITALS_CALIBRATION_SIZE
+    assert len(calibration) + len(eval_rows) == MANIFEST["suites"]["capitals"]["source"]["entries"]
+    entries, _ = build_tasks.capital_entries()
+    asked = {_question(r) for r in calibration + eval_rows}
+    dropped = [name for name, _ in entries if build_tasks.CAPITALS_PROMPT.format(country=name) not in asked]
+    # only countries whose capital is in the question (an echo would score) are left out
+    for name in dropped:
+        row = build_tasks._row(build_tasks.CAPITALS_PROMPT.format(country=name), dict(entries)[name])
+        assert build_tasks._echo_scores(row), name
+    assert ("Scotland", ["Edinburgh"]) in entries  # no alpha-2 code, still a country with a capital
 
 
 def test_arithmetic_answers_are_integers() -> None:
