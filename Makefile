@@ -50,10 +50,10 @@ test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
 
 # the equal-bits quality benchmark of BENCHMARKS.md, one process with the script's default sweep
-# (methods, peers, budgets, cross-task row): about 70 minutes on 2 idle CPU cores
+# (suites capitals, arithmetic, capitals_mc; budget 5.0; taq+gptq and taq_kl+gptq against the
+# uniform / error_only / random controls and a cross-task row): see BENCHMARKS.md for its run time
 bench-quality: setup
-	$(BIN)/pip install --quiet -e '.[bench]'
-	$(BIN)/python bench/bench_quality.py --suites capitals arithmetic python_eval \
+	$(BIN)/python bench/bench_quality.py \
 		--json bench/out/quality.json --markdown bench/out/quality.md --plot bench/out/quality.png
 
 openapi: setup

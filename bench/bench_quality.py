@@ -1,6 +1,6 @@
 """Does task-aware allocation beat task-agnostic allocation at equal bits? One run, one model (CPU).
 
-    python bench/bench_quality.py --suites capitals capitals_mc arithmetic \
+    python bench/bench_quality.py --suites capitals arithmetic capitals_mc \
         --avg-bits 5.0 --methods taq+gptq taq_kl+gptq --controls uniform error_only random \
         --cross-task arithmetic:capitals \
         --json bench/out/quality.json --markdown bench/out/quality.md --plot bench/out/quality.png
@@ -71,7 +71,7 @@ from core.types import BitAllocation, Profile  # noqa: E402
 TASKS = ROOT / "bench" / "tasks"
 #: the default sweep (`make bench-quality`): two task-aware methods with GPTQ, the three controls
 DEFAULT_METHODS = ["taq+gptq", "taq_kl+gptq"]
-DEFAULT_SUITES = ["capitals", "capitals_mc", "arithmetic"]
+DEFAULT_SUITES = ["capitals", "arithmetic", "capitals_mc"]
 CONTROLS = {"uniform": allocate_uniform_mix, "error_only": allocate_error_only, "random": allocate_random}
 MODELS_DIR = ROOT / "bench" / "out" / "models"
 
@@ -324,6 +324,7 @@ def teacher_forced(loaded: LoadedModel, rows: list[CalibrationRow], found: list[
     streamed = open_streamed(loaded.source, device="cpu", dtype=torch.float32)
     variants, names = [], {}
     seen: dict[tuple, str] = {}
+    sources: dict[int, partial] = {}  # one codes source per pass, so a layer's codes are decoded once per width
     for i, c in enumerate(found):
         if c.allocation is None:
             continue
@@ -331,7 +332,8 @@ def teacher_forced(loaded: LoadedModel, rows: list[CalibrationRow], found: list[
         key = (id(c.scored), tuple(sorted(bits.items())))
         if key not in seen:
             seen[key] = f"v{i}"
-            variants.append(EvalVariant(seen[key], bits, codes=partial(load_codes, c.scored.store, LAYERS_PREFIX)))
+            source = sources.setdefault(id(c.scored), partial(load_codes, c.scored.store, LAYERS_PREFIX))
+            variants.append(EvalVariant(seen[key], bits, codes=source))
         names[i] = seen[key]
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         area = SpillArea(8 * 2**30, Path(tmp))
