@@ -10,7 +10,8 @@ budget with the API's words, then submits a two-budget sweep; a queued job is ca
 list; the job page follows the event stream to `succeeded` without a reload, draws the profile
 and the Pareto plot and shows the eval table; an artifact is downloaded through fetch → Blob and
 its sha256 matches the API's; two profiles are compared; 404s and phone width; no script error
-and no Content-Security-Policy violation on the way. A keyless service skips the sign-in."""
+and no Content-Security-Policy violation on the way. A keyless service skips the sign-in, and
+when it stops the jobs page says it cannot reach it."""
 
 from __future__ import annotations
 
@@ -279,14 +280,17 @@ def test_errors_are_words_and_phone_width_fits(page, service):
     assert not page.problems, page.problems
 
 
-def test_a_keyless_service_needs_no_sign_in(chromium, tmp_path, tiny_model_root):
+def test_a_keyless_service_needs_no_sign_in_and_an_outage_is_told(chromium, tmp_path, tiny_model_root):
     api, base, _ = start_api(tmp_path, tiny_model_root)
+    context = chromium.new_context()
     try:
-        context = chromium.new_context()
         pg = context.new_page()
         pg.goto(base + "/ui/")
         pg.wait_for_selector("text=No jobs yet")
         assert pg.inner_text("#who-label") == "keyless service"
-        context.close()
+        api.stop(signal.SIGINT)  # the list polls every 2 s: the next poll finds nobody
+        told = pg.wait_for_selector("text=Cannot reach the service", timeout=15_000).inner_text()
+        assert told.startswith("Live update failed: Cannot reach the service"), told
     finally:
+        context.close()
         api.stop(signal.SIGINT)

@@ -34,6 +34,8 @@ def test_served_with_security_headers_and_root_redirect(client):
     root = client.get("/", follow_redirects=False)
     assert root.status_code == 307 and root.headers["location"] == "/ui/"
     assert client.get("/ui", follow_redirects=False).headers["location"] == "/ui/"
+    head = client.head("/ui/")
+    assert head.status_code == 200 and not head.content and head.headers["content-security-policy"]
     page = client.get("/ui/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for response in (page, client.get("/ui/static/js/app.js"), client.get("/ui/static/style.css")):
