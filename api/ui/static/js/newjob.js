@@ -88,12 +88,14 @@ export async function newJobView(container, ctx) {
   const exportsBox = checkboxes('exports', ['hf', 'gguf'], ['hf'], 'Exports');
   const group = h('input', { id: 'group-size', type: 'number', min: '8', max: '4096', step: '1', value: '128' });
   const quantizer = select('quantizer', [['rtn', 'rtn (round to nearest)'], ['gptq', 'gptq (error-compensating, needs calibration)']], 'rtn');
-  const allocation = select('allocation', [['budget', 'budget (exact knapsack)'], ['paper', 'paper (fixed rules; taq / taqo)']], 'budget');
+  const allocation = select('allocation', [['budget', 'budget (exact knapsack)'], ['paper', 'paper (fixed rules; taq / taqo)'],
+    ['error_only', 'error_only (control: every sensitivity 1)'], ['random', 'random (control: seeded random layers)']], 'budget');
   const unit = select('allocation-unit', [['layer', 'layer'], ['linear', 'linear (each projection its own bits)']], 'layer');
   const num = (id, value, min, max) => h('input', { id, type: 'number', value: String(value), min: String(min), max: String(max), step: '1' });
   const adv = {
     symmetric: h('input', { id: 'symmetric', type: 'checkbox' }),
     clip: h('input', { id: 'clip-search', type: 'checkbox' }),
+    controls: h('input', { id: 'eval-controls', type: 'checkbox', checked: true }),
     inputs: select('calibration-inputs', [['fp', 'fp (full-precision activations)'], ['quantized', 'quantized (sequential)']], 'fp'),
     rows: num('max-calibration-rows', 256, 1, 4096),
     tokens: num('max-tokens', 256, 8, 8192),
@@ -127,6 +129,7 @@ export async function newJobView(container, ctx) {
     spec.exports = checked('exports');
     spec.symmetric = adv.symmetric.checked;
     spec.clip_search = adv.clip.checked;
+    if (!adv.controls.checked) spec.eval_controls = false; // the API's default is true
     spec.calibration_inputs = adv.inputs.value;
     spec.max_calibration_rows = Number(adv.rows.value);
     spec.max_tokens = Number(adv.tokens.value);
@@ -170,6 +173,8 @@ export async function newJobView(container, ctx) {
     h('details', { class: 'advanced' }, h('summary', {}, 'Advanced'),
       h('div', { class: 'form-grid' },
         h('label', { class: 'check' }, adv.symmetric, ' symmetric'), h('label', { class: 'check' }, adv.clip, ' clip search'),
+        h('label', { class: 'check', title: 'uniform at equal bits, error_only and random next to the method in eval.json' },
+          adv.controls, ' evaluate the controls'),
         field('Calibration inputs', adv.inputs), field('Calibration rows used', adv.rows),
         field('Tokens per prompt', adv.tokens), field('Reservoir size (taq)', adv.reservoir), field('Seed', adv.seed),
         field('Worker class', adv.workerClass), field('Reuse profile of job', adv.profileFrom))),
