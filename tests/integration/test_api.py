@@ -140,7 +140,7 @@ def test_infeasible_budget_is_422(client):
     err = assert_envelope(client.post("/v1/jobs", headers=AUTH_A,
                                       json=tiny_spec("uniform", bit_budget={"avg_bits": 3.0}, bit_choices=[4, 8])),
                           422, "budget_infeasible")
-    assert err["details"]["min_avg_bits"] == pytest.approx(4 + 32 / 32)
+    assert err["details"]["min_avg_bits"] == pytest.approx(4 + (16 + 8) / 32)  # fp16 scale + int8 zero per group
 
 
 def test_reuse_profile_of_unfinished_job_is_rejected(client):

@@ -155,7 +155,7 @@ def test_taq_end_to_end_under_a_4_5_bit_budget(job, record_property) -> None:
 
     [allocation] = outputs.allocations
     assert allocation.effective_bits <= 4.5 and allocation.budget == 4.5
-    assert max(allocation.bits.values()) > 4  # the budget above 4.25 buys precision somewhere
+    assert max(allocation.bits.values()) > 4  # the budget above 4.203 (all 4-bit) buys precision somewhere
     high = [name for name, b in allocation.bits.items() if b > 4]
     best = max(profile.layers, key=lambda l: l.sensitivity * (l.quant_error[4] - l.quant_error[8]))
     assert best.name in high
