@@ -2,7 +2,9 @@
 
 * ``cli/server_commands.py``: ``serve``, ``api``, ``worker``
 * ``cli/admin_commands.py``: ``admin …`` (operators)
-* ``cli/client_commands.py``: HTTP client commands (``submit``, ``status``, ``list``, ``wait``, …)
+* ``cli/client_commands.py``: HTTP client job commands (``submit``, ``status``, ``list``, ``wait``, …)
+* ``cli/data_commands.py``: HTTP client artifact and data commands (``profile``, ``download``,
+  ``models``, ``datasets …``); what they share is in ``cli/client.py``
 """
 
 from __future__ import annotations

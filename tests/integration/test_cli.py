@@ -179,3 +179,22 @@ def test_status_shows_the_evaluation_and_profile_the_bits_of_each_budget(svc, tm
     row = next(line for line in profile.splitlines() if "model.layers.0" in line)
     cells = [cell.strip() for cell in row.split("│") if cell.strip()]
     assert cells[-2:] == [str(bits[5.0]["model.layers.0"]), str(bits[8.0]["model.layers.0"])], row
+
+
+def test_datasets_and_delete(svc, tmp_path):
+    # an uploaded dataset is listed, a finished job deleted, then its dataset (no job reads it now)
+    (tmp_path / "cal.jsonl").write_bytes(calibration_jsonl())
+    (tmp_path / "spec.json").write_text(json.dumps(tiny_spec("taq", calibration=None)))
+    job = json.loads(ok(taq(svc, "submit", "--spec", str(tmp_path / "spec.json"), "--calibration",
+                            str(tmp_path / "cal.jsonl"), "--wait", "--json", "--interval", "0.5")).stdout)
+    dataset_id = job["spec"]["calibration_dataset_id"]
+    page = json.loads(ok(taq(svc, "datasets", "list", "--json")).stdout)
+    assert dataset_id in [d["id"] for d in page["items"]]
+    assert dataset_id in ok(taq(svc, "datasets", "list", "--limit", "50")).stdout
+    assert ok(taq(svc, "delete", job["id"])).stdout.strip() == f"{job['id']} deleted"
+    gone = taq(svc, "status", job["id"])
+    assert gone.returncode == 3 and gone.stderr.startswith("job_not_found: ")
+    assert ok(taq(svc, "datasets", "delete", dataset_id)).stdout.strip() == f"{dataset_id} deleted"
+    assert dataset_id not in [d["id"] for d in json.loads(ok(taq(svc, "datasets", "list", "--json")).stdout)["items"]]
+    again = taq(svc, "datasets", "delete", dataset_id)
+    assert again.returncode == 3 and "not_found" in again.stderr
