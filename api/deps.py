@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated
 
 import anyio
 import sqlalchemy.exc
@@ -59,8 +60,11 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-async def get_tenant(request: Request, settings: SettingsDep,
-                     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> str:
+async def get_tenant(
+    request: Request,
+    settings: SettingsDep,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
+) -> str:
     # a cached key needs no database: answered on the event loop. Otherwise a short session of
     # its own on a thread (never the request's: a route that streams for minutes must not hold a
     # pooled connection for its whole life). The HTTPBearer dependency documents the scheme in
@@ -82,8 +86,11 @@ def _authenticate(settings: Settings, authenticator, authorization: str | None) 
 CurrentTenant = Annotated[str, Depends(get_tenant)]
 
 
-def require_operator(request: Request, settings: SettingsDep,
-                     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> None:
+def require_operator(
+    request: Request,
+    settings: SettingsDep,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
+) -> None:
     with session_scope(settings) as session:
         request.app.state.authenticator.authorize_operator(session, request.headers.get("authorization"))
 

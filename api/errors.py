@@ -42,20 +42,40 @@ STATUS_BY_TYPE: list[tuple[type, int]] = [
     (core_errors.InvalidSpec, 422),
 ]
 
-CODE_BY_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                  405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
-                  413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error",
-                  429: "too_many_requests", 500: "internal_error", 503: "unavailable"}
+CODE_BY_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+}
 
 
-def envelope(status: int, code: str, message: str, details: Any = None,
-             headers: dict[str, str] | None = None) -> JSONResponse:
+def envelope(
+    status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     # the request id ties what the client saw to the server's log lines (which hold the details
     # a client must not see: paths, exception text)
-    return JSONResponse(status_code=status, headers=headers,
-                        content={"error": {"code": code, "message": message,
-                                           "details": jsonable_encoder(details),
-                                           "request_id": request_id_var.get() or None}})
+    return JSONResponse(
+        status_code=status,
+        headers=headers,
+        content={
+            "error": {
+                "code": code,
+                "message": message,
+                "details": jsonable_encoder(details),
+                "request_id": request_id_var.get() or None,
+            }
+        },
+    )
 
 
 def status_for(exc: core_errors.TaqError) -> int:
@@ -71,7 +91,7 @@ def _clean_validation(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
         loc = [p for p in err.get("loc", ())]
         msg = str(err.get("msg", "invalid"))
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         cleaned.append({"loc": loc, "msg": msg, "type": err.get("type")})
     return cleaned
 
@@ -141,5 +161,6 @@ def database_unavailable(path: str, exc: BaseException) -> JSONResponse:
     connection, exhausted pool). The engine pings pooled connections before use, so the next
     request after the database is back gets a fresh connection: no restart needed."""
     log.error("database unavailable", extra={"path": path, "error": type(exc).__name__})
-    return envelope(503, "database_unavailable", "the database is unavailable; retry shortly",
-                    headers={"Retry-After": "5"})
+    return envelope(
+        503, "database_unavailable", "the database is unavailable; retry shortly", headers={"Retry-After": "5"}
+    )

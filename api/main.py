@@ -15,8 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api import ui
 from api.errors import envelope, install_error_handlers, unexpected_error
 from api.ratelimit import RateLimiter
-from api.sse import StreamSlots
 from api.routes import datasets, health, jobs, models, workers
+from api.sse import StreamSlots
 from common.auth import Authenticator, assert_auth_configured
 from common.db import session_scope
 from common.logging import request_id_var
@@ -66,6 +66,7 @@ class RequestContext:
                 if seen["bytes"] > limit:  # FastAPI re-raises HTTPException from body parsing
                     raise StarletteHTTPException(413, f"request body larger than {limit} bytes ({setting})")
             return message
+
         return counted
 
     async def __call__(self, scope, receive, send):
@@ -101,9 +102,15 @@ class RequestContext:
                     await unexpected_error(scope.get("path", ""), exc)(scope, receive, send_wrapper)
         finally:
             if scope.get("path") not in ("/healthz", "/metrics"):
-                log.info("request", extra={"method": scope.get("method"), "path": scope.get("path"),
-                                           "status": status["code"],
-                                           "ms": round((time.perf_counter() - started) * 1000, 1)})
+                log.info(
+                    "request",
+                    extra={
+                        "method": scope.get("method"),
+                        "path": scope.get("path"),
+                        "status": status["code"],
+                        "ms": round((time.perf_counter() - started) * 1000, 1),
+                    },
+                )
             request_id_var.reset(token)
 
 
@@ -117,16 +124,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         # sync routes run on AnyIO's thread pool: as many threads as pooled connections, so that
         # requests queue in the event loop (cheap) rather than in threads waiting for the pool
-        anyio.to_thread.current_default_thread_limiter().total_tokens = \
-            settings.db_pool_size + settings.db_max_overflow
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.db_pool_size + settings.db_max_overflow
         if settings.env == "production":
             with session_scope(settings) as session:
                 assert_auth_configured(settings, session)
         yield
 
-    app = FastAPI(title="TAQ Service", version="1.0.0", openapi_tags=TAGS, lifespan=lifespan,
-                  description="Quantization-as-a-service for task-specialised LLMs: per-task layer "
-                              "sensitivity (TAQ, TAQ-KL, TAQO) and bit allocation under a budget.")
+    app = FastAPI(
+        title="TAQ Service",
+        version="1.0.0",
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+        description="Quantization-as-a-service for task-specialised LLMs: per-task layer "
+        "sensitivity (TAQ, TAQ-KL, TAQO) and bit allocation under a budget.",
+    )
     app.state.settings = settings
     app.state.storage = storage
     app.state.authenticator = Authenticator(settings)

@@ -36,13 +36,15 @@ class RateLimiter:
                     f"too many requests for this API key: over {self.per_second:g}/s with bursts of {self.burst} "
                     f"(TAQ_RATE_LIMIT_PER_SECOND, TAQ_RATE_LIMIT_BURST); retry in {wait} s",
                     details={"retry_after": wait, "per_second": self.per_second, "burst": self.burst},
-                    code="rate_limited")
+                    code="rate_limited",
+                )
             if len(self._buckets) >= _MAX_BUCKETS and key not in self._buckets:
                 self._drop_full(now)
             self._buckets[key] = (tokens - 1.0, now)
 
     def _drop_full(self, now: float) -> None:
-        refilled = [k for k, (tokens, at) in self._buckets.items()
-                    if tokens + (now - at) * self.per_second >= self.burst]
+        refilled = [
+            k for k, (tokens, at) in self._buckets.items() if tokens + (now - at) * self.per_second >= self.burst
+        ]
         for k in refilled or list(self._buckets)[: len(self._buckets) // 2]:
             del self._buckets[k]

@@ -17,8 +17,11 @@ class ErrorInfo(BaseModel):
     code: str = Field(examples=["job_not_found"])
     message: str
     details: Any = None
-    request_id: str | None = Field(default=None, description="the X-Request-ID of the call; quote it when "
-                                   "reporting a problem (the server's logs carry the details)")
+    request_id: str | None = Field(
+        default=None,
+        description="the X-Request-ID of the call; quote it when "
+        "reporting a problem (the server's logs carry the details)",
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -40,20 +43,36 @@ class JobOut(BaseModel):
     heartbeat_at: datetime | None = None
     attempts: int = 0
     cancel_requested: bool = False
-    worker_class: str | None = Field(default=None, description="the worker class (TAQ_WORKER_CLASSES) the job "
-                                     "was routed to: the smallest whose memory holds it, or the pinned one")
+    worker_class: str | None = Field(
+        default=None,
+        description="the worker class (TAQ_WORKER_CLASSES) the job "
+        "was routed to: the smallest whose memory holds it, or the pinned one",
+    )
 
     @classmethod
-    def of(cls, job: Job) -> "JobOut":
+    def of(cls, job: Job) -> JobOut:
         error = None
         if job.error_code:
-            error = ErrorInfo(code=job.error_code, message=job.error_message or job.error_code,
-                              details=job.error_details)
-        return cls(id=job.id, status=job.status, stage=job.stage, progress=job.progress or 0.0,
-                   error=error, spec=JobSpec.model_validate(job.spec), result=job.result,
-                   created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-                   updated_at=job.updated_at, heartbeat_at=job.heartbeat_at, attempts=job.attempts or 0,
-                   cancel_requested=bool(job.cancel_requested), worker_class=job.worker_class)
+            error = ErrorInfo(
+                code=job.error_code, message=job.error_message or job.error_code, details=job.error_details
+            )
+        return cls(
+            id=job.id,
+            status=job.status,
+            stage=job.stage,
+            progress=job.progress or 0.0,
+            error=error,
+            spec=JobSpec.model_validate(job.spec),
+            result=job.result,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            updated_at=job.updated_at,
+            heartbeat_at=job.heartbeat_at,
+            attempts=job.attempts or 0,
+            cancel_requested=bool(job.cancel_requested),
+            worker_class=job.worker_class,
+        )
 
     @classmethod
     def render(cls, job: Job) -> dict[str, Any]:
@@ -77,9 +96,18 @@ class EventOut(BaseModel):
     data: dict[str, Any] | None
 
     @classmethod
-    def of(cls, e: JobEvent) -> "EventOut":
-        return cls(id=e.id, job_id=e.job_id, created_at=e.created_at, kind=e.kind, status=e.status,
-                   stage=e.stage, progress=e.progress, message=e.message, data=e.data)
+    def of(cls, e: JobEvent) -> EventOut:
+        return cls(
+            id=e.id,
+            job_id=e.job_id,
+            created_at=e.created_at,
+            kind=e.kind,
+            status=e.status,
+            stage=e.stage,
+            progress=e.progress,
+            message=e.message,
+            data=e.data,
+        )
 
 
 class LinearOut(BaseModel):
@@ -98,18 +126,29 @@ class LayerOut(BaseModel):
     params: int
     importance: float
     sensitivity: float
-    bits: int | None = Field(description="the layer's width; null before allocation, or under per-linear "
-                                         "allocation when its linears got different widths (see linears)")
+    bits: int | None = Field(
+        description="the layer's width; null before allocation, or under per-linear "
+        "allocation when its linears got different widths (see linears)"
+    )
     scores: dict[str, Any]
     quant_error: dict[str, Any] | None = None
-    linears: list[LinearOut] = Field(default=[], description="each linear's own quant_error and, under "
-                                                             "allocation_unit 'linear', its bits")
+    linears: list[LinearOut] = Field(
+        default=[], description="each linear's own quant_error and, under allocation_unit 'linear', its bits"
+    )
 
     @classmethod
-    def of(cls, row: ProfileLayer) -> "LayerOut":
-        return cls(index=row.index, name=row.name, params=row.params, importance=row.importance,
-                   sensitivity=row.sensitivity, bits=row.bits, scores=row.scores or {},
-                   quant_error=row.quant_error, linears=[LinearOut(**x) for x in row.linears or []])
+    def of(cls, row: ProfileLayer) -> LayerOut:
+        return cls(
+            index=row.index,
+            name=row.name,
+            params=row.params,
+            importance=row.importance,
+            sensitivity=row.sensitivity,
+            bits=row.bits,
+            scores=row.scores or {},
+            quant_error=row.quant_error,
+            linears=[LinearOut(**x) for x in row.linears or []],
+        )
 
 
 class ProfileOut(BaseModel):
@@ -134,11 +173,12 @@ class ArtifactOut(BaseModel):
     files: list[ArtifactFileOut] | None = None
 
     @classmethod
-    def of(cls, a: Artifact) -> "ArtifactOut":
+    def of(cls, a: Artifact) -> ArtifactOut:
         files = None
         if a.kind == "directory":
-            files = [ArtifactFileOut(name=f"{a.name}/{f['name']}", size=f["size"], sha256=f["sha256"])
-                     for f in a.files or []]
+            files = [
+                ArtifactFileOut(name=f"{a.name}/{f['name']}", size=f["size"], sha256=f["sha256"]) for f in a.files or []
+            ]
         return cls(name=a.name, format=a.format, size=a.size, sha256=a.sha256, kind=a.kind, files=files)
 
 
@@ -180,11 +220,14 @@ class ReadyOut(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
-    for code, text in {400: "malformed request (a body that cannot be parsed, an invalid cursor)",
-                       401: "missing or invalid API key", 404: "not found (or another tenant's)",
-                       422: "invalid request",
-                       429: "a quota or the rate limit of the key (`Retry-After` when waiting helps)",
-                       503: "the database is unreachable (`database_unavailable`); retry later"}.items()
+    for code, text in {
+        400: "malformed request (a body that cannot be parsed, an invalid cursor)",
+        401: "missing or invalid API key",
+        404: "not found (or another tenant's)",
+        422: "invalid request",
+        429: "a quota or the rate limit of the key (`Retry-After` when waiting helps)",
+        503: "the database is unreachable (`database_unavailable`); retry later",
+    }.items()
 }
 
 

@@ -9,7 +9,7 @@ import asyncio
 import json
 import threading
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import anyio
 from starlette.requests import Request
@@ -20,7 +20,6 @@ from common.errors import TooManyRequests
 from common.jobs import events_since
 from common.orm import JobStatus
 from common.settings import Settings
-
 
 #: event ids are BIGINT; a larger `after` / `Last-Event-ID` is a 422, not an overflow in the driver
 MAX_EVENT_ID = 2**63 - 1
@@ -36,7 +35,7 @@ class StreamSlots:
         self._open: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, tenant: str) -> "StreamSlot":
+    def acquire(self, tenant: str) -> StreamSlot:
         with self._lock:
             mine, everyone = self._open.get(tenant, 0), sum(self._open.values())
             if mine >= self.per_tenant or everyone >= self.total:
@@ -46,9 +45,10 @@ class StreamSlots:
                 raise TooManyRequests(
                     f"{'this tenant has' if over_tenant else 'the service has'} {limit} event streams open "
                     f"({setting}={limit}); close one, poll GET /v1/jobs/{{id}}/events?after=N instead, or retry "
-                    f"in {RETRY_AFTER_SECONDS} s", details={"limit": limit, "setting": setting,
-                                                          "retry_after": RETRY_AFTER_SECONDS},
-                    code="too_many_streams")
+                    f"in {RETRY_AFTER_SECONDS} s",
+                    details={"limit": limit, "setting": setting, "retry_after": RETRY_AFTER_SECONDS},
+                    code="too_many_streams",
+                )
             self._open[tenant] = mine + 1
         return StreamSlot(self, tenant)
 
@@ -77,8 +77,9 @@ def _fetch(settings: Settings, job_id: str, after: int):
         return [EventOut.of(e).model_dump(mode="json") for e in events], status
 
 
-async def job_event_stream(request: Request, settings: Settings, job_id: str, after: int,
-                           slot: StreamSlot) -> AsyncIterator[str]:
+async def job_event_stream(
+    request: Request, settings: Settings, job_id: str, after: int, slot: StreamSlot
+) -> AsyncIterator[str]:
     try:
         async for chunk in _follow(request, settings, job_id, after):
             yield chunk

@@ -28,8 +28,14 @@ def make_app(database_url: str, pool: int) -> FastAPI:
     @app.get("/jobs/{job_id}")
     def get_job(job_id: str) -> dict:
         with engine.connect() as conn:
-            row = conn.execute(text("SELECT id, status, stage, progress, spec, created_at FROM jobs WHERE id = :id"),
-                               {"id": job_id}).mappings().first()
+            row = (
+                conn.execute(
+                    text("SELECT id, status, stage, progress, spec, created_at FROM jobs WHERE id = :id"),
+                    {"id": job_id},
+                )
+                .mappings()
+                .first()
+            )
         if row is None:
             raise HTTPException(404)
         return dict(row)
@@ -43,8 +49,9 @@ def main() -> None:
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--pool", type=int, default=40)
     args = parser.parse_args()
-    uvicorn.run(make_app(args.database_url, args.pool), host="127.0.0.1", port=args.port, log_level="warning",
-                access_log=False)
+    uvicorn.run(
+        make_app(args.database_url, args.pool), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
+    )
 
 
 if __name__ == "__main__":

@@ -57,10 +57,15 @@ def parse_wrk(output: str) -> dict:
     p99 = unit_ms(re.search(r"\s99%\s+([\d.]+\w+)", output).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    return {"requests_per_s": rps, "requests": total, "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
-            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
-            "timeouts": int(errors.group(4)) if errors else 0,
-            "socket_errors": sum(int(g) for g in errors.groups()[:3]) if errors else 0}
+    return {
+        "requests_per_s": rps,
+        "requests": total,
+        "p50_ms": round(p50, 2),
+        "p99_ms": round(p99, 2),
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "timeouts": int(errors.group(4)) if errors else 0,
+        "socket_errors": sum(int(g) for g in errors.groups()[:3]) if errors else 0,
+    }
 
 
 def wrk(url: str, clients: int, duration: int, headers: dict[str, str]) -> dict:
@@ -106,38 +111,72 @@ def _run(args, work: Path, url: str, procs: list[subprocess.Popen]) -> None:
         key = create_key(session, "bench").key
         job_id = new_id("job")
         now = utcnow()
-        session.add(Job(id=job_id, tenant="bench", status=JobStatus.running, stage="score", progress=0.4,
-                        spec=spec.model_dump(mode="json"), created_at=now, updated_at=now, attempts=1,
-                        cancel_requested=False, worker_class="default"))
+        session.add(
+            Job(
+                id=job_id,
+                tenant="bench",
+                status=JobStatus.running,
+                stage="score",
+                progress=0.4,
+                spec=spec.model_dump(mode="json"),
+                created_at=now,
+                updated_at=now,
+                attempts=1,
+                cancel_requested=False,
+                worker_class="default",
+            )
+        )
     taq_port, bare_port = free_port(), free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TAQ_")},
-           "TAQ_DATA_DIR": str(work), "TAQ_DATABASE_URL": url, "TAQ_RATE_LIMIT_PER_SECOND": "0",
-           "TAQ_LOG_LEVEL": "INFO"}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TAQ_")},
+        "TAQ_DATA_DIR": str(work),
+        "TAQ_DATABASE_URL": url,
+        "TAQ_RATE_LIMIT_PER_SECOND": "0",
+        "TAQ_LOG_LEVEL": "INFO",
+    }
     taq = str(Path(sys.executable).with_name("taq"))
     with open(work / "taq.log", "wb") as log:
-        procs.append(subprocess.Popen([taq, "api", "--port", str(taq_port), "--skip-migrate"], env=env,
-                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    procs.append(subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_api.py"), "--port", str(bare_port),
-                                   "--database-url", url], start_new_session=True))
-    targets = {"taq": (f"http://127.0.0.1:{taq_port}/v1/jobs/{job_id}", {"Authorization": f"Bearer {key}"}),
-               "bare": (f"http://127.0.0.1:{bare_port}/jobs/{job_id}", {})}
+        procs.append(
+            subprocess.Popen(
+                [taq, "api", "--port", str(taq_port), "--skip-migrate"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    procs.append(
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "bare_api.py"), "--port", str(bare_port), "--database-url", url],
+            start_new_session=True,
+        )
+    )
+    targets = {
+        "taq": (f"http://127.0.0.1:{taq_port}/v1/jobs/{job_id}", {"Authorization": f"Bearer {key}"}),
+        "bare": (f"http://127.0.0.1:{bare_port}/jobs/{job_id}", {}),
+    }
     for (target, headers), proc in zip(targets.values(), procs):
         wait_ready(target, proc)
         httpx.get(target, headers=headers).raise_for_status()
         wrk(target, args.clients, 2, headers)  # warm-up: pools, JIT-free but caches and threads
     rounds = []
     for number in range(args.rounds):
-        result = {name: wrk(target, args.clients, args.duration, headers)
-                  for name, (target, headers) in targets.items()}
+        result = {
+            name: wrk(target, args.clients, args.duration, headers) for name, (target, headers) in targets.items()
+        }
         result["ratio"] = round(result["taq"]["requests_per_s"] / result["bare"]["requests_per_s"], 3)
         rounds.append(result)
         print(json.dumps({"round": number + 1, **result}), flush=True)
-    summary = {"clients": args.clients, "duration_s": args.duration, "rounds": rounds,
-               "min_ratio": min(r["ratio"] for r in rounds),
-               "max_p99_ms_taq": max(r["taq"]["p99_ms"] for r in rounds),
-               "non_2xx_taq": sum(r["taq"]["non_2xx"] for r in rounds),
-               "timeouts_taq": sum(r["taq"]["timeouts"] for r in rounds),
-               "command": " ".join(["python"] + sys.argv)}
+    summary = {
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "rounds": rounds,
+        "min_ratio": min(r["ratio"] for r in rounds),
+        "max_p99_ms_taq": max(r["taq"]["p99_ms"] for r in rounds),
+        "non_2xx_taq": sum(r["taq"]["non_2xx"] for r in rounds),
+        "timeouts_taq": sum(r["taq"]["timeouts"] for r in rounds),
+        "command": " ".join(["python"] + sys.argv),
+    }
     write_summary(summary, args.json)
 
 

@@ -70,8 +70,11 @@ class MeasuringHooks(JobHooks):
                 self.layer_seconds.append(round(now - self._t0, 1))
                 self._t0 = now
                 self.layers_done = done
-                print(f"  {message}: {self.layer_seconds[-1]} s, peak RSS so far "
-                      f"{_vm_hwm_bytes() / 2**30:.3f} GiB", file=sys.stderr, flush=True)
+                print(
+                    f"  {message}: {self.layer_seconds[-1]} s, peak RSS so far {_vm_hwm_bytes() / 2**30:.3f} GiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def should_cancel(self) -> bool:
         return self.stop_after_layers is not None and self.layers_done >= self.stop_after_layers
@@ -94,13 +97,26 @@ def measure(args: argparse.Namespace) -> dict:
         import worker.stages  # noqa: F401  the worker's imports (Celery, SQLAlchemy, ...) count in its RSS
 
     torch.set_num_threads(args.threads)
-    rows = [CalibrationRow.model_validate_json(line) for line in
-            (TASKS / args.suite / "calibration.jsonl").read_text().splitlines() if line.strip()][: args.rows]
+    rows = [
+        CalibrationRow.model_validate_json(line)
+        for line in (TASKS / args.suite / "calibration.jsonl").read_text().splitlines()
+        if line.strip()
+    ][: args.rows]
     source = resolve_model(args.model, [Path(r) for r in args.model_root], packaged_models())
-    spec = JobSpec(model=args.model, method=args.method, calibration_dataset_id="bench",
-                   bit_budget={"avg_bits": args.budget}, bit_choices=[4, 8, 16], group_size=128,
-                   max_tokens=args.max_tokens, max_calibration_rows=len(rows), quantizer=args.quantizer,
-                   exports=["hf", "gguf"], eval_fraction=0.25 if args.eval else None, seed=0)
+    spec = JobSpec(
+        model=args.model,
+        method=args.method,
+        calibration_dataset_id="bench",
+        bit_budget={"avg_bits": args.budget},
+        bit_choices=[4, 8, 16],
+        group_size=128,
+        max_tokens=args.max_tokens,
+        max_calibration_rows=len(rows),
+        quantizer=args.quantizer,
+        exports=["hf", "gguf"],
+        eval_fraction=0.25 if args.eval else None,
+        seed=0,
+    )
     calibration, evaluation = (rows, [])
     if args.eval:
         split = split_rows(rows, 0.25, 0)
@@ -111,9 +127,20 @@ def measure(args: argparse.Namespace) -> dict:
         store = FileStorage(Path(args.store) if args.store else Path(tmp) / "objects")  # the embedded worker's storage
         t0 = time.monotonic()
         try:
-            run_job(JobInputs(spec=spec, source=source, rows=calibration, eval_rows=evaluation,
-                              activation_ram_bytes=args.activation_ram, work_dir=Path(tmp) / "work",
-                              memory_limit_bytes=args.memory_limit, device=args.device), store, hooks)
+            run_job(
+                JobInputs(
+                    spec=spec,
+                    source=source,
+                    rows=calibration,
+                    eval_rows=evaluation,
+                    activation_ram_bytes=args.activation_ram,
+                    work_dir=Path(tmp) / "work",
+                    memory_limit_bytes=args.memory_limit,
+                    device=args.device,
+                ),
+                store,
+                hooks,
+            )
         except Cancelled:
             if args.stop_after_layers is None:
                 raise
@@ -122,25 +149,45 @@ def measure(args: argparse.Namespace) -> dict:
     summary = inspect_checkpoint(source.path, gguf_file=source.gguf_file)
     source_bytes = 2 if set(summary.dtypes) <= {"BF16", "F16"} else 4
     cuda = args.device == "cuda"
-    estimate = estimate_job_memory(read_model_dims(source), method=args.method, calibration_rows=len(calibration),
-                                   max_tokens=args.max_tokens, evaluates=args.eval, quantizer=args.quantizer,
-                                   eval_rows=len(evaluation), activation_ram_bytes=args.activation_ram,
-                                   generation=args.eval, source_bytes=source_bytes,
-                                   gguf_source=bool(source.gguf_file),
-                                   weight_bytes=2 if cuda else 4, batch_tokens=16384 if cuda else 2048)
+    estimate = estimate_job_memory(
+        read_model_dims(source),
+        method=args.method,
+        calibration_rows=len(calibration),
+        max_tokens=args.max_tokens,
+        evaluates=args.eval,
+        quantizer=args.quantizer,
+        eval_rows=len(evaluation),
+        activation_ram_bytes=args.activation_ram,
+        generation=args.eval,
+        source_bytes=source_bytes,
+        gguf_source=bool(source.gguf_file),
+        weight_bytes=2 if cuda else 4,
+        batch_tokens=16384 if cuda else 2048,
+    )
     by_stage = hooks.memory.gpu_by_stage if cuda else hooks.memory.by_stage
     peak = max(by_stage.values())
-    return {"model": args.model, "method": args.method, "quantizer": args.quantizer, "rows": len(calibration),
-            "eval_rows": len(evaluation), "wall_s": round(wall, 1), "peak_bytes": peak,
-            "estimate_bytes": estimate.total_bytes, "ratio": round(estimate.total_bytes / peak, 3),
-            "estimate_phase": estimate.phase, "per_stage_reset": hooks.memory.exact,
-            "device": args.device, "peak_rss_by_stage_gib": {k: round(v / 2**30, 3)
-                                                             for k, v in hooks.memory.by_stage.items()},
-            "peak_gpu_by_stage_gib": {k: round(v / 2**30, 3) for k, v in hooks.memory.gpu_by_stage.items()},
-            "estimate_phases_gib": {k: round(v / 2**30, 3) for k, v in estimate.phases.items()},
-            "seconds": hooks.seconds, "layer_seconds": hooks.layer_seconds, "partial": partial,
-            "estimate_terms_gib": {k: round(v / 2**30, 3) for k, v in estimate.breakdown.items()},
-            "command": " ".join(sys.argv)}
+    return {
+        "model": args.model,
+        "method": args.method,
+        "quantizer": args.quantizer,
+        "rows": len(calibration),
+        "eval_rows": len(evaluation),
+        "wall_s": round(wall, 1),
+        "peak_bytes": peak,
+        "estimate_bytes": estimate.total_bytes,
+        "ratio": round(estimate.total_bytes / peak, 3),
+        "estimate_phase": estimate.phase,
+        "per_stage_reset": hooks.memory.exact,
+        "device": args.device,
+        "peak_rss_by_stage_gib": {k: round(v / 2**30, 3) for k, v in hooks.memory.by_stage.items()},
+        "peak_gpu_by_stage_gib": {k: round(v / 2**30, 3) for k, v in hooks.memory.gpu_by_stage.items()},
+        "estimate_phases_gib": {k: round(v / 2**30, 3) for k, v in estimate.phases.items()},
+        "seconds": hooks.seconds,
+        "layer_seconds": hooks.layer_seconds,
+        "partial": partial,
+        "estimate_terms_gib": {k: round(v / 2**30, 3) for k, v in estimate.breakdown.items()},
+        "command": " ".join(sys.argv),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,13 +205,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-limit", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=None, help="directory for the job's store and scratch files")
-    parser.add_argument("--stop-after-layers", type=int, default=None,
-                        help="cancel the job after this many layers of the layer pass (a partial run)")
+    parser.add_argument(
+        "--stop-after-layers",
+        type=int,
+        default=None,
+        help="cancel the job after this many layers of the layer pass (a partial run)",
+    )
     parser.add_argument("--store", default=None, help="keep the job's store (layer checkpoints) here")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="cuda: peaks are torch.cuda.max_memory_allocated per stage")
-    parser.add_argument("--no-worker-imports", dest="worker_imports", action="store_false",
-                        help="do not import the worker's modules first (a machine with core's packages only)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cuda: peaks are torch.cuda.max_memory_allocated per stage",
+    )
+    parser.add_argument(
+        "--no-worker-imports",
+        dest="worker_imports",
+        action="store_false",
+        help="do not import the worker's modules first (a machine with core's packages only)",
+    )
     args = parser.parse_args(argv)
     tune_allocator()  # as `taq worker` does before it takes jobs
     print(json.dumps(measure(args)), flush=True)

@@ -77,8 +77,11 @@ MODELS_DIR = ROOT / "bench" / "out" / "models"
 
 
 def read_rows(path: Path) -> list[CalibrationRow]:
-    return [CalibrationRow.model_validate_json(line)
-            for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        CalibrationRow.model_validate_json(line)
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
 
 
 def load(model_id: str) -> LoadedModel:
@@ -110,16 +113,19 @@ def with_continuation(loaded: LoadedModel, rows: list[CalibrationRow], how: str)
         answers = evaluate_generation(loaded.model, loaded.tokenizer, ids, [[] for _ in rows]).generations
     out = []
     for row, answer in zip(rows, answers, strict=True):
-        messages = ([m.model_dump() for m in row.messages] if row.messages is not None
-                    else [{"role": "user", "content": row.prompt}])
-        out.append(CalibrationRow(messages=messages + [{"role": "assistant", "content": answer.strip()}],
-                                  answers=row.answers))
+        messages = (
+            [m.model_dump() for m in row.messages]
+            if row.messages is not None
+            else [{"role": "user", "content": row.prompt}]
+        )
+        out.append(
+            CalibrationRow(messages=messages + [{"role": "assistant", "content": answer.strip()}], answers=row.answers)
+        )
     return out
 
 
 #: method-token modifiers and the JobSpec fields they set
-MODIFIERS = {"gptq": {"quantizer": "gptq"}, "clip": {"clip_search": True},
-             "linear": {"allocation_unit": "linear"}}
+MODIFIERS = {"gptq": {"quantizer": "gptq"}, "clip": {"clip_search": True}, "linear": {"allocation_unit": "linear"}}
 
 
 @dataclass(frozen=True)
@@ -147,11 +153,20 @@ def parse_method(token: str) -> Variant:
 
 
 def make_spec(args: argparse.Namespace, model_id: str, method: str, **options) -> JobSpec:
-    return JobSpec(model=model_id, method=method, calibration_dataset_id="bench",
-                   bit_budget={"avg_bits": list(args.avg_bits) if len(args.avg_bits) > 1 else args.avg_bits[0]},
-                   bit_choices=args.bit_choices, group_size=args.group_size,
-                   max_calibration_rows=args.calibration_rows, max_tokens=128, seed=0, exports=[],
-                   calibration_inputs=args.calibration_inputs, **options)
+    return JobSpec(
+        model=model_id,
+        method=method,
+        calibration_dataset_id="bench",
+        bit_budget={"avg_bits": list(args.avg_bits) if len(args.avg_bits) > 1 else args.avg_bits[0]},
+        bit_choices=args.bit_choices,
+        group_size=args.group_size,
+        max_calibration_rows=args.calibration_rows,
+        max_tokens=128,
+        seed=0,
+        exports=[],
+        calibration_inputs=args.calibration_inputs,
+        **options,
+    )
 
 
 @dataclass
@@ -223,8 +238,9 @@ class SuiteEval:
                     for name in ref.linears:
                         modules[name].weight.copy_(weights.get(name, originals[name].weight))
             model = self.work
-        result = evaluate_generation(model, self.loaded.tokenizer, self.prompts, self.golds,
-                                     max_new_tokens=self.max_new_tokens)
+        result = evaluate_generation(
+            model, self.loaded.tokenizer, self.prompts, self.golds, max_new_tokens=self.max_new_tokens
+        )
         if weights is not None:
             self.cache[key] = result
         return result
@@ -234,20 +250,35 @@ def cross_allocation(spec: JobSpec, source: Profile, target: Profile) -> list[Bi
     """The sensitivities of `source` (another task's profile) with the errors and shapes of
     `target` (this task's pass), allocated as the method allocates."""
     sens = {l.name: l.sensitivity for l in source.layers}
-    layers = [LayerCost(c.name, c.params, sens[c.name], c.quant_error, c.shapes)
-              for c in layer_costs_from_profile(target)]
+    layers = [
+        LayerCost(c.name, c.params, sens[c.name], c.quant_error, c.shapes) for c in layer_costs_from_profile(target)
+    ]
     return [allocate_budget(layers, b, list(spec.bit_choices), spec.group_size, spec.symmetric) for b in spec.budgets]
 
 
-def gptq_matched_weights(loaded: LoadedModel, model_id: str, config: UniformConfig,
-                         calibration: list[CalibrationRow], args: argparse.Namespace) -> dict[str, torch.Tensor]:
+def gptq_matched_weights(
+    loaded: LoadedModel,
+    model_id: str,
+    config: UniformConfig,
+    calibration: list[CalibrationRow],
+    args: argparse.Namespace,
+) -> dict[str, torch.Tensor]:
     """Our GPTQ, every layer at 4 bits with the group size that spends the budget (calibrated on
     the suite's calibration rows: the error-compensating counterpart of `rtn_matched`)."""
-    spec = JobSpec(model=model_id, method="uniform", quantizer="gptq", calibration_dataset_id="bench",
-                   bit_budget={"avg_bits": math.ceil(config.model_effective_bits(loaded) * 1e6) / 1e6},
-                   bit_choices=[config.bits],
-                   group_size=config.group_size, max_calibration_rows=args.calibration_rows,
-                   max_tokens=128, seed=0, exports=[], calibration_inputs=args.calibration_inputs)
+    spec = JobSpec(
+        model=model_id,
+        method="uniform",
+        quantizer="gptq",
+        calibration_dataset_id="bench",
+        bit_budget={"avg_bits": math.ceil(config.model_effective_bits(loaded) * 1e6) / 1e6},
+        bit_choices=[config.bits],
+        group_size=config.group_size,
+        max_calibration_rows=args.calibration_rows,
+        max_tokens=128,
+        seed=0,
+        exports=[],
+        calibration_inputs=args.calibration_inputs,
+    )
     scored = run_pass(loaded, spec, calibration)
     return dequantized(loaded, scored, allocate_stage(spec, scored.profile)[0])
 
@@ -258,12 +289,15 @@ def scored_pass(args, loaded: LoadedModel, model_id: str, suite: str, variant: V
     search change its codes and errors)."""
     key = (suite, variant.method, tuple(sorted(variant.scoring_options.items())))
     if key not in profiles:
-        calibration = with_continuation(loaded, read_rows(TASKS / suite / "calibration.jsonl"),
-                                        args.calibration_continuation)
+        calibration = with_continuation(
+            loaded, read_rows(TASKS / suite / "calibration.jsonl"), args.calibration_continuation
+        )
         spec = make_spec(args, model_id, variant.method, **variant.scoring_options)
         profiles[key] = run_pass(loaded, spec, calibration)
-        print(f"  {suite} · {variant.method} {variant.scoring_options or ''} pass: "
-              f"{profiles[key].seconds:.0f}s", flush=True)
+        print(
+            f"  {suite} · {variant.method} {variant.scoring_options or ''} pass: {profiles[key].seconds:.0f}s",
+            flush=True,
+        )
     return profiles[key]
 
 
@@ -297,8 +331,16 @@ def candidates(args, loaded: LoadedModel, model_id: str, suite: str, profiles: d
         mine = scored_pass(args, loaded, model_id, suite, variant, profiles)
         theirs = scored_pass(args, loaded, model_id, source, variant, profiles)
         for allocation in cross_allocation(spec, theirs.profile, mine.profile):
-            out.append(Candidate(f"{args.cross_task_method or args.methods[0]} (profile from {source})",
-                                 "cross-task", variant.method, allocation.budget, allocation, mine))
+            out.append(
+                Candidate(
+                    f"{args.cross_task_method or args.methods[0]} (profile from {source})",
+                    "cross-task",
+                    variant.method,
+                    allocation.budget,
+                    allocation,
+                    mine,
+                )
+            )
     for peer in args.peers:
         for budget in args.avg_bits:
             config = config_for_budget(budget)
@@ -310,9 +352,17 @@ def candidates(args, loaded: LoadedModel, model_id: str, suite: str, profiles: d
                 weights = gptq_matched_weights(loaded, model_id, config, calibration, args)
             else:
                 weights = peer_weights(loaded, peer, config)
-            out.append(Candidate(f"{peer} g{config.group_size}", "peer", peer, budget, weights=weights,
-                                 effective_bits=config.model_effective_bits(loaded),
-                                 seconds=time.perf_counter() - t0))
+            out.append(
+                Candidate(
+                    f"{peer} g{config.group_size}",
+                    "peer",
+                    peer,
+                    budget,
+                    weights=weights,
+                    effective_bits=config.model_effective_bits(loaded),
+                    seconds=time.perf_counter() - t0,
+                )
+            )
     for c in out:
         if c.allocation is not None:
             c.effective_bits = c.allocation.effective_bits
@@ -338,8 +388,9 @@ def teacher_forced(loaded: LoadedModel, rows: list[CalibrationRow], found: list[
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         area = SpillArea(8 * 2**30, Path(tmp))
         try:
-            results = teacher_forced_eval(streamed, rows, variants, codes=None, max_tokens=256,
-                                          tracker=StageProgress(stage="evaluate"), area=area)
+            results = teacher_forced_eval(
+                streamed, rows, variants, codes=None, max_tokens=256, tracker=StageProgress(stage="evaluate"), area=area
+            )
         finally:
             area.close()
             streamed.close()
@@ -351,27 +402,54 @@ def measure_suite(args, loaded: LoadedModel, model_id: str, suite: str, profiles
     found = candidates(args, loaded, model_id, suite, profiles)
     t0 = time.perf_counter()
     teacher = teacher_forced(loaded, rows, found, args)
-    print(f"  {suite}: teacher-forced pass over {len(rows)} items x {len(teacher)} variants in "
-          f"{time.perf_counter() - t0:.0f}s", flush=True)
+    print(
+        f"  {suite}: teacher-forced pass over {len(rows)} items x {len(teacher)} variants in "
+        f"{time.perf_counter() - t0:.0f}s",
+        flush=True,
+    )
     gen = SuiteEval(loaded, rows, args.max_new_tokens)
     fp_gen = gen.generate(None)
     streamed = open_streamed(loaded.source, device="cpu", dtype=torch.float32)
     source = source_precision(streamed)
     streamed.close()
     fp_label = "/".join(sorted(source["formats"])) or "source"
-    out = [summarise(suite, "full precision", "full precision", "source", None, source["bits"] or 16.0,
-                     teacher["full_precision"], fp_gen, fp_gen, teacher["full_precision"], source=fp_label)]
+    out = [
+        summarise(
+            suite,
+            "full precision",
+            "full precision",
+            "source",
+            None,
+            source["bits"] or 16.0,
+            teacher["full_precision"],
+            fp_gen,
+            fp_gen,
+            teacher["full_precision"],
+            source=fp_label,
+        )
+    ]
     print_progress(out[-1])
     for i, c in enumerate(found):
         t0 = time.perf_counter()
         weights = c.weights if c.weights is not None else dequantized(loaded, c.scored, c.allocation)
         generated = gen.generate(weights)
         tf = teacher.get(i)
-        row = summarise(suite, c.label, c.kind, c.method, c.budget, c.effective_bits, tf, generated, fp_gen,
-                        teacher["full_precision"])
+        row = summarise(
+            suite,
+            c.label,
+            c.kind,
+            c.method,
+            c.budget,
+            c.effective_bits,
+            tf,
+            generated,
+            fp_gen,
+            teacher["full_precision"],
+        )
         row["seconds"] = {"pass": c.scored.seconds if c.scored else c.seconds, "eval": time.perf_counter() - t0}
-        row["bits_histogram"] = ({str(b): n for b, n in sorted(_histogram(c.allocation).items())}
-                                 if c.allocation else {"4": "all"})
+        row["bits_histogram"] = (
+            {str(b): n for b, n in sorted(_histogram(c.allocation).items())} if c.allocation else {"4": "all"}
+        )
         out.append(row)
         print_progress(row)
     return out
@@ -384,29 +462,61 @@ def _histogram(allocation: BitAllocation) -> dict[int, int]:
     return counts
 
 
-def summarise(suite, label, kind, method, budget, effective_bits, tf, generated: GenerationEval,
-              fp_gen: GenerationEval, fp_tf, source: str | None = None) -> dict:
+def summarise(
+    suite,
+    label,
+    kind,
+    method,
+    budget,
+    effective_bits,
+    tf,
+    generated: GenerationEval,
+    fp_gen: GenerationEval,
+    fp_tf,
+    source: str | None = None,
+) -> dict:
     nll_items = tf.gold_nll_items if tf is not None else [None] * generated.n
     answered = [v for v in nll_items if v is not None]
-    row = {"suite": suite, "label": label, "kind": kind, "method": method, "budget": budget,
-           "effective_bits": effective_bits, "source": source,
-           "gold_nll": bootstrap_ci(answered).to_dict() if answered else None,
-           "delta_nll": (paired_difference(fp_tf.gold_nll_items, nll_items).to_dict()
-                         if tf is not None and kind != "full precision" else None),
-           "contains": generated.contains_match.to_dict(), "exact_match": generated.exact_match.to_dict(),
-           "retained": (None if kind == "full precision" else
-                        (r.to_dict() if (r := paired_ratio(generated.contains, fp_gen.contains)) else None)),
-           "mean_kl": tf.mean_kl if tf is not None else float("nan"),
-           "top1": tf.top1_agreement if tf is not None else float("nan"),
-           "items": {"gold_nll": nll_items, "contains": generated.contains, "exact_match": generated.em,
-                     "prediction": generated.predictions}}
+    row = {
+        "suite": suite,
+        "label": label,
+        "kind": kind,
+        "method": method,
+        "budget": budget,
+        "effective_bits": effective_bits,
+        "source": source,
+        "gold_nll": bootstrap_ci(answered).to_dict() if answered else None,
+        "delta_nll": (
+            paired_difference(fp_tf.gold_nll_items, nll_items).to_dict()
+            if tf is not None and kind != "full precision"
+            else None
+        ),
+        "contains": generated.contains_match.to_dict(),
+        "exact_match": generated.exact_match.to_dict(),
+        "retained": (
+            None
+            if kind == "full precision"
+            else (r.to_dict() if (r := paired_ratio(generated.contains, fp_gen.contains)) else None)
+        ),
+        "mean_kl": tf.mean_kl if tf is not None else float("nan"),
+        "top1": tf.top1_agreement if tf is not None else float("nan"),
+        "items": {
+            "gold_nll": nll_items,
+            "contains": generated.contains,
+            "exact_match": generated.em,
+            "prediction": generated.predictions,
+        },
+    }
     return row
 
 
 def print_progress(row: dict) -> None:
     nll = row["gold_nll"]["mean"] if row["gold_nll"] else float("nan")
-    print(f"  {row['suite']} · {row['label']} @ {row['budget']}: eff {row['effective_bits']:.3f} "
-          f"gold NLL {nll:.3f} contains {row['contains']['mean']:.3f} kl {row['mean_kl']:.4f}", flush=True)
+    print(
+        f"  {row['suite']} · {row['label']} @ {row['budget']}: eff {row['effective_bits']:.3f} "
+        f"gold NLL {nll:.3f} contains {row['contains']['mean']:.3f} kl {row['mean_kl']:.4f}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,8 +530,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--controls", nargs="*", default=list(CONTROLS), choices=list(CONTROLS))
     parser.add_argument("--peers", nargs="*", default=[], choices=["rtn_matched", "gptq_matched", "hqq"])
     parser.add_argument("--cross-task", nargs="*", default=["arithmetic:capitals"], metavar="SRC:DST")
-    parser.add_argument("--cross-task-method", default=None, help="method token of the cross-task rows "
-                        "(default: the first of --methods)")
+    parser.add_argument(
+        "--cross-task-method",
+        default=None,
+        help="method token of the cross-task rows (default: the first of --methods)",
+    )
     parser.add_argument("--calibration-rows", type=int, default=128)
     parser.add_argument("--calibration-inputs", choices=["fp", "quantized"], default="fp")
     parser.add_argument("--calibration-continuation", choices=["none", "gold", "self"], default="none")
@@ -451,12 +564,13 @@ def main(argv: list[str] | None = None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"rows": rows, "comparisons": comparisons(rows)}, indent=1))
     compared = comparisons(rows)
-    heading = (f"{args.model}, group {args.group_size}, bit choices {args.bit_choices}, budgets {args.avg_bits}, "
-               f"{args.calibration_rows} calibration rows, eval: all rows of each suite's eval split"
-               f"{'' if args.eval_limit is None else f' (first {args.eval_limit})'}, greedy {args.max_new_tokens} "
-               f"new tokens, total {time.perf_counter() - t0:.0f}s")
-    text = (f"{heading}\n\n{verdict_summary(compared)}\n\n{comparison_table(compared)}\n\n"
-            f"{variant_table(rows)}\n")
+    heading = (
+        f"{args.model}, group {args.group_size}, bit choices {args.bit_choices}, budgets {args.avg_bits}, "
+        f"{args.calibration_rows} calibration rows, eval: all rows of each suite's eval split"
+        f"{'' if args.eval_limit is None else f' (first {args.eval_limit})'}, greedy {args.max_new_tokens} "
+        f"new tokens, total {time.perf_counter() - t0:.0f}s"
+    )
+    text = f"{heading}\n\n{verdict_summary(compared)}\n\n{comparison_table(compared)}\n\n{variant_table(rows)}\n"
     print(f"\n{text}")
     if args.json:
         args.json.write_text(json.dumps({"heading": heading, "rows": rows, "comparisons": compared}, indent=1))

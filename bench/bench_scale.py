@@ -36,14 +36,13 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.scale_models import (DEFAULT_MAX_SHARD_BYTES, SHAPES, RssSampler, find_worker,  # noqa: E402
-                                proc_status, write_checkpoint)
+from bench.scale_models import DEFAULT_MAX_SHARD_BYTES, SHAPES, RssSampler, find_worker, proc_status, write_checkpoint  # noqa: E402
 
 STAGES = ["load", "calibrate", "score", "allocate", "quantize", "export", "evaluate", "publish"]
 FINAL = {"succeeded", "failed", "cancelled"}
@@ -60,11 +59,14 @@ class Service:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TAQ_")}
-        self.env.update(TAQ_DATA_DIR=str(self.data_dir), TAQ_MODEL_ROOTS=str(model_root),
-                        TAQ_WORKER_DEVICE="cpu", TAQ_WORKER_MEMORY_BYTES=str(memory_bytes))
+        self.env.update(
+            TAQ_DATA_DIR=str(self.data_dir),
+            TAQ_MODEL_ROOTS=str(model_root),
+            TAQ_WORKER_DEVICE="cpu",
+            TAQ_WORKER_MEMORY_BYTES=str(memory_bytes),
+        )
         taq = Path(sys.executable).parent / "taq"
-        self.command = [str(taq if taq.exists() else ROOT / ".venv" / "bin" / "taq"), "serve",
-                        "--port", str(self.port)]
+        self.command = [str(taq if taq.exists() else ROOT / ".venv" / "bin" / "taq"), "serve", "--port", str(self.port)]
         self.log_path = run_dir / "server.log"
         self.proc: subprocess.Popen | None = None
         self.worker_pid: int | None = None
@@ -74,8 +76,9 @@ class Service:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -120,16 +123,25 @@ def envelope(response) -> dict:
         return {"error": {"code": f"http_{response.status_code}", "message": response.text[:500], "details": None}}
 
 
-def run_job(client, sampler: RssSampler, spec: dict, key: str, *, poll: float, every: float,
-            timeout: float) -> dict:
+def run_job(client, sampler: RssSampler, spec: dict, key: str, *, poll: float, every: float, timeout: float) -> dict:
     t0 = time.monotonic()
     r = client.post("/v1/jobs", json=spec, headers={"Idempotency-Key": key})
     if r.status_code >= 400:
         err = envelope(r)
         print(f"  submit refused ({r.status_code}): {json.dumps(err)}", flush=True)
-        return {"job_id": None, "status": "rejected", "error": err.get("error", err),
-                "wall_s": round(time.monotonic() - t0, 1), "server_wall_s": None, "timings": None,
-                "event_timings": None, "reported": None, "sampled": None, "artifacts": [], "artifacts_total_bytes": 0}
+        return {
+            "job_id": None,
+            "status": "rejected",
+            "error": err.get("error", err),
+            "wall_s": round(time.monotonic() - t0, 1),
+            "server_wall_s": None,
+            "timings": None,
+            "event_timings": None,
+            "reported": None,
+            "sampled": None,
+            "artifacts": [],
+            "artifacts_total_bytes": 0,
+        }
     job = r.json()
     print(f"  job {job['id']} {job['status']}", flush=True)
     sampler.begin_job()
@@ -151,8 +163,11 @@ def run_job(client, sampler: RssSampler, spec: dict, key: str, *, poll: float, e
         if now - last_print >= every:
             last_print = now
             rss = proc_status(sampler.pid).get("VmRSS", 0) if sampler.pid and proc_status(sampler.pid) else 0
-            print(f"  {now - t0:7.0f} s  {job['status']:9} stage={job.get('stage')} "
-                  f"{100 * job.get('progress', 0):5.1f}%  worker RSS {rss / GiB:.2f} GiB", flush=True)
+            print(
+                f"  {now - t0:7.0f} s  {job['status']:9} stage={job.get('stage')} "
+                f"{100 * job.get('progress', 0):5.1f}%  worker RSS {rss / GiB:.2f} GiB",
+                flush=True,
+            )
         time.sleep(poll)
     wall = round(time.monotonic() - t0, 1)
     sampled, series = sampler.end_job()
@@ -166,22 +181,32 @@ def run_job(client, sampler: RssSampler, spec: dict, key: str, *, poll: float, e
     event_timings: dict[str, float] = {}
     for stage, start, end in intervals:
         event_timings[stage] = round(event_timings.get(stage, 0.0) + end - start, 3)
-    record = {"job_id": job["id"], "status": job["status"], "error": job.get("error"), "wall_s": wall,
-              "server_wall_s": _seconds(job.get("started_at"), job.get("finished_at")),
-              "timings": result.get("timings"), "event_timings": event_timings,
-              "reported": result.get("resources"), "sampled": sampled}
+    record = {
+        "job_id": job["id"],
+        "status": job["status"],
+        "error": job.get("error"),
+        "wall_s": wall,
+        "server_wall_s": _seconds(job.get("started_at"), job.get("finished_at")),
+        "timings": result.get("timings"),
+        "event_timings": event_timings,
+        "reported": result.get("resources"),
+        "sampled": sampled,
+    }
     if job["status"] != "succeeded":
         print(f"  job {job['id']} {job['status']}: {json.dumps({'error': job.get('error')})}", flush=True)
     arts = client.get(f"/v1/jobs/{job['id']}/artifacts")
-    record["artifacts"] = ([{k: a.get(k) for k in ("name", "format", "kind", "size")} for a in arts.json()]
-                           if arts.status_code == 200 else [])
+    record["artifacts"] = (
+        [{k: a.get(k) for k in ("name", "format", "kind", "size")} for a in arts.json()]
+        if arts.status_code == 200
+        else []
+    )
     record["artifacts_total_bytes"] = sum(a["size"] or 0 for a in record["artifacts"])
     return record
 
 
 def _epoch(stamp: str) -> float:
     when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def _seconds(start: str | None, end: str | None) -> float | None:
@@ -205,15 +230,30 @@ def stage_intervals(client, job: dict) -> list[tuple[str, float, float]]:
 
 
 def machine(env: dict) -> dict:
-    mem = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-               if line.startswith("MemTotal:"))
-    threads = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
-                             env=env, capture_output=True, text=True).stdout.strip()
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(), "mem_total_bytes": mem,
-            "torch_threads_worker_env": int(threads) if threads.isdigit() else None,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "cpu_model": next((line.split(":", 1)[1].strip() for line in
-                               Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), None)}
+    mem = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    threads = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env, capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "mem_total_bytes": mem,
+        "torch_threads_worker_env": int(threads) if threads.isdigit() else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            None,
+        ),
+    }
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -228,16 +268,29 @@ def _s(x) -> str:
 def time_baseline(args, model_id: str, env: dict, quantizer: str) -> dict | None:
     """bench/scale_baseline.py in its own process, with the worker's environment (threads), while
     the service is not running: one streamed forward pass plus the quantizer at one width."""
-    cmd = [sys.executable, str(ROOT / "bench" / "scale_baseline.py"), "--model-root", str(Path(args.out).resolve()),
-           "--model", model_id, "--rows", str(args.rows), "--max-tokens", str(args.max_tokens),
-           "--quantizer", quantizer]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "scale_baseline.py"),
+        "--model-root",
+        str(Path(args.out).resolve()),
+        "--model",
+        model_id,
+        "--rows",
+        str(args.rows),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--quantizer",
+        quantizer,
+    ]
     print(f"baseline ({quantizer}): {shlex.join(cmd)}", flush=True)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"  baseline failed: {done.stderr[-2000:]}", flush=True)
         return None
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"  {result['total_s']} s (forward {result['forward_s']} s, {quantizer} {result['quantize_s']} s)", flush=True)
+    print(
+        f"  {result['total_s']} s (forward {result['forward_s']} s, {quantizer} {result['quantize_s']} s)", flush=True
+    )
     return result
 
 
@@ -247,8 +300,14 @@ def preflight(record: dict, ckpt_dir: Path, args) -> dict | None:
     from core.models import ModelSource
 
     source = ModelSource(model_id=ckpt_dir.name, kind="hf_dir", path=ckpt_dir)
-    estimate = estimate_job_memory(read_model_dims(source), method=record["method"], calibration_rows=record["rows"],
-                                   max_tokens=record["max_tokens"], quantizer=record["quantizer"], source_bytes=2)
+    estimate = estimate_job_memory(
+        read_model_dims(source),
+        method=record["method"],
+        calibration_rows=record["rows"],
+        max_tokens=record["max_tokens"],
+        quantizer=record["quantizer"],
+        source_bytes=2,
+    )
     return {"total_bytes": estimate.total_bytes, "phase": estimate.phase, "phases": estimate.phases}
 
 
@@ -264,23 +323,35 @@ def complete(record: dict, checkpoint_bytes: int) -> dict:
 
 
 def table(results: dict) -> str:
-    head = (["shape", "quantizer", "rows×tokens", "status", "total wall s"] + [f"{s} s" for s in STAGES]
-            + ["peak RSS GiB", "checkpoint GiB", "RSS/checkpoint", "preflight GiB", "baseline s", "job/baseline"])
+    head = (
+        ["shape", "quantizer", "rows×tokens", "status", "total wall s"]
+        + [f"{s} s" for s in STAGES]
+        + ["peak RSS GiB", "checkpoint GiB", "RSS/checkpoint", "preflight GiB", "baseline s", "job/baseline"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["jobs"]:
         t, ev = r.get("timings") or {}, r.get("event_timings") or {}
         rep, smp = (r.get("reported") or {}).get("peak_rss_bytes"), (r.get("sampled") or {}).get("peak_rss_bytes")
-        rss = (f"{_gib(rep)} (s {_gib(smp)})" if rep and smp else _gib(rep) if rep
-               else f"{_gib(smp)} (s)" if smp else "—")
+        rss = (
+            f"{_gib(rep)} (s {_gib(smp)})" if rep and smp else _gib(rep) if rep else f"{_gib(smp)} (s)" if smp else "—"
+        )
         ratio = "—" if r.get("rss_over_checkpoint") is None else f"{r['rss_over_checkpoint']:.2f}"
-        lines.append("| " + " | ".join([r["shape"], r["quantizer"], f"{r['rows']}×{r['max_tokens']}", r["status"],
-                                        _s(r.get("wall_s"))]
-                                       + [_s(t[s]) if s in t else (_s(ev[s]) + "e" if s in ev else "—") for s in STAGES]
-                                       + [rss, _gib(r["checkpoint_bytes"]), ratio,
-                                          _gib((r.get("preflight") or {}).get("total_bytes")),
-                                          _s(((results.get("baselines") or {}).get(r["quantizer"]) or {}).get("total_s")),
-                                          "—" if r.get("job_over_baseline") is None else f"{r['job_over_baseline']:.2f}"])
-                 + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [r["shape"], r["quantizer"], f"{r['rows']}×{r['max_tokens']}", r["status"], _s(r.get("wall_s"))]
+                + [_s(t[s]) if s in t else (_s(ev[s]) + "e" if s in ev else "—") for s in STAGES]
+                + [
+                    rss,
+                    _gib(r["checkpoint_bytes"]),
+                    ratio,
+                    _gib((r.get("preflight") or {}).get("total_bytes")),
+                    _s(((results.get("baselines") or {}).get(r["quantizer"]) or {}).get("total_s")),
+                    "—" if r.get("job_over_baseline") is None else f"{r['job_over_baseline']:.2f}",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -290,30 +361,46 @@ def stage_rss_table(results: dict) -> str:
         for source in ("reported", "sampled"):
             by = (r.get(source) or {}).get("peak_rss_by_stage")
             if by:
-                lines.append(f"| {r['shape']} | {r['quantizer']} | {source} | "
-                             + " | ".join(_gib(by.get(s)) for s in STAGES) + " |")
+                lines.append(
+                    f"| {r['shape']} | {r['quantizer']} | {source} | "
+                    + " | ".join(_gib(by.get(s)) for s in STAGES)
+                    + " |"
+                )
     return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    return "\n".join([
-        f"## Scale benchmark: {results['checkpoint']['name']} ({results['started_at']})", "",
-        "```sh", results["command"], "```", "",
-        f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_total_bytes'] / GiB:.1f} GiB RAM, torch threads "
-        f"{m['torch_threads_worker_env']}; `TAQ_WORKER_MEMORY_BYTES` = {results['service']['worker_memory_bytes']}. "
-        f"Checkpoint: {results['checkpoint']['parameters'] / 1e6:,.1f} M parameters, "
-        f"{results['checkpoint']['num_shards']} bf16 shards (bench/scale_models.py, seed "
-        f"{results['checkpoint'].get('seed')}).", "",
-        table(results), "",
-        "Wall times in seconds: total = submit → final state seen by the client; stages = the job's "
-        "`result.timings`, or with `e` from the job's stage events (publish always: `result.timings` is "
-        "written during publish). Peak RSS: the worker's report (`result.resources`) with, in parentheses, the "
-        "peak VmRSS sampled from /proc every 0.5 s; `(s)` alone = sampled only. Preflight: the API's memory "
-        "estimate for the job (core.memory). Baseline: bench/scale_baseline.py in the same run before the service "
-        "started — one streamed forward pass over the calibration rows plus the job's quantizer over every layer at "
-        "4 bits; job/baseline = the sum of the job's stage times over it.", "",
-        "Peak RSS per stage (GiB):", "", stage_rss_table(results), ""])
+    return "\n".join(
+        [
+            f"## Scale benchmark: {results['checkpoint']['name']} ({results['started_at']})",
+            "",
+            "```sh",
+            results["command"],
+            "```",
+            "",
+            f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_total_bytes'] / GiB:.1f} GiB RAM, torch threads "
+            f"{m['torch_threads_worker_env']}; `TAQ_WORKER_MEMORY_BYTES` = {results['service']['worker_memory_bytes']}. "
+            f"Checkpoint: {results['checkpoint']['parameters'] / 1e6:,.1f} M parameters, "
+            f"{results['checkpoint']['num_shards']} bf16 shards (bench/scale_models.py, seed "
+            f"{results['checkpoint'].get('seed')}).",
+            "",
+            table(results),
+            "",
+            "Wall times in seconds: total = submit → final state seen by the client; stages = the job's "
+            "`result.timings`, or with `e` from the job's stage events (publish always: `result.timings` is "
+            "written during publish). Peak RSS: the worker's report (`result.resources`) with, in parentheses, the "
+            "peak VmRSS sampled from /proc every 0.5 s; `(s)` alone = sampled only. Preflight: the API's memory "
+            "estimate for the job (core.memory). Baseline: bench/scale_baseline.py in the same run before the service "
+            "started — one streamed forward pass over the calibration rows plus the job's quantizer over every layer at "
+            "4 bits; job/baseline = the sum of the job's stage times over it.",
+            "",
+            "Peak RSS per stage (GiB):",
+            "",
+            stage_rss_table(results),
+            "",
+        ]
+    )
 
 
 # ---- commands ---------------------------------------------------------------------------------
@@ -329,7 +416,7 @@ def _interrupt(*_) -> None:
 def cmd_run(args) -> int:
     import httpx
 
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     ckpt = write_checkpoint(args.shape, args.out, seed=args.seed, max_shard_bytes=args.max_shard_bytes)
     ckpt_dir = Path(ckpt["path"])
     ckpt["config"] = json.loads((ckpt_dir / "config.json").read_text())
@@ -339,56 +426,105 @@ def cmd_run(args) -> int:
     lines = [line for line in CALIBRATION.read_text().splitlines() if line.strip()][: args.rows]
     if len(lines) < args.rows:
         print(f"note: {CALIBRATION} has only {len(lines)} rows", flush=True)
-    results = {"command": shlex.join([sys.executable, *sys.argv]), "argv": sys.argv,
-               "started_at": started.isoformat(timespec="seconds"), "machine": machine(service.env),
-               "service": {"command": service.command, "data_dir": str(service.data_dir),
-                           "log": str(service.log_path), "worker_memory_bytes": int(args.worker_memory_gib * GiB),
-                           "env": {k: v for k, v in service.env.items() if k.startswith("TAQ_") or k == "PYTHONPATH"}},
-               "checkpoint": {**ckpt, "size_on_disk_bytes": checkpoint_bytes},
-               "dataset": {"source": str(CALIBRATION.relative_to(ROOT)), "rows": len(lines)}, "jobs": []}
+    results = {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "argv": sys.argv,
+        "started_at": started.isoformat(timespec="seconds"),
+        "machine": machine(service.env),
+        "service": {
+            "command": service.command,
+            "data_dir": str(service.data_dir),
+            "log": str(service.log_path),
+            "worker_memory_bytes": int(args.worker_memory_gib * GiB),
+            "env": {k: v for k, v in service.env.items() if k.startswith("TAQ_") or k == "PYTHONPATH"},
+        },
+        "checkpoint": {**ckpt, "size_on_disk_bytes": checkpoint_bytes},
+        "dataset": {"source": str(CALIBRATION.relative_to(ROOT)), "rows": len(lines)},
+        "jobs": [],
+    }
     sampler = RssSampler(0)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         m = results["machine"]
-        print(f"machine: {m['nproc']} CPUs, {m['mem_total_bytes'] / GiB:.1f} GiB RAM, torch threads "
-              f"{m['torch_threads_worker_env']}; checkpoint {checkpoint_bytes / GiB:.2f} GiB", flush=True)
-        results["baselines"] = {} if args.no_baseline else {
-            q: time_baseline(args, ckpt["name"], service.env, q) for q in args.quantizer}
+        print(
+            f"machine: {m['nproc']} CPUs, {m['mem_total_bytes'] / GiB:.1f} GiB RAM, torch threads "
+            f"{m['torch_threads_worker_env']}; checkpoint {checkpoint_bytes / GiB:.2f} GiB",
+            flush=True,
+        )
+        results["baselines"] = (
+            {} if args.no_baseline else {q: time_baseline(args, ckpt["name"], service.env, q) for q in args.quantizer}
+        )
         print(f"starting {shlex.join(service.command)} (data dir {service.data_dir})", flush=True)
         service.start()
         sampler.serve_pid = service.proc.pid
         sampler.start()
         print(f"ready at {service.url}; worker pid {service.worker_pid}", flush=True)
         with httpx.Client(base_url=service.url, timeout=120) as client:
-            r = client.post("/v1/datasets", files={"file": (f"capitals-first{len(lines)}.jsonl",
-                                                            ("\n".join(lines) + "\n").encode(), "application/jsonl")},
-                            headers={"Idempotency-Key": f"bench-scale-ds-{len(lines)}"})
+            r = client.post(
+                "/v1/datasets",
+                files={
+                    "file": (
+                        f"capitals-first{len(lines)}.jsonl",
+                        ("\n".join(lines) + "\n").encode(),
+                        "application/jsonl",
+                    )
+                },
+                headers={"Idempotency-Key": f"bench-scale-ds-{len(lines)}"},
+            )
             if r.status_code >= 400:
                 raise RuntimeError(f"dataset upload refused: {json.dumps(envelope(r))}")
             results["dataset"]["id"] = r.json()["id"]
             for quantizer in args.quantizer:
-                spec = {"model": ckpt["name"], "method": args.method, "calibration_dataset_id": r.json()["id"],
-                        "bit_budget": {"avg_bits": args.budget}, "bit_choices": [4, 8, 16], "group_size": 128,
-                        "exports": ["hf", "gguf"], "max_calibration_rows": args.rows,
-                        "max_tokens": args.max_tokens, "quantizer": quantizer, "seed": 0}
+                spec = {
+                    "model": ckpt["name"],
+                    "method": args.method,
+                    "calibration_dataset_id": r.json()["id"],
+                    "bit_budget": {"avg_bits": args.budget},
+                    "bit_choices": [4, 8, 16],
+                    "group_size": 128,
+                    "exports": ["hf", "gguf"],
+                    "max_calibration_rows": args.rows,
+                    "max_tokens": args.max_tokens,
+                    "quantizer": quantizer,
+                    "seed": 0,
+                }
                 print(f"{ckpt['name']} {args.method}+{quantizer}: submitting", flush=True)
-                record = run_job(client, sampler, spec, f"bench-scale-{run_dir.name}-{quantizer}",
-                                 poll=1.0, every=args.progress_every, timeout=args.job_timeout)
-                record = complete({"shape": args.shape, "quantizer": quantizer, "method": args.method,
-                                   "budget": args.budget, "rows": len(lines), "max_tokens": args.max_tokens,
-                                   **record, "spec": spec}, checkpoint_bytes)
+                record = run_job(
+                    client,
+                    sampler,
+                    spec,
+                    f"bench-scale-{run_dir.name}-{quantizer}",
+                    poll=1.0,
+                    every=args.progress_every,
+                    timeout=args.job_timeout,
+                )
+                record = complete(
+                    {
+                        "shape": args.shape,
+                        "quantizer": quantizer,
+                        "method": args.method,
+                        "budget": args.budget,
+                        "rows": len(lines),
+                        "max_tokens": args.max_tokens,
+                        **record,
+                        "spec": spec,
+                    },
+                    checkpoint_bytes,
+                )
                 record["preflight"] = preflight(record, ckpt_dir, args)
                 base = results["baselines"].get(quantizer)
                 job_s = sum((record.get("timings") or {}).values()) or None
                 record["job_s"] = job_s
-                record["job_over_baseline"] = (round(job_s / base["total_s"], 2)
-                                               if base and job_s else None)
+                record["job_over_baseline"] = round(job_s / base["total_s"], 2) if base and job_s else None
                 results["jobs"].append(record)
                 rep = (record.get("reported") or {}).get("peak_rss_bytes")
                 smp = (record.get("sampled") or {}).get("peak_rss_bytes")
-                print(f"  {record['status']} in {record['wall_s']} s; peak RSS reported {_gib(rep)} GiB, "
-                      f"sampled {_gib(smp)} GiB (VmHWM {_gib((record.get('sampled') or {}).get('vmhwm_bytes'))}); "
-                      f"artifacts {_gib(record['artifacts_total_bytes'])} GiB", flush=True)
+                print(
+                    f"  {record['status']} in {record['wall_s']} s; peak RSS reported {_gib(rep)} GiB, "
+                    f"sampled {_gib(smp)} GiB (VmHWM {_gib((record.get('sampled') or {}).get('vmhwm_bytes'))}); "
+                    f"artifacts {_gib(record['artifacts_total_bytes'])} GiB",
+                    flush=True,
+                )
     except KeyboardInterrupt:
         print("interrupted: stopping the service", flush=True)
         results["interrupted"] = True
@@ -396,7 +532,7 @@ def cmd_run(args) -> int:
         sampler.stopped.set()
         service.stop()
         signal.signal(signal.SIGTERM, previous)
-        results["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         if not args.keep_artifacts and (service.data_dir / "objects").exists():
             shutil.rmtree(service.data_dir / "objects", ignore_errors=True)
             results["service"]["artifacts_deleted"] = True
@@ -428,8 +564,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--job-timeout", type=float, default=24 * 3600, help="cancel a job after this many s")
     run.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines")
     run.add_argument("--keep-artifacts", action="store_true", help="keep <run dir>/data/objects")
-    run.add_argument("--no-baseline", action="store_true",
-                     help="skip the streamed forward + quantizer baseline (bench/scale_baseline.py)")
+    run.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the streamed forward + quantizer baseline (bench/scale_baseline.py)",
+    )
     run.add_argument("--json", type=Path)
     run.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)

@@ -184,16 +184,18 @@ def _capitals_split(seed: int) -> tuple[list[Row], list[Row], list[tuple[str, li
     rows = [r for r in rows if not _echo_scores(r)]
     # calibration keeps CAPITALS_CALIBRATION_SIZE countries, eval gets all the others
     n_eval = len(rows) - CAPITALS_CALIBRATION_SIZE
-    calibration, eval_rows = _split(rows, seed=seed, n_eval=n_eval,
-                                    n_calibration=CAPITALS_CALIBRATION_SIZE)
+    calibration, eval_rows = _split(rows, seed=seed, n_eval=n_eval, n_calibration=CAPITALS_CALIBRATION_SIZE)
     return calibration, eval_rows, entries, version
 
 
 def build_capitals(seed: int = SEED) -> Suite:
     calibration, eval_rows, _, version = _capitals_split(seed)
-    return Suite("capitals", calibration, eval_rows,
-                 {"package": "countryinfo", "version": version, "licence": "MIT",
-                  "entries": len(calibration) + len(eval_rows)})
+    return Suite(
+        "capitals",
+        calibration,
+        eval_rows,
+        {"package": "countryinfo", "version": version, "licence": "MIT", "entries": len(calibration) + len(eval_rows)},
+    )
 
 
 CAPITALS_MC_STEM = "Which city is the capital of {country}?"
@@ -226,20 +228,60 @@ def build_capitals_mc(seed: int = SEED) -> Suite:
         return rows
 
     calibration, eval_rows = convert(free_calibration), convert(free_eval)
-    return Suite("capitals_mc", calibration, eval_rows,
-                 {"package": "countryinfo", "version": version, "licence": "MIT",
-                  "entries": len(calibration) + len(eval_rows),
-                  "derived_from": "capitals (same countries, same split)"})
+    return Suite(
+        "capitals_mc",
+        calibration,
+        eval_rows,
+        {
+            "package": "countryinfo",
+            "version": version,
+            "licence": "MIT",
+            "entries": len(calibration) + len(eval_rows),
+            "derived_from": "capitals (same countries, same split)",
+        },
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # arithmetic
 # --------------------------------------------------------------------------------------------
 
-NAMES = ["Anna", "Ben", "Carlos", "Dina", "Emil", "Fatima", "Grace", "Hiro", "Ivan", "Jade",
-         "Kofi", "Lena", "Maya", "Noah", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tara"]
-ITEMS = ["apples", "books", "marbles", "pencils", "stickers", "cookies", "coins", "cards",
-         "shells", "stamps", "balloons", "oranges"]
+NAMES = [
+    "Anna",
+    "Ben",
+    "Carlos",
+    "Dina",
+    "Emil",
+    "Fatima",
+    "Grace",
+    "Hiro",
+    "Ivan",
+    "Jade",
+    "Kofi",
+    "Lena",
+    "Maya",
+    "Noah",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+]
+ITEMS = [
+    "apples",
+    "books",
+    "marbles",
+    "pencils",
+    "stickers",
+    "cookies",
+    "coins",
+    "cards",
+    "shells",
+    "stamps",
+    "balloons",
+    "oranges",
+]
 
 
 @dataclass(frozen=True)
@@ -339,16 +381,24 @@ def _arithmetic_split(seed: int, n_total: int) -> tuple[list[Row], list[Row], di
     question. `arithmetic_mc` asks the same problems in the same split."""
     problems = _arith_problems(seed, n_total)
     rows = [_row(p.question, [str(p.answer)]) for p in problems]
-    calibration, eval_rows = _split(rows, seed=seed + 1, n_eval=n_total - CALIBRATION_SIZE,
-                                    n_calibration=CALIBRATION_SIZE)
+    calibration, eval_rows = _split(
+        rows, seed=seed + 1, n_eval=n_total - CALIBRATION_SIZE, n_calibration=CALIBRATION_SIZE
+    )
     return calibration, eval_rows, {p.question: p for p in problems}
 
 
 def build_arithmetic(seed: int = SEED, n_total: int = EVAL_SIZE + CALIBRATION_SIZE) -> Suite:
     calibration, eval_rows, _ = _arithmetic_split(seed, n_total)
-    return Suite("arithmetic", calibration, eval_rows,
-                 {"generator": "bench/build_tasks.py (seeded templates; answers computed by Python)",
-                  "licence": "generated", "seed": seed})
+    return Suite(
+        "arithmetic",
+        calibration,
+        eval_rows,
+        {
+            "generator": "bench/build_tasks.py (seeded templates; answers computed by Python)",
+            "licence": "generated",
+            "seed": seed,
+        },
+    )
 
 
 def arith_distractors(p: _ArithProblem) -> list[int]:
@@ -375,11 +425,17 @@ def build_arithmetic_mc(seed: int = SEED, n_total: int = EVAL_SIZE + CALIBRATION
             rows.append(_mc_row(p.question, str(p.answer), distractors, position))
         return rows
 
-    return Suite("arithmetic_mc", convert(free_calibration), convert(free_eval),
-                 {"generator": "bench/build_tasks.py (arithmetic's problems; answers and "
-                               "distractors computed by Python)",
-                  "licence": "generated", "seed": seed,
-                  "derived_from": "arithmetic (same problems, same split)"})
+    return Suite(
+        "arithmetic_mc",
+        convert(free_calibration),
+        convert(free_eval),
+        {
+            "generator": "bench/build_tasks.py (arithmetic's problems; answers and distractors computed by Python)",
+            "licence": "generated",
+            "seed": seed,
+            "derived_from": "arithmetic (same problems, same split)",
+        },
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,11 +447,48 @@ def build_arithmetic_mc(seed: int = SEED, n_total: int = EVAL_SIZE + CALIBRATION
 #: value." (which it answered with a guessed number) or a REPL/"compute" framing.
 PYTHON_PROMPT = "What does the Python expression `{expr}` evaluate to?"
 
-WORDS = ["cat", "dog", "hello", "python", "river", "apple", "green", "moon", "table", "code",
-         "sun", "tree", "house", "water", "light", "bird", "stone", "music", "paper", "cloud",
-         "banana", "garden", "window", "letter", "coffee", "bottle", "pepper", "yellow", "rabbit",
-         "summer", "button", "butter", "kitten", "mirror", "puzzle", "ribbon", "school", "tomato",
-         "planet", "sky"]
+WORDS = [
+    "cat",
+    "dog",
+    "hello",
+    "python",
+    "river",
+    "apple",
+    "green",
+    "moon",
+    "table",
+    "code",
+    "sun",
+    "tree",
+    "house",
+    "water",
+    "light",
+    "bird",
+    "stone",
+    "music",
+    "paper",
+    "cloud",
+    "banana",
+    "garden",
+    "window",
+    "letter",
+    "coffee",
+    "bottle",
+    "pepper",
+    "yellow",
+    "rabbit",
+    "summer",
+    "button",
+    "butter",
+    "kitten",
+    "mirror",
+    "puzzle",
+    "ribbon",
+    "school",
+    "tomato",
+    "planet",
+    "sky",
+]
 
 #: Expression kinds, drawn uniformly. The mix spans kinds SmolLM2-135M mostly gets right (small
 #: +, *, squares) to kinds it rarely does (%, len, sum). Kinds whose answer is a literal of the
@@ -433,8 +526,17 @@ def _py_expr(rng: random.Random, kind: str) -> str:
     raise ValueError(kind)
 
 
-_SAFE_BUILTINS = {"len": len, "max": max, "min": min, "sorted": sorted, "sum": sum, "abs": abs,
-                  "int": int, "str": str, "range": range}
+_SAFE_BUILTINS = {
+    "len": len,
+    "max": max,
+    "min": min,
+    "sorted": sorted,
+    "sum": sum,
+    "abs": abs,
+    "int": int,
+    "str": str,
+    "range": range,
+}
 
 
 def python_value(expr: str) -> Any:
@@ -472,12 +574,19 @@ def build_python_eval(seed: int = SEED, n_total: int = EVAL_SIZE + CALIBRATION_S
         if _echo_scores(row):
             continue
         rows.append(row)
-    calibration, eval_rows = _split(rows, seed=seed + 3, n_eval=n_total - CALIBRATION_SIZE,
-                                    n_calibration=CALIBRATION_SIZE)
-    return Suite("python_eval", calibration, eval_rows,
-                 {"generator": "bench/build_tasks.py (seeded expression templates; answers from "
-                               "evaluating them with Python)",
-                  "licence": "generated", "seed": seed})
+    calibration, eval_rows = _split(
+        rows, seed=seed + 3, n_eval=n_total - CALIBRATION_SIZE, n_calibration=CALIBRATION_SIZE
+    )
+    return Suite(
+        "python_eval",
+        calibration,
+        eval_rows,
+        {
+            "generator": "bench/build_tasks.py (seeded expression templates; answers from evaluating them with Python)",
+            "licence": "generated",
+            "seed": seed,
+        },
+    )
 
 
 # --------------------------------------------------------------------------------------------

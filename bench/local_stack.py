@@ -9,9 +9,9 @@ import secrets
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 PG_ADMIN_DSN = os.environ.get("TAQ_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
 PG_URL = os.environ.get("TAQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/{db}")

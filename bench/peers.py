@@ -48,8 +48,11 @@ class UniformConfig:
 def config_for_budget(avg_bits: float) -> UniformConfig | None:
     """The smallest group (most scale/zero bits) of 4-bit codes whose effective bits fit
     `avg_bits`, i.e. the uniform config that spends the budget; None when even group 128 does not."""
-    fitting = [UniformConfig(PEER_BITS, g) for g in GROUP_SIZES
-               if UniformConfig(PEER_BITS, g).effective_bits <= avg_bits + 1e-9]
+    fitting = [
+        UniformConfig(PEER_BITS, g)
+        for g in GROUP_SIZES
+        if UniformConfig(PEER_BITS, g).effective_bits <= avg_bits + 1e-9
+    ]
     return max(fitting, key=lambda c: c.effective_bits) if fitting else None
 
 
@@ -67,10 +70,17 @@ def hqq_dequantized(weight: torch.Tensor, config: UniformConfig) -> torch.Tensor
     padded = -(-in_features // group) * group
     if padded != in_features:
         extra = padded - in_features
-        w = torch.cat([w, w[:, in_features - extra:]], dim=1)
-    codes, meta = Quantizer.quantize(w, nbits=config.bits, channel_wise=True, group_size=group,
-                                     optimize=True, axis=1, compute_dtype=torch.float32,
-                                     device=str(w.device))
+        w = torch.cat([w, w[:, in_features - extra :]], dim=1)
+    codes, meta = Quantizer.quantize(
+        w,
+        nbits=config.bits,
+        channel_wise=True,
+        group_size=group,
+        optimize=True,
+        axis=1,
+        compute_dtype=torch.float32,
+        device=str(w.device),
+    )
     return Quantizer.dequantize(codes, meta).reshape(out_features, padded)[:, :in_features].float()
 
 

@@ -23,16 +23,22 @@ def _ci(value: dict | None, digits: int = 3) -> str:
 
 
 def variant_table(rows: list[dict]) -> str:
-    lines = ["| suite | variant | kind | budget | effective bits | gold NLL ↓ [95% CI] | Δ NLL vs FP | "
-             "contains ↑ [95% CI] | retained vs FP | EM | KL vs FP (answer positions) | top-1 vs FP |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| suite | variant | kind | budget | effective bits | gold NLL ↓ [95% CI] | Δ NLL vs FP | "
+        "contains ↑ [95% CI] | retained vs FP | EM | KL vs FP (answer positions) | top-1 vs FP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        bits = (f"{r['effective_bits']:.3f}" if r["kind"] != "full precision"
-                else f"{r['effective_bits']:.3f} ({r['source']})")
+        bits = (
+            f"{r['effective_bits']:.3f}"
+            if r["kind"] != "full precision"
+            else f"{r['effective_bits']:.3f} ({r['source']})"
+        )
         lines.append(
             f"| {r['suite']} | {r['label']} | {r['kind']} | {r['budget'] if r['budget'] is not None else '—'} | "
             f"{bits} | {_ci(r['gold_nll'])} | {_ci(r.get('delta_nll'))} | {_ci(r['contains'])} | "
-            f"{_ci(r.get('retained'), 2)} | {r['exact_match']['mean']:.3f} | {r['mean_kl']:.4f} | {r['top1']:.3f} |")
+            f"{_ci(r.get('retained'), 2)} | {r['exact_match']['mean']:.3f} | {r['mean_kl']:.4f} | {r['top1']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -47,21 +53,32 @@ def comparisons(rows: list[dict], seed: int = 0) -> list[dict]:
             if c["suite"] != r["suite"] or c["kind"] != "control" or c["budget"] != r["budget"]:
                 continue
             for metric in METRICS:
-                cmp = compare(r["label"], c["label"], metric, r["items"][metric], c["items"][metric],
-                              variant_bits=r["effective_bits"], baseline_bits=c["effective_bits"], seed=seed)
+                cmp = compare(
+                    r["label"],
+                    c["label"],
+                    metric,
+                    r["items"][metric],
+                    c["items"][metric],
+                    variant_bits=r["effective_bits"],
+                    baseline_bits=c["effective_bits"],
+                    seed=seed,
+                )
                 out.append({"suite": r["suite"], "budget": r["budget"], **cmp.to_dict()})
     return out
 
 
 def comparison_table(compared: list[dict]) -> str:
-    lines = ["| suite | budget | method (bits) | control (bits) | metric | method − control [95% CI] | verdict |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| suite | budget | method (bits) | control (bits) | metric | method − control [95% CI] | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in compared:
         better = "lower" if c["lower_is_better"] else "higher"
         lines.append(
             f"| {c['suite']} | {c['budget']} | {c['variant']} ({c['variant_effective_bits']:.3f}) | "
             f"{c['baseline']} ({c['baseline_effective_bits']:.3f}) | {c['metric']} ({better} is better) | "
-            f"{_ci(c['difference'], 4)} | {c['verdict']} |")
+            f"{_ci(c['difference'], 4)} | {c['verdict']} |"
+        )
     return "\n".join(lines)
 
 
@@ -70,8 +87,9 @@ def verdict_summary(compared: list[dict]) -> str:
     lines = []
     for metric in METRICS:
         mine = [c for c in compared if c["metric"] == metric]
-        counts = {v: sum(c["verdict"] == v for c in mine)
-                  for v in ("beats", "beats_with_more_bits", "no_difference", "loses")}
+        counts = {
+            v: sum(c["verdict"] == v for c in mine) for v in ("beats", "beats_with_more_bits", "no_difference", "loses")
+        }
         lines.append(f"- {metric}: {len(mine)} comparisons — " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return "\n".join(lines)
 
@@ -92,8 +110,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             if r["kind"] == "full precision":
                 ax.axhline(nll["mean"], color="black", lw=0.8, ls=":", label=f"full precision ({r['source']})")
                 continue
-            ax.errorbar([r["effective_bits"]], [nll["mean"]], yerr=[[nll["mean"] - nll["low"]], [nll["high"] - nll["mean"]]],
-                        marker=markers.get(r["kind"], "x"), ls="none", capsize=3, label=r["label"])
+            ax.errorbar(
+                [r["effective_bits"]],
+                [nll["mean"]],
+                yerr=[[nll["mean"] - nll["low"]], [nll["high"] - nll["mean"]]],
+                marker=markers.get(r["kind"], "x"),
+                ls="none",
+                capsize=3,
+                label=r["label"],
+            )
         ax.set_title(suite)
         ax.set_xlabel("effective bits (codes + scale/zero per group, padded groups counted)")
         ax.set_ylabel("gold-answer NLL, nats per token (lower is better)")

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import nullcontext
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +26,9 @@ sys.path.insert(0, str(ROOT))
 CALIBRATION = ROOT / "bench" / "tasks" / "capitals" / "calibration.jsonl"
 
 
-def baseline(model_root: Path, model_id: str, rows: int, max_tokens: int, quantizer: str,
-             bits: int = 4, group_size: int = 128) -> dict:
+def baseline(
+    model_root: Path, model_id: str, rows: int, max_tokens: int, quantizer: str, bits: int = 4, group_size: int = 128
+) -> dict:
     import torch
 
     from core.calibration import default_batch_tokens, make_batches, pad_token_id
@@ -42,10 +43,15 @@ def baseline(model_root: Path, model_id: str, rows: int, max_tokens: int, quanti
 
     t0 = time.perf_counter()
     model = open_streamed(resolve_model(model_id, [model_root], {}))
-    calibration = [CalibrationRow.model_validate_json(line)
-                   for line in CALIBRATION.read_text().splitlines() if line.strip()][:rows]
-    batches = make_batches(tokenize_rows(calibration, model.tokenizer, max_tokens), pad_token_id(model.tokenizer),
-                           model.device, max_batch_tokens=default_batch_tokens(model.device))
+    calibration = [
+        CalibrationRow.model_validate_json(line) for line in CALIBRATION.read_text().splitlines() if line.strip()
+    ][:rows]
+    batches = make_batches(
+        tokenize_rows(calibration, model.tokenizer, max_tokens),
+        pad_token_id(model.tokenizer),
+        model.device,
+        max_batch_tokens=default_batch_tokens(model.device),
+    )
     n_tokens = sum(b.n_tokens for b in batches)
     opened = time.perf_counter()
     captured = capture_inputs(model, batches)
@@ -69,8 +75,14 @@ def baseline(model_root: Path, model_id: str, rows: int, max_tokens: int, quanti
                         dtype = torch.float64 if width <= FLOAT64_FACTOR_MAX_FEATURES else torch.float32
                         # in place from a fresh H, as the job's layer pass does (core.quant.layer)
                         upper = inverse_hessian_factor(lambda _lead=lead: inputs.hessian(_lead), dtype=dtype)
-                        gptq_quantize_weights({n: ref.linears[n].weight.detach() for n in names}, None, bits,
-                                              group_size, False, upper=upper)
+                        gptq_quantize_weights(
+                            {n: ref.linears[n].weight.detach() for n in names},
+                            None,
+                            bits,
+                            group_size,
+                            False,
+                            upper=upper,
+                        )
                     inputs.clear()
                 else:
                     for linear in ref.linears.values():
@@ -78,11 +90,20 @@ def baseline(model_root: Path, model_id: str, rows: int, max_tokens: int, quanti
             quantize_s += time.perf_counter() - t
     total = time.perf_counter() - t0
     model.close()
-    return {"model": model_id, "rows": rows, "max_tokens": max_tokens, "quantizer": quantizer, "bits": bits,
-            "tokens": n_tokens, "total_s": round(total, 2), "open_s": round(opened - t0, 2),
-            "forward_s": round(forward_s, 2), "quantize_s": round(quantize_s, 2),
-            "read_and_rest_s": round(total - (opened - t0) - forward_s - quantize_s, 2),
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "model": model_id,
+        "rows": rows,
+        "max_tokens": max_tokens,
+        "quantizer": quantizer,
+        "bits": bits,
+        "tokens": n_tokens,
+        "total_s": round(total, 2),
+        "open_s": round(opened - t0, 2),
+        "forward_s": round(forward_s, 2),
+        "quantize_s": round(quantize_s, 2),
+        "read_and_rest_s": round(total - (opened - t0) - forward_s - quantize_s, 2),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

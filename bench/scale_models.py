@@ -71,12 +71,17 @@ def tensor_specs(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
     specs = [("model.embed_tokens.weight", (shape.vocab, h))]
     for i in range(shape.layers):
         p = f"model.layers.{i}."
-        specs += [(p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                  (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q)),
-                  (p + "mlp.gate_proj.weight", (shape.intermediate, h)),
-                  (p + "mlp.up_proj.weight", (shape.intermediate, h)),
-                  (p + "mlp.down_proj.weight", (h, shape.intermediate)),
-                  (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+        specs += [
+            (p + "self_attn.q_proj.weight", (q, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, q)),
+            (p + "mlp.gate_proj.weight", (shape.intermediate, h)),
+            (p + "mlp.up_proj.weight", (shape.intermediate, h)),
+            (p + "mlp.down_proj.weight", (h, shape.intermediate)),
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+        ]
     specs.append(("model.norm.weight", (h,)))
     if not shape.tied:
         specs.append(("lm_head.weight", (shape.vocab, h)))
@@ -100,8 +105,10 @@ def shard_name(i: int, n: int) -> str:
 
 
 def _header(specs, indices, tag: str) -> bytes:
-    return header_bytes([TensorSpec(specs[k][0], torch.bfloat16, tuple(specs[k][1])) for k in indices],
-                        {"format": "pt", "generator": tag})
+    return header_bytes(
+        [TensorSpec(specs[k][0], torch.bfloat16, tuple(specs[k][1])) for k in indices],
+        {"format": "pt", "generator": tag},
+    )
 
 
 def generator_tag(seed: int) -> str:
@@ -115,11 +122,18 @@ def plan(shape: Shape, *, seed: int = 0, max_shard_bytes: int = DEFAULT_MAX_SHAR
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
     tag = generator_tag(seed)
     return {
-        "specs": specs, "shards": shards, "names": names, "tag": tag,
-        "index": {"metadata": {"total_size": sum(_nbytes(d) for _, d in specs)},
-                  "weight_map": {specs[k][0]: names[i] for i, ks in enumerate(shards) for k in ks}},
-        "file_sizes": {names[i]: len(_header(specs, ks, tag)) + sum(_nbytes(specs[k][1]) for k in ks)
-                       for i, ks in enumerate(shards)},
+        "specs": specs,
+        "shards": shards,
+        "names": names,
+        "tag": tag,
+        "index": {
+            "metadata": {"total_size": sum(_nbytes(d) for _, d in specs)},
+            "weight_map": {specs[k][0]: names[i] for i, ks in enumerate(shards) for k in ks},
+        },
+        "file_sizes": {
+            names[i]: len(_header(specs, ks, tag)) + sum(_nbytes(specs[k][1]) for k in ks)
+            for i, ks in enumerate(shards)
+        },
         "parameters": sum(_nbytes(d) // 2 for _, d in specs),
     }
 
@@ -168,31 +182,62 @@ def save_smollm2_tokenizer(out: Path) -> Path:
 def write_config(shape: Shape, directory: Path, tokenizer) -> None:
     from transformers import GenerationConfig, LlamaConfig
 
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    }
     config = LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        head_dim=shape.head_dim, max_position_embeddings=shape.max_positions, rms_norm_eps=1e-5,
-        rope_theta=shape.rope_theta, rope_scaling=None, tie_word_embeddings=shape.tied,
-        attention_bias=False, mlp_bias=False, hidden_act="silu", dtype="bfloat16", **ids)
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        max_position_embeddings=shape.max_positions,
+        rms_norm_eps=1e-5,
+        rope_theta=shape.rope_theta,
+        rope_scaling=None,
+        tie_word_embeddings=shape.tied,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        dtype="bfloat16",
+        **ids,
+    )
     config.save_pretrained(directory)
     GenerationConfig(**ids).save_pretrained(directory)
 
 
-def write_checkpoint(shape_key: str, out_root: Path, *, seed: int = 0,
-                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer_dir: Path | None = None,
-                     log=print) -> dict:
+def write_checkpoint(
+    shape_key: str,
+    out_root: Path,
+    *,
+    seed: int = 0,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer_dir: Path | None = None,
+    log=print,
+) -> dict:
     """Write (or find complete) ``out_root/<name>/``. Returns a summary dict."""
     shape = SHAPES[shape_key]
     directory = Path(out_root) / shape.name
     p = plan(shape, seed=seed, max_shard_bytes=max_shard_bytes)
-    summary = {"shape": shape_key, "name": shape.name, "path": str(directory.resolve()),
-               "parameters": p["parameters"], "num_shards": len(p["names"]),
-               "size_bytes": sum(p["file_sizes"].values()), "seed": seed, "max_shard_bytes": max_shard_bytes}
+    summary = {
+        "shape": shape_key,
+        "name": shape.name,
+        "path": str(directory.resolve()),
+        "parameters": p["parameters"],
+        "num_shards": len(p["names"]),
+        "size_bytes": sum(p["file_sizes"].values()),
+        "seed": seed,
+        "max_shard_bytes": max_shard_bytes,
+    }
     if is_complete(directory, p):
-        log(f"{directory}: exists and its index matches ({len(p['names'])} shards, "
-            f"{summary['size_bytes'] / 2**30:.2f} GiB); not writing")
+        log(
+            f"{directory}: exists and its index matches ({len(p['names'])} shards, "
+            f"{summary['size_bytes'] / 2**30:.2f} GiB); not writing"
+        )
         return {**summary, "written": False, "write_s": 0.0}
     t0 = time.monotonic()
     directory.mkdir(parents=True, exist_ok=True)
@@ -217,8 +262,7 @@ def write_checkpoint(shape_key: str, out_root: Path, *, seed: int = 0,
                 generator = torch.Generator().manual_seed(seed * 1_000_000 + k)
                 _write_tensor(fh, dims, generator, name.endswith("norm.weight"))
         os.replace(partial, final)
-        log(f"  {final.name}: {final.stat().st_size / 2**30:.2f} GiB "
-            f"({time.monotonic() - t0:.0f} s since start)")
+        log(f"  {final.name}: {final.stat().st_size / 2**30:.2f} GiB ({time.monotonic() - t0:.0f} s since start)")
     tmp = directory / (INDEX + ".tmp")
     tmp.write_text(json.dumps(p["index"], indent=2) + "\n")
     os.replace(tmp, directory / INDEX)
@@ -227,8 +271,9 @@ def write_checkpoint(shape_key: str, out_root: Path, *, seed: int = 0,
     return {**summary, "written": True, "write_s": write_s}
 
 
-def verify_headers(directory: Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                   shape_key: str | None = None) -> dict:
+def verify_headers(
+    directory: Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, shape_key: str | None = None
+) -> dict:
     """Check the index and every shard's header against the shape (safe_open metadata; no tensor is
     read). Returns {"ok", "problems", "tensors"}."""
     from safetensors import safe_open
@@ -325,9 +370,15 @@ class RssSampler(threading.Thread):
         st = proc_status(pid) if pid else None
         with self.lock:
             self.active, self.series = True, []
-            self.stats = {"worker_pids": [pid] if pid else [], "hwm_reset": reset, "interval_s": self.interval,
-                          "samples": 0, "baseline_rss_bytes": st["VmRSS"] if st else None,
-                          "peak_rss_bytes": 0, "peak_rss_anon_bytes": 0}
+            self.stats = {
+                "worker_pids": [pid] if pid else [],
+                "hwm_reset": reset,
+                "interval_s": self.interval,
+                "samples": 0,
+                "baseline_rss_bytes": st["VmRSS"] if st else None,
+                "peak_rss_bytes": 0,
+                "peak_rss_anon_bytes": 0,
+            }
 
     def end_job(self) -> tuple[dict, list[tuple[float, int]]]:
         self.sample()

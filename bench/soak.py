@@ -30,8 +30,15 @@ sys.path.insert(0, str(ROOT))
 from bench.local_stack import PG_ADMIN_DSN, free_port, stop_all, temporary_database, write_summary  # noqa: E402
 
 REDIS = os.environ.get("TAQ_TEST_REDIS", "redis://127.0.0.1:6379")
-SPEC = {"model": "tiny-llama", "method": "uniform", "bit_budget": {"avg_bits": 6.0}, "bit_choices": [4, 8],
-        "group_size": 32, "exports": ["hf"], "max_tokens": 32}
+SPEC = {
+    "model": "tiny-llama",
+    "method": "uniform",
+    "bit_budget": {"avg_bits": 6.0},
+    "bit_choices": [4, 8],
+    "group_size": 32,
+    "exports": ["hf"],
+    "max_tokens": 32,
+}
 
 
 def tiny_model(root: Path) -> None:
@@ -42,9 +49,17 @@ def tiny_model(root: Path) -> None:
 
     gguf = require_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     out = root / "tiny-llama"
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
@@ -63,8 +78,10 @@ class Traffic:
         with self.lock:
             self.statuses[response.status_code] += 1
             if response.status_code >= 500:
-                self.errors.append(f"{response.request.method} {response.request.url.path}: "
-                                   f"{response.status_code} {response.text[:200]}")
+                self.errors.append(
+                    f"{response.request.method} {response.request.url.path}: "
+                    f"{response.status_code} {response.text[:200]}"
+                )
         return response
 
     def tenant(self, key: str, seed: int) -> None:
@@ -92,8 +109,9 @@ class Traffic:
                     elif action < 0.7:
                         self.record(client.get("/v1/jobs", params={"limit": 5}))
                     elif action < 0.85:
-                        with client.stream("GET", f"/v1/jobs/{job_id}/events",
-                                           headers={"Accept": "text/event-stream"}) as stream:
+                        with client.stream(
+                            "GET", f"/v1/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}
+                        ) as stream:
                             self.record(stream)
                             started = time.monotonic()
                             for _ in stream.iter_lines():  # follow a while, then hang up
@@ -144,15 +162,22 @@ def _run(args, work: Path, db: str, url: str, broker_url: str, procs: list[subpr
     with session_scope(settings) as session:
         keys = [create_key(session, f"tenant-{i}").key for i in range(3)]
     port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TAQ_")}, "TAQ_DATA_DIR": str(work),
-           "TAQ_DATABASE_URL": url, "TAQ_BROKER_URL": broker_url,
-           "TAQ_MODEL_ROOTS": str(work / "models"), "OMP_NUM_THREADS": "1", "TAQ_LOG_LEVEL": "WARNING"}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TAQ_")},
+        "TAQ_DATA_DIR": str(work),
+        "TAQ_DATABASE_URL": url,
+        "TAQ_BROKER_URL": broker_url,
+        "TAQ_MODEL_ROOTS": str(work / "models"),
+        "OMP_NUM_THREADS": "1",
+        "TAQ_LOG_LEVEL": "WARNING",
+    }
     taq = str(Path(sys.executable).with_name("taq"))
-    for name, cmd in (("api", [taq, "api", "--port", str(port), "--skip-migrate"]),
-                      ("worker", [taq, "worker", "--skip-migrate"])):
+    for name, cmd in (
+        ("api", [taq, "api", "--port", str(port), "--skip-migrate"]),
+        ("worker", [taq, "worker", "--skip-migrate"]),
+    ):
         with open(work / f"{name}.log", "wb") as log:
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     base = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
@@ -182,14 +207,27 @@ def _run(args, work: Path, db: str, url: str, broker_url: str, procs: list[subpr
                     finished[job_id] = job["status"]
         time.sleep(2)
     outcome = collections.Counter(finished.values())
-    write_summary({"minutes": args.minutes, "requests": sum(traffic.statuses.values()),
-                   "statuses": dict(sorted(traffic.statuses.items())),
-                   "server_errors": sum(n for code, n in traffic.statuses.items() if code >= 500),
-                   "client_errors_sample": traffic.errors[:5], "jobs_submitted": len(traffic.jobs),
-                   "jobs_finished": dict(outcome), "jobs_unfinished": len(traffic.jobs) - len(finished),
-                   "db_connections": {"first": connections[:1], "max": max(connections, default=0),
-                                      "last": connections[-1:], "samples": connections},
-                   "command": " ".join(["python"] + sys.argv)}, args.json)
+    write_summary(
+        {
+            "minutes": args.minutes,
+            "requests": sum(traffic.statuses.values()),
+            "statuses": dict(sorted(traffic.statuses.items())),
+            "server_errors": sum(n for code, n in traffic.statuses.items() if code >= 500),
+            "client_errors_sample": traffic.errors[:5],
+            "jobs_submitted": len(traffic.jobs),
+            "jobs_finished": dict(outcome),
+            "jobs_unfinished": len(traffic.jobs) - len(finished),
+            "db_connections": {
+                "first": connections[:1],
+                "max": max(connections, default=0),
+                "last": connections[-1:],
+                "samples": connections,
+            },
+            "command": " ".join(["python"] + sys.argv),
+        },
+        args.json,
+    )
+
 
 if __name__ == "__main__":
     main()

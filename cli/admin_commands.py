@@ -34,8 +34,10 @@ def migrate_cmd(revision: Annotated[str, typer.Argument()] = "head") -> None:
 
 
 @admin.command("create-key")
-def create_key_cmd(tenant: Annotated[str, typer.Option(help="tenant that owns the key")],
-                   name: Annotated[str | None, typer.Option(help="label")] = None) -> None:
+def create_key_cmd(
+    tenant: Annotated[str, typer.Option(help="tenant that owns the key")],
+    name: Annotated[str | None, typer.Option(help="label")] = None,
+) -> None:
     """Create an API key; it is printed once and stored only as a hash."""
     from common.auth import create_key
     from common.db import migrate, session_scope

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(name="taq", help="TAQ Service: task-aware quantization of LLMs.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    name="taq",
+    help="TAQ Service: task-aware quantization of LLMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 admin = typer.Typer(help="Operator commands (database, API keys, maintenance).", no_args_is_help=True)
 app.add_typer(admin, name="admin")

@@ -19,7 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
@@ -28,23 +28,26 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from cli.app import app
 
-(EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_CONNECTION, EXIT_TIMEOUT, EXIT_CHECKSUM,
- EXIT_AUTH) = range(8)
+(EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_CONNECTION, EXIT_TIMEOUT, EXIT_CHECKSUM, EXIT_AUTH) = range(8)
 FINISHED = ("succeeded", "failed", "cancelled")
 DEFAULT_URL = "http://127.0.0.1:8000"
 
-EXIT_CODES_HELP = ("Client exit codes: 0 ok, 1 job failed/cancelled, 2 usage error, 3 server error response "
-                   "(printed as error.code: message), 4 connection error, 5 timeout, 6 checksum mismatch, "
-                   "7 authentication refused (401/403: no, wrong or revoked API key). "
-                   "Client commands use --url / TAQ_URL and --api-key / TAQ_API_KEY.")
+EXIT_CODES_HELP = (
+    "Client exit codes: 0 ok, 1 job failed/cancelled, 2 usage error, 3 server error response "
+    "(printed as error.code: message), 4 connection error, 5 timeout, 6 checksum mismatch, "
+    "7 authentication refused (401/403: no, wrong or revoked API key). "
+    "Client commands use --url / TAQ_URL and --api-key / TAQ_API_KEY."
+)
 app.info.epilog = EXIT_CODES_HELP
 
 out = Console()
 err = Console(stderr=True)
 
 Url = Annotated[str, typer.Option("--url", envvar="TAQ_URL", help="service base URL")]
-ApiKey = Annotated[Optional[str], typer.Option("--api-key", envvar="TAQ_API_KEY", show_default=False,
-                                               help="API key (sent as Authorization: Bearer)")]
+ApiKey = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="TAQ_API_KEY", show_default=False, help="API key (sent as Authorization: Bearer)"),
+]
 JsonOut = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
@@ -150,8 +153,16 @@ def upload_file(client: Client, path: Path) -> dict:
 def wait_job(client: Client, job_id: str, timeout: float | None, interval: float, show: bool) -> dict:
     deadline = None if timeout is None else time.monotonic() + timeout
     job = client.json("GET", f"/v1/jobs/{job_id}")
-    progress = Progress(TextColumn("[bold]{task.fields[job]}"), TextColumn("{task.description}"), BarColumn(),
-                        TaskProgressColumn(), TimeElapsedColumn(), console=err, disable=not show, transient=False)
+    progress = Progress(
+        TextColumn("[bold]{task.fields[job]}"),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not show,
+        transient=False,
+    )
     with progress:
         task = progress.add_task(job["status"], total=1.0, job=job_id)
         while True:

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import httpx
 import typer
@@ -20,35 +20,58 @@ from rich import box
 from rich.table import Column, Table
 
 from cli.app import app
-from cli.client import (DEFAULT_URL, EXIT_USAGE, FINISHED, ApiKey, Client, JsonOut, Url, err, fail, finish, out, print_json,
-                        read_json_file, upload_file, wait_job)
+from cli.client import (
+    DEFAULT_URL,
+    EXIT_USAGE,
+    FINISHED,
+    ApiKey,
+    Client,
+    JsonOut,
+    Url,
+    err,
+    fail,
+    finish,
+    out,
+    print_json,
+    read_json_file,
+    upload_file,
+    wait_job,
+)
+
 
 # ---- commands --------------------------------------------------------------------------------
 @app.command(rich_help_panel="Client")
 def submit(
-    model: Annotated[Optional[str], typer.Option(help="model id (see `taq models`)")] = None,
-    method: Annotated[Optional[str], typer.Option(help="taq | taqo | taq_kl | uniform")] = None,
-    calibration: Annotated[Optional[Path], typer.Option(help="calibration JSONL; uploaded first")] = None,
-    avg_bits: Annotated[Optional[list[float]], typer.Option(
-        "--avg-bits", help="bit budget; repeat for a budget sweep")] = None,
-    bit_choices: Annotated[Optional[str], typer.Option(help="comma-separated, e.g. 4,8,16")] = None,
-    group_size: Annotated[Optional[int], typer.Option()] = None,
-    symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", show_default=False)] = None,
-    allocation: Annotated[Optional[str], typer.Option(help="budget | paper | error_only | random")] = None,
-    allocation_unit: Annotated[Optional[str], typer.Option(help="layer | linear")] = None,
-    quantizer: Annotated[Optional[str], typer.Option(help="rtn | gptq (gptq needs calibration data)")] = None,
-    clip_search: Annotated[Optional[bool], typer.Option("--clip-search/--no-clip-search", show_default=False)] = None,
-    calibration_inputs: Annotated[Optional[str], typer.Option(
-        help="fp | quantized: calibrate each layer on full-precision or already-quantized inputs")] = None,
-    export: Annotated[Optional[list[str]], typer.Option("--export", help="hf | gguf; repeatable")] = None,
-    eval_file: Annotated[Optional[Path], typer.Option("--eval", help="eval JSONL; uploaded first")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    worker_class: Annotated[Optional[str], typer.Option(
-        "--worker-class", help="run on this worker class only (default: the smallest that holds the job)")] = None,
-    spec_file: Annotated[Optional[Path], typer.Option("--spec", help="a whole job spec (JSON); options override it")] = None,
-    idempotency_key: Annotated[Optional[str], typer.Option(help="Idempotency-Key header")] = None,
+    model: Annotated[str | None, typer.Option(help="model id (see `taq models`)")] = None,
+    method: Annotated[str | None, typer.Option(help="taq | taqo | taq_kl | uniform")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="calibration JSONL; uploaded first")] = None,
+    avg_bits: Annotated[
+        list[float] | None, typer.Option("--avg-bits", help="bit budget; repeat for a budget sweep")
+    ] = None,
+    bit_choices: Annotated[str | None, typer.Option(help="comma-separated, e.g. 4,8,16")] = None,
+    group_size: Annotated[int | None, typer.Option()] = None,
+    symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", show_default=False)] = None,
+    allocation: Annotated[str | None, typer.Option(help="budget | paper | error_only | random")] = None,
+    allocation_unit: Annotated[str | None, typer.Option(help="layer | linear")] = None,
+    quantizer: Annotated[str | None, typer.Option(help="rtn | gptq (gptq needs calibration data)")] = None,
+    clip_search: Annotated[bool | None, typer.Option("--clip-search/--no-clip-search", show_default=False)] = None,
+    calibration_inputs: Annotated[
+        str | None,
+        typer.Option(help="fp | quantized: calibrate each layer on full-precision or already-quantized inputs"),
+    ] = None,
+    export: Annotated[list[str] | None, typer.Option("--export", help="hf | gguf; repeatable")] = None,
+    eval_file: Annotated[Path | None, typer.Option("--eval", help="eval JSONL; uploaded first")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    worker_class: Annotated[
+        str | None,
+        typer.Option("--worker-class", help="run on this worker class only (default: the smallest that holds the job)"),
+    ] = None,
+    spec_file: Annotated[
+        Path | None, typer.Option("--spec", help="a whole job spec (JSON); options override it")
+    ] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="Idempotency-Key header")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow the job with a progress bar until it finishes")] = False,
-    timeout: Annotated[Optional[float], typer.Option(help="with --wait: give up after this many seconds")] = None,
+    timeout: Annotated[float | None, typer.Option(help="with --wait: give up after this many seconds")] = None,
     interval: Annotated[float, typer.Option(help="with --wait: poll interval (s)")] = 1.0,
     as_json: JsonOut = False,
     url: Url = DEFAULT_URL,
@@ -65,10 +88,19 @@ def submit(
             spec["bit_choices"] = [int(b) for b in bit_choices.replace(" ", "").split(",") if b]
         except ValueError:
             fail(EXIT_USAGE, f"--bit-choices must be comma-separated integers, got {bit_choices!r}")
-    for key, value in (("model", model), ("method", method), ("group_size", group_size), ("symmetric", symmetric),
-                       ("allocation", allocation), ("allocation_unit", allocation_unit), ("quantizer", quantizer),
-                       ("clip_search", clip_search), ("calibration_inputs", calibration_inputs), ("seed", seed),
-                       ("worker_class", worker_class)):
+    for key, value in (
+        ("model", model),
+        ("method", method),
+        ("group_size", group_size),
+        ("symmetric", symmetric),
+        ("allocation", allocation),
+        ("allocation_unit", allocation_unit),
+        ("quantizer", quantizer),
+        ("clip_search", clip_search),
+        ("calibration_inputs", calibration_inputs),
+        ("seed", seed),
+        ("worker_class", worker_class),
+    ):
         if value is not None:
             spec[key] = value
     if avg_bits:
@@ -76,7 +108,7 @@ def submit(
     if export:
         spec["exports"] = list(export)
     if not spec.get("model"):
-        fail(EXIT_USAGE, "a model is required: --model ID or a --spec file with \"model\"")
+        fail(EXIT_USAGE, 'a model is required: --model ID or a --spec file with "model"')
     client = Client(url, api_key)
     if calibration is not None:
         spec["calibration_dataset_id"] = upload_file(client, calibration)["id"]
@@ -97,19 +129,30 @@ def submit(
 
 
 @app.command(rich_help_panel="Client")
-def status(job_id: Annotated[str, typer.Argument(metavar="JOB")], as_json: JsonOut = False,
-           url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def status(
+    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    as_json: JsonOut = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """Show one job."""
     job = Client(url, api_key).json("GET", f"/v1/jobs/{job_id}")
     if as_json:
         return print_json(job)
     table = Table(show_header=False, box=None)
     spec = job.get("spec") or {}
-    rows = [("id", job["id"]), ("status", job["status"]), ("stage", job.get("stage") or "-"),
-            ("progress", f"{(job.get('progress') or 0) * 100:.0f}%"), ("model", spec.get("model")),
-            ("method", spec.get("method")), ("worker class", job.get("worker_class") or "-"),
-            ("created", job.get("created_at")),
-            ("started", job.get("started_at") or "-"), ("finished", job.get("finished_at") or "-")]
+    rows = [
+        ("id", job["id"]),
+        ("status", job["status"]),
+        ("stage", job.get("stage") or "-"),
+        ("progress", f"{(job.get('progress') or 0) * 100:.0f}%"),
+        ("model", spec.get("model")),
+        ("method", spec.get("method")),
+        ("worker class", job.get("worker_class") or "-"),
+        ("created", job.get("created_at")),
+        ("started", job.get("started_at") or "-"),
+        ("finished", job.get("finished_at") or "-"),
+    ]
     if job.get("error"):
         rows.append(("error", f"{job['error'].get('code')}: {job['error'].get('message')}"))
     for budget in (job.get("result") or {}).get("budgets") or []:
@@ -134,11 +177,16 @@ def _json_artifact(client: Client, job_id: str, name: str) -> Any:
 
 
 @app.command("list", rich_help_panel="Client")
-def list_cmd(status_filter: Annotated[Optional[list[str]], typer.Option(
-                 "--status", help="queued | running | succeeded | failed | cancelled; repeatable")] = None,
-             limit: Annotated[Optional[int], typer.Option(min=1)] = None,
-             cursor: Annotated[Optional[str], typer.Option(help="next_cursor of a previous page")] = None,
-             as_json: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def list_cmd(
+    status_filter: Annotated[
+        list[str] | None, typer.Option("--status", help="queued | running | succeeded | failed | cancelled; repeatable")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1)] = None,
+    cursor: Annotated[str | None, typer.Option(help="next_cursor of a previous page")] = None,
+    as_json: JsonOut = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """List jobs, newest first."""
     params: dict[str, Any] = {"status": status_filter or []}
     if limit is not None:
@@ -159,18 +207,26 @@ def list_cmd(status_filter: Annotated[Optional[list[str]], typer.Option(
 
 
 @app.command(rich_help_panel="Client")
-def wait(job_id: Annotated[str, typer.Argument(metavar="JOB")],
-         timeout: Annotated[Optional[float], typer.Option(help="give up after this many seconds (exit 5)")] = None,
-         interval: Annotated[float, typer.Option(help="poll interval (s)")] = 1.0,
-         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
-         as_json: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def wait(
+    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    timeout: Annotated[float | None, typer.Option(help="give up after this many seconds (exit 5)")] = None,
+    interval: Annotated[float, typer.Option(help="poll interval (s)")] = 1.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    as_json: JsonOut = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """Wait for a job to finish; exit 1 when it failed or was cancelled."""
     finish(wait_job(Client(url, api_key), job_id, timeout, interval, show=not quiet), as_json)
 
 
 @app.command(rich_help_panel="Client")
-def cancel(job_id: Annotated[str, typer.Argument(metavar="JOB")], as_json: JsonOut = False,
-           url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def cancel(
+    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    as_json: JsonOut = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """Cancel a job (a running one stops between layers)."""
     job = Client(url, api_key).json("POST", f"/v1/jobs/{job_id}/cancel")
     if as_json:
@@ -208,8 +264,9 @@ def _follow_sse(client: Client, job_id: str, as_json: bool, after: int = 0) -> b
         if last_id:
             headers["Last-Event-ID"] = str(last_id)
         try:
-            with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
-                               timeout=httpx.Timeout(60.0, read=120.0)) as response:
+            with client.stream(
+                "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(60.0, read=120.0)
+            ) as response:
                 if "text/event-stream" not in response.headers.get("content-type", ""):
                     return False
                 kind, data = "message", []
@@ -245,11 +302,15 @@ def _follow_poll(client: Client, job_id: str, as_json: bool, interval: float, af
 
 
 @app.command(rich_help_panel="Client")
-def events(job_id: Annotated[str, typer.Argument(metavar="JOB")],
-           follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the job finishes")] = False,
-           poll: Annotated[bool, typer.Option("--poll", help="with --follow: poll instead of server-sent events")] = False,
-           after: Annotated[int, typer.Option(min=0, help="only events after this id")] = 0,
-           as_json: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def events(
+    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the job finishes")] = False,
+    poll: Annotated[bool, typer.Option("--poll", help="with --follow: poll instead of server-sent events")] = False,
+    after: Annotated[int, typer.Option(min=0, help="only events after this id")] = 0,
+    as_json: JsonOut = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """Show a job's progress events (--json: a list; with --follow, one JSON object a line)."""
     client = Client(url, api_key)
     if follow:
@@ -263,11 +324,10 @@ def events(job_id: Annotated[str, typer.Argument(metavar="JOB")],
         _emit_event(event, False)
 
 
-
-
 @app.command(rich_help_panel="Client")
-def delete(job_id: Annotated[str, typer.Argument(metavar="JOB")],
-           url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def delete(
+    job_id: Annotated[str, typer.Argument(metavar="JOB")], url: Url = DEFAULT_URL, api_key: ApiKey = None
+) -> None:
     """Delete a finished job and its artifacts (a queued or running job: cancel it first)."""
     Client(url, api_key).request("DELETE", f"/v1/jobs/{job_id}")
     out.print(f"{job_id} deleted", highlight=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import httpx
 import typer
@@ -14,8 +14,20 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Column, Table
 
 from cli.app import app
-from cli.client import (DEFAULT_URL, EXIT_CHECKSUM, EXIT_SERVER, EXIT_USAGE, ApiKey, Client, JsonOut, Url, err, fail, out,
-                        print_json)
+from cli.client import (
+    DEFAULT_URL,
+    EXIT_CHECKSUM,
+    EXIT_SERVER,
+    EXIT_USAGE,
+    ApiKey,
+    Client,
+    JsonOut,
+    Url,
+    err,
+    fail,
+    out,
+    print_json,
+)
 
 datasets = typer.Typer(help="Uploaded calibration / eval datasets: list and delete.", no_args_is_help=True)
 app.add_typer(datasets, name="datasets", rich_help_panel="Client")
@@ -29,9 +41,13 @@ def _write_file(path: Path, data: bytes) -> None:
 
 
 @app.command(rich_help_panel="Client")
-def profile(job_id: Annotated[str, typer.Argument(metavar="JOB")],
-            png: Annotated[Optional[Path], typer.Option("--png", help="save the profile plot to this file")] = None,
-            as_json: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def profile(
+    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    png: Annotated[Path | None, typer.Option("--png", help="save the profile plot to this file")] = None,
+    as_json: JsonOut = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """Show a job's per-layer sensitivity profile and chosen bits."""
     client = Client(url, api_key)
     if png is not None:
@@ -67,10 +83,14 @@ def _sha256_file(path: Path) -> str:
 
 
 @app.command(rich_help_panel="Client")
-def download(job_id: Annotated[str, typer.Argument(metavar="JOB")],
-             name: Annotated[str, typer.Argument(help="artifact name (e.g. model.gguf, hf, hf/config.json)")],
-             output: Annotated[Optional[Path], typer.Option("-o", "--output", help="file to write")] = None,
-             as_json: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def download(
+    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    name: Annotated[str, typer.Argument(help="artifact name (e.g. model.gguf, hf, hf/config.json)")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="file to write")] = None,
+    as_json: JsonOut = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """Download an artifact, resuming a partial file (Range) and verifying its sha256 (exit 6 on mismatch)."""
     client = Client(url, api_key)
     listing = client.json("GET", f"/v1/jobs/{job_id}/artifacts")
@@ -88,12 +108,22 @@ def download(job_id: Annotated[str, typer.Argument(metavar="JOB")],
             if have == size:
                 have = 0
             headers = {"Range": f"bytes={have}-", "If-Range": f'"{sha}"'} if have else {}
-            with client.stream("GET", f"/v1/jobs/{job_id}/artifacts/{art_name}", headers=headers,
-                               timeout=httpx.Timeout(60.0, read=300.0)) as response:
+            with client.stream(
+                "GET",
+                f"/v1/jobs/{job_id}/artifacts/{art_name}",
+                headers=headers,
+                timeout=httpx.Timeout(60.0, read=300.0),
+            ) as response:
                 append = have > 0 and response.status_code == 206
                 resumed = have if append else 0
-                progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                                    TimeElapsedColumn(), console=err, disable=as_json)
+                progress = Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    TaskProgressColumn(),
+                    TimeElapsedColumn(),
+                    console=err,
+                    disable=as_json,
+                )
                 with progress, target.open("ab" if append else "wb") as fh:
                     task = progress.add_task(target.name, total=size, completed=resumed)
                     for chunk in response.iter_bytes(1 << 20):
@@ -109,10 +139,18 @@ def download(job_id: Annotated[str, typer.Argument(metavar="JOB")],
             target.unlink()
         except OSError:
             pass
-        fail(EXIT_CHECKSUM, f"checksum_mismatch: {target} has sha256 {actual}, the listing says {sha}; "
-                             "the file was removed, download it again")
-    info = {"name": art_name, "path": str(target), "size": target.stat().st_size, "sha256": actual,
-            "resumed_from": resumed}
+        fail(
+            EXIT_CHECKSUM,
+            f"checksum_mismatch: {target} has sha256 {actual}, the listing says {sha}; "
+            "the file was removed, download it again",
+        )
+    info = {
+        "name": art_name,
+        "path": str(target),
+        "size": target.stat().st_size,
+        "sha256": actual,
+        "resumed_from": resumed,
+    }
     if as_json:
         return print_json(info)
     note = f" (resumed at byte {resumed})" if resumed else ""
@@ -133,9 +171,13 @@ def models(as_json: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = N
 
 
 @datasets.command("list")
-def datasets_list(limit: Annotated[Optional[int], typer.Option(min=1)] = None,
-                  cursor: Annotated[Optional[str], typer.Option(help="next_cursor of a previous page")] = None,
-                  as_json: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def datasets_list(
+    limit: Annotated[int | None, typer.Option(min=1)] = None,
+    cursor: Annotated[str | None, typer.Option(help="next_cursor of a previous page")] = None,
+    as_json: JsonOut = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """List your datasets, newest first."""
     params: dict[str, Any] = {}
     if limit is not None:
@@ -145,19 +187,34 @@ def datasets_list(limit: Annotated[Optional[int], typer.Option(min=1)] = None,
     page = Client(url, api_key).json("GET", "/v1/datasets", params=params)
     if as_json:
         return print_json(page)
-    table = Table(Column("id", no_wrap=True), "rows", "answers", "bytes", "filename", "created",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(
+        Column("id", no_wrap=True),
+        "rows",
+        "answers",
+        "bytes",
+        "filename",
+        "created",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     for item in page["items"]:
-        table.add_row(item["id"], str(item["rows"]), "yes" if item.get("has_answers") else "no", str(item["size"]),
-                      str(item.get("filename") or "-"), str(item["created_at"]))
+        table.add_row(
+            item["id"],
+            str(item["rows"]),
+            "yes" if item.get("has_answers") else "no",
+            str(item["size"]),
+            str(item.get("filename") or "-"),
+            str(item["created_at"]),
+        )
     out.print(table)
     if page.get("next_cursor"):
         err.print(f"more: --cursor {page['next_cursor']}", highlight=False)
 
 
 @datasets.command("delete")
-def datasets_delete(dataset_id: Annotated[str, typer.Argument(metavar="DATASET")],
-                    url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def datasets_delete(
+    dataset_id: Annotated[str, typer.Argument(metavar="DATASET")], url: Url = DEFAULT_URL, api_key: ApiKey = None
+) -> None:
     """Delete a dataset (refused with 409 dataset_in_use while a queued or running job reads it)."""
     Client(url, api_key).request("DELETE", f"/v1/datasets/{dataset_id}")
     out.print(f"{dataset_id} deleted", highlight=False)

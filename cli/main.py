@@ -7,8 +7,7 @@ import importlib
 from cli.app import app
 
 # importing the command modules registers their commands on `app`
-for _module in ("cli.server_commands", "cli.admin_commands", "cli.client_commands",
-                "cli.data_commands"):
+for _module in ("cli.server_commands", "cli.admin_commands", "cli.client_commands", "cli.data_commands"):
     try:
         importlib.import_module(_module)
     except ModuleNotFoundError as exc:

@@ -53,8 +53,15 @@ def _uvicorn_config(settings, host: str, port: int):
 
     from api.main import create_app
 
-    return uvicorn.Config(create_app(settings), host=host, port=port, log_config=None, access_log=False,
-                          proxy_headers=True, timeout_graceful_shutdown=10)
+    return uvicorn.Config(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+        timeout_graceful_shutdown=10,
+    )
 
 
 class WorkerSupervisor:
@@ -109,8 +116,10 @@ class WorkerSupervisor:
 
 
 @app.command()
-def serve(host: Annotated[str, typer.Option(help="bind address; non-loopback needs API keys")] = "127.0.0.1",
-          port: Annotated[int, typer.Option(help="TCP port")] = 8000) -> None:
+def serve(
+    host: Annotated[str, typer.Option(help="bind address; non-loopback needs API keys")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+) -> None:
     """Run the API and one worker per worker class (embedded default: SQLite, file:// storage,
     filesystem broker; one class unless TAQ_WORKER_CLASSES declares more)."""
     import uvicorn
@@ -134,10 +143,12 @@ def serve(host: Annotated[str, typer.Option(help="bind address; non-loopback nee
 
 
 @app.command()
-def api(host: Annotated[str, typer.Option()] = "127.0.0.1",
-        port: Annotated[int, typer.Option()] = 8000,
-        workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
-        skip_migrate: Annotated[bool, typer.Option("--skip-migrate", help="do not run migrations")] = False) -> None:
+def api(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+    skip_migrate: Annotated[bool, typer.Option("--skip-migrate", help="do not run migrations")] = False,
+) -> None:
     """Run the HTTP API alone (production: next to `taq worker` processes)."""
     import uvicorn
 
@@ -146,8 +157,16 @@ def api(host: Annotated[str, typer.Option()] = "127.0.0.1",
     if workers == 1:
         uvicorn.Server(_uvicorn_config(settings, host, port)).run()
     else:
-        uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers,
-                    log_config=None, access_log=False, proxy_headers=True)
+        uvicorn.run(
+            "api.main:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_config=None,
+            access_log=False,
+            proxy_headers=True,
+        )
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -164,12 +183,17 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 @app.command()
-def worker(skip_migrate: Annotated[bool, typer.Option("--skip-migrate", help="do not run migrations")] = False,
-           worker_class: Annotated[str | None, typer.Option(
-               "--class", help="the worker class (TAQ_WORKER_CLASSES) to serve; needed when several are declared")
-           ] = None,
-           parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
-           loglevel: Annotated[str | None, typer.Option(help="overrides TAQ_LOG_LEVEL")] = None) -> None:
+def worker(
+    skip_migrate: Annotated[bool, typer.Option("--skip-migrate", help="do not run migrations")] = False,
+    worker_class: Annotated[
+        str | None,
+        typer.Option(
+            "--class", help="the worker class (TAQ_WORKER_CLASSES) to serve; needed when several are declared"
+        ),
+    ] = None,
+    parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
+    loglevel: Annotated[str | None, typer.Option(help="overrides TAQ_LOG_LEVEL")] = None,
+) -> None:
     """Run one Celery worker on its class's queue `quantize.<class>`: one job at a time, on the
     class's device (CUDA when available for the default class)."""
     import socket
@@ -189,8 +213,19 @@ def worker(skip_migrate: Annotated[bool, typer.Option("--skip-migrate", help="do
 
     tune_allocator()  # the jobs run in this process (--pool=solo)
 
-    celery_app.worker_main([
-        "worker", "--pool=solo", "--concurrency=1", "--prefetch-multiplier=1", "-Q", own_class.queue,
-        "--loglevel", (loglevel or settings.log_level).upper(), "--without-gossip", "--without-mingle",
-        "--hostname", f"taq@{socket.gethostname()}-{os.getpid()}",
-    ])
+    celery_app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            "--concurrency=1",
+            "--prefetch-multiplier=1",
+            "-Q",
+            own_class.queue,
+            "--loglevel",
+            (loglevel or settings.log_level).upper(),
+            "--without-gossip",
+            "--without-mingle",
+            "--hostname",
+            f"taq@{socket.gethostname()}-{os.getpid()}",
+        ]
+    )

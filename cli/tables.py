@@ -36,10 +36,21 @@ def eval_tables(report: dict[str, Any], result: dict[str, Any] | None) -> list[T
         meta = budget_report.get("meta") or {}
         budget = budgets[i] if i < len(budgets) else {}
         effective = budget.get("effective_bits")
-        title = f"evaluation · budget {meta.get('avg_bits', budget.get('avg_bits', '-'))} bits" \
-                f" · {budget_report.get('n_items', '?')} items · 95 % bootstrap intervals"
-        table = Table("variant", "gold NLL ↓", "contains ↑", "exact match", "KL vs fp ↓", "top-1 vs fp", "bits",
-                      title=title, box=box.SIMPLE_HEAD)
+        title = (
+            f"evaluation · budget {meta.get('avg_bits', budget.get('avg_bits', '-'))} bits"
+            f" · {budget_report.get('n_items', '?')} items · 95 % bootstrap intervals"
+        )
+        table = Table(
+            "variant",
+            "gold NLL ↓",
+            "contains ↑",
+            "exact match",
+            "KL vs fp ↓",
+            "top-1 vs fp",
+            "bits",
+            title=title,
+            box=box.SIMPLE_HEAD,
+        )
         teacher = budget_report.get("teacher_forced") or {}
         generation = budget_report.get("metrics") or {}
         fidelity = budget_report.get("fidelity") or {}
@@ -48,11 +59,22 @@ def eval_tables(report: dict[str, Any], result: dict[str, Any] | None) -> list[T
         for name in names:
             scores = generation.get(name) or {}
             close = fidelity.get(name) or {}
-            bits = "source" if name == "full_precision" else _number(
-                meta.get("effective_bits", effective) if name == "quantized" else meta.get(f"{name}_effective_bits"))
-            table.add_row(name.replace("_", " "), _interval((teacher.get(name) or {}).get("gold_nll")),
-                          _interval(scores.get("contains")), _interval(scores.get("exact_match")),
-                          _number(close.get("mean_kl")), _number(close.get("top1_agreement")), bits)
+            bits = (
+                "source"
+                if name == "full_precision"
+                else _number(
+                    meta.get("effective_bits", effective) if name == "quantized" else meta.get(f"{name}_effective_bits")
+                )
+            )
+            table.add_row(
+                name.replace("_", " "),
+                _interval((teacher.get(name) or {}).get("gold_nll")),
+                _interval(scores.get("contains")),
+                _interval(scores.get("exact_match")),
+                _number(close.get("mean_kl")),
+                _number(close.get("top1_agreement")),
+                bits,
+            )
         if not (budget_report.get("generation") or {}).get("ran", True):
             table.caption = f"greedy generation skipped: {budget_report['generation'].get('skipped_reason')}"
         tables.append(table)
@@ -64,15 +86,24 @@ def eval_tables(report: dict[str, Any], result: dict[str, Any] | None) -> list[T
 def comparison_table(comparisons: list[dict[str, Any]], avg_bits: Any) -> Table:
     """The quantized model against each task-agnostic control at the same budget: the paired
     difference quantized − control with its interval, and the verdict."""
-    table = Table("against", "metric", "quantized − control", "bits (quantized / control)", "verdict",
-                  title=f"quantized vs task-agnostic controls · budget {avg_bits} bits · paired bootstrap",
-                  box=box.SIMPLE_HEAD)
+    table = Table(
+        "against",
+        "metric",
+        "quantized − control",
+        "bits (quantized / control)",
+        "verdict",
+        title=f"quantized vs task-agnostic controls · budget {avg_bits} bits · paired bootstrap",
+        box=box.SIMPLE_HEAD,
+    )
     for c in comparisons:
         arrow = "↓" if c.get("lower_is_better") else "↑"
-        table.add_row(str(c.get("baseline", "-")).replace("_", " "), f"{c.get('metric')} {arrow}",
-                      _interval(c.get("difference"), 4),
-                      f"{_number(c.get('variant_effective_bits'))} / {_number(c.get('baseline_effective_bits'))}",
-                      str(c.get("verdict", "-")).replace("_", " "))
+        table.add_row(
+            str(c.get("baseline", "-")).replace("_", " "),
+            f"{c.get('metric')} {arrow}",
+            _interval(c.get("difference"), 4),
+            f"{_number(c.get('variant_effective_bits'))} / {_number(c.get('baseline_effective_bits'))}",
+            str(c.get("verdict", "-")).replace("_", " "),
+        )
     return table
 
 
@@ -82,12 +113,20 @@ def profile_table(profile: dict[str, Any], result: dict[str, Any] | None) -> Tab
     budgets = [b for b in ((result or {}).get("budgets") or []) if isinstance(b.get("bits"), dict)]
     sweep = len(budgets) > 1 or (budgets and all(layer.get("bits") is None for layer in profile["layers"]))
     columns = ["#", "layer", "params", "importance", "sensitivity"]
-    columns += [f"bits @{b.get('avg_bits') if b.get('avg_bits') is not None else 'paper'}" for b in budgets] \
-        if sweep else ["bits"]
+    columns += (
+        [f"bits @{b.get('avg_bits') if b.get('avg_bits') is not None else 'paper'}" for b in budgets]
+        if sweep
+        else ["bits"]
+    )
     table = Table(*columns, title=f"{profile['job_id']} · {profile['model']} · {profile['method']}")
     for layer in profile["layers"]:
-        row = [str(layer["index"]), layer["name"], f"{layer['params']:,}", f"{layer['importance']:.4g}",
-               f"{layer['sensitivity']:.4g}"]
+        row = [
+            str(layer["index"]),
+            layer["name"],
+            f"{layer['params']:,}",
+            f"{layer['importance']:.4g}",
+            f"{layer['sensitivity']:.4g}",
+        ]
         if sweep:
             row += [_layer_bits(b["bits"], layer) for b in budgets]
         else:

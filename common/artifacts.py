@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import re
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from common.errors import RangeNotSatisfiable
 from common.storage import Storage
@@ -25,7 +25,7 @@ class Segment:
     offset: int
     length: int
     data: bytes | None = None  # literal bytes (headers, padding)
-    key: str | None = None     # or an object in storage
+    key: str | None = None  # or an object in storage
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def iter_tar(storage: Storage, layout: TarLayout, start: int = 0, end: int | Non
             continue
         lo, hi = max(start, seg.offset) - seg.offset, min(end, seg_end) - seg.offset
         if seg.data is not None:
-            yield seg.data[lo:hi + 1]
+            yield seg.data[lo : hi + 1]
         else:
             yield from storage.open_range(seg.key, lo, hi)
 
@@ -137,14 +137,20 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 # ---- downloads -------------------------------------------------------------------------------
-CONTENT_TYPES = {"json": "application/json", "png": "image/png", "gguf": "application/octet-stream",
-                 "safetensors": "application/octet-stream", "tar": "application/x-tar",
-                 "txt": "text/plain; charset=utf-8", "jsonl": "application/x-ndjson"}
+CONTENT_TYPES = {
+    "json": "application/json",
+    "png": "image/png",
+    "gguf": "application/octet-stream",
+    "safetensors": "application/octet-stream",
+    "tar": "application/x-tar",
+    "txt": "text/plain; charset=utf-8",
+    "jsonl": "application/x-ndjson",
+}
 
 
 @dataclass
 class Download:
-    status: int                       # 200, 206, 304 or 307
+    status: int  # 200, 206, 304 or 307
     headers: dict[str, str]
     body: Iterator[bytes] | None = None
     redirect: str | None = None
@@ -159,17 +165,28 @@ def _etag_matches(header: str | None, etag: str) -> bool:
     return etag in tags
 
 
-def open_download(session, storage: Storage, settings, tenant: str, job_id: str, name: str, *,
-                  range_header: str | None = None, if_none_match: str | None = None,
-                  if_range: str | None = None, head: bool = False) -> Download:
+def open_download(
+    session,
+    storage: Storage,
+    settings,
+    tenant: str,
+    job_id: str,
+    name: str,
+    *,
+    range_header: str | None = None,
+    if_none_match: str | None = None,
+    if_range: str | None = None,
+    head: bool = False,
+) -> Download:
     """What a GET (or, with `head`, a HEAD: the same status and headers, no body opened) of one
     artifact answers."""
     from common.jobs import get_artifact
 
     artifact, entry = get_artifact(session, tenant, job_id, name)
     if artifact.kind == "directory" and entry is None:
-        files = [(f["name"], f["size"], f"{artifact.storage_key.rstrip('/')}/{f['name']}")
-                 for f in artifact.files or []]
+        files = [
+            (f["name"], f["size"], f"{artifact.storage_key.rstrip('/')}/{f['name']}") for f in artifact.files or []
+        ]
         layout = tar_layout(artifact.name, files)
         size, digest, filename, ctype = layout.size, artifact.sha256, f"{artifact.name}.tar", CONTENT_TYPES["tar"]
         reader = lambda start, end: iter_tar(storage, layout, start, end)  # noqa: E731
@@ -186,8 +203,12 @@ def open_download(session, storage: Storage, settings, tenant: str, job_id: str,
         ctype = CONTENT_TYPES.get(ext, "application/octet-stream")
         reader = lambda start, end: storage.open_range(key, start, end)  # noqa: E731
     etag = f'"{digest}"'
-    headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "private, max-age=0, must-revalidate",
-               "X-Checksum-Sha256": digest}
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "private, max-age=0, must-revalidate",
+        "X-Checksum-Sha256": digest,
+    }
     if _etag_matches(if_none_match, etag):
         return Download(304, headers)
     if key is not None and settings.s3_presign_downloads and not range_header:

@@ -71,8 +71,9 @@ class Authenticator:
         if tenant is not None:
             return tenant
         digest = hash_key(key)
-        row = session.execute(select(ApiKey.tenant).where(ApiKey.key_hash == digest,
-                                                          ApiKey.revoked_at.is_(None))).first()
+        row = session.execute(
+            select(ApiKey.tenant).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+        ).first()
         if row is None:
             return None
         with self._lock:
@@ -111,8 +112,9 @@ class Authenticator:
         if not self.required(session):
             return
         if not key:
-            raise Unauthorized("this operator view needs the operator key: send 'Authorization: Bearer "
-                               "<TAQ_ADMIN_KEY>'")
+            raise Unauthorized(
+                "this operator view needs the operator key: send 'Authorization: Bearer <TAQ_ADMIN_KEY>'"
+            )
         if self.tenant_for_key(session, key) is None:
             raise Unauthorized("invalid or revoked API key")
         raise Forbidden("this operator view needs the operator key (TAQ_ADMIN_KEY), not a tenant's API key")
@@ -171,13 +173,17 @@ def assert_auth_configured(settings: Settings, session: Session, host: str | Non
         if settings.env == "production":
             raise UnsafeConfig("TAQ_AUTH=off is refused in production")
         if host is not None and not is_loopback(host):
-            raise UnsafeConfig(f"refusing to bind {host} with TAQ_AUTH=off: the keyless mode is for loopback "
-                               "only; bind 127.0.0.1 or set TAQ_AUTH=required with keys")
+            raise UnsafeConfig(
+                f"refusing to bind {host} with TAQ_AUTH=off: the keyless mode is for loopback "
+                "only; bind 127.0.0.1 or set TAQ_AUTH=required with keys"
+            )
         return
     if settings.api_key_map or key_rows_exist(session) or settings.auth == "required":
         return
     if settings.env == "production":
         raise UnsafeConfig("production needs API keys: set TAQ_API_KEYS or run 'taq admin create-key'")
     if host is not None and not is_loopback(host):
-        raise UnsafeConfig(f"refusing to bind {host} with auth off: set TAQ_API_KEYS (tenant:key,…) "
-                           "or create a key with 'taq admin create-key', or bind 127.0.0.1")
+        raise UnsafeConfig(
+            f"refusing to bind {host} with auth off: set TAQ_API_KEYS (tenant:key,…) "
+            "or create a key with 'taq admin create-key', or bind 127.0.0.1"
+        )

@@ -73,9 +73,14 @@ def enqueue_job(settings: Settings, job_id: str, worker_class: str | None) -> No
     """Publish ``run_job(job_id)`` on the queue of the job's worker class (the largest class when
     that class is no longer declared). Raises on broker failure (the caller decides)."""
     queue = class_queue(settings.queue_class(worker_class).name)
-    sender(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=queue, routing_key=queue.routing_key,
-                               retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2,
-                                                         "interval_step": 0.5, "interval_max": 1.0})
+    sender(settings).send_task(
+        RUN_JOB_TASK,
+        args=[job_id],
+        queue=queue,
+        routing_key=queue.routing_key,
+        retry=True,
+        retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
+    )
 
 
 def check_broker(settings: Settings) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,7 +22,7 @@ _lock = threading.Lock()
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")       # API and worker processes write concurrently
+    cursor.execute("PRAGMA journal_mode=WAL")  # API and worker processes write concurrently
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
@@ -31,16 +31,22 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 def make_engine(url: str, *, pool_size: int = 20, max_overflow: int = 20) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                               pool_pre_ping=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_pre_ping=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # pre-ping: a pooled connection that died (database restart, network cut) is replaced before
     # use, so the service recovers from an outage without a restart; connect_timeout bounds a
     # connection attempt to an unreachable host (503 instead of a hung request)
     connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow,
-                         pool_recycle=1800, pool_timeout=10, connect_args=connect_args)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_recycle=1800,
+        pool_timeout=10,
+        connect_args=connect_args,
+    )
 
 
 def get_engine(settings: Settings) -> Engine:
@@ -49,7 +55,8 @@ def get_engine(settings: Settings) -> Engine:
         if engine is None:
             settings.ensure_dirs()
             engine = _engines[settings.database_url] = make_engine(
-                settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
+                settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
+            )
         return engine
 
 

@@ -30,8 +30,16 @@ def register_worker(session: Session, name: str, worker_class: WorkerClass, devi
     """Insert or refresh this worker's row (a restarted process with the same host:pid replaces it)."""
     now = utcnow()
     session.execute(delete(WorkerRow).where(WorkerRow.name == name))
-    session.add(WorkerRow(name=name, worker_class=worker_class.name, device=device,
-                          memory_bytes=worker_class.memory_bytes, started_at=now, heartbeat_at=now))
+    session.add(
+        WorkerRow(
+            name=name,
+            worker_class=worker_class.name,
+            device=device,
+            memory_bytes=worker_class.memory_bytes,
+            started_at=now,
+            heartbeat_at=now,
+        )
+    )
     session.commit()
 
 
@@ -58,27 +66,45 @@ def prune_workers(session: Session, settings: Settings) -> int:
 def live_workers(session: Session, settings: Settings) -> list[LiveWorker]:
     """Workers whose heartbeat is fresher than TAQ_STALE_AFTER_SECONDS, by class then name."""
     fresh = utcnow() - timedelta(seconds=settings.stale_after_seconds)
-    rows = session.execute(select(WorkerRow).where(WorkerRow.heartbeat_at >= fresh)
-                           .order_by(WorkerRow.worker_class, WorkerRow.name)).scalars().all()
-    running = dict(session.execute(select(Job.worker, Job.id).where(
-        Job.status == JobStatus.running, Job.worker.in_([r.name for r in rows]))).all()) if rows else {}
-    return [LiveWorker(r.name, r.worker_class, r.device, r.memory_bytes, r.started_at, r.heartbeat_at,
-                       running.get(r.name)) for r in rows]
+    rows = (
+        session.execute(
+            select(WorkerRow).where(WorkerRow.heartbeat_at >= fresh).order_by(WorkerRow.worker_class, WorkerRow.name)
+        )
+        .scalars()
+        .all()
+    )
+    running = (
+        dict(
+            session.execute(
+                select(Job.worker, Job.id).where(
+                    Job.status == JobStatus.running, Job.worker.in_([r.name for r in rows])
+                )
+            ).all()
+        )
+        if rows
+        else {}
+    )
+    return [
+        LiveWorker(r.name, r.worker_class, r.device, r.memory_bytes, r.started_at, r.heartbeat_at, running.get(r.name))
+        for r in rows
+    ]
 
 
 def queue_depth_by_class(session: Session, settings: Settings) -> dict[str, int]:
     """Queued jobs per worker class; every declared class is present (0 when empty). Jobs whose
     class is not declared count for the class their queue is (the largest)."""
     depth = {c.name: 0 for c in settings.fleet()}
-    for name, n in session.execute(select(Job.worker_class, func.count()).where(Job.status == JobStatus.queued)
-                                   .group_by(Job.worker_class)).all():
+    for name, n in session.execute(
+        select(Job.worker_class, func.count()).where(Job.status == JobStatus.queued).group_by(Job.worker_class)
+    ).all():
         target = settings.queue_class(name).name
         depth[target] += n
     return depth
 
 
-def live_workers_by_class(session: Session, settings: Settings,
-                          workers: list[LiveWorker] | None = None) -> dict[str, int]:
+def live_workers_by_class(
+    session: Session, settings: Settings, workers: list[LiveWorker] | None = None
+) -> dict[str, int]:
     """Live workers per class (every declared class present); `workers` when already listed."""
     counts = {c.name: 0 for c in settings.fleet()}
     for worker in live_workers(session, settings) if workers is None else workers:

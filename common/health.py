@@ -15,8 +15,11 @@ _pool = concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix=
 
 
 def readiness(settings: Settings, storage: Storage, timeout: float = 5.0) -> dict[str, str]:
-    probes = {"database": lambda: check_database(settings), "broker": lambda: check_broker(settings),
-              "storage": storage.check}
+    probes = {
+        "database": lambda: check_database(settings),
+        "broker": lambda: check_broker(settings),
+        "storage": storage.check,
+    }
     futures = {name: _pool.submit(fn) for name, fn in probes.items()}
     checks = {}
     for name, future in futures.items():

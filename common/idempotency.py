@@ -43,15 +43,20 @@ def request_digest(call: str, payload: dict[str, Any]) -> str:
 
 def find(session: Session, tenant: str, key: str, digest: str) -> IdempotencyKey | None:
     """The stored row for (tenant, key); a row stored for another request is a 409."""
-    row = session.execute(select(IdempotencyKey).where(IdempotencyKey.tenant == tenant,
-                                                       IdempotencyKey.key == key)).scalar_one_or_none()
+    row = session.execute(
+        select(IdempotencyKey).where(IdempotencyKey.tenant == tenant, IdempotencyKey.key == key)
+    ).scalar_one_or_none()
     if row is None:
         return None
     if row.request_hash != digest:
-        details = {name: value for name, value in (("job_id", row.job_id), ("dataset_id", row.dataset_id))
-                   if value is not None}
-        raise Conflict("this Idempotency-Key was already used with a different request body",
-                       details=details, code="idempotency_conflict")
+        details = {
+            name: value for name, value in (("job_id", row.job_id), ("dataset_id", row.dataset_id)) if value is not None
+        }
+        raise Conflict(
+            "this Idempotency-Key was already used with a different request body",
+            details=details,
+            code="idempotency_conflict",
+        )
     return row
 
 

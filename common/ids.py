@@ -8,4 +8,3 @@ import time
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
-

@@ -9,18 +9,19 @@ import hashlib
 import json
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from common import broker, idempotency
-from common.idempotency import StoredResponse
 from common.datasets import get_dataset
 from common.errors import Conflict, InvalidParameter, InvalidRequest, NotFound, TooManyRequests
+from common.idempotency import StoredResponse
 from common.ids import new_id
 from common.lifecycle import add_event, purge_job_outputs
 from common.limits import check_job_quota, check_prompt_sizes, check_storage_quota, job_disk_bytes, route_job
@@ -52,7 +53,8 @@ def check_budget_feasible(spec: JobSpec) -> None:
         raise BudgetInfeasible(
             f"bit budget {too_low[0]} is below {floor:.4g}, the effective bits of every layer at "
             f"{min(spec.bit_choices)} bit with group {spec.group_size}; raise avg_bits or allow fewer bits",
-            details={"min_avg_bits": floor, "avg_bits": too_low})
+            details={"min_avg_bits": floor, "avg_bits": too_low},
+        )
 
 
 def check_checkpoint(source):
@@ -89,8 +91,9 @@ def validate_references(session: Session, settings: Settings, tenant: str, spec:
             raise InvalidSpec(f"job '{prior.id}' has no profile to reuse (status {prior.status})")
     check_budget_feasible(spec)
     summary = check_checkpoint(source)  # 422 model_invalid where the headers show it
-    worker_class = route_job(settings, source, spec, calibration_rows, eval_rows=eval_rows,
-                             checkpoint=summary)  # 422 job_too_large / unknown_worker_class
+    worker_class = route_job(
+        settings, source, spec, calibration_rows, eval_rows=eval_rows, checkpoint=summary
+    )  # 422 job_too_large / unknown_worker_class
     return worker_class, job_disk_bytes(source, spec)
 
 
@@ -112,18 +115,27 @@ def queue_quota_lock(session: Session, tenant: str) -> Iterator[None]:
 
 
 def check_queue_quota(session: Session, settings: Settings, tenant: str) -> None:
-    queued = session.scalar(select(func.count()).select_from(Job)
-                            .where(Job.tenant == tenant, Job.status == JobStatus.queued))
+    queued = session.scalar(
+        select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.status == JobStatus.queued)
+    )
     limit = settings.max_queued_jobs_per_tenant
     if queued >= limit:
         raise TooManyRequests(
             f"tenant '{tenant}' already has {queued} queued jobs (TAQ_MAX_QUEUED_JOBS_PER_TENANT={limit}); "
-            "wait for some to start or cancel them", details={"limit": limit, "queued": queued},
-            code="queued_job_limit")
+            "wait for some to start or cancel them",
+            details={"limit": limit, "queued": queued},
+            code="queued_job_limit",
+        )
 
 
-def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
-               render: Callable[[Job], dict[str, Any]], idempotency_key: str | None = None) -> StoredResponse:
+def submit_job(
+    session: Session,
+    settings: Settings,
+    tenant: str,
+    spec: JobSpec,
+    render: Callable[[Job], dict[str, Any]],
+    idempotency_key: str | None = None,
+) -> StoredResponse:
     """Create a queued job and enqueue it. With an ``Idempotency-Key`` the first response is
     stored: the same key with the same spec replays it, with another spec it is a 409."""
     digest = spec_hash(spec)
@@ -135,33 +147,66 @@ def submit_job(session: Session, settings: Settings, tenant: str, spec: JobSpec,
     worker_class, disk_bytes = validate_references(session, settings, tenant, spec)
     session.rollback()  # nothing written yet: the quota check and the insert get a fresh transaction
     with queue_quota_lock(session, tenant):
-        stored = _insert_job(session, settings, tenant, spec, worker_class, render, idempotency_key, digest,
-                             disk_bytes)
+        stored = _insert_job(session, settings, tenant, spec, worker_class, render, idempotency_key, digest, disk_bytes)
     if not stored.replayed:
         _enqueue(session, settings, stored.resource_id, worker_class)
-        log.info("job submitted", extra={"job_id": stored.resource_id, "tenant": tenant,
-                                         "method": spec.method.value, "worker_class": worker_class})
+        log.info(
+            "job submitted",
+            extra={
+                "job_id": stored.resource_id,
+                "tenant": tenant,
+                "method": spec.method.value,
+                "worker_class": worker_class,
+            },
+        )
     return stored
 
 
-def _insert_job(session: Session, settings: Settings, tenant: str, spec: JobSpec, worker_class: str,
-                render: Callable[[Job], dict[str, Any]], idempotency_key: str | None, digest: str,
-                disk_bytes: int) -> StoredResponse:
+def _insert_job(
+    session: Session,
+    settings: Settings,
+    tenant: str,
+    spec: JobSpec,
+    worker_class: str,
+    render: Callable[[Job], dict[str, Any]],
+    idempotency_key: str | None,
+    digest: str,
+    disk_bytes: int,
+) -> StoredResponse:
     check_queue_quota(session, settings, tenant)
-    check_job_quota(session, settings, tenant)                          # 429 job_limit
+    check_job_quota(session, settings, tenant)  # 429 job_limit
     check_storage_quota(session, settings, tenant, adding=disk_bytes)  # 413 storage_quota
     now = utcnow()
-    job = Job(id=new_id("job"), tenant=tenant, status=JobStatus.queued, stage=None, progress=0.0,
-              spec=spec.model_dump(mode="json"), created_at=now, updated_at=now, attempts=0,
-              cancel_requested=False, worker_class=worker_class)
+    job = Job(
+        id=new_id("job"),
+        tenant=tenant,
+        status=JobStatus.queued,
+        stage=None,
+        progress=0.0,
+        spec=spec.model_dump(mode="json"),
+        created_at=now,
+        updated_at=now,
+        attempts=0,
+        cancel_requested=False,
+        worker_class=worker_class,
+    )
     session.add(job)
     session.flush()
-    add_event(session, job.id, "status", status=JobStatus.queued,
-              message=f"job accepted for worker class '{worker_class}'", data={"worker_class": worker_class})
+    add_event(
+        session,
+        job.id,
+        "status",
+        status=JobStatus.queued,
+        message=f"job accepted for worker class '{worker_class}'",
+        data={"worker_class": worker_class},
+    )
     body = render(job)
     if idempotency_key is not None:
-        session.add(IdempotencyKey(tenant=tenant, key=idempotency_key, request_hash=digest,
-                                   job_id=job.id, status_code=202, response=body))
+        session.add(
+            IdempotencyKey(
+                tenant=tenant, key=idempotency_key, request_hash=digest, job_id=job.id, status_code=202, response=body
+            )
+        )
     try:
         session.commit()
     except IntegrityError:
@@ -212,8 +257,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise invalid from None
 
 
-def list_jobs(session: Session, settings: Settings, tenant: str, *, status: list[str] | None = None,
-              limit: int | None = None, cursor: str | None = None) -> tuple[list[Job], str | None]:
+def list_jobs(
+    session: Session,
+    settings: Settings,
+    tenant: str,
+    *,
+    status: list[str] | None = None,
+    limit: int | None = None,
+    cursor: str | None = None,
+) -> tuple[list[Job], str | None]:
     """Newest first, keyset-paginated on (created_at, id)."""
     limit = limit or settings.default_page_size
     if not 1 <= limit <= settings.max_page_size:
@@ -238,21 +290,27 @@ def cancel_job(session: Session, storage: Storage, tenant: str, job_id: str) -> 
     job = get_job(session, tenant, job_id)
     table = Job.__table__
     now = utcnow()
-    done = session.execute(table.update().where(table.c.id == job_id, table.c.status == JobStatus.queued)
-                           .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=now,
-                                   updated_at=now, stage=None)).rowcount
+    done = session.execute(
+        table.update()
+        .where(table.c.id == job_id, table.c.status == JobStatus.queued)
+        .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=now, updated_at=now, stage=None)
+    ).rowcount
     if done:
         add_event(session, job_id, "status", status=JobStatus.cancelled, message="cancelled before it started")
         session.commit()
         purge_job_outputs(session, storage, job_id)
         session.commit()
     else:
-        flagged = session.execute(table.update().where(table.c.id == job_id, table.c.status == JobStatus.running)
-                                  .values(cancel_requested=True, updated_at=now)).rowcount
+        flagged = session.execute(
+            table.update()
+            .where(table.c.id == job_id, table.c.status == JobStatus.running)
+            .values(cancel_requested=True, updated_at=now)
+        ).rowcount
         if not flagged:
             session.refresh(job)
-            raise Conflict(f"job '{job_id}' already finished ({job.status})",
-                           details={"status": job.status}, code="job_finished")
+            raise Conflict(
+                f"job '{job_id}' already finished ({job.status})", details={"status": job.status}, code="job_finished"
+            )
         if not job.cancel_requested:
             add_event(session, job_id, "info", status=JobStatus.running, message="cancel requested")
         session.commit()
@@ -260,28 +318,37 @@ def cancel_job(session: Session, storage: Storage, tenant: str, job_id: str) -> 
     return job
 
 
-def list_events(session: Session, tenant: str, job_id: str, *, after: int = 0,
-                limit: int = 1000) -> list[JobEvent]:
+def list_events(session: Session, tenant: str, job_id: str, *, after: int = 0, limit: int = 1000) -> list[JobEvent]:
     get_job(session, tenant, job_id)
-    return list(session.execute(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
-                                .order_by(JobEvent.id).limit(limit)).scalars())
+    return list(
+        session.execute(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)
+        ).scalars()
+    )
 
 
 def events_since(session: Session, job_id: str, after: int, limit: int = 1000) -> tuple[list[JobEvent], str]:
     """For the event stream: new events and the job's current status (tenant already checked)."""
-    events = list(session.execute(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
-                                  .order_by(JobEvent.id).limit(limit)).scalars())
+    events = list(
+        session.execute(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)
+        ).scalars()
+    )
     status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
     return events, status
 
 
 def get_profile(session: Session, tenant: str, job_id: str) -> tuple[Job, list[ProfileLayer]]:
     job = get_job(session, tenant, job_id)
-    layers = list(session.execute(select(ProfileLayer).where(ProfileLayer.job_id == job_id)
-                                  .order_by(ProfileLayer.index)).scalars())
+    layers = list(
+        session.execute(
+            select(ProfileLayer).where(ProfileLayer.job_id == job_id).order_by(ProfileLayer.index)
+        ).scalars()
+    )
     if not layers:
-        raise NotFound(f"job '{job_id}' has no profile yet (status {job.status}, stage {job.stage})",
-                       code="profile_not_ready")
+        raise NotFound(
+            f"job '{job_id}' has no profile yet (status {job.status}, stage {job.stage})", code="profile_not_ready"
+        )
     return job, layers
 
 
@@ -308,4 +375,3 @@ def get_artifact(session: Session, tenant: str, job_id: str, name: str) -> tuple
                 if entry["name"] == rest:
                     return parent, entry
     raise NotFound(f"job '{job_id}' has no artifact '{name}'", code="artifact_not_found")
-

@@ -11,9 +11,10 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
@@ -25,11 +26,29 @@ from common.storage import Storage
 log = logging.getLogger(__name__)
 
 
-def add_event(session: Session, job_id: str, kind: str, *, status: str | None = None,
-              stage: str | None = None, progress: float | None = None, message: str | None = None,
-              data: dict[str, Any] | None = None) -> None:
-    session.add(JobEvent(job_id=job_id, created_at=utcnow(), kind=kind, status=status, stage=stage,
-                         progress=progress, message=message, data=data))
+def add_event(
+    session: Session,
+    job_id: str,
+    kind: str,
+    *,
+    status: str | None = None,
+    stage: str | None = None,
+    progress: float | None = None,
+    message: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> None:
+    session.add(
+        JobEvent(
+            job_id=job_id,
+            created_at=utcnow(),
+            kind=kind,
+            status=status,
+            stage=stage,
+            progress=progress,
+            message=message,
+            data=data,
+        )
+    )
 
 
 def job_prefix(job_id: str) -> str:
@@ -67,12 +86,23 @@ def claim_job(session: Session, settings: Settings, job_id: str) -> Claim | None
     table = Job.__table__
     claimed = session.execute(
         update(table)
-        .where(table.c.id == job_id, table.c.cancel_requested.is_(False),
-               (table.c.status == JobStatus.queued)
-               | ((table.c.status == JobStatus.running) & (table.c.heartbeat_at < stale)))
-        .values(status=JobStatus.running, claim_token=token, attempts=table.c.attempts + 1,
-                heartbeat_at=now, updated_at=now, worker=worker_name(), error_code=None,
-                error_message=None, error_details=None)
+        .where(
+            table.c.id == job_id,
+            table.c.cancel_requested.is_(False),
+            (table.c.status == JobStatus.queued)
+            | ((table.c.status == JobStatus.running) & (table.c.heartbeat_at < stale)),
+        )
+        .values(
+            status=JobStatus.running,
+            claim_token=token,
+            attempts=table.c.attempts + 1,
+            heartbeat_at=now,
+            updated_at=now,
+            worker=worker_name(),
+            error_code=None,
+            error_message=None,
+            error_details=None,
+        )
     ).rowcount
     if not claimed:
         session.rollback()
@@ -80,9 +110,15 @@ def claim_job(session: Session, settings: Settings, job_id: str) -> Claim | None
     job = session.get(Job, job_id)
     if job.started_at is None:
         job.started_at = now
-    add_event(session, job_id, "status", status=JobStatus.running, stage=job.stage,
-              message=f"attempt {job.attempts} started on {worker_name()}",
-              data={"attempt": job.attempts})
+    add_event(
+        session,
+        job_id,
+        "status",
+        status=JobStatus.running,
+        stage=job.stage,
+        message=f"attempt {job.attempts} started on {worker_name()}",
+        data={"attempt": job.attempts},
+    )
     session.commit()
     return Claim(job_id, token, job.attempts, dict(job.spec), job.tenant, job.worker_class)
 
@@ -109,8 +145,15 @@ def still_owned_and_wanted(session: Session, job_id: str, token: str) -> tuple[b
     return (row.claim_token == token and row.status == JobStatus.running), bool(row.cancel_requested)
 
 
-def set_progress(session: Session, job_id: str, token: str, *, stage: str | None, progress: float,
-                 event: tuple[str, str | None] | None = None) -> bool:
+def set_progress(
+    session: Session,
+    job_id: str,
+    token: str,
+    *,
+    stage: str | None,
+    progress: float,
+    event: tuple[str, str | None] | None = None,
+) -> bool:
     """Write stage/progress; optionally an event (kind, message). False when no longer owned."""
     table = Job.__table__
     values: dict[str, Any] = {"progress": round(max(0.0, min(1.0, progress)), 4), "heartbeat_at": utcnow()}
@@ -119,23 +162,44 @@ def set_progress(session: Session, job_id: str, token: str, *, stage: str | None
     ok = session.execute(update(table).where(_owned(job_id, token)).values(**values)).rowcount
     if ok and event is not None:
         kind, message = event
-        add_event(session, job_id, kind, status=JobStatus.running, stage=stage, progress=values["progress"],
-                  message=message)
+        add_event(
+            session, job_id, kind, status=JobStatus.running, stage=stage, progress=values["progress"], message=message
+        )
     session.commit()
     return bool(ok)
 
 
-def record_stage_run(session: Session, job_id: str, stage: str, attempt: int, started, *,
-                     outcome: str, skipped: bool = False) -> None:
+def record_stage_run(
+    session: Session, job_id: str, stage: str, attempt: int, started, *, outcome: str, skipped: bool = False
+) -> None:
     finished = utcnow()
-    session.add(StageRun(job_id=job_id, stage=stage, attempt=attempt, started_at=started, finished_at=finished,
-                         duration_s=(finished - started).total_seconds(), skipped=skipped, outcome=outcome))
+    session.add(
+        StageRun(
+            job_id=job_id,
+            stage=stage,
+            attempt=attempt,
+            started_at=started,
+            finished_at=finished,
+            duration_s=(finished - started).total_seconds(),
+            skipped=skipped,
+            outcome=outcome,
+        )
+    )
     session.commit()
 
 
-def finish_job(session: Session, job_id: str, token: str, status: str, *, result: dict | None = None,
-               error_code: str | None = None, error_message: str | None = None,
-               error_details: Any = None, message: str | None = None) -> bool:
+def finish_job(
+    session: Session,
+    job_id: str,
+    token: str,
+    status: str,
+    *,
+    result: dict | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    error_details: Any = None,
+    message: str | None = None,
+) -> bool:
     now = utcnow()
     values: dict[str, Any] = {"status": status, "finished_at": now, "updated_at": now, "claim_token": None}
     if status == JobStatus.succeeded:
@@ -144,10 +208,15 @@ def finish_job(session: Session, job_id: str, token: str, status: str, *, result
         values.update(error_code=error_code, error_message=error_message, error_details=error_details)
     ok = session.execute(update(Job.__table__).where(_owned(job_id, token)).values(**values)).rowcount
     if ok:
-        add_event(session, job_id, "status", status=status,
-                  progress=1.0 if status == JobStatus.succeeded else None,
-                  message=message or error_message or status,
-                  data={"error_code": error_code} if error_code else None)
+        add_event(
+            session,
+            job_id,
+            "status",
+            status=status,
+            progress=1.0 if status == JobStatus.succeeded else None,
+            message=message or error_message or status,
+            data={"error_code": error_code} if error_code else None,
+        )
     session.commit()
     return bool(ok)
 
@@ -155,9 +224,11 @@ def finish_job(session: Session, job_id: str, token: str, status: str, *, result
 def release_for_retry(session: Session, job_id: str, token: str, reason: str) -> bool:
     """Give a claimed job back to the queue after a transient error (the task then retries)."""
     now = utcnow()
-    ok = session.execute(update(Job.__table__).where(_owned(job_id, token))
-                         .values(status=JobStatus.queued, claim_token=None, updated_at=now,
-                                 enqueued_at=now)).rowcount
+    ok = session.execute(
+        update(Job.__table__)
+        .where(_owned(job_id, token))
+        .values(status=JobStatus.queued, claim_token=None, updated_at=now, enqueued_at=now)
+    ).rowcount
     if ok:
         add_event(session, job_id, "status", status=JobStatus.queued, message=f"retrying: {reason}")
     session.commit()
@@ -173,8 +244,9 @@ class ReapReport:
     cancelled: list[str]
 
 
-def reap(session: Session, settings: Settings, storage: Storage,
-         enqueue: Callable[[str, str | None], None]) -> ReapReport:
+def reap(
+    session: Session, settings: Settings, storage: Storage, enqueue: Callable[[str, str | None], None]
+) -> ReapReport:
     """Requeue running jobs whose worker stopped heart-beating (or fail them after
     ``max_attempts``), finish cancelled ones, and re-send queued jobs the broker may have lost.
     ``enqueue(job_id, worker_class)`` sends a job to its own class's queue."""
@@ -182,54 +254,111 @@ def reap(session: Session, settings: Settings, storage: Storage,
     now = utcnow()
     table = Job.__table__
     stale = now - timedelta(seconds=settings.stale_after_seconds)
-    for job in session.execute(select(Job).where(Job.status == JobStatus.running, Job.heartbeat_at < stale)
-                               ).scalars().all():
+    for job in (
+        session.execute(select(Job).where(Job.status == JobStatus.running, Job.heartbeat_at < stale)).scalars().all()
+    ):
         guard = (table.c.id == job.id) & (table.c.status == JobStatus.running) & (table.c.heartbeat_at < stale)
         if job.cancel_requested:
-            if session.execute(update(table).where(guard).values(
-                    status=JobStatus.cancelled, finished_at=now, updated_at=now, claim_token=None)).rowcount:
-                add_event(session, job.id, "status", status=JobStatus.cancelled,
-                          message="cancelled (worker lost while stopping)")
+            if session.execute(
+                update(table)
+                .where(guard)
+                .values(status=JobStatus.cancelled, finished_at=now, updated_at=now, claim_token=None)
+            ).rowcount:
+                add_event(
+                    session,
+                    job.id,
+                    "status",
+                    status=JobStatus.cancelled,
+                    message="cancelled (worker lost while stopping)",
+                )
                 session.commit()
                 purge_job_outputs(session, storage, job.id)
                 report.cancelled.append(job.id)
         elif job.attempts >= settings.max_attempts:
             message = f"worker lost {job.attempts} times; giving up"
-            if session.execute(update(table).where(guard).values(
-                    status=JobStatus.failed, finished_at=now, updated_at=now, claim_token=None,
-                    error_code="worker_lost", error_message=message)).rowcount:
-                add_event(session, job.id, "status", status=JobStatus.failed, message=message,
-                          data={"error_code": "worker_lost"})
+            if session.execute(
+                update(table)
+                .where(guard)
+                .values(
+                    status=JobStatus.failed,
+                    finished_at=now,
+                    updated_at=now,
+                    claim_token=None,
+                    error_code="worker_lost",
+                    error_message=message,
+                )
+            ).rowcount:
+                add_event(
+                    session,
+                    job.id,
+                    "status",
+                    status=JobStatus.failed,
+                    message=message,
+                    data={"error_code": "worker_lost"},
+                )
                 report.failed.append(job.id)
         else:
-            if session.execute(update(table).where(guard).values(
-                    status=JobStatus.queued, claim_token=None, updated_at=now, enqueued_at=now)).rowcount:
-                add_event(session, job.id, "status", status=JobStatus.queued,
-                          message="requeued: the worker stopped heart-beating")
+            if session.execute(
+                update(table)
+                .where(guard)
+                .values(status=JobStatus.queued, claim_token=None, updated_at=now, enqueued_at=now)
+            ).rowcount:
+                add_event(
+                    session,
+                    job.id,
+                    "status",
+                    status=JobStatus.queued,
+                    message="requeued: the worker stopped heart-beating",
+                )
                 report.requeued.append(job.id)
         session.commit()
     lost = now - timedelta(seconds=settings.requeue_queued_after_seconds)
     never_sent = (Job.enqueued_at.is_(None)) & (Job.created_at < now - timedelta(seconds=10))
-    old = session.execute(select(Job.id).where(Job.status == JobStatus.queued,
-                                               never_sent | (Job.enqueued_at < lost))).scalars().all()
+    old = (
+        session.execute(select(Job.id).where(Job.status == JobStatus.queued, never_sent | (Job.enqueued_at < lost)))
+        .scalars()
+        .all()
+    )
     for job_id in old:
-        if session.execute(update(table).where(
-                (table.c.id == job_id) & (table.c.status == JobStatus.queued)
+        if session.execute(
+            update(table)
+            .where(
+                (table.c.id == job_id)
+                & (table.c.status == JobStatus.queued)
                 & (table.c.enqueued_at.is_(None) | (table.c.enqueued_at < lost))
-        ).values(enqueued_at=now)).rowcount:
+            )
+            .values(enqueued_at=now)
+        ).rowcount:
             report.reenqueued.append(job_id)
         session.commit()
-    classes = dict(session.execute(select(Job.id, Job.worker_class).where(
-        Job.id.in_(report.requeued + report.reenqueued))).all()) if report.requeued or report.reenqueued else {}
+    classes = (
+        dict(
+            session.execute(
+                select(Job.id, Job.worker_class).where(Job.id.in_(report.requeued + report.reenqueued))
+            ).all()
+        )
+        if report.requeued or report.reenqueued
+        else {}
+    )
     for job_id in report.requeued + report.reenqueued:
         try:
             enqueue(job_id, classes.get(job_id))
         except Exception as exc:  # broker down: mark it never sent, so the next pass tries again
             log.warning("re-enqueue failed", extra={"job_id": job_id, "error": repr(exc)})
-            session.execute(update(table).where((table.c.id == job_id) & (table.c.status == JobStatus.queued)
-                                                & (table.c.enqueued_at == now)).values(enqueued_at=None))
+            session.execute(
+                update(table)
+                .where((table.c.id == job_id) & (table.c.status == JobStatus.queued) & (table.c.enqueued_at == now))
+                .values(enqueued_at=None)
+            )
             session.commit()
     if any((report.requeued, report.reenqueued, report.failed, report.cancelled)):
-        log.info("reaper", extra={"requeued": report.requeued, "reenqueued": report.reenqueued,
-                                  "failed": report.failed, "cancelled": report.cancelled})
+        log.info(
+            "reaper",
+            extra={
+                "requeued": report.requeued,
+                "reenqueued": report.reenqueued,
+                "failed": report.failed,
+                "cancelled": report.cancelled,
+            },
+        )
     return report

@@ -6,7 +6,8 @@ under it."""
 from __future__ import annotations
 
 import logging
-from typing import Any, NoReturn, Sequence
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -34,8 +35,10 @@ def check_dataset_rows(settings: Settings, n_rows: int) -> None:
     if n_rows > limit:
         raise InvalidParameter(
             f"the dataset has {n_rows} rows; the limit is {limit} (TAQ_MAX_DATASET_ROWS); split it or "
-            "ask the operator to raise TAQ_MAX_DATASET_ROWS", details={"rows": n_rows, "limit": limit},
-            code="too_many_rows")
+            "ask the operator to raise TAQ_MAX_DATASET_ROWS",
+            details={"rows": n_rows, "limit": limit},
+            code="too_many_rows",
+        )
 
 
 def _prompt_bytes(row: CalibrationRow) -> int:
@@ -44,8 +47,9 @@ def _prompt_bytes(row: CalibrationRow) -> int:
     return sum(len(m.content.encode("utf-8")) + len(m.role.encode("utf-8")) for m in row.messages or [])
 
 
-def check_prompt_sizes(settings: Settings, rows: Sequence[CalibrationRow], lines: Sequence[int] | None = None,
-                       where: str = "line") -> None:
+def check_prompt_sizes(
+    settings: Settings, rows: Sequence[CalibrationRow], lines: Sequence[int] | None = None, where: str = "line"
+) -> None:
     """Refuse rows whose prompt (or one of whose answers) may exceed TAQ_MAX_PROMPT_TOKENS.
 
     No tokenizer is known at upload, so tokens are bounded by UTF-8 bytes: byte-level BPE and
@@ -72,15 +76,21 @@ def check_prompt_sizes(settings: Settings, rows: Sequence[CalibrationRow], lines
             f"{first['field']} is {first['bytes']} UTF-8 bytes, which may be up to {first['bytes']} tokens, "
             f"over TAQ_MAX_PROMPT_TOKENS={limit} (counted as UTF-8 bytes, an upper bound on tokens, because "
             "data is checked without a model's tokenizer); shorten it or ask the operator to raise "
-            "TAQ_MAX_PROMPT_TOKENS", details=bad, code="prompt_too_long")
+            "TAQ_MAX_PROMPT_TOKENS",
+            details=bad,
+            code="prompt_too_long",
+        )
 
 
 # ---- per-tenant quotas -----------------------------------------------------------------------
 def stored_bytes(session: Session, tenant: str) -> int:
     """Bytes a tenant keeps in storage: its datasets and its jobs' artifacts."""
     datasets = session.scalar(select(func.coalesce(func.sum(Dataset.size), 0)).where(Dataset.tenant == tenant))
-    artifacts = session.scalar(select(func.coalesce(func.sum(Artifact.size), 0))
-                               .join(Job, Job.id == Artifact.job_id).where(Job.tenant == tenant))
+    artifacts = session.scalar(
+        select(func.coalesce(func.sum(Artifact.size), 0))
+        .join(Job, Job.id == Artifact.job_id)
+        .where(Job.tenant == tenant)
+    )
     return int(datasets or 0) + int(artifacts or 0)
 
 
@@ -93,8 +103,13 @@ def job_disk_bytes(source: Any, spec: JobSpec) -> int:
         dims = read_model_dims(source)
     except (OSError, ValueError, KeyError, TypeError):
         return 0
-    return estimate_job_disk(dims, bit_choices=list(spec.bit_choices), group_size=spec.group_size,
-                             budgets=list(spec.budgets), formats=len(spec.exports)).total_bytes
+    return estimate_job_disk(
+        dims,
+        bit_choices=list(spec.bit_choices),
+        group_size=spec.group_size,
+        budgets=list(spec.budgets),
+        formats=len(spec.exports),
+    ).total_bytes
 
 
 def check_storage_quota(session: Session, settings: Settings, tenant: str, adding: int = 0) -> None:
@@ -108,27 +123,48 @@ def check_storage_quota(session: Session, settings: Settings, tenant: str, addin
             f"tenant '{tenant}' stores {used} bytes (+{adding} new) and the limit is {limit} "
             "(TAQ_MAX_STORED_BYTES_PER_TENANT); delete datasets or finished jobs "
             "(DELETE /v1/datasets/{id}, DELETE /v1/jobs/{id})",
-            details={"stored_bytes": used, "adding": adding, "limit": limit}, code="storage_quota")
+            details={"stored_bytes": used, "adding": adding, "limit": limit},
+            code="storage_quota",
+        )
 
 
-def _check_count(session: Session, tenant: str, model: Any, limit: int, *, noun: str, setting: str,
-                 advice: str, code: str) -> None:
+def _check_count(
+    session: Session, tenant: str, model: Any, limit: int, *, noun: str, setting: str, advice: str, code: str
+) -> None:
     """429 `code` when the tenant already keeps `limit` rows of `model`."""
     count = session.scalar(select(func.count()).select_from(model).where(model.tenant == tenant))
     if count >= limit:
-        raise TooManyRequests(f"tenant '{tenant}' already has {count} {noun} ({setting}={limit}); {advice}",
-                              details={"limit": limit, noun: count}, code=code)
+        raise TooManyRequests(
+            f"tenant '{tenant}' already has {count} {noun} ({setting}={limit}); {advice}",
+            details={"limit": limit, noun: count},
+            code=code,
+        )
 
 
 def check_dataset_quota(session: Session, settings: Settings, tenant: str) -> None:
-    _check_count(session, tenant, Dataset, settings.max_datasets_per_tenant, noun="datasets",
-                 setting="TAQ_MAX_DATASETS_PER_TENANT", advice="delete some with DELETE /v1/datasets/{id}",
-                 code="dataset_limit")
+    _check_count(
+        session,
+        tenant,
+        Dataset,
+        settings.max_datasets_per_tenant,
+        noun="datasets",
+        setting="TAQ_MAX_DATASETS_PER_TENANT",
+        advice="delete some with DELETE /v1/datasets/{id}",
+        code="dataset_limit",
+    )
 
 
 def check_job_quota(session: Session, settings: Settings, tenant: str) -> None:
-    _check_count(session, tenant, Job, settings.max_jobs_per_tenant, noun="jobs", setting="TAQ_MAX_JOBS_PER_TENANT",
-                 advice="delete finished ones with DELETE /v1/jobs/{id}", code="job_limit")
+    _check_count(
+        session,
+        tenant,
+        Job,
+        settings.max_jobs_per_tenant,
+        noun="jobs",
+        setting="TAQ_MAX_JOBS_PER_TENANT",
+        advice="delete finished ones with DELETE /v1/jobs/{id}",
+        code="job_limit",
+    )
 
 
 # ---- jobs: memory preflight ------------------------------------------------------------------
@@ -136,9 +172,17 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def estimate_for_spec(settings: Settings, source: Any, spec: JobSpec, calibration_rows: int, *,
-                      eval_rows: int = 0, checkpoint: Any = None, limit_bytes: int | None = None,
-                      device: str | None = None):
+def estimate_for_spec(
+    settings: Settings,
+    source: Any,
+    spec: JobSpec,
+    calibration_rows: int,
+    *,
+    eval_rows: int = 0,
+    checkpoint: Any = None,
+    limit_bytes: int | None = None,
+    device: str | None = None,
+):
     """core.memory.estimate_job_memory for this spec on a worker of `device` (default:
     TAQ_WORKER_DEVICE), or None when the model's shapes cannot be read (the job is then admitted;
     the worker reports any failure). Greedy generation is counted only when the whole model fits
@@ -149,29 +193,40 @@ def estimate_for_spec(settings: Settings, source: Any, spec: JobSpec, calibratio
     try:
         dims = read_model_dims(source)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("memory preflight skipped: model shapes unreadable",
-                    extra={"model": spec.model, "error": repr(exc)})
+        log.warning(
+            "memory preflight skipped: model shapes unreadable", extra={"model": spec.model, "error": repr(exc)}
+        )
         return None
     cuda = (device or settings.worker_device) == "cuda"
     evaluates = spec.eval_dataset_id is not None or spec.eval_fraction is not None
     dtypes = getattr(checkpoint, "dtypes", None) or {}
     source_bytes = 2 if dtypes and set(dtypes) <= {"BF16", "F16"} else 4
-    options = dict(method=spec.method.value, calibration_rows=min(calibration_rows, spec.max_calibration_rows),
-                   max_tokens=spec.max_tokens, evaluates=evaluates, weight_bytes=2 if cuda else 4,
-                   batch_tokens=CUDA_BATCH_TOKENS if cuda else CPU_BATCH_TOKENS, quantizer=spec.quantizer.value,
-                   widths=len([b for b in spec.bit_choices if b < 16]),
-                   sequential=spec.calibration_inputs == CalibrationInputs.quantized, eval_rows=eval_rows,
-                   budgets=len(spec.budgets) or 1, activation_ram_bytes=settings.activation_ram_bytes,
-                   group_size=spec.group_size, source_bytes=source_bytes,
-                   gguf_source=bool(getattr(source, "gguf_file", None)))
+    options = dict(
+        method=spec.method.value,
+        calibration_rows=min(calibration_rows, spec.max_calibration_rows),
+        max_tokens=spec.max_tokens,
+        evaluates=evaluates,
+        weight_bytes=2 if cuda else 4,
+        batch_tokens=CUDA_BATCH_TOKENS if cuda else CPU_BATCH_TOKENS,
+        quantizer=spec.quantizer.value,
+        widths=len([b for b in spec.bit_choices if b < 16]),
+        sequential=spec.calibration_inputs == CalibrationInputs.quantized,
+        eval_rows=eval_rows,
+        budgets=len(spec.budgets) or 1,
+        activation_ram_bytes=settings.activation_ram_bytes,
+        group_size=spec.group_size,
+        source_bytes=source_bytes,
+        gguf_source=bool(getattr(source, "gguf_file", None)),
+    )
     estimate = estimate_job_memory(dims, **options)
     if evaluates and limit_bytes is not None and estimate.generation_bytes + estimate.runtime_bytes <= limit_bytes:
         estimate = estimate_job_memory(dims, **options, generation=True)
     return estimate
 
 
-def route_job(settings: Settings, source: Any, spec: JobSpec, calibration_rows: int, *,
-              eval_rows: int = 0, checkpoint: Any = None) -> str:
+def route_job(
+    settings: Settings, source: Any, spec: JobSpec, calibration_rows: int, *, eval_rows: int = 0, checkpoint: Any = None
+) -> str:
     """The worker class a job goes to: the pinned one (``spec.worker_class``) when it holds the job,
     else the smallest class (TAQ_WORKER_CLASSES, ordered by memory) whose memory holds the
     estimate made for that class's device. Refusals are 422 ``job_too_large`` naming the estimate
@@ -183,18 +238,28 @@ def route_job(settings: Settings, source: Any, spec: JobSpec, calibration_rows: 
         if pinned is None:
             raise InvalidParameter(
                 f"worker_class '{spec.worker_class}' is not a class of this deployment; declared: "
-                + ", ".join(f"{c.name} ({c.device}, {_gib(c.memory_bytes) if c.memory_bytes else 'memory unknown'})"
-                            for c in fleet),
+                + ", ".join(
+                    f"{c.name} ({c.device}, {_gib(c.memory_bytes) if c.memory_bytes else 'memory unknown'})"
+                    for c in fleet
+                ),
                 details={"worker_class": spec.worker_class, "declared": [c.name for c in fleet]},
-                code="unknown_worker_class")
+                code="unknown_worker_class",
+            )
         candidates = [pinned]
     estimate = None
     for worker_class in candidates:
         if worker_class.memory_bytes is None:
             return worker_class.name  # memory unknown: admitted, as without a limit
-        estimate = estimate_for_spec(settings, source, spec, calibration_rows, eval_rows=eval_rows,
-                                     checkpoint=checkpoint, limit_bytes=worker_class.memory_bytes,
-                                     device=worker_class.device)
+        estimate = estimate_for_spec(
+            settings,
+            source,
+            spec,
+            calibration_rows,
+            eval_rows=eval_rows,
+            checkpoint=checkpoint,
+            limit_bytes=worker_class.memory_bytes,
+            device=worker_class.device,
+        )
         if estimate is None:  # shapes unreadable: the largest class has the best chance
             return candidates[-1].name
         if estimate.total_bytes <= worker_class.memory_bytes:
@@ -218,8 +283,17 @@ def refuse_too_large(worker_class: Any, estimate: Any, *, pinned: bool, several:
     raise InvalidParameter(
         f"job needs about {_gib(estimate.total_bytes)} of worker memory ({parts}) but {where}; lower "
         f"max_tokens or max_calibration_rows, use a smaller model, or {advice}",
-        details={"estimate_bytes": estimate.total_bytes, "limit_bytes": limit_bytes, "limit_source": source,
-                 "worker_class": worker_class.name, "device": worker_class.device,
-                 "breakdown": estimate.breakdown, "phase": estimate.phase, "phases": estimate.phases,
-                 "parameters": estimate.parameters, "assumptions": estimate.assumptions},
-        code="job_too_large")
+        details={
+            "estimate_bytes": estimate.total_bytes,
+            "limit_bytes": limit_bytes,
+            "limit_source": source,
+            "worker_class": worker_class.name,
+            "device": worker_class.device,
+            "breakdown": estimate.breakdown,
+            "phase": estimate.phase,
+            "phases": estimate.phases,
+            "parameters": estimate.parameters,
+            "assumptions": estimate.assumptions,
+        },
+        code="job_too_large",
+    )

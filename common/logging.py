@@ -6,21 +6,25 @@ import contextvars
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
-from typing import Iterator
+from datetime import UTC, datetime
 
 job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("taq_job_id", default=None)
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("taq_request_id", default=None)
 
-_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName",
-                                                                          "color_message"}
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         payload = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -57,8 +61,19 @@ def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "multipart", "filelock",
-                  "matplotlib", "PIL", "httpx", "httpcore", "alembic.runtime.plugins"):
+    for noisy in (
+        "botocore",
+        "boto3",
+        "urllib3",
+        "s3transfer",
+        "multipart",
+        "filelock",
+        "matplotlib",
+        "PIL",
+        "httpx",
+        "httpcore",
+        "alembic.runtime.plugins",
+    ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # uvicorn's own handlers would print a second, unstructured line
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):

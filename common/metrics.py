@@ -21,13 +21,17 @@ class DatabaseCollector:
     def collect(self):
         with session_scope(self.settings) as session:
             by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-            failures = session.execute(select(Job.error_code, func.count()).where(Job.status == JobStatus.failed)
-                                       .group_by(Job.error_code)).all()
-            stages = session.execute(select(StageRun.stage, func.count(), func.sum(StageRun.duration_s))
-                                     .where(StageRun.skipped.is_(False), StageRun.duration_s.is_not(None))
-                                     .group_by(StageRun.stage)).all()
-            skipped = session.execute(select(StageRun.stage, func.count()).where(StageRun.skipped.is_(True))
-                                      .group_by(StageRun.stage)).all()
+            failures = session.execute(
+                select(Job.error_code, func.count()).where(Job.status == JobStatus.failed).group_by(Job.error_code)
+            ).all()
+            stages = session.execute(
+                select(StageRun.stage, func.count(), func.sum(StageRun.duration_s))
+                .where(StageRun.skipped.is_(False), StageRun.duration_s.is_not(None))
+                .group_by(StageRun.stage)
+            ).all()
+            skipped = session.execute(
+                select(StageRun.stage, func.count()).where(StageRun.skipped.is_(True)).group_by(StageRun.stage)
+            ).all()
             depth = queue_depth_by_class(session, self.settings)
             alive = live_workers_by_class(session, self.settings)
         jobs = GaugeMetricFamily("taq_jobs", "Jobs by status", labels=["status"])
@@ -38,13 +42,13 @@ class DatabaseCollector:
         for code, n in failures:
             failed.add_metric([code or "unknown"], n)
         yield failed
-        durations = SummaryMetricFamily("taq_stage_duration_seconds", "Time spent per pipeline stage",
-                                        labels=["stage"])
+        durations = SummaryMetricFamily("taq_stage_duration_seconds", "Time spent per pipeline stage", labels=["stage"])
         for stage, n, total in stages:
             durations.add_metric([stage], count_value=n, sum_value=float(total or 0.0))
         yield durations
-        skips = CounterMetricFamily("taq_stage_skipped", "Stages skipped on resume (output already stored)",
-                                    labels=["stage"])
+        skips = CounterMetricFamily(
+            "taq_stage_skipped", "Stages skipped on resume (output already stored)", labels=["stage"]
+        )
         for stage, n in skipped:
             skips.add_metric([stage], n)
         yield skips
@@ -52,8 +56,9 @@ class DatabaseCollector:
         for name, n in depth.items():
             queued.add_metric([name], n)
         yield queued
-        workers = GaugeMetricFamily("taq_live_workers", "Workers heart-beating, per worker class",
-                                    labels=["worker_class"])
+        workers = GaugeMetricFamily(
+            "taq_live_workers", "Workers heart-beating, per worker class", labels=["worker_class"]
+        )
         for name, n in alive.items():
             workers.add_metric([name], n)
         yield workers

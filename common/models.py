@@ -31,7 +31,7 @@ def model_registry(settings: Settings) -> dict[str, Path]:
         except (OSError, ValueError) as exc:
             raise ValueError(f"TAQ_MODEL_REGISTRY {settings.model_registry} is unreadable: {exc}") from exc
         if not isinstance(extra, dict):
-            raise ValueError("TAQ_MODEL_REGISTRY must hold a JSON object {\"id\": \"/path\"}")
+            raise ValueError('TAQ_MODEL_REGISTRY must hold a JSON object {"id": "/path"}')
         registry.update({str(k): Path(v).expanduser() for k, v in extra.items()})
     return registry
 
@@ -42,16 +42,20 @@ def resolve_model(settings: Settings, model_id: str):
     from core.models import resolve_model as core_resolve
 
     try:
-        return core_resolve(model_id, list(settings.model_roots), model_registry(settings),
-                            allow_pickle=settings.allow_pickle)
+        return core_resolve(
+            model_id, list(settings.model_roots), model_registry(settings), allow_pickle=settings.allow_pickle
+        )
     except ModelNotFound as exc:
         if not (isinstance(exc.details, dict) and "tried" in exc.details):
             raise  # a specific reason (e.g. a directory without weights); the API cuts any path
         # the places tried are server paths: they go to the log (with the request id), not to the caller
         log.info("model not found", extra={"model": model_id, "tried": exc.message})
-        raise ModelNotFound(f"model '{model_id}' not found: it is not a packaged model, a registry entry or a "
-                            "model directory under TAQ_MODEL_ROOTS; GET /v1/models lists the ids this "
-                            "deployment can load", details={"model": model_id}) from None
+        raise ModelNotFound(
+            f"model '{model_id}' not found: it is not a packaged model, a registry entry or a "
+            "model directory under TAQ_MODEL_ROOTS; GET /v1/models lists the ids this "
+            "deployment can load",
+            details={"model": model_id},
+        ) from None
 
 
 def _source_dict(source: Any) -> dict[str, Any]:
@@ -75,8 +79,10 @@ def _source_dict(source: Any) -> dict[str, Any]:
 def list_available(settings: Settings) -> list[dict[str, Any]]:
     from core.models import list_models
 
-    return sorted((_source_dict(s) for s in list_models(list(settings.model_roots), model_registry(settings))),
-                  key=lambda d: str(d.get("id")))
+    return sorted(
+        (_source_dict(s) for s in list_models(list(settings.model_roots), model_registry(settings))),
+        key=lambda d: str(d.get("id")),
+    )
 
 
 def source_sha256(settings: Settings, source: Any) -> str:

@@ -11,9 +11,9 @@ from datetime import timedelta
 from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
+from common.datasets import get_dataset
 from common.errors import Conflict, InvalidParameter
 from common.jobs import decode_cursor, encode_cursor, get_job
-from common.datasets import get_dataset
 from common.lifecycle import purge_job_outputs
 from common.orm import Dataset, Job, JobStatus, utcnow
 from common.settings import Settings
@@ -25,8 +25,9 @@ ACTIVE = (JobStatus.queued, JobStatus.running)
 
 
 # ---- datasets --------------------------------------------------------------------------------
-def list_datasets(session: Session, settings: Settings, tenant: str, *, limit: int | None = None,
-                  cursor: str | None = None) -> tuple[list[Dataset], str | None]:
+def list_datasets(
+    session: Session, settings: Settings, tenant: str, *, limit: int | None = None, cursor: str | None = None
+) -> tuple[list[Dataset], str | None]:
     """Newest first, keyset-paginated on (created_at, id) like the jobs."""
     limit = limit or settings.default_page_size
     if not 1 <= limit <= settings.max_page_size:
@@ -34,10 +35,12 @@ def list_datasets(session: Session, settings: Settings, tenant: str, *, limit: i
     query = select(Dataset).where(Dataset.tenant == tenant)
     if cursor:
         created, last_id = decode_cursor(cursor)
-        query = query.where(or_(Dataset.created_at < created,
-                                and_(Dataset.created_at == created, Dataset.id < last_id)))
-    rows = list(session.execute(query.order_by(Dataset.created_at.desc(), Dataset.id.desc())
-                                .limit(limit + 1)).scalars())
+        query = query.where(
+            or_(Dataset.created_at < created, and_(Dataset.created_at == created, Dataset.id < last_id))
+        )
+    rows = list(
+        session.execute(query.order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit + 1)).scalars()
+    )
     next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     return rows[:limit], next_cursor
 
@@ -45,8 +48,11 @@ def list_datasets(session: Session, settings: Settings, tenant: str, *, limit: i
 def jobs_using(session: Session, tenant: str, dataset_id: str) -> list[str]:
     """Queued or running jobs of the tenant whose spec names the dataset."""
     active = session.execute(select(Job.id, Job.spec).where(Job.tenant == tenant, Job.status.in_(ACTIVE))).all()
-    return [job_id for job_id, spec in active
-            if dataset_id in (spec.get("calibration_dataset_id"), spec.get("eval_dataset_id"))]
+    return [
+        job_id
+        for job_id, spec in active
+        if dataset_id in (spec.get("calibration_dataset_id"), spec.get("eval_dataset_id"))
+    ]
 
 
 def delete_dataset(session: Session, storage: Storage, tenant: str, dataset_id: str) -> None:
@@ -56,8 +62,12 @@ def delete_dataset(session: Session, storage: Storage, tenant: str, dataset_id: 
     row = get_dataset(session, tenant, dataset_id)
     users = jobs_using(session, tenant, dataset_id)
     if users:
-        raise Conflict(f"dataset '{dataset_id}' is used by {len(users)} queued or running job(s); cancel them or "
-                       "wait until they finish", details={"jobs": users[:20]}, code="dataset_in_use")
+        raise Conflict(
+            f"dataset '{dataset_id}' is used by {len(users)} queued or running job(s); cancel them or "
+            "wait until they finish",
+            details={"jobs": users[:20]},
+            code="dataset_in_use",
+        )
     key, digest = row.storage_key, row.sha256
     session.delete(row)
     session.commit()
@@ -72,8 +82,11 @@ def delete_job(session: Session, storage: Storage, tenant: str, job_id: str) -> 
     artifacts cascade). A queued or running job is a 409: cancel it first."""
     job = get_job(session, tenant, job_id)
     if job.status in ACTIVE:
-        raise Conflict(f"job '{job_id}' is {job.status}; cancel it and delete it once it has stopped",
-                       details={"status": job.status}, code="job_not_finished")
+        raise Conflict(
+            f"job '{job_id}' is {job.status}; cancel it and delete it once it has stopped",
+            details={"status": job.status},
+            code="job_not_finished",
+        )
     _remove_job(session, storage, job_id)
     log.info("job deleted", extra={"job_id": job_id, "tenant": tenant})
 
@@ -98,13 +111,17 @@ def retention_pass(session: Session, settings: Settings, storage: Storage, *, ba
     if settings.retention_days is None:
         return report
     cutoff = utcnow() - timedelta(days=settings.retention_days)
-    old_jobs = session.execute(select(Job.id).where(Job.status.in_(JobStatus.FINISHED), Job.finished_at < cutoff)
-                               .limit(batch)).scalars().all()
+    old_jobs = (
+        session.execute(select(Job.id).where(Job.status.in_(JobStatus.FINISHED), Job.finished_at < cutoff).limit(batch))
+        .scalars()
+        .all()
+    )
     for job_id in old_jobs:
         _remove_job(session, storage, job_id)
         report.jobs.append(job_id)
-    old_datasets = session.execute(select(Dataset.id, Dataset.tenant).where(Dataset.created_at < cutoff)
-                                   .limit(batch)).all()
+    old_datasets = session.execute(
+        select(Dataset.id, Dataset.tenant).where(Dataset.created_at < cutoff).limit(batch)
+    ).all()
     for dataset_id, tenant in old_datasets:
         try:
             delete_dataset(session, storage, tenant, dataset_id)
@@ -112,6 +129,5 @@ def retention_pass(session: Session, settings: Settings, storage: Storage, *, ba
         except Conflict:  # still read by a queued or running job: a later pass takes it
             session.rollback()
     if report.jobs or report.datasets:
-        log.info("retention", extra={"jobs": report.jobs, "datasets": report.datasets,
-                                     "days": settings.retention_days})
+        log.info("retention", extra={"jobs": report.jobs, "datasets": report.datasets, "days": settings.retention_days})
     return report

@@ -36,8 +36,10 @@ def parse_api_keys(raw: str) -> dict[str, str]:
         tenant, sep, key = item.partition(":")
         tenant, key = tenant.strip(), key.strip()
         if not sep or not key or not TENANT_RE.match(tenant):
-            raise ValueError("TAQ_API_KEYS must look like 'tenant:key,tenant2:key2' "
-                             "(tenant: lower-case letters, digits, '_', '-', '.')")
+            raise ValueError(
+                "TAQ_API_KEYS must look like 'tenant:key,tenant2:key2' "
+                "(tenant: lower-case letters, digits, '_', '-', '.')"
+            )
         if len(key) < 16:
             raise ValueError(f"the API key of tenant '{tenant}' is shorter than 16 characters")
         if key in keys and keys[key] != tenant:
@@ -48,8 +50,17 @@ def parse_api_keys(raw: str) -> dict[str, str]:
 
 WORKER_CLASS_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _MEMORY_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)$", re.IGNORECASE)
-_MEMORY_UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-                 "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_MEMORY_UNITS = {
+    "b": 1,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+}
 DEFAULT_WORKER_CLASS = "default"
 QUEUE_PREFIX = "quantize"
 
@@ -232,7 +243,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _embedded_defaults(self) -> "Settings":
+    def _embedded_defaults(self) -> Settings:
         d = self.data_dir
         if not self.database_url:
             self.database_url = f"sqlite:///{d / 'taq.db'}"
@@ -306,8 +317,11 @@ class Settings(BaseSettings):
         if declared:
             return sorted(declared, key=lambda c: (c.memory_bytes or 0, c.name))
         limit = self.worker_memory_limit()
-        return [WorkerClass(DEFAULT_WORKER_CLASS, self.worker_device, limit[0] if limit else None,
-                            limit[1] if limit else "unknown")]
+        return [
+            WorkerClass(
+                DEFAULT_WORKER_CLASS, self.worker_device, limit[0] if limit else None, limit[1] if limit else "unknown"
+            )
+        ]
 
     def find_worker_class(self, name: str) -> WorkerClass | None:
         return next((c for c in self.fleet() if c.name == name), None)
@@ -326,12 +340,15 @@ class Settings(BaseSettings):
         if self.worker_class is None:
             if len(fleet) == 1:
                 return fleet[0]
-            raise ValueError(f"TAQ_WORKER_CLASSES declares several classes ({names}); "
-                             "start the worker with --class NAME")
+            raise ValueError(
+                f"TAQ_WORKER_CLASSES declares several classes ({names}); start the worker with --class NAME"
+            )
         found = self.find_worker_class(self.worker_class)
         if found is None:
-            raise ValueError(f"worker class '{self.worker_class}' is not declared (declared: {names}); "
-                             "add it to TAQ_WORKER_CLASSES as name=device:memory")
+            raise ValueError(
+                f"worker class '{self.worker_class}' is not declared (declared: {names}); "
+                "add it to TAQ_WORKER_CLASSES as name=device:memory"
+            )
         return found
 
     @property

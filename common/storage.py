@@ -16,9 +16,10 @@ import re
 import shutil
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 from common.errors import InvalidKey, NotFound
@@ -30,8 +31,12 @@ MAX_KEY_LENGTH = 900
 
 
 def validate_key(key: str) -> str:
-    if (not isinstance(key, str) or len(key) > MAX_KEY_LENGTH or not _KEY_RE.match(key)
-            or any(part in (".", "..") for part in key.split("/"))):
+    if (
+        not isinstance(key, str)
+        or len(key) > MAX_KEY_LENGTH
+        or not _KEY_RE.match(key)
+        or any(part in (".", "..") for part in key.split("/"))
+    ):
         raise InvalidKey(f"invalid storage key {key!r}")
     return key
 
@@ -163,6 +168,7 @@ class FileStorage(Storage):
         def copy(out: BinaryIO) -> None:
             with open(path, "rb") as src:
                 shutil.copyfileobj(src, out, CHUNK)
+
         return self._atomic_write(key, copy)
 
     def open_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
@@ -251,8 +257,9 @@ class S3Storage(Storage):
 
     MULTIPART_THRESHOLD = 64 * 1024 * 1024
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None,
-                 region: str | None = None, client=None) -> None:
+    def __init__(
+        self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None, client=None
+    ) -> None:
         import boto3
         from botocore.config import Config
 
@@ -262,10 +269,15 @@ class S3Storage(Storage):
             validate_key(self.prefix)
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.client = client or boto3.client(
-            "s3", endpoint_url=endpoint_url, region_name=region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-            config=Config(retries={"max_attempts": 5, "mode": "standard"},
-                          connect_timeout=5, read_timeout=60,
-                          s3={"addressing_style": "path"} if endpoint_url else None),
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            config=Config(
+                retries={"max_attempts": 5, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
+                s3={"addressing_style": "path"} if endpoint_url else None,
+            ),
         )
 
     def _k(self, key: str) -> str:
@@ -273,7 +285,7 @@ class S3Storage(Storage):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _strip(self, full: str) -> str:
-        return full[len(self.prefix) + 1:] if self.prefix else full
+        return full[len(self.prefix) + 1 :] if self.prefix else full
 
     @staticmethod
     def _missing(exc: Exception) -> bool:
@@ -282,8 +294,7 @@ class S3Storage(Storage):
 
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
         digest = hashlib.sha256(data).hexdigest()
-        self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data,
-                               Metadata={"sha256": digest})
+        self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, Metadata={"sha256": digest})
         return ObjectInfo(key, len(data))
 
     def put_file(self, key: str, path: Path) -> ObjectInfo:
@@ -293,10 +304,12 @@ class S3Storage(Storage):
         with open(path, "rb") as src:
             for chunk in iter(lambda: src.read(CHUNK), b""):
                 digest.update(chunk)
-        config = TransferConfig(multipart_threshold=self.MULTIPART_THRESHOLD,
-                                multipart_chunksize=self.MULTIPART_THRESHOLD)
-        self.client.upload_file(str(path), self.bucket, self._k(key), Config=config,
-                                ExtraArgs={"Metadata": {"sha256": digest.hexdigest()}})
+        config = TransferConfig(
+            multipart_threshold=self.MULTIPART_THRESHOLD, multipart_chunksize=self.MULTIPART_THRESHOLD
+        )
+        self.client.upload_file(
+            str(path), self.bucket, self._k(key), Config=config, ExtraArgs={"Metadata": {"sha256": digest.hexdigest()}}
+        )
         return ObjectInfo(key, Path(path).stat().st_size)
 
     def open_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
@@ -319,6 +332,7 @@ class S3Storage(Storage):
                 yield from body.iter_chunks(CHUNK)
             finally:
                 body.close()
+
         return chunks()
 
     def _head(self, key: str) -> dict:
@@ -362,9 +376,10 @@ class S3Storage(Storage):
             raise InvalidKey("refusing to delete the whole store")
         keys = [self._k(o.key) for o in self.list(prefix)]
         for i in range(0, len(keys), 1000):
-            batch = keys[i:i + 1000]
-            self.client.delete_objects(Bucket=self.bucket,
-                                       Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+            batch = keys[i : i + 1000]
+            self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            )
         return len(keys)
 
     def check(self) -> None:
@@ -380,8 +395,7 @@ class S3Storage(Storage):
 def storage_from_url(url: str, *, endpoint_url: str | None = None, region: str | None = None) -> Storage:
     parsed = urlparse(url)
     if parsed.scheme == "file":
-        path = unquote(parsed.netloc + parsed.path) if parsed.netloc not in ("", "localhost") \
-            else unquote(parsed.path)
+        path = unquote(parsed.netloc + parsed.path) if parsed.netloc not in ("", "localhost") else unquote(parsed.path)
         return FileStorage(Path(path))
     if parsed.scheme == "s3":
         if not parsed.netloc:
@@ -391,5 +405,4 @@ def storage_from_url(url: str, *, endpoint_url: str | None = None, region: str |
 
 
 def storage_from_settings(settings) -> Storage:
-    return storage_from_url(settings.storage_url, endpoint_url=settings.s3_endpoint_url,
-                            region=settings.s3_region)
+    return storage_from_url(settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)

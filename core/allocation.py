@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import Mapping, Sequence
 
 from core.errors import BudgetInfeasible, InvalidSpec
 from core.spec import ALLOWED_BITS, Method
@@ -60,8 +60,7 @@ def _shapes(linears) -> tuple[tuple[int, int], ...]:
 
 
 def layer_costs_from_profile(profile: Profile) -> list[LayerCost]:
-    return [LayerCost(l.name, l.params, l.sensitivity, dict(l.quant_error), _shapes(l.linears))
-            for l in profile.layers]
+    return [LayerCost(l.name, l.params, l.sensitivity, dict(l.quant_error), _shapes(l.linears)) for l in profile.layers]
 
 
 @dataclass(frozen=True)
@@ -83,9 +82,11 @@ def linear_units(profile: Profile) -> list[LinearUnit]:
 
     missing = [l.name for l in profile.layers if not l.linears]
     if missing:
-        raise InvalidSpec(f"the profile has no per-linear errors for {missing[:3]}"
-                          f"{' …' if len(missing) > 3 else ''}; it was scored before they were "
-                          "kept: score again for allocation_unit 'linear'")
+        raise InvalidSpec(
+            f"the profile has no per-linear errors for {missing[:3]}"
+            f"{' …' if len(missing) > 3 else ''}; it was scored before they were "
+            "kept: score again for allocation_unit 'linear'"
+        )
     units = []
     for layer in profile.layers:
         by_name = {lin.name: lin for lin in layer.linears}
@@ -94,8 +95,12 @@ def linear_units(profile: Profile) -> list[LinearUnit]:
             n_unit = sum(m.params for m in members)
             widths = set.intersection(*(set(m.quant_error) for m in members))
             error = {b: sum(m.params * m.quant_error[b] for m in members) / n_unit for b in sorted(widths)}
-            units.append(LinearUnit(LayerCost(names[0], n_unit, layer.sensitivity * n_unit / layer.params, error,
-                                              _shapes(members)), tuple(names)))
+            units.append(
+                LinearUnit(
+                    LayerCost(names[0], n_unit, layer.sensitivity * n_unit / layer.params, error, _shapes(members)),
+                    tuple(names),
+                )
+            )
     return units
 
 
@@ -107,6 +112,7 @@ def expand_units(allocation: BitAllocation, units: Sequence[LinearUnit]) -> BitA
 
 # ------------------------------------------------------------------------------ shared helpers
 
+
 def layer_cost(layer: LayerCost, bits: int, group_size: int, symmetric: bool) -> int:
     """g · stored bits of the unit at `bits`, an exact integer (see the module docstring)."""
     if bits >= 16:
@@ -114,8 +120,9 @@ def layer_cost(layer: LayerCost, bits: int, group_size: int, symmetric: bool) ->
     overhead = group_overhead_bits(symmetric)
     if not layer.shapes:
         return layer.params * (bits * group_size + overhead)
-    return sum(out * (inp * bits * group_size + -(-inp // group_size) * group_size * overhead)
-               for out, inp in layer.shapes)
+    return sum(
+        out * (inp * bits * group_size + -(-inp // group_size) * group_size * overhead) for out, inp in layer.shapes
+    )
 
 
 def _exact_budget(avg_bits: float) -> Fraction:
@@ -139,8 +146,11 @@ def _check_common(bit_choices: Sequence[int], group_size: int) -> list[int]:
 
 
 def _as_layers(profile_or_layers: Profile | Sequence[LayerCost]) -> list[LayerCost]:
-    layers = (layer_costs_from_profile(profile_or_layers) if isinstance(profile_or_layers, Profile)
-              else list(profile_or_layers))
+    layers = (
+        layer_costs_from_profile(profile_or_layers)
+        if isinstance(profile_or_layers, Profile)
+        else list(profile_or_layers)
+    )
     if not layers:
         raise ValueError("no layers to allocate")
     seen: set[str] = set()
@@ -171,8 +181,7 @@ def _objective(layers: Sequence[LayerCost], bits: Mapping[str, int]) -> float | 
     return total
 
 
-def effective_of(layers: Sequence[LayerCost], bits: Mapping[str, int], group_size: int,
-                 symmetric: bool) -> Fraction:
+def effective_of(layers: Sequence[LayerCost], bits: Mapping[str, int], group_size: int, symmetric: bool) -> Fraction:
     """Exact stored bits per weight of `bits` over `layers`."""
     cost = sum(layer_cost(l, bits[l.name], group_size, symmetric) for l in layers)
     return Fraction(cost, group_size * sum(l.params for l in layers))
@@ -189,10 +198,11 @@ def _scheme(group_size: int, symmetric: bool) -> str:
 
 # ------------------------------------------------------------------------------ budget (exact MCKP)
 
+
 @dataclass(frozen=True)
 class _Option:
     bits: int
-    extra: int      # cost above the layer's cheapest choice, in solver units
+    extra: int  # cost above the layer's cheapest choice, in solver units
     true_extra: int  # the same in exact units (differs from `extra` on the grid)
     primary: float
     secondary: float
@@ -215,9 +225,13 @@ def _solve(options: list[list[_Option]], slack: int, max_states: int | None) -> 
     for layer_opts in options:
         streams = []
         for oi, opt in enumerate(layer_opts):
-            streams.append([
-                (costs[p] + opt.extra, prims[p] + opt.primary, secs[p] + opt.secondary, p, oi)
-                for p in range(len(costs)) if costs[p] + opt.extra <= slack])
+            streams.append(
+                [
+                    (costs[p] + opt.extra, prims[p] + opt.primary, secs[p] + opt.secondary, p, oi)
+                    for p in range(len(costs))
+                    if costs[p] + opt.extra <= slack
+                ]
+            )
         new_costs: list[int] = []
         new_prims: list[float] = []
         new_secs: list[float] = []
@@ -248,9 +262,16 @@ def _solve(options: list[list[_Option]], slack: int, max_states: int | None) -> 
     return chosen
 
 
-def allocate_budget(layers: Profile | Sequence[LayerCost], avg_bits: float, bit_choices: Sequence[int],
-                    group_size: int, symmetric: bool, *, max_states: int = 100_000,
-                    grid_steps: int = 10_000) -> BitAllocation:
+def allocate_budget(
+    layers: Profile | Sequence[LayerCost],
+    avg_bits: float,
+    bit_choices: Sequence[int],
+    group_size: int,
+    symmetric: bool,
+    *,
+    max_states: int = 100_000,
+    grid_steps: int = 10_000,
+) -> BitAllocation:
     """Exact minimum of Σ s_l·e_l(b_l) s.t. Σ n_l·eff(b_l) ≤ avg_bits·Σ n_l (see module docstring).
 
     Raises `BudgetInfeasible` (details `min_avg_bits`) when even the lowest choice everywhere
@@ -279,7 +300,8 @@ def allocate_budget(layers: Profile | Sequence[LayerCost], avg_bits: float, bit_
             f"bit budget avg_bits={avg_bits} cannot be met: with bit_choices {choices} "
             f"({_scheme(group_size, symmetric)}) the smallest achievable is {_display_up(min_bits)} "
             f"effective bits (every layer at {choices[0]} bits); raise avg_bits or allow fewer bits",
-            details={"min_avg_bits": float(min_bits), "avg_bits": float(avg_bits)})
+            details={"min_avg_bits": float(min_bits), "avg_bits": float(avg_bits)},
+        )
     slack = budget - base
 
     def build(scale: int | None) -> list[list[_Option]]:
@@ -319,8 +341,14 @@ def allocate_budget(layers: Profile | Sequence[LayerCost], avg_bits: float, bit_
 
 # ------------------------------------------------------------------------------ uniform
 
-def allocate_uniform(profile_or_layers: Profile | Sequence[LayerCost], avg_bits: float,
-                     bit_choices: Sequence[int], group_size: int, symmetric: bool) -> BitAllocation:
+
+def allocate_uniform(
+    profile_or_layers: Profile | Sequence[LayerCost],
+    avg_bits: float,
+    bit_choices: Sequence[int],
+    group_size: int,
+    symmetric: bool,
+) -> BitAllocation:
     """Every layer (or linear) at the highest choice whose effective bits fit `avg_bits` (baseline)."""
     choices = _check_common(bit_choices, group_size)
     layers = _as_layers(profile_or_layers)
@@ -332,7 +360,9 @@ def allocate_uniform(profile_or_layers: Profile | Sequence[LayerCost], avg_bits:
         raise BudgetInfeasible(
             f"bit budget avg_bits={avg_bits} cannot be met by a uniform allocation: the lowest of "
             f"bit_choices {choices} ({_scheme(group_size, symmetric)}) costs {_display_up(min_bits)} "
-            "effective bits", details={"min_avg_bits": float(min_bits), "avg_bits": float(avg_bits)})
+            "effective bits",
+            details={"min_avg_bits": float(min_bits), "avg_bits": float(avg_bits)},
+        )
     bits = {l.name: fitting[-1] for l in layers}
     return BitAllocation(
         bits=bits,
@@ -346,15 +376,22 @@ def allocate_uniform(profile_or_layers: Profile | Sequence[LayerCost], avg_bits:
 
 # ------------------------------------------------------------------------------ paper rule
 
+
 def _ranked(names: Sequence[str], importance: Mapping[str, float]) -> list[str]:
     """Most important first; ties go to the earlier layer."""
     position = {n: i for i, n in enumerate(names)}
     return sorted(names, key=lambda n: (-importance[n], position[n]))
 
 
-def allocate_paper(profile_or_layers: Profile | Sequence[LayerCost], method: Method | str,
-                   group_size: int, symmetric: bool, avg_bits: float | None = None, *,
-                   importance: Mapping[str, float] | None = None) -> BitAllocation:
+def allocate_paper(
+    profile_or_layers: Profile | Sequence[LayerCost],
+    method: Method | str,
+    group_size: int,
+    symmetric: bool,
+    avg_bits: float | None = None,
+    *,
+    importance: Mapping[str, float] | None = None,
+) -> BitAllocation:
     """The paper's fixed rule (bit_choices do not apply).
 
     taq:  the top ⌈L/4⌉ layers by importance → 8 bits, the rest → 4.
@@ -394,7 +431,7 @@ def allocate_paper(profile_or_layers: Profile | Sequence[LayerCost], method: Met
         k = min(len(rest), max(1, (count + 5) // 10))
         keep = edges | set(_ranked(rest, scores)[:k])
         bits = {n: 16 if n in keep else 4 for n in names}
-        rule_text = (f"taqo: first 2, last 2 and top {k} of {count} layers at 16 bits, the rest at 4")
+        rule_text = f"taqo: first 2, last 2 and top {k} of {count} layers at 16 bits, the rest at 4"
 
     achieved = effective_of(layers, bits, group_size, symmetric)
     if avg_bits is not None and achieved > _exact_budget(avg_bits):
@@ -402,7 +439,8 @@ def allocate_paper(profile_or_layers: Profile | Sequence[LayerCost], method: Met
             f"the paper rule ({rule_text}; {_scheme(group_size, symmetric)}) costs "
             f"{_display_up(achieved)} effective bits, above the budget avg_bits={avg_bits}; raise "
             "avg_bits or use allocation 'budget'",
-            details={"min_avg_bits": float(achieved), "avg_bits": float(avg_bits)})
+            details={"min_avg_bits": float(achieved), "avg_bits": float(avg_bits)},
+        )
     return BitAllocation(
         bits=bits,
         effective_bits=float(achieved),

@@ -4,8 +4,9 @@ sequences (`make_batches`). The passes themselves are in core/streaming/."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ __all__ = [
 # progress helper
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class StageProgress:
     """Maps a sub-task's [0, 1] onto [start, end] of one stage and checks cancellation."""
@@ -43,21 +45,23 @@ class StageProgress:
         if self.should_cancel():
             raise Cancelled("cancelled by request")
 
-    def span(self, start: float, end: float) -> "StageProgress":
+    def span(self, start: float, end: float) -> StageProgress:
         width = self.end - self.start
-        return StageProgress(self.progress, self.should_cancel, self.stage,
-                             self.start + width * start, self.start + width * end)
+        return StageProgress(
+            self.progress, self.should_cancel, self.stage, self.start + width * start, self.start + width * end
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # batching
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Batch:
-    input_ids: torch.Tensor       # [B, T] long, right-padded
+    input_ids: torch.Tensor  # [B, T] long, right-padded
     attention_mask: torch.Tensor  # [B, T] long
-    rows: tuple[int, ...]         # indices of the sequences in this batch
+    rows: tuple[int, ...]  # indices of the sequences in this batch
 
     @property
     def valid(self) -> torch.Tensor:
@@ -85,8 +89,14 @@ def default_batch_tokens(device: torch.device | str) -> int:
     return 16384 if torch.device(device).type == "cuda" else 2048
 
 
-def make_batches(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str, *,
-                 max_batch_tokens: int = 2048, max_batch_size: int = 32) -> list[Batch]:
+def make_batches(
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device | str,
+    *,
+    max_batch_tokens: int = 2048,
+    max_batch_size: int = 32,
+) -> list[Batch]:
     """Right-padded batches, longest sequences first (deterministic; minimises padding).
     A batch holds at most `max_batch_size` sequences and `max_batch_tokens` padded tokens
     (a single longer sequence still gets its own batch)."""

@@ -17,19 +17,30 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
-from core.allocation import (LayerCost, _as_layers, _check_common, _exact_budget, _objective, _scheme,
-                             allocate_budget, allocate_uniform, effective_of, layer_cost)
+from core.allocation import (
+    LayerCost,
+    _as_layers,
+    _check_common,
+    _exact_budget,
+    _objective,
+    _scheme,
+    allocate_budget,
+    allocate_uniform,
+    effective_of,
+    layer_cost,
+)
 from core.errors import BudgetInfeasible
 from core.types import BitAllocation, Profile
 
 __all__ = ["allocate_error_only", "allocate_random", "allocate_uniform_mix", "spread"]
 
 
-def allocate_error_only(layers: Profile | Sequence[LayerCost], avg_bits: float, bit_choices: Sequence[int],
-                        group_size: int, symmetric: bool) -> BitAllocation:
+def allocate_error_only(
+    layers: Profile | Sequence[LayerCost], avg_bits: float, bit_choices: Sequence[int], group_size: int, symmetric: bool
+) -> BitAllocation:
     """`allocate_budget` with every sensitivity set to 1 (rule "error_only")."""
     flat = [replace(l, sensitivity=1.0) for l in _as_layers(layers)]
     allocation = allocate_budget(flat, avg_bits, bit_choices, group_size, symmetric)
@@ -40,24 +51,46 @@ def _budget_units(layers: list[LayerCost], avg_bits: float, group_size: int) -> 
     return math.floor(_exact_budget(avg_bits) * group_size * sum(l.params for l in layers))
 
 
-def _infeasible(layers: list[LayerCost], avg_bits: float, choices: list[int], group_size: int,
-                symmetric: bool) -> BudgetInfeasible:
+def _infeasible(
+    layers: list[LayerCost], avg_bits: float, choices: list[int], group_size: int, symmetric: bool
+) -> BudgetInfeasible:
     lowest = effective_of(layers, {l.name: choices[0] for l in layers}, group_size, symmetric)
     return BudgetInfeasible(
         f"bit budget avg_bits={avg_bits} cannot be met: with bit_choices {choices} "
         f"({_scheme(group_size, symmetric)}) every layer at {choices[0]} bits already costs "
         f"{math.ceil(lowest * 10_000) / 10_000:.4f} effective bits",
-        details={"min_avg_bits": float(lowest), "avg_bits": float(avg_bits)})
+        details={"min_avg_bits": float(lowest), "avg_bits": float(avg_bits)},
+    )
 
 
-def _allocation(layers: list[LayerCost], bits: dict[str, int], avg_bits: float, group_size: int,
-                symmetric: bool, rule: str, solver: str) -> BitAllocation:
-    return BitAllocation(bits=bits, effective_bits=float(effective_of(layers, bits, group_size, symmetric)),
-                         budget=float(avg_bits), rule=rule, objective=_objective(layers, bits), solver=solver)
+def _allocation(
+    layers: list[LayerCost],
+    bits: dict[str, int],
+    avg_bits: float,
+    group_size: int,
+    symmetric: bool,
+    rule: str,
+    solver: str,
+) -> BitAllocation:
+    return BitAllocation(
+        bits=bits,
+        effective_bits=float(effective_of(layers, bits, group_size, symmetric)),
+        budget=float(avg_bits),
+        rule=rule,
+        objective=_objective(layers, bits),
+        solver=solver,
+    )
 
 
-def allocate_random(layers: Profile | Sequence[LayerCost], avg_bits: float, bit_choices: Sequence[int],
-                    group_size: int, symmetric: bool, *, seed: int = 0) -> BitAllocation:
+def allocate_random(
+    layers: Profile | Sequence[LayerCost],
+    avg_bits: float,
+    bit_choices: Sequence[int],
+    group_size: int,
+    symmetric: bool,
+    *,
+    seed: int = 0,
+) -> BitAllocation:
     """Every layer at the lowest choice; then, in the order of a `random.Random(seed)` shuffle,
     each layer raised to the widest choice the remaining budget pays for (rule "random")."""
     choices = _check_common(bit_choices, group_size)
@@ -92,8 +125,9 @@ def spread(count: int, total: int) -> list[int]:
     return sorted({round(k * (total - 1) / (count - 1)) for k in range(count)})
 
 
-def allocate_uniform_mix(layers: Profile | Sequence[LayerCost], avg_bits: float, bit_choices: Sequence[int],
-                         group_size: int, symmetric: bool) -> BitAllocation:
+def allocate_uniform_mix(
+    layers: Profile | Sequence[LayerCost], avg_bits: float, bit_choices: Sequence[int], group_size: int, symmetric: bool
+) -> BitAllocation:
     """The widest single choice that fits everywhere, plus the most layers one choice higher that
     the budget pays for, evenly spaced over the depth (rule "uniform")."""
     choices = _check_common(bit_choices, group_size)
@@ -114,5 +148,12 @@ def allocate_uniform_mix(layers: Profile | Sequence[LayerCost], avg_bits: float,
         count -= 1
     if count == 0:
         return base_alloc
-    return _allocation(layers, bits, avg_bits, group_size, symmetric, "uniform",
-                       f"uniform-mix({low}/{high} bits, {count} of {len(layers)} layers at {high})")
+    return _allocation(
+        layers,
+        bits,
+        avg_bits,
+        group_size,
+        symmetric,
+        "uniform",
+        f"uniform-mix({low}/{high} bits, {count} of {len(layers)} layers at {high})",
+    )

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -125,8 +126,9 @@ def parse_jsonl(data: bytes) -> list[CalibrationRow]:
         n = len(errors) + more
         suffix = f" (first {len(errors)} listed)" if more else ""
         first = errors[0]
-        raise DataError(f"{n} invalid row{'s' if n != 1 else ''}{suffix}; line {first['line']}: {first['reason']}",
-                        details=errors)
+        raise DataError(
+            f"{n} invalid row{'s' if n != 1 else ''}{suffix}; line {first['line']}: {first['reason']}", details=errors
+        )
     if not rows:
         raise DataError("the dataset has no rows", details=[])
     return rows
@@ -161,8 +163,8 @@ def _truncate(ids: list[int], max_tokens: int, bos: int | None) -> list[int]:
     if len(ids) <= max_tokens:
         return ids
     if bos is not None and ids and ids[0] == bos and max_tokens > 1:
-        return [bos] + ids[len(ids) - (max_tokens - 1):]
-    return ids[len(ids) - max_tokens:]
+        return [bos] + ids[len(ids) - (max_tokens - 1) :]
+    return ids[len(ids) - max_tokens :]
 
 
 def tokenize_rows(rows: Sequence[CalibrationRow], tokenizer: Any, max_tokens: int) -> list[list[int]]:
@@ -202,8 +204,10 @@ def split_rows(rows: Sequence[CalibrationRow], eval_fraction: float, seed: int) 
     order = list(range(n))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
-    return RowSplit(calibration=[r for i, r in enumerate(rows) if i not in held],
-                    evaluation=[r for i, r in enumerate(rows) if i in held])
+    return RowSplit(
+        calibration=[r for i, r in enumerate(rows) if i not in held],
+        evaluation=[r for i, r in enumerate(rows) if i in held],
+    )
 
 
 def subsample_rows(rows: Sequence[CalibrationRow], max_rows: int, seed: int) -> list[CalibrationRow]:

@@ -24,12 +24,16 @@ class DiskEstimate:
         return self.checkpoint_bytes + self.export_bytes
 
     def to_dict(self) -> dict[str, int]:
-        return {"checkpoint_bytes": self.checkpoint_bytes, "export_bytes": self.export_bytes,
-                "total_bytes": self.total_bytes}
+        return {
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "export_bytes": self.export_bytes,
+            "total_bytes": self.total_bytes,
+        }
 
 
-def estimate_job_disk(dims: ModelDims, *, bit_choices: list[int], group_size: int, budgets: list[float],
-                      formats: int) -> DiskEstimate:
+def estimate_job_disk(
+    dims: ModelDims, *, bit_choices: list[int], group_size: int, budgets: list[float], formats: int
+) -> DiskEstimate:
     """Bytes a job stores: the checkpoints of the layer pass plus, per budget and export format,
     the quantized linears at the budget's effective bits (the largest choice when the budget is
     unknown: the paper rule) and the rest of the model in float16."""
@@ -38,7 +42,8 @@ def estimate_job_disk(dims: ModelDims, *, bit_choices: list[int], group_size: in
     widths = [b for b in bit_choices if b < 16]
     checkpoint = sum(linear * b // 8 + groups * _GROUP_BYTES for b in widths)
     rest = max(0, dims.parameters - linear) * _FLOAT_BYTES
-    per_budget = [linear * min(float(max(bit_choices)), b) / 8 for b in budgets] or \
-        [linear * max(bit_choices) / 8 + groups * _GROUP_BYTES]
+    per_budget = [linear * min(float(max(bit_choices)), b) / 8 for b in budgets] or [
+        linear * max(bit_choices) / 8 + groups * _GROUP_BYTES
+    ]
     export = int(sum(p + rest for p in per_budget)) * max(1, formats)
     return DiskEstimate(checkpoint_bytes=int(checkpoint), export_bytes=export)

@@ -68,8 +68,10 @@ def source_precision(model) -> dict[str, Any]:
     if not weights:
         return {"formats": {}, "bits": None}
     numel = sum(_numel(w.shape) for w in weights)
-    return {"formats": dict(Counter(w.dtype for w in weights)),
-            "bits": sum(w.nbytes for w in weights) * 8 / numel if numel else None}
+    return {
+        "formats": dict(Counter(w.dtype for w in weights)),
+        "bits": sum(w.nbytes for w in weights) * 8 / numel if numel else None,
+    }
 
 
 def _numel(shape) -> int:
@@ -81,14 +83,26 @@ def _numel(shape) -> int:
 
 def _describe(allocation: BitAllocation) -> dict[str, Any]:
     histogram = Counter(allocation.bits.values())
-    return {"rule": allocation.rule, "budget": allocation.budget, "effective_bits": allocation.effective_bits,
-            "solver": allocation.solver, "unit": allocation.unit,
-            "bits_histogram": {str(b): histogram[b] for b in sorted(histogram)}}
+    return {
+        "rule": allocation.rule,
+        "budget": allocation.budget,
+        "effective_bits": allocation.effective_bits,
+        "solver": allocation.solver,
+        "unit": allocation.unit,
+        "bits_histogram": {str(b): histogram[b] for b in sorted(histogram)},
+    }
 
 
-def budget_report(spec: JobSpec, rows: list[CalibrationRow], teacher: dict[str, TeacherForced],
-                  generation: dict[str, Any], *, meta: dict[str, Any], skipped_reason: str | None,
-                  allocations: dict[str, BitAllocation] | None = None) -> dict[str, Any]:
+def budget_report(
+    spec: JobSpec,
+    rows: list[CalibrationRow],
+    teacher: dict[str, TeacherForced],
+    generation: dict[str, Any],
+    *,
+    meta: dict[str, Any],
+    skipped_reason: str | None,
+    allocations: dict[str, BitAllocation] | None = None,
+) -> dict[str, Any]:
     """One budget's report; `teacher` and `generation` are keyed full_precision / quantized / the
     controls, `allocations` quantized / the controls."""
     seed = spec.seed
@@ -98,11 +112,17 @@ def budget_report(spec: JobSpec, rows: list[CalibrationRow], teacher: dict[str, 
         "n_items": len(rows),
         "variants": {name: _describe(a) for name, a in allocations.items()},
         "metrics": {name: ev.to_dict(include_items=True) for name, ev in generation.items()},
-        "fidelity": {name: {"mean_kl": tf.mean_kl, "top1_agreement": tf.top1_agreement, "n_tokens": tf.n_tokens}
-                     for name, tf in teacher.items() if name != "full_precision"},
+        "fidelity": {
+            name: {"mean_kl": tf.mean_kl, "top1_agreement": tf.top1_agreement, "n_tokens": tf.n_tokens}
+            for name, tf in teacher.items()
+            if name != "full_precision"
+        },
         "teacher_forced": {name: tf.to_dict(seed=seed) for name, tf in teacher.items()},
-        "generation": {"ran": skipped_reason is None, "skipped_reason": skipped_reason,
-                       "max_new_tokens": EVAL_NEW_TOKENS},
+        "generation": {
+            "ran": skipped_reason is None,
+            "skipped_reason": skipped_reason,
+            "max_new_tokens": EVAL_NEW_TOKENS,
+        },
         "meta": meta,
     }
     fp_tf, fp_gen = teacher.get("full_precision"), generation.get("full_precision")
@@ -139,12 +159,24 @@ def _comparisons(teacher, generation, allocations, seed: int) -> list[dict[str, 
             continue
         pairs = [("gold_nll", teacher["quantized"].gold_nll_items, teacher[control].gold_nll_items)]
         if "quantized" in generation and control in generation:
-            pairs += [(metric, getattr(generation["quantized"], attr), getattr(generation[control], attr))
-                      for metric, attr in GENERATION_METRICS]
+            pairs += [
+                (metric, getattr(generation["quantized"], attr), getattr(generation[control], attr))
+                for metric, attr in GENERATION_METRICS
+            ]
         for metric, mine, theirs in pairs:
             try:
-                out.append(compare("quantized", control, metric, mine, theirs, variant_bits=bits.get("quantized"),
-                                   baseline_bits=bits.get(control), seed=seed).to_dict())
+                out.append(
+                    compare(
+                        "quantized",
+                        control,
+                        metric,
+                        mine,
+                        theirs,
+                        variant_bits=bits.get("quantized"),
+                        baseline_bits=bits.get(control),
+                        seed=seed,
+                    ).to_dict()
+                )
             except ValueError:
                 continue
     return out
@@ -181,8 +213,15 @@ def evaluate_job(run) -> tuple[dict[str, Any], dict[str, Any]]:
     variants, budgets = _variants(run)
     tracker = run.tracker("evaluate")
     skipped = run.generation_skip_reason()
-    teacher = teacher_forced_eval(model, rows, variants, run.codes, max_tokens=spec.max_tokens,
-                                  tracker=tracker.span(0.0, 0.6 if skipped is None else 1.0), area=run.area)
+    teacher = teacher_forced_eval(
+        model,
+        rows,
+        variants,
+        run.codes,
+        max_tokens=spec.max_tokens,
+        tracker=tracker.span(0.0, 0.6 if skipped is None else 1.0),
+        area=run.area,
+    )
     generated: dict[str, Any] = {}
     answered = [i for i, row in enumerate(rows) if row.answers]
     if skipped is None and answered:
@@ -191,9 +230,17 @@ def evaluate_job(run) -> tuple[dict[str, Any], dict[str, Any]]:
         prompts = tokenize_rows([rows[i] for i in answered], model.tokenizer, spec.max_tokens)
         golds = [list(rows[i].answers) for i in answered]
         with materialized(model) as module:
+
             def generate():
-                return evaluate_generation(module, model.tokenizer, prompts, golds, max_new_tokens=EVAL_NEW_TOKENS,
-                                           device=str(model.device), seed=spec.seed)
+                return evaluate_generation(
+                    module,
+                    model.tokenizer,
+                    prompts,
+                    golds,
+                    max_new_tokens=EVAL_NEW_TOKENS,
+                    device=str(model.device),
+                    seed=spec.seed,
+                )
 
             generated["full_precision"] = generate()
             for k, variant in enumerate(variants):
@@ -206,16 +253,27 @@ def evaluate_job(run) -> tuple[dict[str, Any], dict[str, Any]]:
     source = source_precision(model)
     reports = []
     for allocation, entries, names in budgets:
-        teacher_b = {"full_precision": teacher["full_precision"],
-                     **{kind: teacher[name] for kind, name in names.items()}}
-        gen_b = ({"full_precision": generated["full_precision"],
-                  **{kind: generated[name] for kind, name in names.items()}} if generated else {})
+        teacher_b = {
+            "full_precision": teacher["full_precision"],
+            **{kind: teacher[name] for kind, name in names.items()},
+        }
+        gen_b = (
+            {"full_precision": generated["full_precision"], **{kind: generated[name] for kind, name in names.items()}}
+            if generated
+            else {}
+        )
         uniform = entries.get("uniform")
-        meta = {"avg_bits": allocation.budget, "effective_bits": allocation.effective_bits,
-                "uniform_effective_bits": uniform.effective_bits if uniform else None,
-                **{f"{kind}_effective_bits": entries[kind].effective_bits for kind in entries if kind != "quantized"},
-                "full_precision": source, "rows": len(rows), "rows_with_answers": len(answered)}
-        reports.append(budget_report(spec, rows, teacher_b, gen_b, meta=meta, skipped_reason=skipped,
-                                     allocations=entries))
+        meta = {
+            "avg_bits": allocation.budget,
+            "effective_bits": allocation.effective_bits,
+            "uniform_effective_bits": uniform.effective_bits if uniform else None,
+            **{f"{kind}_effective_bits": entries[kind].effective_bits for kind in entries if kind != "quantized"},
+            "full_precision": source,
+            "rows": len(rows),
+            "rows_with_answers": len(answered),
+        }
+        reports.append(
+            budget_report(spec, rows, teacher_b, gen_b, meta=meta, skipped_reason=skipped, allocations=entries)
+        )
     report = reports[0] if len(reports) == 1 else {"budgets": reports}
     return report, {"ran": skipped is None, "skipped_reason": skipped}

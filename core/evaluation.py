@@ -25,8 +25,9 @@ import re
 import string
 import unicodedata
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -137,7 +138,7 @@ def contains_match(prediction: str, golds: Sequence[str]) -> float:
     for gold in _golds(golds):
         g = gold.split()
         for start in range(len(pred_tokens) - len(g) + 1):
-            if pred_tokens[start:start + len(g)] == g:
+            if pred_tokens[start : start + len(g)] == g:
                 return 1.0
     return 0.0
 
@@ -191,7 +192,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     for value in (gen_eos, getattr(tokenizer, "eos_token_id", None)):
         if value is None:
             continue
-        for v in (value if isinstance(value, (list, tuple)) else [value]):
+        for v in value if isinstance(value, (list, tuple)) else [value]:
             if int(v) not in ids:
                 ids.append(int(v))
     return ids
@@ -203,15 +204,22 @@ def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
     attention = torch.zeros((len(batch), width), dtype=torch.long)
     for row, ids in enumerate(batch):
         if ids:
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids):] = 1
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
     return input_ids, attention
 
 
 @torch.no_grad()
-def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *,
-                    max_new_tokens: int = 24, batch_size: int = 16, device: str = "cpu",
-                    add_special_tokens: bool = False) -> list[str]:
+def generate_greedy(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int = 24,
+    batch_size: int = 16,
+    device: str = "cpu",
+    add_special_tokens: bool = False,
+) -> list[str]:
     """Greedy continuation of each prompt, decoded without special tokens.
 
     Prompts are rendered strings (tokenised with `add_special_tokens`; a chat-template rendering
@@ -230,20 +238,21 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *,
             raise ValueError(f"prompt {i} is empty after tokenisation")
     pad_id = _pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                              pad_token_id=pad_id, eos_token_id=eos or None)
+    config = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos or None
+    )
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     outputs: list[str] = [""] * len(encoded)
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             input_ids, attention = _left_pad([encoded[i] for i in idx], pad_id)
-            generated = model.generate(input_ids=input_ids.to(device),
-                                       attention_mask=attention.to(device),
-                                       generation_config=config)
-            new_tokens = generated[:, input_ids.shape[1]:].cpu()
+            generated = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config
+            )
+            new_tokens = generated[:, input_ids.shape[1] :].cpu()
             for row, i in enumerate(idx):
                 tokens = new_tokens[row].tolist()
                 # cut at the first end-of-sequence token (later positions are padding)
@@ -278,17 +287,22 @@ class GenerationEval:
         return len(self.predictions)
 
     def summary(self) -> dict[str, Any]:
-        return {"n": self.n, "max_new_tokens": self.max_new_tokens,
-                "exact_match": self.exact_match.to_dict(), "f1": self.f1_score.to_dict(),
-                "contains": self.contains_match.to_dict()}
+        return {
+            "n": self.n,
+            "max_new_tokens": self.max_new_tokens,
+            "exact_match": self.exact_match.to_dict(),
+            "f1": self.f1_score.to_dict(),
+            "contains": self.contains_match.to_dict(),
+        }
 
     def to_dict(self, include_items: bool = True) -> dict[str, Any]:
         data = self.summary()
         if include_items:
             data["items"] = [
                 {"prediction": p, "generation": g, "golds": list(gs), "em": e, "f1": f, "contains": c}
-                for p, g, gs, e, f, c in zip(self.predictions, self.generations, self.golds,
-                                             self.em, self.f1, self.contains)
+                for p, g, gs, e, f, c in zip(
+                    self.predictions, self.generations, self.golds, self.em, self.f1, self.contains
+                )
             ]
         return data
 
@@ -297,9 +311,16 @@ class GenerationEval:
 EvalMetrics = GenerationEval
 
 
-def score_predictions(predictions: Sequence[str], golds: Sequence[Sequence[str]], *,
-                      generations: Sequence[str] | None = None, max_new_tokens: int = 0,
-                      n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0) -> GenerationEval:
+def score_predictions(
+    predictions: Sequence[str],
+    golds: Sequence[Sequence[str]],
+    *,
+    generations: Sequence[str] | None = None,
+    max_new_tokens: int = 0,
+    n_resamples: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> GenerationEval:
     """Score already-extracted predictions against golds (no model involved)."""
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions but {len(golds)} gold lists")
@@ -313,18 +334,33 @@ def score_predictions(predictions: Sequence[str], golds: Sequence[Sequence[str]]
     return GenerationEval(
         predictions=list(predictions),
         generations=list(generations) if generations is not None else list(predictions),
-        golds=golds_list, em=em, f1=f1, contains=contains,
-        exact_match=bootstrap_ci(em, **ci), f1_score=bootstrap_ci(f1, **ci),
-        contains_match=bootstrap_ci(contains, **ci), max_new_tokens=max_new_tokens)
+        golds=golds_list,
+        em=em,
+        f1=f1,
+        contains=contains,
+        exact_match=bootstrap_ci(em, **ci),
+        f1_score=bootstrap_ci(f1, **ci),
+        contains_match=bootstrap_ci(contains, **ci),
+        max_new_tokens=max_new_tokens,
+    )
 
 
-def evaluate_generation(model: Any, tokenizer: Any, prompts: Sequence[Any],
-                        golds: Sequence[Sequence[str]], *, max_new_tokens: int = 24,
-                        batch_size: int = 16, device: str = "cpu",
-                        render: Callable[[Any], Prompt] | None = None,
-                        extract: Callable[[str], str] = first_line_answer,
-                        add_special_tokens: bool = False, n_resamples: int = 1000,
-                        alpha: float = 0.05, seed: int = 0) -> GenerationEval:
+def evaluate_generation(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    golds: Sequence[Sequence[str]],
+    *,
+    max_new_tokens: int = 24,
+    batch_size: int = 16,
+    device: str = "cpu",
+    render: Callable[[Any], Prompt] | None = None,
+    extract: Callable[[str], str] = first_line_answer,
+    add_special_tokens: bool = False,
+    n_resamples: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> GenerationEval:
     """Greedy-generate an answer for every prompt and score it against its golds.
 
     `prompts` are chat-template-rendered strings or token-id lists; with `render`, any items
@@ -335,10 +371,22 @@ def evaluate_generation(model: Any, tokenizer: Any, prompts: Sequence[Any],
     if len(prompts) != len(golds):
         raise ValueError(f"{len(prompts)} prompts but {len(golds)} gold lists")
     rendered = [render(p) for p in prompts] if render is not None else list(prompts)
-    generations = generate_greedy(model, tokenizer, rendered, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, device=device,
-                                  add_special_tokens=add_special_tokens)
+    generations = generate_greedy(
+        model,
+        tokenizer,
+        rendered,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        device=device,
+        add_special_tokens=add_special_tokens,
+    )
     predictions = [extract(g) for g in generations]
-    return score_predictions(predictions, golds, generations=generations,
-                             max_new_tokens=max_new_tokens, n_resamples=n_resamples, alpha=alpha,
-                             seed=seed)
+    return score_predictions(
+        predictions,
+        golds,
+        generations=generations,
+        max_new_tokens=max_new_tokens,
+        n_resamples=n_resamples,
+        alpha=alpha,
+        seed=seed,
+    )

@@ -7,16 +7,30 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from core.calibration import StageProgress, default_batch_tokens, make_batches, pad_token_id
 from core.errors import DataError, InvalidSpec
-from core.pipeline import (CODES_PREFIX, LAYERS_PREFIX, ArtifactStore, ExportRecord, JobHooks, JobInputs, JobOutputs,
-                           StagePlan, allocate_stage, artifact_names, budget_tag, check_rows, linear_bits, pass_key,
-                           reference_bits)
+from core.pipeline import (
+    CODES_PREFIX,
+    LAYERS_PREFIX,
+    ArtifactStore,
+    ExportRecord,
+    JobHooks,
+    JobInputs,
+    JobOutputs,
+    StagePlan,
+    allocate_stage,
+    artifact_names,
+    budget_tag,
+    check_rows,
+    linear_bits,
+    pass_key,
+    reference_bits,
+)
 from core.spec import CalibrationInputs, ExportFormat, Quantizer
 from core.streaming.checkpoints import load_codes
 from core.types import BitAllocation, Profile, QuantizedWeight
@@ -99,8 +113,7 @@ class JobRun:
 
     def batches_for(self, sequences):
         tokens = self.inputs.batch_tokens or default_batch_tokens(self.model.device)
-        return make_batches(sequences, pad_token_id(self.model.tokenizer), self.model.device,
-                            max_batch_tokens=tokens)
+        return make_batches(sequences, pad_token_id(self.model.tokenizer), self.model.device, max_batch_tokens=tokens)
 
     # ---- the run ----------------------------------------------------------------------------------
     def run(self) -> Any:
@@ -128,9 +141,16 @@ class JobRun:
             if key not in self.written and self.store.exists(key):
                 data = self.store.get_bytes(key)
                 self.written[key] = (len(data), hashlib.sha256(data).hexdigest())
-        return JobOutputs(spec=self.spec, source=self.inputs.source, profile=self.profile,
-                          allocations=self.allocations, exports=self.exports, eval_report=self.eval_report,
-                          written=dict(self.written), generation=self.generation)
+        return JobOutputs(
+            spec=self.spec,
+            source=self.inputs.source,
+            profile=self.profile,
+            allocations=self.allocations,
+            exports=self.exports,
+            eval_report=self.eval_report,
+            written=dict(self.written),
+            generation=self.generation,
+        )
 
     # ---- stages -----------------------------------------------------------------------------------
     def stage_load(self, plan: StagePlan, skip: str | None) -> None:
@@ -146,8 +166,9 @@ class JobRun:
         self.rows = select_rows(self.inputs.rows, self.spec)
         if plan.needs_model and not plan.have_profile:
             check_rows(self.spec, self.rows)
-        self.hooks.progress("calibrate", 1.0, f"{len(self.rows)} calibration rows, "
-                                              f"{len(self.inputs.eval_rows)} eval rows")
+        self.hooks.progress(
+            "calibrate", 1.0, f"{len(self.rows)} calibration rows, {len(self.inputs.eval_rows)} eval rows"
+        )
 
     def layer_pass(self, stage: str, scorer, widths: list[int], prefix: str):
         from core.scorers.common import prompt_plan
@@ -160,18 +181,29 @@ class JobRun:
             raise DataError("no calibration sequence is left after tokenization", details=[])
         batches = self.batches_for(sequence_plan.sequences) if self.rows else []
         sequential = self.spec.calibration_inputs == CalibrationInputs.quantized
-        settings = PassSettings(widths=tuple(sorted(widths)), group_size=self.spec.group_size,
-                                symmetric=self.spec.symmetric, gptq=self.spec.quantizer == Quantizer.gptq,
-                                clip_search=self.spec.clip_search, sequential=sequential and bool(widths),
-                                reference_bits=reference_bits(self.spec) if sequential else None,
-                                pass_key=pass_key(self.spec, self.rows, widths, self.inputs.source, scorer.method,
-                                                  device=self.model.device.type, dtype=self.model.dtype),
-                                prefix=prefix)
+        settings = PassSettings(
+            widths=tuple(sorted(widths)),
+            group_size=self.spec.group_size,
+            symmetric=self.spec.symmetric,
+            gptq=self.spec.quantizer == Quantizer.gptq,
+            clip_search=self.spec.clip_search,
+            sequential=sequential and bool(widths),
+            reference_bits=reference_bits(self.spec) if sequential else None,
+            pass_key=pass_key(
+                self.spec,
+                self.rows,
+                widths,
+                self.inputs.source,
+                scorer.method,
+                device=self.model.device.type,
+                dtype=self.model.dtype,
+            ),
+            prefix=prefix,
+        )
         if settings.reference_bits is not None and settings.reference_bits not in settings.widths:
             settings = replace(settings, reference_bits=min(settings.widths))
         tracker = self.tracker(stage)
-        result = run_layer_pass(self.model, batches, scorer, settings, self.store, tracker.span(0.0, 0.9),
-                                self.area)
+        result = run_layer_pass(self.model, batches, scorer, settings, self.store, tracker.span(0.0, 0.9), self.area)
         tracker.report(0.9, "layer pass done")
         return result
 
@@ -217,9 +249,16 @@ class JobRun:
         self.put("profile.json", dumps(self.profile.to_dict()))
         self.hooks.profile_ready(self.profile)
         effective = self.allocations[0].effective_bits if len(self.allocations) == 1 else None
-        self.put("profile.png", plot_profile(self.profile, f"{self.spec.model} · {self.spec.method.value}",
-                                             group_size=self.spec.group_size, symmetric=self.spec.symmetric,
-                                             effective=effective))
+        self.put(
+            "profile.png",
+            plot_profile(
+                self.profile,
+                f"{self.spec.model} · {self.spec.method.value}",
+                group_size=self.spec.group_size,
+                symmetric=self.spec.symmetric,
+                effective=effective,
+            ),
+        )
         self.put("bitmap.json", dumps({"budgets": [a.to_dict() for a in self.allocations]}))  # last: the checkpoint
         self.hooks.progress("allocate", 1.0, f"{len(self.allocations)} allocation(s)")
 
@@ -254,14 +293,26 @@ class JobRun:
                 self.exports.append(ExportRecord(tag=tag, **json.loads(self.store.get_bytes(marker))))
                 continue
             names = artifact_names(self.allocations, allocation)
-            weights = CheckpointWeights(self.store, self.codes_prefix, self.model.layers,
-                                        linear_bits(self.model.layers, allocation), device="cpu")
+            weights = CheckpointWeights(
+                self.store,
+                self.codes_prefix,
+                self.model.layers,
+                linear_bits(self.model.layers, allocation),
+                device="cpu",
+            )
             out = self.tmp / f"export-{tag}"
             local: list[tuple[str, Path]] = []
             files: list[dict] = []
             if ExportFormat.hf.value in formats:
-                written = export_hf(self.model.skeleton, self.model.tokenizer, weights, allocation.bits, self.spec,
-                                    out / names["hf"], tensors=self.source_tensor)
+                written = export_hf(
+                    self.model.skeleton,
+                    self.model.tokenizer,
+                    weights,
+                    allocation.bits,
+                    self.spec,
+                    out / names["hf"],
+                    tensors=self.source_tensor,
+                )
                 tracker.check()
                 self.store.delete_prefix(f"artifacts/{names['hf']}/")  # a partial upload of a crashed attempt
                 for f in written:
@@ -273,18 +324,27 @@ class JobRun:
                     tracker.report((i + 0.5) / len(self.allocations), f"exported {tag} (hf)")
             if ExportFormat.gguf.value in formats:
                 source = self.inputs.source
-                f = export_gguf(self.model.skeleton, self.model.tokenizer, weights, allocation.bits, self.spec,
-                                out / names["gguf"], source_gguf=source.file if source.gguf_file else None,
-                                tensors=self.source_tensor)
+                f = export_gguf(
+                    self.model.skeleton,
+                    self.model.tokenizer,
+                    weights,
+                    allocation.bits,
+                    self.spec,
+                    out / names["gguf"],
+                    source_gguf=source.file if source.gguf_file else None,
+                    tensors=self.source_tensor,
+                )
                 tracker.check()
                 self.store.put_file(f"artifacts/{names['gguf']}", f.path)
                 local.append((names["gguf"], f.path))
                 files.append({"name": names["gguf"], "size": f.size, "sha256": f.sha256})
-            record = ExportRecord(tag=tag, files=files, storage=storage_summary(local),
-                                  extra=self.hooks.exported(tag, local))
+            record = ExportRecord(
+                tag=tag, files=files, storage=storage_summary(local), extra=self.hooks.exported(tag, local)
+            )
             shutil.rmtree(out, ignore_errors=True)
-            self.store.put_bytes(marker, dumps({"files": record.files, "storage": record.storage,
-                                                "extra": record.extra}))
+            self.store.put_bytes(
+                marker, dumps({"files": record.files, "storage": record.storage, "extra": record.extra})
+            )
             self.exports.append(record)
             tracker.report((i + 1) / len(self.allocations), f"exported {tag}")
 
@@ -292,8 +352,9 @@ class JobRun:
         """A non-quantized tensor for export, read at its stored float dtype (bf16 stays bf16)."""
         import torch
 
-        stored = {"BF16": torch.bfloat16, "F16": torch.float16}.get(self.model.reader.infos()[name].dtype,
-                                                                     torch.float32)
+        stored = {"BF16": torch.bfloat16, "F16": torch.float16}.get(
+            self.model.reader.infos()[name].dtype, torch.float32
+        )
         return self.model.reader.read(name, dtype=stored, device="cpu")
 
     def stage_evaluate(self, plan: StagePlan, skip: str | None) -> None:
@@ -318,8 +379,10 @@ class JobRun:
             return None
         need = materialized_bytes(self.model, self.spec.max_tokens) + RUNTIME_BYTES
         if need > limit:
-            return (f"greedy generation needs the whole model in memory ({need / 2**30:.1f} GiB) and the "
-                    f"worker's limit is {limit / 2**30:.1f} GiB; teacher-forced metrics were streamed instead")
+            return (
+                f"greedy generation needs the whole model in memory ({need / 2**30:.1f} GiB) and the "
+                f"worker's limit is {limit / 2**30:.1f} GiB; teacher-forced metrics were streamed instead"
+            )
         return None
 
     def greedy_token_answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -328,7 +391,10 @@ class JobRun:
 
         reason = self.generation_skip_reason()
         if reason is not None:
-            raise InvalidSpec("taqo needs the model's own answers for rows without 'answers', and "
-                              + reason.split(";")[0] + "; give gold answers in the calibration rows")
+            raise InvalidSpec(
+                "taqo needs the model's own answers for rows without 'answers', and "
+                + reason.split(";")[0]
+                + "; give gold answers in the calibration rows"
+            )
         with materialized(self.model) as module:
             return greedy_token_ids(module, self.model.tokenizer, prompts, max_new_tokens)

@@ -33,10 +33,11 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = [
     "MemoryEstimate",
@@ -128,16 +129,20 @@ class ModelDims:
         """(in_features, stacked out_features) of each group of linears GPTQ sweeps together (one
         shared input): q/k/v, o_proj, gate/up, down_proj."""
         h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
-        return [(h, self.attention_width + 2 * kv), (self.attention_width, h), (h, 2 * self.intermediate_size),
-                (self.intermediate_size, h)]
+        return [
+            (h, self.attention_width + 2 * kv),
+            (self.attention_width, h),
+            (h, 2 * self.intermediate_size),
+            (self.intermediate_size, h),
+        ]
 
     @property
     def hessian_elements_per_layer(self) -> int:
         h = self.hidden_size
-        return h * h + self.attention_width ** 2 + h * h + self.intermediate_size ** 2
+        return h * h + self.attention_width**2 + h * h + self.intermediate_size**2
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "ModelDims":
+    def from_config(cls, config: Mapping[str, Any]) -> ModelDims:
         """From a Hugging Face `config.json` dict (a nested `text_config` is used when present).
         Raises ValueError naming a missing field."""
         cfg = dict(config)
@@ -157,14 +162,16 @@ class ModelDims:
         kv_heads = cfg.get("num_key_value_heads")
         head_dim = cfg.get("head_dim")
         tie = cfg.get("tie_word_embeddings")
-        return cls(hidden_size=hidden,
-                   intermediate_size=need("intermediate_size", "n_inner", "ffn_dim"),
-                   num_layers=need("num_hidden_layers", "n_layer"),
-                   num_heads=heads,
-                   num_kv_heads=kv_heads if isinstance(kv_heads, int) and kv_heads > 0 else heads,
-                   head_dim=head_dim if isinstance(head_dim, int) and head_dim > 0 else hidden // heads,
-                   vocab_size=need("vocab_size"),
-                   tie_word_embeddings=True if tie is None else bool(tie))
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size", "n_inner", "ffn_dim"),
+            num_layers=need("num_hidden_layers", "n_layer"),
+            num_heads=heads,
+            num_kv_heads=kv_heads if isinstance(kv_heads, int) and kv_heads > 0 else heads,
+            head_dim=head_dim if isinstance(head_dim, int) and head_dim > 0 else hidden // heads,
+            vocab_size=need("vocab_size"),
+            tie_word_embeddings=True if tie is None else bool(tie),
+        )
 
 
 @dataclass(frozen=True)
@@ -196,7 +203,7 @@ class MemoryEstimate:
         return out
 
 
-def generation_bytes(dims: "ModelDims", *, max_tokens: int, weight_bytes: int, parameters: int | None = None) -> int:
+def generation_bytes(dims: ModelDims, *, max_tokens: int, weight_bytes: int, parameters: int | None = None) -> int:
     """Greedy generation: the whole model at `weight_bytes`, the KV cache of a batch of prompts
     of `max_tokens` plus the new tokens, one layer's activations and last-position logits."""
     tokens = GENERATION_BATCH * (max_tokens + GENERATION_NEW_TOKENS)
@@ -215,15 +222,32 @@ def _gptq_bytes(dims: ModelDims) -> int:
     """GPTQ's peak over a layer's groups (one at a time, core.quant.layer): the in-place [in, in]
     factor, a float32 matrix more for a float64 one, and the sweep's float32 working copy and
     block update and its uint8 codes (as swept, transposed, split: 2·4 + 3 bytes per weight)."""
-    return max(n * n * (_factor_bytes(n) + (4 if _factor_bytes(n) == 8 else 0)) + n * out * (2 * 4 + 3)
-               for n, out in dims.gptq_groups)
+    return max(
+        n * n * (_factor_bytes(n) + (4 if _factor_bytes(n) == 8 else 0)) + n * out * (2 * 4 + 3)
+        for n, out in dims.gptq_groups
+    )
 
 
-def estimate_job_memory(dims: ModelDims, *, method: str, calibration_rows: int, max_tokens: int,
-                        evaluates: bool = False, weight_bytes: int = 4, batch_tokens: int = CPU_BATCH_TOKENS,
-                        quantizer: str = "rtn", widths: int = 2, sequential: bool = False, eval_rows: int = 0,
-                        budgets: int = 1, activation_ram_bytes: int = GiB, generation: bool = False,
-                        group_size: int = 128, source_bytes: int = 4, gguf_source: bool = False) -> MemoryEstimate:
+def estimate_job_memory(
+    dims: ModelDims,
+    *,
+    method: str,
+    calibration_rows: int,
+    max_tokens: int,
+    evaluates: bool = False,
+    weight_bytes: int = 4,
+    batch_tokens: int = CPU_BATCH_TOKENS,
+    quantizer: str = "rtn",
+    widths: int = 2,
+    sequential: bool = False,
+    eval_rows: int = 0,
+    budgets: int = 1,
+    activation_ram_bytes: int = GiB,
+    generation: bool = False,
+    group_size: int = 128,
+    source_bytes: int = 4,
+    gguf_source: bool = False,
+) -> MemoryEstimate:
     """Peak bytes of one job (see the module docstring for every term).
 
     `calibration_rows` is the number of rows the pass will use (0: no calibration activations);
@@ -262,17 +286,23 @@ def estimate_job_memory(dims: ModelDims, *, method: str, calibration_rows: int, 
         streams += L  # one probe stream per layer by the last layer
     carried = 2 * streams * tokens * h * weight_bytes
     per_batch_calls = rows * max_tokens * max_tokens  # a [B, 1, T, T] boolean mask per batch
-    layer["activations"] = (min(carried, activation_ram_bytes) + 2 * batch * h * weight_bytes
-                            + batch * (3 * inter + 4 * h) * weight_bytes
-                            + batch * max_tokens * dims.num_heads * f32 + per_batch_calls)
+    layer["activations"] = (
+        min(carried, activation_ram_bytes)
+        + 2 * batch * h * weight_bytes
+        + batch * (3 * inter + 4 * h) * weight_bytes
+        + batch * max_tokens * dims.num_heads * f32
+        + per_batch_calls
+    )
     phases = {"layer pass": layer}
 
     # ---- head (taq_kl / taqo scoring; evaluation) ----
     def head_phase(queries: int, positions: int) -> dict[str, int]:
         # the stored and normed hidden states of every query; about seven [positions, rows]
         # float32 arrays alive per chunk; the chunk of head rows as read (up to three copies)
-        return {"head_queries": 2 * queries * positions * h * f32,
-                "head_chunk": (7 * HEAD_CHUNK_ELEMENTS * f32 + 3 * HEAD_WEIGHT_CHUNK_BYTES) if positions else 0}
+        return {
+            "head_queries": 2 * queries * positions * h * f32,
+            "head_chunk": (7 * HEAD_CHUNK_ELEMENTS * f32 + 3 * HEAD_WEIGHT_CHUNK_BYTES) if positions else 0,
+        }
 
     # the carried streams are the head's queries by then (head_queries counts them and their normed copy)
     if method == "taq_kl":
@@ -282,42 +312,65 @@ def estimate_job_memory(dims: ModelDims, *, method: str, calibration_rows: int, 
     if evaluates:
         variants = 1 + 2 * max(1, budgets)
         eval_tokens = max(1, eval_rows) * (max_tokens + ANSWER_TOKENS)
-        phases["evaluation"] = {"layer_weights": layer_params * weight_bytes,
-                                "carried": min(2 * variants * eval_tokens * h * weight_bytes, activation_ram_bytes),
-                                **head_phase(variants, eval_tokens)}
+        phases["evaluation"] = {
+            "layer_weights": layer_params * weight_bytes,
+            "carried": min(2 * variants * eval_tokens * h * weight_bytes, activation_ram_bytes),
+            **head_phase(variants, eval_tokens),
+        }
 
     # ---- export: the largest tensor as read (at most float32) and written (fp16), or a linear's codes ----
     biggest = max(dims.vocab_size * h, largest)
     # read at the source width; its float16 form goes out a slice of rows at a time
-    phases["export"] = {"tensor": biggest * source_bytes, "encoding": largest * 8,
-                        "metadata": dims.vocab_size * EXPORT_METADATA_BYTES_PER_TOKEN[gguf_source]}
+    phases["export"] = {
+        "tensor": biggest * source_bytes,
+        "encoding": largest * 8,
+        "metadata": dims.vocab_size * EXPORT_METADATA_BYTES_PER_TOKEN[gguf_source],
+    }
 
     totals = {name: sum(terms.values()) for name, terms in phases.items()}
     peak = max(totals, key=lambda name: totals[name])
     generating = generation_bytes(dims, max_tokens=max_tokens, weight_bytes=weight_bytes)
     terms = dict(phases[peak])
     if generation and evaluates and generating > totals[peak]:
-        peak, terms = "generation", {"model": dims.parameters * weight_bytes,
-                                     "generation": generating - dims.parameters * weight_bytes}
+        peak, terms = (
+            "generation",
+            {"model": dims.parameters * weight_bytes, "generation": generating - dims.parameters * weight_bytes},
+        )
     runtime = RUNTIME_BYTES + (dims.vocab_size * GGUF_TOKENIZER_BYTES_PER_TOKEN if gguf_source else 0)
     total = sum(terms.values()) + runtime
     return MemoryEstimate(
-        total_bytes=int(total), phase=peak, terms={k: int(v) for k, v in terms.items()},
-        phases={k: int(v) for k, v in totals.items()}, runtime_bytes=int(runtime),
-        generation_bytes=int(generating), parameters=int(dims.parameters),
-        assumptions={"weight_bytes": weight_bytes, "calibration_rows": rows, "max_tokens": max_tokens,
-                     "batch_tokens": batch, "method": method, "quantizer": quantizer, "widths": widths,
-                     "sequential": sequential, "evaluates": evaluates, "eval_rows": eval_rows,
-                     "budgets": budgets, "activation_ram_bytes": activation_ram_bytes,
-                     "generation": generation, "source_bytes": source_bytes, "gguf_source": gguf_source})
+        total_bytes=int(total),
+        phase=peak,
+        terms={k: int(v) for k, v in terms.items()},
+        phases={k: int(v) for k, v in totals.items()},
+        runtime_bytes=int(runtime),
+        generation_bytes=int(generating),
+        parameters=int(dims.parameters),
+        assumptions={
+            "weight_bytes": weight_bytes,
+            "calibration_rows": rows,
+            "max_tokens": max_tokens,
+            "batch_tokens": batch,
+            "method": method,
+            "quantizer": quantizer,
+            "widths": widths,
+            "sequential": sequential,
+            "evaluates": evaluates,
+            "eval_rows": eval_rows,
+            "budgets": budgets,
+            "activation_ram_bytes": activation_ram_bytes,
+            "generation": generation,
+            "source_bytes": source_bytes,
+            "gguf_source": gguf_source,
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # reading the shapes
 # ---------------------------------------------------------------------------------------------
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-                 11: "<q", 12: "<d"}
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 
 
@@ -341,7 +394,7 @@ def _gguf_header(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]
         def read_string() -> str:
             nonlocal pos
             n = read("<Q")
-            value = bytes(buf[pos:pos + n]).decode("utf-8", errors="replace")
+            value = bytes(buf[pos : pos + n]).decode("utf-8", errors="replace")
             pos += n
             return value
 
@@ -413,10 +466,17 @@ def gguf_model_dims(path: Path) -> ModelDims:
         for d in dims:
             n *= int(d)
         params += n
-    return ModelDims(hidden_size=hidden, intermediate_size=need("feed_forward_length"),
-                     num_layers=need("block_count"), num_heads=heads, num_kv_heads=kv_heads,
-                     head_dim=head_dim, vocab_size=vocab, tie_word_embeddings="output.weight" not in shapes,
-                     exact_parameters=params)
+    return ModelDims(
+        hidden_size=hidden,
+        intermediate_size=need("feed_forward_length"),
+        num_layers=need("block_count"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        tie_word_embeddings="output.weight" not in shapes,
+        exact_parameters=params,
+    )
 
 
 @lru_cache(maxsize=64)

@@ -82,7 +82,8 @@ class ModelSource:
         if self.content_sha256 is None:
             if self.gguf_file:
                 self.content_sha256 = _known_sha256(self.path / self.gguf_file) or _file_sha256(
-                    self.path / self.gguf_file)
+                    self.path / self.gguf_file
+                )
             else:
                 outer = hashlib.sha256()
                 for p in self.content_files():
@@ -97,14 +98,20 @@ class ModelSource:
         out = []
         for p in self.content_files():
             stat = p.stat()
-            out.append((p.relative_to(self.path).as_posix() if not self.gguf_file else p.name, stat.st_size,
-                        stat.st_mtime_ns))
+            out.append(
+                (p.relative_to(self.path).as_posix() if not self.gguf_file else p.name, stat.st_size, stat.st_mtime_ns)
+            )
         return out
 
     def to_dict(self) -> dict[str, Any]:
         """Client-safe description (no server paths)."""
-        return {"id": self.model_id, "kind": self.kind, "gguf_file": self.gguf_file,
-                "weights_format": self.weights_format, "content_sha256": self.content_sha256}
+        return {
+            "id": self.model_id,
+            "kind": self.kind,
+            "gguf_file": self.gguf_file,
+            "weights_format": self.weights_format,
+            "content_sha256": self.content_sha256,
+        }
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,7 @@ class LoadedModel:
 # Parameter counts
 # ---------------------------------------------------------------------------------------------
 
+
 def parameter_count(model: nn.Module) -> int:
     """All parameters (tied weights counted once)."""
     seen: set[int] = set()
@@ -169,6 +177,7 @@ def layer_parameter_count(loaded: LoadedModel) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 # Resolution
 # ---------------------------------------------------------------------------------------------
+
 
 def _known_sha256(path: Path) -> str | None:
     """The content hash a Hugging Face cache already names a file by (an LFS blob), else None."""
@@ -218,8 +227,10 @@ def _check_contained(candidate: Path, root: Path, model_id: str) -> None:
         entries += [p for p in candidate.rglob("*")]
     for p in entries:
         if not _inside(p, root):
-            raise UnsafeModel(f"model '{model_id}' resolves outside its model root (symlink escape at "
-                              f"'{p.relative_to(candidate.parent) if p != candidate else p.name}')")
+            raise UnsafeModel(
+                f"model '{model_id}' resolves outside its model root (symlink escape at "
+                f"'{p.relative_to(candidate.parent) if p != candidate else p.name}')"
+            )
 
 
 def _weights_format(directory: Path, model_id: str, allow_pickle: bool) -> WeightsFormat:
@@ -229,22 +240,22 @@ def _weights_format(directory: Path, model_id: str, allow_pickle: bool) -> Weigh
     pickles = sorted(p.name for p in files if p.name.endswith(PICKLE_SUFFIXES))
     if pickles:
         if not allow_pickle:
-            raise UnsafeModel(f"model '{model_id}' only has pickle weights ({', '.join(pickles[:3])}); "
-                              "pickle loading is refused unless the operator allows it",
-                              details={"files": pickles})
+            raise UnsafeModel(
+                f"model '{model_id}' only has pickle weights ({', '.join(pickles[:3])}); "
+                "pickle loading is refused unless the operator allows it",
+                details={"files": pickles},
+            )
         return "pickle"
     raise ModelNotFound(f"model '{model_id}' has no weights (*.safetensors) in its directory")
 
 
 def _source_for_path(model_id: str, path: Path, kind: ModelKind, allow_pickle: bool) -> ModelSource:
     if path.is_file() and path.name.endswith(".gguf"):
-        return ModelSource(model_id=model_id, kind="gguf", path=path.parent, gguf_file=path.name,
-                           weights_format="gguf")
+        return ModelSource(model_id=model_id, kind="gguf", path=path.parent, gguf_file=path.name, weights_format="gguf")
     if path.is_dir():
         fmt = _weights_format(path, model_id, allow_pickle)
         return ModelSource(model_id=model_id, kind=kind, path=path, weights_format=fmt)
-    raise ModelNotFound(f"model '{model_id}' points to '{path}', which is neither a model directory "
-                        "nor a .gguf file")
+    raise ModelNotFound(f"model '{model_id}' points to '{path}', which is neither a model directory nor a .gguf file")
 
 
 def _from_hf_cache(model_id: str, hf_cache_dir: Path | None) -> Path | None:
@@ -254,15 +265,22 @@ def _from_hf_cache(model_id: str, hf_cache_dir: Path | None) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
         return None
-    found = try_to_load_from_cache(model_id, "config.json",
-                                   cache_dir=str(hf_cache_dir) if hf_cache_dir is not None else None)
+    found = try_to_load_from_cache(
+        model_id, "config.json", cache_dir=str(hf_cache_dir) if hf_cache_dir is not None else None
+    )
     if isinstance(found, str) and Path(found).is_file():
         return Path(found).parent
     return None
 
 
-def resolve_model(model_id: str, roots: list[Path], registry: dict[str, Path],
-                  allow_pickle: bool = False, *, hf_cache_dir: Path | None = None) -> ModelSource:
+def resolve_model(
+    model_id: str,
+    roots: list[Path],
+    registry: dict[str, Path],
+    allow_pickle: bool = False,
+    *,
+    hf_cache_dir: Path | None = None,
+) -> ModelSource:
     """Resolve `model_id` to a local model (see module docstring). Raises ModelNotFound (naming
     every place tried) or UnsafeModel."""
     tried: list[str] = []
@@ -294,13 +312,22 @@ def resolve_model(model_id: str, roots: list[Path], registry: dict[str, Path],
     snapshot = _from_hf_cache(model_id, hf_cache_dir)
     if snapshot is not None:
         return _source_for_path(model_id, snapshot, "hf_cache", allow_pickle)
-    tried.append(f"Hugging Face cache (no cached '{model_id}')" if _HF_ID.match(model_id)
-                 else "Hugging Face cache (not an 'org/name' id)")
+    tried.append(
+        f"Hugging Face cache (no cached '{model_id}')"
+        if _HF_ID.match(model_id)
+        else "Hugging Face cache (not an 'org/name' id)"
+    )
     raise ModelNotFound(f"model '{model_id}' not found; tried: " + "; ".join(tried), details={"tried": tried})
 
 
-def list_models(roots: list[Path], registry: dict[str, Path], *, allow_pickle: bool = False,
-                hf_cache_dir: Path | None = None, include_hf_cache: bool = True) -> list[ModelSource]:
+def list_models(
+    roots: list[Path],
+    registry: dict[str, Path],
+    *,
+    allow_pickle: bool = False,
+    hf_cache_dir: Path | None = None,
+    include_hf_cache: bool = True,
+) -> list[ModelSource]:
     """Every model id this deployment can load: registry entries, then root entries (model
     directories, one or two levels deep, and `.gguf` files), then HF-cache models with a
     config.json. Entries that would not resolve (unsafe, pickle-only, broken) are left out; the
@@ -352,6 +379,7 @@ def list_models(roots: list[Path], registry: dict[str, Path], *, allow_pickle: b
 # Loading
 # ---------------------------------------------------------------------------------------------
 
+
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """float32 on CPU; bfloat16 on CUDA when supported, else float16."""
     dev = torch.device(device)
@@ -369,8 +397,9 @@ def layer_refs(model: nn.Module) -> list[LayerRef]:
     return refs
 
 
-def load_model(source: ModelSource, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(
+    source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> LoadedModel:
     """The whole model in memory (tests, the bench, generation): the same lazy reader and
     skeleton as streaming (`core.streaming.model.open_streamed`), every parameter onloaded.
     `dtype=None` picks `default_dtype(device)` (float32 on CPU, bf16/fp16 on CUDA)."""

@@ -130,8 +130,9 @@ def decoder_stack(model: nn.Module) -> DecoderStack:
             final_norm = candidate
             final_norm_name = f"{parent_name}.{attr}" if parent_name else attr
             break
-    return DecoderStack(prefix=name, layers=layers, parent=parent, final_norm=final_norm,
-                        final_norm_name=final_norm_name)
+    return DecoderStack(
+        prefix=name, layers=layers, parent=parent, final_norm=final_norm, final_norm_name=final_norm_name
+    )
 
 
 def weight_name(model: nn.Module, module: nn.Module | None) -> str | None:

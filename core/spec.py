@@ -79,7 +79,7 @@ class CalibrationRow(_Strict):
     answers: list[str] | None = None
 
     @model_validator(mode="after")
-    def _exactly_one_input(self) -> "CalibrationRow":
+    def _exactly_one_input(self) -> CalibrationRow:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("a row needs exactly one of 'prompt' or 'messages'")
         if self.prompt is not None and not self.prompt.strip():
@@ -112,12 +112,16 @@ class BitBudget(_Strict):
                 raise ValueError(f"avg_bits {v} is outside (1, 32]")
         if isinstance(value, list):
             if len(values) > MAX_BUDGETS:
-                raise ValueError(f"avg_bits lists at most {MAX_BUDGETS} budgets (each is a full export), "
-                                 f"got {len(values)}; run several jobs for a wider sweep")
+                raise ValueError(
+                    f"avg_bits lists at most {MAX_BUDGETS} budgets (each is a full export), "
+                    f"got {len(values)}; run several jobs for a wider sweep"
+                )
             rounded = [round(v, 2) for v in values]
             if len(set(rounded)) != len(rounded):
-                raise ValueError("avg_bits list has budgets closer than 0.01 bit (duplicates after rounding "
-                                 "to 0.01); give distinct budgets")
+                raise ValueError(
+                    "avg_bits list has budgets closer than 0.01 bit (duplicates after rounding "
+                    "to 0.01); give distinct budgets"
+                )
             return sorted(values)
         return value
 
@@ -171,25 +175,30 @@ class JobSpec(_Strict):
         return sorted(set(value), key=lambda f: f.value)
 
     @model_validator(mode="after")
-    def _cross_field(self) -> "JobSpec":
+    def _cross_field(self) -> JobSpec:
         has_calibration = self.calibration_dataset_id is not None or self.calibration is not None
         if self.calibration_dataset_id is not None and self.calibration is not None:
             raise ValueError("give either 'calibration_dataset_id' or inline 'calibration', not both")
         if self.method != Method.uniform and not has_calibration and self.profile_from_job_id is None:
-            raise ValueError(f"method '{self.method.value}' needs calibration data "
-                             "('calibration_dataset_id' or inline 'calibration')")
+            raise ValueError(
+                f"method '{self.method.value}' needs calibration data "
+                "('calibration_dataset_id' or inline 'calibration')"
+            )
         if self.quantizer == Quantizer.gptq and not has_calibration:
             # also with profile_from_job_id: a reused profile has no activations, and GPTQ needs
             # the Hessians of every linear's input on this job's calibration rows
-            raise ValueError("quantizer 'gptq' needs calibration data ('calibration_dataset_id' or "
-                             "inline 'calibration'), also when the profile is reused")
+            raise ValueError(
+                "quantizer 'gptq' needs calibration data ('calibration_dataset_id' or "
+                "inline 'calibration'), also when the profile is reused"
+            )
         if self.allocation != AllocationRule.paper and self.bit_budget is None:
             raise ValueError(f"allocation '{self.allocation.value}' needs 'bit_budget'")
         if self.allocation == AllocationRule.paper and self.method in (Method.uniform, Method.taq_kl):
             raise ValueError("allocation 'paper' is defined for methods 'taq' and 'taqo' only")
         if self.allocation == AllocationRule.paper and self.allocation_unit == AllocationUnit.linear:
-            raise ValueError("allocation 'paper' assigns bits to whole layers; use allocation_unit "
-                             "'layer' or allocation 'budget'")
+            raise ValueError(
+                "allocation 'paper' assigns bits to whole layers; use allocation_unit 'layer' or allocation 'budget'"
+            )
         if self.eval_fraction is not None and self.eval_dataset_id is not None:
             raise ValueError("give either 'eval_dataset_id' or 'eval_fraction', not both")
         return self

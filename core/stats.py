@@ -9,8 +9,9 @@ Percentile bootstrap, numpy `default_rng(seed)`, items resampled with replacemen
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -31,8 +32,7 @@ class ConfidenceInterval:
     alpha: float = 0.05
 
     def to_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n,
-                "alpha": self.alpha}
+        return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n, "alpha": self.alpha}
 
 
 def _check(n_resamples: int, alpha: float) -> None:
@@ -51,8 +51,9 @@ def _resampled_indices(n: int, n_resamples: int, seed: int):
         yield start, stop, rng.integers(0, n, size=(stop - start, n))
 
 
-def bootstrap_ci(values: Sequence[float], *, n_resamples: int = 1000, alpha: float = 0.05,
-                 seed: int = 0) -> ConfidenceInterval:
+def bootstrap_ci(
+    values: Sequence[float], *, n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> ConfidenceInterval:
     """Percentile bootstrap of the mean: resample items with replacement `n_resamples` times
     (numpy `default_rng(seed)`), return the mean and the alpha/2, 1-alpha/2 quantiles."""
     data = np.asarray(list(values), dtype=np.float64)
@@ -63,8 +64,7 @@ def bootstrap_ci(values: Sequence[float], *, n_resamples: int = 1000, alpha: flo
     for start, stop, idx in _resampled_indices(data.size, n_resamples, seed):
         means[start:stop] = data[idx].mean(axis=1)
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return ConfidenceInterval(mean=float(data.mean()), low=float(low), high=float(high), n=int(data.size),
-                              alpha=alpha)
+    return ConfidenceInterval(mean=float(data.mean()), low=float(low), high=float(high), n=int(data.size), alpha=alpha)
 
 
 def _pairs(a: Sequence[float | None], b: Sequence[float | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +83,14 @@ def paired_difference(a: Sequence[float | None], b: Sequence[float | None], **kw
     return bootstrap_ci(ys - xs, **kwargs)
 
 
-def paired_ratio(numerator: Sequence[float | None], denominator: Sequence[float | None], *,
-                 n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0) -> ConfidenceInterval | None:
+def paired_ratio(
+    numerator: Sequence[float | None],
+    denominator: Sequence[float | None],
+    *,
+    n_resamples: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> ConfidenceInterval | None:
     """mean(numerator) / mean(denominator) over the same resampled items (e.g. the task score a
     quantized model retains of full precision's); None when the denominator's mean is 0.
     Resamples whose denominator mean is 0 count as ratio 0 (rare: only for tiny, mostly-zero sets)."""
@@ -97,8 +103,9 @@ def paired_ratio(numerator: Sequence[float | None], denominator: Sequence[float 
         d = den[idx].mean(axis=1)
         ratios[start:stop] = np.divide(num[idx].mean(axis=1), d, out=np.zeros_like(d), where=d != 0)
     low, high = np.quantile(ratios, [alpha / 2, 1 - alpha / 2])
-    return ConfidenceInterval(mean=float(num.mean() / den.mean()), low=float(low), high=float(high),
-                              n=int(den.size), alpha=alpha)
+    return ConfidenceInterval(
+        mean=float(num.mean() / den.mean()), low=float(low), high=float(high), n=int(den.size), alpha=alpha
+    )
 
 
 @dataclass(frozen=True)
@@ -124,21 +131,44 @@ class Comparison:
             return "loses"
         if not better:
             return "no_difference"
-        if (self.variant_bits is not None and self.baseline_bits is not None
-                and self.variant_bits > self.baseline_bits + 1e-9):
+        if (
+            self.variant_bits is not None
+            and self.baseline_bits is not None
+            and self.variant_bits > self.baseline_bits + 1e-9
+        ):
             return "beats_with_more_bits"
         return "beats"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"variant": self.variant, "baseline": self.baseline, "metric": self.metric,
-                "difference": self.difference.to_dict(), "variant_effective_bits": self.variant_bits,
-                "baseline_effective_bits": self.baseline_bits,
-                "lower_is_better": self.metric in LOWER_IS_BETTER, "verdict": self.verdict}
+        return {
+            "variant": self.variant,
+            "baseline": self.baseline,
+            "metric": self.metric,
+            "difference": self.difference.to_dict(),
+            "variant_effective_bits": self.variant_bits,
+            "baseline_effective_bits": self.baseline_bits,
+            "lower_is_better": self.metric in LOWER_IS_BETTER,
+            "verdict": self.verdict,
+        }
 
 
-def compare(variant: str, baseline: str, metric: str, variant_items: Sequence[float | None],
-            baseline_items: Sequence[float | None], *, variant_bits: float | None, baseline_bits: float | None,
-            seed: int = 0) -> Comparison:
+def compare(
+    variant: str,
+    baseline: str,
+    metric: str,
+    variant_items: Sequence[float | None],
+    baseline_items: Sequence[float | None],
+    *,
+    variant_bits: float | None,
+    baseline_bits: float | None,
+    seed: int = 0,
+) -> Comparison:
     """The paired comparison of two variants' per-item values (same items, same order)."""
-    return Comparison(variant, baseline, metric, paired_difference(baseline_items, variant_items, seed=seed),
-                      variant_bits, baseline_bits)
+    return Comparison(
+        variant,
+        baseline,
+        metric,
+        paired_difference(baseline_items, variant_items, seed=seed),
+        variant_bits,
+        baseline_bits,
+    )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -106,15 +107,23 @@ class LinearProfile:
         return self.params // self.in_features, self.in_features
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "params": self.params,
-                "quant_error": {str(k): v for k, v in self.quant_error.items()}, "bits": self.bits,
-                "in_features": self.in_features}
+        return {
+            "name": self.name,
+            "params": self.params,
+            "quant_error": {str(k): v for k, v in self.quant_error.items()},
+            "bits": self.bits,
+            "in_features": self.in_features,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LinearProfile":
-        return cls(name=data["name"], params=int(data["params"]),
-                   quant_error={int(k): float(v) for k, v in data.get("quant_error", {}).items()},
-                   bits=data.get("bits"), in_features=data.get("in_features"))
+    def from_dict(cls, data: dict[str, Any]) -> LinearProfile:
+        return cls(
+            name=data["name"],
+            params=int(data["params"]),
+            quant_error={int(k): float(v) for k, v in data.get("quant_error", {}).items()},
+            bits=data.get("bits"),
+            in_features=data.get("in_features"),
+        )
 
 
 @dataclass(frozen=True)
@@ -157,7 +166,7 @@ class LayerProfile:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LayerProfile":
+    def from_dict(cls, data: dict[str, Any]) -> LayerProfile:
         data = dict(data)
         data["quant_error"] = {int(k): float(v) for k, v in data.get("quant_error", {}).items()}
         data["linears"] = [LinearProfile.from_dict(l) for l in data.get("linears", [])]
@@ -170,7 +179,7 @@ class Profile:
     method: str
     layers: list[LayerProfile]
 
-    def with_bits(self, bits: dict[str, int]) -> "Profile":
+    def with_bits(self, bits: dict[str, int]) -> Profile:
         """The profile with an allocation's bits: `bits` is keyed by layer names (per-layer
         allocation) or by linear names (per-linear); every linear gets its bits either way."""
         layers = []
@@ -188,9 +197,10 @@ class Profile:
         return {"model": self.model, "method": self.method, "layers": [l.to_dict() for l in self.layers]}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Profile":
-        return cls(model=data["model"], method=data["method"],
-                   layers=[LayerProfile.from_dict(l) for l in data["layers"]])
+    def from_dict(cls, data: dict[str, Any]) -> Profile:
+        return cls(
+            model=data["model"], method=data["method"], layers=[LayerProfile.from_dict(l) for l in data["layers"]]
+        )
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ unless the caller passed a connection (``common.db.migrate``)."""
 from __future__ import annotations
 
 from alembic import context
+
 from common.orm import Base
 
 config = context.config
@@ -21,8 +22,13 @@ def _url() -> str:
 
 
 def run_offline() -> None:
-    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True,
-                      render_as_batch=True, dialect_opts={"paramstyle": "named"})
+    context.configure(
+        url=_url(),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        render_as_batch=True,
+        dialect_opts={"paramstyle": "named"},
+    )
     with context.begin_transaction():
         context.run_migrations()
 

@@ -55,8 +55,9 @@ def main() -> None:
     env = {**os.environ, "TAQ_DATA_DIR": str(data_dir)}
     taq = Path(sys.executable).with_name("taq")
     print(f"starting: taq serve --port {port}   (data dir {data_dir})", flush=True)
-    server = subprocess.Popen([str(taq), "serve", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, start_new_session=True)
+    server = subprocess.Popen(
+        [str(taq), "serve", "--host", "127.0.0.1", "--port", str(port)], env=env, start_new_session=True
+    )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             wait_ready(client, server)

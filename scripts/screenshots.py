@@ -29,8 +29,15 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "bench" / "tasks"
-SPEC = {"method": "taq", "bit_choices": [4, 8, 16], "group_size": 64, "exports": ["hf", "gguf"],
-        "max_calibration_rows": 32, "max_tokens": 64, "seed": 0}
+SPEC = {
+    "method": "taq",
+    "bit_choices": [4, 8, 16],
+    "group_size": 64,
+    "exports": ["hf", "gguf"],
+    "max_calibration_rows": 32,
+    "max_tokens": 64,
+    "seed": 0,
+}
 SWEEP = [4.5, 5.0, 6.0]
 
 
@@ -56,13 +63,37 @@ def upload(client: httpx.Client, name: str, data: bytes) -> str:
 
 def submit_jobs(client: httpx.Client, model: str, eval_rows: int) -> dict[str, str]:
     capitals = upload(client, "capitals-calibration.jsonl", head_rows(TASKS / "capitals" / "calibration.jsonl", 32))
-    arithmetic = upload(client, "arithmetic-calibration.jsonl", head_rows(TASKS / "arithmetic" / "calibration.jsonl", 32))
+    arithmetic = upload(
+        client, "arithmetic-calibration.jsonl", head_rows(TASKS / "arithmetic" / "calibration.jsonl", 32)
+    )
     evaluation = upload(client, "capitals-eval.jsonl", head_rows(TASKS / "capitals" / "eval.jsonl", eval_rows))
-    sweep = check(client.post("/v1/jobs", json={**SPEC, "model": model, "calibration_dataset_id": capitals,
-                                                "eval_dataset_id": evaluation, "bit_budget": {"avg_bits": SWEEP}}))
-    other = check(client.post("/v1/jobs", json={**SPEC, "model": model, "calibration_dataset_id": arithmetic,
-                                                "bit_budget": {"avg_bits": 4.5}, "exports": ["gguf"]}))
-    extra = check(client.post("/v1/jobs", json={**SPEC, "model": model, "method": "uniform", "bit_budget": {"avg_bits": 4.5}}))
+    sweep = check(
+        client.post(
+            "/v1/jobs",
+            json={
+                **SPEC,
+                "model": model,
+                "calibration_dataset_id": capitals,
+                "eval_dataset_id": evaluation,
+                "bit_budget": {"avg_bits": SWEEP},
+            },
+        )
+    )
+    other = check(
+        client.post(
+            "/v1/jobs",
+            json={
+                **SPEC,
+                "model": model,
+                "calibration_dataset_id": arithmetic,
+                "bit_budget": {"avg_bits": 4.5},
+                "exports": ["gguf"],
+            },
+        )
+    )
+    extra = check(
+        client.post("/v1/jobs", json={**SPEC, "model": model, "method": "uniform", "bit_budget": {"avg_bits": 4.5}})
+    )
     check(client.post(f"/v1/jobs/{extra['id']}/cancel"))
     return {"sweep": sweep["id"], "other": other["id"]}
 
@@ -167,8 +198,13 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAQ_")}
     env.update({"TAQ_DATA_DIR": str(data.resolve()), "TAQ_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"})
     taq = Path(sys.executable).with_name("taq")
-    server = subprocess.Popen([str(taq), "serve", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              start_new_session=True, stdout=open(data / "serve.log", "ab"), stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [str(taq), "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        start_new_session=True,
+        stdout=open(data / "serve.log", "ab"),
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base, timeout=60) as client:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 # Keep CPU tests on two cores predictable and deterministic.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

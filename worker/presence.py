@@ -37,8 +37,7 @@ class Presence:
                 if not registered:
                     self._register()
                     registered = True
-                    log.info("worker registered", extra={"worker_class": self.worker_class.name,
-                                                         "device": self.device})
+                    log.info("worker registered", extra={"worker_class": self.worker_class.name, "device": self.device})
                 else:
                     with session_scope(self.settings) as session:
                         registered = beat_worker(session, self.name)

@@ -27,8 +27,14 @@ from worker.errors import LostOwnership
 
 log = logging.getLogger("taq.worker")
 
-FORMAT_BY_EXT = {"json": "json", "png": "png", "gguf": "gguf", "safetensors": "safetensors",
-                 "jsonl": "jsonl", "txt": "txt"}
+FORMAT_BY_EXT = {
+    "json": "json",
+    "png": "png",
+    "gguf": "gguf",
+    "safetensors": "safetensors",
+    "jsonl": "jsonl",
+    "txt": "txt",
+}
 
 
 def jsonable(value: Any) -> Any:
@@ -52,12 +58,21 @@ def jsonable(value: Any) -> Any:
 def store_profile_rows(settings: Settings, job_id: str, profile: Profile) -> None:
     with session_scope(settings) as session:
         session.execute(delete(ProfileLayer).where(ProfileLayer.job_id == job_id))
-        session.add_all(ProfileLayer(job_id=job_id, index=l.index, name=l.name, params=int(l.params),
-                                     importance=float(l.importance), sensitivity=float(l.sensitivity),
-                                     bits=l.bits, scores=jsonable(l.scores),
-                                     quant_error={str(k): float(v) for k, v in l.quant_error.items()},
-                                     linears=[x.to_dict() for x in l.linears] or None)
-                        for l in profile.layers)
+        session.add_all(
+            ProfileLayer(
+                job_id=job_id,
+                index=l.index,
+                name=l.name,
+                params=int(l.params),
+                importance=float(l.importance),
+                sensitivity=float(l.sensitivity),
+                bits=l.bits,
+                scores=jsonable(l.scores),
+                quant_error={str(k): float(v) for k, v in l.quant_error.items()},
+                linears=[x.to_dict() for x in l.linears] or None,
+            )
+            for l in profile.layers
+        )
 
 
 def directory_digests(job_id: str, files: list[tuple[str, Path]]) -> dict[str, Any]:
@@ -71,8 +86,10 @@ def directory_digests(job_id: str, files: list[tuple[str, Path]]) -> dict[str, A
     digests = {}
     for head, entries in directories.items():
         keys = {job_key(job_id, "artifacts", head, *rel.split("/")): path for rel, path in entries}
-        layout = tar_layout(head, [(rel, path.stat().st_size, job_key(job_id, "artifacts", head, *rel.split("/")))
-                                   for rel, path in entries])
+        layout = tar_layout(
+            head,
+            [(rel, path.stat().st_size, job_key(job_id, "artifacts", head, *rel.split("/"))) for rel, path in entries],
+        )
         digests[head] = {"tar_sha256": tar_digest_local(layout, keys), "tar_size": layout.size}
     return {"directories": digests}
 
@@ -86,15 +103,32 @@ def _artifact_rows(job_id: str, files: dict[str, dict[str, Any]], directories: d
             grouped.setdefault(head, []).append((rest, meta))
             continue
         ext = rel.rsplit(".", 1)[-1] if "." in rel else ""
-        rows.append(Artifact(job_id=job_id, name=rel, format=FORMAT_BY_EXT.get(ext, ext or "bin"), kind="file",
-                             size=meta["size"], sha256=meta["sha256"], storage_key=job_key(job_id, "artifacts", rel),
-                             files=None))
+        rows.append(
+            Artifact(
+                job_id=job_id,
+                name=rel,
+                format=FORMAT_BY_EXT.get(ext, ext or "bin"),
+                kind="file",
+                size=meta["size"],
+                sha256=meta["sha256"],
+                storage_key=job_key(job_id, "artifacts", rel),
+                files=None,
+            )
+        )
     for name, entries in grouped.items():
         tar = directories[name]
-        rows.append(Artifact(job_id=job_id, name=name, format=name.split("-")[0], kind="directory",
-                             size=tar["tar_size"], sha256=tar["tar_sha256"],
-                             storage_key=job_key(job_id, "artifacts", name),
-                             files=[{"name": rel, "size": m["size"], "sha256": m["sha256"]} for rel, m in entries]))
+        rows.append(
+            Artifact(
+                job_id=job_id,
+                name=name,
+                format=name.split("-")[0],
+                kind="directory",
+                size=tar["tar_size"],
+                sha256=tar["tar_sha256"],
+                storage_key=job_key(job_id, "artifacts", name),
+                files=[{"name": rel, "size": m["size"], "sha256": m["sha256"]} for rel, m in entries],
+            )
+        )
     return rows
 
 
@@ -103,34 +137,54 @@ def _result_summary(hooks, outputs: JobOutputs, rows: list[Artifact]) -> dict[st
     budgets = []
     for allocation in outputs.allocations:
         names = outputs.artifact_names(allocation)
-        budgets.append({"avg_bits": allocation.budget, "effective_bits": allocation.effective_bits,
-                        "rule": allocation.rule, "solver": allocation.solver, "objective": allocation.objective,
-                        "bits": allocation.bits,
-                        "artifacts": [n for key, n in names.items() if key in [f.value for f in spec.exports]]})
+        budgets.append(
+            {
+                "avg_bits": allocation.budget,
+                "effective_bits": allocation.effective_bits,
+                "rule": allocation.rule,
+                "solver": allocation.solver,
+                "objective": allocation.objective,
+                "bits": allocation.bits,
+                "artifacts": [n for key, n in names.items() if key in [f.value for f in spec.exports]],
+            }
+        )
     metrics = None
     if outputs.eval_report:  # the means; eval.json has the intervals and per-item results
         reports = outputs.eval_report.get("budgets", [outputs.eval_report])
         metrics = []
         for r in reports:
             teacher = r.get("teacher_forced", {})
-            metrics.append({
-                "avg_bits": r.get("meta", {}).get("avg_bits"),
-                "scores": {variant: {"n": m.get("n"), **{k: (m.get(k) or {}).get("mean")
-                                                         for k in ("exact_match", "f1", "contains")}}
-                           for variant, m in r.get("metrics", {}).items()},
-                "gold_nll": {variant: (t.get("gold_nll") or {}).get("mean") for variant, t in teacher.items()},
-                "fidelity": r.get("fidelity"),
-                "generation": r.get("generation")})
-    return {"device": hooks.device, "budgets": budgets, "metrics": metrics,
-            "artifacts": sorted(r.name for r in rows), "timings": dict(hooks.timings),
-            "resources": hooks.memory.summary(), "attempt": hooks.claim.attempt}
+            metrics.append(
+                {
+                    "avg_bits": r.get("meta", {}).get("avg_bits"),
+                    "scores": {
+                        variant: {
+                            "n": m.get("n"),
+                            **{k: (m.get(k) or {}).get("mean") for k in ("exact_match", "f1", "contains")},
+                        }
+                        for variant, m in r.get("metrics", {}).items()
+                    },
+                    "gold_nll": {variant: (t.get("gold_nll") or {}).get("mean") for variant, t in teacher.items()},
+                    "fidelity": r.get("fidelity"),
+                    "generation": r.get("generation"),
+                }
+            )
+    return {
+        "device": hooks.device,
+        "budgets": budgets,
+        "metrics": metrics,
+        "artifacts": sorted(r.name for r in rows),
+        "timings": dict(hooks.timings),
+        "resources": hooks.memory.summary(),
+        "attempt": hooks.claim.attempt,
+    }
 
 
 def publish(hooks, outputs: JobOutputs) -> dict[str, Any]:
     """manifest.json from the recorded hashes, artifact rows, result summary, then ``succeeded``."""
     from common.models import source_sha256
-    from core.export.manifest import MANIFEST_NAME, assemble_manifest, library_versions
     from core.export._common import json_bytes
+    from core.export.manifest import MANIFEST_NAME, assemble_manifest, library_versions
 
     settings, job_id = hooks.settings, hooks.job_id
     files: dict[str, dict[str, Any]] = {}
@@ -146,17 +200,27 @@ def publish(hooks, outputs: JobOutputs) -> dict[str, Any]:
     single = outputs.allocations[0] if len(outputs.allocations) == 1 else None
     storage = {name: s for per_tag in storage_by_tag.values() for name, s in per_tag.items()}
     manifest = assemble_manifest(
-        outputs.spec, outputs.spec.model, source_sha256(settings, outputs.source),
-        single.bits if single else {}, single.effective_bits if single else None,
-        entries=[{"name": name, **meta} for name, meta in sorted(files.items())], storage=storage,
-        library_versions=library_versions())
+        outputs.spec,
+        outputs.spec.model,
+        source_sha256(settings, outputs.source),
+        single.bits if single else {},
+        single.effective_bits if single else None,
+        entries=[{"name": name, **meta} for name, meta in sorted(files.items())],
+        storage=storage,
+        library_versions=library_versions(),
+    )
     if single is None:  # a budget sweep: one bit map per budget
         from core.export.manifest import bit_map_key
 
         manifest["budgets"] = [
-            {"avg_bits": a.budget, "effective_bits": a.effective_bits, bit_map_key(outputs.spec): dict(a.bits),
-             "artifacts": sorted(outputs.artifact_names(a).values())}
-            for a in outputs.allocations]
+            {
+                "avg_bits": a.budget,
+                "effective_bits": a.effective_bits,
+                bit_map_key(outputs.spec): dict(a.bits),
+                "artifacts": sorted(outputs.artifact_names(a).values()),
+            }
+            for a in outputs.allocations
+        ]
     data = json_bytes(manifest)
     hooks.storage.put_bytes(job_key(job_id, "artifacts", MANIFEST_NAME), data)
     files[MANIFEST_NAME] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}

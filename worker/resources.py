@@ -38,7 +38,8 @@ def tune_allocator() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, ALLOCATOR_THRESHOLD_BYTES)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, ALLOCATOR_THRESHOLD_BYTES))
+        mallopt(_M_TRIM_THRESHOLD, ALLOCATOR_THRESHOLD_BYTES)
+    )
 
 
 def _vm_kib(field: str) -> int | None:
@@ -94,9 +95,11 @@ class PeakMemory:
             self.gpu_by_stage[stage] = int(cuda.max_memory_allocated())
 
     def summary(self) -> dict[str, object]:
-        data: dict[str, object] = {"peak_rss_bytes": max(self.by_stage.values(), default=0),
-                                   "peak_rss_by_stage": dict(self.by_stage),
-                                   "per_stage_reset": self.exact}
+        data: dict[str, object] = {
+            "peak_rss_bytes": max(self.by_stage.values(), default=0),
+            "peak_rss_by_stage": dict(self.by_stage),
+            "per_stage_reset": self.exact,
+        }
         if self.gpu_by_stage:
             data["peak_gpu_bytes"] = max(self.gpu_by_stage.values())
             data["peak_gpu_by_stage"] = dict(self.gpu_by_stage)

@@ -13,13 +13,22 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from common.db import session_scope
-from common.lifecycle import (Claim, finish_job, heartbeat, purge_job_outputs, record_stage_run, release_for_retry,
-                              set_progress, still_owned_and_wanted)
+from common.lifecycle import (
+    Claim,
+    finish_job,
+    heartbeat,
+    purge_job_outputs,
+    record_stage_run,
+    release_for_retry,
+    set_progress,
+    still_owned_and_wanted,
+)
 from common.orm import Dataset, JobStatus, utcnow
 from common.settings import Settings
 from common.storage import Storage, job_key
@@ -88,7 +97,7 @@ class Heartbeat:
             except Exception as exc:  # transient DB trouble: try again next beat
                 log.warning("heartbeat failed", extra={"job_id": self.claim.job_id, "error": repr(exc)})
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -140,8 +149,14 @@ class WorkerHooks(JobHooks):
             self._last_event = now
             event = ("progress", message or f"{stage} {100 * fraction:.0f}%")
         with session_scope(self.settings) as session:
-            if not set_progress(session, self.job_id, self.claim.token, stage=self.current,
-                                progress=overall_progress(stage, fraction), event=event):
+            if not set_progress(
+                session,
+                self.job_id,
+                self.claim.token,
+                stage=self.current,
+                progress=overall_progress(stage, fraction),
+                event=event,
+            ):
                 self.beat.lost.set()
 
     @contextmanager
@@ -151,8 +166,14 @@ class WorkerHooks(JobHooks):
         t0 = time.monotonic()
         message = f"{name}: skipped ({reason})" if skipped else f"{name} started"
         with session_scope(self.settings) as session:
-            if not set_progress(session, self.job_id, self.claim.token, stage=name,
-                                progress=overall_progress(name, 0.0), event=("stage", message)):
+            if not set_progress(
+                session,
+                self.job_id,
+                self.claim.token,
+                stage=name,
+                progress=overall_progress(name, 0.0),
+                event=("stage", message),
+            ):
                 raise LostOwnership(self.job_id)
         log.info("stage", extra={"stage": name, "skipped": skipped, "reason": reason or None})
         outcome = "failed"
@@ -168,8 +189,9 @@ class WorkerHooks(JobHooks):
             self.timings[name] = round(time.monotonic() - t0, 3)
             try:
                 with session_scope(self.settings) as session:
-                    record_stage_run(session, self.job_id, name, self.claim.attempt, started, outcome=outcome,
-                                     skipped=skipped)
+                    record_stage_run(
+                        session, self.job_id, name, self.claim.attempt, started, outcome=outcome, skipped=skipped
+                    )
             except Exception as exc:
                 log.warning("could not record stage run", extra={"error": repr(exc)})
 
@@ -226,13 +248,21 @@ def job_inputs(settings: Settings, storage: Storage, claim: Claim, device: str) 
             raise InvalidSpec(f"job '{spec.profile_from_job_id}' has no stored profile to reuse")
         reused = Profile.from_dict(json.loads(storage.get_bytes(key))).with_bits({})
         if reused.model and reused.model != spec.model:
-            raise InvalidSpec(f"the profile of job '{spec.profile_from_job_id}' is for model '{reused.model}', "
-                              f"not '{spec.model}'")
-    return JobInputs(spec=spec, source=resolve_model(settings, spec.model), rows=rows, eval_rows=eval_rows,
-                     reused_profile=reused, device=device,
-                     memory_limit_bytes=settings.own_worker_class().memory_bytes,
-                     activation_ram_bytes=settings.activation_ram_bytes,
-                     work_dir=settings.data_dir / "work", batch_tokens=None)
+            raise InvalidSpec(
+                f"the profile of job '{spec.profile_from_job_id}' is for model '{reused.model}', not '{spec.model}'"
+            )
+    return JobInputs(
+        spec=spec,
+        source=resolve_model(settings, spec.model),
+        rows=rows,
+        eval_rows=eval_rows,
+        reused_profile=reused,
+        device=device,
+        memory_limit_bytes=settings.own_worker_class().memory_bytes,
+        activation_ram_bytes=settings.activation_ram_bytes,
+        work_dir=settings.data_dir / "work",
+        batch_tokens=None,
+    )
 
 
 def run_claimed(settings: Settings, storage: Storage, claim: Claim) -> str:
@@ -275,8 +305,12 @@ def run_claimed(settings: Settings, storage: Storage, claim: Claim) -> str:
             return "failed"
         except TRANSIENT_ERRORS as exc:
             if claim.attempt >= settings.max_attempts:
-                _fail(settings, claim, "transient_error",
-                      f"infrastructure error after {claim.attempt} attempts: {type(exc).__name__}")
+                _fail(
+                    settings,
+                    claim,
+                    "transient_error",
+                    f"infrastructure error after {claim.attempt} attempts: {type(exc).__name__}",
+                )
                 return "failed"
             log.warning("transient error; job goes back to the queue", exc_info=True)
             try:
@@ -288,8 +322,12 @@ def run_claimed(settings: Settings, storage: Storage, claim: Claim) -> str:
         except Exception as exc:
             log.exception("job crashed")
             # the exception text may hold server paths and internals: it stays in the log above
-            _fail(settings, claim, "internal_error",
-                  f"internal error in the worker ({type(exc).__name__}); the incident was logged with the job id")
+            _fail(
+                settings,
+                claim,
+                "internal_error",
+                f"internal error in the worker ({type(exc).__name__}); the incident was logged with the job id",
+            )
             return "failed"
 
 
@@ -299,7 +337,14 @@ def _fail(settings: Settings, claim: Claim, code: str, message: str, details: An
 
     try:
         with session_scope(settings) as session:  # what the job resource shows: no server paths
-            finish_job(session, claim.job_id, claim.token, JobStatus.failed, error_code=code,
-                       error_message=redact_text(message), error_details=redact_paths(jsonable(details)))
+            finish_job(
+                session,
+                claim.job_id,
+                claim.token,
+                JobStatus.failed,
+                error_code=code,
+                error_message=redact_text(message),
+                error_details=redact_paths(jsonable(details)),
+            )
     except Exception:
         log.exception("could not record the failure; the reaper will requeue the job")

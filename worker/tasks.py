@@ -9,9 +9,9 @@ import threading
 from common.broker import RUN_JOB_TASK, enqueue_job
 from common.db import session_scope
 from common.fleet import prune_workers
-from common.retention import retention_pass
 from common.lifecycle import claim_job, reap
 from common.logging import job_context
+from common.retention import retention_pass
 from common.settings import Settings, get_settings
 from common.storage import storage_from_settings
 from worker.celery_app import app
@@ -20,8 +20,7 @@ from worker.errors import TRANSIENT_ERRORS
 log = logging.getLogger("taq.worker")
 
 
-@app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
-          max_retries=5)
+@app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True, max_retries=5)
 def run_job(self, job_id: str) -> str:
     settings = get_settings()
     with job_context(job_id):
@@ -30,7 +29,7 @@ def run_job(self, job_id: str) -> str:
                 claim = claim_job(session, settings, job_id)
         except TRANSIENT_ERRORS as exc:
             log.warning("claim failed, retrying", extra={"error": repr(exc)})
-            raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries))
+            raise self.retry(exc=exc, countdown=min(60, 2**self.request.retries))
         if claim is None:
             log.info("job not claimable (finished, cancelled, or owned by a live worker)")
             return "skipped"

@@ -20,8 +20,12 @@ def healthz() -> HealthOut:
     return HealthOut()
 
 
-@router.get("/readyz", operation_id="readyz", response_model=ReadyOut,
-            responses={503: {"model": ErrorResponse, "description": "a dependency is unreachable"}})
+@router.get(
+    "/readyz",
+    operation_id="readyz",
+    response_model=ReadyOut,
+    responses={503: {"model": ErrorResponse, "description": "a dependency is unreachable"}},
+)
 def readyz(settings: SettingsDep, storage: StorageDep):
     checks = readiness(settings, storage)
     if all(v == "ok" for v in checks.values()):
@@ -30,9 +34,15 @@ def readyz(settings: SettingsDep, storage: StorageDep):
     return envelope(503, "not_ready", f"unavailable: {', '.join(failing)}", {"checks": checks})
 
 
-@router.get("/metrics", operation_id="metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}},
-                       401: {"model": ErrorResponse, "description": "TAQ_METRICS_KEY is set and was not sent"}})
+@router.get(
+    "/metrics",
+    operation_id="metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {}}},
+        401: {"model": ErrorResponse, "description": "TAQ_METRICS_KEY is set and was not sent"},
+    },
+)
 def metrics(request: Request, settings: SettingsDep) -> Response:
     """Prometheus metrics; with TAQ_METRICS_KEY set, only for `Authorization: Bearer <it>`."""
     if settings.metrics_key and not bearer_matches(request.headers.get("authorization"), settings.metrics_key):

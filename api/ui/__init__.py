@@ -18,9 +18,11 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 #: blob: for downloads (fetch → Blob → object URL) and data: for Chart.js' image export; the API
 #: is same-origin, so connect-src 'self' covers every call and the event stream
-CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-                           "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
-                           "form-action 'none'; frame-ancestors 'none'")
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Content-Type-Options": "nosniff",

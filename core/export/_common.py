@@ -124,8 +124,9 @@ class LinearPlan:
         return self.bits != KEEP_BITS
 
 
-def plan_linears(model: nn.Module, weights: Mapping[str, QuantizedWeight],
-                 bit_map: Mapping[str, int]) -> list[LinearPlan]:
+def plan_linears(
+    model: nn.Module, weights: Mapping[str, QuantizedWeight], bit_map: Mapping[str, int]
+) -> list[LinearPlan]:
     """Every linear of every decoder layer in module order, checked against the bit map by name.
 
     `bit_map` gives every decoder layer a width (per-layer allocation) or every decoder linear
@@ -142,12 +143,16 @@ def plan_linears(model: nn.Module, weights: Mapping[str, QuantizedWeight],
     known = linear_names if per_linear else layer_names
     unknown = sorted(set(bit_map) - set(known))
     if unknown:
-        raise ExportError(f"bit map names layers or linears the model does not have (or mixes both): "
-                          f"{unknown[:3]}", details={"layers": unknown})
+        raise ExportError(
+            f"bit map names layers or linears the model does not have (or mixes both): {unknown[:3]}",
+            details={"layers": unknown},
+        )
     missing = [name for name in known if name not in bit_map]
     if missing:
-        raise ExportError(f"bit map has no width for {'linears' if per_linear else 'layers'} {missing[:3]}",
-                          details={"layers": missing})
+        raise ExportError(
+            f"bit map has no width for {'linears' if per_linear else 'layers'} {missing[:3]}",
+            details={"layers": missing},
+        )
 
     available = set(weights.keys())  # a Mapping's default `in` would load the weight
     plans: list[LinearPlan] = []
@@ -155,8 +160,10 @@ def plan_linears(model: nn.Module, weights: Mapping[str, QuantizedWeight],
         for name, module in linears.items():
             bits = int(bit_map[name if per_linear else layer_name])
             if bits not in QUANTIZED_BITS and bits != KEEP_BITS:
-                raise ExportError(f"{name if per_linear else layer_name}: {bits} bits is not a supported width "
-                                  f"(choose from {list(QUANTIZED_BITS) + [KEEP_BITS]})")
+                raise ExportError(
+                    f"{name if per_linear else layer_name}: {bits} bits is not a supported width "
+                    f"(choose from {list(QUANTIZED_BITS) + [KEEP_BITS]})"
+                )
             present = name in available
             if bits == KEEP_BITS and present:
                 raise ExportError(f"{name} has a quantized weight but the bit map keeps it at 16 bits")
@@ -167,8 +174,9 @@ def plan_linears(model: nn.Module, weights: Mapping[str, QuantizedWeight],
     planned = {p.name for p in plans}
     stray = sorted(available - planned)
     if stray:
-        raise ExportError(f"quantized weights for linears outside the decoder layers: {stray[:3]}",
-                          details={"linears": stray})
+        raise ExportError(
+            f"quantized weights for linears outside the decoder layers: {stray[:3]}", details={"linears": stray}
+        )
     return plans
 
 
@@ -187,7 +195,8 @@ def load_weight(plan: LinearPlan, weights: Mapping[str, QuantizedWeight], spec: 
     if q.group_size != spec.group_size or q.symmetric != spec.symmetric:
         raise ExportError(
             f"{name} is quantized with group_size {q.group_size}, symmetric {q.symmetric} but the "
-            f"spec asks for group_size {spec.group_size}, symmetric {spec.symmetric}")
+            f"spec asks for group_size {spec.group_size}, symmetric {spec.symmetric}"
+        )
     return q
 
 

@@ -95,6 +95,7 @@ def pack_q4_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
 # except that codes are computed with the fp16-rounded d that is stored.
 # ---------------------------------------------------------------------------------------------
 
+
 def _safe_div(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     d = d.to(torch.float32)
     return torch.where(d != 0, x / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(x))
@@ -140,6 +141,7 @@ def requantize(x: torch.Tensor, qtype: str) -> EncodedTensor:
 # ---------------------------------------------------------------------------------------------
 # Exact mapping of our grid
 # ---------------------------------------------------------------------------------------------
+
 
 def _block_params(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """codes [rows, nb, 32] int64 and each block's scale (float32 of the fp16) and zero [rows, nb]."""

@@ -68,8 +68,11 @@ _LAYER_TENSORS = {
     "mlp.down_proj": "ffn_down",
 }
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
-_GLOBAL_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                   "lm_head.weight": "output.weight"}
+_GLOBAL_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 _NORM_SUFFIX = "_norm.weight"
 
 # token types of llama.cpp's vocabulary
@@ -107,8 +110,10 @@ class _Hyper:
     def __init__(self, model: nn.Module) -> None:
         cfg = text_config(model)
         if getattr(cfg, "model_type", None) != ARCH:
-            raise ExportError(f"GGUF export supports llama-architecture models; this one is "
-                              f"'{getattr(cfg, 'model_type', type(model).__name__)}'")
+            raise ExportError(
+                f"GGUF export supports llama-architecture models; this one is "
+                f"'{getattr(cfg, 'model_type', type(model).__name__)}'"
+            )
         self.hidden = int(cfg.hidden_size)
         self.layers = int(cfg.num_hidden_layers)
         self.ffn = int(cfg.intermediate_size)
@@ -126,14 +131,19 @@ class _Hyper:
         self.rope_theta = float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))
 
     def expected_metadata(self) -> dict[str, float | int]:
-        return {f"{ARCH}.block_count": self.layers, f"{ARCH}.embedding_length": self.hidden,
-                f"{ARCH}.feed_forward_length": self.ffn, f"{ARCH}.attention.head_count": self.n_head,
-                f"{ARCH}.attention.head_count_kv": self.n_head_kv}
+        return {
+            f"{ARCH}.block_count": self.layers,
+            f"{ARCH}.embedding_length": self.hidden,
+            f"{ARCH}.feed_forward_length": self.ffn,
+            f"{ARCH}.attention.head_count": self.n_head,
+            f"{ARCH}.attention.head_count_kv": self.n_head_kv,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
 # tensors
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Planned:
@@ -162,8 +172,9 @@ def _plan(model: nn.Module, plans: list[LinearPlan], spec: JobSpec) -> list[_Pla
     return planned
 
 
-def _array(entry: _Planned, fetch: TensorFetcher, weights: Mapping[str, QuantizedWeight], spec: JobSpec,
-           hyper: _Hyper) -> np.ndarray | Fp16Parts:
+def _array(
+    entry: _Planned, fetch: TensorFetcher, weights: Mapping[str, QuantizedWeight], spec: JobSpec, hyper: _Hyper
+) -> np.ndarray | Fp16Parts:
     """One tensor's data; q/k rows permuted for llama.cpp's rope."""
     from core.quant.primitives import dequantize_weight
 
@@ -190,8 +201,12 @@ def _file_type(planned: list[_Planned]) -> int:
     """general.file_type: the GGML type holding most of the decoder linears' weights."""
     from gguf import LlamaFileType
 
-    file_types = {Q4_0: LlamaFileType.MOSTLY_Q4_0, Q4_1: LlamaFileType.MOSTLY_Q4_1,
-                  Q8_0: LlamaFileType.MOSTLY_Q8_0, "F16": LlamaFileType.MOSTLY_F16}
+    file_types = {
+        Q4_0: LlamaFileType.MOSTLY_Q4_0,
+        Q4_1: LlamaFileType.MOSTLY_Q4_1,
+        Q8_0: LlamaFileType.MOSTLY_Q8_0,
+        "F16": LlamaFileType.MOSTLY_F16,
+    }
     counts: Counter[str] = Counter()
     for entry in planned:
         if entry.linear is not None:
@@ -235,6 +250,7 @@ def _hashing_writer(sink: HashingWriter):
 # metadata
 # ---------------------------------------------------------------------------------------------
 
+
 def _copy_source_metadata(writer, source: Path, hyper: _Hyper, file_type: int) -> None:
     """Every key of the source GGUF in its order, with our file type; strings copied as raw bytes."""
     from gguf import GGUFReader, GGUFValueType
@@ -247,8 +263,10 @@ def _copy_source_metadata(writer, source: Path, hyper: _Hyper, file_type: int) -
     for key, expected in hyper.expected_metadata().items():
         field = fields.get(key)
         if field is None or int(field.contents()) != expected:
-            raise ExportError(f"source GGUF {source.name} does not describe this model: {key} is "
-                              f"{None if field is None else field.contents()}, the model has {expected}")
+            raise ExportError(
+                f"source GGUF {source.name} does not describe this model: {key} is "
+                f"{None if field is None else field.contents()}, the model has {expected}"
+            )
     seen = set()
     for key, field in fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
@@ -300,8 +318,10 @@ def _tokenizer_metadata(writer, tokenizer, hyper: _Hyper) -> None:
     backend = json.loads(backend_tok.to_str())
     model = backend.get("model", {})
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer")):
-        raise ExportError("GGUF export from an HF directory supports byte-level BPE tokenizers only; "
-                          "export from the model's GGUF to carry another tokenizer")
+        raise ExportError(
+            "GGUF export from an HF directory supports byte-level BPE tokenizers only; "
+            "export from the model's GGUF to carry another tokenizer"
+        )
     vocab = tokenizer.get_vocab()
     by_id = {i: t for t, i in vocab.items()}
     added = {int(i): tok for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()}
@@ -322,16 +342,21 @@ def _tokenizer_metadata(writer, tokenizer, hyper: _Hyper) -> None:
 
     writer.add_bool("tokenizer.ggml.add_space_prefix", False)
     probe = tokenizer("a")["input_ids"]
-    writer.add_bool("tokenizer.ggml.add_bos_token",
-                    tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id])
+    writer.add_bool(
+        "tokenizer.ggml.add_bos_token", tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
+    )
     writer.add_string("tokenizer.ggml.model", "gpt2")
     writer.add_string("tokenizer.ggml.pre", _pre_tokenizer_name(backend))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     if merges:
         writer.add_token_merges(merges)
-    for key, value in (("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id),
-                       ("unknown_token_id", tokenizer.unk_token_id), ("padding_token_id", tokenizer.pad_token_id)):
+    for key, value in (
+        ("bos_token_id", tokenizer.bos_token_id),
+        ("eos_token_id", tokenizer.eos_token_id),
+        ("unknown_token_id", tokenizer.unk_token_id),
+        ("padding_token_id", tokenizer.pad_token_id),
+    ):
         if value is not None:
             writer.add_uint32(f"tokenizer.ggml.{key}", int(value))
     template = getattr(tokenizer, "chat_template", None)
@@ -366,9 +391,18 @@ def _hf_metadata(writer, tokenizer, hyper: _Hyper, name: str, file_type: int) ->
 # entry point
 # ---------------------------------------------------------------------------------------------
 
-def export_gguf(model: nn.Module, tokenizer, weights: Mapping[str, QuantizedWeight], bit_map: Mapping[str, int],
-                spec: JobSpec, out_path: Path, source_gguf: Path | None = None, *,
-                tensors: TensorFetcher | None = None) -> ExportedFile:
+
+def export_gguf(
+    model: nn.Module,
+    tokenizer,
+    weights: Mapping[str, QuantizedWeight],
+    bit_map: Mapping[str, int],
+    spec: JobSpec,
+    out_path: Path,
+    source_gguf: Path | None = None,
+    *,
+    tensors: TensorFetcher | None = None,
+) -> ExportedFile:
     """Write one llama GGUF file to `out_path`; returns it with its size and sha256.
 
     `model` gives config, structure and state-dict order (it may be a meta-device skeleton);

@@ -97,7 +97,8 @@ def choose_strategy(plans: list[LinearPlan], group_size: int, symmetric: bool, r
                 f"compressed-tensors 'group' strategy needs group_size to divide in_features, but "
                 f"{bad.name} has in_features {bad.shape[1]} and group_size {group_size}; "
                 "use a group size that divides every in_features or the 'block' strategy",
-                details={"linear": bad.name, "in_features": bad.shape[1], "group_size": group_size})
+                details={"linear": bad.name, "in_features": bad.shape[1], "group_size": group_size},
+            )
         return "group"
     if requested == "block":
         return "block"
@@ -129,13 +130,16 @@ def quantized_specs(plan: LinearPlan, group_size: int, symmetric: bool, strategy
     widest dtype first, so the data of most tensors stays naturally aligned."""
     out_features, in_features = plan.shape
     groups = math.ceil(in_features / group_size)
-    specs = [TensorSpec("weight_shape", torch.int64, (2,)),
-             TensorSpec("weight_packed", torch.int32, (out_features, math.ceil(in_features * plan.bits / 32))),
-             TensorSpec("weight_scale", torch.float16, (out_features, groups))]
+    specs = [
+        TensorSpec("weight_shape", torch.int64, (2,)),
+        TensorSpec("weight_packed", torch.int32, (out_features, math.ceil(in_features * plan.bits / 32))),
+        TensorSpec("weight_scale", torch.float16, (out_features, groups)),
+    ]
     if not symmetric:
         if strategy == "group":
-            specs.insert(2, TensorSpec("weight_zero_point", torch.int32,
-                                       (math.ceil(out_features * plan.bits / 32), groups)))
+            specs.insert(
+                2, TensorSpec("weight_zero_point", torch.int32, (math.ceil(out_features * plan.bits / 32), groups))
+            )
         else:
             specs.append(TensorSpec("weight_zero_point", torch.int8, (out_features, groups)))
     return [TensorSpec(f"{plan.name}.{s.name}", s.dtype, s.shape) for s in specs]
@@ -150,8 +154,9 @@ def _weights_args(bits: int, group_size: int, symmetric: bool, strategy: str) ->
     return args
 
 
-def quantization_config(plans: list[LinearPlan], lm_head: str | None, strategy: str,
-                        group_size: int, symmetric: bool) -> dict:
+def quantization_config(
+    plans: list[LinearPlan], lm_head: str | None, strategy: str, group_size: int, symmetric: bool
+) -> dict:
     """compressed-tensors ``quantization_config``: one config group per bit-width."""
     by_bits: dict[int, list[LinearPlan]] = {}
     for p in plans:
@@ -179,8 +184,9 @@ def quantization_config(plans: list[LinearPlan], lm_head: str | None, strategy: 
     }
 
 
-def _tensor_groups(model: nn.Module, plans: list[LinearPlan], spec: JobSpec,
-                   strategy: str) -> list[tuple[str, LinearPlan | None, list[TensorSpec]]]:
+def _tensor_groups(
+    model: nn.Module, plans: list[LinearPlan], spec: JobSpec, strategy: str
+) -> list[tuple[str, LinearPlan | None, list[TensorSpec]]]:
     """[(state-dict name, its plan if quantized, the tensors stored for it)] in state-dict order."""
     by_weight = {f"{p.name}.weight": p for p in plans if p.quantized}
     groups = []
@@ -201,8 +207,15 @@ def _shards(groups: list, max_shard_bytes: int) -> list[list]:
     return [[groups[k] for k in shard] for shard in plan_shards(sizes, max_shard_bytes)]
 
 
-def _write_shard(path: Path, name: str, shard: list, fetch: TensorFetcher, weights: Mapping[str, QuantizedWeight],
-                 spec: JobSpec, strategy: str) -> ExportedFile:
+def _write_shard(
+    path: Path,
+    name: str,
+    shard: list,
+    fetch: TensorFetcher,
+    weights: Mapping[str, QuantizedWeight],
+    spec: JobSpec,
+    strategy: str,
+) -> ExportedFile:
     writer = SafetensorsStreamWriter(path, [s for _, _, specs in shard for s in specs], SAFETENSORS_METADATA, name)
     try:
         for key, plan, specs in shard:
@@ -251,9 +264,18 @@ def _generation_config(model: nn.Module) -> dict:
     return gen.to_diff_dict()
 
 
-def export_hf(model: nn.Module, tokenizer, weights: Mapping[str, QuantizedWeight], bit_map: Mapping[str, int],
-              spec: JobSpec, out_dir: Path, *, strategy: Strategy = "auto", tensors: TensorFetcher | None = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[ExportedFile]:
+def export_hf(
+    model: nn.Module,
+    tokenizer,
+    weights: Mapping[str, QuantizedWeight],
+    bit_map: Mapping[str, int],
+    spec: JobSpec,
+    out_dir: Path,
+    *,
+    strategy: Strategy = "auto",
+    tensors: TensorFetcher | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> list[ExportedFile]:
     """Write a compressed-tensors HF model directory to `out_dir`; returns its files sorted by name.
 
     `model` gives config, structure and state-dict order (it may be a meta-device skeleton);
@@ -274,8 +296,9 @@ def export_hf(model: nn.Module, tokenizer, weights: Mapping[str, QuantizedWeight
     out_dir = Path(out_dir)
     written: list[ExportedFile] = []
     with OutputGuard(out_dir) as guard:
-        names = [WEIGHTS_FILE] if len(shards) == 1 else [SHARD_FILE.format(i + 1, len(shards))
-                                                         for i in range(len(shards))]
+        names = (
+            [WEIGHTS_FILE] if len(shards) == 1 else [SHARD_FILE.format(i + 1, len(shards)) for i in range(len(shards))]
+        )
         for name, shard in zip(names, shards):
             guard.paths.append(out_dir / name)
             written.append(_write_shard(out_dir / name, name, shard, fetch, weights, spec, chosen))

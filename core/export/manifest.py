@@ -91,9 +91,16 @@ def hf_storage(export_dir: Path) -> dict[str, Any] | None:
     if not linears:
         return None
     total = sum(totals.values())
-    return {"quantized_linears": linears, "weights": weights, "code_bytes": totals["weight_packed"],
-            "scale_bytes": totals["weight_scale"], "zero_point_bytes": totals["weight_zero_point"],
-            "total_bytes": total, "packing_padding_bytes": padding, "effective_bits": total * 8 / weights}
+    return {
+        "quantized_linears": linears,
+        "weights": weights,
+        "code_bytes": totals["weight_packed"],
+        "scale_bytes": totals["weight_scale"],
+        "zero_point_bytes": totals["weight_zero_point"],
+        "total_bytes": total,
+        "packing_padding_bytes": padding,
+        "effective_bits": total * 8 / weights,
+    }
 
 
 def gguf_storage(path: Path) -> dict[str, Any] | None:
@@ -123,9 +130,12 @@ def gguf_storage(path: Path) -> dict[str, Any] | None:
     quantized = {k: v for k, v in by_type.items() if k not in ("F16", "F32", "BF16")}
     q_weights = sum(v["weights"] for v in quantized.values())
     q_bytes = sum(v["bytes"] for v in quantized.values())
-    return {"by_type": {k: dict(v, bits_per_weight=v["bytes"] * 8 / v["weights"]) for k, v in sorted(by_type.items())},
-            "quantized_weights": q_weights, "quantized_bytes": q_bytes,
-            "effective_bits": q_bytes * 8 / q_weights if q_weights else None}
+    return {
+        "by_type": {k: dict(v, bits_per_weight=v["bytes"] * 8 / v["weights"]) for k, v in sorted(by_type.items())},
+        "quantized_weights": q_weights,
+        "quantized_bytes": q_bytes,
+        "effective_bits": q_bytes * 8 / q_weights if q_weights else None,
+    }
 
 
 def bit_map_key(spec: JobSpec) -> str:
@@ -154,9 +164,17 @@ def storage_summary(files: list[tuple[str, Path]]) -> dict[str, Any]:
     return storage
 
 
-def assemble_manifest(spec: JobSpec, source_model_id: str, source_sha256: str | None, bit_map: dict[str, int],
-                      effective_bits_reported: float | None, *, entries: list[dict[str, Any]],
-                      storage: dict[str, Any], library_versions: dict[str, str]) -> dict[str, Any]:
+def assemble_manifest(
+    spec: JobSpec,
+    source_model_id: str,
+    source_sha256: str | None,
+    bit_map: dict[str, int],
+    effective_bits_reported: float | None,
+    *,
+    entries: list[dict[str, Any]],
+    storage: dict[str, Any],
+    library_versions: dict[str, str],
+) -> dict[str, Any]:
     """The manifest from what is already known: `entries` {"name", "size", "sha256"} of every
     file (names relative to the artifact root) and `storage` (`storage_summary`)."""
     names = [e["name"] for e in entries]
@@ -174,15 +192,23 @@ def assemble_manifest(spec: JobSpec, source_model_id: str, source_sha256: str | 
             "stored": {name: s.get("effective_bits") for name, s in storage.items()},
         },
         "storage": storage,
-        "files": sorted(({"name": e["name"], "size": int(e["size"]), "sha256": e["sha256"]} for e in entries),
-                        key=lambda e: e["name"]),
+        "files": sorted(
+            ({"name": e["name"], "size": int(e["size"]), "sha256": e["sha256"]} for e in entries),
+            key=lambda e: e["name"],
+        ),
     }
 
 
-def build_manifest(spec: JobSpec, source_model_id: str, source_sha256: str | None, bit_map: dict[str, int],
-                   effective_bits_reported: float | None, files: list[tuple[str, Path]],
-                   library_versions: dict[str, str],
-                   hashes: dict[str, tuple[int, str]] | None = None) -> dict[str, Any]:
+def build_manifest(
+    spec: JobSpec,
+    source_model_id: str,
+    source_sha256: str | None,
+    bit_map: dict[str, int],
+    effective_bits_reported: float | None,
+    files: list[tuple[str, Path]],
+    library_versions: dict[str, str],
+    hashes: dict[str, tuple[int, str]] | None = None,
+) -> dict[str, Any]:
     """The manifest as a dict from local files: `files` are (name relative to the artifact root,
     local path); each file is hashed unless `hashes` (relative name -> (size, sha256), e.g. from
     the exporters' ExportedFiles) already has it, and stored bits are measured from the files."""
@@ -192,8 +218,16 @@ def build_manifest(spec: JobSpec, source_model_id: str, source_sha256: str | Non
         rel = Path(rel).as_posix()
         size, sha256 = hashes[rel] if rel in hashes else (Path(path).stat().st_size, file_sha256(Path(path)))
         entries.append({"name": rel, "size": int(size), "sha256": sha256})
-    return assemble_manifest(spec, source_model_id, source_sha256, bit_map, effective_bits_reported,
-                             entries=entries, storage=storage_summary(files), library_versions=library_versions)
+    return assemble_manifest(
+        spec,
+        source_model_id,
+        source_sha256,
+        bit_map,
+        effective_bits_reported,
+        entries=entries,
+        storage=storage_summary(files),
+        library_versions=library_versions,
+    )
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:

@@ -21,9 +21,18 @@ import torch
 
 from core.export._common import ExportedFile, HashingWriter
 
-DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-          torch.bool: "BOOL"}
+DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 @dataclass(frozen=True)
@@ -49,8 +58,11 @@ def header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> by
             raise ValueError(f"duplicate tensor name {spec.name!r}")
         if spec.dtype not in DTYPES:
             raise ValueError(f"{spec.name}: dtype {spec.dtype} has no safetensors name")
-        header[spec.name] = {"dtype": DTYPES[spec.dtype], "shape": list(spec.shape),
-                             "data_offsets": [offset, offset + spec.nbytes]}
+        header[spec.name] = {
+            "dtype": DTYPES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
         offset += spec.nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)
@@ -87,15 +99,13 @@ class SafetensorsStreamWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self.write_parts(name, tensor.dtype, tuple(tensor.shape), [tensor])
 
-    def write_parts(self, name: str, dtype: torch.dtype, shape: tuple[int, ...],
-                    parts: Iterable[torch.Tensor]) -> None:
+    def write_parts(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], parts: Iterable[torch.Tensor]) -> None:
         """One planned tensor given as consecutive parts (e.g. slices of rows) of `dtype`, in order."""
         if self._next >= len(self._specs):
             raise ValueError(f"{name}: every planned tensor was already written")
         spec = self._specs[self._next]
         if (name, dtype, tuple(shape)) != (spec.name, spec.dtype, spec.shape):
-            raise ValueError(f"expected {spec.name} {spec.dtype} {list(spec.shape)}, got {name} "
-                             f"{dtype} {list(shape)}")
+            raise ValueError(f"expected {spec.name} {spec.dtype} {list(spec.shape)}, got {name} {dtype} {list(shape)}")
         written = 0
         for part in parts:
             if part.dtype != dtype:
@@ -118,8 +128,9 @@ class SafetensorsStreamWriter:
         self._out.close()
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                      name: str | None = None) -> ExportedFile:
+def write_safetensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], name: str | None = None
+) -> ExportedFile:
     """Write a complete dict in its iteration order (small files and tests)."""
     specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
     writer = SafetensorsStreamWriter(path, specs, metadata, name or Path(path).name)

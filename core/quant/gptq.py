@@ -47,15 +47,20 @@ rules of `quantize_weight`, so packing, export and dequantization are unchanged)
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
-from core.quant.primitives import (_check_weight, _Groups, _raw_codes, _select_qparams, _short_groups)
+from core.quant.primitives import _check_weight, _Groups, _raw_codes, _select_qparams, _short_groups
 from core.types import QuantizedWeight
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_DAMP", "gptq_quantize_weight", "gptq_quantize_weights",
-           "inverse_hessian_factor"]
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_DAMP",
+    "gptq_quantize_weight",
+    "gptq_quantize_weights",
+    "inverse_hessian_factor",
+]
 
 DEFAULT_DAMP = 0.01
 DEFAULT_BLOCK_SIZE = 128
@@ -63,8 +68,13 @@ DEFAULT_BLOCK_SIZE = 128
 _DAMP_RETRIES = 6
 
 
-def inverse_hessian_factor(hessian: torch.Tensor | Callable[[], torch.Tensor], damp: float = DEFAULT_DAMP, *,
-                           dtype: torch.dtype = torch.float64, overwrite: bool = False) -> torch.Tensor:
+def inverse_hessian_factor(
+    hessian: torch.Tensor | Callable[[], torch.Tensor],
+    damp: float = DEFAULT_DAMP,
+    *,
+    dtype: torch.dtype = torch.float64,
+    overwrite: bool = False,
+) -> torch.Tensor:
     """Upper Cholesky factor U of (H + λI)⁻¹ (so that (H + λI)⁻¹ = Uᵀ U) in `dtype`, with
     λ = damp · mean of the live diagonal and dead inputs given the mean diagonal.
 
@@ -102,8 +112,10 @@ def inverse_hessian_factor(hessian: torch.Tensor | Callable[[], torch.Tensor], d
         lam = damp * (10.0**attempt) * live_mean
         if h is None:  # destroyed by a failed attempt
             if consumed:
-                raise ValueError("hessian could not be factored and was overwritten; pass a function that "
-                                 "rebuilds it to allow damp retries")
+                raise ValueError(
+                    "hessian could not be factored and was overwritten; pass a function that "
+                    "rebuilds it to allow damp retries"
+                )
             h, _ = _prepared(build(), dtype, owned)
             for prev in replayed:
                 torch.diagonal(h).add_(prev).sub_(prev)
@@ -132,11 +144,12 @@ def _check_square(hessian: torch.Tensor) -> None:
 
 def _all_finite(h: torch.Tensor, rows: int = 256) -> bool:
     """torch.isfinite(h).all() without an [in, in] mask."""
-    return all(bool(torch.isfinite(h[i:i + rows]).all()) for i in range(0, h.shape[0], rows))
+    return all(bool(torch.isfinite(h[i : i + rows]).all()) for i in range(0, h.shape[0], rows))
 
 
-def _prepared(hessian: torch.Tensor | None, dtype: torch.dtype, owned: bool,
-              block: int = 512) -> tuple[torch.Tensor, float]:
+def _prepared(
+    hessian: torch.Tensor | None, dtype: torch.dtype, owned: bool, block: int = 512
+) -> tuple[torch.Tensor, float]:
     """H as a contiguous `dtype` matrix (a copy unless `owned`), exactly symmetric, dead inputs
     given the mean live diagonal; that mean."""
     if hessian is None:
@@ -150,10 +163,10 @@ def _prepared(hessian: torch.Tensor | None, dtype: torch.dtype, owned: bool,
     n = h.shape[0]
     for i0 in range(0, n, block):
         for j0 in range(i0, n, block):
-            s = h[i0:i0 + block, j0:j0 + block] + h[j0:j0 + block, i0:i0 + block].T
+            s = h[i0 : i0 + block, j0 : j0 + block] + h[j0 : j0 + block, i0 : i0 + block].T
             s.div_(2)
-            h[i0:i0 + block, j0:j0 + block] = s
-            h[j0:j0 + block, i0:i0 + block] = s.T
+            h[i0 : i0 + block, j0 : j0 + block] = s
+            h[j0 : j0 + block, i0 : i0 + block] = s.T
     diag = torch.diagonal(h)
     dead = diag <= 0
     live_mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
@@ -161,9 +174,18 @@ def _prepared(hessian: torch.Tensor | None, dtype: torch.dtype, owned: bool,
     return h, live_mean
 
 
-def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor | None, bits: int, group_size: int,
-                         symmetric: bool, *, damp: float = DEFAULT_DAMP, block_size: int = DEFAULT_BLOCK_SIZE,
-                         clip_search: bool = False, upper: torch.Tensor | None = None) -> QuantizedWeight:
+def gptq_quantize_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    *,
+    damp: float = DEFAULT_DAMP,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    clip_search: bool = False,
+    upper: torch.Tensor | None = None,
+) -> QuantizedWeight:
     """Quantize a [out, in] weight with GPTQ given H = XᵀX / n ([in, in]) of its input.
 
     `upper` is `inverse_hessian_factor(hessian, damp)` when the caller already has it (the
@@ -175,21 +197,32 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor | None, bit
     out_features, in_features = weight.shape
     if upper is None:
         if hessian is None or tuple(hessian.shape) != (in_features, in_features):
-            raise ValueError(f"hessian must be [{in_features}, {in_features}], got "
-                             f"{None if hessian is None else tuple(hessian.shape)}")
+            raise ValueError(
+                f"hessian must be [{in_features}, {in_features}], got "
+                f"{None if hessian is None else tuple(hessian.shape)}"
+            )
         upper = inverse_hessian_factor(hessian, damp)
     elif tuple(upper.shape) != (in_features, in_features):
         raise ValueError(f"upper must be [{in_features}, {in_features}], got {tuple(upper.shape)}")
     upper = upper.to(device=weight.device, dtype=torch.float32)
     # the sweep works on its own [in, out] float32 copy (a column of W is a contiguous row)
-    return _sweep(weight.detach().to(torch.float32).T.contiguous(), upper, bits, group_size, symmetric,
-                  block_size, clip_search)
+    return _sweep(
+        weight.detach().to(torch.float32).T.contiguous(), upper, bits, group_size, symmetric, block_size, clip_search
+    )
 
 
-def gptq_quantize_weights(weights: Mapping[str, torch.Tensor], hessian: torch.Tensor | None, bits: int,
-                          group_size: int, symmetric: bool, *, damp: float = DEFAULT_DAMP,
-                          block_size: int = DEFAULT_BLOCK_SIZE, clip_search: bool = False,
-                          upper: torch.Tensor | None = None) -> dict[str, QuantizedWeight]:
+def gptq_quantize_weights(
+    weights: Mapping[str, torch.Tensor],
+    hessian: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    *,
+    damp: float = DEFAULT_DAMP,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    clip_search: bool = False,
+    upper: torch.Tensor | None = None,
+) -> dict[str, QuantizedWeight]:
     """GPTQ of several weights that read the same input (one shared H) in one column sweep:
     their rows are stacked, quantized together (rows are independent given H) and split again."""
     if not weights:
@@ -199,9 +232,19 @@ def gptq_quantize_weights(weights: Mapping[str, torch.Tensor], hessian: torch.Te
     if len(in_features) != 1 or any(w.dim() != 2 for w in weights.values()):
         raise ValueError("weights sharing a Hessian must all be 2-D with the same in_features")
     if len(names) == 1:
-        return {names[0]: gptq_quantize_weight(weights[names[0]], hessian, bits, group_size, symmetric,
-                                               damp=damp, block_size=block_size, clip_search=clip_search,
-                                               upper=upper)}
+        return {
+            names[0]: gptq_quantize_weight(
+                weights[names[0]],
+                hessian,
+                bits,
+                group_size,
+                symmetric,
+                damp=damp,
+                block_size=block_size,
+                clip_search=clip_search,
+                upper=upper,
+            )
+        }
     device = weights[names[0]].device
     for name in names:
         _check_weight(weights[name], bits, group_size)
@@ -214,24 +257,35 @@ def gptq_quantize_weights(weights: Mapping[str, torch.Tensor], hessian: torch.Te
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     # the stacked rows are built transposed in one copy: [in, sum of out]
     wt = torch.cat([weights[n_].detach().to(device=device, dtype=torch.float32).T for n_ in names], dim=1)
-    q = _sweep(wt, upper.to(device=device, dtype=torch.float32), bits, group_size, symmetric, block_size,
-               clip_search)
+    q = _sweep(wt, upper.to(device=device, dtype=torch.float32), bits, group_size, symmetric, block_size, clip_search)
     del wt
     out: dict[str, QuantizedWeight] = {}
     start = 0
     for name in names:
         rows = int(weights[name].shape[0])
         sl = slice(start, start + rows)
-        out[name] = QuantizedWeight(codes=q.codes[sl].contiguous(), scale=q.scale[sl].contiguous(),
-                                    zero=None if q.zero is None else q.zero[sl].contiguous(),
-                                    bits=q.bits, group_size=q.group_size, symmetric=q.symmetric,
-                                    shape=(rows, q.shape[1]))
+        out[name] = QuantizedWeight(
+            codes=q.codes[sl].contiguous(),
+            scale=q.scale[sl].contiguous(),
+            zero=None if q.zero is None else q.zero[sl].contiguous(),
+            bits=q.bits,
+            group_size=q.group_size,
+            symmetric=q.symmetric,
+            shape=(rows, q.shape[1]),
+        )
         start += rows
     return out
 
 
-def _sweep(wt: torch.Tensor, upper: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-           block_size: int, clip_search: bool) -> QuantizedWeight:
+def _sweep(
+    wt: torch.Tensor,
+    upper: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    block_size: int,
+    clip_search: bool,
+) -> QuantizedWeight:
     """The column sweep over `wt`, the float32 transpose [in, out] of the weight, which it
     updates in place (callers pass their own copy): a column of W is a contiguous row, so the
     per-column reads, writes and rank-1 updates touch contiguous memory."""
@@ -252,7 +306,7 @@ def _sweep(wt: torch.Tensor, upper: torch.Tensor, bits: int, group_size: int, sy
             g1 = min(g0 + group_size, in_features)
             k = g0 // group_size
             # qparams from the group's current (error-updated) weights, padded like RTN
-            g = _Groups(w1[g0 - b0:g1 - b0].T, group_size)
+            g = _Groups(w1[g0 - b0 : g1 - b0].T, group_size)
             s16, z, const = _select_qparams(g, bits, symmetric, clip_search)
             scale16[:, k] = s16[:, 0]
             zero[:, k] = z[:, 0]
@@ -274,9 +328,9 @@ def _sweep(wt: torch.Tensor, upper: torch.Tensor, bits: int, group_size: int, sy
                 e = (col - (c - zk) * s) / u1[i, i]
                 err1[i] = e
                 if i + 1 < b1 - b0:
-                    w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1.0)
+                    w1[i + 1 :].addr_(u1[i, i + 1 :], e, alpha=-1.0)
             if g1 - g0 < group_size:  # padding of a last partial group: the zero point
-                codes_t[g1:(k + 1) * group_size] = zk
+                codes_t[g1 : (k + 1) * group_size] = zk
         if b1 < in_features:
             wt[b1:].sub_(upper[b0:b1, b1:].T @ err1)
     return QuantizedWeight(

@@ -20,9 +20,9 @@ core/scorers/common.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -80,6 +80,7 @@ class LayerInputs:
                     self.sums[name] += xtx
                 else:
                     self.sums[name] = xtx
+
         return pre_hook
 
     @contextmanager
@@ -161,8 +162,16 @@ class LayerQuantization:
     errors: dict[str, dict[int, float]]
 
 
-def quantize_layer(weights: dict[str, torch.Tensor], inputs: LayerInputs | None, widths: list[int], *,
-                   group_size: int, symmetric: bool, gptq: bool, clip_search: bool) -> LayerQuantization:
+def quantize_layer(
+    weights: dict[str, torch.Tensor],
+    inputs: LayerInputs | None,
+    widths: list[int],
+    *,
+    group_size: int,
+    symmetric: bool,
+    gptq: bool,
+    clip_search: bool,
+) -> LayerQuantization:
     """Quantize each [out, in] weight at every width in `widths` (16 is kept, error 0) with
     round-to-nearest or GPTQ, and measure each result's relative output error."""
     from core.quant.gptq import gptq_quantize_weights, inverse_hessian_factor
@@ -182,8 +191,17 @@ def quantize_layer(weights: dict[str, torch.Tensor], inputs: LayerInputs | None,
             # alive from H to the factor (core.memory counts it so)
             upper = inverse_hessian_factor(lambda _lead=lead: inputs.hessian(_lead), dtype=dtype)
             for bits in low:
-                codes[bits].update(gptq_quantize_weights({n: weights[n] for n in names}, None, bits, group_size,
-                                                         symmetric, clip_search=clip_search, upper=upper))
+                codes[bits].update(
+                    gptq_quantize_weights(
+                        {n: weights[n] for n in names},
+                        None,
+                        bits,
+                        group_size,
+                        symmetric,
+                        clip_search=clip_search,
+                        upper=upper,
+                    )
+                )
             del upper
     else:
         for bits in low:

@@ -15,8 +15,8 @@ that is "4-bit: two codes a byte, low nibble first", "2-bit: four a byte, lowest
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

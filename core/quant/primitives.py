@@ -110,8 +110,7 @@ def _short_groups(g: _Groups, codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (g.w_max > 0) & (codes.masked_fill(~g.mask, 0).amax(dim=-1) == qmax - 1)
 
 
-def _codes(g: _Groups, scale16: torch.Tensor, zero: torch.Tensor, bits: int,
-           symmetric: bool) -> torch.Tensor:
+def _codes(g: _Groups, scale16: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     """float32 codes (integers) of every column, padding set to the zero point."""
     qmax = 2**bits - 1
     z = zero.unsqueeze(-1)
@@ -152,8 +151,9 @@ def _const_step(g: _Groups) -> torch.Tensor:
     return torch.where(c16 > 0, torch.sign(g.w_max), torch.zeros_like(g.w_max))
 
 
-def _select_qparams(g: _Groups, bits: int, symmetric: bool,
-                    clip_search: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _select_qparams(
+    g: _Groups, bits: int, symmetric: bool, clip_search: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(fp16 scale, float32 zero, constant-group mask) per group, as `quantize_weight` chooses
     them: the full range, or the best shrink of it under `clip_search`, then the constant-group
     rule (scale |c|, code - zero = sign(c)). Shared with the GPTQ quantizer."""
@@ -179,8 +179,9 @@ def _select_qparams(g: _Groups, bits: int, symmetric: bool,
     return scale16, zero, const
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                    clip_search: bool = False) -> QuantizedWeight:
+def quantize_weight(
+    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip_search: bool = False
+) -> QuantizedWeight:
     """Quantize a [out, in] weight group-wise along `in` (see the module docstring for the scheme).
 
     `clip_search` tries `CLIP_STEPS` shrink factors of the range from 1.0 down to
@@ -241,8 +242,7 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def quantization_error(weight: torch.Tensor, q: QuantizedWeight,
-                       hessian: torch.Tensor | None = None) -> float:
+def quantization_error(weight: torch.Tensor, q: QuantizedWeight, hessian: torch.Tensor | None = None) -> float:
     """Relative output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ), ΔW = W − dequant(q).
 
     H = E[x xᵀ] of the linear's input ([in, in]); the identity when None, which gives

@@ -10,7 +10,7 @@ profile (seeded `torch.Generator`s only).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from core.spec import JobSpec, Method
 from core.streaming.layer_pass import StreamScorer

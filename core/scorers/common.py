@@ -16,8 +16,8 @@ errors are GPTQ's own, so the allocator trades the errors the job will actually 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -87,8 +87,7 @@ class SequencePlan:
 def prompt_plan(tokenizer, rows: Sequence[CalibrationRow], spec: JobSpec) -> SequencePlan:
     """One sequence per row: the rendered prompt (chat template), truncated keeping its end."""
     sequences = tokenize_rows(rows, tokenizer, spec.max_tokens)
-    return SequencePlan(sequences=sequences, row_of=list(range(len(rows))), starts=[None] * len(rows),
-                        n_rows=len(rows))
+    return SequencePlan(sequences=sequences, row_of=list(range(len(rows))), starts=[None] * len(rows), n_rows=len(rows))
 
 
 class LayerOutputStats:
@@ -141,21 +140,36 @@ class LayerScores:
     sensitivity: float
 
 
-def build_profile(spec: JobSpec, method: str, layer_scores: Sequence[LayerScores],
-                  records: Sequence[LayerRecord]) -> Profile:
+def build_profile(
+    spec: JobSpec, method: str, layer_scores: Sequence[LayerScores], records: Sequence[LayerRecord]
+) -> Profile:
     """The profile from the method's per-layer scores and the pass's per-layer records."""
     layers = []
     choices = sorted(spec.bit_choices)
     for ls, record in zip(layer_scores, records, strict=True):
         total = sum(record.params.values())
-        linears = [LinearProfile(name=name, params=params,
-                                 quant_error={b: float(record.errors[name][b]) for b in choices},
-                                 in_features=record.in_features.get(name))
-                   for name, params in record.params.items()]
-        quant_error = {b: (sum(l.quant_error[b] * l.params for l in linears) / total if total else 0.0)
-                       for b in choices}
-        layers.append(LayerProfile(index=record.index, name=record.name, params=total,
-                                   scores={k: float(v) for k, v in ls.scores.items()},
-                                   importance=float(ls.importance), sensitivity=max(0.0, float(ls.sensitivity)),
-                                   quant_error=quant_error, linears=linears))
+        linears = [
+            LinearProfile(
+                name=name,
+                params=params,
+                quant_error={b: float(record.errors[name][b]) for b in choices},
+                in_features=record.in_features.get(name),
+            )
+            for name, params in record.params.items()
+        ]
+        quant_error = {
+            b: (sum(l.quant_error[b] * l.params for l in linears) / total if total else 0.0) for b in choices
+        }
+        layers.append(
+            LayerProfile(
+                index=record.index,
+                name=record.name,
+                params=total,
+                scores={k: float(v) for k, v in ls.scores.items()},
+                importance=float(ls.importance),
+                sensitivity=max(0.0, float(ls.sensitivity)),
+                quant_error=quant_error,
+                linears=linears,
+            )
+        )
     return Profile(model=spec.model, method=method, layers=layers)

@@ -31,7 +31,7 @@ from core.streaming.model import StreamedModel
 __all__ = ["ALPHA", "BETA", "TaqScorer", "TokenReservoir", "covariance_entropy", "matrix_entropy"]
 
 ALPHA = 0.5  # weight of z(information)
-BETA = 0.5   # weight of z(stability)
+BETA = 0.5  # weight of z(stability)
 
 
 def _entropy_of_spectrum(eigenvalues: torch.Tensor) -> float:
@@ -104,8 +104,9 @@ class TokenReservoir:
             slots = sorted(last)
             for s in slots:
                 self.slot_token[s] = self.seen + last[s]
-            self.plan.append((torch.tensor(slots, dtype=torch.long), torch.tensor([last[s] for s in slots],
-                                                                                     dtype=torch.long)))
+            self.plan.append(
+                (torch.tensor(slots, dtype=torch.long), torch.tensor([last[s] for s in slots], dtype=torch.long))
+            )
             self.seen += n
 
     def observe(self, batch_index: int, output: torch.Tensor, batch: Batch) -> None:
@@ -141,8 +142,11 @@ class TaqScorer(StreamScorer):
         self.reservoir.observe(batch_index, output, batch)
 
     def layer_values(self, layer: int) -> dict[str, float]:
-        values = {"information": matrix_entropy(self.reservoir.sample()), "variance": self.stats.variance,
-                  "reservoir_tokens": float(self.reservoir.filled)}
+        values = {
+            "information": matrix_entropy(self.reservoir.sample()),
+            "variance": self.stats.variance,
+            "reservoir_tokens": float(self.reservoir.filled),
+        }
         self.stats.reset()
         self.reservoir.reset()
         return values
@@ -155,9 +159,19 @@ class TaqScorer(StreamScorer):
         z_info, z_stab = zscore(info), zscore(stab)
         importance = [ALPHA * a + BETA * b for a, b in zip(z_info, z_stab)]
         sensitivity = exp_sensitivity(importance)
-        return [LayerScores(scores={"information": info[l], "effective_rank": math.exp(info[l]),
-                                    "stability": stab[l], "variance": variance[l],
-                                    "z_information": z_info[l], "z_stability": z_stab[l],
-                                    "reservoir_tokens": filled[l]},
-                            importance=importance[l], sensitivity=sensitivity[l])
-                for l in range(len(result.records))]
+        return [
+            LayerScores(
+                scores={
+                    "information": info[l],
+                    "effective_rank": math.exp(info[l]),
+                    "stability": stab[l],
+                    "variance": variance[l],
+                    "z_information": z_info[l],
+                    "z_stability": z_stab[l],
+                    "reservoir_tokens": filled[l],
+                },
+                importance=importance[l],
+                sensitivity=sensitivity[l],
+            )
+            for l in range(len(result.records))
+        ]

@@ -85,7 +85,16 @@ class TaqKlScorer(StreamScorer):
         kls = [max(0.0, float(s.kl.mean())) if s.kl is not None and s.kl.numel() else 0.0 for s in stats[1:]]
         ranges = pass_layer_values(result.records, "activation_range")
         widths = pass_layer_values(result.records, "noise_width")
-        return [LayerScores(scores={"kl": kls[l], "noise_width": widths[l], "noise_bits": float(self.bits),
-                                    "activation_range": ranges[l]},
-                            importance=kls[l], sensitivity=kls[l])
-                for l in range(n_layers)]
+        return [
+            LayerScores(
+                scores={
+                    "kl": kls[l],
+                    "noise_width": widths[l],
+                    "noise_bits": float(self.bits),
+                    "activation_range": ranges[l],
+                },
+                importance=kls[l],
+                sensitivity=kls[l],
+            )
+            for l in range(n_layers)
+        ]

@@ -30,8 +30,8 @@ together (`core.streaming.head`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -46,8 +46,8 @@ from core.streaming.model import StreamedModel
 
 __all__ = ["MAX_ANSWER_TOKENS", "MAX_NEW_TOKENS", "TaqoScorer", "TaskScore", "answer_positions"]
 
-MAX_NEW_TOKENS = 16      # length of the fp model's own answers when rows carry none
-MAX_ANSWER_TOKENS = 32   # gold answers are cut to this many tokens
+MAX_NEW_TOKENS = 16  # length of the fp model's own answers when rows carry none
+MAX_ANSWER_TOKENS = 32  # gold answers are cut to this many tokens
 
 #: greedy continuations of token-id prompts: generate(prompts, max_new_tokens) -> answers (ids, EOS included)
 Generate = Callable[[list[list[int]], int], list[list[int]]]
@@ -84,8 +84,9 @@ def answer_positions(batches: list[Batch], plan: SequencePlan) -> AnswerPosition
                 gold.append(plan.sequences[s][t])
                 seq.append(s)
         per_batch.append((torch.tensor(rows, dtype=torch.long), torch.tensor(positions, dtype=torch.long)))
-    return AnswerPositions(gold=torch.tensor(gold, dtype=torch.long), seq=torch.tensor(seq, dtype=torch.long),
-                           per_batch=per_batch)
+    return AnswerPositions(
+        gold=torch.tensor(gold, dtype=torch.long), seq=torch.tensor(seq, dtype=torch.long), per_batch=per_batch
+    )
 
 
 def gather_positions(stream: HiddenStream, positions: AnswerPositions) -> torch.Tensor:
@@ -121,8 +122,14 @@ def task_score(logprob: torch.Tensor, correct: torch.Tensor, seq: torch.Tensor, 
 class TaqoScorer(StreamScorer):
     method = "taqo"
 
-    def __init__(self, spec: JobSpec, *, generate: Generate | None = None, bits: int | None = None,
-                 max_new_tokens: int = MAX_NEW_TOKENS) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        *,
+        generate: Generate | None = None,
+        bits: int | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+    ) -> None:
         self.bits = lowest_bits(spec.bit_choices) if bits is None else bits
         self.generate = generate
         self.max_new_tokens = max_new_tokens
@@ -142,9 +149,15 @@ class TaqoScorer(StreamScorer):
         self.model_answers = len(missing) / max(1, len(rows))
         sequences, row_of, starts = [], [], []
         for i, row in enumerate(rows):
-            answers = ([generated[i]] if i in generated else
-                       [encode_text(a, tokenizer, templated=True)[:MAX_ANSWER_TOKENS]
-                        for a in row.answers or [] if a.strip()])
+            answers = (
+                [generated[i]]
+                if i in generated
+                else [
+                    encode_text(a, tokenizer, templated=True)[:MAX_ANSWER_TOKENS]
+                    for a in row.answers or []
+                    if a.strip()
+                ]
+            )
             for answer in answers:
                 if answer:
                     sequences.append(list(prompts[i]) + list(answer))
@@ -174,10 +187,23 @@ class TaqoScorer(StreamScorer):
         positive = [max(0.0, d) for d in d_nll]
         mean_pos = sum(positive) / len(positive) if positive else 0.0
         floor = 0.01 * mean_pos if mean_pos > 0 else 1e-6
-        return [LayerScores(
-            scores={"em": q.em, "token_accuracy": q.token_accuracy, "nll": q.nll,
-                    "fp_em": fp.em, "fp_token_accuracy": fp.token_accuracy, "fp_nll": fp.nll,
-                    "delta_em": fp.em - q.em, "delta_token_accuracy": fp.token_accuracy - q.token_accuracy,
-                    "delta_nll": d_nll[l], "probe_bits": float(self.bits), "model_answers": self.model_answers},
-            importance=d_nll[l], sensitivity=positive[l] + floor)
-            for l, q in enumerate(quantized)]
+        return [
+            LayerScores(
+                scores={
+                    "em": q.em,
+                    "token_accuracy": q.token_accuracy,
+                    "nll": q.nll,
+                    "fp_em": fp.em,
+                    "fp_token_accuracy": fp.token_accuracy,
+                    "fp_nll": fp.nll,
+                    "delta_em": fp.em - q.em,
+                    "delta_token_accuracy": fp.token_accuracy - q.token_accuracy,
+                    "delta_nll": d_nll[l],
+                    "probe_bits": float(self.bits),
+                    "model_answers": self.model_answers,
+                },
+                importance=d_nll[l],
+                sensitivity=positive[l] + floor,
+            )
+            for l, q in enumerate(quantized)
+        ]

@@ -11,8 +11,9 @@ per batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -32,8 +33,8 @@ class LayerCall:
 
 @dataclass(frozen=True)
 class CapturedInputs:
-    hidden: list[torch.Tensor]        # per batch: the input of layer 0, [B, T, H]
-    calls: list[list[LayerCall]]      # per batch, per layer
+    hidden: list[torch.Tensor]  # per batch: the input of layer 0, [B, T, H]
+    calls: list[list[LayerCall]]  # per batch, per layer
 
 
 class _Captured(Exception):
@@ -52,6 +53,7 @@ def _catcher(index: int, last: int, calls: list[LayerCall], hidden: list[torch.T
         if index == last:
             raise _Captured
         return states
+
     return forward
 
 
@@ -66,8 +68,7 @@ def capture_inputs(model: StreamedModel, batches: list[Batch]) -> CapturedInputs
             layer.forward = _catcher(i, last, calls, hidden)
         try:
             with torch.no_grad(), model.compact_embedding(batch.input_ids) as ids:
-                model.stack.parent(input_ids=ids, attention_mask=batch.attention_mask.to(model.device),
-                                   use_cache=False)
+                model.stack.parent(input_ids=ids, attention_mask=batch.attention_mask.to(model.device), use_cache=False)
         except _Captured:
             pass
         finally:

@@ -66,29 +66,40 @@ class LayerRecord:
     index: int
     name: str
     pass_key: str
-    params: dict[str, int]                    # linear -> weight count
-    errors: dict[str, dict[int, float]]       # linear -> width -> relative output error
-    widths: list[int]                         # widths whose codes are stored
+    params: dict[str, int]  # linear -> weight count
+    errors: dict[str, dict[int, float]]  # linear -> width -> relative output error
+    widths: list[int]  # widths whose codes are stored
     scorer: dict[str, float] = field(default_factory=dict)
     in_features: dict[str, int] = field(default_factory=dict)  # linear -> input width
 
     def to_json(self) -> bytes:
         # not sort_keys: the linears keep the module order, which the profile (and the order its
         # errors are summed in) follows; insertion order is deterministic
-        data = {"index": self.index, "name": self.name, "pass_key": self.pass_key, "params": self.params,
-                "errors": {n: {str(b): e for b, e in errs.items()} for n, errs in self.errors.items()},
-                "widths": self.widths, "scorer": dict(sorted(self.scorer.items())),
-                "in_features": self.in_features}
+        data = {
+            "index": self.index,
+            "name": self.name,
+            "pass_key": self.pass_key,
+            "params": self.params,
+            "errors": {n: {str(b): e for b, e in errs.items()} for n, errs in self.errors.items()},
+            "widths": self.widths,
+            "scorer": dict(sorted(self.scorer.items())),
+            "in_features": self.in_features,
+        }
         return json.dumps(data).encode() + b"\n"
 
     @classmethod
-    def from_json(cls, raw: bytes) -> "LayerRecord":
+    def from_json(cls, raw: bytes) -> LayerRecord:
         data = json.loads(raw)
-        return cls(index=int(data["index"]), name=data["name"], pass_key=data["pass_key"],
-                   params={k: int(v) for k, v in data["params"].items()},
-                   errors={n: {int(b): float(e) for b, e in errs.items()} for n, errs in data["errors"].items()},
-                   widths=[int(b) for b in data["widths"]], scorer={k: float(v) for k, v in data["scorer"].items()},
-                   in_features={k: int(v) for k, v in data.get("in_features", {}).items()})
+        return cls(
+            index=int(data["index"]),
+            name=data["name"],
+            pass_key=data["pass_key"],
+            params={k: int(v) for k, v in data["params"].items()},
+            errors={n: {int(b): float(e) for b, e in errs.items()} for n, errs in data["errors"].items()},
+            widths=[int(b) for b in data["widths"]],
+            scorer={k: float(v) for k, v in data["scorer"].items()},
+            in_features={k: int(v) for k, v in data.get("in_features", {}).items()},
+        )
 
 
 def _layer_dir(prefix: str, index: int) -> str:
@@ -108,7 +119,7 @@ _ROW_CHUNK = 512
 
 
 def _rowwise(fn, tensor: torch.Tensor) -> torch.Tensor:
-    return torch.cat([fn(tensor[i:i + _ROW_CHUNK]) for i in range(0, tensor.shape[0], _ROW_CHUNK)])
+    return torch.cat([fn(tensor[i : i + _ROW_CHUNK]) for i in range(0, tensor.shape[0], _ROW_CHUNK)])
 
 
 def _encode(weights: dict[str, QuantizedWeight]) -> bytes:
@@ -123,8 +134,13 @@ def _encode(weights: dict[str, QuantizedWeight]) -> bytes:
         tensors[f"{name}.scale"] = q.scale.cpu().to(torch.float16).contiguous()
         if q.zero is not None:
             tensors[f"{name}.zero"] = q.zero.cpu().contiguous()
-        grids[name] = {"bits": q.bits, "group_size": q.group_size, "symmetric": q.symmetric,
-                       "shape": list(q.shape), "columns": int(q.codes.shape[1])}
+        grids[name] = {
+            "bits": q.bits,
+            "group_size": q.group_size,
+            "symmetric": q.symmetric,
+            "shape": list(q.shape),
+            "columns": int(q.codes.shape[1]),
+        }
     return save(tensors, metadata={"grids": json.dumps(grids, sort_keys=True)})
 
 
@@ -135,19 +151,25 @@ def _decode(raw: bytes, device: torch.device | str = "cpu") -> dict[str, Quantiz
 
     tensors = load(raw)
     header_len = int.from_bytes(raw[:8], "little")
-    grids = json.loads(json.loads(raw[8:8 + header_len])["__metadata__"]["grids"])
+    grids = json.loads(json.loads(raw[8 : 8 + header_len])["__metadata__"]["grids"])
     out: dict[str, QuantizedWeight] = {}
     for name, grid in grids.items():
         codes = _rowwise(lambda rows, g=grid: unpack_codes(rows, g["bits"], g["columns"]), tensors[f"{name}.codes"])
-        out[name] = QuantizedWeight(codes=codes.to(device), scale=tensors[f"{name}.scale"].to(device),
-                                    zero=tensors[f"{name}.zero"].to(device) if f"{name}.zero" in tensors else None,
-                                    bits=int(grid["bits"]), group_size=int(grid["group_size"]),
-                                    symmetric=bool(grid["symmetric"]), shape=tuple(grid["shape"]))
+        out[name] = QuantizedWeight(
+            codes=codes.to(device),
+            scale=tensors[f"{name}.scale"].to(device),
+            zero=tensors[f"{name}.zero"].to(device) if f"{name}.zero" in tensors else None,
+            bits=int(grid["bits"]),
+            group_size=int(grid["group_size"]),
+            symmetric=bool(grid["symmetric"]),
+            shape=tuple(grid["shape"]),
+        )
     return out
 
 
-def save_layer(store: CheckpointStore, prefix: str, record: LayerRecord,
-               codes: dict[int, dict[str, QuantizedWeight]]) -> None:
+def save_layer(
+    store: CheckpointStore, prefix: str, record: LayerRecord, codes: dict[int, dict[str, QuantizedWeight]]
+) -> None:
     """Codes first, the record last: a record's presence means the layer is complete."""
     for bits in record.widths:
         store.put_bytes(codes_key(prefix, record.index, bits), _encode(codes[bits]))
@@ -162,6 +184,7 @@ def load_record(store: CheckpointStore, prefix: str, index: int, pass_key: str) 
     return record if record.pass_key == pass_key else None
 
 
-def load_codes(store: CheckpointStore, prefix: str, index: int, bits: int,
-               device: torch.device | str = "cpu") -> dict[str, QuantizedWeight]:
+def load_codes(
+    store: CheckpointStore, prefix: str, index: int, bits: int, device: torch.device | str = "cpu"
+) -> dict[str, QuantizedWeight]:
     return _decode(store.get_bytes(codes_key(prefix, index, bits)), device)

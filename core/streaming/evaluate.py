@@ -21,15 +21,15 @@ QuantizedWeights at a width.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
 from core.calibration import StageProgress, make_batches, pad_token_id
 from core.data import encode_text, tokenize_rows
-from core.stats import ConfidenceInterval, bootstrap_ci
 from core.spec import CalibrationRow
+from core.stats import ConfidenceInterval, bootstrap_ci
 from core.streaming.capture import capture_inputs, run_layer
 from core.streaming.head import HeadQuery, head_stats
 from core.streaming.hidden import HiddenStream, SpillArea
@@ -71,11 +71,17 @@ class TeacherForced:
 
     def to_dict(self, *, seed: int = 0, include_items: bool = True) -> dict:
         nll = self.gold_nll(seed=seed)
-        data = {"gold_nll": None if nll is None else nll.to_dict(), "mean_kl": self.mean_kl,
-                "top1_agreement": self.top1_agreement, "n_tokens": self.n_tokens}
+        data = {
+            "gold_nll": None if nll is None else nll.to_dict(),
+            "mean_kl": self.mean_kl,
+            "top1_agreement": self.top1_agreement,
+            "n_tokens": self.n_tokens,
+        }
         if include_items:
-            data["items"] = [{"gold_nll": g, "kl": k, "top1": t}
-                             for g, k, t in zip(self.gold_nll_items, self.kl_items, self.top1_items)]
+            data["items"] = [
+                {"gold_nll": g, "kl": k, "top1": t}
+                for g, k, t in zip(self.gold_nll_items, self.kl_items, self.top1_items)
+            ]
         return data
 
 
@@ -83,8 +89,11 @@ def _sequences(model: StreamedModel, rows: Sequence[CalibrationRow], max_tokens:
     prompts = tokenize_rows(rows, model.tokenizer, max_tokens)
     sequences, row_of, starts = [], [], []
     for i, row in enumerate(rows):
-        answers = [encode_text(a, model.tokenizer, templated=True)[:MAX_ANSWER_TOKENS]
-                   for a in (row.answers or []) if a.strip()]
+        answers = [
+            encode_text(a, model.tokenizer, templated=True)[:MAX_ANSWER_TOKENS]
+            for a in (row.answers or [])
+            if a.strip()
+        ]
         answers = [a for a in answers if a] or [None]
         for answer in answers:
             sequences.append(list(prompts[i]) + (list(answer) if answer else []))
@@ -93,10 +102,17 @@ def _sequences(model: StreamedModel, rows: Sequence[CalibrationRow], max_tokens:
     return prompts, sequences, row_of, starts
 
 
-def teacher_forced_eval(model: StreamedModel, rows: Sequence[CalibrationRow], variants: Sequence[EvalVariant],
-                        codes: Callable[[int, int], dict[str, QuantizedWeight]], *, max_tokens: int,
-                        tracker: StageProgress, area: SpillArea,
-                        batch_tokens: int = 2048) -> dict[str, TeacherForced]:
+def teacher_forced_eval(
+    model: StreamedModel,
+    rows: Sequence[CalibrationRow],
+    variants: Sequence[EvalVariant],
+    codes: Callable[[int, int], dict[str, QuantizedWeight]],
+    *,
+    max_tokens: int,
+    tracker: StageProgress,
+    area: SpillArea,
+    batch_tokens: int = 2048,
+) -> dict[str, TeacherForced]:
     """Results for "full_precision" and every variant (see the module docstring)."""
     prompts, sequences, row_of, starts = _sequences(model, rows, max_tokens)
     batches = make_batches(sequences, pad_token_id(model.tokenizer), model.device, max_batch_tokens=batch_tokens)
@@ -167,8 +183,10 @@ def teacher_forced_eval(model: StreamedModel, rows: Sequence[CalibrationRow], va
     stats = head_stats(model, queries)
     positions = torch.tensor(pos_idx, dtype=torch.long)
     seq_t = torch.tensor(seq_of, dtype=torch.long)
-    return {name: _summarise(stat, stats[0], positions, seq_t, sequences, starts, row_of, len(rows), prompts)
-            for name, stat in zip(names, stats)}
+    return {
+        name: _summarise(stat, stats[0], positions, seq_t, sequences, starts, row_of, len(rows), prompts)
+        for name, stat in zip(names, stats)
+    }
 
 
 def _summarise(stat, reference, positions, seq_of, sequences, starts, row_of, n_rows, prompts) -> TeacherForced:
@@ -201,8 +219,11 @@ def _summarise(stat, reference, positions, seq_of, sequences, starts, row_of, n_
             value = nll_sum[s] / nll_count[s]
             best[r] = value if best[r] is None else min(best[r], value)
     total = sum(count)
-    return TeacherForced(gold_nll_items=best,
-                         kl_items=[kl_sum[r] / count[r] if count[r] else 0.0 for r in range(n_rows)],
-                         top1_items=[top_sum[r] / count[r] if count[r] else 0.0 for r in range(n_rows)],
-                         mean_kl=sum(kl_sum) / total if total else 0.0,
-                         top1_agreement=sum(top_sum) / total if total else 0.0, n_tokens=total)
+    return TeacherForced(
+        gold_nll_items=best,
+        kl_items=[kl_sum[r] / count[r] if count[r] else 0.0 for r in range(n_rows)],
+        top1_items=[top_sum[r] / count[r] if count[r] else 0.0 for r in range(n_rows)],
+        mean_kl=sum(kl_sum) / total if total else 0.0,
+        top1_agreement=sum(top_sum) / total if total else 0.0,
+        n_tokens=total,
+    )

@@ -7,8 +7,8 @@ afterwards.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -27,8 +27,11 @@ def materialized_bytes(model: StreamedModel, max_tokens: int) -> int:
     from core.memory import ModelDims, generation_bytes
 
     itemsize = torch.empty(0, dtype=model.dtype).element_size()
-    params = sum(p.numel() for name, p in model.skeleton.named_parameters()
-                 if not (model.tied and name == model.head_name_in_skeleton))
+    params = sum(
+        p.numel()
+        for name, p in model.skeleton.named_parameters()
+        if not (model.tied and name == model.head_name_in_skeleton)
+    )
     dims = ModelDims.from_config(model.config.to_dict())
     return generation_bytes(dims, max_tokens=max_tokens, weight_bytes=itemsize, parameters=params)
 
@@ -43,8 +46,9 @@ def materialized(model: StreamedModel) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def installed(model: StreamedModel, bits_by_linear: dict[str, int],
-              codes: Callable[[int, int], dict[str, QuantizedWeight]]) -> Iterator[None]:
+def installed(
+    model: StreamedModel, bits_by_linear: dict[str, int], codes: Callable[[int, int], dict[str, QuantizedWeight]]
+) -> Iterator[None]:
     """In a materialised model, every linear below 16 bits carries its dequantized codes (read
     layer by layer with `codes(layer_index, bits)`); the checkpoint's full-precision values are
     read back afterwards, one tensor at a time, nothing cloned."""
@@ -59,8 +63,9 @@ def installed(model: StreamedModel, bits_by_linear: dict[str, int],
                     for name in ref.linears:
                         if bits_by_linear[name] == bits:
                             param = get_module(model.skeleton, name).weight
-                            param.copy_(dequantize_weight(layer_codes[name], dtype=torch.float32)
-                                        .to(param.device, param.dtype))
+                            param.copy_(
+                                dequantize_weight(layer_codes[name], dtype=torch.float32).to(param.device, param.dtype)
+                            )
                             done.append(name)
                     del layer_codes
         yield
@@ -75,7 +80,7 @@ def _eos_ids(module: nn.Module, tokenizer) -> list[int]:
     ids: list[int] = []
     config = getattr(module, "generation_config", None)
     value = getattr(config, "eos_token_id", None) if config is not None else None
-    for v in (value if isinstance(value, (list, tuple)) else [value]):
+    for v in value if isinstance(value, (list, tuple)) else [value]:
         if isinstance(v, int):
             ids.append(v)
     tok = getattr(tokenizer, "eos_token_id", None)
@@ -84,8 +89,9 @@ def _eos_ids(module: nn.Module, tokenizer) -> list[int]:
     return ids
 
 
-def greedy_token_ids(module: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                     batch_size: int = 16) -> list[list[int]]:
+def greedy_token_ids(
+    module: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16
+) -> list[list[int]]:
     """Each prompt's greedy continuation as token ids, up to and including the first EOS
     (batched, left-padded, longest first; the output keeps the input order)."""
     from transformers import GenerationConfig
@@ -95,22 +101,24 @@ def greedy_token_ids(module: nn.Module, tokenizer, prompts: list[list[int]], max
     device = next(module.parameters()).device
     pad = pad_token_id(tokenizer)
     eos = _eos_ids(module, tokenizer)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
-                              eos_token_id=eos or None)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos or None
+    )
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     out: dict[int, list[int]] = {}
     for start in range(0, len(order), batch_size):
-        group = order[start: start + batch_size]
+        group = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in group)
         ids = torch.full((len(group), width), pad, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
         for r, i in enumerate(group):
             seq = torch.as_tensor(list(prompts[i]), dtype=torch.long)
-            ids[r, width - len(seq):] = seq
-            mask[r, width - len(seq):] = 1
+            ids[r, width - len(seq) :] = seq
+            mask[r, width - len(seq) :] = 1
         with torch.no_grad():
-            generated = module.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                        generation_config=config)
+            generated = module.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+            )
         for r, i in enumerate(group):
             answer: list[int] = []
             for t in generated[r, width:].tolist():

@@ -41,10 +41,10 @@ class HeadQuery:
 
 @dataclass
 class HeadStats:
-    lse: torch.Tensor                 # [N] float64
-    argmax: torch.Tensor              # [N] long
+    lse: torch.Tensor  # [N] float64
+    argmax: torch.Tensor  # [N] long
     gold_logprob: torch.Tensor | None  # [N] float64
-    kl: torch.Tensor | None           # [N] float64, KL(p_ref ‖ p_this)
+    kl: torch.Tensor | None  # [N] float64, KL(p_ref ‖ p_this)
 
 
 class _Acc:
@@ -80,8 +80,15 @@ class _Acc:
                 self.gold_logit = torch.where(inside, picked, self.gold_logit)
         return m_old
 
-    def update_kl(self, z: torch.Tensor, ref: "_Acc", z_ref: torch.Tensor, ref_shifted: torch.Tensor,
-                  ref_m_old: torch.Tensor, scratch: torch.Tensor) -> None:
+    def update_kl(
+        self,
+        z: torch.Tensor,
+        ref: _Acc,
+        z_ref: torch.Tensor,
+        ref_shifted: torch.Tensor,
+        ref_m_old: torch.Tensor,
+        scratch: torch.Tensor,
+    ) -> None:
         """t = Σ exp(z_ref − m_ref)(z_ref − z), rescaled whenever the reference's maximum moves."""
         torch.sub(z_ref, z, out=scratch).mul_(ref_shifted)
         self.t = self.t * torch.exp(ref_m_old - ref.m) + scratch.sum(dim=1).to(torch.float64)
@@ -123,8 +130,12 @@ def head_stats(model: StreamedModel, queries: list[HeadQuery], *, chunk_rows: in
     hidden = int(normed[0].shape[-1])
     rows = chunk_rows or max(256, min(vocab, _CHUNK_ELEMENTS // widest, _WEIGHT_CHUNK_BYTES // (4 * hidden)))
     cap = model.logit_softcap
-    accs = [_Acc(int(h.shape[0]), model.device, None if q.gold is None else q.gold.to(model.device),
-                 q.reference is not None) for q, h in zip(queries, normed, strict=True)]
+    accs = [
+        _Acc(
+            int(h.shape[0]), model.device, None if q.gold is None else q.gold.to(model.device), q.reference is not None
+        )
+        for q, h in zip(queries, normed, strict=True)
+    ]
     dependents: dict[int, list[int]] = {}
     for i, q in enumerate(queries):
         if q.reference is not None:
@@ -151,16 +162,20 @@ def head_stats(model: StreamedModel, queries: list[HeadQuery], *, chunk_rows: in
                 ref = queries[i].reference
                 if ref is not None:
                     z_ref, ref_shifted, ref_m_old = kept[ref]
-                    accs[i].update_kl(z, accs[ref], z_ref, ref_shifted, ref_m_old,
-                                      buffers.get(("scratch",), n, width))
+                    accs[i].update_kl(z, accs[ref], z_ref, ref_shifted, ref_m_old, buffers.get(("scratch",), n, width))
                 if i in dependents:
                     kept[i] = (z, shifted, m_old)
             del weight, kept
     out = []
     for acc in accs:
-        out.append(HeadStats(lse=acc.lse.cpu(), argmax=acc.argmax.cpu(),
-                             gold_logprob=None if acc.gold_logit is None else (acc.gold_logit - acc.lse).cpu(),
-                             kl=None))
+        out.append(
+            HeadStats(
+                lse=acc.lse.cpu(),
+                argmax=acc.argmax.cpu(),
+                gold_logprob=None if acc.gold_logit is None else (acc.gold_logit - acc.lse).cpu(),
+                kl=None,
+            )
+        )
     for i, q in enumerate(queries):
         if q.reference is not None:
             ref = accs[q.reference]

@@ -21,8 +21,12 @@ import torch
 __all__ = ["HiddenStream", "SpillArea"]
 
 #: numpy has no bfloat16: such tensors are stored through an integer view of the same width
-_STORAGE_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.float32,
-                 torch.float64: torch.float64}
+_STORAGE_VIEW = {
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+}
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ class SpillArea:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
-    def __enter__(self) -> "SpillArea":
+    def __enter__(self) -> SpillArea:
         return self
 
     def __exit__(self, *exc) -> None:

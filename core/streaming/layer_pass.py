@@ -21,9 +21,9 @@ uninterrupted run would have: same inputs, same order of operations.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -41,13 +41,13 @@ __all__ = ["LayerStep", "PassResult", "PassSettings", "StreamScorer", "run_layer
 
 @dataclass(frozen=True)
 class PassSettings:
-    widths: tuple[int, ...]          # widths whose codes are stored (< 16)
+    widths: tuple[int, ...]  # widths whose codes are stored (< 16)
     group_size: int
     symmetric: bool
     gptq: bool
     clip_search: bool
-    sequential: bool                 # calibration_inputs == "quantized"
-    reference_bits: int | None       # width of the sequentially quantized stream
+    sequential: bool  # calibration_inputs == "quantized"
+    reference_bits: int | None  # width of the sequentially quantized stream
     pass_key: str
     prefix: str = "layers"
 
@@ -58,18 +58,18 @@ class LayerStep:
 
     index: int
     ref: LayerRef
-    inputs: HiddenStream             # full-precision input of the layer
-    outputs: HiddenStream            # full-precision output of the layer
+    inputs: HiddenStream  # full-precision input of the layer
+    outputs: HiddenStream  # full-precision output of the layer
     record: LayerRecord
     batches: list[Batch]
     codes: Callable[[int], dict[str, QuantizedWeight]]
-    run: Callable[..., HiddenStream]   # run(stream, codes=None, name="") through this layer
+    run: Callable[..., HiddenStream]  # run(stream, codes=None, name="") through this layer
 
 
 @dataclass
 class PassResult:
     records: list[LayerRecord]
-    final: HiddenStream | None       # full-precision output of the last layer
+    final: HiddenStream | None  # full-precision output of the last layer
     streams: dict[str, HiddenStream]
     batches: list[Batch]
     area: SpillArea
@@ -108,9 +108,18 @@ class StreamScorer(ABC):
         """Per-layer `core.scorers.base.LayerScores` once every layer was processed."""
 
 
-def _forward(layer: torch.nn.Module, stream: HiddenStream, captured: CapturedInputs, index: int,
-             batches: list[Batch], tracker: StageProgress, name: str, *, inputs: LayerInputs | None = None,
-             observe: Callable[[int, torch.Tensor], None] | None = None) -> HiddenStream:
+def _forward(
+    layer: torch.nn.Module,
+    stream: HiddenStream,
+    captured: CapturedInputs,
+    index: int,
+    batches: list[Batch],
+    tracker: StageProgress,
+    name: str,
+    *,
+    inputs: LayerInputs | None = None,
+    observe: Callable[[int, torch.Tensor], None] | None = None,
+) -> HiddenStream:
     out = HiddenStream(stream.area, len(stream), name)
     recording = inputs.recording() if inputs is not None else nullcontext()
     with recording:
@@ -125,8 +134,15 @@ def _forward(layer: torch.nn.Module, stream: HiddenStream, captured: CapturedInp
     return out
 
 
-def run_layer_pass(model: StreamedModel, batches: list[Batch], scorer: StreamScorer, settings: PassSettings,
-                   store: CheckpointStore, tracker: StageProgress, area: SpillArea) -> PassResult:
+def run_layer_pass(
+    model: StreamedModel,
+    batches: list[Batch],
+    scorer: StreamScorer,
+    settings: PassSettings,
+    store: CheckpointStore,
+    tracker: StageProgress,
+    area: SpillArea,
+) -> PassResult:
     """See the module docstring. `batches` may be empty (no calibration data: errors are relative
     weight errors and nothing is captured)."""
     n = model.n_layers
@@ -153,11 +169,20 @@ def run_layer_pass(model: StreamedModel, batches: list[Batch], scorer: StreamSco
         fresh = record is None
         with model.onloaded(ref.name) as layer:
             inputs = LayerInputs(ref.linears, n_tokens) if fresh and captured is not None else None
-            observe = ((lambda b, h, _i=index: scorer.observe(_i, b, h, batches[b])) if fresh else None)
+            observe = (lambda b, h, _i=index: scorer.observe(_i, b, h, batches[b])) if fresh else None
             clean_out = calib_out = None
             if captured is not None:
-                calib_out = _forward(layer, calib, captured, index, batches, tracker, "calibration",
-                                     inputs=inputs, observe=None if settings.sequential else observe)
+                calib_out = _forward(
+                    layer,
+                    calib,
+                    captured,
+                    index,
+                    batches,
+                    tracker,
+                    "calibration",
+                    inputs=inputs,
+                    observe=None if settings.sequential else observe,
+                )
                 clean_out = calib_out
                 if settings.sequential:
                     clean_out = _forward(layer, clean, captured, index, batches, tracker, "clean", observe=observe)
@@ -168,17 +193,28 @@ def run_layer_pass(model: StreamedModel, batches: list[Batch], scorer: StreamSco
             held: dict[int, dict[str, QuantizedWeight]] = {}
             if fresh:
                 weights = {name: linear.weight.detach().float() for name, linear in ref.linears.items()}
-                quant = quantize_layer(weights, inputs, sorted(set(settings.widths) | {16}), group_size=settings.group_size,
-                                       symmetric=settings.symmetric, gptq=settings.gptq,
-                                       clip_search=settings.clip_search)
+                quant = quantize_layer(
+                    weights,
+                    inputs,
+                    sorted(set(settings.widths) | {16}),
+                    group_size=settings.group_size,
+                    symmetric=settings.symmetric,
+                    gptq=settings.gptq,
+                    clip_search=settings.clip_search,
+                )
                 del weights
                 if inputs is not None:
                     inputs.clear()
-                record = LayerRecord(index=index, name=ref.name, pass_key=settings.pass_key,
-                                     params={name: int(lin.weight.numel()) for name, lin in ref.linears.items()},
-                                     errors=quant.errors, widths=sorted(settings.widths),
-                                     scorer=scorer.layer_values(index),
-                                     in_features={name: int(lin.weight.shape[1]) for name, lin in ref.linears.items()})
+                record = LayerRecord(
+                    index=index,
+                    name=ref.name,
+                    pass_key=settings.pass_key,
+                    params={name: int(lin.weight.numel()) for name, lin in ref.linears.items()},
+                    errors=quant.errors,
+                    widths=sorted(settings.widths),
+                    scorer=scorer.layer_values(index),
+                    in_features={name: int(lin.weight.shape[1]) for name, lin in ref.linears.items()},
+                )
                 save_layer(store, settings.prefix, record, quant.codes)
                 held = quant.codes
             else:
@@ -189,18 +225,34 @@ def run_layer_pass(model: StreamedModel, batches: list[Batch], scorer: StreamSco
                     _held[bits] = load_codes(store, settings.prefix, _index, bits, device=model.device)
                 return _held[bits]
 
-            def run(stream: HiddenStream, codes_: dict[str, QuantizedWeight] | None = None, name: str = "",
-                    _layer=layer, _index=index) -> HiddenStream:
+            def run(
+                stream: HiddenStream,
+                codes_: dict[str, QuantizedWeight] | None = None,
+                name: str = "",
+                _layer=layer,
+                _index=index,
+            ) -> HiddenStream:
                 with model.swapped_linears(codes_) if codes_ else nullcontext():
                     return _forward(_layer, stream, captured, _index, batches, tracker, name)
 
             if captured is not None:
-                step = LayerStep(index=index, ref=ref, inputs=clean, outputs=clean_out, record=record,
-                                 batches=batches, codes=codes, run=run)
+                step = LayerStep(
+                    index=index,
+                    ref=ref,
+                    inputs=clean,
+                    outputs=clean_out,
+                    record=record,
+                    batches=batches,
+                    codes=codes,
+                    run=run,
+                )
                 streams.update(scorer.perturb(step))
                 if settings.sequential:
-                    calib_next = (run(calib, codes(settings.reference_bits), "calibration")
-                                  if settings.reference_bits is not None else calib_out)
+                    calib_next = (
+                        run(calib, codes(settings.reference_bits), "calibration")
+                        if settings.reference_bits is not None
+                        else calib_out
+                    )
                     if calib_next is not calib_out:
                         calib_out.drop()
                     calib.drop()

@@ -12,9 +12,10 @@ real. Every parameter the skeleton has must exist in the checkpoint with the sam
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -178,15 +179,16 @@ class StreamedModel:
     def close(self) -> None:
         self.reader.close()
 
-    def __enter__(self) -> "StreamedModel":
+    def __enter__(self) -> StreamedModel:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def open_streamed(source: ModelSource, device: str | torch.device = "cpu",
-                  dtype: torch.dtype | None = None) -> StreamedModel:
+def open_streamed(
+    source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> StreamedModel:
     """Open a resolved model for streaming (tokenizer, config, skeleton, lazy weights): nothing
     but headers is read. Raises ModelInvalid (core.weights) for a broken checkpoint,
     UnsupportedModel for an architecture transformers cannot build or core cannot walk."""
@@ -201,8 +203,9 @@ def open_streamed(source: ModelSource, device: str | torch.device = "cpu",
     if source.gguf_file:
         common["gguf_file"] = source.gguf_file
     if source.weights_format == "pickle":
-        raise UnsupportedModel(f"model '{source.model_id}' has pickle weights only; streaming reads "
-                               "safetensors and GGUF checkpoints")
+        raise UnsupportedModel(
+            f"model '{source.model_id}' has pickle weights only; streaming reads safetensors and GGUF checkpoints"
+        )
     try:
         config = AutoConfig.from_pretrained(str(source.path), **common)
         tokenizer = AutoTokenizer.from_pretrained(str(source.path), **common)
@@ -221,8 +224,9 @@ def open_streamed(source: ModelSource, device: str | torch.device = "cpu",
     stack = decoder_stack(skeleton)
     refs = layer_refs(skeleton)
     if not refs or not any(ref.linears for ref in refs):
-        raise UnsupportedModel(f"model '{source.model_id}' ({type(skeleton).__name__}) has no decoder layers "
-                               "with linear weights")
+        raise UnsupportedModel(
+            f"model '{source.model_id}' ({type(skeleton).__name__}) has no decoder layers with linear weights"
+        )
     embed_name = weight_name(skeleton, skeleton.get_input_embeddings())
     head_name = weight_name(skeleton, skeleton.get_output_embeddings())
     if embed_name is None or head_name is None or stack.final_norm is None:
@@ -230,13 +234,25 @@ def open_streamed(source: ModelSource, device: str | torch.device = "cpu",
     reader = open_weights(source.path, gguf_file=source.gguf_file, skeleton=skeleton)
     try:
         tied = bool(getattr(_text_config(config), "tie_word_embeddings", False)) or bool(
-            getattr(config, "tie_word_embeddings", False))
+            getattr(config, "tie_word_embeddings", False)
+        )
         tied = tied and head_name not in reader.infos()
         expected = {name: tuple(p.shape) for name, p in skeleton.named_parameters(remove_duplicate=False)}
         validate_shapes(reader, expected, optional={head_name} if tied else set())
     except Exception:
         reader.close()
         raise
-    return StreamedModel(source=source, config=config, skeleton=skeleton, tokenizer=tokenizer, reader=reader,
-                         stack=stack, layers=refs, device=device, dtype=dtype, embed_name=embed_name,
-                         head_name=embed_name if tied else head_name, tied=tied)
+    return StreamedModel(
+        source=source,
+        config=config,
+        skeleton=skeleton,
+        tokenizer=tokenizer,
+        reader=reader,
+        stack=stack,
+        layers=refs,
+        device=device,
+        dtype=dtype,
+        embed_name=embed_name,
+        head_name=embed_name if tied else head_name,
+        tied=tied,
+    )

@@ -64,14 +64,21 @@ class WeightReader(ABC):
         """Every tensor, by Hugging Face parameter name."""
 
     @abstractmethod
-    def read(self, name: str, dtype: torch.dtype | None = torch.float32,
-             device: str | torch.device = "cpu") -> torch.Tensor:
+    def read(
+        self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         """The whole tensor, as `from_pretrained` would load it, converted to `dtype` on `device`
         (`dtype=None`: the stored type for safetensors, float32 after dequantization for GGUF)."""
 
     @abstractmethod
-    def read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = torch.float32,
-                  device: str | torch.device = "cpu") -> torch.Tensor:
+    def read_rows(
+        self,
+        name: str,
+        start: int,
+        stop: int,
+        dtype: torch.dtype | None = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> torch.Tensor:
         """Rows [start, stop) of a 2-D tensor, reading only their bytes."""
 
     @abstractmethod
@@ -82,8 +89,14 @@ class WeightReader(ABC):
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.infos().values())
 
-    def gather_rows(self, name: str, ids: torch.Tensor, dtype: torch.dtype | None = torch.float32,
-                    device: str | torch.device = "cpu", chunk_rows: int = 4096) -> torch.Tensor:
+    def gather_rows(
+        self,
+        name: str,
+        ids: torch.Tensor,
+        dtype: torch.dtype | None = torch.float32,
+        device: str | torch.device = "cpu",
+        chunk_rows: int = 4096,
+    ) -> torch.Tensor:
         """Rows at `ids` (any shape; the result is `ids.shape + (columns,)`), in the order given.
 
         Only row chunks that contain a requested id are read, each bounded to the ids it holds, so
@@ -134,8 +147,13 @@ class WeightReader(ABC):
             pass
 
 
-def open_weights(directory_or_file: Path, *, gguf_file: str | None = None,
-                 skeleton: nn.Module | None = None, confine_to: Path | None = None) -> WeightReader:
+def open_weights(
+    directory_or_file: Path,
+    *,
+    gguf_file: str | None = None,
+    skeleton: nn.Module | None = None,
+    confine_to: Path | None = None,
+) -> WeightReader:
     """Open a checkpoint for lazy reads; validates every header first (ModelInvalid otherwise).
 
     `directory_or_file`: a model directory of safetensors, one `.safetensors` file, or (with
@@ -156,8 +174,9 @@ def open_weights(directory_or_file: Path, *, gguf_file: str | None = None,
     return SafetensorsReader(directory, name, root)
 
 
-def inspect_checkpoint(directory_or_file: Path, *, gguf_file: str | None = None,
-                       confine_to: Path | None = None) -> CheckpointSummary:
+def inspect_checkpoint(
+    directory_or_file: Path, *, gguf_file: str | None = None, confine_to: Path | None = None
+) -> CheckpointSummary:
     """Header-only check when a job is submitted: the same validation as `open_weights`, no tensor
     data read. Raises ModelInvalid."""
     directory, name, is_gguf = _locate(Path(directory_or_file), gguf_file)
@@ -171,8 +190,9 @@ def inspect_checkpoint(directory_or_file: Path, *, gguf_file: str | None = None,
     return summarize_safetensors(directory, name, root)
 
 
-def validate_shapes(reader: WeightReader, expected: dict[str, tuple[int, ...]], *,
-                    optional: set[str] | frozenset[str] = frozenset()) -> None:
+def validate_shapes(
+    reader: WeightReader, expected: dict[str, tuple[int, ...]], *, optional: set[str] | frozenset[str] = frozenset()
+) -> None:
     """ModelInvalid naming the first expected tensor that is missing (unless `optional`, e.g. a tied
     lm_head.weight) or whose checkpoint shape differs from the model config's."""
     infos = reader.infos()
@@ -184,13 +204,15 @@ def validate_shapes(reader: WeightReader, expected: dict[str, tuple[int, ...]], 
             raise ModelInvalid(f"tensor {name} is missing from the checkpoint", details={"tensor": name})
         want = tuple(int(d) for d in shape)
         if tuple(info.shape) != want:
-            raise ModelInvalid(f"tensor {name} has shape {tuple(info.shape)} in the checkpoint "
-                               f"({info.file}), the model config says {want}",
-                               details={"tensor": name, "file": info.file, "shape": list(info.shape),
-                                        "expected": list(want)})
+            raise ModelInvalid(
+                f"tensor {name} has shape {tuple(info.shape)} in the checkpoint "
+                f"({info.file}), the model config says {want}",
+                details={"tensor": name, "file": info.file, "shape": list(info.shape), "expected": list(want)},
+            )
 
 
 # ---- shared by the readers ------------------------------------------------------------------
+
 
 def _locate(path: Path, gguf_file: str | None) -> tuple[Path, str | None, bool]:
     """(model directory, file name or None for "the directory's safetensors", is GGUF)."""
@@ -222,11 +244,15 @@ def check_file_name(name: str, what: str) -> None:
     """A file named by a header or index must be a plain name inside the model directory."""
     if os.path.isabs(name) or name.startswith(("/", "\\")):  # never echo an absolute path
         shown = name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-        raise ModelInvalid(f"{what} names an absolute path (ending in '{shown}'), which is outside the "
-                           "model directory", details={"file": shown})
+        raise ModelInvalid(
+            f"{what} names an absolute path (ending in '{shown}'), which is outside the model directory",
+            details={"file": shown},
+        )
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise ModelInvalid(f"{what} names '{name}', which is outside the model directory "
-                           "(only plain file names are allowed)", details={"file": name})
+        raise ModelInvalid(
+            f"{what} names '{name}', which is outside the model directory (only plain file names are allowed)",
+            details={"file": name},
+        )
 
 
 def open_model_file(directory: Path, name: str, root: Path, role: str = "file") -> tuple[int, int]:
@@ -263,10 +289,11 @@ def pread_exact(fd: int, nbytes: int, offset: int, *, file: str, tensor: str) ->
         else:  # pragma: no cover - platforms without preadv
             chunk = os.pread(fd, min(nbytes - done, 1 << 30), offset + done)
             got = len(chunk)
-            buf[done:done + got] = np.frombuffer(chunk, dtype=np.uint8)
+            buf[done : done + got] = np.frombuffer(chunk, dtype=np.uint8)
         if got == 0:  # the file shrank after its header was validated
-            raise ModelInvalid(f"tensor {tensor} lies past the end of {file} (truncated?)",
-                               details={"tensor": tensor, "file": file})
+            raise ModelInvalid(
+                f"tensor {tensor} lies past the end of {file} (truncated?)", details={"tensor": tensor, "file": file}
+            )
         done += got
     return buf
 

@@ -48,9 +48,13 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
 
 # Types gguf-py has no dequantizer for but that are plain numpy arrays (transformers cannot load them).
-_PLAIN = {GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
-          GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
-          GGMLQuantizationType.I64: np.int64}
+_PLAIN = {
+    GGMLQuantizationType.F64: np.float64,
+    GGMLQuantizationType.I8: np.int8,
+    GGMLQuantizationType.I16: np.int16,
+    GGMLQuantizationType.I32: np.int32,
+    GGMLQuantizationType.I64: np.int64,
+}
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ class _Cursor:
             raise self.corrupt(f"a string of {n} bytes at byte {self.pos - 8}")
         rel = self._window(n)
         self.pos += n
-        return self._buf[rel:rel + n]
+        return self._buf[rel : rel + n]
 
     def text(self, what: str) -> str:
         try:
@@ -179,15 +183,17 @@ def parse_gguf_header(fd: int, size: int, file: str) -> GGUFHeader:
         raw.append((name, dims, cur.unpack("<I"), cur.unpack("<Q")))
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if "general.alignment" in metadata and (types["general.alignment"] != _UINT32 or alignment == 0
-                                            or alignment & (alignment - 1)):
+    if "general.alignment" in metadata and (
+        types["general.alignment"] != _UINT32 or alignment == 0 or alignment & (alignment - 1)
+    ):
         raise cur.corrupt(f"general.alignment {alignment!r} is not a power of two")
     data_start = -(-cur.pos // alignment) * alignment
     return GGUFHeader(version, metadata, _check_tensors(raw, data_start, alignment, size, file), data_start)
 
 
-def _check_tensors(raw: list[tuple[str, list[int], int, int]], data_start: int, alignment: int,
-                   size: int, file: str) -> list[GGUFTensorHeader]:
+def _check_tensors(
+    raw: list[tuple[str, list[int], int, int]], data_start: int, alignment: int, size: int, file: str
+) -> list[GGUFTensorHeader]:
     def bad(name: str, why: str) -> ModelInvalid:
         return ModelInvalid(f"tensor {name} in {file} {why}", details={"file": file, "tensor": name})
 
@@ -211,8 +217,9 @@ def _check_tensors(raw: list[tuple[str, list[int], int, int]], data_start: int, 
     ordered = sorted(tensors, key=lambda t: (t.offset, t.nbytes))
     for t in ordered:
         if t.offset + t.nbytes > size:
-            raise ModelInvalid(f"tensor {t.name} lies past the end of {file} (truncated?)",
-                               details={"file": file, "tensor": t.name})
+            raise ModelInvalid(
+                f"tensor {t.name} lies past the end of {file} (truncated?)", details={"file": file, "tensor": t.name}
+            )
     for before, after in zip(ordered, ordered[1:]):
         if after.offset < before.offset + before.nbytes:
             raise bad(after.name, f"overlaps tensor {before.name}")
@@ -228,8 +235,9 @@ def summarize_gguf(directory: Path, name: str, root: Path) -> CheckpointSummary:
     dtypes: dict[str, int] = {}
     for t in header.tensors:
         dtypes[t.qtype.name] = dtypes.get(t.qtype.name, 0) + 1
-    return CheckpointSummary(files=1, tensors=len(header.tensors),
-                             total_bytes=sum(t.nbytes for t in header.tensors), dtypes=dtypes)
+    return CheckpointSummary(
+        files=1, tensors=len(header.tensors), total_bytes=sum(t.nbytes for t in header.tensors), dtypes=dtypes
+    )
 
 
 def _processing(architecture: str, metadata: dict[str, object], file: str):
@@ -245,18 +253,27 @@ def _processing(architecture: str, metadata: dict[str, object], file: str):
         TensorProcessor,
     )
 
-    per_tensor = (TensorProcessor, LlamaTensorProcessor, Gemma2TensorProcessor, NemotronTensorProcessor,
-                  BloomTensorProcessor, T5TensorProcessor)
+    per_tensor = (
+        TensorProcessor,
+        LlamaTensorProcessor,
+        Gemma2TensorProcessor,
+        NemotronTensorProcessor,
+        BloomTensorProcessor,
+        T5TensorProcessor,
+    )
     cls = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
     try:  # architectures transformers loads through its newer GGUF path, with other conversions
         from transformers.integrations.gguf.utils import is_gguf_arch_supported
+
         newer = is_gguf_arch_supported(architecture)
     except ImportError:  # pragma: no cover - older transformers
         newer = False
     if cls not in per_tensor or newer:
-        raise UnsupportedModel(f"streaming GGUF weights of architecture '{architecture}' is not supported "
-                               "(its tensors are merged or reshaped across tensors when loaded)",
-                               details={"file": file, "architecture": architecture})
+        raise UnsupportedModel(
+            f"streaming GGUF weights of architecture '{architecture}' is not supported "
+            "(its tensors are merged or reshaped across tensors when loaded)",
+            details={"file": file, "architecture": architecture},
+        )
     row_moving = {LlamaTensorProcessor: (".attn_q.", ".attn_k."), BloomTensorProcessor: ("attn_qkv",)}
     return cls(config=processor_config(architecture, metadata)), row_moving.get(cls, ())
 
@@ -307,8 +324,9 @@ class GGUFWeightReader(WeightReader):
             try:
                 self._mapping = _weights_map(skeleton, self._processor)
             except NotImplementedError:
-                raise UnsupportedModel(f"{name}: no GGUF name map for model type "
-                                       f"'{getattr(skeleton.config, 'model_type', '?')}'") from None
+                raise UnsupportedModel(
+                    f"{name}: no GGUF name map for model type '{getattr(skeleton.config, 'model_type', '?')}'"
+                ) from None
         except BaseException:
             os.close(fd)
             raise
@@ -354,30 +372,43 @@ class GGUFWeightReader(WeightReader):
             try:
                 weights = dequantize(data, t.qtype)
             except NotImplementedError:
-                raise UnsupportedModel(f"tensor {name} in {self._file} has type {t.qtype.name}, which gguf-py "
-                                       "cannot dequantize", details={"file": self._file, "tensor": name}) from None
+                raise UnsupportedModel(
+                    f"tensor {name} in {self._file} has type {t.qtype.name}, which gguf-py cannot dequantize",
+                    details={"file": self._file, "tensor": name},
+                ) from None
             del data, raw
-        result = self._processor.process(weights=weights, name=t.name, tensor_key_mapping=self._mapping,
-                                         parsed_parameters={"tensors": {}})
+        result = self._processor.process(
+            weights=weights, name=t.name, tensor_key_mapping=self._mapping, parsed_parameters={"tensors": {}}
+        )
         out = torch.from_numpy(np.ascontiguousarray(result.weights))
         if tuple(out.shape) != shape:  # a processor that reshapes would break the row contract
-            raise UnsupportedModel(f"tensor {name}: transformers' processing changes its shape "
-                                   f"{shape} -> {tuple(out.shape)}", details={"tensor": name})
+            raise UnsupportedModel(
+                f"tensor {name}: transformers' processing changes its shape {shape} -> {tuple(out.shape)}",
+                details={"tensor": name},
+            )
         return out
 
-    def read(self, name: str, dtype: torch.dtype | None = torch.float32,
-             device: str | torch.device = "cpu") -> torch.Tensor:
+    def read(
+        self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         info = self._info(name)
         return to_output(self._load(name, 0, info.shape[0]), dtype, device)
 
-    def read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = torch.float32,
-                  device: str | torch.device = "cpu") -> torch.Tensor:
+    def read_rows(
+        self,
+        name: str,
+        start: int,
+        stop: int,
+        dtype: torch.dtype | None = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> torch.Tensor:
         info = self._info(name)
         check_row_range(info, start, stop)
         gguf_name = self._tensors[name].name
         if any(part in gguf_name for part in self._row_moving):
-            raise ValueError(f"{name} cannot be read by rows: transformers reorders its rows "
-                             f"({gguf_name}); read the whole tensor")
+            raise ValueError(
+                f"{name} cannot be read by rows: transformers reorders its rows ({gguf_name}); read the whole tensor"
+            )
         return to_output(self._load(name, start, stop), dtype, device)
 
     def close(self) -> None:

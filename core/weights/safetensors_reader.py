@@ -35,10 +35,21 @@ MAX_INDEX_BYTES = 100_000_000
 
 # safetensors dtype name -> torch dtype (byte order: safetensors is little-endian, like our hosts)
 DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
-    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64,
-    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 if hasattr(torch, "float8_e8m0fnu"):
     DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
@@ -70,11 +81,16 @@ def parse_header(fd: int, size: int, file: str) -> tuple[dict[str, _Entry], int]
         raise _invalid(f"{file} is too short to be a safetensors file ({size} bytes)", file=file)
     header_len = int.from_bytes(pread_exact(fd, 8, 0, file=file, tensor="<header>").tobytes(), "little")
     if header_len > MAX_HEADER_BYTES:
-        raise _invalid(f"{file} claims a {header_len}-byte header, over the {MAX_HEADER_BYTES}-byte limit "
-                       "(corrupt or not a safetensors file)", file=file)
+        raise _invalid(
+            f"{file} claims a {header_len}-byte header, over the {MAX_HEADER_BYTES}-byte limit "
+            "(corrupt or not a safetensors file)",
+            file=file,
+        )
     if 8 + header_len > size:
-        raise _invalid(f"{file} claims a {header_len}-byte header but has only {size} bytes "
-                       "(truncated or not a safetensors file)", file=file)
+        raise _invalid(
+            f"{file} claims a {header_len}-byte header but has only {size} bytes (truncated or not a safetensors file)",
+            file=file,
+        )
     raw = pread_exact(fd, header_len, 8, file=file, tensor="<header>").tobytes()
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
@@ -93,8 +109,12 @@ def parse_header(fd: int, size: int, file: str) -> tuple[dict[str, _Entry], int]
         dtype, shape, begin, end = _entry_fields(name, spec, file)
         need = math.prod(shape) * DTYPES[dtype].itemsize
         if end - begin != need:
-            raise _invalid(f"tensor {name} in {file}: shape {tuple(shape)} of {dtype} needs {need} bytes, "
-                           f"its data_offsets span {end - begin}", file=file, tensor=name)
+            raise _invalid(
+                f"tensor {name} in {file}: shape {tuple(shape)} of {dtype} needs {need} bytes, "
+                f"its data_offsets span {end - begin}",
+                file=file,
+                tensor=name,
+            )
         spans.append((begin, end, name))
         entries[name] = _Entry(TensorInfo(name, tuple(shape), dtype, need, file), data_start + begin)
 
@@ -107,8 +127,12 @@ def parse_header(fd: int, size: int, file: str) -> tuple[dict[str, _Entry], int]
         if begin < cursor:
             raise _invalid(f"tensor {name} overlaps tensor {previous} in {file}", file=file, tensor=name)
         if begin > cursor:
-            raise _invalid(f"{file} has {begin - cursor} unused bytes before tensor {name} "
-                           "(data offsets must tile the data section)", file=file, tensor=name)
+            raise _invalid(
+                f"{file} has {begin - cursor} unused bytes before tensor {name} "
+                "(data offsets must tile the data section)",
+                file=file,
+                tensor=name,
+            )
         cursor, previous = end, name
     if cursor != data_len:
         raise _invalid(f"{file} has {data_len - cursor} bytes after its last tensor (corrupt?)", file=file)
@@ -126,8 +150,12 @@ def _entry_fields(name: str, spec: object, file: str) -> tuple[str, list[int], i
         raise bad(f"unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad(f"shape {shape!r} is not a list of non-negative integers")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
         raise bad(f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
     return dtype, shape, offsets[0], offsets[1]
 
@@ -147,7 +175,8 @@ def _read_index(directory: Path, root: Path) -> dict[str, str]:
         raise _invalid(f"{INDEX_FILE} is not valid JSON ({exc})", file=INDEX_FILE) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
         raise _invalid(f"{INDEX_FILE} has no weight_map object of tensor name -> shard file", file=INDEX_FILE)
     for shard in set(weight_map.values()):
         check_file_name(shard, INDEX_FILE)
@@ -171,8 +200,9 @@ def _checkpoint_files(directory: Path, name: str | None, root: Path) -> tuple[li
     return files, None
 
 
-def _scan(directory: Path, name: str | None, root: Path,
-          keep_open: bool) -> tuple[dict[str, _Entry], dict[str, int], dict[str, int]]:
+def _scan(
+    directory: Path, name: str | None, root: Path, keep_open: bool
+) -> tuple[dict[str, _Entry], dict[str, int], dict[str, int]]:
     """Validate every file of the checkpoint: (entries by tensor, fd by file, header bytes by file).
     Descriptors are closed on failure, and always unless `keep_open`."""
     files, weight_map = _checkpoint_files(directory, name, root)
@@ -187,14 +217,20 @@ def _scan(directory: Path, name: str | None, root: Path,
             found, headers[file] = parse_header(fd, size, file)
             for tensor, entry in found.items():
                 if tensor in entries:
-                    raise _invalid(f"tensor {tensor} is defined in both {entries[tensor].info.file} and {file}",
-                                   file=file, tensor=tensor)
+                    raise _invalid(
+                        f"tensor {tensor} is defined in both {entries[tensor].info.file} and {file}",
+                        file=file,
+                        tensor=tensor,
+                    )
                 entries[tensor] = entry
         for tensor, shard in (weight_map or {}).items():
             entry = entries.get(tensor)
             if entry is None or entry.info.file != shard:
-                raise _invalid(f"{INDEX_FILE} maps tensor {tensor} to shard {shard}, whose header does not "
-                               "contain it", file=shard, tensor=tensor)
+                raise _invalid(
+                    f"{INDEX_FILE} maps tensor {tensor} to shard {shard}, whose header does not contain it",
+                    file=shard,
+                    tensor=tensor,
+                )
     except BaseException:
         for fd in fds.values():
             os.close(fd)
@@ -211,8 +247,12 @@ def summarize_safetensors(directory: Path, name: str | None, root: Path) -> Chec
     dtypes: dict[str, int] = {}
     for entry in entries.values():
         dtypes[entry.info.dtype] = dtypes.get(entry.info.dtype, 0) + 1
-    return CheckpointSummary(files=len(headers), tensors=len(entries),
-                             total_bytes=sum(e.info.nbytes for e in entries.values()), dtypes=dtypes)
+    return CheckpointSummary(
+        files=len(headers),
+        tensors=len(entries),
+        total_bytes=sum(e.info.nbytes for e in entries.values()),
+        dtypes=dtypes,
+    )
 
 
 class SafetensorsReader(WeightReader):
@@ -241,14 +281,21 @@ class SafetensorsReader(WeightReader):
         buf = pread_exact(fd, count * size, entry.offset + first * size, file=entry.info.file, tensor=name)
         return torch.from_numpy(buf).view(dtype)
 
-    def read(self, name: str, dtype: torch.dtype | None = torch.float32,
-             device: str | torch.device = "cpu") -> torch.Tensor:
+    def read(
+        self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         info = self._info(name)
         raw = self._raw(name, 0, math.prod(info.shape)).reshape(info.shape)
         return to_output(raw, dtype, device)
 
-    def read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = torch.float32,
-                  device: str | torch.device = "cpu") -> torch.Tensor:
+    def read_rows(
+        self,
+        name: str,
+        start: int,
+        stop: int,
+        dtype: torch.dtype | None = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> torch.Tensor:
         info = self._info(name)
         check_row_range(info, start, stop)
         cols = info.shape[1]

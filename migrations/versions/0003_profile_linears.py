@@ -4,23 +4,23 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-25
 """
+
 from __future__ import annotations
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
-
-revision = '0003'
-down_revision = '0002'
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('profile_layers', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('linears', sa.JSON(), nullable=True))
+    with op.batch_alter_table("profile_layers", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("linears", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('profile_layers', schema=None) as batch_op:
-        batch_op.drop_column('linears')
+    with op.batch_alter_table("profile_layers", schema=None) as batch_op:
+        batch_op.drop_column("linears")

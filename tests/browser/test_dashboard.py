@@ -20,7 +20,6 @@ import signal
 from pathlib import Path
 
 import pytest
-
 from integration.conftest import CALIBRATION, TAQ, Proc, free_port, http, service_env, tiny_spec, wait_for
 
 from .conftest import write_jsonl
@@ -29,9 +28,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 KEY = "ui-test-key-0123456789abcdef"
 WRONG_KEY = "not-the-key-0123456789"
-EVAL_ROWS = [{"prompt": "What is the capital of Germany?", "answers": ["Berlin"]},
-             {"prompt": "What is the capital of Egypt?", "answers": ["Cairo"]},
-             {"prompt": "What is the capital of Peru?", "answers": ["Lima"]}]
+EVAL_ROWS = [
+    {"prompt": "What is the capital of Germany?", "answers": ["Berlin"]},
+    {"prompt": "What is the capital of Egypt?", "answers": ["Cairo"]},
+    {"prompt": "What is the capital of Peru?", "answers": ["Lima"]},
+]
 
 # canvas pixels that are not transparent: the chart has drawn
 DRAWN = """(id) => {
@@ -50,12 +51,14 @@ def start_api(data: Path, model_root: Path, **taq: str) -> tuple[Proc, str, dict
     proc = Proc([TAQ, "api", "--host", "127.0.0.1", "--port", str(port)], env, data / "api.log")
     base = f"http://127.0.0.1:{port}"
     with http(base) as client:
+
         def ready():
             assert proc.alive(), proc.tail()
             try:
                 return client.get("/readyz").status_code == 200
             except Exception:
                 return False
+
         wait_for(ready, 120, what="taq api /readyz")
     return proc, base, env
 
@@ -82,8 +85,14 @@ def page(chromium, service):
     pg.set_default_timeout(20_000)
     problems: list[str] = []
     pg.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-    pg.on("console", lambda msg: problems.append(f"console: {msg.text}")
-          if msg.type == "error" and "Content Security Policy" in msg.text else None)
+    pg.on(
+        "console",
+        lambda msg: (
+            problems.append(f"console: {msg.text}")
+            if msg.type == "error" and "Content Security Policy" in msg.text
+            else None
+        ),
+    )
     pg.problems = problems
     yield pg
     context.close()
@@ -119,7 +128,10 @@ def test_sign_in_and_submit_a_job_through_the_form(page, service, tmp_path):
     refused = page.wait_for_selector("#calibration-status .error-block")
     text = refused.inner_text()
     assert "invalid_dataset" in text and "invalid JSON" in text
-    assert [r.inner_text() for r in page.query_selector_all("#calibration-status tbody tr td:first-child")] == ["2", "3"]
+    assert [r.inner_text() for r in page.query_selector_all("#calibration-status tbody tr td:first-child")] == [
+        "2",
+        "3",
+    ]
 
     page.set_input_files("#calibration-file", str(write_jsonl(tmp_path / "cal.jsonl", CALIBRATION)))
     assert "4 rows, with gold answers" in page.wait_for_selector("#calibration-status .ok").inner_text()
@@ -179,7 +191,16 @@ def test_the_job_page_follows_the_job_live_to_success(page, service):
     page.wait_for_selector("#job-status [data-status=succeeded]", timeout=240_000)
     assert page.evaluate("window.__sameDocument") is True, "the page reloaded instead of updating live"
     states = page.eval_on_selector_all("#timeline li", "els => els.map(e => [e.dataset.stage, e.dataset.state])")
-    assert [s for s, _ in states] == ["load", "calibrate", "score", "allocate", "quantize", "export", "evaluate", "publish"]
+    assert [s for s, _ in states] == [
+        "load",
+        "calibrate",
+        "score",
+        "allocate",
+        "quantize",
+        "export",
+        "evaluate",
+        "publish",
+    ]
     assert {state for _, state in states} <= {"done", "skipped"}, states
 
     page.wait_for_function(DRAWN, arg="profile-chart", timeout=30_000)
@@ -187,7 +208,9 @@ def test_the_job_page_follows_the_job_live_to_success(page, service):
     assert labels == ["0", "1", "2", "3"]
     variants = page.eval_on_selector_all("#eval-table tbody tr", "rows => rows.map(r => r.dataset.variant)")
     assert variants[:2] == ["full_precision", "quantized"], variants
-    cells = page.eval_on_selector_all("#eval-table tbody tr[data-variant=quantized] td", "tds => tds.map(t => t.textContent)")
+    cells = page.eval_on_selector_all(
+        "#eval-table tbody tr[data-variant=quantized] td", "tds => tds.map(t => t.textContent)"
+    )
     assert any("[" in c and "]" in c for c in cells), cells  # an interval: mean [low, high]
     page.wait_for_function(DRAWN, arg="pareto-chart", timeout=30_000)
     assert len(page.query_selector_all("#evaluation .tab")) == 2  # one tab per budget
@@ -195,7 +218,10 @@ def test_the_job_page_follows_the_job_live_to_success(page, service):
 
 def test_download_an_artifact_with_its_sha256(page, service):
     listing = service["client"].get(f"/v1/jobs/{service['job']}/artifacts").json()
-    for artifact in (next(a for a in listing if a["format"] == "gguf"), next(a for a in listing if a["kind"] == "directory")):
+    for artifact in (
+        next(a for a in listing if a["format"] == "gguf"),
+        next(a for a in listing if a["kind"] == "directory"),
+    ):
         with page.expect_download() as download_info:
             page.click(f"button[data-download='{artifact['name']}']")
         download = download_info.value
@@ -221,19 +247,34 @@ def test_compare_two_profiles_on_one_chart(page, service):
 # eval.json as the documented contract allows it to grow: more variants, a `variants` map,
 # `comparisons`, a per-variant map the page has never heard of ("retained"), missing metrics
 GROWN_REPORT = {
-    "dataset": "ds_x", "n_items": 3, "meta": {"avg_bits": 4.5, "effective_bits": 4.5},
+    "dataset": "ds_x",
+    "n_items": 3,
+    "meta": {"avg_bits": 4.5, "effective_bits": 4.5},
     "teacher_forced": {
         "uniform": {"gold_nll": {"mean": 2.0, "low": 1.5, "high": 2.5, "n": 3, "alpha": 0.05}, "mean_kl": 0.2},
         "full_precision": {"gold_nll": {"mean": 1.5, "low": 1.0, "high": 2.0, "n": 3, "alpha": 0.05}, "mean_kl": 0.0},
         "quantized": {"gold_nll": None, "mean_kl": 0.1, "items": [{"x": 1}]},
-        "random": {"mean_kl": 0.3}},
-    "metrics": {"full_precision": {"contains": {"mean": 0.5, "low": 0.2, "high": 0.8}},
-                "quantized": {"contains": {"mean": 0.4, "low": 0.1, "high": 0.7}, "items": []}},
+        "random": {"mean_kl": 0.3},
+    },
+    "metrics": {
+        "full_precision": {"contains": {"mean": 0.5, "low": 0.2, "high": 0.8}},
+        "quantized": {"contains": {"mean": 0.4, "low": 0.1, "high": 0.7}, "items": []},
+    },
     "delta_vs_full_precision": {"quantized": {"contains": {"mean": -0.1, "low": -0.3, "high": 0.1}}},
-    "variants": {"quantized": {"effective_bits": 4.5, "rule": "budget", "bits_histogram": {"4": 20, "8": 10}},
-                 "uniform": {"effective_bits": 4.25}, "random": {"effective_bits": 4.49}},
-    "comparisons": [{"variant": "quantized", "baseline": "uniform", "metric": "contains", "verdict": "no_difference",
-                     "difference": {"mean": -0.1, "low": -0.2, "high": 0.05, "alpha": 0.05}}],
+    "variants": {
+        "quantized": {"effective_bits": 4.5, "rule": "budget", "bits_histogram": {"4": 20, "8": 10}},
+        "uniform": {"effective_bits": 4.25},
+        "random": {"effective_bits": 4.49},
+    },
+    "comparisons": [
+        {
+            "variant": "quantized",
+            "baseline": "uniform",
+            "metric": "contains",
+            "verdict": "no_difference",
+            "difference": {"mean": -0.1, "low": -0.2, "high": 0.05, "alpha": 0.05},
+        }
+    ],
     "retained": {"quantized": {"mean": 0.9, "low": 0.7, "high": 1.1}},
     "something_new": [1, 2],
 }
@@ -242,7 +283,8 @@ GROWN_REPORT = {
 def test_the_eval_table_renders_what_the_report_has(page, service):
     page.goto(f"{service['base']}/ui/#/jobs")
     page.wait_for_selector("#jobs-body")
-    seen = page.evaluate("""async (report) => {
+    seen = page.evaluate(
+        """async (report) => {
       const m = await import('/ui/static/js/evaltable.js');
       const text = (el, sel) => [...el.querySelectorAll(sel)].map((x) => x.textContent);
       const grown = m.reportView(report);
@@ -257,7 +299,9 @@ def test_the_eval_table_renders_what_the_report_has(page, service):
         m.evalSection(odd).after();
       }
       return out;
-    }""", GROWN_REPORT)
+    }""",
+        GROWN_REPORT,
+    )
     assert seen["rows"] == ["full_precision", "quantized", "uniform", "random"]
     assert "retained" in seen["headers"] and "contains ↑" in seen["headers"]
     assert "—" in seen["quantized"] and "0.9 [0.7, 1.1]" in seen["quantized"]  # no gold NLL; retained

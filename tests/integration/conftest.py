@@ -14,9 +14,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -36,9 +36,18 @@ CALIBRATION = [
 
 
 def tiny_spec(method: str = "uniform", **overrides) -> dict:
-    spec = {"model": "tiny-llama", "method": method, "bit_budget": {"avg_bits": 6.0},
-            "bit_choices": [4, 8], "group_size": 32, "exports": ["hf"], "max_tokens": 32,
-            "max_calibration_rows": 8, "reservoir_size": 16, "seed": 0}
+    spec = {
+        "model": "tiny-llama",
+        "method": method,
+        "bit_budget": {"avg_bits": 6.0},
+        "bit_choices": [4, 8],
+        "group_size": 32,
+        "exports": ["hf"],
+        "max_tokens": 32,
+        "max_calibration_rows": 8,
+        "reservoir_size": 16,
+        "seed": 0,
+    }
     if method != "uniform":
         spec["calibration"] = CALIBRATION
     spec.update(overrides)
@@ -66,6 +75,7 @@ def wait_job(client, job_id: str, timeout: float = 240, headers: dict | None = N
     def done():
         job = client.get(f"/v1/jobs/{job_id}", headers=headers or {}).json()
         return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
     return wait_for(done, timeout, what=f"job {job_id} to finish")
 
 
@@ -147,8 +157,7 @@ class Proc:
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -173,8 +182,16 @@ class Proc:
 
 def service_env(**taq: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAQ_")}
-    env.update({"TAQ_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    env.update(
+        {
+            "TAQ_LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
+    )
     env.update({f"TAQ_{k.upper()}": v for k, v in taq.items()})
     return env
 
@@ -190,12 +207,14 @@ def serve_embedded(data: Path, model_root: Path, **taq: str) -> Iterator[dict]:
     proc = Proc([TAQ, "serve", "--host", "127.0.0.1", "--port", str(port)], env, data / "serve.log")
     try:
         with http(f"http://127.0.0.1:{port}") as client:
+
             def ready():
                 assert proc.alive(), proc.tail()
                 try:
                     return client.get("/readyz").status_code == 200
                 except Exception:
                     return False
+
             wait_for(ready, 180, what="taq serve /readyz")
             yield {"client": client, "proc": proc, "data": data, "env": env}
     finally:
@@ -250,7 +269,10 @@ def verify_artifacts(client, job_id: str, headers: dict | None = None) -> dict[s
             for entry in art["files"]:
                 single = client.get(f"/v1/jobs/{job_id}/artifacts/{entry['name']}", headers=headers)
                 assert single.status_code == 200, entry["name"]
-                assert hashlib.sha256(single.content).hexdigest() == entry["sha256"] == \
-                    hashlib.sha256(members[entry["name"]]).hexdigest()
+                assert (
+                    hashlib.sha256(single.content).hexdigest()
+                    == entry["sha256"]
+                    == hashlib.sha256(members[entry["name"]]).hexdigest()
+                )
                 blobs[entry["name"]] = single.content
     return blobs

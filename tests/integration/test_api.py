@@ -24,19 +24,43 @@ BOB = "bob-key-0123456789abcdef"
 AUTH_A = {"Authorization": f"Bearer {ALICE}"}
 AUTH_B = {"Authorization": f"Bearer {BOB}"}
 
-EXPECTED_OPERATIONS = {"create_job", "list_jobs", "get_job", "cancel_job", "delete_job", "list_job_events",
-                       "get_job_profile", "list_job_artifacts", "download_job_artifact", "head_job_artifact",
-                       "upload_dataset", "list_datasets", "delete_dataset", "list_models", "list_workers",
-                       "healthz", "readyz", "metrics"}
+EXPECTED_OPERATIONS = {
+    "create_job",
+    "list_jobs",
+    "get_job",
+    "cancel_job",
+    "delete_job",
+    "list_job_events",
+    "get_job_profile",
+    "list_job_artifacts",
+    "download_job_artifact",
+    "head_job_artifact",
+    "upload_dataset",
+    "list_datasets",
+    "delete_dataset",
+    "list_models",
+    "list_workers",
+    "healthz",
+    "readyz",
+    "metrics",
+}
 
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory, pg_database, tiny_model_root) -> Settings:
     data = tmp_path_factory.mktemp("api-data")
-    settings = Settings(data_dir=data, database_url=pg_database(), broker_url="filesystem://",
-                        storage_url=f"file://{data / 'objects'}", model_roots=[tiny_model_root],
-                        api_keys=f"alice:{ALICE},bob:{BOB}", max_page_size=5, default_page_size=3,
-                        max_upload_bytes=4096, max_queued_jobs_per_tenant=8)
+    settings = Settings(
+        data_dir=data,
+        database_url=pg_database(),
+        broker_url="filesystem://",
+        storage_url=f"file://{data / 'objects'}",
+        model_roots=[tiny_model_root],
+        api_keys=f"alice:{ALICE},bob:{BOB}",
+        max_page_size=5,
+        default_page_size=3,
+        max_upload_bytes=4096,
+        max_queued_jobs_per_tenant=8,
+    )
     migrate(settings)
     return settings
 
@@ -81,20 +105,29 @@ def test_db_managed_keys_are_hashed_and_work(client, settings):
 
 
 def test_tenant_isolation(client):
-    ds = client.post("/v1/datasets", headers=AUTH_A,
-                     files={"file": ("c.jsonl", b'{"prompt": "hello"}\n')}).json()
-    job = client.post("/v1/jobs", headers=AUTH_A,
-                      json=tiny_spec("taq", calibration=None, calibration_dataset_id=ds["id"])).json()
+    ds = client.post("/v1/datasets", headers=AUTH_A, files={"file": ("c.jsonl", b'{"prompt": "hello"}\n')}).json()
+    job = client.post(
+        "/v1/jobs", headers=AUTH_A, json=tiny_spec("taq", calibration=None, calibration_dataset_id=ds["id"])
+    ).json()
     assert job["status"] == "queued"
-    for path in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/events", f"/v1/jobs/{job['id']}/artifacts",
-                 f"/v1/jobs/{job['id']}/profile", f"/v1/jobs/{job['id']}/artifacts/manifest.json"):
+    for path in (
+        f"/v1/jobs/{job['id']}",
+        f"/v1/jobs/{job['id']}/events",
+        f"/v1/jobs/{job['id']}/artifacts",
+        f"/v1/jobs/{job['id']}/profile",
+        f"/v1/jobs/{job['id']}/artifacts/manifest.json",
+    ):
         assert_envelope(client.get(path, headers=AUTH_B), 404)
     assert_envelope(client.post(f"/v1/jobs/{job['id']}/cancel", headers=AUTH_B), 404, "job_not_found")
     assert job["id"] not in [j["id"] for j in client.get("/v1/jobs", headers=AUTH_B).json()["items"]]
     # bob cannot use alice's dataset either
-    err = assert_envelope(client.post("/v1/jobs", headers=AUTH_B,
-                                      json=tiny_spec("taq", calibration=None, calibration_dataset_id=ds["id"])),
-                          404, "dataset_not_found")
+    err = assert_envelope(
+        client.post(
+            "/v1/jobs", headers=AUTH_B, json=tiny_spec("taq", calibration=None, calibration_dataset_id=ds["id"])
+        ),
+        404,
+        "dataset_not_found",
+    )
     assert ds["id"] in err["message"]
     assert client.get(f"/v1/jobs/{job['id']}", headers=AUTH_A).status_code == 200
 
@@ -106,15 +139,18 @@ def test_unknown_route_and_method_use_the_envelope(client):
     assert_envelope(client.get("/v1/jobs/job_doesnotexist", headers=AUTH_A), 404, "job_not_found")
 
 
-@pytest.mark.parametrize("spec, fragment", [
-    ({"method": "uniform", "bit_budget": {"avg_bits": 4.5}}, "model"),
-    (tiny_spec("taq", calibration=None), "calibration"),
-    (tiny_spec("uniform", bit_choices=[5]), "bit_choices"),
-    (tiny_spec("uniform", surprise=1), "surprise"),
-    (tiny_spec("uniform", group_size=3), "group_size"),
-    (tiny_spec("uniform", bit_budget={"avg_bits": 0.5}), "avg_bits"),
-    (tiny_spec("uniform", allocation="paper"), "paper"),
-])
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ({"method": "uniform", "bit_budget": {"avg_bits": 4.5}}, "model"),
+        (tiny_spec("taq", calibration=None), "calibration"),
+        (tiny_spec("uniform", bit_choices=[5]), "bit_choices"),
+        (tiny_spec("uniform", surprise=1), "surprise"),
+        (tiny_spec("uniform", group_size=3), "group_size"),
+        (tiny_spec("uniform", bit_budget={"avg_bits": 0.5}), "avg_bits"),
+        (tiny_spec("uniform", allocation="paper"), "paper"),
+    ],
+)
 def test_invalid_specs_are_422(client, spec, fragment):
     err = assert_envelope(client.post("/v1/jobs", headers=AUTH_A, json=spec), 422, "validation_error")
     assert fragment in json.dumps(err), err
@@ -122,13 +158,19 @@ def test_invalid_specs_are_422(client, spec, fragment):
 
 
 def test_malformed_json_is_422(client):
-    assert_envelope(client.post("/v1/jobs", headers={**AUTH_A, "Content-Type": "application/json"},
-                                content=b"{not json"), 422, "validation_error")
+    assert_envelope(
+        client.post("/v1/jobs", headers={**AUTH_A, "Content-Type": "application/json"}, content=b"{not json"),
+        422,
+        "validation_error",
+    )
 
 
 def test_unknown_or_unsafe_model(client):
-    err = assert_envelope(client.post("/v1/jobs", headers=AUTH_A, json=tiny_spec("uniform", model="no-such-model")),
-                          404, "model_not_found")
+    err = assert_envelope(
+        client.post("/v1/jobs", headers=AUTH_A, json=tiny_spec("uniform", model="no-such-model")),
+        404,
+        "model_not_found",
+    )
     assert "no-such-model" in err["message"]
     for bad in ("../tiny-llama", "/etc/passwd"):
         response = client.post("/v1/jobs", headers=AUTH_A, json=tiny_spec("uniform", model=bad))
@@ -137,20 +179,32 @@ def test_unknown_or_unsafe_model(client):
 
 
 def test_infeasible_budget_is_422(client):
-    err = assert_envelope(client.post("/v1/jobs", headers=AUTH_A,
-                                      json=tiny_spec("uniform", bit_budget={"avg_bits": 3.0}, bit_choices=[4, 8])),
-                          422, "budget_infeasible")
+    err = assert_envelope(
+        client.post(
+            "/v1/jobs", headers=AUTH_A, json=tiny_spec("uniform", bit_budget={"avg_bits": 3.0}, bit_choices=[4, 8])
+        ),
+        422,
+        "budget_infeasible",
+    )
     assert err["details"]["min_avg_bits"] == pytest.approx(4 + (16 + 8) / 32)  # fp16 scale + int8 zero per group
 
 
 def test_reuse_profile_of_unfinished_job_is_rejected(client):
     first = client.post("/v1/jobs", headers=AUTH_A, json=tiny_spec("uniform")).json()
-    assert_envelope(client.post("/v1/jobs", headers=AUTH_A,
-                                json=tiny_spec("taq", calibration=None, profile_from_job_id=first["id"])),
-                    422, "invalid_spec")
-    assert_envelope(client.post("/v1/jobs", headers=AUTH_B,
-                                json=tiny_spec("taq", calibration=None, profile_from_job_id=first["id"])),
-                    404, "job_not_found")
+    assert_envelope(
+        client.post(
+            "/v1/jobs", headers=AUTH_A, json=tiny_spec("taq", calibration=None, profile_from_job_id=first["id"])
+        ),
+        422,
+        "invalid_spec",
+    )
+    assert_envelope(
+        client.post(
+            "/v1/jobs", headers=AUTH_B, json=tiny_spec("taq", calibration=None, profile_from_job_id=first["id"])
+        ),
+        404,
+        "job_not_found",
+    )
 
 
 def test_corrupt_row_gives_a_500_envelope_without_trace(client, settings):
@@ -177,18 +231,23 @@ def test_dataset_upload_validates_every_line(client):
     assert other_tenant["id"] != body["id"] and other_tenant["sha256"] == body["sha256"]
 
     bad = b'{"prompt": "ok"}\nnot json\n{"prompt": "x", "extra": 1}\n'
-    err = assert_envelope(client.post("/v1/datasets", headers=AUTH_A, files={"file": ("b.jsonl", bad)}),
-                          422, "invalid_dataset")
+    err = assert_envelope(
+        client.post("/v1/datasets", headers=AUTH_A, files={"file": ("b.jsonl", bad)}), 422, "invalid_dataset"
+    )
     lines = sorted(d["line"] for d in err["details"])
     assert lines == [2, 3] and all(d["reason"] for d in err["details"])
     assert_envelope(client.post("/v1/datasets", headers=AUTH_A, files={"file": ("e.jsonl", b"")}), 422)
-    assert_envelope(client.post("/v1/datasets", headers=AUTH_A,
-                                files={"file": ("big.jsonl", b'{"prompt": "x"}\n' * 1000)}), 413, "payload_too_large")
+    assert_envelope(
+        client.post("/v1/datasets", headers=AUTH_A, files={"file": ("big.jsonl", b'{"prompt": "x"}\n' * 1000)}),
+        413,
+        "payload_too_large",
+    )
     assert_envelope(client.post("/v1/datasets", headers=AUTH_A), 422, "validation_error")
     # a declared body far over the limit is refused before it is read
     huge = b'{"prompt": "x"}\n' * 100_000
-    assert_envelope(client.post("/v1/datasets", headers=AUTH_A, files={"file": ("h.jsonl", huge)}),
-                    413, "payload_too_large")
+    assert_envelope(
+        client.post("/v1/datasets", headers=AUTH_A, files={"file": ("h.jsonl", huge)}), 413, "payload_too_large"
+    )
 
 
 # ---- idempotency -----------------------------------------------------------------------------
@@ -202,8 +261,9 @@ def test_idempotency_key(client, settings):
     assert replay.headers.get("idempotent-replayed") == "true"
     listed = client.get("/v1/jobs", headers=headers).json()["items"]
     assert [j["id"] for j in listed] == [first.json()["id"]]
-    err = assert_envelope(client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=7)),
-                          409, "idempotency_conflict")
+    err = assert_envelope(
+        client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=7)), 409, "idempotency_conflict"
+    )
     assert err["details"]["job_id"] == first.json()["id"]
     # keys are per tenant
     other = client.post("/v1/jobs", headers={**new_tenant(settings), "Idempotency-Key": "submit-1"}, json=spec)
@@ -213,8 +273,7 @@ def test_idempotency_key(client, settings):
 # ---- listing ---------------------------------------------------------------------------------
 def test_cursor_pagination_newest_first_with_status_filter(client, settings):
     headers = new_tenant(settings)
-    ids = [client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=i)).json()["id"]
-           for i in range(7)]
+    ids = [client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=i)).json()["id"] for i in range(7)]
     client.post(f"/v1/jobs/{ids[0]}/cancel", headers=headers)
     seen, cursor, pages = [], None, 0
     while True:
@@ -241,10 +300,13 @@ def test_cursor_pagination_newest_first_with_status_filter(client, settings):
 
 def test_queued_jobs_per_tenant_limit_is_429(client, settings):
     headers, other = new_tenant(settings), new_tenant(settings)
-    ids = [client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=i)).json()["id"]
-           for i in range(settings.max_queued_jobs_per_tenant)]
-    error = assert_envelope(client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=99)),
-                            429, "queued_job_limit")
+    ids = [
+        client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=i)).json()["id"]
+        for i in range(settings.max_queued_jobs_per_tenant)
+    ]
+    error = assert_envelope(
+        client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=99)), 429, "queued_job_limit"
+    )
     assert "TAQ_MAX_QUEUED_JOBS_PER_TENANT=8" in error["message"] and error["details"]["queued"] == 8
     # another tenant is not affected, and cancelling one frees a slot
     assert client.post("/v1/jobs", headers=other, json=tiny_spec("uniform")).status_code == 202
@@ -265,16 +327,22 @@ def test_cancel_queued_job_and_events(client, settings):
 
     events = client.get(f"/v1/jobs/{job['id']}/events", headers=headers).json()
     assert [e["status"] for e in events if e["kind"] == "status"] == ["queued", "cancelled"]
-    assert client.get(f"/v1/jobs/{job['id']}/events", headers=headers,
-                      params={"after": events[0]["id"]}).json() == events[1:]
-    with client.stream("GET", f"/v1/jobs/{job['id']}/events",
-                       headers={**headers, "Accept": "text/event-stream"}) as stream:
+    assert (
+        client.get(f"/v1/jobs/{job['id']}/events", headers=headers, params={"after": events[0]["id"]}).json()
+        == events[1:]
+    )
+    with client.stream(
+        "GET", f"/v1/jobs/{job['id']}/events", headers={**headers, "Accept": "text/event-stream"}
+    ) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         text = "".join(stream.iter_text())
     assert text.count("event: status") == 2 and "event: end" in text
     assert f"id: {events[-1]['id']}" in text
-    with client.stream("GET", f"/v1/jobs/{job['id']}/events",
-                       headers={**headers, "Accept": "text/event-stream", "Last-Event-ID": str(events[0]["id"])}) as s:
+    with client.stream(
+        "GET",
+        f"/v1/jobs/{job['id']}/events",
+        headers={**headers, "Accept": "text/event-stream", "Last-Event-ID": str(events[0]["id"])},
+    ) as s:
         assert "".join(s.iter_text()).count("event: status") == 1
     assert_envelope(client.get(f"/v1/jobs/{job['id']}/profile", headers=headers), 404, "profile_not_ready")
     assert client.get(f"/v1/jobs/{job['id']}/artifacts", headers=headers).json() == []
@@ -311,8 +379,9 @@ def test_production_refuses_unsafe_configs(tmp_path, settings):
         Settings(env="production", data_dir=tmp_path, broker_url="redis://x:6379/0").check_production()
     with pytest.raises(UnsafeConfig, match="filesystem"):
         create_app(Settings(env="production", data_dir=tmp_path, database_url=settings.database_url))
-    Settings(env="production", data_dir=tmp_path, database_url=settings.database_url,
-             broker_url="redis://x:6379/0").check_production()
+    Settings(
+        env="production", data_dir=tmp_path, database_url=settings.database_url, broker_url="redis://x:6379/0"
+    ).check_production()
     with pytest.raises(ValueError):
         Settings(api_keys="no-colon-here")
     # production without any key, and serving a public address with auth off, are refused
@@ -320,8 +389,9 @@ def test_production_refuses_unsafe_configs(tmp_path, settings):
 
     keyless = settings.model_copy(update={"api_keys": ""})
     env = service_env(data_dir=str(tmp_path / "serve"))
-    result = subprocess.run([TAQ, "serve", "--host", "0.0.0.0", "--port", "1"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [TAQ, "serve", "--host", "0.0.0.0", "--port", "1"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2 and "refusing" in result.stderr
     fresh = Settings(data_dir=tmp_path / "fresh")
     migrate(fresh)

@@ -60,16 +60,18 @@ def broken_root(tmp_path_factory, tiny_llama_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, broken_root):
-    with serve_embedded(tmp_path_factory.mktemp("bad-ckpt"), broken_root,
-                        worker_memory_bytes=str(8 << 30)) as service:
+    with serve_embedded(tmp_path_factory.mktemp("bad-ckpt"), broken_root, worker_memory_bytes=str(8 << 30)) as service:
         yield service
 
 
-@pytest.mark.parametrize("model, names", [
-    ("truncated", "past the end"),
-    ("missing-shard", "missing"),
-    ("escaping-index", "outside the model directory"),
-])
+@pytest.mark.parametrize(
+    "model, names",
+    [
+        ("truncated", "past the end"),
+        ("missing-shard", "missing"),
+        ("escaping-index", "outside the model directory"),
+    ],
+)
 def test_header_problems_are_422_at_submit(served, broken_root, model: str, names: str) -> None:
     response = served["client"].post("/v1/jobs", json=tiny_spec("uniform", model=model))
     assert response.status_code == 422, response.text

@@ -43,16 +43,48 @@ def done_job(svc, tmp_path_factory):
     (tmp / "cal.jsonl").write_bytes(calibration_jsonl())
     base = tiny_spec("uniform", model="not-this-one", bit_budget={"avg_bits": 4.5})
     (tmp / "spec.json").write_text(json.dumps(base))
-    result = ok(taq(svc, "submit", "--spec", str(tmp / "spec.json"), "--model", "tiny-llama", "--method", "uniform",
-                    "--calibration", str(tmp / "cal.jsonl"), "--avg-bits", "6", "--bit-choices", "4,8",
-                    "--group-size", "32", "--export", "hf", "--seed", "0", "--allocation-unit", "linear",
-                    "--quantizer", "gptq", "--clip-search", "--wait", "--json", "--interval", "0.5"))
+    result = ok(
+        taq(
+            svc,
+            "submit",
+            "--spec",
+            str(tmp / "spec.json"),
+            "--model",
+            "tiny-llama",
+            "--method",
+            "uniform",
+            "--calibration",
+            str(tmp / "cal.jsonl"),
+            "--avg-bits",
+            "6",
+            "--bit-choices",
+            "4,8",
+            "--group-size",
+            "32",
+            "--export",
+            "hf",
+            "--seed",
+            "0",
+            "--allocation-unit",
+            "linear",
+            "--quantizer",
+            "gptq",
+            "--clip-search",
+            "--wait",
+            "--json",
+            "--interval",
+            "0.5",
+        )
+    )
     job = json.loads(result.stdout)
     assert job["status"] == "succeeded", job
     assert job["spec"]["model"] == "tiny-llama" and job["spec"]["calibration_dataset_id"].startswith("ds_")
     assert job["spec"]["bit_budget"] == {"avg_bits": 6.0} and job["spec"]["bit_choices"] == [4, 8]
     assert (job["spec"]["allocation_unit"], job["spec"]["quantizer"], job["spec"]["clip_search"]) == (
-        "linear", "gptq", True)
+        "linear",
+        "gptq",
+        True,
+    )
     return job
 
 
@@ -81,8 +113,9 @@ def test_submit_wait_and_read_commands(svc, done_job, tmp_path):
 def test_download_verifies_and_resumes(svc, done_job, served, tmp_path):  # noqa: F811
     job_id = done_job["id"]
     listing = {a["name"]: a for a in served["client"].get(f"/v1/jobs/{job_id}/artifacts").json()}
-    info = json.loads(ok(taq(svc, "download", job_id, "manifest.json", "-o", str(tmp_path / "m.json"),
-                             "--json")).stdout)
+    info = json.loads(
+        ok(taq(svc, "download", job_id, "manifest.json", "-o", str(tmp_path / "m.json"), "--json")).stdout
+    )
     assert info["sha256"] == listing["manifest.json"]["sha256"] and info["resumed_from"] == 0
     assert hashlib.sha256((tmp_path / "m.json").read_bytes()).hexdigest() == info["sha256"]
 
@@ -106,11 +139,13 @@ def test_download_verifies_and_resumes(svc, done_job, served, tmp_path):  # noqa
 
     # one file of the directory, default output name in the working directory
     name = listing["hf"]["files"][0]["name"]
-    result = subprocess.run([TAQ, "download", job_id, name, "--url", svc], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [TAQ, "download", job_id, name, "--url", svc], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
-    assert hashlib.sha256((tmp_path / name.split("/")[-1]).read_bytes()).hexdigest() == \
-        listing["hf"]["files"][0]["sha256"]
+    assert (
+        hashlib.sha256((tmp_path / name.split("/")[-1]).read_bytes()).hexdigest() == listing["hf"]["files"][0]["sha256"]
+    )
 
 
 def test_failed_job_exits_1(svc, tmp_path):
@@ -118,8 +153,17 @@ def test_failed_job_exits_1(svc, tmp_path):
     # fails the job at the calibrate stage (a run-time failure, not a 422 at submit)
     (tmp_path / "one.jsonl").write_bytes(calibration_jsonl(CALIBRATION[:1]))
     (tmp_path / "spec.json").write_text(json.dumps(tiny_spec("taq", calibration=None, eval_fraction=0.5)))
-    result = taq(svc, "submit", "--spec", str(tmp_path / "spec.json"), "--calibration", str(tmp_path / "one.jsonl"),
-                 "--wait", "--interval", "0.5")
+    result = taq(
+        svc,
+        "submit",
+        "--spec",
+        str(tmp_path / "spec.json"),
+        "--calibration",
+        str(tmp_path / "one.jsonl"),
+        "--wait",
+        "--interval",
+        "0.5",
+    )
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "failed" in result.stderr and "eval_fraction" in result.stderr and "Traceback" not in result.stderr
 
@@ -159,11 +203,13 @@ def test_server_errors_and_unreachable(svc, tmp_path):
 def test_status_shows_the_evaluation_and_profile_the_bits_of_each_budget(svc, tmp_path):
     # an evaluated taq sweep: `status` prints one evaluation table per budget, `profile` one bits
     # column per budget (a sweep's profile holds no single choice)
-    spec = tiny_spec("taq", bit_budget={"avg_bits": [5.0, 8.0]}, eval_fraction=0.5,
-                     calibration=CALIBRATION * 2, exports=["hf"])
+    spec = tiny_spec(
+        "taq", bit_budget={"avg_bits": [5.0, 8.0]}, eval_fraction=0.5, calibration=CALIBRATION * 2, exports=["hf"]
+    )
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    job = json.loads(ok(taq(svc, "submit", "--spec", str(tmp_path / "spec.json"), "--wait", "--json",
-                            "--interval", "0.5")).stdout)
+    job = json.loads(
+        ok(taq(svc, "submit", "--spec", str(tmp_path / "spec.json"), "--wait", "--json", "--interval", "0.5")).stdout
+    )
     assert job["status"] == "succeeded", job["error"]
     shown = ok(taq(svc, "status", job["id"])).stdout
     assert shown.count("evaluation · budget") == 2 and "budget 5.0 bits" in shown and "budget 8.0 bits" in shown
@@ -185,8 +231,22 @@ def test_datasets_and_delete(svc, tmp_path):
     # an uploaded dataset is listed, a finished job deleted, then its dataset (no job reads it now)
     (tmp_path / "cal.jsonl").write_bytes(calibration_jsonl())
     (tmp_path / "spec.json").write_text(json.dumps(tiny_spec("taq", calibration=None)))
-    job = json.loads(ok(taq(svc, "submit", "--spec", str(tmp_path / "spec.json"), "--calibration",
-                            str(tmp_path / "cal.jsonl"), "--wait", "--json", "--interval", "0.5")).stdout)
+    job = json.loads(
+        ok(
+            taq(
+                svc,
+                "submit",
+                "--spec",
+                str(tmp_path / "spec.json"),
+                "--calibration",
+                str(tmp_path / "cal.jsonl"),
+                "--wait",
+                "--json",
+                "--interval",
+                "0.5",
+            )
+        ).stdout
+    )
     dataset_id = job["spec"]["calibration_dataset_id"]
     page = json.loads(ok(taq(svc, "datasets", "list", "--json")).stdout)
     assert dataset_id in [d["id"] for d in page["items"]]

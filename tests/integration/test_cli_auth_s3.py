@@ -28,13 +28,16 @@ from .conftest import TAQ, calibration_jsonl, make_bucket, serve_embedded, servi
 pytestmark = pytest.mark.integration
 
 ALPHA_KEY = "alpha-key-0123456789abcdef"
-NEED_KEY = ("unauthorized: this service needs an API key: send 'Authorization: Bearer <key>'\n"
-            "(pass --api-key KEY or set TAQ_API_KEY)\n")
+NEED_KEY = (
+    "unauthorized: this service needs an API key: send 'Authorization: Bearer <key>'\n"
+    "(pass --api-key KEY or set TAQ_API_KEY)\n"
+)
 BAD_KEY = "unauthorized: invalid or revoked API key\n(pass --api-key KEY or set TAQ_API_KEY)\n"
 
 
-def cli(base_url: str, *args: str, key: str | None = None, cwd: Path | None = None,
-        timeout: float = 240) -> subprocess.CompletedProcess:
+def cli(
+    base_url: str, *args: str, key: str | None = None, cwd: Path | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess:
     """`taq …` as a user runs it; ``key`` goes in TAQ_API_KEY (None: no key at all)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAQ_")}
     env.update({"TAQ_URL": base_url, "COLUMNS": "200", "NO_COLOR": "1"})
@@ -68,16 +71,20 @@ def admin(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 def svc(tmp_path_factory, tiny_model_root, s3_endpoint):
     data = tmp_path_factory.mktemp("auth-s3")
     bucket = make_bucket(s3_endpoint)
-    taq_env = {"api_keys": f"alpha:{ALPHA_KEY}", "storage_url": f"s3://{bucket}/taq",
-               "s3_endpoint_url": s3_endpoint, "s3_region": "us-east-1", "s3_presign_downloads": "true"}
+    taq_env = {
+        "api_keys": f"alpha:{ALPHA_KEY}",
+        "storage_url": f"s3://{bucket}/taq",
+        "s3_endpoint_url": s3_endpoint,
+        "s3_region": "us-east-1",
+        "s3_presign_downloads": "true",
+    }
     # a DB-managed key, made before the service starts (same SQLite under TAQ_DATA_DIR)
     created = admin(service_env(data_dir=str(data), **taq_env), "create-key", "--tenant", "beta", "--name", "cli")
     beta_key = created.stdout.strip()
     assert beta_key.startswith("taq_") and "for tenant beta" in created.stderr
     with serve_embedded(data, tiny_model_root, **taq_env) as service:
         base = str(service["client"].base_url).rstrip("/")
-        yield {**service, "base": base, "alpha": ALPHA_KEY, "beta": beta_key, "endpoint": s3_endpoint,
-               "bucket": bucket}
+        yield {**service, "base": base, "alpha": ALPHA_KEY, "beta": beta_key, "endpoint": s3_endpoint, "bucket": bucket}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +93,21 @@ def alpha_job(svc, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("alpha")
     (tmp / "cal.jsonl").write_bytes(calibration_jsonl())
     (tmp / "spec.json").write_text(json.dumps(tiny_spec("uniform", exports=["hf", "gguf"])))
-    result = ok(cli(svc["base"], "submit", "--spec", str(tmp / "spec.json"), "--calibration", str(tmp / "cal.jsonl"),
-                    "--wait", "--json", "--interval", "0.5", key=svc["alpha"]))
+    result = ok(
+        cli(
+            svc["base"],
+            "submit",
+            "--spec",
+            str(tmp / "spec.json"),
+            "--calibration",
+            str(tmp / "cal.jsonl"),
+            "--wait",
+            "--json",
+            "--interval",
+            "0.5",
+            key=svc["alpha"],
+        )
+    )
     job = json.loads(result.stdout)
     assert job["status"] == "succeeded", job
     assert job["spec"]["calibration_dataset_id"].startswith("ds_")
@@ -102,8 +122,21 @@ def test_no_key_wrong_key_exit_7(svc, tmp_path):
     refused(cli(base, "status", job_id), 7, NEED_KEY)
     refused(cli(base, "download", job_id, "hf", "-o", str(tmp_path / "hf.tar")), 7, NEED_KEY)
     # submit fails at the upload, before any job exists
-    refused(cli(base, "submit", "--model", "tiny-llama", "--method", "taq", "--calibration",
-                str(tmp_path / "cal.jsonl"), "--wait"), 7, NEED_KEY)
+    refused(
+        cli(
+            base,
+            "submit",
+            "--model",
+            "tiny-llama",
+            "--method",
+            "taq",
+            "--calibration",
+            str(tmp_path / "cal.jsonl"),
+            "--wait",
+        ),
+        7,
+        NEED_KEY,
+    )
     refused(cli(base, "list", "--api-key", "wrong-key-0123456789"), 7, BAD_KEY)
     refused(cli(base, "status", job_id, "--json", key="wrong-key-0123456789"), 7, BAD_KEY)
     assert not (tmp_path / "hf.tar").exists()
@@ -128,9 +161,15 @@ def test_keyed_cli_and_tenant_isolation(svc, alpha_job, tmp_path):
         assert [json.loads(line)["id"] for line in followed.stdout.splitlines()] == ids[2:]
     # beta (DB key via --api-key, which wins over TAQ_API_KEY) sees nothing of it
     assert json.loads(ok(cli(base, "list", "--json", "--api-key", beta, key=alpha)).stdout)["items"] == []
-    for args in (["status", job_id], ["status", job_id, "--json"], ["wait", job_id, "-q"], ["cancel", job_id],
-                 ["events", job_id], ["profile", job_id], ["download", job_id, "manifest.json",
-                                                            "-o", str(tmp_path / "m.json")]):
+    for args in (
+        ["status", job_id],
+        ["status", job_id, "--json"],
+        ["wait", job_id, "-q"],
+        ["cancel", job_id],
+        ["events", job_id],
+        ["profile", job_id],
+        ["download", job_id, "manifest.json", "-o", str(tmp_path / "m.json")],
+    ):
         refused(cli(base, *args, "--api-key", beta), 3, f"job_not_found: job '{job_id}' not found\n")
     assert not (tmp_path / "m.json").exists()
     # and beta's own job is invisible to alpha
@@ -204,8 +243,7 @@ def test_s3_download_redirects_to_presigned_url(svc, alpha_job):
         tar = follow.get(f"/v1/jobs/{job_id}/artifacts/hf")
         assert tar.status_code == 200 and not tar.history and _sha(tar.content) == listing["hf"]["sha256"]
         etag = f'"{listing["model.gguf"]["sha256"]}"'
-        assert follow.get(f"/v1/jobs/{job_id}/artifacts/model.gguf",
-                          headers={"If-None-Match": etag}).status_code == 304
+        assert follow.get(f"/v1/jobs/{job_id}/artifacts/model.gguf", headers={"If-None-Match": etag}).status_code == 304
 
     # no redirect (and so no URL) for another tenant or without a key
     other = client.get(f"/v1/jobs/{job_id}/artifacts/model.gguf", headers={"Authorization": f"Bearer {svc['beta']}"})
@@ -223,13 +261,20 @@ def test_cli_download_through_redirect_and_resume(svc, alpha_job, tmp_path, capl
         path = f"GET /{svc['bucket']}/taq/jobs/{job_id}/artifacts/{name}?"
         return sum(1 for r in caplog.records if path in r.getMessage() and "Signature=" in r.getMessage())
 
-    listing = {a["name"]: a for a in svc["client"].get(f"/v1/jobs/{job_id}/artifacts",
-                                                        headers={"Authorization": f"Bearer {alpha}"}).json()}
+    listing = {
+        a["name"]: a
+        for a in svc["client"].get(f"/v1/jobs/{job_id}/artifacts", headers={"Authorization": f"Bearer {alpha}"}).json()
+    }
     # whole files: the CLI follows the 307 to S3 and verifies the sha256
     target = tmp_path / "model.gguf"
     info = json.loads(ok(cli(base, "download", job_id, "model.gguf", "-o", str(target), "--json", key=alpha)).stdout)
-    assert info == {"name": "model.gguf", "path": str(target), "size": listing["model.gguf"]["size"],
-                    "sha256": listing["model.gguf"]["sha256"], "resumed_from": 0}
+    assert info == {
+        "name": "model.gguf",
+        "path": str(target),
+        "size": listing["model.gguf"]["size"],
+        "sha256": listing["model.gguf"]["sha256"],
+        "resumed_from": 0,
+    }
     full = target.read_bytes()
     assert _sha(full) == listing["model.gguf"]["sha256"]
     assert presigned_gets("model.gguf") == 1  # the bytes came from the presigned URL
@@ -241,8 +286,9 @@ def test_cli_download_through_redirect_and_resume(svc, alpha_job, tmp_path, capl
     # an interrupted download resumes with Range (answered 206 by the API, read from S3)
     half = len(full) // 2
     target.write_bytes(full[:half])
-    info = json.loads(ok(cli(base, "download", job_id, "model.gguf", "-o", str(target), "--json",
-                             "--api-key", alpha)).stdout)
+    info = json.loads(
+        ok(cli(base, "download", job_id, "model.gguf", "-o", str(target), "--json", "--api-key", alpha)).stdout
+    )
     assert info["resumed_from"] == half and target.read_bytes() == full
     assert presigned_gets("model.gguf") == 1  # a ranged request is not redirected
 
@@ -257,6 +303,9 @@ def test_cli_download_through_redirect_and_resume(svc, alpha_job, tmp_path, capl
 
     # a corrupt partial file still ends in exit 6 and is removed
     target.write_bytes(b"\0" * half)
-    refused(cli(base, "download", job_id, "model.gguf", "-o", str(target), "--json", key=alpha), 6,
-            prefix="checksum_mismatch: ")
+    refused(
+        cli(base, "download", job_id, "model.gguf", "-o", str(target), "--json", key=alpha),
+        6,
+        prefix="checksum_mismatch: ",
+    )
     assert not target.exists()

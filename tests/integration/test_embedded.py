@@ -30,8 +30,9 @@ def test_jobs_succeed_and_artifacts_verify(served):
     ds = dataset.json()
     assert (data / "objects" / "datasets" / f"{ds['sha256']}.jsonl").is_file()
     uniform = client.post("/v1/jobs", json=tiny_spec("uniform", exports=["hf", "gguf"])).json()
-    taq = client.post("/v1/jobs", json=tiny_spec("taq", calibration=None, calibration_dataset_id=ds["id"],
-                                                  eval_fraction=0.25)).json()
+    taq = client.post(
+        "/v1/jobs", json=tiny_spec("taq", calibration=None, calibration_dataset_id=ds["id"], eval_fraction=0.25)
+    ).json()
     for job in (uniform, taq):
         assert job["status"] == "queued"
         final = wait_job(client, job["id"], timeout=300)
@@ -73,8 +74,13 @@ def test_profile_reuse_and_eval_dataset(served):
     source = client.get("/v1/jobs", params={"status": "succeeded"}).json()["items"][0]
     assert source["spec"]["method"] == "taq"
     ds = client.post("/v1/datasets", files={"file": ("cal.jsonl", calibration_jsonl())}).json()
-    spec = tiny_spec("taq", calibration=None, profile_from_job_id=source["id"], eval_dataset_id=ds["id"],
-                     bit_budget={"avg_bits": 5.5})
+    spec = tiny_spec(
+        "taq",
+        calibration=None,
+        profile_from_job_id=source["id"],
+        eval_dataset_id=ds["id"],
+        bit_budget={"avg_bits": 5.5},
+    )
     job = client.post("/v1/jobs", json=spec).json()
     final = wait_job(client, job["id"], timeout=300)
     assert final["status"] == "succeeded", final["error"]
@@ -90,10 +96,19 @@ def test_per_linear_allocation_job(served):
     """allocation_unit "linear" through the service: bits per linear in the result, the profile
     (DB rows and profile.json), bitmap.json and the manifest, and both exports verify."""
     client = served["client"]
-    source = next(j for j in client.get("/v1/jobs", params={"status": "succeeded"}).json()["items"]
-                  if j["spec"]["method"] == "taq" and not j["spec"].get("profile_from_job_id"))
-    spec = tiny_spec("taq", calibration=None, profile_from_job_id=source["id"], bit_budget={"avg_bits": 5.5},
-                     allocation_unit="linear", exports=["hf", "gguf"])
+    source = next(
+        j
+        for j in client.get("/v1/jobs", params={"status": "succeeded"}).json()["items"]
+        if j["spec"]["method"] == "taq" and not j["spec"].get("profile_from_job_id")
+    )
+    spec = tiny_spec(
+        "taq",
+        calibration=None,
+        profile_from_job_id=source["id"],
+        bit_budget={"avg_bits": 5.5},
+        allocation_unit="linear",
+        exports=["hf", "gguf"],
+    )
     job = client.post("/v1/jobs", json=spec).json()
     final = wait_job(client, job["id"], timeout=300)
     assert final["status"] == "succeeded", final["error"]
@@ -126,8 +141,10 @@ def test_range_etag_and_event_stream(served):
     assert client.get(f"/v1/jobs/{job_id}/artifacts/hf", headers={"If-None-Match": etag}).status_code == 304
     stale = client.get(f"/v1/jobs/{job_id}/artifacts/hf", headers={"Range": "bytes=0-9", "If-Range": '"old"'})
     assert stale.status_code == 200
-    assert client.get(f"/v1/jobs/{job_id}/artifacts/manifest.json",
-                      headers={"Range": "bytes=99999999-"}).status_code == 416
+    assert (
+        client.get(f"/v1/jobs/{job_id}/artifacts/manifest.json", headers={"Range": "bytes=99999999-"}).status_code
+        == 416
+    )
     with client.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}) as stream:
         text = "".join(stream.iter_text())
     assert "event: stage" in text and text.rstrip().endswith('"status": "succeeded"}')

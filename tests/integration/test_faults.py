@@ -154,17 +154,23 @@ def test_api_answers_503_during_a_database_outage_and_recovers(tmp_path, pg_data
     migrate(Settings(data_dir=data, database_url=real_url))
     proxy = CuttableProxy(_pg_target(real_url))
     port = free_port()
-    env = service_env(data_dir=str(data), database_url=_via(real_url, proxy.port), model_roots=str(tiny_model_root),
-                      api_keys=f"team:{KEY}")
+    env = service_env(
+        data_dir=str(data),
+        database_url=_via(real_url, proxy.port),
+        model_roots=str(tiny_model_root),
+        api_keys=f"team:{KEY}",
+    )
     api = Proc([TAQ, "api", "--host", "127.0.0.1", "--port", str(port), "--skip-migrate"], env, tmp_path / "api.log")
     try:
         with http(f"http://127.0.0.1:{port}", AUTH) as client:
+
             def ready():
                 assert api.alive(), api.tail()
                 try:
                     return client.get("/readyz").status_code == 200
                 except Exception:
                     return False
+
             wait_for(ready, 120, what="taq api /readyz")
             dataset = client.post("/v1/datasets", files={"file": ("cal.jsonl", calibration_jsonl(), "text/plain")})
             assert dataset.status_code == 201, dataset.text
@@ -185,8 +191,9 @@ def test_api_answers_503_during_a_database_outage_and_recovers(tmp_path, pg_data
                 _assert_db_unavailable(client.get("/v1/jobs"))
                 assert client.get("/v1/models").status_code == 200  # env keys + model roots: no DB needed
                 _assert_db_unavailable(client.post("/v1/jobs", json=tiny_spec("uniform")))
-                _assert_db_unavailable(client.post("/v1/datasets",
-                                                   files={"file": ("c.jsonl", calibration_jsonl(), "text/plain")}))
+                _assert_db_unavailable(
+                    client.post("/v1/datasets", files={"file": ("c.jsonl", calibration_jsonl(), "text/plain")})
+                )
                 _assert_db_unavailable(client.get(f"/v1/jobs/{job_id}/events"))
                 ready = client.get("/readyz")
                 assert ready.status_code == 503, ready.text
@@ -228,9 +235,25 @@ class RedisServer:
     def start(self) -> None:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--protected-mode", "no", "--dir", str(self.log_path.parent)],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                shutil.which("redis-server"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                "--dir",
+                str(self.log_path.parent),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         import redis
 
         client = redis.Redis(host="127.0.0.1", port=self.port)
@@ -273,9 +296,16 @@ def test_queued_jobs_survive_a_broker_that_lost_its_data(tmp_path, pg_database, 
     server = RedisServer(redis_port, tmp_path / "redis.log")
     server.start()
     data = tmp_path / "data"
-    config = dict(database_url=pg_database(), broker_url=f"redis://127.0.0.1:{redis_port}/0",
-                  storage_url=f"file://{data / 'objects'}", api_keys=f"team:{KEY}", heartbeat_seconds="1",
-                  stale_after_seconds="30", reaper_interval_seconds="1", requeue_queued_after_seconds="3")
+    config = dict(
+        database_url=pg_database(),
+        broker_url=f"redis://127.0.0.1:{redis_port}/0",
+        storage_url=f"file://{data / 'objects'}",
+        api_keys=f"team:{KEY}",
+        heartbeat_seconds="1",
+        stale_after_seconds="30",
+        reaper_interval_seconds="1",
+        requeue_queued_after_seconds="3",
+    )
     settings = Settings(data_dir=data, model_roots=[tiny_model_root], **config)
     migrate(settings)
     queue = class_queue("default").name  # no TAQ_WORKER_CLASSES: the one class
@@ -295,8 +325,12 @@ def test_queued_jobs_survive_a_broker_that_lost_its_data(tmp_path, pg_database, 
             time.sleep(max(0.0, submitted + 3.5 - time.monotonic()))  # older than requeue_queued_after
             with session_scope(settings) as session:
                 started = time.monotonic()
-                report = reap(session, settings, storage_from_settings(settings),
-                              lambda job_id, worker_class: enqueue_job(settings, job_id, worker_class))
+                report = reap(
+                    session,
+                    settings,
+                    storage_from_settings(settings),
+                    lambda job_id, worker_class: enqueue_job(settings, job_id, worker_class),
+                )
                 assert sorted(report.reenqueued) == sorted(job_ids) and time.monotonic() - started < 60
                 assert set(session.scalars(select(Job.enqueued_at).where(Job.id.in_(job_ids)))) == {None}
             server.start()
@@ -313,9 +347,11 @@ def test_queued_jobs_survive_a_broker_that_lost_its_data(tmp_path, pg_database, 
             assert server.client().llen(queue) == 3
 
             # 4. a worker starts; its reaper re-sends what the broker dropped
-            worker = Proc([TAQ, "worker", "--skip-migrate"],
-                          service_env(data_dir=str(data), model_roots=str(tiny_model_root), **config),
-                          tmp_path / "worker.log")
+            worker = Proc(
+                [TAQ, "worker", "--skip-migrate"],
+                service_env(data_dir=str(data), model_roots=str(tiny_model_root), **config),
+                tmp_path / "worker.log",
+            )
             finals = [wait_job(client, job_id, timeout=240, headers=AUTH) for job_id in job_ids]
             assert [f["status"] for f in finals] == ["succeeded"] * 4, [(f["id"], f["error"]) for f in finals]
             assert [f["attempts"] for f in finals] == [1] * 4  # each ran exactly once

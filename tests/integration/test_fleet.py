@@ -30,8 +30,17 @@ SMOLLM2 = "smollm2-135m-instruct"
 
 
 def smollm2_spec(**overrides) -> dict:
-    spec = dict(model=SMOLLM2, method="uniform", bit_budget={"avg_bits": 5.0}, bit_choices=[4, 8],
-                group_size=64, exports=["hf"], max_tokens=32, max_calibration_rows=8, seed=0)
+    spec = dict(
+        model=SMOLLM2,
+        method="uniform",
+        bit_budget={"avg_bits": 5.0},
+        bit_choices=[4, 8],
+        group_size=64,
+        exports=["hf"],
+        max_tokens=32,
+        max_calibration_rows=8,
+        seed=0,
+    )
     spec.update(overrides)
     return spec
 
@@ -39,20 +48,35 @@ def smollm2_spec(**overrides) -> dict:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, pg_database, redis_url, tiny_model_root):
     data = tmp_path_factory.mktemp("fleet")
-    config = dict(database_url=pg_database(), broker_url=redis_url, storage_url=f"file://{data / 'objects'}",
-                  api_keys=f"team:{KEY}", admin_key=ADMIN, worker_classes=CLASSES, heartbeat_seconds="1",
-                  stale_after_seconds="6", reaper_interval_seconds="2", requeue_queued_after_seconds="120")
+    config = dict(
+        database_url=pg_database(),
+        broker_url=redis_url,
+        storage_url=f"file://{data / 'objects'}",
+        api_keys=f"team:{KEY}",
+        admin_key=ADMIN,
+        worker_classes=CLASSES,
+        heartbeat_seconds="1",
+        stale_after_seconds="6",
+        reaper_interval_seconds="2",
+        requeue_queued_after_seconds="120",
+    )
     settings = Settings(data_dir=data, model_roots=[tiny_model_root], **config)
     migrate(settings)
     env = service_env(data_dir=str(data), model_roots=str(tiny_model_root), **config)
     workers: list[Proc] = []
 
     def start_worker(worker_class: str) -> Proc:
-        proc = Proc([TAQ, "worker", "--skip-migrate", "--class", worker_class], env,
-                    data / f"worker-{worker_class}-{len(workers)}.log")
+        proc = Proc(
+            [TAQ, "worker", "--skip-migrate", "--class", worker_class],
+            env,
+            data / f"worker-{worker_class}-{len(workers)}.log",
+        )
         workers.append(proc)
-        wait_for(lambda: proc.alive() and " ready." in proc.log_path.read_text(errors="replace"), 120,
-                 what=f"{worker_class} worker ready")
+        wait_for(
+            lambda: proc.alive() and " ready." in proc.log_path.read_text(errors="replace"),
+            120,
+            what=f"{worker_class} worker ready",
+        )
         return proc
 
     def ensure_worker(worker_class: str) -> Proc:
@@ -60,8 +84,14 @@ def fleet(tmp_path_factory, pg_database, redis_url, tiny_model_root):
         return alive[-1] if alive else start_worker(worker_class)
 
     with TestClient(create_app(settings)) as client:
-        yield {"client": client, "settings": settings, "env": env, "start_worker": start_worker,
-               "ensure_worker": ensure_worker, "workers": workers}
+        yield {
+            "client": client,
+            "settings": settings,
+            "env": env,
+            "start_worker": start_worker,
+            "ensure_worker": ensure_worker,
+            "workers": workers,
+        }
     for proc in workers:
         proc.stop(signal.SIGTERM)
 
@@ -93,13 +123,20 @@ def test_jobs_go_to_the_smallest_class_that_holds_them_and_wait_for_its_workers(
 
     view = fleet_view(client)
     classes = {c["name"]: c for c in view["classes"]}
-    assert classes["small"] == {"name": "small", "device": "cpu", "memory_bytes": 768 << 20,
-                                "queue": "quantize.small", "queued_jobs": 1, "live_workers": 0}
+    assert classes["small"] == {
+        "name": "small",
+        "device": "cpu",
+        "memory_bytes": 768 << 20,
+        "queue": "quantize.small",
+        "queued_jobs": 1,
+        "live_workers": 0,
+    }
     assert classes["large"]["live_workers"] == 1 and classes["large"]["queued_jobs"] == 0
     (worker,) = view["workers"]
     assert worker["worker_class"] == "large" and worker["device"] == "cpu"
-    assert worker["memory_bytes"] == 4 << 30 and worker["job_id"] is None and worker["name"].endswith(
-        f":{large.proc.pid}")
+    assert (
+        worker["memory_bytes"] == 4 << 30 and worker["job_id"] is None and worker["name"].endswith(f":{large.proc.pid}")
+    )
     metrics = client.get("/metrics").text
     assert 'taq_queue_depth{worker_class="small"} 1.0' in metrics
     assert 'taq_live_workers{worker_class="large"} 1.0' in metrics
@@ -145,14 +182,16 @@ def test_a_job_no_class_holds_is_422_naming_the_largest_class(fleet):
 def test_a_killed_worker_is_replaced_by_one_of_its_class(fleet):
     client, start_worker = fleet["client"], fleet["start_worker"]
     large = fleet["ensure_worker"]("large")
-    spec = smollm2_spec(method="taq", calibration=CALIBRATION, bit_budget={"avg_bits": [5.0, 6.0]},
-                        exports=["hf", "gguf"])
+    spec = smollm2_spec(
+        method="taq", calibration=CALIBRATION, bit_budget={"avg_bits": [5.0, 6.0]}, exports=["hf", "gguf"]
+    )
     job_id = client.post("/v1/jobs", headers=AUTH, json=spec).json()["id"]
 
     def running_on_large():
         job = client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()
         assert job["status"] in ("queued", "running"), job
         return job["status"] == "running" and job["stage"] in ("score", "allocate", "quantize", "export")
+
     wait_for(running_on_large, 300, interval=0.2, what="the job running on the large worker")
     busy = {w["name"]: w["job_id"] for w in fleet_view(client)["workers"]}
     assert job_id in busy.values()
@@ -178,17 +217,26 @@ def test_workers_view_needs_the_operator_key(fleet):
 
 def test_bad_classes_stop_the_processes_with_exit_2(fleet, tmp_path):
     env = dict(fleet["env"], TAQ_DATA_DIR=str(tmp_path))
-    undeclared = subprocess.run([TAQ, "worker", "--skip-migrate", "--class", "gpu80"], env=env,
-                                capture_output=True, text=True, timeout=120)
+    undeclared = subprocess.run(
+        [TAQ, "worker", "--skip-migrate", "--class", "gpu80"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert undeclared.returncode == 2
     assert "worker class 'gpu80' is not declared (declared: small, large)" in undeclared.stderr
     unnamed = subprocess.run([TAQ, "worker", "--skip-migrate"], env=env, capture_output=True, text=True, timeout=120)
     assert unnamed.returncode == 2 and "start the worker with --class NAME" in unnamed.stderr
-    for bad, words in [("small=cpu:1GiB,small=cuda:2GiB", "'small' is declared twice"),
-                       ("x=tpu:1GiB", "unknown device 'tpu'"), ("x=cpu:0MiB", "more than 0"),
-                       ("nonsense", "entry 'nonsense' must look like name=device:memory")]:
-        api = subprocess.run([TAQ, "api", "--skip-migrate"], env=dict(env, TAQ_WORKER_CLASSES=bad),
-                             capture_output=True, text=True, timeout=120)
+    for bad, words in [
+        ("small=cpu:1GiB,small=cuda:2GiB", "'small' is declared twice"),
+        ("x=tpu:1GiB", "unknown device 'tpu'"),
+        ("x=cpu:0MiB", "more than 0"),
+        ("nonsense", "entry 'nonsense' must look like name=device:memory"),
+    ]:
+        api = subprocess.run(
+            [TAQ, "api", "--skip-migrate"],
+            env=dict(env, TAQ_WORKER_CLASSES=bad),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert api.returncode == 2 and words in api.stderr, (bad, api.stderr[-500:])
     shown = subprocess.run([TAQ, "admin", "config"], env=env, capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and ADMIN not in shown.stdout and '"admin_key": "<set>"' in shown.stdout

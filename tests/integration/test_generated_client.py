@@ -18,8 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "clients" / "python
 
 from taq_service_client import AuthenticatedClient  # noqa: E402
 from taq_service_client.api.datasets import upload_dataset  # noqa: E402
-from taq_service_client.api.jobs import (create_job, download_job_artifact, get_job,  # noqa: E402
-                                         get_job_profile, list_job_artifacts)
+from taq_service_client.api.jobs import create_job, download_job_artifact, get_job, get_job_profile, list_job_artifacts  # noqa: E402
 from taq_service_client.models import BodyUploadDataset, DatasetOut, JobOut, JobSpec, ProfileOut  # noqa: E402
 from taq_service_client.types import File  # noqa: E402
 
@@ -31,8 +30,12 @@ def test_full_job_through_generated_client(served):  # noqa: F811
     # auth is off on the embedded default; the generated client still sends a bearer header
     client = AuthenticatedClient(base_url=base_url, token="unused-when-auth-is-off", raise_on_unexpected_status=True)
 
-    dataset = upload_dataset.sync(client=client, body=BodyUploadDataset(
-        file=File(payload=io.BytesIO(calibration_jsonl()), file_name="cal.jsonl", mime_type="application/jsonl")))
+    dataset = upload_dataset.sync(
+        client=client,
+        body=BodyUploadDataset(
+            file=File(payload=io.BytesIO(calibration_jsonl()), file_name="cal.jsonl", mime_type="application/jsonl")
+        ),
+    )
     assert isinstance(dataset, DatasetOut), dataset
     assert dataset.rows == 4 and dataset.has_answers is True
 

@@ -32,9 +32,16 @@ METRICS_KEY = "metrics-key-0123456789abcdef"
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, pg_database, tiny_model_root) -> Settings:
     data = tmp_path_factory.mktemp("hardening")
-    settings = Settings(data_dir=data, database_url=pg_database(), broker_url="filesystem://",
-                        storage_url=f"file://{data / 'objects'}", model_roots=[tiny_model_root],
-                        auth_cache_seconds=0, metrics_key=METRICS_KEY, max_queued_jobs_per_tenant=5)
+    settings = Settings(
+        data_dir=data,
+        database_url=pg_database(),
+        broker_url="filesystem://",
+        storage_url=f"file://{data / 'objects'}",
+        model_roots=[tiny_model_root],
+        auth_cache_seconds=0,
+        metrics_key=METRICS_KEY,
+        max_queued_jobs_per_tenant=5,
+    )
     migrate(settings)
     return settings
 
@@ -69,8 +76,7 @@ def test_auth_required_refuses_everything_even_without_keys(tmp_path, pg_databas
     migrate(settings)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         envelope(client.get("/v1/jobs"), 401, "unauthorized")
-        envelope(client.get("/v1/models", headers={"Authorization": "Bearer anything-0123456789"}), 401,
-                 "unauthorized")
+        envelope(client.get("/v1/models", headers={"Authorization": "Bearer anything-0123456789"}), 401, "unauthorized")
     keyless = settings.model_copy(update={"auth": "off"})
     with session_scope(settings) as session:
         assert_auth_configured(keyless, session, "127.0.0.1")
@@ -79,8 +85,9 @@ def test_auth_required_refuses_everything_even_without_keys(tmp_path, pg_databas
         with pytest.raises(UnsafeConfig, match="TAQ_AUTH=off"):
             assert_auth_configured(keyless.model_copy(update={"env": "production"}), session)
     with pytest.raises(UnsafeConfig, match="TAQ_AUTH=off"):
-        Settings(env="production", auth="off", database_url=settings.database_url,
-                 broker_url="redis://x:6379/0").check_production()
+        Settings(
+            env="production", auth="off", database_url=settings.database_url, broker_url="redis://x:6379/0"
+        ).check_production()
 
 
 # ---- event streams ---------------------------------------------------------------------------
@@ -92,8 +99,14 @@ def test_streams_hold_no_connection_and_are_capped_per_tenant(tmp_path, pg_datab
     tenants = [new_tenant(settings) for _ in range(5)]
     port = free_port()
     # a pool of 5 + 10 connections; 16 streams open at once would have exhausted it
-    env = service_env(data_dir=str(tmp_path), database_url=database_url, model_roots=str(tiny_model_root),
-                      max_streams_per_tenant="4", sse_max_seconds="60", sse_poll_seconds="0.2")
+    env = service_env(
+        data_dir=str(tmp_path),
+        database_url=database_url,
+        model_roots=str(tiny_model_root),
+        max_streams_per_tenant="4",
+        sse_max_seconds="60",
+        sse_poll_seconds="0.2",
+    )
     api = Proc([TAQ, "api", "--port", str(port), "--skip-migrate"], env, tmp_path / "api.log")
     streams: list = []
     try:
@@ -103,8 +116,9 @@ def test_streams_hold_no_connection_and_are_capped_per_tenant(tmp_path, pg_datab
             stack = []
             for headers, job_id in zip(tenants[:4], jobs):
                 for _ in range(4):
-                    cm = client.stream("GET", f"/v1/jobs/{job_id}/events",
-                                       headers={**headers, "Accept": "text/event-stream"})
+                    cm = client.stream(
+                        "GET", f"/v1/jobs/{job_id}/events", headers={**headers, "Accept": "text/event-stream"}
+                    )
                     response = cm.__enter__()
                     assert response.status_code == 200
                     lines = response.iter_lines()  # kept: a dropped line iterator closes the response
@@ -121,12 +135,18 @@ def test_streams_hold_no_connection_and_are_capped_per_tenant(tmp_path, pg_datab
             for cm, _ in streams:  # closing frees the slots
                 cm.__exit__(None, None, None)
             streams = []
-            wait_for(lambda: client.get(f"/v1/jobs/{jobs[0]}/events?after=0", headers=tenants[0]).status_code == 200,
-                     10, what="events")
+            wait_for(
+                lambda: client.get(f"/v1/jobs/{jobs[0]}/events?after=0", headers=tenants[0]).status_code == 200,
+                10,
+                what="events",
+            )
+
             def reopened():
-                with client.stream("GET", f"/v1/jobs/{jobs[0]}/events",
-                                   headers={**tenants[0], "Accept": "text/event-stream"}) as again:
+                with client.stream(
+                    "GET", f"/v1/jobs/{jobs[0]}/events", headers={**tenants[0], "Accept": "text/event-stream"}
+                ) as again:
                     return again.status_code == 200
+
             wait_for(reopened, 30, interval=0.5, what="a stream slot freed after disconnects")
     finally:
         for cm, _ in streams:
@@ -156,30 +176,47 @@ def hostile(base, tiny_model_root):
 def test_hostile_input_gets_4xx(hostile):
     client, auth = hostile
     nested = b"[" * 3000 + b"]" * 3000 + b"\n"
-    error = envelope(client.post("/v1/datasets", headers=auth, files={"file": ("x.jsonl", nested)}), 422,
-                     "invalid_dataset")
+    error = envelope(
+        client.post("/v1/datasets", headers=auth, files={"file": ("x.jsonl", nested)}), 422, "invalid_dataset"
+    )
     assert "nested deeper than" in error["message"]
-    envelope(client.get("/v1/jobs/job_x/events", headers=auth, params={"after": "1" + "0" * 22}), 422,
-             "validation_error")
-    envelope(client.get("/v1/jobs/job_x/events", headers={**auth, "Last-Event-ID": "9" * 30}), 422,
-             "validation_error")
+    envelope(
+        client.get("/v1/jobs/job_x/events", headers=auth, params={"after": "1" + "0" * 22}), 422, "validation_error"
+    )
+    envelope(client.get("/v1/jobs/job_x/events", headers={**auth, "Last-Event-ID": "9" * 30}), 422, "validation_error")
     envelope(client.get("/v1/jobs", headers=auth, params={"cursor": "W" * 5000}), 400, "invalid_request")
-    envelope(client.post("/v1/jobs", headers={**auth, "content-type": "application/json"},
-                         content=b"[" * 100000 + b"]" * 100000), 400, "bad_request")
-    assert client.post("/v1/jobs", headers=auth, json={**tiny_spec("uniform"), "bit_budget": {
-        "avg_bits": [4.5 + i for i in range(9)]}}).status_code == 422
-    error = envelope(client.post("/v1/jobs", headers=auth, json=tiny_spec("uniform", model="broken-header")), 422,
-                     "model_invalid")
+    envelope(
+        client.post(
+            "/v1/jobs", headers={**auth, "content-type": "application/json"}, content=b"[" * 100000 + b"]" * 100000
+        ),
+        400,
+        "bad_request",
+    )
+    assert (
+        client.post(
+            "/v1/jobs",
+            headers=auth,
+            json={**tiny_spec("uniform"), "bit_budget": {"avg_bits": [4.5 + i for i in range(9)]}},
+        ).status_code
+        == 422
+    )
+    error = envelope(
+        client.post("/v1/jobs", headers=auth, json=tiny_spec("uniform", model="broken-header")), 422, "model_invalid"
+    )
     assert "broken-header.gguf" in error["message"]
 
 
 def test_client_errors_name_no_server_path(hostile, base, tiny_model_root):
     client, auth = hostile
-    error = envelope(client.post("/v1/jobs", headers=auth, json=tiny_spec("uniform", model="no-such-model")), 404,
-                     "model_not_found")
+    error = envelope(
+        client.post("/v1/jobs", headers=auth, json=tiny_spec("uniform", model="no-such-model")), 404, "model_not_found"
+    )
     text = str(error)
-    assert str(tiny_model_root) not in text and str(base.data_dir) not in text and "/" not in error["message"].replace(
-        "/v1/models", "")
+    assert (
+        str(tiny_model_root) not in text
+        and str(base.data_dir) not in text
+        and "/" not in error["message"].replace("/v1/models", "")
+    )
     assert error["details"] == {"model": "no-such-model"}
 
 
@@ -187,8 +224,10 @@ def test_client_errors_name_no_server_path(hostile, base, tiny_model_root):
 def test_the_queued_job_quota_holds_under_concurrent_submits(base):
     headers = new_tenant(base)
     with TestClient(create_app(base), raise_server_exceptions=False) as client:
+
         def submit(seed: int) -> int:
             return client.post("/v1/jobs", headers=headers, json=tiny_spec("uniform", seed=seed)).status_code
+
         with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
             codes = list(pool.map(submit, range(40)))
         queued = client.get("/v1/jobs", headers=headers, params={"status": "queued", "limit": 100}).json()["items"]
@@ -205,8 +244,17 @@ def test_head_on_an_artifact_gives_the_headers_without_the_body(base):
         key = f"jobs/{job_id}/artifacts/bitmap.json"
         storage.put_bytes(key, body)
         with session_scope(base) as session:
-            session.add(Artifact(job_id=job_id, name="bitmap.json", format="json", kind="file", size=len(body),
-                                 sha256=hashlib.sha256(body).hexdigest(), storage_key=key))
+            session.add(
+                Artifact(
+                    job_id=job_id,
+                    name="bitmap.json",
+                    format="json",
+                    kind="file",
+                    size=len(body),
+                    sha256=hashlib.sha256(body).hexdigest(),
+                    storage_key=key,
+                )
+            )
             session.get(Job, job_id).status = "succeeded"
         head = client.head(f"/v1/jobs/{job_id}/artifacts/bitmap.json", headers=headers)
         get = client.get(f"/v1/jobs/{job_id}/artifacts/bitmap.json", headers=headers)
@@ -275,8 +323,9 @@ def test_finished_jobs_are_deleted_with_their_files(base):
 
 
 def test_per_tenant_quotas_name_their_setting(base):
-    tight = base.model_copy(update={"max_datasets_per_tenant": 2, "max_jobs_per_tenant": 2,
-                                    "max_stored_bytes_per_tenant": 200})
+    tight = base.model_copy(
+        update={"max_datasets_per_tenant": 2, "max_jobs_per_tenant": 2, "max_stored_bytes_per_tenant": 200}
+    )
     headers = new_tenant(base)
     with TestClient(create_app(tight), raise_server_exceptions=False) as client:
         assert _upload(client, headers, '{"prompt": "a"}\n').status_code == 201

@@ -8,8 +8,15 @@ import pytest
 
 from common.db import migrate, session_scope
 from common.jobs import cancel_job, submit_job
-from common.lifecycle import (claim_job, finish_job, heartbeat, reap, release_for_retry, set_progress,
-                              still_owned_and_wanted)
+from common.lifecycle import (
+    claim_job,
+    finish_job,
+    heartbeat,
+    reap,
+    release_for_retry,
+    set_progress,
+    still_owned_and_wanted,
+)
 from common.orm import Job, JobEvent, utcnow
 from common.settings import Settings
 from common.storage import storage_from_settings
@@ -23,17 +30,24 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory, pg_database, tiny_model_root) -> Settings:
     data = tmp_path_factory.mktemp("lifecycle")
-    settings = Settings(data_dir=data, database_url=pg_database(), broker_url="filesystem://",
-                        model_roots=[tiny_model_root], stale_after_seconds=30, max_attempts=2,
-                        requeue_queued_after_seconds=60)
+    settings = Settings(
+        data_dir=data,
+        database_url=pg_database(),
+        broker_url="filesystem://",
+        model_roots=[tiny_model_root],
+        stale_after_seconds=30,
+        max_attempts=2,
+        requeue_queued_after_seconds=60,
+    )
     migrate(settings)
     return settings
 
 
 def new_job(settings, tenant: str = "default") -> str:
     with session_scope(settings) as session:
-        return submit_job(session, settings, tenant, JobSpec.model_validate(tiny_spec("uniform")),
-                          render=lambda job: {"id": job.id}).resource_id
+        return submit_job(
+            session, settings, tenant, JobSpec.model_validate(tiny_spec("uniform")), render=lambda job: {"id": job.id}
+        ).resource_id
 
 
 def age(settings, job_id: str, **fields) -> None:

@@ -26,10 +26,18 @@ GOOD = b'{"prompt": "2+2?", "answers": ["4"]}\n{"messages": [{"role": "user", "c
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory, pg_database, tiny_model_root) -> Settings:
     data = tmp_path_factory.mktemp("limits-data")
-    settings = Settings(data_dir=data, database_url=pg_database(), broker_url="filesystem://",
-                        storage_url=f"file://{data / 'objects'}", model_roots=[tiny_model_root],
-                        api_keys=f"alice:{ALICE}", max_upload_bytes=64 * 1024, max_prompt_tokens=64,
-                        max_dataset_rows=3, max_request_bytes=4096)
+    settings = Settings(
+        data_dir=data,
+        database_url=pg_database(),
+        broker_url="filesystem://",
+        storage_url=f"file://{data / 'objects'}",
+        model_roots=[tiny_model_root],
+        api_keys=f"alice:{ALICE}",
+        max_upload_bytes=64 * 1024,
+        max_prompt_tokens=64,
+        max_dataset_rows=3,
+        max_request_bytes=4096,
+    )
     migrate(settings)
     return settings
 
@@ -55,8 +63,7 @@ def test_job_over_the_worker_memory_is_422_naming_estimate_and_limit(settings, t
         err = assert_envelope(client.post("/v1/jobs", headers=AUTH, json=spec), 422, "job_too_large")
         listed = client.get("/v1/jobs", headers=AUTH).json()["items"]
     dims = ModelDims.from_config(json.loads((tiny_llama_dir / "config.json").read_text()))
-    expected = estimate_job_memory(dims, method="taq", calibration_rows=len(CALIBRATION),
-                                   max_tokens=spec["max_tokens"])
+    expected = estimate_job_memory(dims, method="taq", calibration_rows=len(CALIBRATION), max_tokens=spec["max_tokens"])
     details = err["details"]
     assert details["estimate_bytes"] == expected.total_bytes > details["limit_bytes"] == 64 * 1024 * 1024
     assert details["breakdown"] == expected.breakdown and details["limit_source"] == "TAQ_WORKER_MEMORY_BYTES"
@@ -75,36 +82,48 @@ def test_job_over_the_worker_memory_is_422_naming_estimate_and_limit(settings, t
 # ---- dataset rows and prompt size ------------------------------------------------------------
 def test_too_many_rows_is_422_naming_the_limit(client):
     rows = b'{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": "c"}\n{"prompt": "d"}\n'
-    err = assert_envelope(client.post("/v1/datasets", headers=AUTH, files={"file": ("r.jsonl", rows)}),
-                          422, "too_many_rows")
+    err = assert_envelope(
+        client.post("/v1/datasets", headers=AUTH, files={"file": ("r.jsonl", rows)}), 422, "too_many_rows"
+    )
     assert err["details"] == {"rows": 4, "limit": 3}
     assert "4 rows; the limit is 3 (TAQ_MAX_DATASET_ROWS)" in err["message"]
 
 
 def test_prompt_over_the_limit_is_422_with_its_line(client):
     long_prompt = "x" * 65
-    data = (b'{"prompt": "ok"}\n\n' + json.dumps({"prompt": long_prompt}).encode() + b"\n"
-            + json.dumps({"prompt": "fine", "answers": ["é" * 40]}).encode() + b"\n")  # 40 chars, 80 bytes
-    err = assert_envelope(client.post("/v1/datasets", headers=AUTH, files={"file": ("p.jsonl", data)}),
-                          422, "prompt_too_long")
-    assert err["details"] == [{"line": 3, "field": "prompt", "bytes": 65, "limit": 64},
-                              {"line": 4, "field": "answers[0]", "bytes": 80, "limit": 64}]
+    data = (
+        b'{"prompt": "ok"}\n\n'
+        + json.dumps({"prompt": long_prompt}).encode()
+        + b"\n"
+        + json.dumps({"prompt": "fine", "answers": ["é" * 40]}).encode()
+        + b"\n"
+    )  # 40 chars, 80 bytes
+    err = assert_envelope(
+        client.post("/v1/datasets", headers=AUTH, files={"file": ("p.jsonl", data)}), 422, "prompt_too_long"
+    )
+    assert err["details"] == [
+        {"line": 3, "field": "prompt", "bytes": 65, "limit": 64},
+        {"line": 4, "field": "answers[0]", "bytes": 80, "limit": 64},
+    ]
     assert err["message"].startswith("2 prompts over the limit; line 3: prompt is 65 UTF-8 bytes")
     assert "TAQ_MAX_PROMPT_TOKENS=64" in err["message"]
     # exactly at the limit is accepted; chat messages count their roles and contents
     at_limit = json.dumps({"prompt": "x" * 64}).encode() + b"\n"
     assert client.post("/v1/datasets", headers=AUTH, files={"file": ("ok.jsonl", at_limit)}).status_code == 201
-    chat = json.dumps({"messages": [{"role": "user", "content": "y" * 30},
-                                    {"role": "assistant", "content": "z" * 30}]}).encode()
-    err = assert_envelope(client.post("/v1/datasets", headers=AUTH, files={"file": ("c.jsonl", chat)}),
-                          422, "prompt_too_long")
+    chat = json.dumps(
+        {"messages": [{"role": "user", "content": "y" * 30}, {"role": "assistant", "content": "z" * 30}]}
+    ).encode()
+    err = assert_envelope(
+        client.post("/v1/datasets", headers=AUTH, files={"file": ("c.jsonl", chat)}), 422, "prompt_too_long"
+    )
     assert err["details"] == [{"line": 1, "field": "messages", "bytes": 73, "limit": 64}]
 
 
 def test_inline_calibration_prompt_over_the_limit_is_422(client):
     rows = [{"prompt": "short"}, {"prompt": "w" * 100}]
-    err = assert_envelope(client.post("/v1/jobs", headers=AUTH, json=tiny_spec("taq", calibration=rows)),
-                          422, "prompt_too_long")
+    err = assert_envelope(
+        client.post("/v1/jobs", headers=AUTH, json=tiny_spec("taq", calibration=rows)), 422, "prompt_too_long"
+    )
     assert err["details"] == [{"calibration_row": 2, "field": "prompt", "bytes": 100, "limit": 64}]
 
 
@@ -114,7 +133,7 @@ def test_request_body_without_length_over_the_limit_is_413(client):
 
     def chunks():
         for i in range(0, len(spec), 512):
-            yield spec[i:i + 512]
+            yield spec[i : i + 512]
 
     response = client.post("/v1/jobs", headers={**AUTH, "Content-Type": "application/json"}, content=chunks())
     assert "content-length" not in {k.lower() for k in response.request.headers}
@@ -135,25 +154,39 @@ def test_dataset_upload_idempotency_key(client, settings):
     assert replay.headers.get("idempotent-replayed") == "true"
     # another file, or the same bytes under another name, with the same key: 409
     other = GOOD + b'{"prompt": "3+3?"}\n'
-    err = assert_envelope(client.post("/v1/datasets", headers=headers, files={"file": ("d.jsonl", other)}),
-                          409, "idempotency_conflict")
+    err = assert_envelope(
+        client.post("/v1/datasets", headers=headers, files={"file": ("d.jsonl", other)}), 409, "idempotency_conflict"
+    )
     assert err["details"] == {"dataset_id": first.json()["id"]}
-    assert_envelope(client.post("/v1/datasets", headers=headers, files={"file": ("e.jsonl", GOOD)}),
-                    409, "idempotency_conflict")
+    assert_envelope(
+        client.post("/v1/datasets", headers=headers, files={"file": ("e.jsonl", GOOD)}), 409, "idempotency_conflict"
+    )
     # a key already used for a job is a conflict here too (one key space per tenant)
     job = client.post("/v1/jobs", headers={**tenant, "Idempotency-Key": "job-1"}, json=tiny_spec("uniform"))
     assert job.status_code == 202, job.text
-    err = assert_envelope(client.post("/v1/datasets", headers={**tenant, "Idempotency-Key": "job-1"},
-                                      files={"file": ("d.jsonl", GOOD)}), 409, "idempotency_conflict")
+    err = assert_envelope(
+        client.post("/v1/datasets", headers={**tenant, "Idempotency-Key": "job-1"}, files={"file": ("d.jsonl", GOOD)}),
+        409,
+        "idempotency_conflict",
+    )
     assert err["details"] == {"job_id": job.json()["id"]}
     # keys are per tenant; an invalid upload stores no key (a corrected retry may reuse it)
-    elsewhere = client.post("/v1/datasets", headers={**new_tenant(settings), "Idempotency-Key": "upload-1"},
-                            files={"file": ("d.jsonl", GOOD)})
+    elsewhere = client.post(
+        "/v1/datasets",
+        headers={**new_tenant(settings), "Idempotency-Key": "upload-1"},
+        files={"file": ("d.jsonl", GOOD)},
+    )
     assert elsewhere.status_code == 201 and elsewhere.json()["id"] != first.json()["id"]
     retry = {**tenant, "Idempotency-Key": "upload-2"}
-    assert_envelope(client.post("/v1/datasets", headers=retry, files={"file": ("b.jsonl", b"not json\n")}),
-                    422, "invalid_dataset")
+    assert_envelope(
+        client.post("/v1/datasets", headers=retry, files={"file": ("b.jsonl", b"not json\n")}), 422, "invalid_dataset"
+    )
     fixed = client.post("/v1/datasets", headers=retry, files={"file": ("b.jsonl", other)})
     assert fixed.status_code == 201 and "idempotent-replayed" not in fixed.headers
-    assert_envelope(client.post("/v1/datasets", headers={**tenant, "Idempotency-Key": "k" * 256},
-                                files={"file": ("d.jsonl", GOOD)}), 400, "invalid_request")
+    assert_envelope(
+        client.post(
+            "/v1/datasets", headers={**tenant, "Idempotency-Key": "k" * 256}, files={"file": ("d.jsonl", GOOD)}
+        ),
+        400,
+        "invalid_request",
+    )

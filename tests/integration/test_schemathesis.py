@@ -35,9 +35,15 @@ MAX_EXAMPLES = 100
 STATUSES: Counter[int] = Counter()
 #: no shrinking: a failure is reported as found (shrinking could take minutes)
 PHASES = [Phase.explicit, Phase.generate]
-CHECKS = [st_checks.not_a_server_error, oa_checks.status_code_conformance, oa_checks.content_type_conformance,
-          oa_checks.response_headers_conformance, oa_checks.response_schema_conformance,
-          oa_checks.ignored_auth, oa_checks.missing_required_header]
+CHECKS = [
+    st_checks.not_a_server_error,
+    oa_checks.status_code_conformance,
+    oa_checks.content_type_conformance,
+    oa_checks.response_headers_conformance,
+    oa_checks.response_schema_conformance,
+    oa_checks.ignored_auth,
+    oa_checks.missing_required_header,
+]
 # not `negative_data_rejection`: it counts an unknown query parameter (`?x=1`) as invalid data, and
 # ignoring unknown query parameters is deliberate (HTTP convention; older clients keep working)
 
@@ -49,17 +55,25 @@ def _make_app(data, tiny_model_root, api_keys: str):
     from common.db import migrate
     from common.settings import Settings
 
-    cfg = Settings(data_dir=data, model_roots=[tiny_model_root], api_keys=api_keys, sse_max_seconds=1.0,
-                   sse_poll_seconds=0.1, max_queued_jobs_per_tenant=1000, log_level="WARNING",
-                   rate_limit_per_second=0)
+    cfg = Settings(
+        data_dir=data,
+        model_roots=[tiny_model_root],
+        api_keys=api_keys,
+        sse_max_seconds=1.0,
+        sse_poll_seconds=0.1,
+        max_queued_jobs_per_tenant=1000,
+        log_level="WARNING",
+        rate_limit_per_second=0,
+    )
     migrate(cfg)
     app = create_app(cfg)
     auth = AUTH if api_keys else {}
     # real rows (a dataset, a queued and a cancelled job; no worker runs them) so that the list
     # endpoints answer with real bodies for the schema checks
     with TestClient(app) as client:
-        ds = client.post("/v1/datasets", headers=auth,
-                         files={"file": ("cal.jsonl", calibration_jsonl(), "application/json")})
+        ds = client.post(
+            "/v1/datasets", headers=auth, files={"file": ("cal.jsonl", calibration_jsonl(), "application/json")}
+        )
         assert ds.status_code == 201, ds.text
         job = client.post("/v1/jobs", headers=auth, json=tiny_spec("taq"))
         assert job.status_code == 202, job.text
@@ -90,8 +104,15 @@ def _check_envelope(response) -> None:
 
 def _fuzzer(strategy, label: str, calls: dict[str, int], headers: dict[str, str] = AUTH, checks=CHECKS):
     @given(case=strategy)
-    @settings(max_examples=MAX_EXAMPLES, derandomize=True, database=None, deadline=None, print_blob=False,
-              suppress_health_check=list(HealthCheck), phases=PHASES)
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        print_blob=False,
+        suppress_health_check=list(HealthCheck),
+        phases=PHASES,
+    )
     def run(case):
         calls[label] = calls.get(label, 0) + 1
         response = case.call_and_validate(headers=headers, checks=checks)
@@ -123,15 +144,20 @@ def test_api_conforms_to_its_openapi_document(mode, request):
             try:
                 run()
             except Unsatisfiable:  # nothing to make invalid (no parameters, no body)
-                assert generation == GenerationMode.NEGATIVE and not operation.body and \
-                    not list(operation.iter_parameters()), label
+                assert (
+                    generation == GenerationMode.NEGATIVE
+                    and not operation.body
+                    and not list(operation.iter_parameters())
+                ), label
             except BaseException as exc:  # noqa: BLE001 - collect every operation's failure, then report
                 if isinstance(exc, (KeyboardInterrupt, SystemExit, pytest.fail.Exception)):
                     raise
                 failures[label] = f"{type(exc).__name__}: {str(exc)[:3000]}"
     total = sum(calls.values())
-    print(f"schemathesis: {total} generated requests over {len(operations)} operations; "
-          f"status codes {dict(sorted(STATUSES.items()))}")
+    print(
+        f"schemathesis: {total} generated requests over {len(operations)} operations; "
+        f"status codes {dict(sorted(STATUSES.items()))}"
+    )
     assert not failures, "\n\n".join(f"{k}\n{v}" for k, v in failures.items())
     assert total >= 300, calls
 
@@ -156,8 +182,11 @@ def test_another_tenants_ids_are_404_on_every_operation(fuzz_app):
                 continue
             url = path.replace("{name}", ids["name"]).format(**ids)
             for method in operations:
-                response = client.request(method.upper(), url, headers={**other, "Accept": "text/event-stream"}
-                                          if path.endswith("/events") else other)
+                response = client.request(
+                    method.upper(),
+                    url,
+                    headers={**other, "Accept": "text/event-stream"} if path.endswith("/events") else other,
+                )
                 tried.append((method.upper(), path, response.status_code))
                 assert response.status_code == 404, (method, path, response.status_code, response.text[:300])
     assert len(tried) >= 9, tried

@@ -59,11 +59,19 @@ def test_ranges(storage):
 
 
 def test_list_and_delete_prefix(storage):
-    for key in ("jobs/a/x.json", "jobs/a/hf/config.json", "jobs/a/hf/model.safetensors", "jobs/ab/y.json",
-                "datasets/" + "0" * 64 + ".jsonl"):
+    for key in (
+        "jobs/a/x.json",
+        "jobs/a/hf/config.json",
+        "jobs/a/hf/model.safetensors",
+        "jobs/ab/y.json",
+        "datasets/" + "0" * 64 + ".jsonl",
+    ):
         storage.put_bytes(key, key.encode())
-    assert [o.key for o in storage.list("jobs/a/")] == ["jobs/a/hf/config.json", "jobs/a/hf/model.safetensors",
-                                                        "jobs/a/x.json"]
+    assert [o.key for o in storage.list("jobs/a/")] == [
+        "jobs/a/hf/config.json",
+        "jobs/a/hf/model.safetensors",
+        "jobs/a/x.json",
+    ]
     assert {o.key for o in storage.list("jobs/a")} >= {"jobs/ab/y.json", "jobs/a/x.json"}
     assert storage.list("jobs/nothing/") == []
     assert storage.delete_prefix("jobs/a/") == 3
@@ -74,8 +82,23 @@ def test_list_and_delete_prefix(storage):
         storage.delete_prefix("")
 
 
-@pytest.mark.parametrize("bad", ["", "/etc/passwd", "../x", "jobs/../../x", "jobs/./x", "jobs//x", ".hidden",
-                                 "jobs/a/.tmp", "a\\b", "a b", "jobs/\x00", "x" * 1000])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "/etc/passwd",
+        "../x",
+        "jobs/../../x",
+        "jobs/./x",
+        "jobs//x",
+        ".hidden",
+        "jobs/a/.tmp",
+        "a\\b",
+        "a b",
+        "jobs/\x00",
+        "x" * 1000,
+    ],
+)
 def test_keys_are_validated(storage, bad):
     with pytest.raises(InvalidKey):
         storage.put_bytes(bad, b"x")
@@ -138,7 +161,7 @@ def test_tar_stream_is_deterministic_and_rangeable(storage):
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
     assert members == {f"hf/{n}": d for n, d in files.items()}
     for start, end in [(0, 0), (100, 700), (511, 1600), (layout.size - 10, layout.size - 1)]:
-        assert b"".join(iter_tar(storage, layout, start, end)) == blob[start:end + 1]
+        assert b"".join(iter_tar(storage, layout, start, end)) == blob[start : end + 1]
     again = tar_layout("hf", [(n, len(d), f"jobs/j/artifacts/hf/{n}") for n, d in reversed(files.items())])
     assert tar_digest(storage, again) == hashlib.sha256(blob).hexdigest()
 

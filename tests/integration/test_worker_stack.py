@@ -17,8 +17,7 @@ from common.db import migrate
 from common.settings import Settings
 from common.storage import storage_from_settings
 
-from .conftest import (CALIBRATION, TAQ, Proc, make_bucket, service_env, tiny_spec, verify_artifacts, wait_for,
-                       wait_job)
+from .conftest import CALIBRATION, TAQ, Proc, make_bucket, service_env, tiny_spec, verify_artifacts, wait_for, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -32,12 +31,22 @@ SWEEP = dict(bit_budget={"avg_bits": [5.0, 6.0, 7.0, 8.0, 8.5]}, exports=["gguf"
 def stack(tmp_path_factory, pg_database, redis_url, s3_endpoint, tiny_model_root):
     data = tmp_path_factory.mktemp("stack")
     bucket = make_bucket(s3_endpoint)
-    config = dict(database_url=pg_database(), broker_url=redis_url, storage_url=f"s3://{bucket}/taq",
-                  s3_endpoint_url=s3_endpoint, model_roots=str(tiny_model_root), api_keys=f"team:{KEY}",
-                  heartbeat_seconds="1", stale_after_seconds="6", reaper_interval_seconds="2",
-                  requeue_queued_after_seconds="60", keep_work_files="true")  # the resume test reads them
-    settings = Settings(data_dir=data, **{k: v for k, v in config.items() if k != "model_roots"},
-                        model_roots=[tiny_model_root])
+    config = dict(
+        database_url=pg_database(),
+        broker_url=redis_url,
+        storage_url=f"s3://{bucket}/taq",
+        s3_endpoint_url=s3_endpoint,
+        model_roots=str(tiny_model_root),
+        api_keys=f"team:{KEY}",
+        heartbeat_seconds="1",
+        stale_after_seconds="6",
+        reaper_interval_seconds="2",
+        requeue_queued_after_seconds="60",
+        keep_work_files="true",
+    )  # the resume test reads them
+    settings = Settings(
+        data_dir=data, **{k: v for k, v in config.items() if k != "model_roots"}, model_roots=[tiny_model_root]
+    )
     migrate(settings)
     env = service_env(data_dir=str(data), **config)
     workers: list[Proc] = []
@@ -45,14 +54,23 @@ def stack(tmp_path_factory, pg_database, redis_url, s3_endpoint, tiny_model_root
     def start_worker() -> Proc:
         proc = Proc([TAQ, "worker", "--skip-migrate"], env, data / f"worker-{len(workers)}.log")
         workers.append(proc)
-        wait_for(lambda: proc.alive() and " ready." in proc.log_path.read_text(errors="replace"), 120,
-                 what="celery worker ready")
+        wait_for(
+            lambda: proc.alive() and " ready." in proc.log_path.read_text(errors="replace"),
+            120,
+            what="celery worker ready",
+        )
         return proc
 
     start_worker()
     with TestClient(create_app(settings)) as client:
-        yield {"client": client, "settings": settings, "storage": storage_from_settings(settings),
-               "start_worker": start_worker, "workers": workers, "env": env}
+        yield {
+            "client": client,
+            "settings": settings,
+            "storage": storage_from_settings(settings),
+            "start_worker": start_worker,
+            "workers": workers,
+            "env": env,
+        }
     for proc in workers:
         proc.stop(signal.SIGTERM)
 
@@ -93,6 +111,7 @@ def _wait_stage(client, job_id: str, stages: set[str], timeout: float = 120) -> 
         job = client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()
         assert job["status"] in ("queued", "running"), job
         return job if job["status"] == "running" and job["stage"] in stages else None
+
     return wait_for(reached, timeout, interval=0.05, what=f"stage in {stages}")
 
 
@@ -119,7 +138,7 @@ def test_killed_worker_is_replaced_and_the_job_resumes(stack):
     job_id = client.post("/v1/jobs", headers=AUTH, json=tiny_spec("taq", **SWEEP)).json()["id"]
     _wait_stage(client, job_id, {"quantize", "export"})
     workers[-1].stop(signal.SIGKILL)  # no chance to clean up: heartbeat goes stale
-    stack["start_worker"]()           # its reaper requeues the job once the heartbeat is stale
+    stack["start_worker"]()  # its reaper requeues the job once the heartbeat is stale
     final = wait_job(client, job_id, timeout=300, headers=AUTH)
     assert final["status"] == "succeeded", final["error"]
     assert final["attempts"] == 2
@@ -155,10 +174,18 @@ def wide_llama(tiny_model_root, smollm2_tokenizer_dir):
     out = tiny_model_root / "wide-llama"
     if not (out / "config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
-                             num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
-                             tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=384,
+            intermediate_size=1536,
+            num_hidden_layers=12,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         torch.manual_seed(1)
         LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
@@ -168,17 +195,31 @@ def wide_llama(tiny_model_root, smollm2_tokenizer_dir):
 @pytest.mark.timeout(900)
 def test_worker_killed_mid_layer_resumes_at_the_first_missing_layer(stack, wide_llama):
     client, workers, storage = stack["client"], stack["workers"], stack["storage"]
-    spec = tiny_spec("taq", model=wide_llama, quantizer="gptq", group_size=128, bit_choices=[4, 8, 16],
-                     bit_budget={"avg_bits": [5.0, 6.0]}, exports=["gguf", "hf"])
+    spec = tiny_spec(
+        "taq",
+        model=wide_llama,
+        quantizer="gptq",
+        group_size=128,
+        bit_choices=[4, 8, 16],
+        bit_budget={"avg_bits": [5.0, 6.0]},
+        exports=["gguf", "hf"],
+    )
     job_id = client.post("/v1/jobs", headers=AUTH, json=spec).json()["id"]
     records = f"jobs/{job_id}/work/layers/"
 
     def stored_records() -> dict[str, object]:
-        return {o.key: storage.client.head_object(Bucket=storage.bucket, Key=storage._k(o.key))["LastModified"]
-                for o in storage.list(records) if o.key.endswith(".json")}
+        return {
+            o.key: storage.client.head_object(Bucket=storage.bucket, Key=storage._k(o.key))["LastModified"]
+            for o in storage.list(records)
+            if o.key.endswith(".json")
+        }
 
-    wait_for(lambda: len([o for o in storage.list(records) if o.key.endswith(".json")]) >= 3, 300, interval=0.02,
-             what="three layer checkpoints")
+    wait_for(
+        lambda: len([o for o in storage.list(records) if o.key.endswith(".json")]) >= 3,
+        300,
+        interval=0.02,
+        what="three layer checkpoints",
+    )
     workers[-1].stop(signal.SIGKILL)
     before = stored_records()
     assert 3 <= len(before) < 12, f"the worker was not killed mid-pass: {len(before)} of 12 layers stored"
@@ -194,8 +235,9 @@ def test_worker_killed_mid_layer_resumes_at_the_first_missing_layer(stack, wide_
     clean = wait_job(client, clean_id, timeout=600, headers=AUTH)
     assert clean["status"] == "succeeded" and clean["attempts"] == 1, clean["error"]
     clean_blobs = verify_artifacts(client, clean_id, AUTH)
-    assert ({n: hashlib.sha256(b).hexdigest() for n, b in blobs.items()}
-            == {n: hashlib.sha256(b).hexdigest() for n, b in clean_blobs.items()})
+    assert {n: hashlib.sha256(b).hexdigest() for n, b in blobs.items()} == {
+        n: hashlib.sha256(b).hexdigest() for n, b in clean_blobs.items()
+    }
     assert final["result"]["budgets"] == clean["result"]["budgets"]
 
 

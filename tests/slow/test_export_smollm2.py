@@ -43,20 +43,40 @@ CASES = {"asym-g128": (False, 128), "sym-g64": (True, 64)}
 GGUF_TYPES = {"Q8_0": (8, True), "Q4_0": (4, True), "Q4_1": (4, False), "F16": (16, False)}
 #: the llama.cpp agreement prompts: plain text, code and chat (formatted with the model's template)
 TEXT_PROMPTS = [
-    "The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
-    "The largest planet in the solar system is", "Once upon a time, there was a", "import numpy as np\n",
-    "The quick brown fox jumps over the", "In 1492, Christopher Columbus", "for i in range(10):\n   ",
-    "The chemical symbol for gold is", "My favourite food is", "The sun rises in the",
-    "Photosynthesis is the process by which", "SELECT name FROM users WHERE", "The first man on the moon was",
-    "A triangle has three", "To make a cup of tea, first", "The opposite of hot is",
-    "Monday, Tuesday, Wednesday,", "The Eiffel Tower is located in",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+    "The largest planet in the solar system is",
+    "Once upon a time, there was a",
+    "import numpy as np\n",
+    "The quick brown fox jumps over the",
+    "In 1492, Christopher Columbus",
+    "for i in range(10):\n   ",
+    "The chemical symbol for gold is",
+    "My favourite food is",
+    "The sun rises in the",
+    "Photosynthesis is the process by which",
+    "SELECT name FROM users WHERE",
+    "The first man on the moon was",
+    "A triangle has three",
+    "To make a cup of tea, first",
+    "The opposite of hot is",
+    "Monday, Tuesday, Wednesday,",
+    "The Eiffel Tower is located in",
 ]
 CHAT_PROMPTS = [
-    "What is 2+2?", "What is the capital city of Japan? Reply with just the name of the city.",
-    "Name a primary colour.", "What does the Python expression `sum([1, 1, 6])` evaluate to?",
-    "Write a haiku about the sea.", "How many legs does a spider have?", "Translate 'thank you' into French.",
-    "What is 7 times 8?", "Give me one word that rhymes with cat.", "Who wrote Romeo and Juliet?",
-    "What is the boiling point of water in Celsius?", "Say hello in Spanish.",
+    "What is 2+2?",
+    "What is the capital city of Japan? Reply with just the name of the city.",
+    "Name a primary colour.",
+    "What does the Python expression `sum([1, 1, 6])` evaluate to?",
+    "Write a haiku about the sea.",
+    "How many legs does a spider have?",
+    "Translate 'thank you' into French.",
+    "What is 7 times 8?",
+    "Give me one word that rhymes with cat.",
+    "Who wrote Romeo and Juliet?",
+    "What is the boiling point of water in Celsius?",
+    "Say hello in Spanish.",
 ]
 #: llama.cpp rounds activations to 8 bits for its quantized dot products, which moves SmolLM2's
 #: logits by ~3 % of the largest one (median; 0.1 % for F16): where transformers' top two tokens lie
@@ -73,8 +93,9 @@ LLAMA_THREADS = 1
 
 @pytest.fixture(scope="module")
 def smol(smollm2_path: Path):
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
+    ).eval()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
     prompts = PROMPTS + [tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)]
     return model, tokenizer, prompts
@@ -92,11 +113,23 @@ class Exported:
             if b < 16:
                 for name, linear in named_linears(self.model, layer).items():
                     self.weights[name] = quantize_weight(linear.weight.detach(), b, group_size, symmetric)
-        self.spec = JobSpec(model="smollm2-135m-instruct", method="uniform", bit_budget={"avg_bits": 6.0},
-                            group_size=group_size, symmetric=symmetric)
+        self.spec = JobSpec(
+            model="smollm2-135m-instruct",
+            method="uniform",
+            bit_budget={"avg_bits": 6.0},
+            group_size=group_size,
+            symmetric=symmetric,
+        )
         self.hf_files = export_hf(self.model, self.tokenizer, self.weights, self.bits, self.spec, root / "hf")
-        self.gguf = export_gguf(self.model, self.tokenizer, self.weights, self.bits, self.spec,
-                                root / "model.gguf", source_gguf=smollm2_path)
+        self.gguf = export_gguf(
+            self.model,
+            self.tokenizer,
+            self.weights,
+            self.bits,
+            self.spec,
+            root / "model.gguf",
+            source_gguf=smollm2_path,
+        )
         self._hf = self._gg = None
 
     @property
@@ -108,8 +141,9 @@ class Exported:
     @property
     def gg(self):
         if self._gg is None:
-            self._gg = AutoModelForCausalLM.from_pretrained(self.root, gguf_file=self.gguf.path.name,
-                                                            dtype=torch.float32).eval()
+            self._gg = AutoModelForCausalLM.from_pretrained(
+                self.root, gguf_file=self.gguf.path.name, dtype=torch.float32
+            ).eval()
         return self._gg
 
     def reference(self):
@@ -126,7 +160,7 @@ class Exported:
         batch = self.tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)
-        return out[0, batch["input_ids"].shape[1]:].tolist()
+        return out[0, batch["input_ids"].shape[1] :].tolist()
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -185,12 +219,19 @@ def test_manifest_reports_stored_effective_bits(exported):
     files = [(rel, f.path) for rel, f in exported_files]
     hashes = {rel: (f.size, f.sha256) for rel, f in exported_files}
     n = sum(math.prod(q.shape) for q in exported.weights.values())
-    allocator = sum(math.prod(q.shape) * effective_bits(q.bits, exported.group_size, exported.symmetric)
-                    for q in exported.weights.values()) / n
-    manifest = build_manifest(exported.spec, "smollm2-135m-instruct", None, exported.bits, allocator, files, {},
-                              hashes=hashes)
-    assert manifest == build_manifest(exported.spec, "smollm2-135m-instruct", None, exported.bits, allocator,
-                                      files, {})  # the exporters' hashes are the files' hashes
+    allocator = (
+        sum(
+            math.prod(q.shape) * effective_bits(q.bits, exported.group_size, exported.symmetric)
+            for q in exported.weights.values()
+        )
+        / n
+    )
+    manifest = build_manifest(
+        exported.spec, "smollm2-135m-instruct", None, exported.bits, allocator, files, {}, hashes=hashes
+    )
+    assert manifest == build_manifest(
+        exported.spec, "smollm2-135m-instruct", None, exported.bits, allocator, files, {}
+    )  # the exporters' hashes are the files' hashes
     stored = manifest["effective_bits"]["stored"]["hf"]
     hf = manifest["storage"]["hf"]
     assert hf["weights"] == n and hf["quantized_linears"] == len(exported.weights)
@@ -198,9 +239,13 @@ def test_manifest_reports_stored_effective_bits(exported):
         assert abs(stored - allocator) <= 0.01 * allocator
     else:
         # padded last group (5 groups of 576) and int8 zero points: computed from the layout
-        expected = sum(
-            math.prod(q.shape) * q.bits + q.shape[0] * math.ceil(q.shape[1] / exported.group_size) * 24
-            for q in exported.weights.values()) / n
+        expected = (
+            sum(
+                math.prod(q.shape) * q.bits + q.shape[0] * math.ceil(q.shape[1] / exported.group_size) * 24
+                for q in exported.weights.values()
+            )
+            / n
+        )
         assert stored == pytest.approx(expected, rel=1e-9)
         assert stored < allocator  # the allocator's fp16-counted zero point is conservative
     gguf = manifest["storage"]["model.gguf"]
@@ -214,21 +259,32 @@ def require_llama_cpp():
         import llama_cpp
     except ImportError as exc:
         if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
-            pytest.fail(f"llama-cpp-python cannot be imported under CI=true ({exc}); `make setup` installs it",
-                        pytrace=False)
+            pytest.fail(
+                f"llama-cpp-python cannot be imported under CI=true ({exc}); `make setup` installs it", pytrace=False
+            )
         pytest.skip(f"llama-cpp-python is not installed ({exc}); `make setup` installs it")
     return llama_cpp
 
 
 def open_llama(path: Path, n_ctx: int = 128, logits_all: bool = False):
     llama_cpp = require_llama_cpp()
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all, verbose=False,
-                           n_threads=LLAMA_THREADS, n_threads_batch=LLAMA_THREADS, seed=0)
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        logits_all=logits_all,
+        verbose=False,
+        n_threads=LLAMA_THREADS,
+        n_threads_batch=LLAMA_THREADS,
+        seed=0,
+    )
 
 
 def llama_prompts(tokenizer) -> list[str]:
-    chats = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
-                                           add_generation_prompt=True) for c in CHAT_PROMPTS]
+    chats = [
+        tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+        for c in CHAT_PROMPTS
+    ]
     return TEXT_PROMPTS + chats
 
 
@@ -271,10 +327,20 @@ def check_llama_cpp(path: Path, model, tokenizer, record_property, label: str) -
     exact = top_ours == top_theirs
     # transformers' own preference of its top-1 over llama.cpp's: 0 where they agree
     gap = theirs.max(-1) - theirs[np.arange(len(ids)), top_ours]
-    stats = {"agreement": float(exact.mean()), "agreement_near_ties_aside": float((gap <= LLAMA_NEAR_TIE).mean()),
-             "flips": [(prompts[i], tokenizer.decode([int(top_ours[i])]), tokenizer.decode([int(top_theirs[i])]),
-                        round(float(gap[i]), 3)) for i in np.flatnonzero(~exact)],
-             "max_logit_difference": float(np.abs(ours - theirs).max() / np.abs(theirs).max())}
+    stats = {
+        "agreement": float(exact.mean()),
+        "agreement_near_ties_aside": float((gap <= LLAMA_NEAR_TIE).mean()),
+        "flips": [
+            (
+                prompts[i],
+                tokenizer.decode([int(top_ours[i])]),
+                tokenizer.decode([int(top_theirs[i])]),
+                round(float(gap[i]), 3),
+            )
+            for i in np.flatnonzero(~exact)
+        ],
+        "max_logit_difference": float(np.abs(ours - theirs).max() / np.abs(theirs).max()),
+    }
 
     # a few greedy tokens from llama.cpp's own sampler, continuing a plain and a chat prompt
     generated, forced = [], []
@@ -287,7 +353,7 @@ def check_llama_cpp(path: Path, model, tokenizer, record_property, label: str) -
         assert tokens, "llama.cpp generated nothing"
         generated.append(tokens)
         with torch.no_grad():
-            top = model(torch.tensor([row + tokens])).logits[0, len(row) - 1: -1].argmax(-1).tolist()
+            top = model(torch.tensor([row + tokens])).logits[0, len(row) - 1 : -1].argmax(-1).tolist()
         forced += [a == b for a, b in zip(top, tokens)]
     stats["generated"] = [tokenizer.decode(t) for t in generated]
     stats["teacher_forced_agreement"] = float(np.mean(forced))
@@ -314,7 +380,7 @@ def test_llama_cpp_loads_the_gguf(exported, record_property):
         llm.reset()
         llm.eval(full)
         top = np.asarray(llm.scores[: len(full)]).argmax(-1)
-        agreement.append(float(np.mean(top[len(ids) - 1: -1] == np.asarray(hf_tokens))))
+        agreement.append(float(np.mean(top[len(ids) - 1 : -1] == np.asarray(hf_tokens))))
         first = next(iter(llm.generate(ids, temp=0.0, top_k=1, reset=True)))
         assert first == hf_tokens[0], prompt
     # llama.cpp quantizes activations to 8 bits for its Q4/Q8 dot products, so a near-tie can flip
@@ -332,12 +398,23 @@ def test_llama_cpp_loads_each_gguf_type(qtype, smol, smollm2_path, tmp_path, rec
     bits, symmetric = GGUF_TYPES[qtype]
     layers = [name for name, _ in decoder_layers(model)]
     bit_map = dict.fromkeys(layers, bits)
-    weights = {name: quantize_weight(linear.weight.detach(), bits, 32, symmetric)
-               for layer in layers if bits < 16 for name, linear in named_linears(model, layer).items()}
-    spec = JobSpec(model="smollm2-135m-instruct", method="uniform", bit_budget={"avg_bits": float(bits)},
-                   bit_choices=[bits], group_size=32, symmetric=symmetric)
-    path = export_gguf(model, tokenizer, weights, bit_map, spec, tmp_path / f"{qtype}.gguf",
-                       source_gguf=smollm2_path).path
+    weights = {
+        name: quantize_weight(linear.weight.detach(), bits, 32, symmetric)
+        for layer in layers
+        if bits < 16
+        for name, linear in named_linears(model, layer).items()
+    }
+    spec = JobSpec(
+        model="smollm2-135m-instruct",
+        method="uniform",
+        bit_budget={"avg_bits": float(bits)},
+        bit_choices=[bits],
+        group_size=32,
+        symmetric=symmetric,
+    )
+    path = export_gguf(
+        model, tokenizer, weights, bit_map, spec, tmp_path / f"{qtype}.gguf", source_gguf=smollm2_path
+    ).path
     with path.open("rb") as f:
         header = parse_gguf_header(f.fileno(), path.stat().st_size, path.name)
     assert {t.qtype.name for t in header.tensors} == {qtype, "F16", "F32"}
@@ -352,8 +429,12 @@ def test_llama_cpp_loads_the_tiny_gguf(tiny_llama_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     bits = {name: b for (name, _), b in zip(decoder_layers(model), (4, 8, 16, 4))}
-    weights = {name: quantize_weight(lin.weight.detach(), b, 32, False)
-               for layer, b in bits.items() if b < 16 for name, lin in named_linears(model, layer).items()}
+    weights = {
+        name: quantize_weight(lin.weight.detach(), b, 32, False)
+        for layer, b in bits.items()
+        if b < 16
+        for name, lin in named_linears(model, layer).items()
+    }
     spec = JobSpec(model="tiny-llama", method="uniform", bit_budget={"avg_bits": 8.0}, group_size=32)
     path = export_gguf(model, tokenizer, weights, bits, spec, tmp_path / "tiny.gguf").path
     llm = open_llama(path, logits_all=True)

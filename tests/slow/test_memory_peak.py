@@ -25,8 +25,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 CASES = {
     "tiny taq rtn": ["--model", "tiny-llama", "--method", "taq", "--quantizer", "rtn", "--rows", "8"],
-    "tiny taq_kl gptq + eval": ["--model", "tiny-llama", "--method", "taq_kl", "--quantizer", "gptq", "--rows", "8",
-                                "--eval"],
+    "tiny taq_kl gptq + eval": [
+        "--model",
+        "tiny-llama",
+        "--method",
+        "taq_kl",
+        "--quantizer",
+        "gptq",
+        "--rows",
+        "8",
+        "--eval",
+    ],
     "smollm2 taq gptq + eval": ["--method", "taq", "--quantizer", "gptq", "--rows", "88", "--eval"],
     "smollm2 taq_kl rtn": ["--method", "taq_kl", "--quantizer", "rtn", "--rows", "64"],
 }
@@ -35,8 +44,17 @@ CASES = {
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("case", list(CASES))
 def test_estimate_bounds_the_measured_peak(case: str, tiny_model_root: Path, tmp_path: Path, record_property) -> None:
-    cmd = [sys.executable, str(ROOT / "bench" / "bench_memory.py"), *CASES[case], "--max-tokens", "32",
-           "--model-root", str(tiny_model_root), "--work", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "bench_memory.py"),
+        *CASES[case],
+        "--max-tokens",
+        "32",
+        "--model-root",
+        str(tiny_model_root),
+        "--work",
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1100)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -31,18 +31,34 @@ from core.streaming.checkpoints import MemoryStore, load_codes
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
-CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
-            ("Germany", "Berlin"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Kenya", "Nairobi")]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Japan", "Tokyo"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Germany", "Berlin"),
+    ("Egypt", "Cairo"),
+    ("Canada", "Ottawa"),
+    ("Kenya", "Nairobi"),
+]
 SUMS = [(2, 3), (7, 5), (10, 4), (6, 6), (9, 8), (12, 30), (3, 14), (21, 21)]
-ROWS = ([CalibrationRow(prompt=f"What is the capital of {c}? Answer with one word.", answers=[a]) for c, a in CAPITALS]
-        + [CalibrationRow(prompt=f"What is {a} plus {b}? Answer with a number.", answers=[str(a + b)])
-           for a, b in SUMS])
+ROWS = [
+    CalibrationRow(prompt=f"What is the capital of {c}? Answer with one word.", answers=[a]) for c, a in CAPITALS
+] + [CalibrationRow(prompt=f"What is {a} plus {b}? Answer with a number.", answers=[str(a + b)]) for a, b in SUMS]
 N_LAYERS = 30
 
 
 def make_spec() -> JobSpec:
-    return JobSpec(model=SMOLLM2_ID, method="taq", calibration=ROWS, bit_budget={"avg_bits": 4.5},
-                   bit_choices=[4, 8, 16], group_size=128, seed=0, exports=[])
+    return JobSpec(
+        model=SMOLLM2_ID,
+        method="taq",
+        calibration=ROWS,
+        bit_budget={"avg_bits": 4.5},
+        bit_choices=[4, 8, 16],
+        group_size=128,
+        seed=0,
+        exports=[],
+    )
 
 
 class Recorder(JobHooks):
@@ -92,8 +108,14 @@ def run_taq_job() -> dict:
     start = time.perf_counter()
     with spy_layer_pass() as seen:
         outputs = run_job(JobInputs(spec=make_spec(), source=source, rows=ROWS), store, hooks)
-    return {"outputs": outputs, "hooks": hooks, "store": store, "seconds": time.perf_counter() - start,
-            "start": start, **seen}
+    return {
+        "outputs": outputs,
+        "hooks": hooks,
+        "store": store,
+        "seconds": time.perf_counter() - start,
+        "start": start,
+        **seen,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +128,9 @@ def smollm2_hf(smollm2_path: Path):
     """The whole model, dequantized by transformers' own GGUF loader (not core's reader)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
+    ).eval()
 
 
 def _run_hooked(model, batches, current: dict, handles) -> None:
@@ -132,6 +155,7 @@ def layer_outputs(job, smollm2_hf) -> list[torch.Tensor]:
         def fn(module, args, output):
             hidden = output[0] if isinstance(output, (tuple, list)) else output
             outs[index].append(hidden.detach()[current["valid"]])
+
         return fn
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(smollm2_hf.model.layers)]
@@ -161,8 +185,16 @@ def test_taq_end_to_end_under_a_4_5_bit_budget(job, record_property) -> None:
     assert best.name in high
 
     # stages, progress and the score stage's timing
-    assert [s for s, _ in hooks.stages] == ["load", "calibrate", "score", "allocate", "quantize", "export",
-                                            "evaluate", "publish"]
+    assert [s for s, _ in hooks.stages] == [
+        "load",
+        "calibrate",
+        "score",
+        "allocate",
+        "quantize",
+        "export",
+        "evaluate",
+        "publish",
+    ]
     assert dict(hooks.stages)["score"] is False and dict(hooks.stages)["quantize"] is True
     assert {e[1] for e in hooks.events} >= {"load", "calibrate", "score", "allocate"}
     score_events = [e for e in hooks.events if e[1] == "score"]
@@ -202,8 +234,11 @@ def test_taq_scores_match_the_whole_model(job, layer_outputs) -> None:
 def test_quant_error_matches_the_whole_model(job, smollm2_hf) -> None:
     profile = job["hooks"].profiles[0]
     checked = [0, 14, 29]
-    names = {mod: name for name, mod in smollm2_hf.named_modules()
-             if isinstance(mod, torch.nn.Linear) and any(name.startswith(f"model.layers.{i}.") for i in checked)}
+    names = {
+        mod: name
+        for name, mod in smollm2_hf.named_modules()
+        if isinstance(mod, torch.nn.Linear) and any(name.startswith(f"model.layers.{i}.") for i in checked)
+    }
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in names.values()}
     current = {}
 
@@ -241,8 +276,11 @@ def test_the_jobs_codes_keep_the_answers(job, smollm2_hf) -> None:
                 for name, q in load_codes(job["store"], LAYERS_PREFIX, index, b).items():
                     if bits[name] == b:
                         get_module(quantized, name).weight.copy_(dequantize_weight(q, torch.float32))
-    prompts = [batch.input_ids[r, : int(batch.attention_mask[r].sum())].tolist()
-               for batch in job["batches"] for r in range(len(batch.rows))]
+    prompts = [
+        batch.input_ids[r, : int(batch.attention_mask[r].sum())].tolist()
+        for batch in job["batches"]
+        for r in range(len(batch.rows))
+    ]
     assert len(prompts) == len(ROWS)
     agree = 0
     changed = 0

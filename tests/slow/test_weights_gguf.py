@@ -50,19 +50,28 @@ def test_smollm2_reads_equal_transformers(smollm2_path: Path) -> None:
         # every parameter of the skeleton maps to a GGUF tensor except the tied head
         params = {name for name, _ in skeleton.named_parameters(remove_duplicate=False)}
         assert params - set(infos) == {"lm_head.weight"} and set(infos) <= params
-        validate_shapes(reader, {n: tuple(p.shape) for n, p in skeleton.named_parameters(remove_duplicate=False)},
-                        optional={"lm_head.weight"})
+        validate_shapes(
+            reader,
+            {n: tuple(p.shape) for n, p in skeleton.named_parameters(remove_duplicate=False)},
+            optional={"lm_head.weight"},
+        )
         assert infos["model.layers.0.self_attn.q_proj.weight"].dtype == "Q4_1"
-        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.self_attn.q_proj.weight",
-                     "model.layers.7.self_attn.k_proj.weight", "model.layers.3.mlp.down_proj.weight",
-                     "model.layers.12.input_layernorm.weight", "model.norm.weight"):
+        for name in (
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.29.self_attn.q_proj.weight",
+            "model.layers.7.self_attn.k_proj.weight",
+            "model.layers.3.mlp.down_proj.weight",
+            "model.layers.12.input_layernorm.weight",
+            "model.norm.weight",
+        ):
             assert torch.equal(reader.read(name), state[name]), name
         embed = state[EMBED]
         assert torch.equal(reader.read_rows(EMBED, 1000, 1300), embed[1000:1300])
         ids = torch.tensor([49151, 0, 2, 2, 30000, 4095, 4096])
         assert torch.equal(reader.gather_rows(EMBED, ids), embed[ids])
-        assert torch.equal(reader.gather_rows(EMBED, ids, dtype=torch.bfloat16, chunk_rows=1000),
-                           embed[ids].to(torch.bfloat16))
+        assert torch.equal(
+            reader.gather_rows(EMBED, ids, dtype=torch.bfloat16, chunk_rows=1000), embed[ids].to(torch.bfloat16)
+        )
 
 
 def test_gemma3_reads_equal_transformers(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -78,9 +87,13 @@ def test_gemma3_reads_equal_transformers(tmp_path_factory: pytest.TempPathFactor
         infos = reader.infos()
         params = {name for name, _ in skeleton.named_parameters(remove_duplicate=False)}
         assert params - set(infos) == {"lm_head.weight"}
-        for name in ("model.layers.0.input_layernorm.weight", "model.layers.5.self_attn.q_norm.weight",
-                     "model.norm.weight", "model.layers.0.self_attn.q_proj.weight",
-                     "model.layers.17.mlp.down_proj.weight"):
+        for name in (
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.5.self_attn.q_norm.weight",
+            "model.norm.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.17.mlp.down_proj.weight",
+        ):
             assert torch.equal(reader.read(name), state[name]), name
         # llama.cpp stores Gemma norms as (1 + w); transformers' processing subtracts the 1 again
         with path.open("rb") as f:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pipeline_helpers import count_quantize_calls
 
 from core.models import LoadedModel, load_model, resolve_model
-from pipeline_helpers import count_quantize_calls
 
 
 @pytest.fixture

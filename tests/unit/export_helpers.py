@@ -12,8 +12,14 @@ MIXED = (4, 8, 16, 4)
 
 
 def make_spec(group_size: int, symmetric: bool, **overrides) -> JobSpec:
-    fields = dict(model="tiny-llama", method="uniform", bit_budget={"avg_bits": 8.0},
-                  group_size=group_size, symmetric=symmetric, bit_choices=[2, 3, 4, 8, 16])
+    fields = dict(
+        model="tiny-llama",
+        method="uniform",
+        bit_budget={"avg_bits": 8.0},
+        group_size=group_size,
+        symmetric=symmetric,
+        bit_choices=[2, 3, 4, 8, 16],
+    )
     fields.update(overrides)
     return JobSpec(**fields)
 

@@ -21,18 +21,31 @@ from core.quant.primitives import dequantize_weight
 from core.spec import CalibrationRow, JobSpec
 from core.streaming.checkpoints import MemoryStore
 
-ROWS = [CalibrationRow(prompt=f"Task {i}: summarise the number {i * 7} in words. " + "Please. " * (i % 3),
-                       answers=[f"{i * 7}", f"number {i * 7}"] if i % 4 else [f"{i * 7}"])
-        for i in range(10)]
+ROWS = [
+    CalibrationRow(
+        prompt=f"Task {i}: summarise the number {i * 7} in words. " + "Please. " * (i % 3),
+        answers=[f"{i * 7}", f"number {i * 7}"] if i % 4 else [f"{i * 7}"],
+    )
+    for i in range(10)
+]
 LAYERS = [f"model.layers.{i}" for i in range(4)]
 LAYER_PREFIX = "work/layers"
 LAYER_MESSAGE = re.compile(r"layer \d+/\d+ ")
 
 
 def make_spec(**overrides) -> JobSpec:
-    fields = dict(model="tiny-llama", method="taq", calibration=ROWS, bit_budget={"avg_bits": 6.0},
-                  bit_choices=[4, 8, 16], group_size=32, reservoir_size=32, max_tokens=48, seed=0,
-                  exports=["hf"])
+    fields = dict(
+        model="tiny-llama",
+        method="taq",
+        calibration=ROWS,
+        bit_budget={"avg_bits": 6.0},
+        bit_choices=[4, 8, 16],
+        group_size=32,
+        reservoir_size=32,
+        max_tokens=48,
+        seed=0,
+        exports=["hf"],
+    )
     fields.update(overrides)
     return JobSpec(**fields)
 
@@ -45,8 +58,9 @@ class Recorder(JobHooks):
     """Records stages (with skip decisions) and progress; optionally crashes once the score stage
     reports `crash_at` (a message prefix) from `progress` or from the next `should_cancel`."""
 
-    def __init__(self, *, crash_at: str | None = None, crash_in: str = "progress",
-                 cancel_at: str | None = None) -> None:
+    def __init__(
+        self, *, crash_at: str | None = None, crash_in: str = "progress", cancel_at: str | None = None
+    ) -> None:
         self.stages: list[tuple[str, bool, str]] = []
         self.events: list[tuple[str, float, str]] = []
         self.current: str | None = None
@@ -96,8 +110,9 @@ class Run:
     work_dir: Path | None = None
 
 
-def run(spec: JobSpec, source, *, store: MemoryStore | None = None, hooks: Recorder | None = None,
-        rows=ROWS, **inputs) -> Run:
+def run(
+    spec: JobSpec, source, *, store: MemoryStore | None = None, hooks: Recorder | None = None, rows=ROWS, **inputs
+) -> Run:
     store = store if store is not None else MemoryStore()
     hooks = hooks or Recorder()
     outputs = run_job(JobInputs(spec=spec, source=source, rows=list(rows), **inputs), store, hooks)
@@ -120,8 +135,11 @@ def layer_blobs(store: MemoryStore, prefix: str = LAYER_PREFIX) -> dict[str, byt
 
 def records(store: MemoryStore, prefix: str = LAYER_PREFIX) -> list[int]:
     """Indices of the layers whose record (the commit marker) exists, whatever its pass key."""
-    return sorted(int(k.rsplit("/", 1)[1].removesuffix(".json")) for k in store.objects
-                  if k.startswith(prefix + "/") and k.endswith(".json"))
+    return sorted(
+        int(k.rsplit("/", 1)[1].removesuffix(".json"))
+        for k in store.objects
+        if k.startswith(prefix + "/") and k.endswith(".json")
+    )
 
 
 def same_artifacts(store: MemoryStore, reference: MemoryStore) -> None:
@@ -186,8 +204,12 @@ def linear_inputs(model, tokenizer, sequences, names) -> dict[str, torch.Tensor]
 
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     current: dict[str, torch.Tensor] = {}
-    handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, args, _n=n: rows[_n].append(args[0][current["valid"]].detach().double())) for n in names]
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda m, args, _n=n: rows[_n].append(args[0][current["valid"]].detach().double())
+        )
+        for n in names
+    ]
     try:
         with torch.no_grad():
             for batch in make_batches(sequences, pad_token_id(tokenizer), "cpu"):
@@ -206,8 +228,9 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) ->
 
 def logits_gap(a, b, tokenizer) -> tuple[float, float]:
     """Max |logit difference| over valid positions of a few prompts, and the logits' scale."""
-    batch = tokenizer(["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"], return_tensors="pt",
-                      padding=True)
+    batch = tokenizer(
+        ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         la, lb = a(**batch).logits, b(**batch).logits
     mask = batch["attention_mask"].bool()

@@ -99,9 +99,15 @@ def test_exact_solver_matches_brute_force_on_random_cases(dyadic: bool) -> None:
 
 def test_grid_fallback_meets_budget_and_is_exact_at_full_resolution() -> None:
     rng = random.Random(7)
-    layers = [LayerCost(f"l{i}", rng.randint(100, 100_000), rng.random(),
-                        {2: 0.5 + rng.random(), 4: 0.1 + rng.random() / 10, 8: rng.random() / 100})
-              for i in range(12)]
+    layers = [
+        LayerCost(
+            f"l{i}",
+            rng.randint(100, 100_000),
+            rng.random(),
+            {2: 0.5 + rng.random(), 4: 0.1 + rng.random() / 10, 8: rng.random() / 100},
+        )
+        for i in range(12)
+    ]
     choices, g, sym, avg = [2, 4, 8, 16], 64, False, 4.7
     exact = allocate_budget(layers, avg, choices, g, sym)
     assert exact.solver == EXACT_SOLVER
@@ -164,9 +170,11 @@ def test_sensitivity_decides_who_gets_precision() -> None:
 
 def test_zero_sensitivities_still_spend_the_budget_on_precision() -> None:
     # all sensitivities 0: the objective ties everywhere; the size-weighted error picks the upgrades
-    layers = [LayerCost("big", 3000, 0.0, {4: 0.1, 8: 0.01}),
-              LayerCost("small", 1000, 0.0, {4: 0.1, 8: 0.01}),
-              LayerCost("bad", 1000, 0.0, {4: 0.9, 8: 0.01})]
+    layers = [
+        LayerCost("big", 3000, 0.0, {4: 0.1, 8: 0.01}),
+        LayerCost("small", 1000, 0.0, {4: 0.1, 8: 0.01}),
+        LayerCost("bad", 1000, 0.0, {4: 0.9, 8: 0.01}),
+    ]
     got = allocate_budget(layers, 6.0, [4, 8], 128, False)
     assert got.bits == {"big": 4, "small": 8, "bad": 8}
     assert got.objective == 0.0
@@ -176,8 +184,7 @@ def test_zero_sensitivities_still_spend_the_budget_on_precision() -> None:
 
 
 def test_zero_sensitivity_layers_get_leftover_budget_after_weighted_ones() -> None:
-    layers = [LayerCost("hot", 1000, 2.0, {4: 0.1, 8: 0.01}),
-              LayerCost("cold", 1000, 0.0, {4: 0.1, 8: 0.01})]
+    layers = [LayerCost("hot", 1000, 2.0, {4: 0.1, 8: 0.01}), LayerCost("cold", 1000, 0.0, {4: 0.1, 8: 0.01})]
     assert allocate_budget(layers, 6.25, [4, 8], 128, False).bits == {"hot": 8, "cold": 4}
     assert allocate_budget(layers, 8.25, [4, 8], 128, False).bits == {"hot": 8, "cold": 8}
 
@@ -196,20 +203,28 @@ def test_missing_16_means_zero_error_and_other_missing_raise() -> None:
         allocate_budget(layers, 16, [4, 8], 128, True)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"bit_choices": []}, "empty"),
-    ({"bit_choices": [4, 5]}, "not allowed"),
-    ({"group_size": 0}, "group_size"),
-    ({"avg_bits": float("nan")}, "finite"),
-    ({"layers": []}, "no layers"),
-    ({"layers": [LayerCost("a", 10, -1.0, {4: 0.1})]}, "sensitivity"),
-    ({"layers": [LayerCost("a", 0, 1.0, {4: 0.1})]}, "params"),
-    ({"layers": [LayerCost("a", 1, 1.0, {4: 0.1}), LayerCost("a", 1, 1.0, {4: 0.1})]}, "duplicate"),
-    ({"layers": [LayerCost("a", 1, 1.0, {4: float("inf")})]}, "quant_error"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"bit_choices": []}, "empty"),
+        ({"bit_choices": [4, 5]}, "not allowed"),
+        ({"group_size": 0}, "group_size"),
+        ({"avg_bits": float("nan")}, "finite"),
+        ({"layers": []}, "no layers"),
+        ({"layers": [LayerCost("a", 10, -1.0, {4: 0.1})]}, "sensitivity"),
+        ({"layers": [LayerCost("a", 0, 1.0, {4: 0.1})]}, "params"),
+        ({"layers": [LayerCost("a", 1, 1.0, {4: 0.1}), LayerCost("a", 1, 1.0, {4: 0.1})]}, "duplicate"),
+        ({"layers": [LayerCost("a", 1, 1.0, {4: float("inf")})]}, "quant_error"),
+    ],
+)
 def test_invalid_inputs_raise(kwargs: dict, match: str) -> None:
-    args = {"layers": [LayerCost("a", 10, 1.0, {4: 0.1})], "avg_bits": 8.0, "bit_choices": [4],
-            "group_size": 128, "symmetric": False}
+    args = {
+        "layers": [LayerCost("a", 10, 1.0, {4: 0.1})],
+        "avg_bits": 8.0,
+        "bit_choices": [4],
+        "group_size": 128,
+        "symmetric": False,
+    }
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         allocate_budget(**args)
@@ -217,17 +232,36 @@ def test_invalid_inputs_raise(kwargs: dict, match: str) -> None:
 
 # ------------------------------------------------------------------------------ uniform
 
+
 def profile(importances: list[float], params: int = 1000, method: str = "taq") -> Profile:
-    return Profile("tiny", method, [
-        LayerProfile(index=i, name=f"model.layers.{i}", params=params, scores={}, importance=imp,
-                     sensitivity=1.0, quant_error={4: 0.1, 8: 0.01})
-        for i, imp in enumerate(importances)])
+    return Profile(
+        "tiny",
+        method,
+        [
+            LayerProfile(
+                index=i,
+                name=f"model.layers.{i}",
+                params=params,
+                scores={},
+                importance=imp,
+                sensitivity=1.0,
+                quant_error={4: 0.1, 8: 0.01},
+            )
+            for i, imp in enumerate(importances)
+        ],
+    )
 
 
-@pytest.mark.parametrize("avg_bits, symmetric, expected, eff", [
-    (4.5, False, 4, 4.1875), (8.1875, False, 8, 8.1875), (8.1, False, 4, 4.1875),
-    (4.125, True, 4, 4.125), (16.0, False, 16, 16.0),
-])
+@pytest.mark.parametrize(
+    "avg_bits, symmetric, expected, eff",
+    [
+        (4.5, False, 4, 4.1875),
+        (8.1875, False, 8, 8.1875),
+        (8.1, False, 4, 4.1875),
+        (4.125, True, 4, 4.125),
+        (16.0, False, 16, 16.0),
+    ],
+)
 def test_uniform_takes_highest_fitting_width(avg_bits: float, symmetric: bool, expected: int, eff: float) -> None:
     layers = layers_equal(3, {4: 0.1, 8: 0.01})
     got = allocate_uniform(layers, avg_bits, [4, 8, 16], 128, symmetric)
@@ -247,6 +281,7 @@ def test_uniform_infeasible_and_profile_input() -> None:
 
 
 # ------------------------------------------------------------------------------ paper rule
+
 
 def test_paper_taq_top_quarter_at_8_bits() -> None:
     imp = [0.5, 2.0, -1.0, 3.0, 0.1, 2.0, 0.0, -0.3, 1.0, 0.2]  # 10 layers: ceil(2.5) = 3 at 8
@@ -279,8 +314,9 @@ def test_paper_taqo_edges_plus_top_k_at_16(n_layers: int, k: int) -> None:
     expected16 = set(names[:2]) | set(names[-2:]) | set(top)
     assert {n for n, b in got.bits.items() if b == 16} == expected16
     assert {n for n, b in got.bits.items() if b == 4} == set(names) - expected16
-    assert got.effective_bits == pytest.approx((16 * len(expected16) + 4.125 * (n_layers - len(expected16))) / n_layers,
-                                               abs=1e-12)
+    assert got.effective_bits == pytest.approx(
+        (16 * len(expected16) + 4.125 * (n_layers - len(expected16))) / n_layers, abs=1e-12
+    )
 
 
 def test_paper_taqo_tiny_model_keeps_everything() -> None:
@@ -317,5 +353,7 @@ def test_paper_rejects_other_methods(method) -> None:
 
 def test_layer_costs_from_profile() -> None:
     costs = layer_costs_from_profile(profile([0.0, 1.0], params=77))
-    assert costs == [LayerCost("model.layers.0", 77, 1.0, {4: 0.1, 8: 0.01}),
-                     LayerCost("model.layers.1", 77, 1.0, {4: 0.1, 8: 0.01})]
+    assert costs == [
+        LayerCost("model.layers.0", 77, 1.0, {4: 0.1, 8: 0.01}),
+        LayerCost("model.layers.1", 77, 1.0, {4: 0.1, 8: 0.01}),
+    ]

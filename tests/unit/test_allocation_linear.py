@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline_helpers import LAYER_PREFIX, dequantized_model, logits_gap, make_spec, run, write_hf
 from pydantic import ValidationError
 
 from core.allocation import allocate_budget, expand_units, layer_costs_from_profile, linear_units
@@ -23,13 +24,17 @@ from core.plot import plot_profile, profile_effective_bits
 from core.spec import CalibrationRow, JobSpec
 from core.types import LayerProfile, LinearProfile, Profile
 
-from pipeline_helpers import LAYER_PREFIX, dequantized_model, logits_gap, make_spec, run, write_hf
-
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
-LEAVES = {"self_attn.q_proj": 576 * 576, "self_attn.k_proj": 576 * 192, "self_attn.v_proj": 576 * 192,
-          "self_attn.o_proj": 576 * 576, "mlp.gate_proj": 576 * 1536, "mlp.up_proj": 576 * 1536,
-          "mlp.down_proj": 576 * 1536}
+LEAVES = {
+    "self_attn.q_proj": 576 * 576,
+    "self_attn.k_proj": 576 * 192,
+    "self_attn.v_proj": 576 * 192,
+    "self_attn.o_proj": 576 * 576,
+    "mlp.gate_proj": 576 * 1536,
+    "mlp.up_proj": 576 * 1536,
+    "mlp.down_proj": 576 * 1536,
+}
 
 
 def synthetic_profile(layers: int = 6, seed: int = 0) -> Profile:
@@ -40,21 +45,35 @@ def synthetic_profile(layers: int = 6, seed: int = 0) -> Profile:
         linears = []
         for leaf, n in LEAVES.items():
             e4 = rng.uniform(0.001, 0.05)
-            linears.append(LinearProfile(f"model.layers.{i}.{leaf}", n, {4: e4, 8: e4 / rng.uniform(150, 300), 16: 0.0}))
+            linears.append(
+                LinearProfile(f"model.layers.{i}.{leaf}", n, {4: e4, 8: e4 / rng.uniform(150, 300), 16: 0.0})
+            )
         params = sum(l.params for l in linears)
         error = {b: sum(l.params * l.quant_error[b] for l in linears) / params for b in (4, 8, 16)}
-        out.append(LayerProfile(index=i, name=f"model.layers.{i}", params=params, scores={}, importance=0.0,
-                                sensitivity=rng.uniform(0.2, 3.0), quant_error=error, linears=linears))
+        out.append(
+            LayerProfile(
+                index=i,
+                name=f"model.layers.{i}",
+                params=params,
+                scores={},
+                importance=0.0,
+                sensitivity=rng.uniform(0.2, 3.0),
+                quant_error=error,
+                linears=linears,
+            )
+        )
     return Profile(model="synthetic", method="taq", layers=out)
 
 
 def test_fused_groups_follow_the_runtimes_fused_matrices() -> None:
     names = [f"model.layers.0.{leaf}" for leaf in LEAVES] + [f"model.layers.1.{leaf}" for leaf in LEAVES]
     groups = fused_linear_groups(names)
-    assert groups[:4] == [["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
-                           "model.layers.0.self_attn.v_proj"], ["model.layers.0.self_attn.o_proj"],
-                          ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],
-                          ["model.layers.0.mlp.down_proj"]]
+    assert groups[:4] == [
+        ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"],
+        ["model.layers.0.self_attn.o_proj"],
+        ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],
+        ["model.layers.0.mlp.down_proj"],
+    ]
     assert len(groups) == 8 and sorted(n for g in groups for n in g) == sorted(names)
 
 
@@ -77,16 +96,22 @@ def test_units_reproduce_the_per_layer_objective_and_the_optimum_is_never_worse(
             gate_up = {per_linear.bits[f"model.layers.{i}.mlp.{p}_proj"] for p in ("gate", "up")}
             assert len(qkv) == 1 and len(gate_up) == 1
     # somewhere in the sweep, per-linear finds a strictly better optimum on this random profile
-    better = [b for b in (4.5, 5.0, 6.0)
-              if expand_units(allocate_budget([u.cost for u in units], b, [4, 8, 16], 128, False), units).objective
-              < allocate_budget(profile, b, [4, 8, 16], 128, False).objective * (1 - 1e-9)]
+    better = [
+        b
+        for b in (4.5, 5.0, 6.0)
+        if expand_units(allocate_budget([u.cost for u in units], b, [4, 8, 16], 128, False), units).objective
+        < allocate_budget(profile, b, [4, 8, 16], 128, False).objective * (1 - 1e-9)
+    ]
     assert better
 
 
 def test_profile_without_linear_errors_is_an_actionable_error() -> None:
     profile = synthetic_profile(layers=2)
-    old = Profile(model=profile.model, method=profile.method,
-                  layers=[LayerProfile(**{**l.__dict__, "linears": []}) for l in profile.layers])
+    old = Profile(
+        model=profile.model,
+        method=profile.method,
+        layers=[LayerProfile(**{**l.__dict__, "linears": []}) for l in profile.layers],
+    )
     assert layer_costs_from_profile(old)  # per-layer allocation still works on it
     with pytest.raises(InvalidSpec, match="score again"):
         linear_units(old)
@@ -94,14 +119,24 @@ def test_profile_without_linear_errors_is_an_actionable_error() -> None:
 
 def test_paper_rule_refuses_per_linear_allocation() -> None:
     with pytest.raises(ValidationError, match="whole layers"):
-        JobSpec(model="m", method="taq", calibration=[CalibrationRow(prompt="x")], allocation="paper",
-                allocation_unit="linear")
+        JobSpec(
+            model="m",
+            method="taq",
+            calibration=[CalibrationRow(prompt="x")],
+            allocation="paper",
+            allocation_unit="linear",
+        )
 
 
 def test_profile_round_trip_and_bits_per_linear() -> None:
     profile = synthetic_profile(layers=3)
-    spec = JobSpec(model="m", method="taq", calibration=[CalibrationRow(prompt="x")],
-                   bit_budget={"avg_bits": 5.0}, allocation_unit="linear")
+    spec = JobSpec(
+        model="m",
+        method="taq",
+        calibration=[CalibrationRow(prompt="x")],
+        bit_budget={"avg_bits": 5.0},
+        allocation_unit="linear",
+    )
     [allocation] = allocate_stage(spec, profile)
     assert allocation.unit == "linear" and set(allocation.bits) == {l.name for x in profile.layers for l in x.linears}
     with_bits = profile.with_bits(allocation.bits)
@@ -119,18 +154,32 @@ def test_profile_round_trip_and_bits_per_linear() -> None:
 ROWS = [CalibrationRow(prompt=f"Item {i}: what is {i} times {i + 3}? Answer briefly.") for i in range(8)]
 
 
-GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+GGUF_NAMES = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
 
 
 @pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
-def test_run_job_quantizes_and_exports_each_linear_at_its_bits(source, loaded: LoadedModel, tmp_path: Path,
-                                                               quantizer: str) -> None:
+def test_run_job_quantizes_and_exports_each_linear_at_its_bits(
+    source, loaded: LoadedModel, tmp_path: Path, quantizer: str
+) -> None:
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
-    spec = make_spec(calibration=ROWS, bit_budget={"avg_bits": 5.5}, max_tokens=32, allocation_unit="linear",
-                     quantizer=quantizer, exports=["hf", "gguf"])
+    spec = make_spec(
+        calibration=ROWS,
+        bit_budget={"avg_bits": 5.5},
+        max_tokens=32,
+        allocation_unit="linear",
+        quantizer=quantizer,
+        exports=["hf", "gguf"],
+    )
     result = run(spec, source, rows=ROWS)
     [allocation] = result.outputs.allocations
     bits = linear_bits(loaded.layers, allocation)
@@ -146,15 +195,17 @@ def test_run_job_quantizes_and_exports_each_linear_at_its_bits(source, loaded: L
         assert q.bits == bits[name]
     profile = result.outputs.profile
     assert any(l.bits is None and l.mean_bits is not None for l in profile.layers)
-    assert [(lin.name, lin.bits) for layer in profile.layers for lin in layer.linears] == \
-        [(lin.name, bits[lin.name]) for layer in profile.layers for lin in layer.linears]
+    assert [(lin.name, lin.bits) for layer in profile.layers for lin in layer.linears] == [
+        (lin.name, bits[lin.name]) for layer in profile.layers for lin in layer.linears
+    ]
     # on the job's own measured profile the per-linear optimum is never worse than per-layer
     [per_layer] = allocate_stage(spec.model_copy(update={"allocation_unit": "layer"}), profile.with_bits({}))
     assert allocation.objective <= per_layer.objective * (1 + 1e-12)
     assert json.loads(result.store.get_bytes("artifacts/bitmap.json"))["budgets"][0]["unit"] == "linear"
 
-    exported = AutoModelForCausalLM.from_pretrained(write_hf(result.store, "hf", tmp_path / "hf"),
-                                                    dtype=torch.float32).eval()
+    exported = AutoModelForCausalLM.from_pretrained(
+        write_hf(result.store, "hf", tmp_path / "hf"), dtype=torch.float32
+    ).eval()
     gap, scale = logits_gap(exported, dequantized_model(loaded, dict(weights), fp16_rest=True), loaded.tokenizer)
     assert gap <= 1e-3 * scale
 

@@ -34,8 +34,9 @@ print(before - _vm_kib("VmRSS"))
 
 
 def released_kib(tuned: bool) -> int:
-    done = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(ROOT), tuned=tuned)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(root=str(ROOT), tuned=tuned)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     return int(done.stdout.strip())
 

@@ -14,14 +14,16 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_quality import parse_method, with_continuation  # noqa: E402
 from bench.peers import UniformConfig, config_for_budget, rtn_dequantized  # noqa: E402
 from bench.quality_tables import comparison_table, comparisons, verdict_summary  # noqa: E402
-from core.spec import CalibrationRow  # noqa: E402
 from core.quant.primitives import dequantize_weight, quantize_weight  # noqa: E402
+from core.spec import CalibrationRow  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize("budget, group", [(4.1875, 128), (4.3, 128), (4.375, 64), (4.5, 64), (4.99, 32),
-                                           (5.0, 32), (5.49, 32), (6.0, 16), (9.0, 16)])
+@pytest.mark.parametrize(
+    "budget, group",
+    [(4.1875, 128), (4.3, 128), (4.375, 64), (4.5, 64), (4.99, 32), (5.0, 32), (5.49, 32), (6.0, 16), (9.0, 16)],
+)
 def test_peer_spends_the_budget_with_the_smallest_fitting_group(budget: float, group: int) -> None:
     config = config_for_budget(budget)
     assert config == UniformConfig(4, group)
@@ -39,21 +41,32 @@ def test_rtn_peer_is_our_round_to_nearest() -> None:
 
 
 def _row(label: str, kind: str, budget: float | None, bits: float, nll: list[float], contains: list[float]) -> dict:
-    return {"suite": "capitals", "label": label, "kind": kind, "budget": budget, "effective_bits": bits,
-            "items": {"gold_nll": nll, "contains": contains}}
+    return {
+        "suite": "capitals",
+        "label": label,
+        "kind": kind,
+        "budget": budget,
+        "effective_bits": bits,
+        "items": {"gold_nll": nll, "contains": contains},
+    }
 
 
 def test_every_method_meets_every_control_of_its_budget() -> None:
     n = 40
-    rows = [_row("full precision", "full precision", None, 5.0, [1.0] * n, [1.0] * n),
-            _row("taq", "method", 5.0, 4.9, [2.0] * n, [1.0] * 30 + [0.0] * 10),
-            _row("uniform", "control", 5.0, 4.9, [2.5] * n, [1.0] * 20 + [0.0] * 20),
-            _row("random", "control", 5.0, 4.8, [2.0] * n, [1.0] * 30 + [0.0] * 10),
-            _row("uniform", "control", 6.0, 5.9, [1.5] * n, [1.0] * n)]
+    rows = [
+        _row("full precision", "full precision", None, 5.0, [1.0] * n, [1.0] * n),
+        _row("taq", "method", 5.0, 4.9, [2.0] * n, [1.0] * 30 + [0.0] * 10),
+        _row("uniform", "control", 5.0, 4.9, [2.5] * n, [1.0] * 20 + [0.0] * 20),
+        _row("random", "control", 5.0, 4.8, [2.0] * n, [1.0] * 30 + [0.0] * 10),
+        _row("uniform", "control", 6.0, 5.9, [1.5] * n, [1.0] * n),
+    ]
     compared = comparisons(rows)
     assert [(c["variant"], c["baseline"], c["budget"], c["metric"]) for c in compared] == [
-        ("taq", "uniform", 5.0, "gold_nll"), ("taq", "uniform", 5.0, "contains"),
-        ("taq", "random", 5.0, "gold_nll"), ("taq", "random", 5.0, "contains")]
+        ("taq", "uniform", 5.0, "gold_nll"),
+        ("taq", "uniform", 5.0, "contains"),
+        ("taq", "random", 5.0, "gold_nll"),
+        ("taq", "random", 5.0, "contains"),
+    ]
     verdicts = [c["verdict"] for c in compared]
     # lower NLL and more contains than uniform at equal bits; identical to random, which has fewer bits
     assert verdicts == ["beats", "beats", "no_difference", "no_difference"]
@@ -75,10 +88,14 @@ def test_method_modifiers_set_spec_fields_and_profile_keys() -> None:
 
 
 def test_gold_continuation_appends_the_first_answer_as_an_assistant_turn() -> None:
-    rows = [CalibrationRow(prompt="Capital of Peru?", answers=["Lima", "Lima, Peru"]),
-            CalibrationRow(messages=[{"role": "user", "content": "2 + 2?"}], answers=["4"])]
+    rows = [
+        CalibrationRow(prompt="Capital of Peru?", answers=["Lima", "Lima, Peru"]),
+        CalibrationRow(messages=[{"role": "user", "content": "2 + 2?"}], answers=["4"]),
+    ]
     assert with_continuation(None, rows, "none") == rows
     out = with_continuation(None, rows, "gold")
     assert [[(m.role, m.content) for m in r.messages] for r in out] == [
-        [("user", "Capital of Peru?"), ("assistant", "Lima")], [("user", "2 + 2?"), ("assistant", "4")]]
+        [("user", "Capital of Peru?"), ("assistant", "Lima")],
+        [("user", "2 + 2?"), ("assistant", "4")],
+    ]
     assert [r.answers for r in out] == [r.answers for r in rows]

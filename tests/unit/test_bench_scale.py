@@ -14,8 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_scale import complete, markdown, table  # noqa: E402
-from bench.scale_models import (INDEX, SHAPES, plan_shards, shard_name, tensor_specs,  # noqa: E402
-                                verify_headers, write_checkpoint)
+from bench.scale_models import INDEX, SHAPES, plan_shards, shard_name, tensor_specs, verify_headers, write_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
@@ -38,8 +37,9 @@ def test_tiny_checkpoint_shards_index_and_loads(tmp_path: Path, smollm2_tokenize
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     max_bytes = 100_000
-    summary = write_checkpoint("tiny", tmp_path, max_shard_bytes=max_bytes, tokenizer_dir=smollm2_tokenizer_dir,
-                               log=lambda *_: None)
+    summary = write_checkpoint(
+        "tiny", tmp_path, max_shard_bytes=max_bytes, tokenizer_dir=smollm2_tokenizer_dir, log=lambda *_: None
+    )
     directory = tmp_path / "llama-tiny-shape"
     assert summary["written"] and summary["num_shards"] > 2
     index = json.loads((directory / INDEX).read_text())
@@ -74,8 +74,9 @@ def test_tiny_checkpoint_shards_index_and_loads(tmp_path: Path, smollm2_tokenize
     assert logits.shape[-1] == 49152 and torch.isfinite(logits).all()
 
     # complete and matching: skipped; another shard size: rewritten with identical tensors
-    again = write_checkpoint("tiny", tmp_path, max_shard_bytes=max_bytes, tokenizer_dir=smollm2_tokenizer_dir,
-                             log=lambda *_: None)
+    again = write_checkpoint(
+        "tiny", tmp_path, max_shard_bytes=max_bytes, tokenizer_dir=smollm2_tokenizer_dir, log=lambda *_: None
+    )
     assert not again["written"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     one = write_checkpoint("tiny", tmp_path, tokenizer_dir=smollm2_tokenizer_dir, log=lambda *_: None)
@@ -85,15 +86,28 @@ def test_tiny_checkpoint_shards_index_and_loads(tmp_path: Path, smollm2_tokenize
 
 
 def test_report_has_every_column_with_and_without_reported_memory() -> None:
-    job = {"shape": "tiny", "quantizer": "rtn", "rows": 8, "max_tokens": 128, "status": "succeeded",
-           "wall_s": 12.3, "timings": {"load": 1.0, "quantize": 2.5},
-           "reported": None, "sampled": {"peak_rss_bytes": 3 << 30, "peak_rss_by_stage": {"load": 2 << 30}}}
-    results = {"jobs": [complete(dict(job), 1 << 30),
-                        complete({**job, "quantizer": "gptq", "reported": {"peak_rss_bytes": 4 << 30}}, 1 << 30)],
-               "machine": {"nproc": 2, "cpu_model": "x", "mem_total_bytes": 24 << 30, "torch_threads_worker_env": 2},
-               "service": {"worker_memory_bytes": 20 << 30}, "command": "python bench/bench_scale.py run",
-               "started_at": "2026-11-29T00:00:00+00:00",
-               "checkpoint": {"name": "llama-tiny-shape", "parameters": 3_268_928, "num_shards": 1}}
+    job = {
+        "shape": "tiny",
+        "quantizer": "rtn",
+        "rows": 8,
+        "max_tokens": 128,
+        "status": "succeeded",
+        "wall_s": 12.3,
+        "timings": {"load": 1.0, "quantize": 2.5},
+        "reported": None,
+        "sampled": {"peak_rss_bytes": 3 << 30, "peak_rss_by_stage": {"load": 2 << 30}},
+    }
+    results = {
+        "jobs": [
+            complete(dict(job), 1 << 30),
+            complete({**job, "quantizer": "gptq", "reported": {"peak_rss_bytes": 4 << 30}}, 1 << 30),
+        ],
+        "machine": {"nproc": 2, "cpu_model": "x", "mem_total_bytes": 24 << 30, "torch_threads_worker_env": 2},
+        "service": {"worker_memory_bytes": 20 << 30},
+        "command": "python bench/bench_scale.py run",
+        "started_at": "2026-11-29T00:00:00+00:00",
+        "checkpoint": {"name": "llama-tiny-shape", "parameters": 3_268_928, "num_shards": 1},
+    }
     assert results["jobs"][0]["rss_over_checkpoint"] == 3.0 and results["jobs"][0]["peak_rss_source"] == "sampled"
     assert results["jobs"][1]["rss_over_checkpoint"] == 4.0 and results["jobs"][1]["peak_rss_source"] == "reported"
     rows = table(results).splitlines()

@@ -23,8 +23,10 @@ SMOLLM2_SHAPES = ((576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (
 def smollm_layers(n: int = 30, sensitivities=None) -> list[LayerCost]:
     params = sum(o * i for o, i in SMOLLM2_SHAPES)
     sens = sensitivities or [1.0] * n
-    return [LayerCost(f"model.layers.{i}", params, sens[i], {4: 0.1 + i / 100, 8: 0.01, 16: 0.0}, SMOLLM2_SHAPES)
-            for i in range(n)]
+    return [
+        LayerCost(f"model.layers.{i}", params, sens[i], {4: 0.1 + i / 100, 8: 0.01, 16: 0.0}, SMOLLM2_SHAPES)
+        for i in range(n)
+    ]
 
 
 def test_partial_groups_are_counted() -> None:
@@ -54,14 +56,18 @@ def test_budget_allocation_never_overspends_with_padding() -> None:
 
 
 def test_profile_linears_carry_shapes_into_costs() -> None:
-    linears = [LinearProfile(f"model.layers.0.l{j}", o * i, {4: 0.1, 8: 0.01}, in_features=i)
-               for j, (o, i) in enumerate(SMOLLM2_SHAPES)]
+    linears = [
+        LinearProfile(f"model.layers.0.l{j}", o * i, {4: 0.1, 8: 0.01}, in_features=i)
+        for j, (o, i) in enumerate(SMOLLM2_SHAPES)
+    ]
     params = sum(l.params for l in linears)
-    profile = Profile("m", "taq", [LayerProfile(0, "model.layers.0", params, {}, 0.0, 1.0, {4: 0.1, 8: 0.01},
-                                                linears=linears)])
+    profile = Profile(
+        "m", "taq", [LayerProfile(0, "model.layers.0", params, {}, 0.0, 1.0, {4: 0.1, 8: 0.01}, linears=linears)]
+    )
     assert LinearProfile.from_dict(linears[0].to_dict()) == linears[0]
-    spec = JobSpec(model="m", method="taq", calibration=[{"prompt": "x"}], bit_budget={"avg_bits": 4.21},
-                   bit_choices=[4, 8])
+    spec = JobSpec(
+        model="m", method="taq", calibration=[{"prompt": "x"}], bit_budget={"avg_bits": 4.21}, bit_choices=[4, 8]
+    )
     (allocation,) = allocate_stage(spec, profile)
     assert allocation.effective_bits == pytest.approx(4.2031, abs=1e-4)
     # per-linear units carry their members' shapes too
@@ -73,8 +79,9 @@ def test_error_only_is_the_knapsack_without_sensitivities() -> None:
     layers = smollm_layers(8, sensitivities=[0.0, 9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0])
     budget = 5.0
     control = allocate_error_only(layers, budget, [4, 8], 128, False)
-    flat = allocate_budget([LayerCost(l.name, l.params, 1.0, l.quant_error, l.shapes) for l in layers],
-                           budget, [4, 8], 128, False)
+    flat = allocate_budget(
+        [LayerCost(l.name, l.params, 1.0, l.quant_error, l.shapes) for l in layers], budget, [4, 8], 128, False
+    )
     assert control.bits == flat.bits and control.rule == "error_only"
     assert control.effective_bits <= budget
     # the largest 4-bit errors (the last layers here) are raised, whatever the sensitivities say
@@ -94,8 +101,10 @@ def test_random_is_seeded_and_spends_like_the_method() -> None:
     for control in (a, b):
         assert control.effective_bits <= 4.6
         # equal layers: within one layer's smallest step of the method's spend
-        step = float(effective_of(layers, {**{l.name: 4 for l in layers}, layers[0].name: 8}, 128, False)
-                     - effective_of(layers, {l.name: 4 for l in layers}, 128, False))
+        step = float(
+            effective_of(layers, {**{l.name: 4 for l in layers}, layers[0].name: 8}, 128, False)
+            - effective_of(layers, {l.name: 4 for l in layers}, 128, False)
+        )
         assert control.effective_bits > method.effective_bits - 2 * step
     with pytest.raises(BudgetInfeasible):
         allocate_random(layers, 4.0, [4, 8], 128, False)
@@ -107,8 +116,10 @@ def test_uniform_mix_spends_the_budget_evenly() -> None:
     eights = [i for i in range(30) if got.bits[f"model.layers.{i}"] == 8]
     assert set(got.bits.values()) == {4, 8} and got.effective_bits <= 5.0
     # one more layer at 8 would overspend: it is the nearest feasible equal-bits uniform
-    step = float(effective_of(layers, {**{l.name: 4 for l in layers}, layers[0].name: 8}, 128, False)
-                 - effective_of(layers, {l.name: 4 for l in layers}, 128, False))
+    step = float(
+        effective_of(layers, {**{l.name: 4 for l in layers}, layers[0].name: 8}, 128, False)
+        - effective_of(layers, {l.name: 4 for l in layers}, 128, False)
+    )
     assert got.effective_bits + step > 5.0
     assert eights == spread(len(eights), 30) and eights[0] == 0 and eights[-1] == 29
     assert "uniform-mix" in got.solver and got.rule == "uniform"
@@ -116,19 +127,31 @@ def test_uniform_mix_spends_the_budget_evenly() -> None:
     assert set(allocate_uniform_mix(layers, 16.0, [4, 8, 16], 128, False).bits.values()) == {16}
 
 
-@pytest.mark.parametrize("count, total, expected", [(0, 5, []), (1, 5, [2]), (2, 5, [0, 4]), (3, 5, [0, 2, 4]),
-                                                    (5, 5, [0, 1, 2, 3, 4]), (7, 5, [0, 1, 2, 3, 4])])
+@pytest.mark.parametrize(
+    "count, total, expected",
+    [(0, 5, []), (1, 5, [2]), (2, 5, [0, 4]), (3, 5, [0, 2, 4]), (5, 5, [0, 1, 2, 3, 4]), (7, 5, [0, 1, 2, 3, 4])],
+)
 def test_spread(count: int, total: int, expected: list[int]) -> None:
     assert spread(count, total) == expected
 
 
 def test_spec_allocation_controls_run_through_allocate_stage() -> None:
     layers = smollm_layers(4)
-    profile = Profile("m", "taq", [LayerProfile(i, l.name, l.params, {}, 0.0, l.sensitivity, l.quant_error)
-                                   for i, l in enumerate(layers)])
+    profile = Profile(
+        "m",
+        "taq",
+        [LayerProfile(i, l.name, l.params, {}, 0.0, l.sensitivity, l.quant_error) for i, l in enumerate(layers)],
+    )
     for rule in ("error_only", "random"):
-        spec = JobSpec(model="m", method="taq", calibration=[{"prompt": "x"}], bit_budget={"avg_bits": [5.0, 6.0]},
-                       bit_choices=[4, 8], allocation=rule, seed=7)
+        spec = JobSpec(
+            model="m",
+            method="taq",
+            calibration=[{"prompt": "x"}],
+            bit_budget={"avg_bits": [5.0, 6.0]},
+            bit_choices=[4, 8],
+            allocation=rule,
+            seed=7,
+        )
         allocations = allocate_stage(spec, profile)
         assert [a.rule for a in allocations] == [rule, rule]
         assert all(a.effective_bits <= a.budget for a in allocations)

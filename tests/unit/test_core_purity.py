@@ -15,8 +15,22 @@ import pytest
 pytestmark = pytest.mark.unit
 
 CORE = Path(__file__).resolve().parents[2] / "core"
-FORBIDDEN_IMPORTS = ("fastapi", "starlette", "celery", "kombu", "sqlalchemy", "alembic", "redis", "boto3",
-                     "botocore", "uvicorn", "common", "api", "worker", "cli")
+FORBIDDEN_IMPORTS = (
+    "fastapi",
+    "starlette",
+    "celery",
+    "kombu",
+    "sqlalchemy",
+    "alembic",
+    "redis",
+    "boto3",
+    "botocore",
+    "uvicorn",
+    "common",
+    "api",
+    "worker",
+    "cli",
+)
 
 
 def _sources() -> list[Path]:
@@ -24,14 +38,17 @@ def _sources() -> list[Path]:
 
 
 def test_importing_core_pulls_in_no_service_framework() -> None:
-    code = ("import importlib, json, pkgutil, sys\n"
-            "import core\n"
-            "names = sorted(m.name for m in pkgutil.walk_packages(core.__path__, 'core.'))\n"
-            "for m in names:\n"
-            "    importlib.import_module(m)\n"
-            "print(json.dumps({'core': names, 'modules': sorted(sys.modules)}))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=CORE.parent, timeout=300)
+    code = (
+        "import importlib, json, pkgutil, sys\n"
+        "import core\n"
+        "names = sorted(m.name for m in pkgutil.walk_packages(core.__path__, 'core.'))\n"
+        "for m in names:\n"
+        "    importlib.import_module(m)\n"
+        "print(json.dumps({'core': names, 'modules': sorted(sys.modules)}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=CORE.parent, timeout=300
+    )
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"core.pipeline", "core.scorers.taq", "core.models", "core.plot"} <= set(report["core"])
     loaded = report["modules"]
@@ -54,8 +71,11 @@ def test_no_forbidden_import_statements() -> None:
 def test_no_environment_reads_or_prints() -> None:
     for path in _sources():
         tokens = list(tokenize.generate_tokens(io.StringIO(path.read_text()).readline))
-        names = [(t.string, tokens[i + 1].string if i + 1 < len(tokens) else "", t.start[0])
-                 for i, t in enumerate(tokens) if t.type == tokenize.NAME]
+        names = [
+            (t.string, tokens[i + 1].string if i + 1 < len(tokens) else "", t.start[0])
+            for i, t in enumerate(tokens)
+            if t.type == tokenize.NAME
+        ]
         for name, following, line in names:
             assert name not in ("environ", "getenv", "putenv", "environb"), f"{path}:{line} reads the environment"
             assert not (name == "print" and following == "("), f"{path}:{line} prints"

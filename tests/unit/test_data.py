@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from core.data import (MAX_REPORTED_ERRORS, parse_jsonl, render_prompt, render_prompts, split_rows,
-                       subsample_rows, tokenize_rows)
+from core.data import (
+    MAX_REPORTED_ERRORS,
+    parse_jsonl,
+    render_prompt,
+    render_prompts,
+    split_rows,
+    subsample_rows,
+    tokenize_rows,
+)
 from core.errors import DataError
 from core.spec import CalibrationRow
 
@@ -21,8 +28,10 @@ def _lines(*objs) -> bytes:
 
 
 def test_parses_prompts_messages_answers_and_skips_blank_lines() -> None:
-    data = _lines({"prompt": "2+2?", "answers": ["4"]}, "", "   ",
-                  {"messages": [{"role": "user", "content": "hi"}]}) + b"\n\n"
+    data = (
+        _lines({"prompt": "2+2?", "answers": ["4"]}, "", "   ", {"messages": [{"role": "user", "content": "hi"}]})
+        + b"\n\n"
+    )
     rows = parse_jsonl(data)
     assert [r.prompt for r in rows] == ["2+2?", None]
     assert rows[0].answers == ["4"] and rows[1].messages[0].content == "hi"
@@ -34,19 +43,21 @@ def test_bom_and_crlf_are_tolerated() -> None:
 
 
 def test_every_bad_line_is_reported_with_its_number() -> None:
-    data = b"\n".join([
-        b'{"prompt": "ok"}',
-        b'{"prompt": ',                                  # 2 invalid JSON
-        b'',                                             # blank, skipped
-        b'["not", "an", "object"]',                      # 4 not an object
-        b'{"prompt": "x", "messages": []}',              # 5 both inputs
-        b'{"prompt": "x", "extra": 1}',                  # 6 unknown field
-        b'{"prompt": "\xff\xfe"}',                       # 7 invalid UTF-8
-        b'{"prompt": "   "}',                            # 8 empty prompt
-        b'{"prompt": "q", "answers": ["", " "]}',        # 9 no non-empty answer
-        b'{"messages": [{"role": "user"}]}',             # 10 message without content
-        b'null',                                         # 11 null
-    ])
+    data = b"\n".join(
+        [
+            b'{"prompt": "ok"}',
+            b'{"prompt": ',  # 2 invalid JSON
+            b"",  # blank, skipped
+            b'["not", "an", "object"]',  # 4 not an object
+            b'{"prompt": "x", "messages": []}',  # 5 both inputs
+            b'{"prompt": "x", "extra": 1}',  # 6 unknown field
+            b'{"prompt": "\xff\xfe"}',  # 7 invalid UTF-8
+            b'{"prompt": "   "}',  # 8 empty prompt
+            b'{"prompt": "q", "answers": ["", " "]}',  # 9 no non-empty answer
+            b'{"messages": [{"role": "user"}]}',  # 10 message without content
+            b"null",  # 11 null
+        ]
+    )
     with pytest.raises(DataError) as info:
         parse_jsonl(data)
     details = info.value.details
@@ -83,6 +94,7 @@ def test_empty_dataset_is_an_error(data: bytes) -> None:
 # rendering and tokenization (SmolLM2's tokenizer, no model needed)
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_tokenizer_dir: Path):
     from transformers import AutoTokenizer
@@ -101,8 +113,10 @@ def test_chat_template_with_generation_prompt(tokenizer) -> None:
     text = render_prompt(CalibrationRow(prompt="What is 2+2?"), tokenizer)
     assert "<|im_start|>user\nWhat is 2+2?<|im_end|>" in text
     assert text.endswith("<|im_start|>assistant\n")
-    chat = render_prompt(CalibrationRow(messages=[{"role": "system", "content": "Be terse."},
-                                                  {"role": "user", "content": "Hi"}]), tokenizer)
+    chat = render_prompt(
+        CalibrationRow(messages=[{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]),
+        tokenizer,
+    )
     assert "<|im_start|>system\nBe terse.<|im_end|>" in chat and chat.endswith("<|im_start|>assistant\n")
 
 

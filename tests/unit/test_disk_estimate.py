@@ -10,8 +10,16 @@ from core.memory import ModelDims
 
 pytestmark = pytest.mark.unit
 
-DIMS = ModelDims(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                 vocab_size=1000, tie_word_embeddings=True)
+DIMS = ModelDims(
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    vocab_size=1000,
+    tie_word_embeddings=True,
+)
 
 
 def test_by_hand():

@@ -27,30 +27,35 @@ pytestmark = pytest.mark.unit
 
 # ------------------------------------------------------------------------------ normalisation
 
-@pytest.mark.parametrize("text, expected", [
-    ("The Eiffel Tower!", "eiffel tower"),
-    ("  Paris.  ", "paris"),
-    ("an apple and a pear", "apple and pear"),
-    ("Washington, D.C.", "washington d c"),
-    ("Bogotá", "bogota"),
-    ("São   Tomé", "sao tome"),
-    ("-5", "-5"),
-    ("x = -5", "x -5"),
-    ("3.5", "3.5"),
-    ("1,000", "1000"),            # a thousands separator joins digits
-    ("12,345,678", "12345678"),
-    ("1,2", "1 2"),               # not a thousands separator
-    ("end.", "end"),
-    ("well-known", "well known"),  # punctuation separates words, it does not glue them
-    ("10-5=5", "10 5 5"),
-    ("St.John's", "st john s"),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The Eiffel Tower!", "eiffel tower"),
+        ("  Paris.  ", "paris"),
+        ("an apple and a pear", "apple and pear"),
+        ("Washington, D.C.", "washington d c"),
+        ("Bogotá", "bogota"),
+        ("São   Tomé", "sao tome"),
+        ("-5", "-5"),
+        ("x = -5", "x -5"),
+        ("3.5", "3.5"),
+        ("1,000", "1000"),  # a thousands separator joins digits
+        ("12,345,678", "12345678"),
+        ("1,2", "1 2"),  # not a thousands separator
+        ("end.", "end"),
+        ("well-known", "well known"),  # punctuation separates words, it does not glue them
+        ("10-5=5", "10 5 5"),
+        ("St.John's", "st john s"),
+    ],
+)
 def test_normalize_answer_squad_style(text: str, expected: str) -> None:
     assert normalize_answer(text) == expected
 
 
-@pytest.mark.parametrize("text, expected", [("A", "a"), ("(A)", "a"), ("The", "the"), (" a  AN ", "a an"),
-                                            (".", "."), ("?!", "?!")])
+@pytest.mark.parametrize(
+    "text, expected", [("A", "a"), ("(A)", "a"), ("The", "the"), (" a  AN ", "a an"), (".", "."), ("?!", "?!")]
+)
 def test_normalize_never_empties_a_non_empty_answer(text: str, expected: str) -> None:
     assert normalize_answer(text) == expected
 
@@ -102,20 +107,24 @@ def test_contains_match_whole_words() -> None:
     assert contains_match("the answer is 4.", ["4"]) == 1.0
 
 
-@pytest.mark.parametrize("generation, expected", [
-    ("Paris", "Paris"),
-    ("  Paris.\nIt is in France.", "Paris."),
-    ("\n\nAnswer: 42\nbecause", "42"),
-    ("Final answer: **Lima**", "Lima"),
-    ("`7`", "7"),
-    ("", ""),
-    ("Paris<|im_end|>junk", "Paris"),
-])
+@pytest.mark.parametrize(
+    "generation, expected",
+    [
+        ("Paris", "Paris"),
+        ("  Paris.\nIt is in France.", "Paris."),
+        ("\n\nAnswer: 42\nbecause", "42"),
+        ("Final answer: **Lima**", "Lima"),
+        ("`7`", "7"),
+        ("", ""),
+        ("Paris<|im_end|>junk", "Paris"),
+    ],
+)
 def test_first_line_answer(generation: str, expected: str) -> None:
     assert first_line_answer(generation, stop_strings=["<|im_end|>"]) == expected
 
 
 # ------------------------------------------------------------------------------ bootstrap
+
 
 def test_bootstrap_ci_is_seeded_and_brackets_the_mean() -> None:
     rng = np.random.default_rng(0)
@@ -157,6 +166,7 @@ def test_score_predictions_aggregates() -> None:
 
 # ------------------------------------------------------------------------------ models
 
+
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -166,13 +176,19 @@ def tiny(tiny_llama_dir: Path):
     return model, tokenizer
 
 
-PROMPTS = ["What is the capital of France?", "2 + 2 =", "Name a colour.",
-           "A much longer prompt so that the batch really needs left padding to line up the ends."]
+PROMPTS = [
+    "What is the capital of France?",
+    "2 + 2 =",
+    "Name a colour.",
+    "A much longer prompt so that the batch really needs left padding to line up the ends.",
+]
 
 
 def _rendered(tokenizer) -> list[str]:
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                          add_generation_prompt=True) for p in PROMPTS]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in PROMPTS
+    ]
 
 
 def test_generate_greedy_batched_equals_unbatched(tiny) -> None:
@@ -190,8 +206,9 @@ def test_generate_greedy_accepts_token_ids(tiny) -> None:
     model, tokenizer = tiny
     prompts = _rendered(tokenizer)
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    assert generate_greedy(model, tokenizer, ids, max_new_tokens=6, batch_size=3) == \
-        generate_greedy(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    assert generate_greedy(model, tokenizer, ids, max_new_tokens=6, batch_size=3) == generate_greedy(
+        model, tokenizer, prompts, max_new_tokens=6, batch_size=2
+    )
 
 
 def test_generate_greedy_matches_manual_argmax_loop(tiny) -> None:
@@ -208,8 +225,10 @@ def test_generate_greedy_matches_manual_argmax_loop(tiny) -> None:
             out.append(nxt)
             ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
     expected = tokenizer.decode(out, skip_special_tokens=True)
-    assert generate_greedy(model, tokenizer, [prompt, _rendered(tokenizer)[3]], max_new_tokens=5,
-                           batch_size=2)[0] == expected
+    assert (
+        generate_greedy(model, tokenizer, [prompt, _rendered(tokenizer)[3]], max_new_tokens=5, batch_size=2)[0]
+        == expected
+    )
 
 
 def test_evaluate_generation_with_render_callable(tiny) -> None:
@@ -219,19 +238,18 @@ def test_evaluate_generation_with_render_callable(tiny) -> None:
 
     def render(row):
         seen.append(row["q"])
-        return tokenizer.apply_chat_template([{"role": "user", "content": row["q"]}],
-                                             tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["q"]}], tokenize=False, add_generation_prompt=True
+        )
 
     generations = generate_greedy(model, tokenizer, _rendered(tokenizer), max_new_tokens=6)
     # golds = what the model itself says, so every item must score 1
     golds = [[first_line_answer(g)] if first_line_answer(g) else ["<none>"] for g in generations]
-    result = evaluate_generation(model, tokenizer, rows, golds, render=render, max_new_tokens=6,
-                                 batch_size=2)
+    result = evaluate_generation(model, tokenizer, rows, golds, render=render, max_new_tokens=6, batch_size=2)
     assert seen == PROMPTS
     assert isinstance(result, GenerationEval)
     assert result.generations == generations
-    expected_em = [1.0 if first_line_answer(g) and normalize_answer(first_line_answer(g)) else 0.0
-                   for g in generations]
+    expected_em = [1.0 if first_line_answer(g) and normalize_answer(first_line_answer(g)) else 0.0 for g in generations]
     assert result.em == expected_em
     assert result.n == len(PROMPTS)
     assert set(result.to_dict()) >= {"exact_match", "f1", "contains", "items"}

@@ -3,10 +3,10 @@ tiny Llama GGUF that transformers loads back to our dequantized weights."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
+from export_helpers import MIXED, make_spec, quantize_model
 from gguf import GGMLQuantizationType, GGUFReader, dequantize
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -16,14 +16,21 @@ from core.export.ggml_blocks import encode_quantized, requantize
 from core.export.gguf import gguf_tensor_name, rope_row_permutation
 from core.quant.primitives import dequantize_weight, quantize_weight
 
-from export_helpers import MIXED, make_spec, quantize_model
-
 pytestmark = pytest.mark.unit
 
-TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-                  "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                  "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
-                  "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix", "tokenizer.chat_template")
+TOKENIZER_KEYS = (
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.padding_token_id",
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_space_prefix",
+    "tokenizer.chat_template",
+)
 
 
 def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -36,6 +43,7 @@ def ggml_dequant(encoded) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ blocks
+
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -107,6 +115,7 @@ def test_requantizers_round_trip_through_gguf_reference(qtype):
 
 # ------------------------------------------------------------------------------------------ layout
 
+
 @pytest.mark.parametrize("rows, heads", [(96, 4), (48, 2), (576, 9), (192, 3)])
 def test_rope_permutation_is_undone_by_the_transformers_gguf_loader(rows, heads):
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
@@ -122,8 +131,12 @@ def test_pre_tokenizer_names():
     from core.export.gguf import _pre_tokenizer_name
 
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
-    smollm = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True}, byte_level]}}
+    smollm = {
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level],
+        }
+    }
     assert _pre_tokenizer_name(smollm) == "smollm"
     assert _pre_tokenizer_name({"pre_tokenizer": byte_level}) == "gpt-2"
     assert _pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}) == "default"
@@ -139,6 +152,7 @@ def test_tensor_names():
 
 
 # ------------------------------------------------------------------------------------------ files
+
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_tiny_gguf_loads_in_transformers_with_our_weights(tiny, tmp_path, symmetric):
@@ -171,8 +185,9 @@ def test_tiny_gguf_loads_in_transformers_with_our_weights(tiny, tmp_path, symmet
         else:
             assert float((got - ours).abs().max()) <= float(ours.abs().max()) / 127, name
     for name in ("model.layers.2.mlp.up_proj", "model.embed_tokens", "model.norm"):
-        torch.testing.assert_close(loaded.get_submodule(name).weight,
-                                   model.get_submodule(name).weight.half().float(), rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded.get_submodule(name).weight, model.get_submodule(name).weight.half().float(), rtol=0, atol=0
+        )
 
     gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     for text in ("The capital of France is 12345.", "def f(x):\n    return x ** 2"):
@@ -226,8 +241,9 @@ def test_source_gguf_of_another_model_is_rejected(tiny, tmp_path, smollm2_path):
     model, tokenizer = tiny
     bits, weights = quantize_model(model, MIXED, 32, False)
     with pytest.raises(ExportError, match="does not describe this model"):
-        export_gguf(model, tokenizer, weights, bits, make_spec(32, False), tmp_path / "x.gguf",
-                    source_gguf=smollm2_path)
+        export_gguf(
+            model, tokenizer, weights, bits, make_spec(32, False), tmp_path / "x.gguf", source_gguf=smollm2_path
+        )
     assert not (tmp_path / "x.gguf").exists()  # no partial file
 
 
@@ -243,7 +259,15 @@ def test_non_llama_models_are_rejected(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).eval()
     with pytest.raises(ExportError, match="llama-architecture"):
         export_gguf(model, None, {}, {"model.layers.0": 16}, make_spec(32, False), tmp_path / "q.gguf")

@@ -8,17 +8,16 @@ import json
 
 import pytest
 import torch
+from export_helpers import MIXED, make_spec, quantize_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from core.errors import ExportError
 from core.export import export_hf
-from core.export.hf import choose_strategy, quantized_tensors
 from core.export._common import LinearPlan
+from core.export.hf import choose_strategy, quantized_tensors
 from core.modules import named_linears
 from core.quant.primitives import dequantize_weight, quantize_weight
-
-from export_helpers import MIXED, make_spec, quantize_model
 
 pytestmark = pytest.mark.unit
 
@@ -82,8 +81,13 @@ def test_config_groups_target_exactly_the_linears_of_each_width(tiny, tmp_path):
     model, tokenizer = tiny
     bits, weights = quantize_model(model, MIXED, 32, False)
     files = export_hf(model, tokenizer, weights, bits, make_spec(32, False), tmp_path / "hf")
-    assert {f.name for f in files} >= {"config.json", "model.safetensors", "generation_config.json",
-                                       "tokenizer.json", "tokenizer_config.json"}
+    assert {f.name for f in files} >= {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     assert [f.name for f in files] == sorted(f.name for f in files)
     assert all(f.path == tmp_path / "hf" / f.name for f in files)
     assert not (tmp_path / "hf" / "model.safetensors.index.json").exists()  # one file below the shard size
@@ -129,11 +133,13 @@ def test_export_is_byte_identical_across_runs(tiny, tmp_path):
 
 
 def test_strategy_choice():
-    plans = [LinearPlan(name="x", layer="l", bits=4, shape=(8, 96)), LinearPlan(name="y", layer="l", bits=16,
-                                                                               shape=(8, 100))]
+    plans = [
+        LinearPlan(name="x", layer="l", bits=4, shape=(8, 96)),
+        LinearPlan(name="y", layer="l", bits=16, shape=(8, 100)),
+    ]
     assert choose_strategy(plans, 32, True) == "group"
-    assert choose_strategy(plans, 32, False) == "block"   # transformers can't load asym group
-    assert choose_strategy(plans, 64, True) == "block"    # 64 does not divide 96
+    assert choose_strategy(plans, 32, False) == "block"  # transformers can't load asym group
+    assert choose_strategy(plans, 64, True) == "block"  # 64 does not divide 96
     assert choose_strategy(plans, 32, False, "group") == "group"
     assert choose_strategy(plans[1:], 64, True) == "group"  # nothing quantized
     with pytest.raises(ExportError, match="divide"):
@@ -155,8 +161,10 @@ def test_group_layout_decompresses_with_compressed_tensors(tiny, bits):
     tensors = quantized_tensors(q, "group")
     assert tensors["weight_zero_point"].dtype == torch.int32
     assert tuple(tensors["weight_zero_point"].shape) == (-(-192 * bits // 32), 3)
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=bits, type="int", symmetric=False, strategy="group", group_size=32))
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=32),
+    )
     # compressed-tensors dequantizes in the scale's dtype; a float32 model (as transformers loads
     # it with dtype=float32) holds float32 scales, where scale * (code - zero) is exact
     tensors["weight_scale"] = tensors["weight_scale"].float()
@@ -173,8 +181,10 @@ def test_block_layout_decompresses_padded_groups_with_compressed_tensors(tiny):
     q = quantize_weight(weight, 4, 64, symmetric=False)
     tensors = quantized_tensors(q, "block")
     assert tensors["weight_zero_point"].dtype == torch.int8 and tuple(tensors["weight_scale"].shape) == (96, 2)
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=4, type="int", symmetric=False, strategy="block", block_structure=[1, 64]))
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="block", block_structure=[1, 64]),
+    )
     tensors["weight_scale"] = tensors["weight_scale"].float()
     out = PackedQuantizationCompressor.decompress(dict(tensors), scheme)
     torch.testing.assert_close(out["weight"], dequantize_weight(q), rtol=0, atol=0)
@@ -196,8 +206,9 @@ def test_inconsistent_inputs_are_export_errors(tiny, tmp_path):
         export_hf(model, tokenizer, extra, bits, spec, tmp_path / "b")
 
     with pytest.raises(ExportError, match="no width"):
-        export_hf(model, tokenizer, weights, {k: v for k, v in bits.items() if k != "model.layers.3"},
-                  spec, tmp_path / "c")
+        export_hf(
+            model, tokenizer, weights, {k: v for k, v in bits.items() if k != "model.layers.3"}, spec, tmp_path / "c"
+        )
 
     # checked when each weight is loaded, mid-write: the partial directory is removed
     with pytest.raises(ExportError, match="spec asks"):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from export_helpers import MIXED, make_spec, quantize_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
@@ -23,8 +24,6 @@ from core.export import export_gguf, export_hf
 from core.export._common import Fp16Parts, to_fp16
 from core.export.manifest import hf_storage
 from core.export.safetensors_stream import SafetensorsStreamWriter, TensorSpec, write_safetensors
-
-from export_helpers import MIXED, make_spec, quantize_model
 
 pytestmark = pytest.mark.unit
 
@@ -98,8 +97,11 @@ def untied(model):
 
 def expected_fetches(model, weights) -> set[str]:
     tied = model.config.tie_word_embeddings
-    return {k for k in model.state_dict()
-            if k.removesuffix(".weight") not in weights and not (tied and k == "lm_head.weight")}
+    return {
+        k
+        for k in model.state_dict()
+        if k.removesuffix(".weight") not in weights and not (tied and k == "lm_head.weight")
+    }
 
 
 def sha(path: Path) -> str:
@@ -107,6 +109,7 @@ def sha(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------ exports
+
 
 @pytest.mark.parametrize("head", ["tied", "untied"])
 def test_skeleton_fetcher_and_lazy_weights_give_the_in_memory_bytes(tiny, tmp_path, head):
@@ -128,7 +131,9 @@ def test_skeleton_fetcher_and_lazy_weights_give_the_in_memory_bytes(tiny, tmp_pa
             got = export_gguf(empty, tokenizer, lazy, bits, spec, tmp_path / "m.gguf", tensors=fetch)
             assert (got.size, got.sha256) == (ref.size, ref.sha256)
             assert got.path.read_bytes() == ref.path.read_bytes()
-        assert tracker.reads == {**{k: 1 for k in expected_fetches(model, weights)}, **{k: 1 for k in weights}}, kind
+        assert tracker.reads == {**dict.fromkeys(expected_fetches(model, weights), 1), **dict.fromkeys(weights, 1)}, (
+            kind
+        )
         # one tensor or weight handed out at a time, none kept after the export
         assert tracker.max_alive == 0 and tracker.alive() == 0, kind
 
@@ -150,8 +155,11 @@ def test_float16_tensors_written_by_row_slices_give_the_same_bytes(tiny, tmp_pat
     assert sliced_gguf.sha256 == whole_gguf.sha256
 
 
-@pytest.mark.parametrize("widths, group_size, symmetric", [((2, 3, 16, 8), 16, False), ((4, 8, 4, 16), 64, True)],
-                         ids=["requantized-g16", "padded-g64"])
+@pytest.mark.parametrize(
+    "widths, group_size, symmetric",
+    [((2, 3, 16, 8), 16, False), ((4, 8, 4, 16), 64, True)],
+    ids=["requantized-g16", "padded-g64"],
+)
 def test_one_fetched_tensor_or_weight_alive_at_a_time(tiny, tmp_path, widths, group_size, symmetric):
     """Nothing the exporters read is kept: when the next tensor or weight is read, every earlier
     one has been freed (weak references), through every conversion path and with shards."""
@@ -159,10 +167,13 @@ def test_one_fetched_tensor_or_weight_alive_at_a_time(tiny, tmp_path, widths, gr
     bits, weights = quantize_model(model, widths, group_size, symmetric)
     spec = make_spec(group_size, symmetric)
     empty = skeleton(model)
-    runs = {"hf": lambda w, f: export_hf(empty, tokenizer, w, bits, spec, tmp_path / "hf", tensors=f),
-            "hf-sharded": lambda w, f: export_hf(empty, tokenizer, w, bits, spec, tmp_path / "sh", tensors=f,
-                                                 max_shard_bytes=100_000),
-            "gguf": lambda w, f: export_gguf(empty, tokenizer, w, bits, spec, tmp_path / "m.gguf", tensors=f)}
+    runs = {
+        "hf": lambda w, f: export_hf(empty, tokenizer, w, bits, spec, tmp_path / "hf", tensors=f),
+        "hf-sharded": lambda w, f: export_hf(
+            empty, tokenizer, w, bits, spec, tmp_path / "sh", tensors=f, max_shard_bytes=100_000
+        ),
+        "gguf": lambda w, f: export_gguf(empty, tokenizer, w, bits, spec, tmp_path / "m.gguf", tensors=f),
+    }
     for kind, run in runs.items():
         tracker = Tracker()
         run(LazyWeights(weights, tracker), Fetcher(model, tracker))
@@ -176,8 +187,16 @@ def test_sharded_directory_loads_in_transformers_like_the_single_file(tiny, tmp_
     spec = make_spec(32, False)
     single = export_hf(model, tokenizer, weights, bits, spec, tmp_path / "one")
     tracker = Tracker()
-    sharded = export_hf(skeleton(model), tokenizer, LazyWeights(weights, tracker), bits, spec, tmp_path / "many",
-                        tensors=Fetcher(model, tracker), max_shard_bytes=200_000)
+    sharded = export_hf(
+        skeleton(model),
+        tokenizer,
+        LazyWeights(weights, tracker),
+        bits,
+        spec,
+        tmp_path / "many",
+        tensors=Fetcher(model, tracker),
+        max_shard_bytes=200_000,
+    )
     assert tracker.max_alive == 0
 
     names = [f.name for f in sharded]
@@ -185,7 +204,9 @@ def test_sharded_directory_loads_in_transformers_like_the_single_file(tiny, tmp_
     n = len(shards)
     assert n >= 3 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     assert "model.safetensors" not in names and "model.safetensors.index.json" in names
-    assert {f.name for f in single} - {"model.safetensors"} == set(names) - set(shards) - {"model.safetensors.index.json"}
+    assert {f.name for f in single} - {"model.safetensors"} == set(names) - set(shards) - {
+        "model.safetensors.index.json"
+    }
 
     index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
     stored, total = {}, 0
@@ -206,8 +227,9 @@ def test_sharded_directory_loads_in_transformers_like_the_single_file(tiny, tmp_
     for key in stored:
         if key.endswith(".weight_packed"):
             module = key.removesuffix(".weight_packed")
-            assert {index["weight_map"][k] for k in index["weight_map"] if k.startswith(module + ".")} == \
-                {index["weight_map"][key]}
+            assert {index["weight_map"][k] for k in index["weight_map"] if k.startswith(module + ".")} == {
+                index["weight_map"][key]
+            }
     with safe_open(str(tmp_path / "one" / "model.safetensors"), framework="pt") as f:
         assert set(f.keys()) == set(stored)
         for key in f.keys():
@@ -272,6 +294,7 @@ def test_streaming_gguf_equals_gguf_py_in_memory_writer(tiny, tmp_path):
 
 # ------------------------------------------------------------------------------------------ safetensors writer
 
+
 def sample_tensors() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     return {
@@ -280,7 +303,7 @@ def sample_tensors() -> dict[str, torch.Tensor]:
         "b.bf16": torch.randn(7, generator=gen).bfloat16(),
         "c.f32": torch.randn(2, 3, 4, generator=gen),
         "d.i64": torch.tensor([96, 192]),
-        "e.i32": torch.randint(-2**31, 2**31 - 1, (3, 2), dtype=torch.int32, generator=gen),
+        "e.i32": torch.randint(-(2**31), 2**31 - 1, (3, 2), dtype=torch.int32, generator=gen),
         "f.u8": torch.arange(9, dtype=torch.uint8),
         "g.bool": torch.tensor([True, False, True]),
         "h.scalar": torch.tensor(3.5),
@@ -307,7 +330,7 @@ def test_streaming_safetensors_round_trip_and_determinism(tmp_path):
             assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
             assert torch.equal(got, tensor), name
     # stored in the order given
-    header = json.loads(data[8:8 + header_len])
+    header = json.loads(data[8 : 8 + header_len])
     assert [k for k in header if k != "__metadata__"] == list(tensors)
 
 
@@ -316,7 +339,7 @@ def test_same_bytes_as_the_safetensors_library_in_its_order(tmp_path):
     tensors = sample_tensors()
     save_file(tensors, str(tmp_path / "lib.safetensors"), metadata={"format": "pt"})
     data = (tmp_path / "lib.safetensors").read_bytes()
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
     ours = write_safetensors(tmp_path / "ours.safetensors", {k: tensors[k] for k in order}, {"format": "pt"})
     assert ours.path.read_bytes() == data
@@ -343,8 +366,8 @@ def test_streaming_writer_refuses_what_was_not_planned(tmp_path):
 
 
 def test_fp16_conversion_refuses_overflow_in_any_slice_and_passes_source_nan(monkeypatch) -> None:
-    from core.export import _common
     from core.errors import ExportError
+    from core.export import _common
 
     monkeypatch.setattr(_common, "_FINITE_CHECK_ELEMENTS", 4)  # 3 slices of a 3×4 tensor
     value = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)

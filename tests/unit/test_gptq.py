@@ -101,8 +101,9 @@ def test_non_dividing_group_padding_never_reaches_the_output(symmetric: bool) ->
     assert q.codes.shape == (32, 640) and q.scale.shape == (32, 5)
     zero = q.zero_points()[:, -1:].expand(32, 64)
     assert torch.equal(q.codes[:, 576:], zero)  # padding = zero point -> dequantizes to 0
-    full = ((q.codes.float().reshape(32, 5, 128) - q.zero_points().float().unsqueeze(-1))
-            * q.scale.float().unsqueeze(-1)).reshape(32, 640)
+    full = (
+        (q.codes.float().reshape(32, 5, 128) - q.zero_points().float().unsqueeze(-1)) * q.scale.float().unsqueeze(-1)
+    ).reshape(32, 640)
     assert bool((full[:, 576:] == 0).all())
     assert dequantize_weight(q).shape == (32, 576)
     assert output_error(x, w, q) <= 0.9 * output_error(x, w, rtn)
@@ -199,8 +200,12 @@ def test_spec_quantizer_field() -> None:
         JobSpec(**base, quantizer="gptq")
     with pytest.raises(ValidationError, match="gptq"):  # a reused profile carries no activations
         JobSpec(**dict(base, method="taq"), quantizer="gptq", profile_from_job_id="job_1")
-    assert JobSpec(**dict(base, method="taq"), quantizer="gptq", profile_from_job_id="job_1",
-                   calibration=ROWS).profile_from_job_id == "job_1"
+    assert (
+        JobSpec(
+            **dict(base, method="taq"), quantizer="gptq", profile_from_job_id="job_1", calibration=ROWS
+        ).profile_from_job_id
+        == "job_1"
+    )
     with pytest.raises(ValidationError):
         JobSpec(**base, quantizer="awq", calibration=ROWS)
 
@@ -252,8 +257,11 @@ def test_in_place_factor_equals_the_out_of_place_one(dtype: torch.dtype) -> None
         return fresh
 
     kept = h.clone()
-    for upper in (inverse_hessian_factor(h, dtype=dtype), inverse_hessian_factor(build, dtype=dtype),
-                  inverse_hessian_factor(h.clone(), dtype=dtype, overwrite=True)):
+    for upper in (
+        inverse_hessian_factor(h, dtype=dtype),
+        inverse_hessian_factor(build, dtype=dtype),
+        inverse_hessian_factor(h.clone(), dtype=dtype, overwrite=True),
+    ):
         assert torch.equal(upper, ref) and upper.stride() == ref.stride() and upper.dtype == dtype
     assert torch.equal(h, kept)  # a tensor without overwrite is left alone
     if dtype == torch.float32:  # no conversion: the builder's matrix became the factor
@@ -306,8 +314,11 @@ def test_layer_gptq_codes_equal_the_out_of_place_factor() -> None:
     from core.quant.layer import LayerInputs, quantize_layer
 
     g = torch.Generator().manual_seed(23)
-    linears = {"gate": nn.Linear(192, 40, bias=False), "up": nn.Linear(192, 24, bias=False),
-               "down": nn.Linear(40, 192, bias=False)}
+    linears = {
+        "gate": nn.Linear(192, 40, bias=False),
+        "up": nn.Linear(192, 24, bias=False),
+        "down": nn.Linear(40, 192, bias=False),
+    }
     weights = {n: torch.randn(m.out_features, m.in_features, generator=g) * 0.05 for n, m in linears.items()}
     for n_tokens in (0, 10**6):  # raw rows, summed XᵀX
         inputs = LayerInputs(linears, n_tokens)
@@ -315,13 +326,13 @@ def test_layer_gptq_codes_equal_the_out_of_place_factor() -> None:
         with inputs.recording(), torch.no_grad():
             inputs.set_batch(None)
             linears["gate"](x), linears["up"](x), linears["down"](y)
-        got = quantize_layer(weights, inputs, [3, 4, 16], group_size=64, symmetric=False, gptq=True,
-                             clip_search=True)
+        got = quantize_layer(weights, inputs, [3, 4, 16], group_size=64, symmetric=False, gptq=True, clip_search=True)
         for lead, names in (("gate", ["gate", "up"]), ("down", ["down"])):
             upper = out_of_place_factor(inputs.hessian(lead))
             for bits in (3, 4):
-                want = gptq_quantize_weights({n: weights[n] for n in names}, None, bits, 64, False,
-                                             clip_search=True, upper=upper)
+                want = gptq_quantize_weights(
+                    {n: weights[n] for n in names}, None, bits, 64, False, clip_search=True, upper=upper
+                )
                 for name in names:
                     assert torch.equal(got.codes[bits][name].codes, want[name].codes)
                     assert torch.equal(got.codes[bits][name].scale, want[name].scale)

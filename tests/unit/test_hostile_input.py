@@ -39,8 +39,15 @@ def test_range_numbers_past_64_bits_are_malformed_and_ignored():
     assert parse_range("bytes=10-19", 100) == (10, 19)
 
 
-@pytest.mark.parametrize("cursor", ["W" * 5000, base64.urlsafe_b64encode(b"[" * 100000 + b"]" * 100000).decode()[:200],
-                                    base64.urlsafe_b64encode(b'[[[[["x"]]]], 1]').decode(), "!!!"])
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "W" * 5000,
+        base64.urlsafe_b64encode(b"[" * 100000 + b"]" * 100000).decode()[:200],
+        base64.urlsafe_b64encode(b'[[[[["x"]]]], 1]').decode(),
+        "!!!",
+    ],
+)
 def test_foreign_cursors_are_400(cursor):
     with pytest.raises(InvalidRequest, match="invalid cursor"):
         decode_cursor(cursor)
@@ -59,6 +66,8 @@ def test_budget_lists_are_bounded_and_distinct_at_a_hundredth_of_a_bit():
 def test_server_paths_are_cut_to_their_last_component():
     message = "file /srv/taq/models/tiny/model.safetensors is truncated; tried: /srv/taq/models/x/ (no model directory)"
     assert redact_text(message) == "file …/model.safetensors is truncated; tried: …/x/ (no model directory)"
-    assert redact_text("see GET /v1/models or http://127.0.0.1:8000/v1/jobs/x") == \
-        "see GET /v1/models or http://127.0.0.1:8000/v1/jobs/x"
+    assert (
+        redact_text("see GET /v1/models or http://127.0.0.1:8000/v1/jobs/x")
+        == "see GET /v1/models or http://127.0.0.1:8000/v1/jobs/x"
+    )
     assert redact_paths({"/a/b/c.gguf": ["/d/e/f.json", 3]}) == {"…/c.gguf": ["…/f.json", 3]}

@@ -9,19 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from export_helpers import MIXED, quantize_model
+from export_helpers import make_spec as _make_spec
 
 from core.export import build_manifest, export_gguf, export_hf, file_sha256, library_versions, write_manifest
 from core.export.manifest import hf_storage
 from core.types import effective_bits
-
-from export_helpers import MIXED, make_spec as _make_spec, quantize_model
 
 pytestmark = pytest.mark.unit
 
 
 def make_spec(group_size: int, symmetric: bool):
     return _make_spec(group_size, symmetric, seed=7, bit_choices=[4, 8, 16])
-
 
 
 def allocator_bits(weights, group_size, symmetric) -> float:
@@ -75,8 +74,10 @@ def test_manifest_content_and_byte_identical_rerun(tiny, tmp_path):
     first = write_manifest(tmp_path / "a", manifest)
     # a second export of the same inputs gives the same manifest bytes
     spec2, bits2, weights2, files2 = export_all(tiny, tmp_path / "b")
-    second = write_manifest(tmp_path / "b", build_manifest(spec2, "tiny-llama", "ab" * 32, bits2,
-                                                           allocator_bits(weights2, 32, True), files2, versions))
+    second = write_manifest(
+        tmp_path / "b",
+        build_manifest(spec2, "tiny-llama", "ab" * 32, bits2, allocator_bits(weights2, 32, True), files2, versions),
+    )
     assert first.name == "manifest.json"
     assert first.read_bytes() == second.read_bytes()
     assert json.loads(first.read_text()) == manifest
@@ -95,8 +96,11 @@ def test_hashes_from_the_exporters_give_the_same_manifest(tiny, tmp_path):
     assert build_manifest(spec, "tiny-llama", None, bits, 4.5, files, {}, hashes=hashes) == plain
     # the given hashes are used as they are, not recomputed
     fake = dict(hashes, **{"model.gguf": (1, "0" * 64)})
-    entry = next(e for e in build_manifest(spec, "tiny-llama", None, bits, 4.5, files, {}, hashes=fake)["files"]
-                 if e["name"] == "model.gguf")
+    entry = next(
+        e
+        for e in build_manifest(spec, "tiny-llama", None, bits, 4.5, files, {}, hashes=fake)["files"]
+        if e["name"] == "model.gguf"
+    )
     assert entry == {"name": "model.gguf", "size": 1, "sha256": "0" * 64}
 
 

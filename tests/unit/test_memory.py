@@ -10,19 +10,39 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.memory import (RUNTIME_BYTES, ModelDims, estimate_job_memory, generation_bytes, gguf_model_dims,
-                         read_model_dims)
+from core.memory import (
+    RUNTIME_BYTES,
+    ModelDims,
+    estimate_job_memory,
+    generation_bytes,
+    gguf_model_dims,
+    read_model_dims,
+)
 from core.models import ModelSource, load_model, parameter_count
 
 pytestmark = pytest.mark.unit
 
 # HuggingFaceTB/SmolLM2-135M-Instruct config.json (the fields the estimate reads)
-SMOLLM2_CONFIG = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
-                  "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-                  "vocab_size": 49152, "tie_word_embeddings": True}
+SMOLLM2_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+}
 SMOLLM2_PARAMS = 134_515_008
-LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
+LLAMA_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
 
 
 def test_smollm2_config_gives_exact_parameters_and_layer_terms() -> None:
@@ -43,16 +63,18 @@ def test_smollm2_config_gives_exact_parameters_and_layer_terms() -> None:
 
 def test_layer_terms_by_hand() -> None:
     dims = ModelDims.from_config(SMOLLM2_CONFIG)
-    est = estimate_job_memory(dims, method="taq", calibration_rows=4, max_tokens=100, activation_ram_bytes=0,
-                              widths=2, group_size=128)
+    est = estimate_job_memory(
+        dims, method="taq", calibration_rows=4, max_tokens=100, activation_ram_bytes=0, widths=2, group_size=128
+    )
     phases = est.phases
     tokens = 400
     inputs = 4 * (min(tokens, 576) * 576 * 3 + min(tokens, 1536) * 1536)  # X rows: fewer tokens than features
     layer = 3_538_944
     codes = 2 * (layer + layer // 128 * 4) + 4 * dims.largest_linear * 4
     assert phases["layer pass"] >= layer * 4 + inputs + codes
-    gptq = estimate_job_memory(dims, method="taq", calibration_rows=4, max_tokens=100, activation_ram_bytes=0,
-                               quantizer="gptq")
+    gptq = estimate_job_memory(
+        dims, method="taq", calibration_rows=4, max_tokens=100, activation_ram_bytes=0, quantizer="gptq"
+    )
     # GPTQ's worst group, down_proj here: its float64 factor built in place (plus the float32 H
     # while converting, then the factor's float32 copy) and the sweep over its rows (float32 working
     # copy and block update, uint8 codes three times); gate/up's sweep is larger, its factor smaller.
@@ -72,8 +94,9 @@ def test_terms_follow_method_device_rows_and_evaluation() -> None:
     # probe streams: one per layer by the last layer (taq_kl: prompts; taqo: prompts + answers)
     assert kl.phases["layer pass"] > taq.phases["layer pass"] and taqo.phases["layer pass"] > taq.phases["layer pass"]
     assert "scoring head" in kl.phases and "scoring head" in taqo.phases and "scoring head" not in taq.phases
-    capped = estimate_job_memory(dims, method="taq_kl", calibration_rows=256, max_tokens=256,
-                                 activation_ram_bytes=1 << 30)
+    capped = estimate_job_memory(
+        dims, method="taq_kl", calibration_rows=256, max_tokens=256, activation_ram_bytes=1 << 30
+    )
     assert capped.phases["layer pass"] < kl.phases["layer pass"]  # spilled beyond the RAM limit
     no_rows = estimate_job_memory(dims, method="uniform", calibration_rows=0, max_tokens=256)
     assert "linear_inputs" not in no_rows.terms and no_rows.phases["layer pass"] < taq.phases["layer pass"]
@@ -97,8 +120,7 @@ def test_an_8b_model_fits_a_small_worker_when_streamed() -> None:
     dims = ModelDims.from_config(LLAMA_8B)
     assert dims.parameters == 8_030_261_248
     rtn = estimate_job_memory(dims, method="taq", calibration_rows=8, max_tokens=128, source_bytes=2)
-    gptq = estimate_job_memory(dims, method="taq", calibration_rows=8, max_tokens=128, quantizer="gptq",
-                               source_bytes=2)
+    gptq = estimate_job_memory(dims, method="taq", calibration_rows=8, max_tokens=128, quantizer="gptq", source_bytes=2)
     assert rtn.total_gib < 4.5 and gptq.total_gib < 6.0  # issue 12: ≤ 6 GiB for GPTQ
     assert gptq.phase == "layer pass"
     # one [in, in] matrix per factorisation, in place: gate/up (float64 factor of 4096 inputs, the
@@ -113,25 +135,42 @@ def test_packaged_gguf_header_matches_the_config(smollm2_path: Path) -> None:
     dims = gguf_model_dims(smollm2_path)
     config_dims = ModelDims.from_config(SMOLLM2_CONFIG)
     assert dims.exact_parameters == SMOLLM2_PARAMS  # counted from the tensor shapes
-    assert (dims.hidden_size, dims.intermediate_size, dims.num_layers, dims.num_heads, dims.num_kv_heads,
-            dims.head_dim, dims.vocab_size, dims.tie_word_embeddings) == (576, 1536, 30, 9, 3, 64, 49152, True)
+    assert (
+        dims.hidden_size,
+        dims.intermediate_size,
+        dims.num_layers,
+        dims.num_heads,
+        dims.num_kv_heads,
+        dims.head_dim,
+        dims.vocab_size,
+        dims.tie_word_embeddings,
+    ) == (576, 1536, 30, 9, 3, 64, 49152, True)
     assert dims.hessian_elements_per_layer == config_dims.hessian_elements_per_layer
-    source = ModelSource(model_id="smollm2", kind="gguf", path=smollm2_path.parent, gguf_file=smollm2_path.name,
-                         weights_format="gguf")
+    source = ModelSource(
+        model_id="smollm2", kind="gguf", path=smollm2_path.parent, gguf_file=smollm2_path.name, weights_format="gguf"
+    )
     assert read_model_dims(source) == dims
 
 
 def test_attention_width_and_nested_text_config() -> None:
     # Gemma 3 270M: 4 heads of 256 on a 640-wide model, so o_proj's input is 1024, not 640
-    gemma = {"text_config": {"hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18,
-                             "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
-                             "vocab_size": 262144}, "tie_word_embeddings": True}
+    gemma = {
+        "text_config": {
+            "hidden_size": 640,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 18,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "head_dim": 256,
+            "vocab_size": 262144,
+        },
+        "tie_word_embeddings": True,
+    }
     dims = ModelDims.from_config(gemma)
     assert dims.attention_width == 1024
     assert dims.hessian_elements_per_layer == 640 * 640 * 2 + 1024 * 1024 + 2048 * 2048
     with pytest.raises(ValueError, match="intermediate_size"):
-        ModelDims.from_config({"hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1,
-                               "vocab_size": 10})
+        ModelDims.from_config({"hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1, "vocab_size": 10})
 
 
 def test_estimate_matches_the_real_tiny_model(tiny_llama_dir: Path) -> None:

@@ -11,8 +11,15 @@ import torch
 from torch import nn
 
 from core.errors import ModelNotFound, UnsafeModel, UnsupportedModel
-from core.models import (LoadedModel, ModelSource, layer_parameter_count, list_models, load_model,
-                         parameter_count, resolve_model)
+from core.models import (
+    LoadedModel,
+    ModelSource,
+    layer_parameter_count,
+    list_models,
+    load_model,
+    parameter_count,
+    resolve_model,
+)
 from core.modules import decoder_layers, decoder_stack, get_module, named_linears, set_module
 
 pytestmark = pytest.mark.unit
@@ -46,10 +53,15 @@ def empty_cache(tmp_path: Path) -> Path:
 # resolution
 # ---------------------------------------------------------------------------------------------
 
+
 def test_resolves_directory_gguf_and_nested(root: Path, empty_cache: Path) -> None:
     src = resolve_model("good", [root], {}, hf_cache_dir=empty_cache)
-    assert (src.kind, src.path, src.gguf_file, src.weights_format) == ("hf_dir", (root / "good").resolve(),
-                                                                      None, "safetensors")
+    assert (src.kind, src.path, src.gguf_file, src.weights_format) == (
+        "hf_dir",
+        (root / "good").resolve(),
+        None,
+        "safetensors",
+    )
     gguf = resolve_model("Tiny.Q4_1", [root], {}, hf_cache_dir=empty_cache)
     assert (gguf.kind, gguf.gguf_file, gguf.weights_format) == ("gguf", "Tiny.Q4_1.gguf", "gguf")
     assert gguf.file == (root / "Tiny.Q4_1.gguf").resolve()
@@ -72,8 +84,22 @@ def test_registry_entries_win_and_may_point_anywhere(tmp_path: Path, root: Path,
     assert (src.kind, src.path, src.gguf_file) == ("gguf", gguf.parent, "x.gguf")
 
 
-@pytest.mark.parametrize("bad", ["../models/good", "good/../good", "/etc", "~/x", "https://huggingface.co/x/y",
-                                 "file:///etc/passwd", "s3://bucket/model", "a\\b", "./good", "good//x", ""])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../models/good",
+        "good/../good",
+        "/etc",
+        "~/x",
+        "https://huggingface.co/x/y",
+        "file:///etc/passwd",
+        "s3://bucket/model",
+        "a\\b",
+        "./good",
+        "good//x",
+        "",
+    ],
+)
 def test_unsafe_ids_are_refused(bad: str, root: Path, empty_cache: Path) -> None:
     with pytest.raises(UnsafeModel):
         resolve_model(bad, [root], {}, hf_cache_dir=empty_cache)
@@ -159,6 +185,7 @@ def test_content_sha256_is_stable_and_content_sensitive(root: Path, empty_cache:
 # loading and modules
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_root: Path) -> LoadedModel:
     return load_model(resolve_model("tiny-llama", [tiny_model_root], {}, hf_cache_dir=tiny_model_root / "no-cache"))
@@ -168,8 +195,16 @@ def test_load_tiny_llama_layers(tiny: LoadedModel) -> None:
     assert [r.name for r in tiny.layers] == [f"model.layers.{i}" for i in range(4)]
     ref = tiny.layers[2]
     assert sorted(n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in ref.linears) == sorted(
-        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
+        [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
+    )
     assert all(n.startswith("model.layers.2.") for n in ref.linears)
     # 96*96*2 (q, o) + 96*48*2 (k, v: GQA) + 96*192*3 (mlp)
     assert ref.params == 96 * 96 * 2 + 96 * 48 * 2 + 96 * 192 * 3

@@ -26,7 +26,17 @@ def test_committed_openapi_matches_served_schema():
     served = _exporter().render()
     committed = committed_path.read_text()
     if served != committed:
-        diff = "".join(list(difflib.unified_diff(committed.splitlines(True), served.splitlines(True),
-                                                 "openapi.json (committed)", "served by api.main.create_app"))[:60])
-        pytest.fail("openapi.json is out of date with the API: run `make openapi` "
-                    "(python scripts/export_openapi.py > openapi.json) and commit the result.\n" + diff)
+        diff = "".join(
+            list(
+                difflib.unified_diff(
+                    committed.splitlines(True),
+                    served.splitlines(True),
+                    "openapi.json (committed)",
+                    "served by api.main.create_app",
+                )
+            )[:60]
+        )
+        pytest.fail(
+            "openapi.json is out of date with the API: run `make openapi` "
+            "(python scripts/export_openapi.py > openapi.json) and commit the result.\n" + diff
+        )

@@ -95,14 +95,17 @@ def test_quantized_codes_survive_packing() -> None:
     assert pack_codes(q.codes, 4).shape == (16, n // 2)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda: pack_codes(torch.tensor([[16]], dtype=torch.uint8), 4), "exceeds the 4-bit range"),
-    (lambda: pack_codes(torch.tensor([[1]], dtype=torch.int32), 4), "must be uint8"),
-    (lambda: pack_codes(torch.tensor([[1]], dtype=torch.uint8), 9), "1..8-bit"),
-    (lambda: unpack_codes(torch.zeros(1, 1, dtype=torch.uint8), 4, 3), "need 2 bytes"),
-    (lambda: unpack_int32(torch.zeros(1, 1, dtype=torch.int32), 4, 9), "need 2 int32 words"),
-    (lambda: unpack_int32(torch.zeros(1, 1, dtype=torch.uint8), 4, 1), "must be int32"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda: pack_codes(torch.tensor([[16]], dtype=torch.uint8), 4), "exceeds the 4-bit range"),
+        (lambda: pack_codes(torch.tensor([[1]], dtype=torch.int32), 4), "must be uint8"),
+        (lambda: pack_codes(torch.tensor([[1]], dtype=torch.uint8), 9), "1..8-bit"),
+        (lambda: unpack_codes(torch.zeros(1, 1, dtype=torch.uint8), 4, 3), "need 2 bytes"),
+        (lambda: unpack_int32(torch.zeros(1, 1, dtype=torch.int32), 4, 9), "need 2 int32 words"),
+        (lambda: unpack_int32(torch.zeros(1, 1, dtype=torch.uint8), 4, 1), "must be int32"),
+    ],
+)
 def test_invalid_inputs_raise(bad, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         bad()

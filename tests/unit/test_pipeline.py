@@ -13,6 +13,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline_helpers import (
+    LAYER_MESSAGE,
+    LAYER_PREFIX,
+    LAYERS,
+    ROWS,
+    Interrupted,
+    Recorder,
+    Run,
+    artifacts,
+    check_progress,
+    clone,
+    dequantized_model,
+    layer_blobs,
+    linear_inputs,
+    logits_gap,
+    make_spec,
+    output_error,
+    records,
+    run,
+    same_artifacts,
+    write_hf,
+)
 
 from core.allocation import layer_costs_from_profile
 from core.controls import allocate_uniform_mix
@@ -20,18 +42,24 @@ from core.data import encode_text, split_rows, tokenize_rows
 from core.errors import BudgetInfeasible, Cancelled, InvalidSpec
 from core.job_stages import CheckpointWeights
 from core.models import LoadedModel
-from core.pipeline import (STAGE_SHARES, STAGES, JobHooks, JobInputs, StagePlan, allocate_stage, budget_tag,
-                           linear_bits, overall_progress, reference_bits, run_job)
+from core.pipeline import (
+    STAGE_SHARES,
+    STAGES,
+    JobHooks,
+    JobInputs,
+    StagePlan,
+    allocate_stage,
+    budget_tag,
+    linear_bits,
+    overall_progress,
+    reference_bits,
+    run_job,
+)
 from core.quant.primitives import dequantize_weight
 from core.scorers.common import prompt_plan, select_rows
 from core.spec import CalibrationRow
 from core.streaming.checkpoints import LayerRecord, MemoryStore, load_codes, load_record
 from core.types import Profile, effective_bits
-
-from pipeline_helpers import (LAYER_MESSAGE, LAYER_PREFIX, LAYERS, ROWS, Interrupted, Recorder, Run, artifacts,
-                              check_progress, clone, dequantized_model, layer_blobs,
-                              linear_inputs, logits_gap, make_spec, output_error, records, run, same_artifacts,
-                              write_hf)
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
@@ -42,6 +70,7 @@ def base(source, tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 
 # ------------------------------------------------------------------------------ budgets and layout
+
 
 def test_budget_met_exactly_and_layers_share_bits(base: Run, loaded: LoadedModel) -> None:
     [allocation] = base.outputs.allocations
@@ -71,8 +100,14 @@ def test_budget_met_exactly_and_layers_share_bits(base: Run, loaded: LoadedModel
 
 def test_store_layout_and_reported_digests(base: Run) -> None:
     keys = set(base.store.objects)
-    assert {"artifacts/profile.json", "artifacts/profile.png", "artifacts/bitmap.json",
-            "artifacts/hf/config.json", "artifacts/hf/model.safetensors", "work/export-b6.json"} <= keys
+    assert {
+        "artifacts/profile.json",
+        "artifacts/profile.png",
+        "artifacts/bitmap.json",
+        "artifacts/hf/config.json",
+        "artifacts/hf/model.safetensors",
+        "work/export-b6.json",
+    } <= keys
     assert records(base.store) == [0, 1, 2, 3]
     for i in range(4):
         record = LayerRecord.from_json(base.store.get_bytes(f"{LAYER_PREFIX}/layers/{i:05d}.json"))
@@ -100,13 +135,15 @@ def test_same_inputs_give_byte_identical_artifacts(base: Run, source) -> None:
     again = run(make_spec(), source)
     assert artifacts(again.store) == artifacts(base.store)
     assert layer_blobs(again.store) == layer_blobs(base.store)
-    assert [(e.tag, e.files, e.storage) for e in again.outputs.exports] == \
-        [(e.tag, e.files, e.storage) for e in base.outputs.exports]
+    assert [(e.tag, e.files, e.storage) for e in again.outputs.exports] == [
+        (e.tag, e.files, e.storage) for e in base.outputs.exports
+    ]
     assert again.outputs.profile == base.outputs.profile and again.outputs.written == base.outputs.written
 
 
-def test_spilling_every_hidden_state_changes_no_byte(source, base: Run, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spilling_every_hidden_state_changes_no_byte(
+    source, base: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from core.streaming.hidden import SpillArea
 
     spills = []
@@ -121,8 +158,13 @@ def test_spilling_every_hidden_state_changes_no_byte(source, base: Run, tmp_path
 
 def test_budget_sweep_gives_one_allocation_and_export_set_per_budget(source, base: Run) -> None:
     split = split_rows(ROWS, 0.3, 0)
-    swept = run(make_spec(bit_budget={"avg_bits": [9.5, 5.5]}, exports=["gguf", "hf"], eval_fraction=0.3), source,
-                rows=split.calibration, eval_rows=split.evaluation, memory_limit_bytes=1)
+    swept = run(
+        make_spec(bit_budget={"avg_bits": [9.5, 5.5]}, exports=["gguf", "hf"], eval_fraction=0.3),
+        source,
+        rows=split.calibration,
+        eval_rows=split.evaluation,
+        memory_limit_bytes=1,
+    )
     allocations = swept.outputs.allocations
     assert [a.budget for a in allocations] == [5.5, 9.5]
     assert all(a.effective_bits <= a.budget for a in allocations)
@@ -134,15 +176,23 @@ def test_budget_sweep_gives_one_allocation_and_export_set_per_budget(source, bas
     assert swept.store.exists("work/export-b5.5.json") and swept.store.exists("work/export-b9.5.json")
     check_progress(swept.hooks)  # each budget's hf export moves the bar before its GGUF starts
     assert [(f, m) for s, f, m in swept.hooks.events if s == "export"] == [
-        (0.25, "exported b5.5 (hf)"), (0.5, "exported b5.5"), (0.75, "exported b9.5 (hf)"), (1.0, "exported b9.5")]
+        (0.25, "exported b5.5 (hf)"),
+        (0.5, "exported b5.5"),
+        (0.75, "exported b9.5 (hf)"),
+        (1.0, "exported b9.5"),
+    ]
     assert not swept.store.exists("artifacts/model.gguf") and not swept.store.exists("artifacts/hf/config.json")
     for a in allocations:
-        assert swept.outputs.artifact_names(a) == {"hf": f"hf-{budget_tag(a.budget)}",
-                                                   "gguf": f"model-{budget_tag(a.budget)}.gguf"}
+        assert swept.outputs.artifact_names(a) == {
+            "hf": f"hf-{budget_tag(a.budget)}",
+            "gguf": f"model-{budget_tag(a.budget)}.gguf",
+        }
     reports = swept.outputs.eval_report["budgets"]  # one eval report per budget
     assert [r["meta"]["avg_bits"] for r in reports] == [5.5, 9.5]
     assert [r["meta"]["effective_bits"] for r in reports] == [a.effective_bits for a in allocations]
-    assert all(set(r["teacher_forced"]) == {"full_precision", "quantized", "uniform", "error_only", "random"} for r in reports)
+    assert all(
+        set(r["teacher_forced"]) == {"full_precision", "quantized", "uniform", "error_only", "random"} for r in reports
+    )
     assert reports[0]["teacher_forced"]["quantized"]["mean_kl"] > reports[1]["teacher_forced"]["quantized"]["mean_kl"]
     digests = [{f["name"].split("/", 1)[-1]: f["sha256"] for f in e.files} for e in swept.outputs.exports]
     assert digests[0]["model.safetensors"] != digests[1]["model.safetensors"]
@@ -177,6 +227,7 @@ def test_uniform_and_paper_rules(base: Run) -> None:
 
 # ------------------------------------------------------------------------------------------ resume
 
+
 @pytest.mark.parametrize("crash_in", ["progress", "should_cancel"])
 def test_resume_after_a_crash_inside_the_score_pass(source, base: Run, count_quantize, crash_in: str) -> None:
     store = MemoryStore()
@@ -201,8 +252,7 @@ def test_resume_with_probe_streams_and_sequential_gptq(source, count_quantize) -
     """taq_kl carries a noised probe stream per layer and `calibration_inputs: quantized` a
     quantized calibration stream: both are rebuilt from the checkpoints exactly."""
     rows = ROWS[:4]  # taq_kl applies the LM head to every probe stream: few tokens
-    spec = make_spec(method="taq_kl", quantizer="gptq", calibration_inputs="quantized", calibration=rows,
-                     max_tokens=24)
+    spec = make_spec(method="taq_kl", quantizer="gptq", calibration_inputs="quantized", calibration=rows, max_tokens=24)
     reference = run(spec, source, rows=rows)
     count_quantize.clear()
     store = MemoryStore()
@@ -236,8 +286,7 @@ def test_records_of_another_pass_are_recomputed(source, base: Run, count_quantiz
     assert other.outputs.profile != base.outputs.profile
 
 
-def test_stored_stage_outputs_are_skipped(source, base: Run, count_quantize,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stored_stage_outputs_are_skipped(source, base: Run, count_quantize, monkeypatch: pytest.MonkeyPatch) -> None:
     import core.streaming.model as streaming_model
 
     # everything stored: nothing is opened, nothing recomputed, the same outputs come back
@@ -246,10 +295,14 @@ def test_stored_stage_outputs_are_skipped(source, base: Run, count_quantize,
     monkeypatch.setattr(streaming_model, "open_streamed", lambda *a, **k: opened.append(1) or original_open(*a, **k))
     store = clone(base.store)
     done = run(make_spec(), source, store=store)
-    assert done.hooks.skipped() == {"load": "all model outputs stored", "score": "profile.json stored",
-                                    "allocate": "bitmap.json stored",
-                                    "quantize": "codes stored per layer by the score stage",
-                                    "export": "exports stored", "evaluate": "no eval data"}
+    assert done.hooks.skipped() == {
+        "load": "all model outputs stored",
+        "score": "profile.json stored",
+        "allocate": "bitmap.json stored",
+        "quantize": "codes stored per layer by the score stage",
+        "export": "exports stored",
+        "evaluate": "no eval data",
+    }
     assert [s for s, _, _ in done.hooks.stages] == list(STAGES)
     assert not opened and not count_quantize and not done.hooks.exported_tags
     assert done.outputs.profile == base.outputs.profile and done.outputs.allocations == base.outputs.allocations
@@ -287,9 +340,16 @@ def test_stage_plan_decisions() -> None:
     spec = make_spec()
     store = MemoryStore()
     plan = StagePlan.from_store(store, spec, reused_profile=False)
-    assert [plan.skip(s) for s in STAGES] == [None, None, None, None,
-                                              "codes stored per layer by the score stage", None,
-                                              "no eval data", None]
+    assert [plan.skip(s) for s in STAGES] == [
+        None,
+        None,
+        None,
+        None,
+        "codes stored per layer by the score stage",
+        None,
+        "no eval data",
+        None,
+    ]
     assert plan.needs_model and plan.needs_codes
     store.put_bytes("artifacts/profile.json", b"{}")
     store.put_bytes("work/export-b6.json", b"{}")
@@ -314,6 +374,7 @@ def test_stage_plan_decisions() -> None:
 
 # ---------------------------------------------------------------------------- cancel and progress
 
+
 def test_cancellation(source) -> None:
     class CancelNow(JobHooks):
         def should_cancel(self) -> bool:
@@ -332,8 +393,7 @@ def test_cancellation(source) -> None:
 
 def test_progress_is_reported_per_stage_in_order(base: Run) -> None:
     assert [s for s, _, _ in base.hooks.stages] == list(STAGES)
-    assert base.hooks.skipped() == {"quantize": "codes stored per layer by the score stage",
-                                    "evaluate": "no eval data"}
+    assert base.hooks.skipped() == {"quantize": "codes stored per layer by the score stage", "evaluate": "no eval data"}
     check_progress(base.hooks)
     score = [(f, m) for s, f, m in base.hooks.events if s == "score"]
     assert [m.split(" (")[0] for _, m in score if LAYER_MESSAGE.match(m)] == [f"layer {i}/4" for i in range(1, 5)]
@@ -352,40 +412,45 @@ def test_overall_progress_and_stage_shares() -> None:
     assert overall_progress("score", 2.0) == overall_progress("score", 1.0)
     assert overall_progress("score", -1.0) == overall_progress("score", 0.0)
     assert overall_progress("score", 0.5) == pytest.approx(
-        sum(STAGE_SHARES[s] for s in STAGES[:2]) + 0.5 * STAGE_SHARES["score"])
+        sum(STAGE_SHARES[s] for s in STAGES[:2]) + 0.5 * STAGE_SHARES["score"]
+    )
 
 
-@pytest.mark.parametrize("fields, expected", [
-    (dict(bit_choices=[4, 8, 16], bit_budget={"avg_bits": 6.0}), 4),               # 8 → 9.0 does not fit
-    (dict(bit_choices=[4, 8, 16], bit_budget={"avg_bits": 8.75}), 8),              # 8 bits, g32 asym → 8.75
-    (dict(bit_choices=[4, 8, 16], bit_budget={"avg_bits": 8.7}), 4),
-    (dict(bit_choices=[4, 8, 16], bit_budget={"avg_bits": [9.5, 5.5]}), 4),        # the smallest budget decides
-    (dict(bit_choices=[2, 3, 4, 8], bit_budget={"avg_bits": 4.75}, symmetric=True), 4),  # sym: 4 + 16/32
-    (dict(bit_choices=[2, 3, 4, 8], bit_budget={"avg_bits": 4.6}), 3),
-    (dict(bit_choices=[3, 4, 16], bit_budget={"avg_bits": 2.0}), 3),               # none fits: the lowest
-    (dict(bit_choices=[8, 16], allocation="paper", bit_budget=None), 8),           # no budget: the lowest
-    (dict(bit_choices=[16], bit_budget={"avg_bits": 16.0}), None),
-])
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        (dict(bit_choices=[4, 8, 16], bit_budget={"avg_bits": 6.0}), 4),  # 8 → 9.0 does not fit
+        (dict(bit_choices=[4, 8, 16], bit_budget={"avg_bits": 8.75}), 8),  # 8 bits, g32 asym → 8.75
+        (dict(bit_choices=[4, 8, 16], bit_budget={"avg_bits": 8.7}), 4),
+        (dict(bit_choices=[4, 8, 16], bit_budget={"avg_bits": [9.5, 5.5]}), 4),  # the smallest budget decides
+        (dict(bit_choices=[2, 3, 4, 8], bit_budget={"avg_bits": 4.75}, symmetric=True), 4),  # sym: 4 + 16/32
+        (dict(bit_choices=[2, 3, 4, 8], bit_budget={"avg_bits": 4.6}), 3),
+        (dict(bit_choices=[3, 4, 16], bit_budget={"avg_bits": 2.0}), 3),  # none fits: the lowest
+        (dict(bit_choices=[8, 16], allocation="paper", bit_budget=None), 8),  # no budget: the lowest
+        (dict(bit_choices=[16], bit_budget={"avg_bits": 16.0}), None),
+    ],
+)
 def test_reference_bits(fields: dict, expected: int | None) -> None:
     assert reference_bits(make_spec(**fields)) == expected
 
 
 # --------------------------------------------------------------------- sequential calibration inputs
 
+
 def test_quantized_calibration_inputs(source, base: Run, loaded: LoadedModel) -> None:
     spec = make_spec(calibration_inputs="quantized", exports=[])
     assert reference_bits(spec) == 4
     seq = run(spec, source)
-    fp_keys = {i: json.loads(base.store.get_bytes(f"{LAYER_PREFIX}/layers/{i:05d}.json"))["pass_key"]
-               for i in range(4)}
+    fp_keys = {i: json.loads(base.store.get_bytes(f"{LAYER_PREFIX}/layers/{i:05d}.json"))["pass_key"] for i in range(4)}
     for i in range(4):
         fp = load_record(base.store, LAYER_PREFIX, i, fp_keys[i])
         key = json.loads(seq.store.get_bytes(f"{LAYER_PREFIX}/layers/{i:05d}.json"))["pass_key"]
         assert key != fp_keys[i]  # calibration_inputs is part of the pass key
         record = load_record(seq.store, LAYER_PREFIX, i, key)
         for bits in (4, 8):  # RTN codes do not depend on the inputs ...
-            assert seq.store.get_bytes(f"{LAYER_PREFIX}/layers/{i:05d}/b{bits}.safetensors") == \
-                base.store.get_bytes(f"{LAYER_PREFIX}/layers/{i:05d}/b{bits}.safetensors")
+            assert seq.store.get_bytes(f"{LAYER_PREFIX}/layers/{i:05d}/b{bits}.safetensors") == base.store.get_bytes(
+                f"{LAYER_PREFIX}/layers/{i:05d}/b{bits}.safetensors"
+            )
         if i == 0:  # ... their errors do, from layer 1 on
             assert record.errors == fp.errors
         else:
@@ -395,8 +460,9 @@ def test_quantized_calibration_inputs(source, base: Run, loaded: LoadedModel) ->
     sequences = prompt_plan(loaded.tokenizer, select_rows(ROWS, spec), spec).sequences
     names = list(loaded.layers[1].linears)
     xs = linear_inputs(model, loaded.tokenizer, sequences, names)
-    record = load_record(seq.store, LAYER_PREFIX, 1,
-                         json.loads(seq.store.get_bytes(f"{LAYER_PREFIX}/layers/00001.json"))["pass_key"])
+    record = load_record(
+        seq.store, LAYER_PREFIX, 1, json.loads(seq.store.get_bytes(f"{LAYER_PREFIX}/layers/00001.json"))["pass_key"]
+    )
     for bits in (4, 8):
         codes = load_codes(seq.store, LAYER_PREFIX, 1, bits)
         for name in names:
@@ -407,6 +473,7 @@ def test_quantized_calibration_inputs(source, base: Run, loaded: LoadedModel) ->
 
 
 # ----------------------------------------------------------------------------------- reused profile
+
 
 def test_reused_profile_skips_score_and_quantizes_only_the_needed_widths(source, base: Run, count_quantize) -> None:
     spec = make_spec(profile_from_job_id="job-a", bit_budget={"avg_bits": 5.0}, exports=["hf"])
@@ -455,13 +522,15 @@ def test_max_calibration_rows_subsamples_deterministically(source) -> None:
 
 # ---------------------------------------------------------------------------------------- exports
 
+
 def test_hf_export_loads_and_equals_the_dequantized_model(base: Run, loaded: LoadedModel, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     [allocation] = base.outputs.allocations
     weights = dict(CheckpointWeights(base.store, LAYER_PREFIX, loaded.layers, linear_bits(loaded.layers, allocation)))
-    exported = AutoModelForCausalLM.from_pretrained(write_hf(base.store, "hf", tmp_path / "hf"),
-                                                    dtype=torch.float32).eval()
+    exported = AutoModelForCausalLM.from_pretrained(
+        write_hf(base.store, "hf", tmp_path / "hf"), dtype=torch.float32
+    ).eval()
     gap, scale = logits_gap(exported, dequantized_model(loaded, weights, fp16_rest=True), loaded.tokenizer)
     assert gap <= 1e-3 * scale
     config = json.loads(base.store.get_bytes("artifacts/hf/config.json"))
@@ -469,6 +538,7 @@ def test_hf_export_loads_and_equals_the_dequantized_model(base: Run, loaded: Loa
 
 
 # ------------------------------------------------------------------------------------- evaluation
+
 
 @pytest.fixture(scope="module")
 def evaluated(source) -> tuple[Run, list[CalibrationRow], list[CalibrationRow]]:
@@ -501,10 +571,12 @@ def test_eval_report_has_teacher_forced_metrics_for_every_variant(evaluated) -> 
     assert variants["uniform"]["bits_histogram"] == {"4": 3, "8": 1} and variants["random"]["rule"] == "random"
     assert set(report["delta_vs_full_precision"]) == {"quantized", "uniform", "error_only", "random"}
     compared = {(c["baseline"], c["metric"]) for c in report["comparisons"]}
-    assert compared == {(c, m) for c in ("uniform", "error_only", "random")
-                        for m in ("gold_nll", "exact_match", "f1", "contains")}
-    assert all(c["verdict"] in ("beats", "beats_with_more_bits", "no_difference", "loses")
-               for c in report["comparisons"])
+    assert compared == {
+        (c, m) for c in ("uniform", "error_only", "random") for m in ("gold_nll", "exact_match", "f1", "contains")
+    }
+    assert all(
+        c["verdict"] in ("beats", "beats_with_more_bits", "no_difference", "loses") for c in report["comparisons"]
+    )
     assert set(report["retained"]) == {"quantized", "uniform", "error_only", "random"}
     assert report["meta"]["full_precision"]["bits"] > 0
     check_progress(result.hooks)
@@ -518,8 +590,8 @@ def answer_fidelity64(reference, model, sequences) -> tuple[float, float, int]:
     with torch.no_grad():
         for ids, start in sequences:
             x = torch.tensor([ids])
-            a = torch.log_softmax(reference(input_ids=x).logits[0].double(), dim=-1)[start - 1:len(ids) - 1]
-            b = torch.log_softmax(model(input_ids=x).logits[0].double(), dim=-1)[start - 1:len(ids) - 1]
+            a = torch.log_softmax(reference(input_ids=x).logits[0].double(), dim=-1)[start - 1 : len(ids) - 1]
+            b = torch.log_softmax(model(input_ids=x).logits[0].double(), dim=-1)[start - 1 : len(ids) - 1]
             kl += float((a.exp() * (a - b)).sum())
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
             count += a.shape[0]
@@ -532,8 +604,10 @@ def test_streamed_fidelity_equals_whole_model_fidelity(evaluated, loaded: Loaded
     [allocation] = result.outputs.allocations
     uniform = allocate_uniform_mix(layer_costs_from_profile(result.outputs.profile), 6.0, [4, 8, 16], 32, False)
     prompts = tokenize_rows(eval_rows, loaded.tokenizer, 48)
-    sequences = [(prompt + encode_text(row.answers[0], loaded.tokenizer, templated=True)[:32], len(prompt))
-                 for row, prompt in zip(eval_rows, prompts, strict=True)]
+    sequences = [
+        (prompt + encode_text(row.answers[0], loaded.tokenizer, templated=True)[:32], len(prompt))
+        for row, prompt in zip(eval_rows, prompts, strict=True)
+    ]
     reference64 = copy.deepcopy(loaded.model).double()
     for name, alloc in (("quantized", allocation), ("uniform", uniform)):
         weights = CheckpointWeights(result.store, LAYER_PREFIX, loaded.layers, linear_bits(loaded.layers, alloc))
@@ -556,7 +630,7 @@ def test_streamed_fidelity_equals_whole_model_fidelity(evaluated, loaded: Loaded
                 with torch.no_grad():
                     logits = model(input_ids=torch.tensor([prompt + ids])).logits[0].double()
                 logp = torch.log_softmax(logits, dim=-1)
-                nlls.append(float(-logp[len(prompt) - 1:-1].gather(1, torch.tensor(ids)[:, None]).mean()))
+                nlls.append(float(-logp[len(prompt) - 1 : -1].gather(1, torch.tensor(ids)[:, None]).mean()))
             assert item["gold_nll"] == pytest.approx(min(nlls), rel=1e-5)
 
 
@@ -572,9 +646,12 @@ def test_generation_runs_when_the_model_fits_and_is_skipped_otherwise(evaluated,
     store = clone(result.store)
     del store.objects["artifacts/eval.json"]
     small = run(result.spec, source, store=store, rows=calibration, eval_rows=eval_rows, memory_limit_bytes=1 << 20)
-    assert small.hooks.skipped() == {"score": "profile.json stored", "allocate": "bitmap.json stored",
-                                     "quantize": "codes stored per layer by the score stage",
-                                     "export": "exports stored"}
+    assert small.hooks.skipped() == {
+        "score": "profile.json stored",
+        "allocate": "bitmap.json stored",
+        "quantize": "codes stored per layer by the score stage",
+        "export": "exports stored",
+    }
     skipped = small.outputs.eval_report["generation"]
     assert skipped["ran"] is False and "needs the whole model in memory" in skipped["skipped_reason"]
     assert small.outputs.generation["ran"] is False

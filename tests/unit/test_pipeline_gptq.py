@@ -9,9 +9,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline_helpers import (
+    LAYER_PREFIX,
+    ROWS,
+    Recorder,
+    Run,
+    artifacts,
+    check_progress,
+    dequantized_model,
+    layer_blobs,
+    linear_inputs,
+    logits_gap,
+    output_error,
+    records,
+    run,
+    write_hf,
+)
+from pipeline_helpers import make_spec as base_spec
 
-from core.errors import Cancelled
 from core.calibration import make_batches, pad_token_id
+from core.errors import Cancelled
 from core.job_stages import CheckpointWeights
 from core.models import LoadedModel
 from core.pipeline import linear_bits, reference_bits
@@ -19,10 +36,6 @@ from core.quant.layer import LayerInputs, quantize_layer
 from core.quant.primitives import dequantize_weight
 from core.scorers.common import prompt_plan, select_rows
 from core.streaming.checkpoints import LayerRecord, MemoryStore, load_codes
-
-from pipeline_helpers import (LAYER_PREFIX, ROWS, Recorder, Run, artifacts, check_progress,
-                              dequantized_model, layer_blobs, linear_inputs, logits_gap, make_spec as base_spec,
-                              output_error, records, run, write_hf)
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
@@ -70,8 +83,9 @@ def test_end_to_end_with_an_hf_export_that_loads(gptq: Run, loaded: LoadedModel,
     for name, q in weights.items():
         assert q.group_size == 64 and q.codes.shape[1] == -(-q.shape[1] // 64) * 64
     assert weights["model.layers.0.self_attn.q_proj"].codes.shape[1] == 128  # 96 inputs, padded
-    exported = AutoModelForCausalLM.from_pretrained(write_hf(gptq.store, "hf", tmp_path / "hf"),
-                                                    dtype=torch.float32).eval()
+    exported = AutoModelForCausalLM.from_pretrained(
+        write_hf(gptq.store, "hf", tmp_path / "hf"), dtype=torch.float32
+    ).eval()
     gap, scale = logits_gap(exported, dequantized_model(loaded, weights, fp16_rest=True), loaded.tokenizer)
     assert gap <= 1e-3 * scale
     check_progress(gptq.hooks)
@@ -125,8 +139,9 @@ def test_quantized_calibration_inputs_change_the_codes(gptq: Run, source, loaded
     codes = load_codes(seq.store, LAYER_PREFIX, 1, 4)
     for name in names:
         weight = loaded.model.get_submodule(name).weight
-        assert stored.errors[name][4] == pytest.approx(output_error(weight, dequantize_weight(codes[name]), xs[name]),
-                                                       rel=1e-4)
+        assert stored.errors[name][4] == pytest.approx(
+            output_error(weight, dequantize_weight(codes[name]), xs[name]), rel=1e-4
+        )
     # and its GPTQ codes are those of the Hessians of these inputs (recorded on the whole model)
     batches = make_batches(sequences, pad_token_id(loaded.tokenizer), "cpu")
     inputs = LayerInputs({n: model.get_submodule(n) for n in names}, sum(b.n_tokens for b in batches))
@@ -135,8 +150,7 @@ def test_quantized_calibration_inputs_change_the_codes(gptq: Run, source, loaded
             inputs.set_batch(batch.valid)
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     weights = {n: loaded.model.get_submodule(n).weight.detach().float() for n in names}
-    expected = quantize_layer(weights, inputs, [4, 8, 16], group_size=64, symmetric=False, gptq=True,
-                              clip_search=False)
+    expected = quantize_layer(weights, inputs, [4, 8, 16], group_size=64, symmetric=False, gptq=True, clip_search=False)
     for name in names:
         assert torch.equal(expected.codes[4][name].codes, codes[name].codes), name
         assert torch.equal(expected.codes[4][name].scale, codes[name].scale), name
@@ -162,8 +176,7 @@ def test_progress_and_cancel_per_layer(source) -> None:
     check_progress(hooks)
 
 
-def test_all_sixteen_bits_exports_a_plain_model(source, loaded: LoadedModel, tmp_path: Path,
-                                                count_quantize) -> None:
+def test_all_sixteen_bits_exports_a_plain_model(source, loaded: LoadedModel, tmp_path: Path, count_quantize) -> None:
     from transformers import AutoModelForCausalLM
 
     done = run(make_spec(bit_choices=[16], bit_budget={"avg_bits": 16.0}), source)
@@ -173,7 +186,8 @@ def test_all_sixteen_bits_exports_a_plain_model(source, loaded: LoadedModel, tmp
     assert not [k for k in done.store.objects if k.endswith(".safetensors") and k.startswith("work/")]
     config = json.loads(done.store.get_bytes("artifacts/hf/config.json"))
     assert "quantization_config" not in config
-    exported = AutoModelForCausalLM.from_pretrained(write_hf(done.store, "hf", tmp_path / "hf"),
-                                                    dtype=torch.float32).eval()
+    exported = AutoModelForCausalLM.from_pretrained(
+        write_hf(done.store, "hf", tmp_path / "hf"), dtype=torch.float32
+    ).eval()
     gap, scale = logits_gap(exported, dequantized_model(loaded, {}, fp16_rest=True), loaded.tokenizer)
     assert gap <= 1e-3 * scale

@@ -15,11 +15,19 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _profile(with_bits: bool) -> Profile:
-    layers = [LayerProfile(index=i, name=f"model.layers.{i}", params=1000 * (1 + i % 2),
-                           scores={"information": float(i)}, importance=(-1) ** i * 0.3 * i,
-                           sensitivity=1.0 + 0.1 * i, quant_error={4: 0.01, 8: 0.001, 16: 0.0},
-                           bits=([4, 8, 16, 4, 8, 4][i] if with_bits else None))
-              for i in range(6)]
+    layers = [
+        LayerProfile(
+            index=i,
+            name=f"model.layers.{i}",
+            params=1000 * (1 + i % 2),
+            scores={"information": float(i)},
+            importance=(-1) ** i * 0.3 * i,
+            sensitivity=1.0 + 0.1 * i,
+            quant_error={4: 0.01, 8: 0.001, 16: 0.0},
+            bits=([4, 8, 16, 4, 8, 4][i] if with_bits else None),
+        )
+        for i in range(6)
+    ]
     return Profile(model="tiny-llama", method="taq", layers=layers)
 
 
@@ -53,6 +61,8 @@ def test_effective_bits() -> None:
 
 
 def test_many_layers_render() -> None:
-    layers = [LayerProfile(index=i, name=f"model.layers.{i}", params=10, scores={}, importance=0.0,
-                           sensitivity=0.0, bits=4) for i in range(80)]
+    layers = [
+        LayerProfile(index=i, name=f"model.layers.{i}", params=10, scores={}, importance=0.0, sensitivity=0.0, bits=4)
+        for i in range(80)
+    ]
     assert plot_profile(Profile(model="m", method="uniform", layers=layers), "m").startswith(PNG_MAGIC)

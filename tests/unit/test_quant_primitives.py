@@ -41,18 +41,22 @@ def per_group_sq_error(w: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ validation
 
+
 @pytest.mark.parametrize("bits", [0, 1, 5, 6, 7, 16])
 def test_unsupported_bits_raise(bits: int) -> None:
     with pytest.raises(ValueError, match="bits must be one of"):
         quantize_weight(gaussian(4, 32, 0), bits, 16, False)
 
 
-@pytest.mark.parametrize("weight, match", [
-    (torch.zeros(8), "2-D"),
-    (torch.tensor([[1.0, float("nan")]]), "NaN or inf"),
-    (torch.tensor([[1.0, float("inf")]]), "NaN or inf"),
-    (torch.zeros(2, 4, dtype=torch.int32), "floating point"),
-])
+@pytest.mark.parametrize(
+    "weight, match",
+    [
+        (torch.zeros(8), "2-D"),
+        (torch.tensor([[1.0, float("nan")]]), "NaN or inf"),
+        (torch.tensor([[1.0, float("inf")]]), "NaN or inf"),
+        (torch.zeros(2, 4, dtype=torch.int32), "floating point"),
+    ],
+)
 def test_bad_weight_raises(weight: torch.Tensor, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         quantize_weight(weight, 4, 2, False)
@@ -65,6 +69,7 @@ def test_bad_group_size_raises(group_size: int) -> None:
 
 
 # ------------------------------------------------------------------------------ layout
+
 
 @pytest.mark.parametrize("symmetric", SCHEMES)
 @pytest.mark.parametrize("bits", BITS)
@@ -113,6 +118,7 @@ def test_low_precision_input_equals_float32_input() -> None:
 
 # ------------------------------------------------------------------------------ exact hand-computed cases
 
+
 def test_asymmetric_hand_computed() -> None:
     # lo=-1, hi=2, 2 bits: scale = 3/3 = 1, zero = round(1/1) = 1, codes = round(w) + 1 (half to even)
     q = quantize_weight(torch.tensor([[-1.0, 0.0, 0.5, 2.0]]), 2, 4, False)
@@ -140,6 +146,7 @@ def test_all_positive_group_keeps_zero_in_range() -> None:
 
 
 # ------------------------------------------------------------------------------ round trip
+
 
 @pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("symmetric", SCHEMES)
@@ -184,6 +191,7 @@ def test_codes_use_the_float16_scale(symmetric: bool) -> None:
 
 # ------------------------------------------------------------------------------ padding
 
+
 @pytest.mark.parametrize("symmetric", SCHEMES)
 @pytest.mark.parametrize("bits", BITS)
 def test_padding_never_reaches_the_output(bits: int, symmetric: bool) -> None:
@@ -217,6 +225,7 @@ def test_last_group_qparams_come_from_real_columns_only(symmetric: bool, clip: b
 
 # ------------------------------------------------------------------------------ constant groups
 
+
 @pytest.mark.parametrize("symmetric", SCHEMES)
 @pytest.mark.parametrize("bits", BITS)
 def test_constant_groups_round_trip_exactly(bits: int, symmetric: bool) -> None:
@@ -249,8 +258,16 @@ def test_tiny_range_never_gives_zero_scale() -> None:
 
 # Measured on gaussian(256, 576, seed 0), group 128 (dB): asymmetric 6.05 / 13.38 / 20.00 / 44.63,
 # symmetric 7.53 / 13.70 / 19.79 / 43.93 for 2 / 3 / 4 / 8 bits. Floors sit just below.
-SQNR_FLOOR = {(2, False): 5.8, (3, False): 13.1, (4, False): 19.7, (8, False): 44.3,
-              (2, True): 7.3, (3, True): 13.4, (4, True): 19.5, (8, True): 43.6}
+SQNR_FLOOR = {
+    (2, False): 5.8,
+    (3, False): 13.1,
+    (4, False): 19.7,
+    (8, False): 44.3,
+    (2, True): 7.3,
+    (3, True): 13.4,
+    (4, True): 19.5,
+    (8, True): 43.6,
+}
 
 
 @pytest.mark.parametrize("symmetric", SCHEMES)
@@ -289,6 +306,7 @@ def test_symmetric_scale_sign_follows_largest_magnitude() -> None:
 
 
 # ------------------------------------------------------------------------------ error measures
+
 
 def test_sqnr_db_values() -> None:
     ref = torch.ones(4)

@@ -18,10 +18,11 @@ import copy
 import math
 import re
 import statistics
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -33,8 +34,15 @@ from core.pipeline import JobHooks, JobInputs, run_job
 from core.quant.gptq import gptq_quantize_weights
 from core.quant.primitives import dequantize_weight, quantize_weight
 from core.scorers import make_scorer
-from core.scorers.common import (LayerOutputStats, build_profile, exp_sensitivity, lowest_bits, prompt_plan,
-                                 select_rows, zscore)
+from core.scorers.common import (
+    LayerOutputStats,
+    build_profile,
+    exp_sensitivity,
+    lowest_bits,
+    prompt_plan,
+    select_rows,
+    zscore,
+)
 from core.scorers.taq import TokenReservoir, covariance_entropy, matrix_entropy
 from core.scorers.taq_kl import layer_noise_seed
 from core.spec import CalibrationRow, JobSpec
@@ -54,17 +62,31 @@ LAYER_REPORT = re.compile(r"layer \d+/\d+ ")
 #: padded tokens per batch: small enough that the rows make several batches, most of them padded
 BATCH_TOKENS = 200
 
-ROWS = [CalibrationRow(prompt=f"Question {i}: what is {i} plus {2 * i}? " + "Think step by step. " * (i % 4))
-        for i in range(7)] + [
+ROWS = [
+    CalibrationRow(prompt=f"Question {i}: what is {i} plus {2 * i}? " + "Think step by step. " * (i % 4))
+    for i in range(7)
+] + [
     CalibrationRow(prompt="What is the capital of France?", answers=["Paris", "paris"]),
-    CalibrationRow(messages=[{"role": "system", "content": "Be brief."},
-                             {"role": "user", "content": "Name a colour."}], answers=["Blue"]),
+    CalibrationRow(
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+        answers=["Blue"],
+    ),
 ]
 
 
 def make_spec(method: str = "taq", **overrides) -> JobSpec:
-    fields = dict(model="tiny-llama", method=method, calibration=ROWS, bit_budget={"avg_bits": 6.0},
-                  bit_choices=[4, 8, 16], group_size=32, reservoir_size=32, max_tokens=64, seed=0, exports=[])
+    fields = dict(
+        model="tiny-llama",
+        method=method,
+        calibration=ROWS,
+        bit_budget={"avg_bits": 6.0},
+        bit_choices=[4, 8, 16],
+        group_size=32,
+        reservoir_size=32,
+        max_tokens=64,
+        seed=0,
+        exports=[],
+    )
     fields.update(overrides)
     return JobSpec(**fields)
 
@@ -72,6 +94,7 @@ def make_spec(method: str = "taq", **overrides) -> JobSpec:
 # ---------------------------------------------------------------------------------------------
 # running the score stage (the pipeline's own path) and seeing what the pass ran
 # ---------------------------------------------------------------------------------------------
+
 
 class Recorder(JobHooks):
     def __init__(self, should_cancel: Callable[[], bool] | None = None) -> None:
@@ -96,13 +119,13 @@ class Recorder(JobHooks):
 
 @dataclass
 class Run:
-    profile: Profile                 # the score stage's profile (before allocation)
-    batches: list[Batch]             # what the layer pass ran, in its order
+    profile: Profile  # the score stage's profile (before allocation)
+    batches: list[Batch]  # what the layer pass ran, in its order
     scorer: StreamScorer
     settings: PassSettings
     hooks: Recorder
     store: MemoryStore
-    calls: int = 0                   # layer passes run
+    calls: int = 0  # layer passes run
 
     @property
     def sequences(self) -> list[list[int]]:
@@ -135,30 +158,54 @@ def spy_layer_pass():
         lp.run_layer_pass = original
 
 
-def score(source, method: str = "taq", *, rows: list[CalibrationRow] | None = None, hooks: Recorder | None = None,
-          store: MemoryStore | None = None, batch_tokens: int = BATCH_TOKENS, **overrides) -> Run:
+def score(
+    source,
+    method: str = "taq",
+    *,
+    rows: list[CalibrationRow] | None = None,
+    hooks: Recorder | None = None,
+    store: MemoryStore | None = None,
+    batch_tokens: int = BATCH_TOKENS,
+    **overrides,
+) -> Run:
     rows = ROWS if rows is None else rows
     spec = make_spec(method, **overrides)
     hooks = hooks or Recorder()
     store = store if store is not None else MemoryStore()
     with spy_layer_pass() as seen:
         run_job(JobInputs(spec=spec, source=source, rows=rows, batch_tokens=batch_tokens), store, hooks)
-    return Run(profile=hooks.profiles[0], batches=seen.get("batches", []), scorer=seen.get("scorer"),
-               settings=seen.get("settings"), hooks=hooks, store=store, calls=seen["calls"])
+    return Run(
+        profile=hooks.profiles[0],
+        batches=seen.get("batches", []),
+        scorer=seen.get("scorer"),
+        settings=seen.get("settings"),
+        hooks=hooks,
+        store=store,
+        calls=seen["calls"],
+    )
 
 
-def score_low_level(source, spec: JobSpec, scorer: StreamScorer, rows: list[CalibrationRow], *,
-                    batch_tokens: int = BATCH_TOKENS) -> tuple[Profile, list[Batch]]:
+def score_low_level(
+    source, spec: JobSpec, scorer: StreamScorer, rows: list[CalibrationRow], *, batch_tokens: int = BATCH_TOKENS
+) -> tuple[Profile, list[Batch]]:
     """The pass without the pipeline (for scorer options the pipeline does not pass)."""
     model = open_streamed(source)
     try:
         rows = select_rows(rows, spec)
         plan = scorer.plan(model.tokenizer, rows, spec) or prompt_plan(model.tokenizer, rows, spec)
-        batches = make_batches(plan.sequences, pad_token_id(model.tokenizer), model.device,
-                               max_batch_tokens=batch_tokens)
-        settings = PassSettings(widths=tuple(b for b in spec.bit_choices if b < 16), group_size=spec.group_size,
-                                symmetric=spec.symmetric, gptq=False, clip_search=False, sequential=False,
-                                reference_bits=None, pass_key="test")
+        batches = make_batches(
+            plan.sequences, pad_token_id(model.tokenizer), model.device, max_batch_tokens=batch_tokens
+        )
+        settings = PassSettings(
+            widths=tuple(b for b in spec.bit_choices if b < 16),
+            group_size=spec.group_size,
+            symmetric=spec.symmetric,
+            gptq=False,
+            clip_search=False,
+            sequential=False,
+            reference_bits=None,
+            pass_key="test",
+        )
         with SpillArea(1 << 30) as area:
             result = run_layer_pass(model, batches, scorer, settings, MemoryStore(), StageProgress(), area)
             profile = build_profile(spec, scorer.method, scorer.finish(model, result), result.records)
@@ -193,14 +240,15 @@ def tokenizer(tiny):
 # independent references on the whole model
 # ---------------------------------------------------------------------------------------------
 
+
 def _out(o):
     return o[0] if isinstance(o, (tuple, list)) else o
 
 
 @dataclass
 class Forward:
-    outputs: list[torch.Tensor]      # per decoder layer, [B, T, H]
-    logits: torch.Tensor             # [B, T, V]
+    outputs: list[torch.Tensor]  # per decoder layer, [B, T, H]
+    logits: torch.Tensor  # [B, T, V]
     hidden_states: tuple
 
 
@@ -219,18 +267,24 @@ def full_forward(model, batch: Batch, *, add: dict[int, torch.Tensor] | None = N
                 output = (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
             outs[index] = hidden.detach()
             return output
+
         return fn
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
-            res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
-                        use_cache=False)
+            res = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                output_hidden_states=True,
+                use_cache=False,
+            )
     finally:
         for h in handles:
             h.remove()
-    return Forward(outputs=[outs[i] for i in range(len(layers))], logits=res.logits.detach(),
-                   hidden_states=res.hidden_states)
+    return Forward(
+        outputs=[outs[i] for i in range(len(layers))], logits=res.logits.detach(), hidden_states=res.hidden_states
+    )
 
 
 def valid_rows(tensors: list[torch.Tensor], batches: list[Batch]) -> torch.Tensor:
@@ -279,8 +333,9 @@ def pop_z(values: list[float]) -> list[float]:
 
 def linear_inputs(model, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
     """X (float64 rows of every token) of every decoder linear's input, each sequence run alone."""
-    names = {mod: name for name, mod in model.named_modules()
-             if isinstance(mod, torch.nn.Linear) and ".layers." in name}
+    names = {
+        mod: name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and ".layers." in name
+    }
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in names.values()}
 
     def hook(module, args):
@@ -297,13 +352,24 @@ def linear_inputs(model, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
     return {n: torch.cat(r) for n, r in rows.items()}
 
 
-INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+INPUT_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
 
 
-def reference_errors(model, x: dict[str, torch.Tensor] | None, bits: int, group_size: int, *,
-                     gptq: bool = False, symmetric: bool = False,
-                     clip_search: bool = False) -> dict[str, dict[str, float]]:
+def reference_errors(
+    model,
+    x: dict[str, torch.Tensor] | None,
+    bits: int,
+    group_size: int,
+    *,
+    gptq: bool = False,
+    symmetric: bool = False,
+    clip_search: bool = False,
+) -> dict[str, dict[str, float]]:
     """Per layer, per linear: ‖X ΔWᵀ‖² / ‖X Wᵀ‖² = tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) (‖ΔW‖²/‖W‖² without X),
     ΔW from RTN (`quantize_weight`) or GPTQ on the same H."""
     out: dict[str, dict[str, float]] = {}
@@ -318,8 +384,10 @@ def reference_errors(model, x: dict[str, torch.Tensor] | None, bits: int, group_
                 h = (xs.T @ xs / xs.shape[0]).float()
                 codes = gptq_quantize_weights(weights, h, bits, group_size, False)
             else:
-                codes = {n: quantize_weight(w, bits, group_size, symmetric, clip_search=clip_search)
-                         for n, w in weights.items()}
+                codes = {
+                    n: quantize_weight(w, bits, group_size, symmetric, clip_search=clip_search)
+                    for n, w in weights.items()
+                }
             for n, w in weights.items():
                 w64 = w.double()
                 delta = w64 - dequantize_weight(codes[n], torch.float64)
@@ -340,6 +408,7 @@ def weighted(errors: dict[str, float], model) -> float:
 # profile contract
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", METHODS)
 def test_profile_shape_and_values(method: str, hf, runs: dict) -> None:
     run = runs[method]
@@ -348,8 +417,9 @@ def test_profile_shape_and_values(method: str, hf, runs: dict) -> None:
     assert profile.method == method and profile.model == "tiny-llama"
     assert [l.name for l in profile.layers] == [f"model.layers.{i}" for i in range(N_LAYERS)]
     assert [l.index for l in profile.layers] == list(range(N_LAYERS))
-    assert len(run.batches) >= 3 and any((b.attention_mask == 0).any() for b in run.batches), \
+    assert len(run.batches) >= 3 and any((b.attention_mask == 0).any() for b in run.batches), (
         "the test needs several padded batches"
+    )
     for layer in profile.layers:
         module = hf.get_submodule(layer.name)
         linears = {f"{layer.name}.{n}": m for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -399,6 +469,7 @@ def test_score_relations(runs: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # TAQ against the whole model
 # ---------------------------------------------------------------------------------------------
+
 
 def test_taq_scores_match_the_whole_model(hf, runs: dict) -> None:
     run = runs["taq"]
@@ -468,6 +539,7 @@ def test_padding_never_enters_statistics(source) -> None:
 # ---------------------------------------------------------------------------------------------
 # TAQ internals
 # ---------------------------------------------------------------------------------------------
+
 
 def _batch(lengths: list[int], width: int | None = None) -> Batch:
     width = width or max(lengths)
@@ -583,8 +655,17 @@ def test_zscore_exp_sensitivity_and_lowest_bits() -> None:
 # TAQ-KL against the whole model
 # ---------------------------------------------------------------------------------------------
 
-def kl_reference(model, batches: list[Batch], layer: int, bits: int, seed: int, *, scale: float = 1.0,
-                 outputs: list[list[torch.Tensor]] | None = None) -> tuple[float, float, float]:
+
+def kl_reference(
+    model,
+    batches: list[Batch],
+    layer: int,
+    bits: int,
+    seed: int,
+    *,
+    scale: float = 1.0,
+    outputs: list[list[torch.Tensor]] | None = None,
+) -> tuple[float, float, float]:
     """(mean KL(p_fp ‖ p_noised) over valid positions, activation range, noise width) with uniform
     noise of one quantization step added to layer `layer`'s output by a forward hook."""
     clean = [full_forward(model, b) for b in batches]
@@ -633,9 +714,13 @@ def test_kl_grows_with_noise(source, runs: dict) -> None:
 # TAQO against the whole model
 # ---------------------------------------------------------------------------------------------
 
+
 def render_ids(row: CalibrationRow, tokenizer) -> list[int]:
-    messages = ([{"role": m.role, "content": m.content} for m in row.messages] if row.messages
-                else [{"role": "user", "content": row.prompt}])
+    messages = (
+        [{"role": m.role, "content": m.content} for m in row.messages]
+        if row.messages
+        else [{"role": "user", "content": row.prompt}]
+    )
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -645,12 +730,16 @@ def greedy_answer(model, tokenizer, prompt: list[int], max_new_tokens: int = 16)
     config_eos = model.generation_config.eos_token_id
     eos |= set(config_eos if isinstance(config_eos, list) else [config_eos]) - {None}
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([prompt]),
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.eos_token_id,
+        )
     answer = []
-    for t in out[0, len(prompt):].tolist():
+    for t in out[0, len(prompt) :].tolist():
         answer.append(t)
         if t in eos:
             break
@@ -682,7 +771,7 @@ def task_scores(model, sequences, row_of, starts, n_rows: int) -> tuple[float, f
             logits = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0].double()
             logp = torch.log_softmax(logits, dim=-1)
             gold = torch.tensor(seq[start:])
-            pred = logp[start - 1: len(seq) - 1]
+            pred = logp[start - 1 : len(seq) - 1]
             correct = (pred.argmax(dim=-1) == gold).double()
             nll = float(-pred.gather(1, gold[:, None]).mean())
             em, acc = float(correct.min()), float(correct.mean())
@@ -778,19 +867,26 @@ def test_taqo_without_generate_refuses_rows_without_answers(source, tokenizer) -
 
 def test_taqo_self_answers_need_the_model_in_memory(source) -> None:
     with pytest.raises(InvalidSpec, match="answers"):
-        run_job(JobInputs(spec=make_spec("taqo"), source=source, rows=ROWS, memory_limit_bytes=1 << 20),
-                MemoryStore(), Recorder())
+        run_job(
+            JobInputs(spec=make_spec("taqo"), source=source, rows=ROWS, memory_limit_bytes=1 << 20),
+            MemoryStore(),
+            Recorder(),
+        )
     # gold answers everywhere: no generation, no limit
     rows = [r for r in ROWS if r.answers]
     hooks = Recorder()
-    run_job(JobInputs(spec=make_spec("taqo", calibration=rows), source=source, rows=rows,
-                      memory_limit_bytes=1 << 20), MemoryStore(), hooks)
+    run_job(
+        JobInputs(spec=make_spec("taqo", calibration=rows), source=source, rows=rows, memory_limit_bytes=1 << 20),
+        MemoryStore(),
+        hooks,
+    )
     assert hooks.profiles[0].layers[0].scores["model_answers"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
 # uniform and the measured quantization errors of every method
 # ---------------------------------------------------------------------------------------------
+
 
 def test_uniform_without_rows_uses_relative_weight_error(source, hf) -> None:
     run = score(source, "uniform", rows=[], calibration=None)
@@ -869,8 +965,9 @@ def test_quant_error_under_gptq_is_gptqs_own_error(source, hf, runs: dict) -> No
 
 
 def test_quant_error_symmetric_with_clip_search_and_3_bits(source, hf) -> None:
-    run = score(source, "uniform", symmetric=True, clip_search=True, bit_choices=[3, 8, 16],
-                bit_budget={"avg_bits": 8.0})
+    run = score(
+        source, "uniform", symmetric=True, clip_search=True, bit_choices=[3, 8, 16], bit_budget={"avg_bits": 8.0}
+    )
     x = linear_inputs(hf, run.sequences)
     for b in (3, 8):
         expected = reference_errors(hf, x, b, 32, symmetric=True, clip_search=True)
@@ -882,8 +979,9 @@ def test_quant_error_symmetric_with_clip_search_and_3_bits(source, hf) -> None:
 
 
 @pytest.mark.parametrize("method", ["taq", "taq_kl", "taqo"])
-def test_sequential_calibration_keeps_scores_and_measures_errors_on_quantized_inputs(method: str, source, hf,
-                                                                                     runs: dict) -> None:
+def test_sequential_calibration_keeps_scores_and_measures_errors_on_quantized_inputs(
+    method: str, source, hf, runs: dict
+) -> None:
     """`calibration_inputs: quantized`: layer l's errors are measured on the inputs of a model whose
     layers < l are quantized at the reference width (layer l itself full precision), while the
     method's scores still come from the full-precision stream."""
@@ -921,6 +1019,7 @@ def test_chunked_lm_head_gives_the_same_scores(method: str, source, runs: dict, 
 # determinism, rows, resume
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", METHODS)
 def test_same_inputs_same_profile(method: str, source, runs: dict) -> None:
     again = score(source, method)
@@ -931,8 +1030,11 @@ def test_same_inputs_same_profile(method: str, source, runs: dict) -> None:
 def test_spilled_streams_give_the_same_profile(method: str, source, runs: dict) -> None:
     """With no RAM for carried hidden states every stream goes through the spill files."""
     hooks = Recorder()
-    run_job(JobInputs(spec=make_spec(method), source=source, rows=ROWS, batch_tokens=BATCH_TOKENS,
-                      activation_ram_bytes=0), MemoryStore(), hooks)
+    run_job(
+        JobInputs(spec=make_spec(method), source=source, rows=ROWS, batch_tokens=BATCH_TOKENS, activation_ram_bytes=0),
+        MemoryStore(),
+        hooks,
+    )
     assert hooks.profiles[0].to_dict() == runs[method].profile.to_dict()
 
 
@@ -971,11 +1073,17 @@ def test_resumed_pass_gives_the_uninterrupted_scores(method: str, source, runs: 
     resumed = score(source, method, store=store)
     assert sum("(checkpointed)" in m for _, _, m in resumed.hooks.events) == 2
     for a, b in zip(resumed.profile.layers, runs[method].profile.layers, strict=True):
-        assert (a.name, a.params, a.scores, a.importance, a.sensitivity) == \
-            (b.name, b.params, b.scores, b.importance, b.sensitivity)
+        assert (a.name, a.params, a.scores, a.importance, a.sensitivity) == (
+            b.name,
+            b.params,
+            b.scores,
+            b.importance,
+            b.sensitivity,
+        )
         assert a.quant_error == pytest.approx(b.quant_error, rel=1e-12, abs=0)
-        assert {l.name: (l.params, l.quant_error) for l in a.linears} == \
-            {l.name: (l.params, l.quant_error) for l in b.linears}
+        assert {l.name: (l.params, l.quant_error) for l in a.linears} == {
+            l.name: (l.params, l.quant_error) for l in b.linears
+        }
 
 
 def test_resumed_profile_is_byte_identical(source, runs: dict) -> None:
@@ -990,6 +1098,7 @@ def test_resumed_profile_is_byte_identical(source, runs: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # progress and cancellation
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", METHODS)
 def test_progress_is_reported_for_every_layer(method: str, runs: dict) -> None:
@@ -1067,17 +1176,28 @@ def test_stage_progress_maps_spans() -> None:
 # Gemma 3: per-layer masks (sliding window) and logit soft-capping, through TAQ-KL
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_gemma(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path):
     from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
     tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=4,
-                              max_position_embeddings=256, final_logit_softcapping=3.0,
-                              layer_types=["sliding_attention", "full_attention"] * 2,
-                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    config = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=4,
+        max_position_embeddings=256,
+        final_logit_softcapping=3.0,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(config).to(torch.float32).eval()
     with torch.no_grad():  # random norms: the zero-init (1 + w) scales make every layer alike

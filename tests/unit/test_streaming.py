@@ -26,9 +26,14 @@ from core.streaming.model import open_streamed
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
 
-TEXTS = ["The capital of France is Paris, and the capital of Italy is", "1, 2, 3, 4,",
-         "def fibonacci(n):\n    return", "Hello", "A much longer sentence about layer streaming and "
-         "hidden states that are carried from one decoder layer to the next one."]
+TEXTS = [
+    "The capital of France is Paris, and the capital of Italy is",
+    "1, 2, 3, 4,",
+    "def fibonacci(n):\n    return",
+    "Hello",
+    "A much longer sentence about layer streaming and "
+    "hidden states that are carried from one decoder layer to the next one.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +64,7 @@ def streamed_hidden_states(model, batches) -> list[list[torch.Tensor]]:
 
 # --------------------------------------------------------------------------------- capture and run
 
+
 def test_layer_by_layer_equals_the_whole_model_exactly(streamed, tiny) -> None:
     full, _ = tiny
     batches = token_batches(streamed.tokenizer, max_batch_tokens=64)  # several padded batches
@@ -77,8 +83,9 @@ def test_layer_by_layer_equals_the_whole_model_exactly(streamed, tiny) -> None:
 
 
 def test_smollm2_gguf_layer_by_layer_equals_its_forward(smollm2_path: Path) -> None:
-    source = ModelSource(model_id="smollm2", kind="gguf", path=smollm2_path.parent, gguf_file=smollm2_path.name,
-                         weights_format="gguf")
+    source = ModelSource(
+        model_id="smollm2", kind="gguf", path=smollm2_path.parent, gguf_file=smollm2_path.name, weights_format="gguf"
+    )
     with open_streamed(source) as model:
         batches = token_batches(model.tokenizer, max_batch_tokens=96)
         ours = streamed_hidden_states(model, batches[:2])
@@ -86,8 +93,9 @@ def test_smollm2_gguf_layer_by_layer_equals_its_forward(smollm2_path: Path) -> N
         try:
             for batch, states in zip(batches[:2], ours, strict=True):
                 with torch.no_grad():
-                    out = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 output_hidden_states=True)
+                    out = module(
+                        input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+                    )
                 assert len(out.hidden_states) == model.n_layers + 1 == 31
                 for i in range(model.n_layers):
                     assert torch.equal(states[i], out.hidden_states[i]), f"input of layer {i}"
@@ -112,6 +120,7 @@ def test_compact_embedding_equals_the_full_embedding(streamed, tiny) -> None:
 
 
 # ------------------------------------------------------------------------------ hidden streams
+
 
 def special_values(dtype: torch.dtype, shape=(2, 3, 5)) -> torch.Tensor:
     torch.manual_seed(0)
@@ -183,6 +192,7 @@ def test_ram_accounting_is_shared_by_the_streams_of_an_area(tmp_path: Path) -> N
 
 # -------------------------------------------------------------------------------------- LM head
 
+
 @pytest.fixture(scope="module")
 def head_reference(tiny):
     full, _ = tiny
@@ -205,14 +215,18 @@ def reference_logits(norm, weight, hidden: torch.Tensor, cap: float | None) -> t
 
 @pytest.mark.parametrize("cap", [None, 0.15], ids=["plain", "softcap"])
 @pytest.mark.parametrize("chunk_rows", [None, 4096, 5000, 12345, 49152, 100000])
-def test_chunked_head_equals_full_vocabulary_float64(streamed, head_reference, chunk_rows, cap,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunked_head_equals_full_vocabulary_float64(
+    streamed, head_reference, chunk_rows, cap, monkeypatch: pytest.MonkeyPatch
+) -> None:
     norm, weight, base, other, gold = head_reference
     assert weight.shape[0] == streamed.vocab_size == 49152
     monkeypatch.setattr(streamed.config, "final_logit_softcapping", cap, raising=False)
     assert streamed.logit_softcap == cap
-    stats = head_stats(streamed, [HeadQuery(hidden=base, gold=gold), HeadQuery(hidden=other, gold=gold, reference=0),
-                                  HeadQuery(hidden=base)], chunk_rows=chunk_rows)
+    stats = head_stats(
+        streamed,
+        [HeadQuery(hidden=base, gold=gold), HeadQuery(hidden=other, gold=gold, reference=0), HeadQuery(hidden=base)],
+        chunk_rows=chunk_rows,
+    )
     z_ref, z = reference_logits(norm, weight, base, cap), reference_logits(norm, weight, other, cap)
     lp_ref, lp = torch.log_softmax(z_ref, dim=-1), torch.log_softmax(z, dim=-1)
     for s, logits, logp in ((stats[0], z_ref, lp_ref), (stats[1], z, lp)):
@@ -245,6 +259,7 @@ def test_head_query_reference_must_come_first(streamed, head_reference) -> None:
 
 # ---------------------------------------------------------------------------------- checkpoints
 
+
 class LoggingStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
@@ -270,19 +285,26 @@ def assert_same_q(a, b) -> None:
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_checkpoint_codes_round_trip_exactly(bits: int, symmetric: bool) -> None:
     torch.manual_seed(bits)
-    weights = {"model.layers.3.self_attn.q_proj": torch.randn(6, 40),      # 40 = one and a padded group
-               "model.layers.3.mlp.down_proj": torch.randn(5, 64) * 4,     # whole groups
-               "model.layers.3.mlp.gate_proj": torch.randn(1200, 8)}       # > one packing chunk of rows
+    weights = {
+        "model.layers.3.self_attn.q_proj": torch.randn(6, 40),  # 40 = one and a padded group
+        "model.layers.3.mlp.down_proj": torch.randn(5, 64) * 4,  # whole groups
+        "model.layers.3.mlp.gate_proj": torch.randn(1200, 8),
+    }  # > one packing chunk of rows
     group = {"model.layers.3.mlp.gate_proj": 8}
     qs = {n: quantize_weight(w, bits, group.get(n, 32), symmetric) for n, w in weights.items()}
     assert qs["model.layers.3.self_attn.q_proj"].codes.shape[1] == 64
     other = {n: quantize_weight(w, 8 if bits != 8 else 4, group.get(n, 32), symmetric) for n, w in weights.items()}
     widths = sorted({bits, other[next(iter(other))].bits})
     by_width = {bits: qs, other[next(iter(other))].bits: other}
-    record = LayerRecord(index=3, name="model.layers.3", pass_key="key-a",
-                         params={n: w.numel() for n, w in weights.items()},
-                         errors={n: {bits: 0.125, 16: 0.0} for n in weights}, widths=widths,
-                         scorer={"variance": 1.5, "entropy": math.pi})
+    record = LayerRecord(
+        index=3,
+        name="model.layers.3",
+        pass_key="key-a",
+        params={n: w.numel() for n, w in weights.items()},
+        errors={n: {bits: 0.125, 16: 0.0} for n in weights},
+        widths=widths,
+        scorer={"variance": 1.5, "entropy": math.pi},
+    )
     store = LoggingStore()
     save_layer(store, "work/x", record, {b: by_width[b] for b in widths})
     assert store.order[-1].endswith("00003.json") and len(store.order) == len(widths) + 1  # record last
@@ -300,13 +322,20 @@ def test_checkpoint_codes_round_trip_exactly(bits: int, symmetric: bool) -> None
 
 def test_layer_record_keeps_the_linear_order() -> None:
     names = ["m.layers.0.self_attn.q_proj", "m.layers.0.self_attn.k_proj", "m.layers.0.mlp.down_proj"]
-    record = LayerRecord(index=0, name="m.layers.0", pass_key="k", params={n: 10 for n in names},
-                         errors={n: {4: 0.5, 16: 0.0} for n in names}, widths=[4])
+    record = LayerRecord(
+        index=0,
+        name="m.layers.0",
+        pass_key="k",
+        params=dict.fromkeys(names, 10),
+        errors={n: {4: 0.5, 16: 0.0} for n in names},
+        widths=[4],
+    )
     again = LayerRecord.from_json(record.to_json())
     assert list(again.params) == names and list(again.errors) == names
 
 
 # ---------------------------------------------------------------------------------- LayerInputs
+
 
 class Block(nn.Module):
     """q/k/v read the same tensor; o reads q's output (a record of its own)."""
@@ -314,8 +343,11 @@ class Block(nn.Module):
     def __init__(self, width: int = 40) -> None:
         super().__init__()
         torch.manual_seed(7)
-        self.q, self.k, self.v = nn.Linear(width, width, bias=False), nn.Linear(width, 16, bias=False), \
-            nn.Linear(width, 16, bias=False)
+        self.q, self.k, self.v = (
+            nn.Linear(width, width, bias=False),
+            nn.Linear(width, 16, bias=False),
+            nn.Linear(width, 16, bias=False),
+        )
         self.o = nn.Linear(width, 24, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -338,7 +370,7 @@ def make_input_batches():
     for length in (7, 5):
         x = torch.randn(3, length, 40)
         valid = torch.ones(3, length, dtype=torch.bool)
-        valid[1, length - 2:] = False
+        valid[1, length - 2 :] = False
         valid[2, 1:] = False
         x[~valid] = 1e3  # padding must never reach the statistics
         out.append((x, valid))
@@ -347,8 +379,8 @@ def make_input_batches():
 
 def test_layer_inputs_x_and_h_modes_agree_and_skip_padding() -> None:
     block, batches = Block(), make_input_batches()
-    x_mode = record_inputs(block, batches, n_tokens=0)           # fewer tokens than features: rows
-    h_mode = record_inputs(block, batches, n_tokens=10**6)       # accumulate XᵀX
+    x_mode = record_inputs(block, batches, n_tokens=0)  # fewer tokens than features: rows
+    h_mode = record_inputs(block, batches, n_tokens=10**6)  # accumulate XᵀX
     assert x_mode.x("q") is not None and h_mode.x("q") is None
     for inputs in (x_mode, h_mode):
         assert inputs.groups() == {"q": ["q", "k", "v"], "o": ["o"]}
@@ -367,8 +399,11 @@ def test_layer_inputs_x_and_h_modes_agree_and_skip_padding() -> None:
         assert errors[0] > 0 and errors[0] == pytest.approx(errors[1], rel=1e-4)
     widths = [3, 4, 16]
     weights = {n: getattr(block, n).weight.detach().clone() for n in "qkvo"}
-    results = [quantize_layer(weights, i, widths, group_size=32, symmetric=False, gptq=gptq, clip_search=False)
-               for i in (x_mode, h_mode) for gptq in (False, True)]
+    results = [
+        quantize_layer(weights, i, widths, group_size=32, symmetric=False, gptq=gptq, clip_search=False)
+        for i in (x_mode, h_mode)
+        for gptq in (False, True)
+    ]
     for rx, rh in ((results[0], results[2]), (results[1], results[3])):  # X mode vs H mode
         for name in weights:
             assert rx.errors[name][16] == 0.0
@@ -398,10 +433,12 @@ def test_diagonal_hessian_gptq_equals_rtn_code_for_code(symmetric: bool, clip_se
         h = inputs.hessian("a")
         assert torch.count_nonzero(h - torch.diag(torch.diagonal(h))) == 0
         widths = [2, 3, 4, 8, 16]
-        rtn = quantize_layer(weights, inputs, widths, group_size=32, symmetric=symmetric, gptq=False,
-                             clip_search=clip_search)
-        gptq = quantize_layer(weights, inputs, widths, group_size=32, symmetric=symmetric, gptq=True,
-                              clip_search=clip_search)
+        rtn = quantize_layer(
+            weights, inputs, widths, group_size=32, symmetric=symmetric, gptq=False, clip_search=clip_search
+        )
+        gptq = quantize_layer(
+            weights, inputs, widths, group_size=32, symmetric=symmetric, gptq=True, clip_search=clip_search
+        )
         for bits in (2, 3, 4, 8):
             for name in weights:
                 assert_same_q(gptq.codes[bits][name], rtn.codes[bits][name])

@@ -48,12 +48,12 @@ def _options(question: str) -> tuple[str, dict[str, str]]:
     lines = question.split("\n")
     assert lines[-1] == build_tasks.MC_INSTRUCTION, question
     options = {}
-    for line in lines[-1 - len(build_tasks.MC_LETTERS):-1]:
+    for line in lines[-1 - len(build_tasks.MC_LETTERS) : -1]:
         letter, sep, text = line.partition(") ")
         assert sep and text, line
         options[letter] = text
     assert list(options) == list(build_tasks.MC_LETTERS), question
-    return "\n".join(lines[:-1 - len(build_tasks.MC_LETTERS)]), options
+    return "\n".join(lines[: -1 - len(build_tasks.MC_LETTERS)]), options
 
 
 def _skip_reason(suite: str) -> str | None:
@@ -208,7 +208,7 @@ def test_arithmetic_mc_options_are_computed() -> None:
         stem, options = _options(_question(row))
         gold = int(options[row["answers"][0]])
         if stem.startswith("What is "):  # the bare templates: evaluate the expression itself
-            assert gold == build_tasks.python_value(stem[len("What is "):].rstrip("?"))
+            assert gold == build_tasks.python_value(stem[len("What is ") :].rstrip("?"))
         assert all(int(text) >= 0 for text in options.values())
 
 
@@ -235,8 +235,11 @@ def test_arithmetic_answers_are_integers() -> None:
 
 
 def test_capitals_alternatives_merged() -> None:
-    assert build_tasks._capital_names("Kralendijk / Oranjestad / The Bottom") == \
-        ["Kralendijk", "Oranjestad", "The Bottom"]
+    assert build_tasks._capital_names("Kralendijk / Oranjestad / The Bottom") == [
+        "Kralendijk",
+        "Oranjestad",
+        "The Bottom",
+    ]
     assert build_tasks._capital_names(["Vatican City"]) == ["Vatican City"]
     assert build_tasks._capital_names(None) == []
     assert build_tasks._capital_names("") == []

@@ -66,8 +66,9 @@ def test_every_loaded_file_exists_and_is_packaged():
     for path in STATIC_DIR.rglob("*"):
         if path.is_file():
             relative = path.relative_to(STATIC_DIR.parent).as_posix()
-            assert any(fnmatch(relative, p) and relative.count("/") == p.count("/") for p in patterns), \
+            assert any(fnmatch(relative, p) and relative.count("/") == p.count("/") for p in patterns), (
                 f"{relative} would be left out of the installed package (pyproject package-data)"
+            )
     assert (STATIC_DIR / "vendor" / "LICENSE.chart.js.md").read_text().startswith("The MIT License")
 
 

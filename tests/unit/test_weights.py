@@ -39,10 +39,18 @@ INDEX = "model.safetensors.index.json"
 
 # ---- helpers ------------------------------------------------------------------------------------
 
+
 def _tiny_llama_config(**kw) -> LlamaConfig:
-    base = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                tie_word_embeddings=False)
+    base = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     return LlamaConfig(**{**base, **kw})
 
 
@@ -52,8 +60,10 @@ def _raw_safetensors(path: Path, header: object, data: bytes, *, header_bytes: b
 
 
 def _two_tensor_header() -> dict:
-    return {"a": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]},
-            "b": {"dtype": "F32", "shape": [4, 4], "data_offsets": [64, 128]}}
+    return {
+        "a": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]},
+        "b": {"dtype": "F32", "shape": [4, 4], "data_offsets": [64, 128]},
+    }
 
 
 def _sharded(directory: Path, shards: dict[str, dict[str, torch.Tensor]], weight_map: dict | None = None) -> None:
@@ -67,8 +77,13 @@ def _sharded(directory: Path, shards: dict[str, dict[str, torch.Tensor]], weight
 
 def _two_shards(directory: Path) -> None:
     g = torch.Generator().manual_seed(1)
-    _sharded(directory, {"s1.safetensors": {"a": torch.randn(4, 4, generator=g)},
-                         "s2.safetensors": {"b": torch.randn(2, 3, generator=g)}})
+    _sharded(
+        directory,
+        {
+            "s1.safetensors": {"a": torch.randn(4, 4, generator=g)},
+            "s2.safetensors": {"b": torch.randn(2, 3, generator=g)},
+        },
+    )
 
 
 def _read_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
@@ -146,8 +161,15 @@ def _write_gguf(path: Path, arch: str, skeleton: torch.nn.Module, types: dict[st
     return written
 
 
-GGUF_TYPES = {"token_embd": Q.Q8_0, "attn_q.": Q.Q4_0, "attn_k.": Q.Q4_1, "attn_v": Q.F16,
-              "attn_output": Q.BF16, "ffn_down": Q.Q5_0, "ffn": Q.Q8_0}
+GGUF_TYPES = {
+    "token_embd": Q.Q8_0,
+    "attn_q.": Q.Q4_0,
+    "attn_k.": Q.Q4_1,
+    "attn_v": Q.F16,
+    "attn_output": Q.BF16,
+    "ffn_down": Q.Q5_0,
+    "ffn": Q.Q8_0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +177,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     directory = tmp_path_factory.mktemp("tiny-gguf")
     with accelerate.init_empty_weights():
         model = LlamaForCausalLM(_tiny_llama_config(vocab_size=256, num_hidden_layers=2, tie_word_embeddings=True))
-    written = _write_gguf(directory / "tiny.gguf", "llama", model, GGUF_TYPES,
-                          lambda w: w.add_rope_dimension_count(16))
+    written = _write_gguf(directory / "tiny.gguf", "llama", model, GGUF_TYPES, lambda w: w.add_rope_dimension_count(16))
     return directory / "tiny.gguf", written
 
 
@@ -167,6 +188,7 @@ def _skeleton(directory: Path, gguf_file: str) -> torch.nn.Module:
 
 
 # ---- safetensors: values ------------------------------------------------------------------------
+
 
 def test_single_file_reads_equal_transformers(tiny, tiny_llama_dir: Path) -> None:
     state = tiny[0].state_dict()
@@ -187,8 +209,9 @@ def test_single_file_reads_equal_transformers(tiny, tiny_llama_dir: Path) -> Non
         assert reader.read_rows(EMBED, 5, 5).shape == (0, embed.shape[1])
         ids = torch.tensor([[9000, 3, 3], [49151, 0, 4097]])
         assert torch.equal(reader.gather_rows(EMBED, ids, chunk_rows=4096), embed[ids])
-        assert torch.equal(reader.gather_rows(EMBED, ids, dtype=torch.bfloat16, chunk_rows=7),
-                           embed[ids].to(torch.bfloat16))
+        assert torch.equal(
+            reader.gather_rows(EMBED, ids, dtype=torch.bfloat16, chunk_rows=7), embed[ids].to(torch.bfloat16)
+        )
         assert reader.gather_rows(EMBED, torch.tensor([], dtype=torch.long)).shape == (0, embed.shape[1])
         file_size = (tiny_llama_dir / "model.safetensors").stat().st_size
         assert file_size - 100_000 < reader.total_bytes < file_size
@@ -223,8 +246,10 @@ def test_sharded_bf16_checkpoint_equals_transformers(tmp_path: Path) -> None:
 
 
 def test_single_safetensors_file_path_and_zero_size_tensor(tmp_path: Path) -> None:
-    save_file({"e": torch.zeros(0, 3, dtype=torch.bfloat16), "w": torch.arange(6.0).reshape(2, 3)},
-              str(tmp_path / "weights.safetensors"))
+    save_file(
+        {"e": torch.zeros(0, 3, dtype=torch.bfloat16), "w": torch.arange(6.0).reshape(2, 3)},
+        str(tmp_path / "weights.safetensors"),
+    )
     with open_weights(tmp_path / "weights.safetensors") as reader:
         assert reader.read("e").shape == (0, 3)
         assert torch.equal(reader.read("w", dtype=torch.float64), torch.arange(6.0, dtype=torch.float64).reshape(2, 3))
@@ -233,6 +258,7 @@ def test_single_safetensors_file_path_and_zero_size_tensor(tmp_path: Path) -> No
 
 
 # ---- safetensors: validation ----------------------------------------------------------------------
+
 
 def _assert_invalid(exc: pytest.ExceptionInfo, tmp_path: Path, *fragments: str) -> None:
     message = str(exc.value)
@@ -247,6 +273,7 @@ def _header_mutation(mutate):
         header = _two_tensor_header()
         mutate(header)
         _raw_safetensors(d / "model.safetensors", header, bytes(128))
+
     return build
 
 
@@ -263,32 +290,55 @@ def _truncated(d: Path) -> None:
 
 SINGLE_FILE_CASES = {
     "too short": (lambda d: (d / "model.safetensors").write_bytes(b"abc"), ["model.safetensors", "too short"]),
-    "header longer than file": (lambda d: (d / "model.safetensors").write_bytes(struct.pack("<Q", 5000) + b"{}"),
-                                ["model.safetensors", "5000-byte header", "truncated"]),
-    "absurd header": (lambda d: (d / "model.safetensors").write_bytes(struct.pack("<Q", 200_000_000) + b"{}" * 8),
-                      ["model.safetensors", "limit"]),
-    "not json": (lambda d: _raw_safetensors(d / "model.safetensors", None, b"", header_bytes=b"{nope"),
-                 ["model.safetensors", "not valid JSON"]),
-    "not an object": (lambda d: _raw_safetensors(d / "model.safetensors", [1, 2], b""),
-                      ["model.safetensors", "not a JSON object"]),
-    "duplicate key": (lambda d: _raw_safetensors(
-        d / "model.safetensors", None, bytes(64),
-        header_bytes=b'{"a": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]},'
-                     b' "a": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]}}'),
-        ["model.safetensors", "duplicate key 'a'"]),
+    "header longer than file": (
+        lambda d: (d / "model.safetensors").write_bytes(struct.pack("<Q", 5000) + b"{}"),
+        ["model.safetensors", "5000-byte header", "truncated"],
+    ),
+    "absurd header": (
+        lambda d: (d / "model.safetensors").write_bytes(struct.pack("<Q", 200_000_000) + b"{}" * 8),
+        ["model.safetensors", "limit"],
+    ),
+    "not json": (
+        lambda d: _raw_safetensors(d / "model.safetensors", None, b"", header_bytes=b"{nope"),
+        ["model.safetensors", "not valid JSON"],
+    ),
+    "not an object": (
+        lambda d: _raw_safetensors(d / "model.safetensors", [1, 2], b""),
+        ["model.safetensors", "not a JSON object"],
+    ),
+    "duplicate key": (
+        lambda d: _raw_safetensors(
+            d / "model.safetensors",
+            None,
+            bytes(64),
+            header_bytes=b'{"a": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]},'
+            b' "a": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]}}',
+        ),
+        ["model.safetensors", "duplicate key 'a'"],
+    ),
     "unknown dtype": (_header_mutation(lambda h: h["a"].update(dtype="Q7")), ["tensor a", "unknown dtype 'Q7'"]),
     "bad entry": (_header_mutation(lambda h: h["b"].pop("data_offsets")), ["tensor b", "model.safetensors"]),
-    "shape vs bytes": (_header_mutation(lambda h: h["a"].update(shape=[3, 5])),
-                       ["tensor a", "model.safetensors", "needs 60 bytes", "span 64"]),
+    "shape vs bytes": (
+        _header_mutation(lambda h: h["a"].update(shape=[3, 5])),
+        ["tensor a", "model.safetensors", "needs 60 bytes", "span 64"],
+    ),
     "negative offset": (_header_mutation(lambda h: h["a"].update(data_offsets=[-64, 0])), ["tensor a"]),
     "truncated": (_truncated, ["tensor b lies past the end of model.safetensors (truncated?)"]),
-    "past the end": (_header_mutation(lambda h: h["b"].update(data_offsets=[64, 128], shape=[4, 4])
-                                      or h.update(c={"dtype": "F32", "shape": [1], "data_offsets": [128, 132]})),
-                     ["tensor c lies past the end of model.safetensors"]),
+    "past the end": (
+        _header_mutation(
+            lambda h: (
+                h["b"].update(data_offsets=[64, 128], shape=[4, 4])
+                or h.update(c={"dtype": "F32", "shape": [1], "data_offsets": [128, 132]})
+            )
+        ),
+        ["tensor c lies past the end of model.safetensors"],
+    ),
     "overlap": (_header_mutation(lambda h: h["b"].update(data_offsets=[32, 96])), ["tensor b overlaps tensor a"]),
     "gap": (_gap, ["8 unused bytes before tensor b"]),
-    "trailing bytes": (lambda d: _raw_safetensors(d / "model.safetensors", _two_tensor_header(), bytes(144)),
-                       ["model.safetensors", "16 bytes after its last tensor"]),
+    "trailing bytes": (
+        lambda d: _raw_safetensors(d / "model.safetensors", _two_tensor_header(), bytes(144)),
+        ["model.safetensors", "16 bytes after its last tensor"],
+    ),
     "no weights": (lambda d: (d / "config.json").write_text("{}"), ["no *.safetensors"]),
     "fifo": (lambda d: os.mkfifo(d / "model.safetensors"), ["model.safetensors is not a regular file"]),
 }
@@ -298,6 +348,7 @@ def _index_case(weight_map: dict, *, shards: bool = True):
     def build(d: Path) -> None:
         _two_shards(d)
         (d / INDEX).write_text(json.dumps({"weight_map": weight_map}))
+
     return build
 
 
@@ -310,26 +361,38 @@ def _symlink_outside(d: Path) -> None:
 
 
 def _duplicate_tensor(d: Path) -> None:
-    _sharded(d, {"s1.safetensors": {"a": torch.ones(2)}, "s2.safetensors": {"a": torch.zeros(2), "c": torch.ones(1)}},
-             weight_map={"a": "s1.safetensors", "c": "s2.safetensors"})
+    _sharded(
+        d,
+        {"s1.safetensors": {"a": torch.ones(2)}, "s2.safetensors": {"a": torch.zeros(2), "c": torch.ones(1)}},
+        weight_map={"a": "s1.safetensors", "c": "s2.safetensors"},
+    )
 
 
 INDEX_CASES = {
-    "index not json": (lambda d: _two_shards(d) or (d / INDEX).write_text("{weight_map"),
-                       [INDEX, "not valid JSON"]),
-    "index without weight_map": (lambda d: _two_shards(d) or (d / INDEX).write_text('{"weight_map": [1]}'),
-                                 [INDEX, "weight_map"]),
-    "path separator": (_index_case({"a": "s1.safetensors", "b": "sub/s2.safetensors"}),
-                       ["sub/s2.safetensors", "outside the model directory"]),
+    "index not json": (lambda d: _two_shards(d) or (d / INDEX).write_text("{weight_map"), [INDEX, "not valid JSON"]),
+    "index without weight_map": (
+        lambda d: _two_shards(d) or (d / INDEX).write_text('{"weight_map": [1]}'),
+        [INDEX, "weight_map"],
+    ),
+    "path separator": (
+        _index_case({"a": "s1.safetensors", "b": "sub/s2.safetensors"}),
+        ["sub/s2.safetensors", "outside the model directory"],
+    ),
     "dot dot": (_index_case({"a": "s1.safetensors", "b": ".."}), ["'..'", "outside the model directory"]),
-    "absolute": (lambda d: _index_case({"a": "s1.safetensors", "b": str(d / "s2.safetensors")})(d),
-                 ["absolute path", "s2.safetensors", "outside the model directory"]),
+    "absolute": (
+        lambda d: _index_case({"a": "s1.safetensors", "b": str(d / "s2.safetensors")})(d),
+        ["absolute path", "s2.safetensors", "outside the model directory"],
+    ),
     "symlink outside": (_symlink_outside, ["shard s2.safetensors resolves outside the model directory"]),
     "missing shard": (_index_case({"a": "s1.safetensors", "b": "s3.safetensors"}), ["missing shard s3.safetensors"]),
-    "wrong shard": (_index_case({"a": "s2.safetensors", "b": "s2.safetensors"}),
-                    [INDEX, "tensor a", "shard s2.safetensors, whose header does not contain it"]),
-    "unknown tensor": (_index_case({"a": "s1.safetensors", "b": "s2.safetensors", "zz": "s2.safetensors"}),
-                       ["tensor zz", "s2.safetensors"]),
+    "wrong shard": (
+        _index_case({"a": "s2.safetensors", "b": "s2.safetensors"}),
+        [INDEX, "tensor a", "shard s2.safetensors, whose header does not contain it"],
+    ),
+    "unknown tensor": (
+        _index_case({"a": "s1.safetensors", "b": "s2.safetensors", "zz": "s2.safetensors"}),
+        ["tensor zz", "s2.safetensors"],
+    ),
     "tensor in two shards": (_duplicate_tensor, ["tensor a is defined in both s1.safetensors and s2.safetensors"]),
 }
 
@@ -359,17 +422,25 @@ def test_validate_shapes_names_missing_and_mismatched_tensors(tmp_path: Path) ->
         assert str(missing.value) == "tensor c is missing from the checkpoint"
         with pytest.raises(ModelInvalid) as wrong:
             validate_shapes(reader, {"b": (3, 2)})
-        assert str(wrong.value) == ("tensor b has shape (2, 3) in the checkpoint (s2.safetensors), "
-                                    "the model config says (3, 2)")
+        assert str(wrong.value) == (
+            "tensor b has shape (2, 3) in the checkpoint (s2.safetensors), the model config says (3, 2)"
+        )
 
 
 # ---- header-only inspection, descriptors, no mapping, bounded RSS ------------------------------
 
+
 def test_inspect_reads_headers_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _sharded(tmp_path, {"s1.safetensors": {"a": torch.ones(300, 40), "b": torch.ones(7, dtype=torch.bfloat16)},
-                        "s2.safetensors": {"c": torch.ones(100, 100, dtype=torch.float16)}})
-    headers = sum(8 + struct.unpack("<Q", (tmp_path / f).read_bytes()[:8])[0]
-                  for f in ("s1.safetensors", "s2.safetensors"))
+    _sharded(
+        tmp_path,
+        {
+            "s1.safetensors": {"a": torch.ones(300, 40), "b": torch.ones(7, dtype=torch.bfloat16)},
+            "s2.safetensors": {"c": torch.ones(100, 100, dtype=torch.float16)},
+        },
+    )
+    headers = sum(
+        8 + struct.unpack("<Q", (tmp_path / f).read_bytes()[:8])[0] for f in ("s1.safetensors", "s2.safetensors")
+    )
     calls = _read_calls(monkeypatch)
     fds = _open_fds()
     summary = inspect_checkpoint(tmp_path)
@@ -411,8 +482,10 @@ def test_streaming_a_checkpoint_keeps_rss_bounded(tmp_path: Path) -> None:
     # 32 tensors of 1M bf16 values (64 MB on disk) over 4 shards: a reader that mapped the files
     # or kept what it read would grow RSS by at least that; one that streams holds ~ one tensor.
     g = torch.Generator().manual_seed(0)
-    shards = {f"s{s}.safetensors": {f"t{s}_{i}": torch.randn(1024, 1024, generator=g).to(torch.bfloat16)
-                                    for i in range(8)} for s in range(4)}
+    shards = {
+        f"s{s}.safetensors": {f"t{s}_{i}": torch.randn(1024, 1024, generator=g).to(torch.bfloat16) for i in range(8)}
+        for s in range(4)
+    }
     shards["s0.safetensors"]["embed"] = torch.randn(16384, 512, generator=g).to(torch.bfloat16)
     _sharded(tmp_path, shards)
     del shards
@@ -434,6 +507,7 @@ def test_streaming_a_checkpoint_keeps_rss_bounded(tmp_path: Path) -> None:
 
 
 # ---- GGUF -------------------------------------------------------------------------------------------
+
 
 def test_tiny_llama_gguf_equals_transformers(tiny_gguf) -> None:
     path, written = tiny_gguf
@@ -468,9 +542,17 @@ def test_tiny_llama_gguf_equals_transformers(tiny_gguf) -> None:
 
 
 def test_tiny_gemma3_gguf_norms_are_shifted_like_transformers(tmp_path: Path) -> None:
-    config = Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                              max_position_embeddings=128, sliding_window=32)
+    config = Gemma3TextConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        sliding_window=32,
+    )
     with accelerate.init_empty_weights():
         model = Gemma3ForCausalLM(config)
 
@@ -526,8 +608,10 @@ def test_broken_gguf_files_raise_model_invalid(tmp_path: Path, tiny_gguf) -> Non
         open_weights(tmp_path, gguf_file="nope.gguf", skeleton=skeleton)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "link.gguf").symlink_to(source)  # resolves outside tmp_path/model
-    for name, fragment in (("link.gguf", "GGUF file link.gguf resolves outside the model directory"),
-                           ("../truncated.gguf", "'../truncated.gguf', which is outside the model directory")):
+    for name, fragment in (
+        ("link.gguf", "GGUF file link.gguf resolves outside the model directory"),
+        ("../truncated.gguf", "'../truncated.gguf', which is outside the model directory"),
+    ):
         with pytest.raises(ModelInvalid) as exc:
             open_weights(tmp_path / "model", gguf_file=name, skeleton=skeleton)
         _assert_invalid(exc, tmp_path, fragment)
@@ -548,8 +632,10 @@ def test_smollm2_header_inspection_and_truncated_copy(smollm2_path: Path, tmp_pa
         dst.write(src.read(header.data_start + 4096))
     with accelerate.init_empty_weights():
         skeleton = LlamaForCausalLM(_tiny_llama_config())  # never reached: the header check fails first
-    for call in (lambda: inspect_checkpoint(tmp_path, gguf_file=smollm2_path.name),
-                 lambda: open_weights(tmp_path, gguf_file=smollm2_path.name, skeleton=skeleton)):
+    for call in (
+        lambda: inspect_checkpoint(tmp_path, gguf_file=smollm2_path.name),
+        lambda: open_weights(tmp_path, gguf_file=smollm2_path.name, skeleton=skeleton),
+    ):
         with pytest.raises(ModelInvalid) as exc:
             call()
         _assert_invalid(exc, tmp_path, "tensor ", "lies past the end of SmolLM2-135M-Instruct.Q4_1.gguf (truncated?)")

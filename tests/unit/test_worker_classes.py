@@ -17,26 +17,41 @@ def test_classes_parse_and_sort_by_memory(tmp_path):
     settings = Settings(data_dir=tmp_path, worker_classes="gpu80=cuda:80GiB, cpu=cpu:24GiB,gpu24=CUDA:24GiB")
     fleet = settings.fleet()
     assert [(c.name, c.device, c.memory_bytes) for c in fleet] == [
-        ("cpu", "cpu", 24 * GiB), ("gpu24", "cuda", 24 * GiB), ("gpu80", "cuda", 80 * GiB)]
+        ("cpu", "cpu", 24 * GiB),
+        ("gpu24", "cuda", 24 * GiB),
+        ("gpu80", "cuda", 80 * GiB),
+    ]
     assert [c.queue for c in fleet] == ["quantize.cpu", "quantize.gpu24", "quantize.gpu80"]
     assert "TAQ_WORKER_CLASSES" in fleet[0].memory_source
 
 
-@pytest.mark.parametrize("text, expected", [("24GiB", 24 * GiB), ("512MiB", 512 << 20), ("1.5GiB", 3 * GiB // 2),
-                                            ("64KiB", 64 << 10), ("2TiB", 2 << 40), ("1GB", 10**9)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("24GiB", 24 * GiB),
+        ("512MiB", 512 << 20),
+        ("1.5GiB", 3 * GiB // 2),
+        ("64KiB", 64 << 10),
+        ("2TiB", 2 << 40),
+        ("1GB", 10**9),
+    ],
+)
 def test_memory_units(text, expected):
     assert parse_memory(text) == expected
 
 
-@pytest.mark.parametrize("raw, words", [
-    ("cpu", "'cpu' must look like name=device:memory"),
-    ("cpu=cpu", "'cpu=cpu' must look like name=device:memory"),
-    ("a=tpu:1GiB", "unknown device 'tpu'"),
-    ("a=cpu:0GiB", "must be more than 0"),
-    ("a=cpu:12", "memory '12' must look like 24GiB"),
-    ("a=cpu:1GiB,a=cuda:2GiB", "'a' is declared twice"),
-    ("Big=cpu:1GiB", "the name must be lower-case"),
-])
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        ("cpu", "'cpu' must look like name=device:memory"),
+        ("cpu=cpu", "'cpu=cpu' must look like name=device:memory"),
+        ("a=tpu:1GiB", "unknown device 'tpu'"),
+        ("a=cpu:0GiB", "must be more than 0"),
+        ("a=cpu:12", "memory '12' must look like 24GiB"),
+        ("a=cpu:1GiB,a=cuda:2GiB", "'a' is declared twice"),
+        ("Big=cpu:1GiB", "the name must be lower-case"),
+    ],
+)
 def test_bad_entries_are_refused_naming_the_entry(raw, words):
     with pytest.raises(ValueError, match="TAQ_WORKER_CLASSES entry") as caught:
         parse_worker_classes(raw)
@@ -48,8 +63,7 @@ def test_bad_entries_are_refused_naming_the_entry(raw, words):
 def test_unset_is_one_default_class_from_the_old_settings(tmp_path):
     settings = Settings(data_dir=tmp_path, worker_device="cuda", worker_memory_bytes=3 * GiB)
     (only,) = settings.fleet()
-    assert (only.name, only.device, only.memory_bytes, only.queue) == ("default", "cuda", 3 * GiB,
-                                                                       "quantize.default")
+    assert (only.name, only.device, only.memory_bytes, only.queue) == ("default", "cuda", 3 * GiB, "quantize.default")
     assert only.memory_source == "TAQ_WORKER_MEMORY_BYTES"
     assert settings.own_worker_class() == only  # a worker without --class serves it
 
@@ -67,7 +81,7 @@ def test_own_class_needs_a_declared_name_when_there_are_several(tmp_path):
 def test_jobs_of_an_undeclared_class_go_to_the_largest(tmp_path):
     settings = Settings(data_dir=tmp_path, worker_classes="small=cpu:1GiB,large=cpu:8GiB")
     assert settings.queue_class("small").name == "small"
-    assert settings.queue_class(None).name == "large"       # a job from before classes existed
+    assert settings.queue_class(None).name == "large"  # a job from before classes existed
     assert settings.queue_class("default").name == "large"  # a class no longer declared
 
 
