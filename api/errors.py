@@ -88,7 +88,7 @@ def status_for(exc: core_errors.TaqError) -> int:
 def _clean_validation(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     cleaned = []
     for err in errors:
-        loc = [p for p in err.get("loc", ())]
+        loc = list(err.get("loc", ()))
         msg = str(err.get("msg", "invalid"))
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]

@@ -75,7 +75,7 @@ class Service:
         import httpx
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child process writes it
         self.proc = subprocess.Popen(
             self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -379,8 +379,9 @@ def markdown(results: dict) -> str:
             results["command"],
             "```",
             "",
-            f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_total_bytes'] / GiB:.1f} GiB RAM, torch threads "
-            f"{m['torch_threads_worker_env']}; `TAQ_WORKER_MEMORY_BYTES` = {results['service']['worker_memory_bytes']}. "
+            f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_total_bytes'] / GiB:.1f} GiB RAM, "
+            f"torch threads {m['torch_threads_worker_env']}; "
+            f"`TAQ_WORKER_MEMORY_BYTES` = {results['service']['worker_memory_bytes']}. "
             f"Checkpoint: {results['checkpoint']['parameters'] / 1e6:,.1f} M parameters, "
             f"{results['checkpoint']['num_shards']} bf16 shards (bench/scale_models.py, seed "
             f"{results['checkpoint'].get('seed')}).",
@@ -392,8 +393,8 @@ def markdown(results: dict) -> str:
             "written during publish). Peak RSS: the worker's report (`result.resources`) with, in parentheses, the "
             "peak VmRSS sampled from /proc every 0.5 s; `(s)` alone = sampled only. Preflight: the API's memory "
             "estimate for the job (core.memory). Baseline: bench/scale_baseline.py in the same run before the service "
-            "started — one streamed forward pass over the calibration rows plus the job's quantizer over every layer at "
-            "4 bits; job/baseline = the sum of the job's stage times over it.",
+            "started — one streamed forward pass over the calibration rows plus the job's quantizer over every layer "
+            "at 4 bits; job/baseline = the sum of the job's stage times over it.",
             "",
             "Peak RSS per stage (GiB):",
             "",

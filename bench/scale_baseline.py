@@ -74,7 +74,7 @@ def baseline(
                         width = ref.linears[lead].in_features
                         dtype = torch.float64 if width <= FLOAT64_FACTOR_MAX_FEATURES else torch.float32
                         # in place from a fresh H, as the job's layer pass does (core.quant.layer)
-                        upper = inverse_hessian_factor(lambda _lead=lead: inputs.hessian(_lead), dtype=dtype)
+                        upper = inverse_hessian_factor(lambda _lead=lead: inputs.hessian(_lead), dtype=dtype)  # noqa: B023
                         gptq_quantize_weights(
                             {n: ref.linears[n].weight.detach() for n in names},
                             None,

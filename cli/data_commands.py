@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 from typing import Annotated, Any
@@ -135,10 +136,8 @@ def download(
     except httpx.HTTPError as exc:
         client._transport_error(exc)
     if actual != sha:
-        try:
+        with contextlib.suppress(OSError):
             target.unlink()
-        except OSError:
-            pass
         fail(
             EXIT_CHECKSUM,
             f"checksum_mismatch: {target} has sha256 {actual}, the listing says {sha}; "

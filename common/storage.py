@@ -10,6 +10,7 @@ Writes are atomic: the file store writes a hidden temp file next to the target a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -174,7 +175,7 @@ class FileStorage(Storage):
     def open_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         path = self._path(key)
         try:
-            handle = open(path, "rb")
+            handle = open(path, "rb")  # noqa: SIM115 - closed by _iter when the stream ends
         except (FileNotFoundError, IsADirectoryError):
             raise NotFound(f"object {key} not found", code="object_not_found") from None
         return self._iter(handle, start, end)
@@ -233,10 +234,8 @@ class FileStorage(Storage):
         base = self.root / prefix.rstrip("/")
         if prefix.endswith("/") and base.is_dir():
             for dirpath, _dirs, _files in sorted(os.walk(base), key=lambda t: -len(t[0])):
-                try:
+                with contextlib.suppress(OSError):
                     os.rmdir(dirpath)
-                except OSError:
-                    pass
         return len(objects)
 
     def local_path(self, key: str) -> Path | None:

@@ -96,7 +96,7 @@ def parse_jsonl(data: bytes) -> list[CalibrationRow]:
         def bad(reason: str) -> None:
             nonlocal more
             if len(errors) < MAX_REPORTED_ERRORS:
-                errors.append({"line": number, "reason": reason})
+                errors.append({"line": number, "reason": reason})  # noqa: B023 - called in this iteration
             else:
                 more += 1
 

@@ -16,6 +16,7 @@ safetensors alternative raise UnsafeModel unless the operator passes `allow_pick
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -224,7 +225,7 @@ def _check_contained(candidate: Path, root: Path, model_id: str) -> None:
     """`candidate` and (for a directory) every entry in it must resolve inside `root`."""
     entries = [candidate]
     if candidate.is_dir():
-        entries += [p for p in candidate.rglob("*")]
+        entries += list(candidate.rglob("*"))
     for p in entries:
         if not _inside(p, root):
             raise UnsafeModel(
@@ -337,10 +338,8 @@ def list_models(
     def add(model_id: str) -> None:
         if model_id in found:
             return
-        try:
+        with contextlib.suppress(ModelNotFound, UnsafeModel):
             found[model_id] = resolve_model(model_id, roots, registry, allow_pickle, hf_cache_dir=hf_cache_dir)
-        except (ModelNotFound, UnsafeModel):
-            pass
 
     for model_id in sorted(registry):
         add(model_id)

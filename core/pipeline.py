@@ -16,7 +16,7 @@
 Resume (`StagePlan.from_store`): a stage whose output exists is skipped; inside the score and
 quantize passes a layer whose checkpoint exists is not recomputed. Same inputs and seed give the
 same bytes. Stage order, resume decisions and progress shares live here and nowhere else.
-"""
+"""  # noqa: E501 - the stage table above is wider than the code
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ import hashlib
 import json
 from abc import ABC
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Protocol
+from typing import Any, Protocol
 
 from core.errors import Cancelled, DataError, InvalidSpec
 from core.models import ModelSource
@@ -91,7 +91,7 @@ class JobHooks(ABC):
     """What the caller learns and decides while the pipeline runs. The defaults suit tests and the
     bench; the worker records stages, progress and cancellation in the database."""
 
-    def stage(self, name: str, *, skipped: bool, reason: str) -> ContextManager[None]:
+    def stage(self, name: str, *, skipped: bool, reason: str) -> AbstractContextManager[None]:
         return nullcontext()
 
     def progress(self, stage: str, fraction: float, message: str) -> None:

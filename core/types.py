@@ -186,10 +186,8 @@ class Profile:
         for layer in self.layers:
             linears = [replace(l, bits=bits.get(l.name, bits.get(layer.name))) for l in layer.linears]
             widths = {l.bits for l in linears}
-            if layer.name in bits:
-                layer_bits = bits[layer.name]
-            else:
-                layer_bits = widths.pop() if len(widths) == 1 else None
+            single = widths.pop() if len(widths) == 1 else None
+            layer_bits = bits.get(layer.name, single)
             layers.append(replace(layer, bits=layer_bits, linears=linears))
         return replace(self, layers=layers)
 

@@ -202,7 +202,7 @@ def main() -> None:
         [str(taq), "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         start_new_session=True,
-        stdout=open(data / "serve.log", "ab"),
+        stdout=open(data / "serve.log", "ab"),  # noqa: SIM115 - the server process writes it
         stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"

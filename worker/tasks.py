@@ -29,7 +29,7 @@ def run_job(self, job_id: str) -> str:
                 claim = claim_job(session, settings, job_id)
         except TRANSIENT_ERRORS as exc:
             log.warning("claim failed, retrying", extra={"error": repr(exc)})
-            raise self.retry(exc=exc, countdown=min(60, 2**self.request.retries))
+            raise self.retry(exc=exc, countdown=min(60, 2**self.request.retries)) from exc
         if claim is None:
             log.info("job not claimable (finished, cancelled, or owned by a live worker)")
             return "skipped"

@@ -56,7 +56,7 @@ class HashingWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._file: BinaryIO = open(self.path, "wb")
+        self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed by close()
         self._digest = hashlib.sha256()
         self.size = 0
 

@@ -283,10 +283,7 @@ def _copy_source_metadata(writer, source: Path, hyper: _Hyper, file_type: int) -
             sub = field.types[-1]
             if len(field.types) != 2:
                 raise ExportError(f"source GGUF key {key} is a nested array, which is not supported")
-            if sub == GGUFValueType.STRING:
-                values = [bytes(field.parts[i]) for i in field.data]
-            else:
-                values = field.contents()
+            values = [bytes(field.parts[i]) for i in field.data] if sub == GGUFValueType.STRING else field.contents()
             if values:
                 writer.add_key_value(key, values, main, sub_type=sub)
         else:

@@ -141,7 +141,7 @@ class WeightReader(ABC):
         self.close()
 
     def __del__(self) -> None:  # descriptors must not leak when a caller forgets close()
-        try:
+        try:  # noqa: SIM105 - no contextlib at interpreter shutdown, when modules may be torn down
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown may have torn modules down
             pass

@@ -119,7 +119,7 @@ def parse_header(fd: int, size: int, file: str) -> tuple[dict[str, _Entry], int]
         entries[name] = _Entry(TensorInfo(name, tuple(shape), dtype, need, file), data_start + begin)
 
     spans.sort()
-    for begin, end, name in spans:
+    for _begin, end, name in spans:
         if end > data_len:
             raise _invalid(f"tensor {name} lies past the end of {file} (truncated?)", file=file, tensor=name)
     cursor, previous = 0, None

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
@@ -50,14 +51,11 @@ class CuttableProxy:
 
     @staticmethod
     def _reset(sock: socket.socket) -> None:
-        try:  # RST instead of FIN: the peer sees a dead connection, as after a crash
+        # RST instead of FIN: the peer sees a dead connection, as after a crash
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        except OSError:
-            pass
-        try:
+        with contextlib.suppress(OSError):
             sock.close()
-        except OSError:
-            pass
 
     def _accept(self) -> None:
         while not self.closed:
@@ -91,10 +89,8 @@ class CuttableProxy:
             pass
         finally:
             for sock in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
             with self.lock:
                 self.sockets -= {src, dst}
 
@@ -107,10 +103,8 @@ class CuttableProxy:
         with self.lock:
             victims, self.sockets = list(self.sockets), set()
         for sock in victims:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self._reset(sock)
 
     def restore(self) -> None:
@@ -233,7 +227,7 @@ class RedisServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.log = open(self.log_path, "ab")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed by kill()
         self.proc = subprocess.Popen(
             [
                 shutil.which("redis-server"),

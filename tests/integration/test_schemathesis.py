@@ -5,9 +5,10 @@ code, content type, headers, body schema).
 
 The app runs in-process (ASGI) on the embedded defaults (SQLite, file:// storage, filesystem
 broker) in a temporary directory, with auth on, and again in the keyless loopback mode; a third
-test calls every operation that takes an id with another tenant's real ids (always 404). Deterministic: Hypothesis is derandomized (its
-seed derives from the test code) with no example database and no shrinking, and every operation
-gets a bounded number of examples (~2000 requests, ~15-30 s on 2 cores).
+test calls every operation that takes an id with another tenant's real ids (always 404).
+Deterministic: Hypothesis is derandomized (its seed derives from the test code) with no example
+database and no shrinking, and every operation gets a bounded number of examples (~2000 requests,
+~15-30 s on 2 cores).
 """
 
 from __future__ import annotations

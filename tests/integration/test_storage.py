@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError
 
 from common.artifacts import iter_tar, parse_range, tar_digest, tar_layout
 from common.errors import InvalidKey, NotFound, RangeNotSatisfiable
@@ -181,7 +182,7 @@ def test_parse_range():
 
 def test_readiness_probe_fails_for_missing_bucket(s3_endpoint):
     store = S3Storage("no-such-bucket-taq", endpoint_url=s3_endpoint)
-    with pytest.raises(Exception):
+    with pytest.raises(ClientError):
         store.check()
 
 

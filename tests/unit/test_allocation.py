@@ -58,7 +58,7 @@ def random_case(rng: random.Random, dyadic: bool = False):
     for i in range(n_layers):
         draw = (lambda: rng.randint(0, 8) / 8) if dyadic else rng.random
         errs = sorted((draw() for _ in choices), reverse=True)  # monotone decreasing in bits
-        quant_error = {b: e for b, e in zip(choices, errs)}
+        quant_error = dict(zip(choices, errs))
         if 16 in quant_error and rng.random() < 0.5:
             del quant_error[16]  # absent 16 means 0
         sensitivity = 0.0 if rng.random() < 0.2 else rng.random() * 3

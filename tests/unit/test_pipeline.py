@@ -556,7 +556,7 @@ def test_eval_report_has_teacher_forced_metrics_for_every_variant(evaluated) -> 
     assert report["n_items"] == 3 and report["dataset"] == "holdout:0.3"
     tf = report["teacher_forced"]
     assert set(tf) == {"full_precision", "quantized", "uniform", "error_only", "random"}
-    for name, values in tf.items():
+    for values in tf.values():
         assert values["gold_nll"]["mean"] > 0 and len(values["items"]) == 3
         assert all(item["gold_nll"] is not None for item in values["items"])
         assert values["n_tokens"] > 0

@@ -80,7 +80,7 @@ def test_end_to_end_with_an_hf_export_that_loads(gptq: Run, loaded: LoadedModel,
     assert allocation.effective_bits <= 6.0 and set(allocation.bits.values()) == {4, 8}
     weights = dict(CheckpointWeights(gptq.store, LAYER_PREFIX, loaded.layers, linear_bits(loaded.layers, allocation)))
     assert len(weights) == 28
-    for name, q in weights.items():
+    for q in weights.values():
         assert q.group_size == 64 and q.codes.shape[1] == -(-q.shape[1] // 64) * 64
     assert weights["model.layers.0.self_attn.q_proj"].codes.shape[1] == 128  # 96 inputs, padded
     exported = AutoModelForCausalLM.from_pretrained(

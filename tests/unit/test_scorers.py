@@ -373,7 +373,7 @@ def reference_errors(
     """Per layer, per linear: ‖X ΔWᵀ‖² / ‖X Wᵀ‖² = tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) (‖ΔW‖²/‖W‖² without X),
     ΔW from RTN (`quantize_weight`) or GPTQ on the same H."""
     out: dict[str, dict[str, float]] = {}
-    for i, layer in enumerate(model.model.layers):
+    for i, _layer in enumerate(model.model.layers):
         lname = f"model.layers.{i}"
         out[lname] = {}
         for group in INPUT_GROUPS:
@@ -784,7 +784,7 @@ def with_layers_quantized(model, layers, bits: int, group_size: int):
     quantized = copy.deepcopy(model)
     with torch.no_grad():
         for layer in layers:
-            for name, module in quantized.model.layers[layer].named_modules():
+            for module in quantized.model.layers[layer].modules():
                 if isinstance(module, torch.nn.Linear):
                     q = quantize_weight(module.weight.detach(), bits, group_size, False)
                     module.weight.copy_(dequantize_weight(q, torch.float32))
