@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,7 +58,7 @@ class JobOut(BaseModel):
             )
         return cls(
             id=job.id,
-            status=job.status,
+            status=cast(JobStatusLiteral, job.status),  # the ORM column is a plain string
             stage=job.stage,
             progress=job.progress or 0.0,
             error=error,
@@ -179,7 +179,14 @@ class ArtifactOut(BaseModel):
             files = [
                 ArtifactFileOut(name=f"{a.name}/{f['name']}", size=f["size"], sha256=f["sha256"]) for f in a.files or []
             ]
-        return cls(name=a.name, format=a.format, size=a.size, sha256=a.sha256, kind=a.kind, files=files)
+        return cls(
+            name=a.name,
+            format=a.format,
+            size=a.size,
+            sha256=a.sha256,
+            kind=cast(Literal["file", "directory"], a.kind),
+            files=files,
+        )
 
 
 class DatasetOut(BaseModel):

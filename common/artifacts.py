@@ -10,12 +10,18 @@ from __future__ import annotations
 import hashlib
 import re
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.errors import RangeNotSatisfiable
 from common.storage import Storage
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from common.settings import Settings
 
 BLOCK = 512
 
@@ -66,10 +72,10 @@ def tar_layout(root_name: str, files: Sequence[tuple[str, int, str]]) -> TarLayo
             parts.append((b"\0" * (BLOCK - size % BLOCK), None, 0))
     parts.append((b"\0" * (2 * BLOCK), None, 0))
     segments, offset = [], 0
-    for data, key, size in parts:
+    for data, part_key, size in parts:
         length = len(data) if data is not None else size
         if length:
-            segments.append(Segment(offset, length, data=data, key=key))
+            segments.append(Segment(offset, length, data=data, key=part_key))
             offset += length
     return TarLayout(tuple(segments), offset)
 
@@ -84,6 +90,7 @@ def iter_tar(storage: Storage, layout: TarLayout, start: int = 0, end: int | Non
         if seg.data is not None:
             yield seg.data[lo : hi + 1]
         else:
+            assert seg.key is not None  # a segment holds bytes or names an object
             yield from storage.open_range(seg.key, lo, hi)
 
 
@@ -102,6 +109,7 @@ def tar_digest_local(layout: TarLayout, paths: dict[str, Path]) -> str:
         if seg.data is not None:
             digest.update(seg.data)
             continue
+        assert seg.key is not None  # a segment holds bytes or names an object
         with open(paths[seg.key], "rb") as fh:
             while chunk := fh.read(1 << 20):
                 digest.update(chunk)
@@ -166,9 +174,9 @@ def _etag_matches(header: str | None, etag: str) -> bool:
 
 
 def open_download(
-    session,
+    session: Session,
     storage: Storage,
-    settings,
+    settings: Settings,
     tenant: str,
     job_id: str,
     name: str,
@@ -183,6 +191,8 @@ def open_download(
     from common.jobs import get_artifact
 
     artifact, entry = get_artifact(session, tenant, job_id, name)
+    reader: Callable[[int, int], Iterator[bytes]]
+    key: str | None
     if artifact.kind == "directory" and entry is None:
         files = [
             (f["name"], f["size"], f"{artifact.storage_key.rstrip('/')}/{f['name']}") for f in artifact.files or []
@@ -201,7 +211,8 @@ def open_download(
             filename = artifact.name.rsplit("/", 1)[-1]
         ext = filename.rsplit(".", 1)[-1] if "." in filename else ""
         ctype = CONTENT_TYPES.get(ext, "application/octet-stream")
-        reader = lambda start, end: storage.open_range(key, start, end)  # noqa: E731
+        object_key = key
+        reader = lambda start, end: storage.open_range(object_key, start, end)  # noqa: E731
     etag = f'"{digest}"'
     headers = {
         "ETag": etag,

@@ -80,7 +80,8 @@ class Authenticator:
             if len(self._cache) >= _MAX_CACHED_KEYS:
                 self._cache.clear()
             self._cache[digest] = (row.tenant, time.monotonic() + self.settings.auth_cache_seconds)
-        return row.tenant
+        found: str = row.tenant
+        return found
 
     def cached_tenant(self, authorization: str | None) -> str | None:
         """The tenant when it is known without the database (auth latched on and the key in

@@ -94,7 +94,7 @@ def create_dataset(
             return stored
     row = upload_dataset(session, storage, settings, tenant, data, filename)
     body = render(row)
-    if idempotency_key is None:
+    if idempotency_key is None or digest is None:  # digest is None exactly when there is no key
         return StoredResponse(row.id, 201, body, replayed=False)
     session.add(
         IdempotencyKey(

@@ -8,11 +8,15 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.settings import Settings
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +24,7 @@ _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # API and worker processes write concurrently
     cursor.execute("PRAGMA busy_timeout=30000")
@@ -114,7 +118,7 @@ def migrations_dir() -> Path:
     raise RuntimeError("Alembic migrations not found (neither the 'migrations' package nor ./migrations)")
 
 
-def alembic_config(settings: Settings):
+def alembic_config(settings: Settings) -> Config:
     from alembic.config import Config
 
     config = Config()

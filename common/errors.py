@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from core.errors import TaqError
 
 
@@ -11,7 +13,7 @@ class ServiceError(TaqError):
 
     code = "service_error"
 
-    def __init__(self, message: str, details=None, code: str | None = None) -> None:
+    def __init__(self, message: str, details: Any = None, code: str | None = None) -> None:
         super().__init__(message, details)
         if code:
             self.code = code

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from common.orm import Job, JobStatus, WorkerRow, utcnow
+from common.orm import Job, JobStatus, WorkerRow, rowcount, utcnow
 from common.settings import Settings, WorkerClass
 
 
@@ -45,7 +45,7 @@ def register_worker(session: Session, name: str, worker_class: WorkerClass, devi
 
 def beat_worker(session: Session, name: str) -> bool:
     """Refresh the heartbeat; False when the row is gone (pruned while this worker was stalled)."""
-    done = session.execute(update(WorkerRow).where(WorkerRow.name == name).values(heartbeat_at=utcnow())).rowcount
+    done = rowcount(session.execute(update(WorkerRow).where(WorkerRow.name == name).values(heartbeat_at=utcnow())))
     session.commit()
     return bool(done)
 
@@ -58,7 +58,7 @@ def unregister_worker(session: Session, name: str) -> None:
 def prune_workers(session: Session, settings: Settings) -> int:
     """Drop the rows of workers that died without unregistering (10× the stale limit ago)."""
     cutoff = utcnow() - timedelta(seconds=10 * settings.stale_after_seconds)
-    removed = session.execute(delete(WorkerRow).where(WorkerRow.heartbeat_at < cutoff)).rowcount
+    removed = rowcount(session.execute(delete(WorkerRow).where(WorkerRow.heartbeat_at < cutoff)))
     session.commit()
     return removed
 

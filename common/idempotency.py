@@ -64,7 +64,9 @@ def replay(session: Session, tenant: str, key: str, digest: str, resource: str) 
     """The stored first answer for (tenant, key) when it created a `resource` ("job_id" or
     "dataset_id"); None when the key is new (or stored for the other kind of resource)."""
     row = find(session, tenant, key, digest)
-    resource_id = None if row is None else getattr(row, resource)
+    if row is None:
+        return None
+    resource_id = getattr(row, resource)
     if resource_id is None:
         return None
     return StoredResponse(resource_id, row.status_code, row.response, replayed=True)

@@ -9,10 +9,10 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
@@ -25,12 +25,27 @@ from common.idempotency import StoredResponse
 from common.ids import new_id
 from common.lifecycle import add_event, purge_job_outputs
 from common.limits import check_job_quota, check_prompt_sizes, check_storage_quota, job_disk_bytes, route_job
-from common.orm import Artifact, IdempotencyKey, Job, JobEvent, JobStatus, ProfileLayer, utcnow
+from common.orm import (
+    JOB_TABLE,
+    Artifact,
+    Dataset,
+    IdempotencyKey,
+    Job,
+    JobEvent,
+    JobStatus,
+    ProfileLayer,
+    rowcount,
+    utcnow,
+)
 from common.settings import Settings
 from common.storage import Storage
 from core.errors import BudgetInfeasible, InvalidSpec
 from core.spec import AllocationRule, JobSpec
 from core.types import effective_bits
+
+if TYPE_CHECKING:
+    from core.models import ModelSource
+    from core.weights import CheckpointSummary
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +72,7 @@ def check_budget_feasible(spec: JobSpec) -> None:
         )
 
 
-def check_checkpoint(source):
+def check_checkpoint(source: ModelSource) -> CheckpointSummary | None:
     """The checkpoint's headers (never its data): a missing or truncated shard, a corrupt header,
     an index naming a file outside the model directory is a 422 ``model_invalid`` at submit."""
     from core.weights import inspect_checkpoint
@@ -115,8 +130,11 @@ def queue_quota_lock(session: Session, tenant: str) -> Iterator[None]:
 
 
 def check_queue_quota(session: Session, settings: Settings, tenant: str) -> None:
-    queued = session.scalar(
-        select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.status == JobStatus.queued)
+    queued = (
+        session.scalar(
+            select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.status == JobStatus.queued)
+        )
+        or 0
     )
     limit = settings.max_queued_jobs_per_tenant
     if queued >= limit:
@@ -221,7 +239,7 @@ def _insert_job(
 def _enqueue(session: Session, settings: Settings, job_id: str, worker_class: str) -> None:
     try:
         broker.enqueue_job(settings, job_id, worker_class)
-        session.execute(Job.__table__.update().where(Job.id == job_id).values(enqueued_at=utcnow()))
+        session.execute(JOB_TABLE.update().where(Job.id == job_id).values(enqueued_at=utcnow()))
         session.commit()
     except Exception as exc:  # the job is safe in the DB; the reaper enqueues it later
         session.rollback()
@@ -236,7 +254,7 @@ def get_job(session: Session, tenant: str, job_id: str) -> Job:
     return job
 
 
-def encode_cursor(job: Job) -> str:
+def encode_cursor(job: Job | Dataset) -> str:
     raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -262,7 +280,7 @@ def list_jobs(
     settings: Settings,
     tenant: str,
     *,
-    status: list[str] | None = None,
+    status: Sequence[str] | None = None,
     limit: int | None = None,
     cursor: str | None = None,
 ) -> tuple[list[Job], str | None]:
@@ -288,24 +306,28 @@ def cancel_job(session: Session, storage: Storage, tenant: str, job_id: str) -> 
     """Queued: cancelled at once. Running: flag for the worker (it stops between layers).
     Finished: 409."""
     job = get_job(session, tenant, job_id)
-    table = Job.__table__
+    table = JOB_TABLE
     now = utcnow()
-    done = session.execute(
-        table.update()
-        .where(table.c.id == job_id, table.c.status == JobStatus.queued)
-        .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=now, updated_at=now, stage=None)
-    ).rowcount
+    done = rowcount(
+        session.execute(
+            table.update()
+            .where(table.c.id == job_id, table.c.status == JobStatus.queued)
+            .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=now, updated_at=now, stage=None)
+        )
+    )
     if done:
         add_event(session, job_id, "status", status=JobStatus.cancelled, message="cancelled before it started")
         session.commit()
         purge_job_outputs(session, storage, job_id)
         session.commit()
     else:
-        flagged = session.execute(
-            table.update()
-            .where(table.c.id == job_id, table.c.status == JobStatus.running)
-            .values(cancel_requested=True, updated_at=now)
-        ).rowcount
+        flagged = rowcount(
+            session.execute(
+                table.update()
+                .where(table.c.id == job_id, table.c.status == JobStatus.running)
+                .values(cancel_requested=True, updated_at=now)
+            )
+        )
         if not flagged:
             session.refresh(job)
             raise Conflict(
@@ -357,7 +379,7 @@ def list_artifacts(session: Session, tenant: str, job_id: str) -> list[Artifact]
     return list(session.execute(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)).scalars())
 
 
-def get_artifact(session: Session, tenant: str, job_id: str, name: str) -> tuple[Artifact, dict | None]:
+def get_artifact(session: Session, tenant: str, job_id: str, name: str) -> tuple[Artifact, dict[str, Any] | None]:
     """The artifact, or for ``dir/file`` inside a directory artifact: (the directory, the file entry)."""
     get_job(session, tenant, job_id)
     if name.endswith(".tar"):

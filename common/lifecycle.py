@@ -13,13 +13,14 @@ import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import ColumnElement
 
-from common.orm import Artifact, Job, JobEvent, JobStatus, ProfileLayer, StageRun, utcnow
+from common.orm import JOB_TABLE, Artifact, Job, JobEvent, JobStatus, ProfileLayer, StageRun, rowcount, utcnow
 from common.settings import Settings
 from common.storage import Storage
 
@@ -83,31 +84,33 @@ def claim_job(session: Session, settings: Settings, job_id: str) -> Claim | None
     now = utcnow()
     stale = now - timedelta(seconds=settings.stale_after_seconds)
     token = secrets.token_hex(16)
-    table = Job.__table__
-    claimed = session.execute(
-        update(table)
-        .where(
-            table.c.id == job_id,
-            table.c.cancel_requested.is_(False),
-            (table.c.status == JobStatus.queued)
-            | ((table.c.status == JobStatus.running) & (table.c.heartbeat_at < stale)),
+    table = JOB_TABLE
+    claimed = rowcount(
+        session.execute(
+            update(table)
+            .where(
+                table.c.id == job_id,
+                table.c.cancel_requested.is_(False),
+                (table.c.status == JobStatus.queued)
+                | ((table.c.status == JobStatus.running) & (table.c.heartbeat_at < stale)),
+            )
+            .values(
+                status=JobStatus.running,
+                claim_token=token,
+                attempts=table.c.attempts + 1,
+                heartbeat_at=now,
+                updated_at=now,
+                worker=worker_name(),
+                error_code=None,
+                error_message=None,
+                error_details=None,
+            )
         )
-        .values(
-            status=JobStatus.running,
-            claim_token=token,
-            attempts=table.c.attempts + 1,
-            heartbeat_at=now,
-            updated_at=now,
-            worker=worker_name(),
-            error_code=None,
-            error_message=None,
-            error_details=None,
-        )
-    ).rowcount
+    )
     if not claimed:
         session.rollback()
         return None
-    job = session.get(Job, job_id)
+    job = session.get_one(Job, job_id)  # the row was just claimed
     if job.started_at is None:
         job.started_at = now
     add_event(
@@ -123,15 +126,15 @@ def claim_job(session: Session, settings: Settings, job_id: str) -> Claim | None
     return Claim(job_id, token, job.attempts, dict(job.spec), job.tenant, job.worker_class)
 
 
-def _owned(job_id: str, token: str):
-    table = Job.__table__
+def _owned(job_id: str, token: str) -> ColumnElement[bool]:
+    table = JOB_TABLE
     return (table.c.id == job_id) & (table.c.claim_token == token) & (table.c.status == JobStatus.running)
 
 
 def heartbeat(session: Session, job_id: str, token: str) -> bool:
     now = utcnow()
-    table = Job.__table__
-    ok = session.execute(update(table).where(_owned(job_id, token)).values(heartbeat_at=now)).rowcount
+    table = JOB_TABLE
+    ok = rowcount(session.execute(update(table).where(_owned(job_id, token)).values(heartbeat_at=now)))
     session.commit()
     return bool(ok)
 
@@ -155,11 +158,11 @@ def set_progress(
     event: tuple[str, str | None] | None = None,
 ) -> bool:
     """Write stage/progress; optionally an event (kind, message). False when no longer owned."""
-    table = Job.__table__
+    table = JOB_TABLE
     values: dict[str, Any] = {"progress": round(max(0.0, min(1.0, progress)), 4), "heartbeat_at": utcnow()}
     if stage is not None:
         values["stage"] = stage
-    ok = session.execute(update(table).where(_owned(job_id, token)).values(**values)).rowcount
+    ok = rowcount(session.execute(update(table).where(_owned(job_id, token)).values(**values)))
     if ok and event is not None:
         kind, message = event
         add_event(
@@ -170,7 +173,7 @@ def set_progress(
 
 
 def record_stage_run(
-    session: Session, job_id: str, stage: str, attempt: int, started, *, outcome: str, skipped: bool = False
+    session: Session, job_id: str, stage: str, attempt: int, started: datetime, *, outcome: str, skipped: bool = False
 ) -> None:
     finished = utcnow()
     session.add(
@@ -194,7 +197,7 @@ def finish_job(
     token: str,
     status: str,
     *,
-    result: dict | None = None,
+    result: dict[str, Any] | None = None,
     error_code: str | None = None,
     error_message: str | None = None,
     error_details: Any = None,
@@ -206,7 +209,7 @@ def finish_job(
         values.update(progress=1.0, stage="publish", result=result)
     if error_code is not None:
         values.update(error_code=error_code, error_message=error_message, error_details=error_details)
-    ok = session.execute(update(Job.__table__).where(_owned(job_id, token)).values(**values)).rowcount
+    ok = rowcount(session.execute(update(JOB_TABLE).where(_owned(job_id, token)).values(**values)))
     if ok:
         add_event(
             session,
@@ -224,11 +227,13 @@ def finish_job(
 def release_for_retry(session: Session, job_id: str, token: str, reason: str) -> bool:
     """Give a claimed job back to the queue after a transient error (the task then retries)."""
     now = utcnow()
-    ok = session.execute(
-        update(Job.__table__)
-        .where(_owned(job_id, token))
-        .values(status=JobStatus.queued, claim_token=None, updated_at=now, enqueued_at=now)
-    ).rowcount
+    ok = rowcount(
+        session.execute(
+            update(JOB_TABLE)
+            .where(_owned(job_id, token))
+            .values(status=JobStatus.queued, claim_token=None, updated_at=now, enqueued_at=now)
+        )
+    )
     if ok:
         add_event(session, job_id, "status", status=JobStatus.queued, message=f"retrying: {reason}")
     session.commit()
@@ -252,18 +257,20 @@ def reap(
     ``enqueue(job_id, worker_class)`` sends a job to its own class's queue."""
     report = ReapReport([], [], [], [])
     now = utcnow()
-    table = Job.__table__
+    table = JOB_TABLE
     stale = now - timedelta(seconds=settings.stale_after_seconds)
     for job in (
         session.execute(select(Job).where(Job.status == JobStatus.running, Job.heartbeat_at < stale)).scalars().all()
     ):
         guard = (table.c.id == job.id) & (table.c.status == JobStatus.running) & (table.c.heartbeat_at < stale)
         if job.cancel_requested:
-            if session.execute(
-                update(table)
-                .where(guard)
-                .values(status=JobStatus.cancelled, finished_at=now, updated_at=now, claim_token=None)
-            ).rowcount:
+            if rowcount(
+                session.execute(
+                    update(table)
+                    .where(guard)
+                    .values(status=JobStatus.cancelled, finished_at=now, updated_at=now, claim_token=None)
+                )
+            ):
                 add_event(
                     session,
                     job.id,
@@ -276,18 +283,20 @@ def reap(
                 report.cancelled.append(job.id)
         elif job.attempts >= settings.max_attempts:
             message = f"worker lost {job.attempts} times; giving up"
-            if session.execute(
-                update(table)
-                .where(guard)
-                .values(
-                    status=JobStatus.failed,
-                    finished_at=now,
-                    updated_at=now,
-                    claim_token=None,
-                    error_code="worker_lost",
-                    error_message=message,
+            if rowcount(
+                session.execute(
+                    update(table)
+                    .where(guard)
+                    .values(
+                        status=JobStatus.failed,
+                        finished_at=now,
+                        updated_at=now,
+                        claim_token=None,
+                        error_code="worker_lost",
+                        error_message=message,
+                    )
                 )
-            ).rowcount:
+            ):
                 add_event(
                     session,
                     job.id,
@@ -298,11 +307,13 @@ def reap(
                 )
                 report.failed.append(job.id)
         else:
-            if session.execute(
-                update(table)
-                .where(guard)
-                .values(status=JobStatus.queued, claim_token=None, updated_at=now, enqueued_at=now)
-            ).rowcount:
+            if rowcount(
+                session.execute(
+                    update(table)
+                    .where(guard)
+                    .values(status=JobStatus.queued, claim_token=None, updated_at=now, enqueued_at=now)
+                )
+            ):
                 add_event(
                     session,
                     job.id,
@@ -320,15 +331,17 @@ def reap(
         .all()
     )
     for job_id in old:
-        if session.execute(
-            update(table)
-            .where(
-                (table.c.id == job_id)
-                & (table.c.status == JobStatus.queued)
-                & (table.c.enqueued_at.is_(None) | (table.c.enqueued_at < lost))
+        if rowcount(
+            session.execute(
+                update(table)
+                .where(
+                    (table.c.id == job_id)
+                    & (table.c.status == JobStatus.queued)
+                    & (table.c.enqueued_at.is_(None) | (table.c.enqueued_at < lost))
+                )
+                .values(enqueued_at=now)
             )
-            .values(enqueued_at=now)
-        ).rowcount:
+        ):
             report.reenqueued.append(job_id)
         session.commit()
     classes = (

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -16,6 +16,9 @@ from common.errors import InvalidParameter, PayloadTooLarge, TooManyRequests
 from common.orm import Artifact, Dataset, Job
 from common.settings import Settings
 from core.spec import CalibrationRow, JobSpec
+
+if TYPE_CHECKING:
+    from core.memory import MemoryEstimate
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +135,7 @@ def _check_count(
     session: Session, tenant: str, model: Any, limit: int, *, noun: str, setting: str, advice: str, code: str
 ) -> None:
     """429 `code` when the tenant already keeps `limit` rows of `model`."""
-    count = session.scalar(select(func.count()).select_from(model).where(model.tenant == tenant))
+    count = session.scalar(select(func.count()).select_from(model).where(model.tenant == tenant)) or 0
     if count >= limit:
         raise TooManyRequests(
             f"tenant '{tenant}' already has {count} {noun} ({setting}={limit}); {advice}",
@@ -182,7 +185,7 @@ def estimate_for_spec(
     checkpoint: Any = None,
     limit_bytes: int | None = None,
     device: str | None = None,
-):
+) -> MemoryEstimate | None:
     """core.memory.estimate_job_memory for this spec on a worker of `device` (default:
     TAQ_WORKER_DEVICE), or None when the model's shapes cannot be read (the job is then admitted;
     the worker reports any failure). Greedy generation is counted only when the whole model fits
@@ -201,7 +204,7 @@ def estimate_for_spec(
     evaluates = spec.eval_dataset_id is not None or spec.eval_fraction is not None
     dtypes = getattr(checkpoint, "dtypes", None) or {}
     source_bytes = 2 if dtypes and set(dtypes) <= {"BF16", "F16"} else 4
-    options = dict(
+    options: dict[str, Any] = dict(
         method=spec.method.value,
         calibration_rows=min(calibration_rows, spec.max_calibration_rows),
         max_tokens=spec.max_tokens,

@@ -4,8 +4,10 @@ per worker class."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from sqlalchemy import func, select
 
 from common.db import session_scope
@@ -18,7 +20,7 @@ class DatabaseCollector:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         with session_scope(self.settings) as session:
             by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
             failures = session.execute(

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.settings import Settings
+
+if TYPE_CHECKING:
+    from core.models import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ def model_registry(settings: Settings) -> dict[str, Path]:
     return registry
 
 
-def resolve_model(settings: Settings, model_id: str):
+def resolve_model(settings: Settings, model_id: str) -> ModelSource:
     """core.models.resolve_model with this deployment's roots and registry (ModelNotFound / UnsafeModel)."""
     from core.errors import ModelNotFound
     from core.models import resolve_model as core_resolve
@@ -85,7 +88,7 @@ def list_available(settings: Settings) -> list[dict[str, Any]]:
     )
 
 
-def source_sha256(settings: Settings, source: Any) -> str:
+def source_sha256(settings: Settings, source: ModelSource) -> str:
     """The model's content hash (core.models.ModelSource.compute_sha256), cached under
     ``$TAQ_DATA_DIR/cache/source-sha256.json`` by file names, sizes and mtimes, so a 140 GB
     checkpoint is hashed once per version rather than once per job."""
@@ -101,8 +104,9 @@ def source_sha256(settings: Settings, source: Any) -> str:
         cache = {}
     entry = cache.get(key) if isinstance(cache, dict) else None
     if isinstance(entry, dict) and entry.get("signature") == signature and isinstance(entry.get("sha256"), str):
-        source.content_sha256 = entry["sha256"]
-        return entry["sha256"]
+        cached: str = entry["sha256"]
+        source.content_sha256 = cached
+        return cached
     digest = source.compute_sha256()
     cache = cache if isinstance(cache, dict) else {}
     cache[key] = {"signature": signature, "sha256": digest}

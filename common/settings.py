@@ -13,10 +13,10 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 from urllib.parse import urlparse
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -114,7 +114,8 @@ def parse_worker_classes(raw: str) -> list[WorkerClass]:
             raise ValueError(f"{prefix}: {exc}") from None
         if any(c.name == name for c in classes):
             raise ValueError(f"{prefix}: the class name '{name}' is declared twice")
-        classes.append(WorkerClass(name, device, memory_bytes, f"worker class '{name}' (TAQ_WORKER_CLASSES)"))
+        kind = cast(Literal["cpu", "cuda"], device)  # checked above
+        classes.append(WorkerClass(name, kind, memory_bytes, f"worker class '{name}' (TAQ_WORKER_CLASSES)"))
     return classes
 
 
@@ -231,9 +232,9 @@ class Settings(BaseSettings):
 
     @field_validator("admin_key", "metrics_key")
     @classmethod
-    def _secret_long(cls, value: str, info) -> str:
+    def _secret_long(cls, value: str, info: ValidationInfo) -> str:
         if value and len(value) < 16:
-            raise ValueError(f"TAQ_{info.field_name.upper()} is shorter than 16 characters")
+            raise ValueError(f"TAQ_{(info.field_name or '').upper()} is shorter than 16 characters")
         return value
 
     @field_validator("worker_classes")

@@ -10,6 +10,7 @@ Writes are atomic: the file store writes a hidden temp file next to the target a
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import os
@@ -17,13 +18,16 @@ import re
 import shutil
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import unquote, urlparse
 
 from common.errors import InvalidKey, NotFound
+
+if TYPE_CHECKING:
+    from common.settings import Settings
 
 CHUNK = 1024 * 1024
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._+=-]{0,254}"
@@ -118,7 +122,7 @@ class Storage(ABC):
                 out.write(chunk)
         return path
 
-    def put_tree(self, prefix: str, directory: Path) -> list[ObjectInfo]:
+    def put_tree(self, prefix: str, directory: Path) -> builtins.list[ObjectInfo]:  # list: the method above
         """Upload every file under ``directory`` to ``prefix/relative/path``."""
         written = []
         for path in sorted(p for p in directory.rglob("*") if p.is_file()):
@@ -147,7 +151,7 @@ class FileStorage(Storage):
             raise InvalidKey(f"invalid storage key {key!r}")
         return path
 
-    def _atomic_write(self, key: str, writer) -> ObjectInfo:
+    def _atomic_write(self, key: str, writer: Callable[[BinaryIO], object]) -> ObjectInfo:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
@@ -257,7 +261,12 @@ class S3Storage(Storage):
     MULTIPART_THRESHOLD = 64 * 1024 * 1024
 
     def __init__(
-        self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None, client=None
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        client: Any = None,
     ) -> None:
         import boto3
         from botocore.config import Config
@@ -334,11 +343,12 @@ class S3Storage(Storage):
 
         return chunks()
 
-    def _head(self, key: str) -> dict:
+    def _head(self, key: str) -> dict[str, Any]:
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+            head: dict[str, Any] = self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+            return head
         except ClientError as exc:
             if self._missing(exc):
                 raise NotFound(f"object {key} not found", code="object_not_found") from None
@@ -388,7 +398,8 @@ class S3Storage(Storage):
         params = {"Bucket": self.bucket, "Key": self._k(key)}
         if filename:
             params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
-        return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
+        url: str = self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
+        return url
 
 
 def storage_from_url(url: str, *, endpoint_url: str | None = None, region: str | None = None) -> Storage:
@@ -403,5 +414,5 @@ def storage_from_url(url: str, *, endpoint_url: str | None = None, region: str |
     raise ValueError(f"unsupported TAQ_STORAGE_URL scheme {parsed.scheme!r} (file:// or s3://)")
 
 
-def storage_from_settings(settings) -> Storage:
+def storage_from_settings(settings: Settings) -> Storage:
     return storage_from_url(settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
+from typing import cast
 
 from core.errors import BudgetInfeasible, InvalidSpec
 from core.spec import ALLOWED_BITS, Method
-from core.types import BitAllocation, Profile, group_overhead_bits
+from core.types import BitAllocation, LinearProfile, Profile, group_overhead_bits
 
 EXACT_SOLVER = "exact-pareto-dp"
 
@@ -54,9 +55,9 @@ class LayerCost:
     shapes: tuple[tuple[int, int], ...] = ()
 
 
-def _shapes(linears) -> tuple[tuple[int, int], ...]:
+def _shapes(linears: Iterable[LinearProfile]) -> tuple[tuple[int, int], ...]:
     shapes = tuple(l.shape for l in linears)
-    return () if not shapes or any(s is None for s in shapes) else shapes
+    return () if not shapes or any(s is None for s in shapes) else cast(tuple[tuple[int, int], ...], shapes)
 
 
 def layer_costs_from_profile(profile: Profile) -> list[LayerCost]:
@@ -313,6 +314,7 @@ def allocate_budget(
                 # grid: round UP so a grid-feasible allocation is always truly feasible
                 extra = true_extra if scale is None else -(-true_extra * scale // slack)
                 e = _error(layer, b)
+                assert e is not None  # every width was checked above
                 opts.append(_Option(b, extra, true_extra, layer.sensitivity * e, layer.params * e))
             out.append(opts)
         return out

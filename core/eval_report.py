@@ -18,15 +18,20 @@ budget against full precision on the eval rows.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.errors import TaqError
-from core.evaluation import evaluate_generation
+from core.evaluation import GenerationEval, evaluate_generation
 from core.spec import CalibrationRow, JobSpec, Method
 from core.stats import compare, paired_difference, paired_ratio
 from core.streaming.evaluate import EvalVariant, TeacherForced, teacher_forced_eval
 from core.types import BitAllocation, Profile
+
+if TYPE_CHECKING:
+    from core.job_stages import JobRun
+    from core.streaming.model import StreamedModel
 
 __all__ = ["budget_report", "control_allocations", "evaluate_job", "source_precision"]
 
@@ -35,7 +40,7 @@ GENERATION_METRICS = (("exact_match", "em"), ("f1", "f1"), ("contains", "contain
 CONTROLS = ("uniform", "error_only", "random")
 
 
-def control_allocations(spec: JobSpec, profile: Profile, allocation: BitAllocation) -> dict[str, BitAllocation]:
+def control_allocations(spec: JobSpec, profile: Profile | None, allocation: BitAllocation) -> dict[str, BitAllocation]:
     """The controls of one allocation, per layer, at its budget (the paper rule: at its effective
     bits). None for method `uniform`; a control whose budget cannot be met is left out."""
     from core.allocation import layer_costs_from_profile
@@ -59,7 +64,7 @@ def control_allocations(spec: JobSpec, profile: Profile, allocation: BitAllocati
     return out
 
 
-def source_precision(model) -> dict[str, Any]:
+def source_precision(model: StreamedModel) -> dict[str, Any]:
     """What "full precision" is: the stored type(s) of the decoder linears of the source and their
     mean stored bits per weight (a Q4_1 GGUF is about 5 bits, not 16)."""
     infos = model.reader.infos()
@@ -74,7 +79,7 @@ def source_precision(model) -> dict[str, Any]:
     }
 
 
-def _numel(shape) -> int:
+def _numel(shape: Iterable[int]) -> int:
     out = 1
     for d in shape:
         out *= int(d)
@@ -130,6 +135,7 @@ def budget_report(
     deltas: dict[str, Any] = {}
     retained: dict[str, Any] = {}
     for name in quantized:
+        assert fp_tf is not None  # teacher_forced_eval always scores full precision
         entry = {"gold_nll": _difference(fp_tf.gold_nll_items, teacher[name].gold_nll_items, seed)}
         if fp_gen is not None and name in generation:
             for metric, attr in GENERATION_METRICS:
@@ -143,14 +149,16 @@ def budget_report(
     return data
 
 
-def _difference(a, b, seed: int) -> dict[str, Any] | None:
+def _difference(a: Sequence[float | None], b: Sequence[float | None], seed: int) -> dict[str, Any] | None:
     try:
         return paired_difference(a, b, seed=seed).to_dict()
     except ValueError:  # no item with a value in both
         return None
 
 
-def _comparisons(teacher, generation, allocations, seed: int) -> list[dict[str, Any]]:
+def _comparisons(
+    teacher: dict[str, TeacherForced], generation: dict[str, Any], allocations: dict[str, BitAllocation], seed: int
+) -> list[dict[str, Any]]:
     """The quantized model against each control: gold NLL and, when generated, contains / EM / F1."""
     out = []
     bits = {name: a.effective_bits for name, a in allocations.items()}
@@ -182,20 +190,22 @@ def _comparisons(teacher, generation, allocations, seed: int) -> list[dict[str, 
     return out
 
 
-def _variants(run) -> tuple[list[EvalVariant], list[tuple[BitAllocation, dict[str, BitAllocation], dict[str, str]]]]:
+def _variants(
+    run: JobRun,
+) -> tuple[list[EvalVariant], list[tuple[BitAllocation, dict[str, BitAllocation], dict[str, str]]]]:
     """The distinct weight variants of every budget (identical bits evaluated once) and, per
     budget, its allocations and the variant name of each."""
     from core.pipeline import budget_tag, linear_bits
 
     variants: list[EvalVariant] = []
-    seen: dict[tuple, str] = {}
+    seen: dict[tuple[tuple[str, int], ...], str] = {}
     budgets = []
     for allocation in run.allocations:
         tag = budget_tag(allocation.budget)
         entries = {"quantized": allocation, **control_allocations(run.spec, run.profile, allocation)}
         names = {}
         for kind, entry in entries.items():
-            bits = linear_bits(run.model.layers, entry)
+            bits = linear_bits(run.loaded.layers, entry)
             key = tuple(sorted(bits.items()))
             if key not in seen:
                 seen[key] = f"{tag}:{kind}"
@@ -205,11 +215,11 @@ def _variants(run) -> tuple[list[EvalVariant], list[tuple[BitAllocation, dict[st
     return variants, budgets
 
 
-def evaluate_job(run) -> tuple[dict[str, Any], dict[str, Any]]:
+def evaluate_job(run: JobRun) -> tuple[dict[str, Any], dict[str, Any]]:
     """The evaluate stage of a `core.job_stages.JobRun`: (eval.json, generation summary)."""
     from core.streaming.generate import installed, materialized
 
-    spec, model, rows = run.spec, run.model, list(run.inputs.eval_rows)
+    spec, model, rows = run.spec, run.loaded, list(run.inputs.eval_rows)
     variants, budgets = _variants(run)
     tracker = run.tracker("evaluate")
     skipped = run.generation_skip_reason()
@@ -228,10 +238,10 @@ def evaluate_job(run) -> tuple[dict[str, Any], dict[str, Any]]:
         from core.data import tokenize_rows
 
         prompts = tokenize_rows([rows[i] for i in answered], model.tokenizer, spec.max_tokens)
-        golds = [list(rows[i].answers) for i in answered]
+        golds = [list(rows[i].answers or []) for i in answered]
         with materialized(model) as module:
 
-            def generate():
+            def generate() -> GenerationEval:
                 return evaluate_generation(
                     module,
                     model.tokenizer,

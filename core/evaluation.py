@@ -330,7 +330,7 @@ def score_predictions(
     em = [exact_match(p, g) for p, g in zip(predictions, golds_list)]
     f1 = [f1_score(p, g) for p, g in zip(predictions, golds_list)]
     contains = [contains_match(p, g) for p, g in zip(predictions, golds_list)]
-    ci = dict(n_resamples=n_resamples, alpha=alpha, seed=seed)
+    ci: dict[str, Any] = dict(n_resamples=n_resamples, alpha=alpha, seed=seed)
     return GenerationEval(
         predictions=list(predictions),
         generations=list(generations) if generations is not None else list(predictions),

@@ -7,10 +7,10 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.calibration import StageProgress, default_batch_tokens, make_batches, pad_token_id
 from core.errors import DataError, InvalidSpec
@@ -35,6 +35,17 @@ from core.spec import CalibrationInputs, ExportFormat, Quantizer
 from core.streaming.checkpoints import load_codes
 from core.types import BitAllocation, Profile, QuantizedWeight
 
+if TYPE_CHECKING:
+    import torch
+
+    from core.calibration import Batch
+    from core.models import LayerRef
+    from core.spec import CalibrationRow
+    from core.streaming.checkpoints import CheckpointStore
+    from core.streaming.hidden import SpillArea
+    from core.streaming.layer_pass import PassResult, StreamScorer
+    from core.streaming.model import StreamedModel
+
 EVAL_NEW_TOKENS = 32
 SMALL_ARTIFACTS = ("profile.json", "profile.png", "bitmap.json", "eval.json")
 
@@ -43,11 +54,18 @@ def dumps(data: Any) -> bytes:
     return json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
 
 
-class CheckpointWeights(Mapping):
+class CheckpointWeights(Mapping[str, QuantizedWeight]):
     """The QuantizedWeights of an allocation, read lazily from the layer checkpoints: one
     (layer, width) blob is held at a time, since exporters ask for a layer's linears in order."""
 
-    def __init__(self, store, prefix: str, layers, bits_by_linear: dict[str, int], device="cpu") -> None:
+    def __init__(
+        self,
+        store: CheckpointStore,
+        prefix: str,
+        layers: Sequence[LayerRef],
+        bits_by_linear: dict[str, int],
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.store, self.prefix, self.device = store, prefix, device
         self.bits = {name: b for name, b in bits_by_linear.items() if b < 16}
         self.layer_of = {name: ref.index for ref in layers for name in ref.linears}
@@ -73,19 +91,26 @@ class JobRun:
     def __init__(self, inputs: JobInputs, store: ArtifactStore, hooks: JobHooks) -> None:
         self.inputs, self.store, self.hooks = inputs, store, hooks
         self.spec = inputs.spec
-        self.model = None
-        self.rows = []
+        self.model: StreamedModel | None = None
+        self.rows: list[CalibrationRow] = []
         self.profile: Profile | None = None
         self.allocations: list[BitAllocation] = []
         self.exports: list[ExportRecord] = []
-        self.eval_report: dict | None = None
-        self.generation: dict | None = None
+        self.eval_report: dict[str, Any] | None = None
+        self.generation: dict[str, Any] | None = None
         self.written: dict[str, tuple[int, str]] = {}
         self.codes_prefix = LAYERS_PREFIX
         self._tmp: Path | None = None
-        self._area = None
+        self._area: SpillArea | None = None
 
     # ---- plumbing -------------------------------------------------------------------------------
+    @property
+    def loaded(self) -> StreamedModel:
+        """The model the load stage opened (a stage that needs it never runs after a skipped load)."""
+        if self.model is None:
+            raise RuntimeError("the model is not loaded: the load stage was skipped")
+        return self.model
+
     def tracker(self, stage: str) -> StageProgress:
         return StageProgress(self.hooks.progress, self.hooks.should_cancel, stage)
 
@@ -99,7 +124,7 @@ class JobRun:
         return self._tmp
 
     @property
-    def area(self):
+    def area(self) -> SpillArea:
         from core.streaming.hidden import SpillArea
 
         if self._area is None:
@@ -111,9 +136,9 @@ class JobRun:
         self.store.put_bytes(key, data)
         self.written[key] = (len(data), hashlib.sha256(data).hexdigest())
 
-    def batches_for(self, sequences):
-        tokens = self.inputs.batch_tokens or default_batch_tokens(self.model.device)
-        return make_batches(sequences, pad_token_id(self.model.tokenizer), self.model.device, max_batch_tokens=tokens)
+    def batches_for(self, sequences: list[list[int]]) -> list[Batch]:
+        tokens = self.inputs.batch_tokens or default_batch_tokens(self.loaded.device)
+        return make_batches(sequences, pad_token_id(self.loaded.tokenizer), self.loaded.device, max_batch_tokens=tokens)
 
     # ---- the run ----------------------------------------------------------------------------------
     def run(self) -> Any:
@@ -136,6 +161,7 @@ class JobRun:
                 shutil.rmtree(self._tmp, ignore_errors=True)
 
     def outputs(self) -> JobOutputs:
+        assert self.profile is not None  # the score stage sets it (computed, stored or reused)
         for name in SMALL_ARTIFACTS:
             key = f"artifacts/{name}"
             if key not in self.written and self.store.exists(key):
@@ -170,16 +196,18 @@ class JobRun:
             "calibrate", 1.0, f"{len(self.rows)} calibration rows, {len(self.inputs.eval_rows)} eval rows"
         )
 
-    def layer_pass(self, stage: str, scorer, widths: list[int], prefix: str):
+    def layer_pass(self, stage: str, scorer: StreamScorer, widths: list[int], prefix: str) -> PassResult:
         from core.scorers.common import prompt_plan
         from core.streaming.layer_pass import PassSettings, run_layer_pass
 
-        sequence_plan = scorer.plan(self.model.tokenizer, self.rows, self.spec) if self.rows else None
-        if sequence_plan is None and self.rows:
-            sequence_plan = prompt_plan(self.model.tokenizer, self.rows, self.spec)
-        if self.rows and not sequence_plan.sequences:
-            raise DataError("no calibration sequence is left after tokenization", details=[])
-        batches = self.batches_for(sequence_plan.sequences) if self.rows else []
+        batches: list[Batch] = []
+        if self.rows:
+            sequence_plan = scorer.plan(self.loaded.tokenizer, self.rows, self.spec)
+            if sequence_plan is None:
+                sequence_plan = prompt_plan(self.loaded.tokenizer, self.rows, self.spec)
+            if not sequence_plan.sequences:
+                raise DataError("no calibration sequence is left after tokenization", details=[])
+            batches = self.batches_for(sequence_plan.sequences)
         sequential = self.spec.calibration_inputs == CalibrationInputs.quantized
         settings = PassSettings(
             widths=tuple(sorted(widths)),
@@ -195,15 +223,15 @@ class JobRun:
                 widths,
                 self.inputs.source,
                 scorer.method,
-                device=self.model.device.type,
-                dtype=self.model.dtype,
+                device=self.loaded.device.type,
+                dtype=self.loaded.dtype,
             ),
             prefix=prefix,
         )
         if settings.reference_bits is not None and settings.reference_bits not in settings.widths:
             settings = replace(settings, reference_bits=min(settings.widths))
         tracker = self.tracker(stage)
-        result = run_layer_pass(self.model, batches, scorer, settings, self.store, tracker.span(0.0, 0.9), self.area)
+        result = run_layer_pass(self.loaded, batches, scorer, settings, self.store, tracker.span(0.0, 0.9), self.area)
         tracker.report(0.9, "layer pass done")
         return result
 
@@ -216,15 +244,17 @@ class JobRun:
                 self.profile = Profile.from_dict(json.loads(self.store.get_bytes("artifacts/profile.json")))
                 self.codes_prefix = CODES_PREFIX if plan.reused_profile else LAYERS_PREFIX
             else:
-                self.profile = self.inputs.reused_profile
+                reused = self.inputs.reused_profile
+                assert reused is not None  # the plan skips scoring for a reused profile only
+                self.profile = reused
                 self.codes_prefix = CODES_PREFIX
-                if [l.name for l in self.profile.layers] != [ref.name for ref in self.model.layers]:
+                if [l.name for l in reused.layers] != [ref.name for ref in self.loaded.layers]:
                     raise InvalidSpec("the reused profile does not match the model's layers")
             return
         scorer = make_scorer(self.spec, generate=self.greedy_token_answers)
         widths = [b for b in self.spec.bit_choices if b < 16]
         result = self.layer_pass("score", scorer, widths, LAYERS_PREFIX)
-        scores = scorer.finish(self.model, result)
+        scores = scorer.finish(self.loaded, result)
         self.profile = build_profile(self.spec, scorer.method, scores, result.records)
         for stream in result.streams.values():
             stream.drop()
@@ -243,16 +273,18 @@ class JobRun:
             if self.profile is not None and len(self.allocations) == 1:
                 self.profile = self.profile.with_bits(self.allocations[0].bits)
             return
-        self.allocations = list(allocate_stage(self.spec, self.profile))
+        profile = self.profile
+        assert profile is not None  # set by the score stage, which runs or is skipped with a profile
+        self.allocations = list(allocate_stage(self.spec, profile))
         if len(self.allocations) == 1:
-            self.profile = self.profile.with_bits(self.allocations[0].bits)
-        self.put("profile.json", dumps(self.profile.to_dict()))
-        self.hooks.profile_ready(self.profile)
+            profile = self.profile = profile.with_bits(self.allocations[0].bits)
+        self.put("profile.json", dumps(profile.to_dict()))
+        self.hooks.profile_ready(profile)
         effective = self.allocations[0].effective_bits if len(self.allocations) == 1 else None
         self.put(
             "profile.png",
             plot_profile(
-                self.profile,
+                profile,
                 f"{self.spec.model} · {self.spec.method.value}",
                 group_size=self.spec.group_size,
                 symmetric=self.spec.symmetric,
@@ -278,7 +310,7 @@ class JobRun:
         self.codes_prefix = CODES_PREFIX
 
     def codes(self, index: int, bits: int) -> dict[str, QuantizedWeight]:
-        return load_codes(self.store, self.codes_prefix, index, bits, device=self.model.device)
+        return load_codes(self.store, self.codes_prefix, index, bits, device=self.loaded.device)
 
     def stage_export(self, plan: StagePlan, skip: str | None) -> None:
         from core.export import export_gguf, export_hf
@@ -296,17 +328,17 @@ class JobRun:
             weights = CheckpointWeights(
                 self.store,
                 self.codes_prefix,
-                self.model.layers,
-                linear_bits(self.model.layers, allocation),
+                self.loaded.layers,
+                linear_bits(self.loaded.layers, allocation),
                 device="cpu",
             )
             out = self.tmp / f"export-{tag}"
             local: list[tuple[str, Path]] = []
-            files: list[dict] = []
+            files: list[dict[str, Any]] = []
             if ExportFormat.hf.value in formats:
                 written = export_hf(
-                    self.model.skeleton,
-                    self.model.tokenizer,
+                    self.loaded.skeleton,
+                    self.loaded.tokenizer,
                     weights,
                     allocation.bits,
                     self.spec,
@@ -325,8 +357,8 @@ class JobRun:
             if ExportFormat.gguf.value in formats:
                 source = self.inputs.source
                 f = export_gguf(
-                    self.model.skeleton,
-                    self.model.tokenizer,
+                    self.loaded.skeleton,
+                    self.loaded.tokenizer,
                     weights,
                     allocation.bits,
                     self.spec,
@@ -348,14 +380,15 @@ class JobRun:
             self.exports.append(record)
             tracker.report((i + 1) / len(self.allocations), f"exported {tag}")
 
-    def source_tensor(self, name: str):
+    def source_tensor(self, name: str) -> torch.Tensor:
         """A non-quantized tensor for export, read at its stored float dtype (bf16 stays bf16)."""
         import torch
 
         stored = {"BF16": torch.bfloat16, "F16": torch.float16}.get(
-            self.model.reader.infos()[name].dtype, torch.float32
+            self.loaded.reader.infos()[name].dtype, torch.float32
         )
-        return self.model.reader.read(name, dtype=stored, device="cpu")
+        tensor: torch.Tensor = self.loaded.reader.read(name, dtype=stored, device="cpu")
+        return tensor
 
     def stage_evaluate(self, plan: StagePlan, skip: str | None) -> None:
         from core.eval_report import evaluate_job
@@ -377,7 +410,7 @@ class JobRun:
         limit = self.inputs.memory_limit_bytes
         if limit is None:
             return None
-        need = materialized_bytes(self.model, self.spec.max_tokens) + RUNTIME_BYTES
+        need = materialized_bytes(self.loaded, self.spec.max_tokens) + RUNTIME_BYTES
         if need > limit:
             return (
                 f"greedy generation needs the whole model in memory ({need / 2**30:.1f} GiB) and the "
@@ -396,5 +429,5 @@ class JobRun:
                 + reason.split(";")[0]
                 + "; give gold answers in the calibration rows"
             )
-        with materialized(self.model) as module:
-            return greedy_token_ids(module, self.model.tokenizer, prompts, max_new_tokens)
+        with materialized(self.loaded) as module:
+            return greedy_token_ids(module, self.loaded.tokenizer, prompts, max_new_tokens)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -165,7 +166,7 @@ def parameter_count(model: nn.Module) -> int:
     return total
 
 
-def linear_parameter_count(linears) -> int:
+def linear_parameter_count(linears: Iterable[nn.Linear]) -> int:
     """Weights of the given linears (biases are not quantized and not counted)."""
     return sum(int(l.weight.numel()) for l in linears)
 

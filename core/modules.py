@@ -8,7 +8,9 @@ or to replace a module, goes through these functions so that naming stays consis
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
+import torch
 from torch import nn
 
 from core.errors import UnsupportedModel
@@ -66,6 +68,11 @@ def get_module(model: nn.Module, dotted: str) -> nn.Module:
                 raise KeyError(f"no module '{dotted}' (missing '{part}')")
             module = child
     return module
+
+
+def module_weight(model: nn.Module, dotted: str) -> torch.Tensor:
+    """The ``weight`` parameter of the submodule at a full dotted name (a linear's, an embedding's)."""
+    return cast(torch.Tensor, get_module(model, dotted).weight)
 
 
 def set_module(model: nn.Module, dotted: str, new: nn.Module) -> nn.Module:

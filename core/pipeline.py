@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +179,7 @@ def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
         return [alloc.allocate_paper(profile, spec.method, spec.group_size, spec.symmetric, avg_bits=budget)]
     if not spec.budgets:
         raise InvalidSpec(f"allocation '{spec.allocation.value}' needs 'bit_budget'")
+    allocate: Callable[..., BitAllocation]
     if spec.allocation == AllocationRule.error_only:
         allocate = controls.allocate_error_only
     elif spec.allocation == AllocationRule.random:
@@ -248,7 +249,7 @@ class StagePlan:
     @classmethod
     def from_store(cls, store: CheckpointStore, spec: JobSpec, *, reused_profile: bool) -> StagePlan:
         have_bitmap = store.exists("artifacts/bitmap.json")
-        tags = [budget_tag(b) for b in (spec.budgets or [None])]
+        tags = [budget_tag(b) for b in spec.budgets] or [budget_tag(None)]
         if spec.allocation == AllocationRule.paper:
             tags = [budget_tag(spec.budgets[0] if spec.budgets else None)]
         wants_eval = spec.eval_dataset_id is not None or spec.eval_fraction is not None

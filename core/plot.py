@@ -19,10 +19,10 @@ _MIXED_BITS = "#b8a1cf"  # a layer whose linears got different widths (per-linea
 
 def _linear_widths(profile: Profile) -> list[tuple[int, int]] | None:
     """(bits, params) of every allocated unit: the linears when they carry bits, else the layers."""
-    out = []
+    out: list[tuple[int, int]] = []
     for l in profile.layers:
         if l.linears and all(x.bits is not None for x in l.linears):
-            out += [(x.bits, x.params) for x in l.linears]
+            out += [(x.bits, x.params) for x in l.linears if x.bits is not None]
         elif l.bits is not None:
             out.append((l.bits, l.params))
         else:
@@ -102,7 +102,8 @@ def plot_profile(
         ax1.legend(handles=handles, fontsize=7, loc="upper right", ncol=len(handles))
         ax2.step(x, mean_bits, where="mid", color="#333333")
         ax2.scatter(x, mean_bits, c=colours, edgecolors="black", linewidths=0.3, zorder=3)
-        ax2.set_yticks(sorted(set(used) | {min(mean_bits), max(mean_bits)}))
+        known = [b for b in mean_bits if b is not None]  # all of them (has_bits)
+        ax2.set_yticks(sorted(set(used) | {min(known), max(known)}))
     else:
         ax2.text(
             0.5,

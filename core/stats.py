@@ -9,11 +9,12 @@ Percentile bootstrap, numpy `default_rng(seed)`, items resampled with replacemen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["Comparison", "ConfidenceInterval", "bootstrap_ci", "compare", "paired_difference", "paired_ratio"]
 
@@ -42,7 +43,7 @@ def _check(n_resamples: int, alpha: float) -> None:
         raise ValueError("n_resamples must be >= 1")
 
 
-def _resampled_indices(n: int, n_resamples: int, seed: int):
+def _resampled_indices(n: int, n_resamples: int, seed: int) -> Iterator[tuple[int, int, npt.NDArray[np.int64]]]:
     """Index matrices of at most ~2M entries each (bounds memory for long value lists)."""
     rng = np.random.default_rng(seed)
     chunk = max(1, 2_000_000 // n)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -157,7 +157,7 @@ class LayerProfile:
             return float(self.bits)
         if not self.linears or any(l.bits is None for l in self.linears):
             return None
-        return sum(l.bits * l.params for l in self.linears) / sum(l.params for l in self.linears)
+        return sum(cast(int, l.bits) * l.params for l in self.linears) / sum(l.params for l in self.linears)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

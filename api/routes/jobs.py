@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
@@ -159,7 +159,7 @@ def list_job_artifacts(job_id: str, session: SessionDep, tenant: CurrentTenant) 
     return [ArtifactOut.of(a) for a in service.list_artifacts(session, tenant, job_id)]
 
 
-_DOWNLOAD_RESPONSES = {
+_DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/octet-stream": {}}},
     206: {"description": "partial"},
     304: {"description": "not modified"},

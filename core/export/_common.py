@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import torch
 from torch import nn
@@ -19,6 +19,12 @@ from core.errors import ExportError
 from core.modules import decoder_layers, named_linears, weight_name
 from core.spec import JobSpec
 from core.types import QuantizedWeight
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    import numpy as np
+    from typing_extensions import Buffer
 
 QUANTIZED_BITS = (2, 3, 4, 8)
 KEEP_BITS = 16
@@ -33,7 +39,8 @@ def model_tensors(model: nn.Module) -> TensorFetcher:
     state = model.state_dict()
 
     def fetch(name: str) -> torch.Tensor:
-        return state[name].detach()
+        tensor: torch.Tensor = state[name]
+        return tensor.detach()
 
     return fetch
 
@@ -60,8 +67,8 @@ class HashingWriter:
         self._digest = hashlib.sha256()
         self.size = 0
 
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
+    def write(self, data: Buffer | np.ndarray[Any, Any]) -> int:
+        view = memoryview(cast("Buffer", data)).cast("B")  # numpy's stubs give arrays no __buffer__ before 3.12
         self._digest.update(view)
         self._file.write(view)
         self.size += view.nbytes
@@ -99,7 +106,9 @@ class OutputGuard:
     def __enter__(self) -> OutputGuard:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is None:
             return
         if self.created:
@@ -169,7 +178,7 @@ def plan_linears(
                 raise ExportError(f"{name} has a quantized weight but the bit map keeps it at 16 bits")
             if bits != KEEP_BITS and not present:
                 raise ExportError(f"{name} has no quantized weight but the bit map puts it at {bits} bits")
-            shape = tuple(int(s) for s in module.weight.shape)
+            shape = cast(tuple[int, int], tuple(int(s) for s in module.weight.shape))  # [out, in]
             plans.append(LinearPlan(name=name, layer=layer_name, bits=bits, shape=shape))
     planned = {p.name for p in plans}
     stray = sorted(available - planned)
@@ -202,16 +211,18 @@ def load_weight(plan: LinearPlan, weights: Mapping[str, QuantizedWeight], spec: 
 
 def output_embedding_name(model: nn.Module) -> str | None:
     """Full parameter name of the LM head weight (``lm_head.weight``), or None."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hf: Any = model  # a transformers model, or a plain module without the method
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     return weight_name(model, head)
 
 
 def embeddings_tied(model: nn.Module) -> bool:
     """True when the LM head shares the input embedding (SmolLM2, the tiny fixture). By identity
     or the config, never by storage: a meta skeleton's tensors all have data_ptr 0."""
-    if not hasattr(model, "get_output_embeddings"):
+    hf: Any = model  # a transformers model, or a plain module without the methods
+    if not hasattr(hf, "get_output_embeddings"):
         return False
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    head, embed = hf.get_output_embeddings(), hf.get_input_embeddings()
     if head is None or embed is None:
         return False
     return head.weight is embed.weight or bool(getattr(text_config(model), "tie_word_embeddings", False))
@@ -258,7 +269,7 @@ class Fp16Parts:
             yield to_fp16(self.name, self.value)
             return
         rows = max(1, _FINITE_CHECK_ELEMENTS // max(1, self.value[0].numel()))
-        for part in self.value.split(rows):
+        for part in torch.split(self.value, rows):
             yield to_fp16(self.name, part)
 
 
@@ -273,5 +284,5 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 def text_config(model: nn.Module) -> Any:
-    config = model.config
+    config: Any = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config

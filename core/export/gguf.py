@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,6 +53,9 @@ from core.export._common import (
 from core.export.ggml_blocks import BLOCK, Q4_0, Q4_1, Q8_0, encode_quantized, target_type
 from core.spec import JobSpec
 from core.types import QuantizedWeight
+
+if TYPE_CHECKING:
+    from gguf import GGUFEndian, GGUFWriter
 
 ARCH = "llama"
 QUANTIZATION_VERSION = 2
@@ -216,31 +220,35 @@ def _file_type(planned: list[_Planned]) -> int:
     return int(file_types[best])
 
 
-def _hashing_writer(sink: HashingWriter):
+def _hashing_writer(sink: HashingWriter) -> GGUFWriter:
     """A GGUFWriter writing through `sink`. Its tensor data goes out with numpy's tofile, which
     writes to the file descriptor past any wrapper (unhashed), so here it goes out with write()."""
     from gguf import GGUFWriter
     from gguf.gguf_writer import WriterState
 
+    file: Any = sink  # what GGUFWriter writes to: a file, as far as it is concerned
+
     class _Writer(GGUFWriter):
-        def open_output_file(self, path=None) -> None:
+        def open_output_file(self, path: Path | None = None) -> None:
             if self.state is WriterState.NO_FILE:
-                self.fout = [sink]
+                self.fout = [file]
                 self.state = WriterState.EMPTY
 
-        def write_tensor_data(self, tensor: np.ndarray | Fp16Parts, tensor_endianess=None) -> None:
+        def write_tensor_data(
+            self, tensor: np.ndarray[Any, Any] | Fp16Parts, tensor_endianess: GGUFEndian | None = None
+        ) -> None:
             if self.state not in (WriterState.TI_DATA, WriterState.WEIGHTS):
                 raise ValueError(f"tensor data before tensor info ({self.state})")
             info = self.tensors[0].pop(next(iter(self.tensors[0])))
             if info.nbytes != tensor.nbytes:
                 raise ExportError(f"tensor data of {tensor.nbytes} bytes, planned {info.nbytes}")
-            self.write_padding(sink, sink.tell())
+            self.write_padding(file, sink.tell())
             if isinstance(tensor, Fp16Parts):
                 for part in tensor:
                     sink.write(part.numpy().reshape(-1).view(np.uint8))
             else:
                 sink.write(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))
-            self.write_padding(sink, tensor.nbytes)
+            self.write_padding(file, tensor.nbytes)
             self.state = WriterState.WEIGHTS
 
     return _Writer(path=None, arch=ARCH)
@@ -251,7 +259,7 @@ def _hashing_writer(sink: HashingWriter):
 # ---------------------------------------------------------------------------------------------
 
 
-def _copy_source_metadata(writer, source: Path, hyper: _Hyper, file_type: int) -> None:
+def _copy_source_metadata(writer: GGUFWriter, source: Path, hyper: _Hyper, file_type: int) -> None:
     """Every key of the source GGUF in its order, with our file type; strings copied as raw bytes."""
     from gguf import GGUFReader, GGUFValueType
 
@@ -294,7 +302,7 @@ def _copy_source_metadata(writer, source: Path, hyper: _Hyper, file_type: int) -
         writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
 
 
-def _pre_tokenizer_name(backend: dict) -> str:
+def _pre_tokenizer_name(backend: dict[str, Any]) -> str:
     """llama.cpp's pre-tokenizer id for a byte-level BPE tokenizer.json, recognised by structure:
     digits split one by one before ByteLevel is SmolLM's (also StarCoder's) rule."""
     pre = backend.get("pre_tokenizer") or {}
@@ -307,7 +315,7 @@ def _pre_tokenizer_name(backend: dict) -> str:
     return "default"
 
 
-def _tokenizer_metadata(writer, tokenizer, hyper: _Hyper) -> None:
+def _tokenizer_metadata(writer: GGUFWriter, tokenizer: Any, hyper: _Hyper) -> None:
     """A byte-level BPE tokenizer as llama.cpp's "gpt2" vocabulary."""
     backend_tok = getattr(tokenizer, "backend_tokenizer", None)
     if backend_tok is None:
@@ -361,7 +369,7 @@ def _tokenizer_metadata(writer, tokenizer, hyper: _Hyper) -> None:
         writer.add_string("tokenizer.chat_template", template)
 
 
-def _hf_metadata(writer, tokenizer, hyper: _Hyper, name: str, file_type: int) -> None:
+def _hf_metadata(writer: GGUFWriter, tokenizer: Any, hyper: _Hyper, name: str, file_type: int) -> None:
     writer.add_string("general.type", "model")
     writer.add_string("general.name", name)
     writer.add_uint32(f"{ARCH}.block_count", hyper.layers)
@@ -391,7 +399,7 @@ def _hf_metadata(writer, tokenizer, hyper: _Hyper, name: str, file_type: int) ->
 
 def export_gguf(
     model: nn.Module,
-    tokenizer,
+    tokenizer: Any,
     weights: Mapping[str, QuantizedWeight],
     bit_map: Mapping[str, int],
     spec: JobSpec,
@@ -442,7 +450,8 @@ def export_gguf(
             writer.write_ti_data_to_file()
             for entry in planned:
                 # one tensor alive at a time: produced, written, dropped
-                writer.write_tensor_data(_array(entry, fetch, weights, spec, hyper))
+                # _Writer.write_tensor_data also takes the Fp16Parts _array returns for big float tensors
+                writer.write_tensor_data(_array(entry, fetch, weights, spec, hyper))  # type: ignore[arg-type]
         finally:
             writer.close()
             sink.close()

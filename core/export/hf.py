@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -145,8 +145,14 @@ def quantized_specs(plan: LinearPlan, group_size: int, symmetric: bool, strategy
     return [TensorSpec(f"{plan.name}.{s.name}", s.dtype, s.shape) for s in specs]
 
 
-def _weights_args(bits: int, group_size: int, symmetric: bool, strategy: str) -> dict:
-    args = {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False, "strategy": strategy}
+def _weights_args(bits: int, group_size: int, symmetric: bool, strategy: str) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": symmetric,
+        "dynamic": False,
+        "strategy": strategy,
+    }
     if strategy == "group":
         args["group_size"] = group_size
     else:
@@ -156,7 +162,7 @@ def _weights_args(bits: int, group_size: int, symmetric: bool, strategy: str) ->
 
 def quantization_config(
     plans: list[LinearPlan], lm_head: str | None, strategy: str, group_size: int, symmetric: bool
-) -> dict:
+) -> dict[str, Any]:
     """compressed-tensors ``quantization_config``: one config group per bit-width."""
     by_bits: dict[int, list[LinearPlan]] = {}
     for p in plans:
@@ -184,12 +190,14 @@ def quantization_config(
     }
 
 
-def _tensor_groups(
-    model: nn.Module, plans: list[LinearPlan], spec: JobSpec, strategy: str
-) -> list[tuple[str, LinearPlan | None, list[TensorSpec]]]:
+#: (state-dict name, its plan if quantized, the tensors stored for it)
+_Group = tuple[str, LinearPlan | None, list[TensorSpec]]
+
+
+def _tensor_groups(model: nn.Module, plans: list[LinearPlan], spec: JobSpec, strategy: str) -> list[_Group]:
     """[(state-dict name, its plan if quantized, the tensors stored for it)] in state-dict order."""
     by_weight = {f"{p.name}.weight": p for p in plans if p.quantized}
-    groups = []
+    groups: list[_Group] = []
     for key, value in state_entries(model):
         plan = by_weight.get(key)
         if plan is not None:
@@ -201,7 +209,7 @@ def _tensor_groups(
     return groups
 
 
-def _shards(groups: list, max_shard_bytes: int) -> list[list]:
+def _shards(groups: list[_Group], max_shard_bytes: int) -> list[list[_Group]]:
     """Consecutive groups per file (a linear's tensors stay in one file)."""
     sizes = [sum(s.nbytes for s in specs) for _, _, specs in groups]
     return [[groups[k] for k in shard] for shard in plan_shards(sizes, max_shard_bytes)]
@@ -210,7 +218,7 @@ def _shards(groups: list, max_shard_bytes: int) -> list[list]:
 def _write_shard(
     path: Path,
     name: str,
-    shard: list,
+    shard: list[_Group],
     fetch: TensorFetcher,
     weights: Mapping[str, QuantizedWeight],
     spec: JobSpec,
@@ -239,10 +247,11 @@ def _write_shard(
     return writer.close()
 
 
-def _config_dict(model: nn.Module, qconfig: dict, tied: bool) -> dict:
+def _config_dict(model: nn.Module, qconfig: dict[str, Any], tied: bool) -> dict[str, Any]:
     # only what differs from the class defaults, as save_pretrained writes it
-    config = model.config.to_diff_dict()
-    config["model_type"] = model.config.model_type
+    model_config: Any = model.config  # a transformers PretrainedConfig
+    config: dict[str, Any] = model_config.to_diff_dict()
+    config["model_type"] = model_config.model_type
     for key in _DROP_CONFIG_KEYS:
         config.pop(key, None)
     config["dtype"] = "float16"
@@ -255,18 +264,19 @@ def _config_dict(model: nn.Module, qconfig: dict, tied: bool) -> dict:
     return config
 
 
-def _generation_config(model: nn.Module) -> dict:
+def _generation_config(model: nn.Module) -> dict[str, Any]:
     from transformers import GenerationConfig
 
     gen = getattr(model, "generation_config", None)
     if gen is None:
         gen = GenerationConfig.from_model_config(text_config(model))
-    return gen.to_diff_dict()
+    diff: dict[str, Any] = gen.to_diff_dict()
+    return diff
 
 
 def export_hf(
     model: nn.Module,
-    tokenizer,
+    tokenizer: Any,
     weights: Mapping[str, QuantizedWeight],
     bit_map: Mapping[str, int],
     spec: JobSpec,

@@ -50,7 +50,8 @@ def library_versions() -> dict[str, str]:
 def _safetensors_header(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(length))
+        header: dict[str, Any] = json.loads(f.read(length))
+        return header
 
 
 def hf_storage(export_dir: Path) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ class TensorSpec:
 def header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> bytes:
     """Length prefix + padded JSON header for `specs` stored in that order (the library's layout:
     compact JSON, ``__metadata__`` first)."""
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for spec in specs:
         if spec.name in header or spec.name == "__metadata__":

@@ -101,6 +101,7 @@ def inverse_hessian_factor(
     build: Callable[[], torch.Tensor] = (lambda: given) if given is not None else hessian  # type: ignore[assignment]
     owned = overwrite or given is None
     del hessian
+    h: torch.Tensor | None
     h, live_mean = _prepared(build(), dtype, owned)
     # an overwritten H cannot be prepared again for a damp retry
     consumed = given is not None and owned and h.data_ptr() == given.data_ptr()

@@ -20,9 +20,10 @@ core/scorers/common.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,8 +62,8 @@ class LayerInputs:
             return x[valid.to(x.device)]
         return x.reshape(-1, x.shape[-1])
 
-    def _hook(self, name: str):
-        def pre_hook(module: nn.Module, args: tuple) -> None:
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             seen = self._seen.get(id(x))
             if seen is not None and seen[1] is x:
@@ -187,9 +188,15 @@ def quantize_layer(
                 raise InvalidSpec(f"no calibration activations reached {names[0]}; cannot run GPTQ on it")
             width = int(weights[names[0]].shape[1])
             dtype = torch.float64 if width <= FLOAT64_FACTOR_MAX_FEATURES else torch.float32
+
             # H is built inside the factorisation, which works in place: one [in, in] matrix is
             # alive from H to the factor (core.memory counts it so)
-            upper = inverse_hessian_factor(lambda _lead=lead: inputs.hessian(_lead), dtype=dtype)
+            def hessian(_lead: str = lead) -> torch.Tensor:
+                h = inputs.hessian(_lead)
+                assert h is not None  # has_data() was checked above
+                return h
+
+            upper = inverse_hessian_factor(hessian, dtype=dtype)
             for bits in low:
                 codes[bits].update(
                     gptq_quantize_weights(

@@ -73,7 +73,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
     word = (x << byte_shifts).sum(dim=-1, keepdim=True)
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
-    codes = ((word >> shifts) & (2**bits - 1)).to(torch.uint8).reshape(*lead, blocks * 8)
+    codes: torch.Tensor = ((word >> shifts) & (2**bits - 1)).to(torch.uint8).reshape(*lead, blocks * 8)
     return codes[..., :n].contiguous()
 
 

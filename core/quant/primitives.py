@@ -107,7 +107,8 @@ def _raw_codes(w: torch.Tensor, scale16: torch.Tensor, zero: torch.Tensor, bits:
 def _short_groups(g: _Groups, codes: torch.Tensor, bits: int) -> torch.Tensor:
     """[out, n_groups] bool: asymmetric groups whose positive maximum landed on qmax - 1."""
     qmax = 2**bits - 1
-    return (g.w_max > 0) & (codes.masked_fill(~g.mask, 0).amax(dim=-1) == qmax - 1)
+    short: torch.Tensor = (g.w_max > 0) & (codes.masked_fill(~g.mask, 0).amax(dim=-1) == qmax - 1)
+    return short
 
 
 def _codes(g: _Groups, scale16: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:

@@ -11,6 +11,7 @@ profile (seeded `torch.Generator`s only).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from core.spec import JobSpec, Method
 from core.streaming.layer_pass import StreamScorer
@@ -18,25 +19,25 @@ from core.streaming.layer_pass import StreamScorer
 __all__ = ["SCORERS", "make_scorer"]
 
 
-def _taq(spec: JobSpec, **options) -> StreamScorer:
+def _taq(spec: JobSpec, **options: Any) -> StreamScorer:
     from core.scorers.taq import TaqScorer
 
     return TaqScorer(spec)
 
 
-def _taq_kl(spec: JobSpec, **options) -> StreamScorer:
+def _taq_kl(spec: JobSpec, **options: Any) -> StreamScorer:
     from core.scorers.taq_kl import TaqKlScorer
 
     return TaqKlScorer(spec, **{k: v for k, v in options.items() if k == "noise_scale"})
 
 
-def _taqo(spec: JobSpec, **options) -> StreamScorer:
+def _taqo(spec: JobSpec, **options: Any) -> StreamScorer:
     from core.scorers.taqo import TaqoScorer
 
     return TaqoScorer(spec, **{k: v for k, v in options.items() if k in ("generate", "bits", "max_new_tokens")})
 
 
-def _uniform(spec: JobSpec, **options) -> StreamScorer:
+def _uniform(spec: JobSpec, **options: Any) -> StreamScorer:
     from core.scorers.uniform import UniformScorer
 
     return UniformScorer()
@@ -51,7 +52,7 @@ SCORERS: dict[Method, Callable[..., StreamScorer]] = {
 }
 
 
-def make_scorer(spec: JobSpec, **options) -> StreamScorer:
+def make_scorer(spec: JobSpec, **options: Any) -> StreamScorer:
     """The scorer of `spec.method`; `options` reach the methods that take them (`generate` for
     taqo's self-answers, `noise_scale` for taq_kl, `bits` for taqo's probe width)."""
     return SCORERS[Method(spec.method)](spec, **options)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -84,10 +85,11 @@ class SequencePlan:
     n_rows: int
 
 
-def prompt_plan(tokenizer, rows: Sequence[CalibrationRow], spec: JobSpec) -> SequencePlan:
+def prompt_plan(tokenizer: Any, rows: Sequence[CalibrationRow], spec: JobSpec) -> SequencePlan:
     """One sequence per row: the rendered prompt (chat template), truncated keeping its end."""
     sequences = tokenize_rows(rows, tokenizer, spec.max_tokens)
-    return SequencePlan(sequences=sequences, row_of=list(range(len(rows))), starts=[None] * len(rows), n_rows=len(rows))
+    starts: list[int | None] = [None] * len(rows)
+    return SequencePlan(sequences=sequences, row_of=list(range(len(rows))), starts=starts, n_rows=len(rows))
 
 
 class LayerOutputStats:

@@ -76,6 +76,7 @@ class TaqKlScorer(StreamScorer):
 
     def finish(self, model: StreamedModel, result: PassResult) -> list[LayerScores]:
         n_layers = len(result.records)
+        assert result.final is not None  # taq_kl needs calibration rows (check_rows)
         queries = [HeadQuery(hidden=valid_hidden(result.final, result.batches))]
         for layer in range(n_layers):
             stream = result.streams.pop(f"kl:{layer}")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
@@ -136,7 +137,7 @@ class TaqoScorer(StreamScorer):
         self.model_answers = 0.0
         self.sequence_plan: SequencePlan | None = None
 
-    def plan(self, tokenizer, rows: Sequence[CalibrationRow], spec: JobSpec) -> SequencePlan:
+    def plan(self, tokenizer: Any, rows: Sequence[CalibrationRow], spec: JobSpec) -> SequencePlan:
         """prompt + answer per gold answer; rows without answers get the full-precision model's
         own greedy answer (needs `generate`)."""
         prompts = tokenize_rows(rows, tokenizer, spec.max_tokens)
@@ -147,7 +148,9 @@ class TaqoScorer(StreamScorer):
                 raise ValueError("taqo needs the full-precision model's answers for rows without answers")
             generated = dict(zip(missing, self.generate([prompts[i] for i in missing], self.max_new_tokens)))
         self.model_answers = len(missing) / max(1, len(rows))
-        sequences, row_of, starts = [], [], []
+        sequences: list[list[int]] = []
+        row_of: list[int] = []
+        starts: list[int | None] = []
         for i, row in enumerate(rows):
             answers = (
                 [generated[i]]
@@ -173,6 +176,7 @@ class TaqoScorer(StreamScorer):
 
     def finish(self, model: StreamedModel, result: PassResult) -> list[LayerScores]:
         plan = self.sequence_plan
+        assert plan is not None and result.final is not None  # plan() ran and the pass had rows
         positions = answer_positions(result.batches, plan)
         n_layers = len(result.records)
         queries = [HeadQuery(hidden=gather_positions(result.final, positions), gold=positions.gold)]
@@ -181,7 +185,11 @@ class TaqoScorer(StreamScorer):
             queries.append(HeadQuery(hidden=gather_positions(stream, positions), gold=positions.gold))
             stream.drop()
         stats = head_stats(model, queries)
-        scores = [task_score(s.gold_logprob, s.argmax == positions.gold, positions.seq, plan) for s in stats]
+        # every query has gold tokens, so every gold_logprob is set
+        scores = [
+            task_score(cast(torch.Tensor, s.gold_logprob), s.argmax == positions.gold, positions.seq, plan)
+            for s in stats
+        ]
         fp, quantized = scores[0], scores[1:]
         d_nll = [q.nll - fp.nll for q in quantized]
         positive = [max(0.0, d) for d in d_nll]

@@ -27,7 +27,7 @@ __all__ = ["CapturedInputs", "LayerCall", "capture_inputs", "run_layer"]
 class LayerCall:
     """A decoder layer's arguments besides its hidden states (references, not copies)."""
 
-    args: tuple
+    args: tuple[Any, ...]
     kwargs: dict[str, Any]
 
 
@@ -41,8 +41,9 @@ class _Captured(Exception):
     pass
 
 
-def _catcher(index: int, last: int, calls: list[LayerCall], hidden: list[torch.Tensor]) -> Callable:
+def _catcher(index: int, last: int, calls: list[LayerCall], hidden: list[torch.Tensor]) -> Callable[..., torch.Tensor]:
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        states: torch.Tensor
         if args:
             states, rest = args[0], tuple(args[1:])
         else:
@@ -84,4 +85,5 @@ def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall) -> 
     """One decoder layer's forward on `hidden` with its captured arguments."""
     with torch.no_grad():
         out = layer(hidden, *call.args, **call.kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    result: torch.Tensor = out[0] if isinstance(out, (tuple, list)) else out
+    return result

@@ -15,6 +15,8 @@ A layer with a record is complete; everything after the first missing record is 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -50,7 +52,7 @@ class MemoryStore:
     def put_bytes(self, key: str, data: bytes) -> None:
         self.objects[key] = bytes(data)
 
-    def put_file(self, key: str, path) -> None:
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
         with open(path, "rb") as fh:
             self.objects[key] = fh.read()
 
@@ -118,7 +120,7 @@ def codes_key(prefix: str, index: int, bits: int) -> str:
 _ROW_CHUNK = 512
 
 
-def _rowwise(fn, tensor: torch.Tensor) -> torch.Tensor:
+def _rowwise(fn: Callable[[torch.Tensor], torch.Tensor], tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(tensor[i : i + _ROW_CHUNK]) for i in range(0, tensor.shape[0], _ROW_CHUNK)])
 
 
@@ -130,7 +132,11 @@ def _encode(weights: dict[str, QuantizedWeight]) -> bytes:
     tensors: dict[str, torch.Tensor] = {}
     grids: dict[str, Any] = {}
     for name, q in sorted(weights.items()):
-        tensors[f"{name}.codes"] = _rowwise(lambda rows, b=q.bits: pack_codes(rows.cpu().contiguous(), b), q.codes)
+
+        def pack(rows: torch.Tensor, b: int = q.bits) -> torch.Tensor:
+            return pack_codes(rows.cpu().contiguous(), b)
+
+        tensors[f"{name}.codes"] = _rowwise(pack, q.codes)
         tensors[f"{name}.scale"] = q.scale.cpu().to(torch.float16).contiguous()
         if q.zero is not None:
             tensors[f"{name}.zero"] = q.zero.cpu().contiguous()
@@ -154,7 +160,11 @@ def _decode(raw: bytes, device: torch.device | str = "cpu") -> dict[str, Quantiz
     grids = json.loads(json.loads(raw[8 : 8 + header_len])["__metadata__"]["grids"])
     out: dict[str, QuantizedWeight] = {}
     for name, grid in grids.items():
-        codes = _rowwise(lambda rows, g=grid: unpack_codes(rows, g["bits"], g["columns"]), tensors[f"{name}.codes"])
+
+        def unpack(rows: torch.Tensor, g: dict[str, Any] = grid) -> torch.Tensor:
+            return unpack_codes(rows, g["bits"], g["columns"])
+
+        codes = _rowwise(unpack, tensors[f"{name}.codes"])
         out[name] = QuantizedWeight(
             codes=codes.to(device),
             scale=tensors[f"{name}.scale"].to(device),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,7 +32,7 @@ from core.data import encode_text, tokenize_rows
 from core.spec import CalibrationRow
 from core.stats import ConfidenceInterval, bootstrap_ci
 from core.streaming.capture import capture_inputs, run_layer
-from core.streaming.head import HeadQuery, head_stats
+from core.streaming.head import HeadQuery, HeadStats, head_stats
 from core.streaming.hidden import HiddenStream, SpillArea
 from core.streaming.model import StreamedModel
 from core.types import QuantizedWeight
@@ -69,9 +70,9 @@ class TeacherForced:
         values = [v for v in self.gold_nll_items if v is not None]
         return bootstrap_ci(values, seed=seed) if values else None
 
-    def to_dict(self, *, seed: int = 0, include_items: bool = True) -> dict:
+    def to_dict(self, *, seed: int = 0, include_items: bool = True) -> dict[str, Any]:
         nll = self.gold_nll(seed=seed)
-        data = {
+        data: dict[str, Any] = {
             "gold_nll": None if nll is None else nll.to_dict(),
             "mean_kl": self.mean_kl,
             "top1_agreement": self.top1_agreement,
@@ -85,11 +86,15 @@ class TeacherForced:
         return data
 
 
-def _sequences(model: StreamedModel, rows: Sequence[CalibrationRow], max_tokens: int):
+def _sequences(
+    model: StreamedModel, rows: Sequence[CalibrationRow], max_tokens: int
+) -> tuple[list[list[int]], list[list[int]], list[int], list[int | None]]:
     prompts = tokenize_rows(rows, model.tokenizer, max_tokens)
-    sequences, row_of, starts = [], [], []
+    sequences: list[list[int]] = []
+    row_of: list[int] = []
+    starts: list[int | None] = []
     for i, row in enumerate(rows):
-        answers = [
+        answers: list[list[int] | None] = [
             encode_text(a, model.tokenizer, templated=True)[:MAX_ANSWER_TOKENS]
             for a in (row.answers or [])
             if a.strip()
@@ -189,11 +194,22 @@ def teacher_forced_eval(
     }
 
 
-def _summarise(stat, reference, positions, seq_of, sequences, starts, row_of, n_rows, prompts) -> TeacherForced:
+def _summarise(
+    stat: HeadStats,
+    reference: HeadStats,
+    positions: torch.Tensor,
+    seq_of: torch.Tensor,
+    sequences: list[list[int]],
+    starts: list[int | None],
+    row_of: list[int],
+    n_rows: int,
+    prompts: list[list[int]],
+) -> TeacherForced:
     first_seq: dict[int, int] = {}
     for s, r in enumerate(row_of):
         first_seq.setdefault(r, s)
     logprob = stat.gold_logprob
+    assert logprob is not None  # every query of the evaluation has gold tokens
     kl = stat.kl if stat.kl is not None else torch.zeros_like(stat.lse)
     agree = (stat.argmax == reference.argmax).to(torch.float64)
     nll_sum = [0.0] * len(sequences)
@@ -216,8 +232,8 @@ def _summarise(stat, reference, positions, seq_of, sequences, starts, row_of, n_
     best: list[float | None] = [None] * n_rows
     for s, r in enumerate(row_of):
         if nll_count[s]:
-            value = nll_sum[s] / nll_count[s]
-            best[r] = value if best[r] is None else min(best[r], value)
+            value, current = nll_sum[s] / nll_count[s], best[r]
+            best[r] = value if current is None else min(current, value)
     total = sum(count)
     return TeacherForced(
         gold_nll_items=best,

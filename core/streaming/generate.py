@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
-from core.modules import get_module
+from core.modules import module_weight
 from core.streaming.model import StreamedModel
 from core.types import QuantizedWeight
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["greedy_token_ids", "installed", "materialized", "materialized_bytes"]
 
@@ -37,7 +41,7 @@ def materialized_bytes(model: StreamedModel, max_tokens: int) -> int:
 
 
 @contextmanager
-def materialized(model: StreamedModel) -> Iterator[nn.Module]:
+def materialized(model: StreamedModel) -> Iterator[PreTrainedModel]:
     module = model.materialize()
     try:
         yield module
@@ -62,7 +66,7 @@ def installed(
                     layer_codes = codes(ref.index, bits)
                     for name in ref.linears:
                         if bits_by_linear[name] == bits:
-                            param = get_module(model.skeleton, name).weight
+                            param = module_weight(model.skeleton, name)
                             param.copy_(
                                 dequantize_weight(layer_codes[name], dtype=torch.float32).to(param.device, param.dtype)
                             )
@@ -72,11 +76,11 @@ def installed(
     finally:
         with torch.no_grad():
             for name in done:
-                param = get_module(model.skeleton, name).weight
+                param = module_weight(model.skeleton, name)
                 param.copy_(model.reader.read(f"{name}.weight", dtype=param.dtype, device=param.device))
 
 
-def _eos_ids(module: nn.Module, tokenizer) -> list[int]:
+def _eos_ids(module: nn.Module, tokenizer: Any) -> list[int]:
     ids: list[int] = []
     config = getattr(module, "generation_config", None)
     value = getattr(config, "eos_token_id", None) if config is not None else None
@@ -90,7 +94,7 @@ def _eos_ids(module: nn.Module, tokenizer) -> list[int]:
 
 
 def greedy_token_ids(
-    module: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16
+    module: PreTrainedModel, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16
 ) -> list[list[int]]:
     """Each prompt's greedy continuation as token ids, up to and including the first EOS
     (batched, left-padded, longest first; the output keeps the input order)."""
@@ -104,6 +108,8 @@ def greedy_token_ids(
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos or None
     )
+    # transformers' GenerationMixin.generate; without return_dict_in_generate it returns the ids
+    generate = cast(Callable[..., torch.Tensor], module.generate)
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     out: dict[int, list[int]] = {}
     for start in range(0, len(order), batch_size):
@@ -116,9 +122,7 @@ def greedy_token_ids(
             ids[r, width - len(seq) :] = seq
             mask[r, width - len(seq) :] = 1
         with torch.no_grad():
-            generated = module.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
-            )
+            generated = generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
         for r, i in enumerate(group):
             answer: list[int] = []
             for t in generated[r, width:].tolist():

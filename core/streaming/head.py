@@ -77,6 +77,7 @@ class _Acc:
             if bool(inside.any()):
                 idx = (self.gold - start).clamp(0, z.shape[1] - 1)
                 picked = z.gather(1, idx[:, None])[:, 0].to(torch.float64)
+                assert self.gold_logit is not None  # allocated with `gold`
                 self.gold_logit = torch.where(inside, picked, self.gold_logit)
         return m_old
 
@@ -91,6 +92,7 @@ class _Acc:
     ) -> None:
         """t = Σ exp(z_ref − m_ref)(z_ref − z), rescaled whenever the reference's maximum moves."""
         torch.sub(z_ref, z, out=scratch).mul_(ref_shifted)
+        assert self.t is not None  # allocated for a query with a reference
         self.t = self.t * torch.exp(ref_m_old - ref.m) + scratch.sum(dim=1).to(torch.float64)
 
     @property
@@ -105,9 +107,9 @@ class _Buffers:
 
     def __init__(self, rows: int, device: torch.device) -> None:
         self.rows, self.device = rows, device
-        self.flat: dict[tuple, torch.Tensor] = {}
+        self.flat: dict[tuple[tuple[str | int, ...], int], torch.Tensor] = {}
 
-    def get(self, key: tuple, n: int, width: int) -> torch.Tensor:
+    def get(self, key: tuple[str | int, ...], n: int, width: int) -> torch.Tensor:
         buf = self.flat.get((key, n))
         if buf is None:
             buf = self.flat[(key, n)] = torch.empty(n * self.rows, dtype=torch.float32, device=self.device)
@@ -123,6 +125,7 @@ def head_stats(model: StreamedModel, queries: list[HeadQuery], *, chunk_rows: in
     if not queries:
         return []
     norm_name = model.stack.final_norm_name
+    assert norm_name is not None  # open_streamed refuses a model without a final norm
     with torch.no_grad(), model.onloaded(norm_name) as norm:
         normed = [norm(q.hidden.to(model.device, model.dtype)) for q in queries]
     vocab = model.vocab_size
@@ -178,7 +181,8 @@ def head_stats(model: StreamedModel, queries: list[HeadQuery], *, chunk_rows: in
         )
     for i, q in enumerate(queries):
         if q.reference is not None:
-            ref = accs[q.reference]
-            kl = accs[i].t / ref.s - ref.lse + accs[i].lse
+            ref_acc, t = accs[q.reference], accs[i].t
+            assert t is not None  # allocated for a query with a reference
+            kl = t / ref_acc.s - ref_acc.lse + accs[i].lse
             out[i].kl = kl.clamp_min(0.0).cpu()
     return out

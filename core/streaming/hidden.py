@@ -91,7 +91,7 @@ class SpillArea:
     def __enter__(self) -> SpillArea:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +36,10 @@ from core.streaming.checkpoints import CheckpointStore, LayerRecord, load_codes,
 from core.streaming.hidden import HiddenStream, SpillArea
 from core.streaming.model import StreamedModel
 from core.types import QuantizedWeight
+
+if TYPE_CHECKING:
+    from core.scorers.common import LayerScores, SequencePlan
+    from core.spec import CalibrationRow, JobSpec
 
 __all__ = ["LayerStep", "PassResult", "PassSettings", "StreamScorer", "run_layer_pass"]
 
@@ -81,7 +86,7 @@ class StreamScorer(ABC):
 
     method: str = ""
 
-    def plan(self, tokenizer, rows: list, spec) -> object | None:
+    def plan(self, tokenizer: Any, rows: Sequence[CalibrationRow], spec: JobSpec) -> SequencePlan | None:
         """The sequences the pass runs (`core.scorers.common.SequencePlan`); None: one rendered
         prompt per row."""
         return None
@@ -104,7 +109,7 @@ class StreamScorer(ABC):
         return {}
 
     @abstractmethod
-    def finish(self, model: StreamedModel, result: PassResult) -> list:
+    def finish(self, model: StreamedModel, result: PassResult) -> list[LayerScores]:
         """Per-layer `core.scorers.base.LayerScores` once every layer was processed."""
 
 
@@ -172,6 +177,7 @@ def run_layer_pass(
             observe = (lambda b, h, _i=index: scorer.observe(_i, b, h, batches[b])) if fresh else None
             clean_out = calib_out = None
             if captured is not None:
+                assert clean is not None and calib is not None  # set together with `captured`
                 calib_out = _forward(
                     layer,
                     calib,
@@ -191,7 +197,7 @@ def run_layer_pass(
                     streams[name].drop()
                     streams[name] = advanced
             held: dict[int, dict[str, QuantizedWeight]] = {}
-            if fresh:
+            if record is None:  # fresh
                 weights = {name: linear.weight.detach().float() for name, linear in ref.linears.items()}
                 quant = quantize_layer(
                     weights,
@@ -220,7 +226,9 @@ def run_layer_pass(
             else:
                 scorer.restore(index, record.scorer)
 
-            def codes(bits: int, _index: int = index, _held: dict = held) -> dict[str, QuantizedWeight]:
+            def codes(
+                bits: int, _index: int = index, _held: dict[int, dict[str, QuantizedWeight]] = held
+            ) -> dict[str, QuantizedWeight]:
                 if bits not in _held:
                     _held[bits] = load_codes(store, settings.prefix, _index, bits, device=model.device)
                 return _held[bits]
@@ -229,13 +237,15 @@ def run_layer_pass(
                 stream: HiddenStream,
                 codes_: dict[str, QuantizedWeight] | None = None,
                 name: str = "",
-                _layer=layer,
-                _index=index,
+                _layer: torch.nn.Module = layer,
+                _index: int = index,
             ) -> HiddenStream:
+                assert captured is not None  # run is handed out only when inputs were captured
                 with model.swapped_linears(codes_) if codes_ else nullcontext():
                     return _forward(_layer, stream, captured, _index, batches, tracker, name)
 
             if captured is not None:
+                assert clean is not None and calib is not None and clean_out is not None and calib_out is not None
                 step = LayerStep(
                     index=index,
                     ref=ref,

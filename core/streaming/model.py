@@ -15,15 +15,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from core.errors import ModelNotFound, UnsupportedModel
 from core.models import LayerRef, ModelSource, default_dtype, layer_refs
-from core.modules import DecoderStack, decoder_stack, get_module, weight_name
+from core.modules import DecoderStack, decoder_stack, get_module, module_weight, weight_name
 from core.types import QuantizedWeight
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["StreamedModel", "open_streamed"]
 
@@ -39,7 +42,7 @@ class StreamedModel:
 
     source: ModelSource
     config: Any
-    skeleton: nn.Module
+    skeleton: PreTrainedModel
     tokenizer: Any
     reader: Any  # core.weights.WeightReader
     stack: DecoderStack
@@ -116,14 +119,14 @@ class StreamedModel:
         try:
             with torch.no_grad():
                 for name, q in weights.items():
-                    param = get_module(self.skeleton, name).weight
+                    param = module_weight(self.skeleton, name)
                     saved[name] = param.detach().clone()
                     param.copy_(dequantize_weight(q, dtype=torch.float32).to(param.device, param.dtype))
             yield
         finally:
             with torch.no_grad():
                 for name, original in saved.items():
-                    get_module(self.skeleton, name).weight.copy_(original)
+                    module_weight(self.skeleton, name).copy_(original)
 
     # ---- embedding and head -----------------------------------------------------------------------
     @contextmanager
@@ -131,7 +134,7 @@ class StreamedModel:
         """The input embedding temporarily holds only the rows of the token ids in `input_ids`;
         yields the ids remapped onto those rows. The module's own forward (e.g. Gemma's
         sqrt(hidden) scale) still runs, so the result equals the full embedding's."""
-        embed = self.skeleton.get_input_embeddings()
+        embed: Any = self.skeleton.get_input_embeddings()  # an embedding module of the model's own class
         unique, remapped = torch.unique(input_ids.cpu(), return_inverse=True)
         rows = self.reader.gather_rows(self.embed_name, unique, dtype=self.dtype, device=self.device)
         saved_weight, saved_padding = embed.weight, getattr(embed, "padding_idx", None)
@@ -147,10 +150,11 @@ class StreamedModel:
 
     def head_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of the LM head weight (the embedding when tied), compute dtype."""
-        return self.reader.read_rows(self.head_name, start, stop, dtype=self.dtype, device=self.device)
+        rows: torch.Tensor = self.reader.read_rows(self.head_name, start, stop, dtype=self.dtype, device=self.device)
+        return rows
 
     # ---- a whole model, for generation when it fits ---------------------------------------------------
-    def materialize(self) -> nn.Module:
+    def materialize(self) -> PreTrainedModel:
         """Onload every parameter: the skeleton becomes the full model (used for greedy generation
         when the worker's memory allows it). `release()` returns it to the meta device."""
         head = self.head_name_in_skeleton
@@ -160,7 +164,8 @@ class StreamedModel:
         if self.tied:
             head = self.skeleton.get_output_embeddings()
             head.weight = self.skeleton.get_input_embeddings().weight
-        return self.skeleton.eval()
+        self.skeleton.eval()
+        return self.skeleton
 
     def release(self) -> None:
         """Every parameter back to the meta device."""
@@ -182,7 +187,7 @@ class StreamedModel:
     def __enter__(self) -> StreamedModel:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

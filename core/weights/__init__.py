@@ -168,6 +168,7 @@ def open_weights(
             raise ValueError("open_weights needs skeleton= (the HF model on the meta device) for a GGUF file")
         from core.weights.gguf_reader import GGUFWeightReader
 
+        assert name is not None  # _locate names the file of a GGUF checkpoint
         return GGUFWeightReader(directory, name, skeleton, root)
     from core.weights.safetensors_reader import SafetensorsReader
 
@@ -184,6 +185,7 @@ def inspect_checkpoint(
     if is_gguf:
         from core.weights.gguf_reader import summarize_gguf
 
+        assert name is not None  # _locate names the file of a GGUF checkpoint
         return summarize_gguf(directory, name, root)
     from core.weights.safetensors_reader import summarize_safetensors
 
@@ -281,7 +283,7 @@ def open_model_file(directory: Path, name: str, root: Path, role: str = "file") 
 def pread_exact(fd: int, nbytes: int, offset: int, *, file: str, tensor: str) -> np.ndarray:
     """`nbytes` at `offset` into a fresh uint8 array (no mapping, no intermediate bytes copy)."""
     buf = np.empty(nbytes, dtype=np.uint8)
-    view = memoryview(buf)
+    view = buf.data  # a memoryview of the array's bytes
     done = 0
     while done < nbytes:
         if hasattr(os, "preadv"):

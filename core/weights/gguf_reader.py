@@ -17,6 +17,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -105,13 +106,17 @@ class _Cursor:
         self.pos += size
         return struct.unpack_from(fmt, self._buf, rel)[0]
 
+    def uint(self, fmt: str) -> int:
+        """An unsigned integer field (``<I``, ``<Q``)."""
+        return cast(int, self.unpack(fmt))
+
     def skip(self, n: int) -> None:
         if n > self.size - self.pos:
             raise self.corrupt(f"it runs past the end of the file at byte {self.pos} (truncated?)")
         self.pos += n
 
     def string(self) -> bytes:
-        n = self.unpack("<Q")
+        n = self.uint("<Q")
         if n > MAX_STRING:
             raise self.corrupt(f"a string of {n} bytes at byte {self.pos - 8}")
         rel = self._window(n)
@@ -132,7 +137,7 @@ class _Cursor:
             return self.string().decode("utf-8", errors="replace")
         if vtype != _ARRAY or depth >= MAX_ARRAY_DEPTH:
             raise self.corrupt(f"unknown metadata value type {vtype}")
-        etype, count = self.unpack("<I"), self.unpack("<Q")
+        etype, count = self.uint("<I"), self.uint("<Q")
         if etype in _SCALARS:
             self.skip(count * struct.calcsize(_SCALARS[etype]))
             return None
@@ -140,7 +145,7 @@ class _Cursor:
             raise self.corrupt(f"an array of {count} elements longer than the file")
         for _ in range(count):
             if etype == _STRING:
-                n = self.unpack("<Q")
+                n = self.uint("<Q")
                 self.skip(n)
             else:
                 self.value(etype, depth + 1)
@@ -153,14 +158,14 @@ def parse_gguf_header(fd: int, size: int, file: str) -> GGUFHeader:
     if size < 24 or os.pread(fd, 4, 0) != GGUF_MAGIC:
         raise ModelInvalid(f"{file} is not a GGUF file", details={"file": file})
     cur.skip(4)
-    version = cur.unpack("<I")
+    version = cur.uint("<I")
     if version & 0xFFFF == 0 and version:
         raise UnsupportedModel(f"{file} is a big-endian GGUF file, which is not supported", details={"file": file})
     if version == 1:
         raise UnsupportedModel(f"{file} is a GGUF version 1 file, which is not supported", details={"file": file})
     if version not in (2, 3):
         raise cur.corrupt(f"unknown GGUF version {version}")
-    n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+    n_tensors, n_kv = cur.uint("<Q"), cur.uint("<Q")
     if n_kv * 13 > size or n_tensors * 24 > size:  # minimum sizes of one entry of each
         raise cur.corrupt(f"{n_kv} metadata entries and {n_tensors} tensors cannot fit in the file (truncated?)")
 
@@ -170,19 +175,20 @@ def parse_gguf_header(fd: int, size: int, file: str) -> GGUFHeader:
         key = cur.text("a metadata key")
         if key in metadata:
             raise cur.corrupt(f"metadata key {key!r} appears twice")
-        types[key] = vtype = cur.unpack("<I")
+        types[key] = vtype = cur.uint("<I")
         metadata[key] = cur.value(vtype)
 
     raw: list[tuple[str, list[int], int, int]] = []
     for _ in range(n_tensors):
         name = cur.text("a tensor name")
-        n_dims = cur.unpack("<I")
+        n_dims = cur.uint("<I")
         if not 1 <= n_dims <= MAX_DIMS:
             raise cur.corrupt(f"tensor {name} has {n_dims} dimensions")
-        dims = [cur.unpack("<Q") for _ in range(n_dims)]
-        raw.append((name, dims, cur.unpack("<I"), cur.unpack("<Q")))
+        dims = [cur.uint("<Q") for _ in range(n_dims)]
+        raw.append((name, dims, cur.uint("<I"), cur.uint("<Q")))
 
-    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    # an int unless it has another type, which the check refuses before any arithmetic
+    alignment = cast(int, metadata.get("general.alignment", DEFAULT_ALIGNMENT))
     if "general.alignment" in metadata and (
         types["general.alignment"] != _UINT32 or alignment == 0 or alignment & (alignment - 1)
     ):
@@ -240,7 +246,7 @@ def summarize_gguf(directory: Path, name: str, root: Path) -> CheckpointSummary:
     )
 
 
-def _processing(architecture: str, metadata: dict[str, object], file: str):
+def _processing(architecture: str, metadata: dict[str, object], file: str) -> tuple[Any, tuple[str, ...]]:
     """transformers' tensor processor for this architecture, configured as from_pretrained does;
     UnsupportedModel where processing is not per tensor (MoE merges, transposes, newer loaders)."""
     from transformers.modeling_gguf_pytorch_utils import (
@@ -261,7 +267,7 @@ def _processing(architecture: str, metadata: dict[str, object], file: str):
         BloomTensorProcessor,
         T5TensorProcessor,
     )
-    cls = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
+    cls: Any = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
     try:  # architectures transformers loads through its newer GGUF path, with other conversions
         from transformers.integrations.gguf.utils import is_gguf_arch_supported
 
@@ -284,7 +290,7 @@ def processor_config(architecture: str, metadata: dict[str, object]) -> dict[str
     function's second full parse of the vocabulary (seconds for a 128k-token file)."""
     from transformers.integrations import GGUF_CONFIG_MAPPING
 
-    table = GGUF_CONFIG_MAPPING.get(architecture, {})
+    table = cast(dict[str, Any], GGUF_CONFIG_MAPPING.get(architecture, {}))  # per architecture: gguf key -> HF
     config: dict[str, object] = {}
     for key, value in metadata.items():
         prefix, _, sub = key.partition(".")
@@ -294,7 +300,7 @@ def processor_config(architecture: str, metadata: dict[str, object]) -> dict[str
     return config
 
 
-def _weights_map(skeleton: nn.Module, processor) -> dict[str, str]:
+def _weights_map(skeleton: nn.Module, processor: Any) -> dict[str, str]:
     """transformers' GGUF -> HF name map. It rebuilds gguf's full tensor-name table once per
     submodule (seconds for a small model); a memoised table for the duration gives the same map."""
     import gguf
@@ -304,7 +310,8 @@ def _weights_map(skeleton: nn.Module, processor) -> dict[str, str]:
         original = gguf.get_tensor_name_map
         gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
         try:
-            return get_gguf_hf_weights_map(skeleton, processor)
+            mapping: dict[str, str] = get_gguf_hf_weights_map(skeleton, processor)
+            return mapping
         finally:
             gguf.get_tensor_name_map = original
 
@@ -363,6 +370,7 @@ class GGUFWeightReader(WeightReader):
         if t.qtype in _PLAIN:
             weights = raw.view(_PLAIN[t.qtype]).reshape(shape)
         else:  # the arrays gguf.GGUFReader would hand transformers: typed floats or byte rows
+            data: np.ndarray[Any, Any]
             if t.qtype == GGMLQuantizationType.F32:
                 data = raw.view(np.float32).reshape(shape)
             elif t.qtype == GGMLQuantizationType.F16:

@@ -224,8 +224,8 @@ def _scan(
                     )
                 entries[tensor] = entry
         for tensor, shard in (weight_map or {}).items():
-            entry = entries.get(tensor)
-            if entry is None or entry.info.file != shard:
+            mapped = entries.get(tensor)
+            if mapped is None or mapped.info.file != shard:
                 raise _invalid(
                     f"{INDEX_FILE} maps tensor {tensor} to shard {shard}, whose header does not contain it",
                     file=shard,
