@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import pytest
@@ -79,15 +80,26 @@ def wait_job(client, job_id: str, timeout: float = 240, headers: dict | None = N
     return wait_for(done, timeout, what=f"job {job_id} to finish")
 
 
+def service_missing(reason: str) -> NoReturn:
+    """PostgreSQL or Redis is not there: the tests that need it skip with the reason, except under
+    CI=true, where they fail (CI runs them against real services; a skip would pass silently)."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: the integration tests must run against it)", pytrace=False)
+    pytest.skip(reason)
+
+
 # ---- PostgreSQL ------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator:
     """Factory: a fresh database ``taq_test_<random>`` per call, all dropped at session end."""
-    psycopg = pytest.importorskip("psycopg")
+    try:
+        import psycopg
+    except ImportError as exc:
+        service_missing(f"psycopg is not installed ({exc})")
     try:
         psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5).close()
     except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
+        service_missing(f"PostgreSQL not reachable at {PG_ADMIN_DSN!r}: {exc}")
     created: list[str] = []
 
     def create() -> str:
@@ -111,16 +123,19 @@ def pg_database() -> Iterator:
 # ---- Redis -----------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    redis = pytest.importorskip("redis")
+    try:
+        import redis
+    except ImportError as exc:
+        service_missing(f"redis (the client) is not installed ({exc})")
     for index in list(range(15, 1, -1)):
         client = redis.Redis.from_url(f"{REDIS_HOST}/{index}")
         try:
             if client.dbsize() == 0 and client.set("taq-test-lock", "1", nx=True, ex=3600):
                 break
         except redis.ConnectionError as exc:
-            pytest.skip(f"Redis not reachable: {exc}")
+            service_missing(f"Redis not reachable at {REDIS_HOST}: {exc}")
     else:
-        pytest.skip("no empty Redis database index available")
+        service_missing(f"no empty Redis database index available at {REDIS_HOST} (2..15 are all in use)")
     try:
         yield f"{REDIS_HOST}/{index}"
     finally:
