@@ -110,7 +110,8 @@ def claim_job(session: Session, settings: Settings, job_id: str) -> Claim | None
     if not claimed:
         session.rollback()
         return None
-    job = session.get_one(Job, job_id)  # the row was just claimed
+    job = session.get(Job, job_id)
+    assert job is not None  # the row was just claimed
     if job.started_at is None:
         job.started_at = now
     add_event(
