@@ -53,7 +53,7 @@ from core.allocation import LayerCost, allocate_budget, layer_costs_from_profile
 from core.calibration import StageProgress  # noqa: E402
 from core.controls import allocate_error_only, allocate_random, allocate_uniform_mix  # noqa: E402
 from core.data import tokenize_rows  # noqa: E402
-from core.eval_report import source_precision  # noqa: E402
+from core.eval_report import describe_allocation, source_precision  # noqa: E402
 from core.evaluation import GenerationEval, evaluate_generation  # noqa: E402
 from core.job_stages import CheckpointWeights  # noqa: E402
 from core.models import LoadedModel, load_model, resolve_model  # noqa: E402
@@ -65,7 +65,7 @@ from core.stats import bootstrap_ci, paired_difference, paired_ratio  # noqa: E4
 from core.streaming.checkpoints import MemoryStore, load_codes  # noqa: E402
 from core.streaming.evaluate import EvalVariant, teacher_forced_eval  # noqa: E402
 from core.streaming.hidden import SpillArea  # noqa: E402
-from core.streaming.model import open_streamed  # noqa: E402
+from core.streaming.model import StreamedModel, open_streamed  # noqa: E402
 from core.types import BitAllocation, Profile  # noqa: E402
 
 TASKS = ROOT / "bench" / "tasks"
@@ -369,9 +369,8 @@ def candidates(args, loaded: LoadedModel, model_id: str, suite: str, profiles: d
     return out
 
 
-def teacher_forced(loaded: LoadedModel, rows: list[CalibrationRow], found: list[Candidate], args) -> dict:
+def teacher_forced(streamed: StreamedModel, rows: list[CalibrationRow], found: list[Candidate]) -> dict:
     """Gold NLL / KL / top-1 of every candidate with codes, in one streamed layer pass."""
-    streamed = open_streamed(loaded.source, device="cpu", dtype=torch.float32)
     variants, names = [], {}
     seen: dict[tuple, str] = {}
     sources: dict[int, partial] = {}  # one codes source per pass, so a layer's codes are decoded once per width
@@ -393,7 +392,6 @@ def teacher_forced(loaded: LoadedModel, rows: list[CalibrationRow], found: list[
             )
         finally:
             area.close()
-            streamed.close()
     return {"full_precision": results["full_precision"], **{i: results[name] for i, name in names.items()}}
 
 
@@ -401,7 +399,9 @@ def measure_suite(args, loaded: LoadedModel, model_id: str, suite: str, profiles
     rows = read_rows(TASKS / suite / "eval.jsonl")[: args.eval_limit]
     found = candidates(args, loaded, model_id, suite, profiles)
     t0 = time.perf_counter()
-    teacher = teacher_forced(loaded, rows, found, args)
+    with open_streamed(loaded.source, device="cpu", dtype=torch.float32) as streamed:
+        teacher = teacher_forced(streamed, rows, found)
+        source = source_precision(streamed)
     print(
         f"  {suite}: teacher-forced pass over {len(rows)} items x {len(teacher)} variants in "
         f"{time.perf_counter() - t0:.0f}s",
@@ -409,9 +409,6 @@ def measure_suite(args, loaded: LoadedModel, model_id: str, suite: str, profiles
     )
     gen = SuiteEval(loaded, rows, args.max_new_tokens)
     fp_gen = gen.generate(None)
-    streamed = open_streamed(loaded.source, device="cpu", dtype=torch.float32)
-    source = source_precision(streamed)
-    streamed.close()
     fp_label = "/".join(sorted(source["formats"])) or "source"
     out = [
         summarise(
@@ -447,19 +444,10 @@ def measure_suite(args, loaded: LoadedModel, model_id: str, suite: str, profiles
             teacher["full_precision"],
         )
         row["seconds"] = {"pass": c.scored.seconds if c.scored else c.seconds, "eval": time.perf_counter() - t0}
-        row["bits_histogram"] = (
-            {str(b): n for b, n in sorted(_histogram(c.allocation).items())} if c.allocation else {"4": "all"}
-        )
+        row["bits_histogram"] = describe_allocation(c.allocation)["bits_histogram"] if c.allocation else {"4": "all"}
         out.append(row)
         print_progress(row)
     return out
-
-
-def _histogram(allocation: BitAllocation) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for b in allocation.bits.values():
-        counts[b] = counts.get(b, 0) + 1
-    return counts
 
 
 def summarise(

@@ -37,7 +37,7 @@ from typing import cast
 
 from core.errors import BudgetInfeasible, InvalidSpec
 from core.spec import ALLOWED_BITS, Method
-from core.types import BitAllocation, LinearProfile, Profile, group_overhead_bits
+from core.types import BitAllocation, LinearProfile, Profile, group_overhead_bits, stored_bits
 
 EXACT_SOLVER = "exact-pareto-dp"
 
@@ -116,14 +116,34 @@ def expand_units(allocation: BitAllocation, units: Sequence[LinearUnit]) -> BitA
 
 def layer_cost(layer: LayerCost, bits: int, group_size: int, symmetric: bool) -> int:
     """g · stored bits of the unit at `bits`, an exact integer (see the module docstring)."""
+    if layer.shapes:
+        return group_size * sum(stored_bits(bits, group_size, symmetric, shape) for shape in layer.shapes)
     if bits >= 16:
         return 16 * group_size * layer.params
-    overhead = group_overhead_bits(symmetric)
-    if not layer.shapes:
-        return layer.params * (bits * group_size + overhead)
-    return sum(
-        out * (inp * bits * group_size + -(-inp // group_size) * group_size * overhead) for out, inp in layer.shapes
-    )
+    return layer.params * (bits * group_size + group_overhead_bits(symmetric))
+
+
+def budget_units(layers: Sequence[LayerCost], avg_bits: float, group_size: int) -> int:
+    """The budget in `layer_cost` units: ⌊avg_bits · g · Σn⌋, avg_bits the decimal the user wrote."""
+    return math.floor(_exact_budget(avg_bits) * group_size * sum(l.params for l in layers))
+
+
+def check_lowest_fits(
+    layers: Sequence[LayerCost], avg_bits: float, choices: Sequence[int], group_size: int, symmetric: bool
+) -> tuple[int, int]:
+    """(budget, cost of every layer at the lowest choice) in `layer_cost` units; BudgetInfeasible
+    (details `min_avg_bits`) when even that exceeds the budget."""
+    budget = budget_units(layers, avg_bits, group_size)
+    base = sum(layer_cost(l, choices[0], group_size, symmetric) for l in layers)
+    if base > budget:
+        min_bits = Fraction(base, group_size * sum(l.params for l in layers))
+        raise BudgetInfeasible(
+            f"bit budget avg_bits={avg_bits} cannot be met: with bit_choices {list(choices)} "
+            f"({_scheme(group_size, symmetric)}) the smallest achievable is {_display_up(min_bits)} "
+            f"effective bits (every layer at {choices[0]} bits); raise avg_bits or allow fewer bits",
+            details={"min_avg_bits": float(min_bits), "avg_bits": float(avg_bits)},
+        )
+    return budget, base
 
 
 def _exact_budget(avg_bits: float) -> Fraction:
@@ -280,7 +300,7 @@ def allocate_budget(
     """
     choices = _check_common(bit_choices, group_size)
     layers = _as_layers(layers)
-    budget_exact = _exact_budget(avg_bits)
+    _exact_budget(avg_bits)  # a bad avg_bits is refused before the per-layer checks
     for layer in layers:
         if not (math.isfinite(layer.sensitivity) and layer.sensitivity >= 0):
             raise ValueError(f"layer {layer.name!r}: sensitivity must be finite and >= 0, got {layer.sensitivity}")
@@ -293,16 +313,7 @@ def allocate_budget(
 
     costs = [{b: layer_cost(l, b, group_size, symmetric) for b in choices} for l in layers]
     total_params = sum(l.params for l in layers)
-    budget = math.floor(budget_exact * group_size * total_params)
-    base = sum(c[choices[0]] for c in costs)
-    if base > budget:
-        min_bits = Fraction(base, group_size * total_params)
-        raise BudgetInfeasible(
-            f"bit budget avg_bits={avg_bits} cannot be met: with bit_choices {choices} "
-            f"({_scheme(group_size, symmetric)}) the smallest achievable is {_display_up(min_bits)} "
-            f"effective bits (every layer at {choices[0]} bits); raise avg_bits or allow fewer bits",
-            details={"min_avg_bits": float(min_bits), "avg_bits": float(avg_bits)},
-        )
+    budget, base = check_lowest_fits(layers, avg_bits, choices, group_size, symmetric)
     slack = budget - base
 
     def build(scale: int | None) -> list[list[_Option]]:

@@ -15,7 +15,6 @@ All return a `BitAllocation` that meets the budget exactly as `allocate_budget` 
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import replace
@@ -24,15 +23,14 @@ from core.allocation import (
     LayerCost,
     _as_layers,
     _check_common,
-    _exact_budget,
     _objective,
-    _scheme,
     allocate_budget,
     allocate_uniform,
+    budget_units,
+    check_lowest_fits,
     effective_of,
     layer_cost,
 )
-from core.errors import BudgetInfeasible
 from core.types import BitAllocation, Profile
 
 __all__ = ["allocate_error_only", "allocate_random", "allocate_uniform_mix", "spread"]
@@ -45,22 +43,6 @@ def allocate_error_only(
     flat = [replace(l, sensitivity=1.0) for l in _as_layers(layers)]
     allocation = allocate_budget(flat, avg_bits, bit_choices, group_size, symmetric)
     return replace(allocation, rule="error_only", solver=f"{allocation.solver}, sensitivities 1")
-
-
-def _budget_units(layers: list[LayerCost], avg_bits: float, group_size: int) -> int:
-    return math.floor(_exact_budget(avg_bits) * group_size * sum(l.params for l in layers))
-
-
-def _infeasible(
-    layers: list[LayerCost], avg_bits: float, choices: list[int], group_size: int, symmetric: bool
-) -> BudgetInfeasible:
-    lowest = effective_of(layers, {l.name: choices[0] for l in layers}, group_size, symmetric)
-    return BudgetInfeasible(
-        f"bit budget avg_bits={avg_bits} cannot be met: with bit_choices {choices} "
-        f"({_scheme(group_size, symmetric)}) every layer at {choices[0]} bits already costs "
-        f"{math.ceil(lowest * 10_000) / 10_000:.4f} effective bits",
-        details={"min_avg_bits": float(lowest), "avg_bits": float(avg_bits)},
-    )
 
 
 def _allocation(
@@ -95,11 +77,8 @@ def allocate_random(
     each layer raised to the widest choice the remaining budget pays for (rule "random")."""
     choices = _check_common(bit_choices, group_size)
     layers = _as_layers(layers)
-    budget = _budget_units(layers, avg_bits, group_size)
+    budget, spent = check_lowest_fits(layers, avg_bits, choices, group_size, symmetric)
     bits = {l.name: choices[0] for l in layers}
-    spent = sum(layer_cost(l, choices[0], group_size, symmetric) for l in layers)
-    if spent > budget:
-        raise _infeasible(layers, avg_bits, choices, group_size, symmetric)
     order = list(range(len(layers)))
     random.Random(seed).shuffle(order)
     for i in order:
@@ -138,7 +117,7 @@ def allocate_uniform_mix(
     if not higher:
         return base_alloc
     high = higher[0]
-    budget = _budget_units(layers, avg_bits, group_size)
+    budget = budget_units(layers, avg_bits, group_size)
     count = len(layers)
     while count > 0:
         raised = {layers[i].name for i in spread(count, len(layers))}

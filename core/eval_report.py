@@ -17,8 +17,9 @@ budget against full precision on the eval rows.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from core.job_stages import JobRun
     from core.streaming.model import StreamedModel
 
-__all__ = ["budget_report", "control_allocations", "evaluate_job", "source_precision"]
+__all__ = ["budget_report", "control_allocations", "describe_allocation", "evaluate_job", "source_precision"]
 
 EVAL_NEW_TOKENS = 32
 GENERATION_METRICS = (("exact_match", "em"), ("f1", "f1"), ("contains", "contains"))
@@ -72,21 +73,14 @@ def source_precision(model: StreamedModel) -> dict[str, Any]:
     weights = [infos[f"{n}.weight"] for n in names if f"{n}.weight" in infos]
     if not weights:
         return {"formats": {}, "bits": None}
-    numel = sum(_numel(w.shape) for w in weights)
+    numel = sum(math.prod(w.shape) for w in weights)
     return {
         "formats": dict(Counter(w.dtype for w in weights)),
         "bits": sum(w.nbytes for w in weights) * 8 / numel if numel else None,
     }
 
 
-def _numel(shape: Iterable[int]) -> int:
-    out = 1
-    for d in shape:
-        out *= int(d)
-    return out
-
-
-def _describe(allocation: BitAllocation) -> dict[str, Any]:
+def describe_allocation(allocation: BitAllocation) -> dict[str, Any]:
     histogram = Counter(allocation.bits.values())
     return {
         "rule": allocation.rule,
@@ -115,7 +109,7 @@ def budget_report(
     data: dict[str, Any] = {
         "dataset": spec.eval_dataset_id or f"holdout:{spec.eval_fraction}",
         "n_items": len(rows),
-        "variants": {name: _describe(a) for name, a in allocations.items()},
+        "variants": {name: describe_allocation(a) for name, a in allocations.items()},
         "metrics": {name: ev.to_dict(include_items=True) for name, ev in generation.items()},
         "fidelity": {
             name: {"mean_kl": tf.mean_kl, "top1_agreement": tf.top1_agreement, "n_tokens": tf.n_tokens}
@@ -272,11 +266,10 @@ def evaluate_job(run: JobRun) -> tuple[dict[str, Any], dict[str, Any]]:
             if generated
             else {}
         )
-        uniform = entries.get("uniform")
         meta = {
             "avg_bits": allocation.budget,
             "effective_bits": allocation.effective_bits,
-            "uniform_effective_bits": uniform.effective_bits if uniform else None,
+            "uniform_effective_bits": None,  # present (null) also when no uniform control fits the budget
             **{f"{kind}_effective_bits": entries[kind].effective_bits for kind in entries if kind != "quantized"},
             "full_precision": source,
             "rows": len(rows),

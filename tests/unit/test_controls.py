@@ -29,6 +29,14 @@ def smollm_layers(n: int = 30, sensitivities=None) -> list[LayerCost]:
     ]
 
 
+def one_upgrade(layers: list[LayerCost]) -> float:
+    """Effective bits one layer moving from 4 to 8 bits adds (g128, asymmetric)."""
+    all_four = {l.name: 4 for l in layers}
+    return float(
+        effective_of(layers, {**all_four, layers[0].name: 8}, 128, False) - effective_of(layers, all_four, 128, False)
+    )
+
+
 def test_partial_groups_are_counted() -> None:
     # 576 inputs in groups of 128 store 5 groups per row: 4 + 5·24/576 bits per weight, not 4 + 24/128
     assert stored_bits(4, 128, False, (10, 576)) == 10 * (576 * 4 + 5 * 24)
@@ -101,11 +109,7 @@ def test_random_is_seeded_and_spends_like_the_method() -> None:
     for control in (a, b):
         assert control.effective_bits <= 4.6
         # equal layers: within one layer's smallest step of the method's spend
-        step = float(
-            effective_of(layers, {**{l.name: 4 for l in layers}, layers[0].name: 8}, 128, False)
-            - effective_of(layers, {l.name: 4 for l in layers}, 128, False)
-        )
-        assert control.effective_bits > method.effective_bits - 2 * step
+        assert control.effective_bits > method.effective_bits - 2 * one_upgrade(layers)
     with pytest.raises(BudgetInfeasible):
         allocate_random(layers, 4.0, [4, 8], 128, False)
 
@@ -116,11 +120,7 @@ def test_uniform_mix_spends_the_budget_evenly() -> None:
     eights = [i for i in range(30) if got.bits[f"model.layers.{i}"] == 8]
     assert set(got.bits.values()) == {4, 8} and got.effective_bits <= 5.0
     # one more layer at 8 would overspend: it is the nearest feasible equal-bits uniform
-    step = float(
-        effective_of(layers, {**{l.name: 4 for l in layers}, layers[0].name: 8}, 128, False)
-        - effective_of(layers, {l.name: 4 for l in layers}, 128, False)
-    )
-    assert got.effective_bits + step > 5.0
+    assert got.effective_bits + one_upgrade(layers) > 5.0
     assert eights == spread(len(eights), 30) and eights[0] == 0 and eights[-1] == 29
     assert "uniform-mix" in got.solver and got.rule == "uniform"
     # a budget one width pays for everywhere is plain uniform
