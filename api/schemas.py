@@ -7,10 +7,9 @@ from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.job_status import JobStatus
 from common.orm import Artifact, Job, JobEvent, ProfileLayer
 from core.spec import JobSpec
-
-JobStatusLiteral = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class ErrorInfo(BaseModel):
@@ -30,7 +29,7 @@ class ErrorResponse(BaseModel):
 
 class JobOut(BaseModel):
     id: str
-    status: JobStatusLiteral
+    status: JobStatus
     stage: str | None
     progress: float = Field(ge=0.0, le=1.0)
     error: ErrorInfo | None
@@ -58,7 +57,7 @@ class JobOut(BaseModel):
             )
         return cls(
             id=job.id,
-            status=cast(JobStatusLiteral, job.status),  # the ORM column is a plain string
+            status=JobStatus(job.status),  # the ORM column is a plain string
             stage=job.stage,
             progress=job.progress or 0.0,
             error=error,

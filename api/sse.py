@@ -17,8 +17,8 @@ from starlette.requests import Request
 from api.schemas import EventOut
 from common.db import session_scope
 from common.errors import TooManyRequests
+from common.job_status import FINISHED_STATUSES
 from common.jobs import events_since
-from common.orm import JobStatus
 from common.settings import Settings
 
 #: event ids are BIGINT; a larger `after` / `Last-Event-ID` is a 422, not an overflow in the driver
@@ -96,7 +96,7 @@ async def _follow(request: Request, settings: Settings, job_id: str, after: int)
         for event in events:
             after = event["id"]
             yield f"id: {event['id']}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n"
-        if not events and status in JobStatus.FINISHED:
+        if not events and status in FINISHED_STATUSES:
             yield f"event: end\ndata: {json.dumps({'job_id': job_id, 'status': status})}\n\n"
             return
         if time.monotonic() > deadline:

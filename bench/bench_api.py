@@ -100,7 +100,8 @@ def _run(args, work: Path, url: str, procs: list[subprocess.Popen]) -> None:
     from common.auth import create_key
     from common.db import migrate, session_scope
     from common.ids import new_id
-    from common.orm import Job, JobStatus, utcnow
+    from common.job_status import JobStatus
+    from common.orm import Job, utcnow
     from common.settings import Settings
     from core.spec import JobSpec
 

@@ -27,9 +27,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from cli.app import app
+from common.job_status import FINISHED_STATUSES
 
 (EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_CONNECTION, EXIT_TIMEOUT, EXIT_CHECKSUM, EXIT_AUTH) = range(8)
-FINISHED = ("succeeded", "failed", "cancelled")
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 EXIT_CODES_HELP = (
@@ -168,7 +168,7 @@ def wait_job(client: Client, job_id: str, timeout: float | None, interval: float
         while True:
             label = job["status"] + (f" · {job['stage']}" if job.get("stage") else "")
             progress.update(task, completed=job.get("progress") or 0.0, description=label)
-            if job["status"] in FINISHED:
+            if job["status"] in FINISHED_STATUSES:
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 progress.stop()

@@ -23,7 +23,6 @@ from cli.app import app
 from cli.client import (
     DEFAULT_URL,
     EXIT_USAGE,
-    FINISHED,
     ApiKey,
     Client,
     JsonOut,
@@ -37,6 +36,7 @@ from cli.client import (
     upload_file,
     wait_job,
 )
+from common.job_status import FINISHED_STATUSES
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def _follow_poll(client: Client, job_id: str, as_json: bool, interval: float, af
         for event in events:
             after = event["id"]
             _emit_event(event, as_json)
-        if not events and client.json("GET", f"/v1/jobs/{job_id}")["status"] in FINISHED:
+        if not events and client.json("GET", f"/v1/jobs/{job_id}")["status"] in FINISHED_STATUSES:
             return
         if not events:
             time.sleep(interval)

@@ -10,7 +10,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from common.orm import Job, JobStatus, WorkerRow, rowcount, utcnow
+from common.job_status import JobStatus
+from common.orm import Job, WorkerRow, rowcount, utcnow
 from common.settings import Settings, WorkerClass
 
 

@@ -23,20 +23,10 @@ from common.datasets import get_dataset
 from common.errors import Conflict, InvalidParameter, InvalidRequest, NotFound, TooManyRequests
 from common.idempotency import StoredResponse
 from common.ids import new_id
-from common.lifecycle import add_event, purge_job_outputs
+from common.job_status import JobStatus
+from common.lifecycle import add_event, cancel_queued, purge_job_outputs, request_cancel
 from common.limits import check_job_quota, check_prompt_sizes, check_storage_quota, job_disk_bytes, route_job
-from common.orm import (
-    JOB_TABLE,
-    Artifact,
-    Dataset,
-    IdempotencyKey,
-    Job,
-    JobEvent,
-    JobStatus,
-    ProfileLayer,
-    rowcount,
-    utcnow,
-)
+from common.orm import JOB_TABLE, Artifact, Dataset, IdempotencyKey, Job, JobEvent, ProfileLayer, utcnow
 from common.settings import Settings
 from common.storage import Storage
 from core.errors import BudgetInfeasible, InvalidSpec
@@ -290,9 +280,9 @@ def list_jobs(
         raise InvalidParameter(f"limit must be between 1 and {settings.max_page_size}")
     query = select(Job).where(Job.tenant == tenant)
     if status:
-        bad = sorted(set(status) - set(JobStatus.ALL))
+        bad = sorted(set(status) - set(JobStatus))
         if bad:
-            raise InvalidParameter(f"unknown status {bad}; use one of {list(JobStatus.ALL)}")
+            raise InvalidParameter(f"unknown status {bad}; use one of {[s.value for s in JobStatus]}")
         query = query.where(Job.status.in_(status))
     if cursor:
         created, last_id = decode_cursor(cursor)
@@ -306,29 +296,12 @@ def cancel_job(session: Session, storage: Storage, tenant: str, job_id: str) -> 
     """Queued: cancelled at once. Running: flag for the worker (it stops between layers).
     Finished: 409."""
     job = get_job(session, tenant, job_id)
-    table = JOB_TABLE
-    now = utcnow()
-    done = rowcount(
-        session.execute(
-            table.update()
-            .where(table.c.id == job_id, table.c.status == JobStatus.queued)
-            .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=now, updated_at=now, stage=None)
-        )
-    )
-    if done:
-        add_event(session, job_id, "status", status=JobStatus.cancelled, message="cancelled before it started")
+    if cancel_queued(session, job_id):
         session.commit()
         purge_job_outputs(session, storage, job_id)
         session.commit()
     else:
-        flagged = rowcount(
-            session.execute(
-                table.update()
-                .where(table.c.id == job_id, table.c.status == JobStatus.running)
-                .values(cancel_requested=True, updated_at=now)
-            )
-        )
-        if not flagged:
+        if not request_cancel(session, job_id):
             session.refresh(job)
             raise Conflict(
                 f"job '{job_id}' already finished ({job.status})", details={"status": job.status}, code="job_finished"

@@ -20,7 +20,8 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ColumnElement
 
-from common.orm import JOB_TABLE, Artifact, Job, JobEvent, JobStatus, ProfileLayer, StageRun, rowcount, utcnow
+from common.job_status import JobStatus
+from common.orm import JOB_TABLE, Artifact, Job, JobEvent, ProfileLayer, StageRun, rowcount, utcnow
 from common.settings import Settings
 from common.storage import Storage
 
@@ -239,6 +240,34 @@ def release_for_retry(session: Session, job_id: str, token: str, reason: str) ->
         add_event(session, job_id, "status", status=JobStatus.queued, message=f"retrying: {reason}")
     session.commit()
     return bool(ok)
+
+
+def cancel_queued(session: Session, job_id: str) -> bool:
+    """Cancel a job that has not started: queued → cancelled at once (False when it is not queued)."""
+    now = utcnow()
+    done = rowcount(
+        session.execute(
+            update(JOB_TABLE)
+            .where(JOB_TABLE.c.id == job_id, JOB_TABLE.c.status == JobStatus.queued)
+            .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=now, updated_at=now, stage=None)
+        )
+    )
+    if done:
+        add_event(session, job_id, "status", status=JobStatus.cancelled, message="cancelled before it started")
+    return bool(done)
+
+
+def request_cancel(session: Session, job_id: str) -> bool:
+    """Flag a running job for its worker, which stops between layers and finishes it as cancelled
+    (False when it is not running). The status changes only when the worker acts on the flag."""
+    flagged = rowcount(
+        session.execute(
+            update(JOB_TABLE)
+            .where(JOB_TABLE.c.id == job_id, JOB_TABLE.c.status == JobStatus.running)
+            .values(cancel_requested=True, updated_at=utcnow())
+        )
+    )
+    return bool(flagged)
 
 
 # ---- reaper ----------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from sqlalchemy import func, select
 
 from common.db import session_scope
 from common.fleet import live_workers_by_class, queue_depth_by_class
-from common.orm import Job, JobStatus, StageRun
+from common.job_status import JobStatus
+from common.orm import Job, StageRun
 from common.settings import Settings
 
 
@@ -37,8 +38,8 @@ class DatabaseCollector:
             depth = queue_depth_by_class(session, self.settings)
             alive = live_workers_by_class(session, self.settings)
         jobs = GaugeMetricFamily("taq_jobs", "Jobs by status", labels=["status"])
-        for status in JobStatus.ALL:
-            jobs.add_metric([status], by_status.get(status, 0))
+        for status in JobStatus:
+            jobs.add_metric([status.value], by_status.get(status, 0))
         yield jobs
         failed = CounterMetricFamily("taq_job_failures", "Failed jobs by error code", labels=["code"])
         for code, n in failures:

@@ -24,6 +24,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import CursorResult, Dialect, Result
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from common.job_status import JobStatus
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -60,16 +62,6 @@ class UTCDateTime(TypeDecorator[datetime]):
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
-
-
-class JobStatus:
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-    ALL = ("queued", "running", "succeeded", "failed", "cancelled")
-    FINISHED = ("succeeded", "failed", "cancelled")
 
 
 class ApiKey(Base):
@@ -109,7 +101,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value)
     stage: Mapped[str | None] = mapped_column(String(32))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -13,9 +13,10 @@ from sqlalchemy.orm import Session
 
 from common.datasets import get_dataset
 from common.errors import Conflict, InvalidParameter
+from common.job_status import FINISHED_STATUSES, JobStatus
 from common.jobs import decode_cursor, encode_cursor, get_job
 from common.lifecycle import purge_job_outputs
-from common.orm import Dataset, Job, JobStatus, utcnow
+from common.orm import Dataset, Job, utcnow
 from common.settings import Settings
 from common.storage import Storage
 
@@ -93,7 +94,7 @@ def delete_job(session: Session, storage: Storage, tenant: str, job_id: str) -> 
 
 def _remove_job(session: Session, storage: Storage, job_id: str) -> None:
     purge_job_outputs(session, storage, job_id)
-    session.execute(delete(Job).where(Job.id == job_id, Job.status.in_(JobStatus.FINISHED)))
+    session.execute(delete(Job).where(Job.id == job_id, Job.status.in_(FINISHED_STATUSES)))
     session.commit()
 
 
@@ -112,7 +113,7 @@ def retention_pass(session: Session, settings: Settings, storage: Storage, *, ba
         return report
     cutoff = utcnow() - timedelta(days=settings.retention_days)
     old_jobs = (
-        session.execute(select(Job.id).where(Job.status.in_(JobStatus.FINISHED), Job.finished_at < cutoff).limit(batch))
+        session.execute(select(Job.id).where(Job.status.in_(FINISHED_STATUSES), Job.finished_at < cutoff).limit(batch))
         .scalars()
         .all()
     )

@@ -17,8 +17,9 @@ from sqlalchemy import delete
 
 from common.artifacts import tar_digest_local, tar_layout
 from common.db import session_scope
+from common.job_status import JobStatus
 from common.lifecycle import finish_job
-from common.orm import Artifact, JobStatus, ProfileLayer
+from common.orm import Artifact, ProfileLayer
 from common.settings import Settings
 from common.storage import job_key
 from core.pipeline import JobOutputs

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from common.db import session_scope
+from common.job_status import JobStatus
 from common.lifecycle import (
     Claim,
     finish_job,
@@ -29,7 +30,7 @@ from common.lifecycle import (
     set_progress,
     still_owned_and_wanted,
 )
-from common.orm import Dataset, JobStatus, utcnow
+from common.orm import Dataset, utcnow
 from common.settings import Settings
 from common.storage import Storage, job_key
 from core.errors import Cancelled, InvalidSpec, TaqError

@@ -15,7 +15,6 @@ from api.schemas import (
     EventOut,
     JobOut,
     JobPage,
-    JobStatusLiteral,
     LayerOut,
     ProfileOut,
 )
@@ -25,6 +24,7 @@ from common import retention
 from common.artifacts import open_download
 from common.db import session_scope
 from common.errors import NotFound
+from common.job_status import JobStatus
 from common.storage import job_key
 from core.spec import JobSpec
 
@@ -62,7 +62,7 @@ def list_jobs(
     session: SessionDep,
     settings: SettingsDep,
     tenant: CurrentTenant,
-    status: Annotated[list[JobStatusLiteral] | None, Query()] = None,
+    status: Annotated[list[JobStatus] | None, Query()] = None,
     limit: Annotated[int | None, Query(ge=1)] = None,
     cursor: str | None = None,
 ) -> JobPage:

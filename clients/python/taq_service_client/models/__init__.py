@@ -21,15 +21,14 @@ from .get_job_profile_format import GetJobProfileFormat
 from .health_out import HealthOut
 from .job_out import JobOut
 from .job_out_result_type_0 import JobOutResultType0
-from .job_out_status import JobOutStatus
 from .job_page import JobPage
 from .job_spec import JobSpec
+from .job_status import JobStatus
 from .layer_out import LayerOut
 from .layer_out_quant_error_type_0 import LayerOutQuantErrorType0
 from .layer_out_scores import LayerOutScores
 from .linear_out import LinearOut
 from .linear_out_quant_error import LinearOutQuantError
-from .list_jobs_status_type_0_item import ListJobsStatusType0Item
 from .message import Message
 from .method import Method
 from .model_out import ModelOut
@@ -63,15 +62,14 @@ __all__ = (
     "HealthOut",
     "JobOut",
     "JobOutResultType0",
-    "JobOutStatus",
     "JobPage",
     "JobSpec",
+    "JobStatus",
     "LayerOut",
     "LayerOutQuantErrorType0",
     "LayerOutScores",
     "LinearOut",
     "LinearOutQuantError",
-    "ListJobsStatusType0Item",
     "Message",
     "Method",
     "ModelOut",

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from attrs import define as _attrs_define
 from attrs import field as _attrs_field
 
-from ..models.job_out_status import JobOutStatus
+from ..models.job_status import JobStatus
 from ..types import UNSET, Unset
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class JobOut:
         spec (JobSpec):
         stage (None | str):
         started_at (datetime.datetime | None):
-        status (JobOutStatus):
+        status (JobStatus):
         attempts (int | Unset):  Default: 0.
         cancel_requested (bool | Unset):  Default: False.
         heartbeat_at (datetime.datetime | None | Unset):
@@ -50,7 +50,7 @@ class JobOut:
     spec: JobSpec
     stage: None | str
     started_at: datetime.datetime | None
-    status: JobOutStatus
+    status: JobStatus
     attempts: int | Unset = 0
     cancel_requested: bool | Unset = False
     heartbeat_at: datetime.datetime | None | Unset = UNSET
@@ -236,7 +236,7 @@ class JobOut:
 
         started_at = _parse_started_at(d.pop("started_at"))
 
-        status = JobOutStatus(d.pop("status"))
+        status = JobStatus(d.pop("status"))
 
         attempts = d.pop("attempts", UNSET)
 

@@ -7,13 +7,13 @@ from ... import errors
 from ...client import AuthenticatedClient, Client
 from ...models.error_response import ErrorResponse
 from ...models.job_page import JobPage
-from ...models.list_jobs_status_type_0_item import ListJobsStatusType0Item
+from ...models.job_status import JobStatus
 from ...types import UNSET, Response, Unset
 
 
 def _get_kwargs(
     *,
-    status: list[ListJobsStatusType0Item] | None | Unset = UNSET,
+    status: list[JobStatus] | None | Unset = UNSET,
     limit: int | None | Unset = UNSET,
     cursor: None | str | Unset = UNSET,
 ) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def _build_response(
 def sync_detailed(
     *,
     client: AuthenticatedClient,
-    status: list[ListJobsStatusType0Item] | None | Unset = UNSET,
+    status: list[JobStatus] | None | Unset = UNSET,
     limit: int | None | Unset = UNSET,
     cursor: None | str | Unset = UNSET,
 ) -> Response[ErrorResponse | JobPage]:
@@ -125,7 +125,7 @@ def sync_detailed(
      Jobs of the caller, newest first; follow `next_cursor` for more.
 
     Args:
-        status (list[ListJobsStatusType0Item] | None | Unset):
+        status (list[JobStatus] | None | Unset):
         limit (int | None | Unset):
         cursor (None | str | Unset):
 
@@ -153,7 +153,7 @@ def sync_detailed(
 def sync(
     *,
     client: AuthenticatedClient,
-    status: list[ListJobsStatusType0Item] | None | Unset = UNSET,
+    status: list[JobStatus] | None | Unset = UNSET,
     limit: int | None | Unset = UNSET,
     cursor: None | str | Unset = UNSET,
 ) -> ErrorResponse | JobPage | None:
@@ -162,7 +162,7 @@ def sync(
      Jobs of the caller, newest first; follow `next_cursor` for more.
 
     Args:
-        status (list[ListJobsStatusType0Item] | None | Unset):
+        status (list[JobStatus] | None | Unset):
         limit (int | None | Unset):
         cursor (None | str | Unset):
 
@@ -185,7 +185,7 @@ def sync(
 async def asyncio_detailed(
     *,
     client: AuthenticatedClient,
-    status: list[ListJobsStatusType0Item] | None | Unset = UNSET,
+    status: list[JobStatus] | None | Unset = UNSET,
     limit: int | None | Unset = UNSET,
     cursor: None | str | Unset = UNSET,
 ) -> Response[ErrorResponse | JobPage]:
@@ -194,7 +194,7 @@ async def asyncio_detailed(
      Jobs of the caller, newest first; follow `next_cursor` for more.
 
     Args:
-        status (list[ListJobsStatusType0Item] | None | Unset):
+        status (list[JobStatus] | None | Unset):
         limit (int | None | Unset):
         cursor (None | str | Unset):
 
@@ -220,7 +220,7 @@ async def asyncio_detailed(
 async def asyncio(
     *,
     client: AuthenticatedClient,
-    status: list[ListJobsStatusType0Item] | None | Unset = UNSET,
+    status: list[JobStatus] | None | Unset = UNSET,
     limit: int | None | Unset = UNSET,
     cursor: None | str | Unset = UNSET,
 ) -> ErrorResponse | JobPage | None:
@@ -229,7 +229,7 @@ async def asyncio(
      Jobs of the caller, newest first; follow `next_cursor` for more.
 
     Args:
-        status (list[ListJobsStatusType0Item] | None | Unset):
+        status (list[JobStatus] | None | Unset):
         limit (int | None | Unset):
         cursor (None | str | Unset):
 

@@ -1,7 +1,7 @@
 from enum import StrEnum
 
 
-class JobOutStatus(StrEnum):
+class JobStatus(StrEnum):
     CANCELLED = "cancelled"
     FAILED = "failed"
     QUEUED = "queued"
