@@ -87,7 +87,7 @@ def revoke_key_cmd(key_id: str) -> None:
 @admin.command("reap")
 def reap_cmd() -> None:
     """Requeue jobs of dead workers and re-send queued jobs once (workers also do this periodically)."""
-    from worker.tasks import reap_once
+    from worker.reaper import reap_once
 
     reap_once(_settings())
     typer.echo("reaper pass done")

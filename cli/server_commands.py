@@ -208,7 +208,7 @@ def worker(
         raise typer.Exit(2) from None
     if parent_pid is not None:
         _watch_parent(parent_pid)
-    from worker.celery_app import app as celery_app
+    from worker.app import app as celery_app
     from worker.resources import tune_allocator
 
     tune_allocator()  # the jobs run in this process (--pool=solo)

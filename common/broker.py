@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
@@ -26,37 +27,45 @@ def class_queue(name: str) -> Queue:
     return Queue(queue, Exchange(queue, type="direct"), routing_key=queue)
 
 
-def make_celery(settings: Settings) -> Celery:
-    """The Celery app, with one queue per worker class of the fleet (``taq worker --class NAME``
-    consumes only ``quantize.NAME``: Celery's own routing, no scheduler of ours)."""
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery's configuration for this deployment, with one queue per worker class of the fleet
+    (``taq worker --class NAME`` consumes only ``quantize.NAME``: Celery's own routing, no
+    scheduler of ours)."""
     settings.ensure_dirs()
     queues = [class_queue(c.name) for c in settings.fleet()]
     # task events (received/started/succeeded/failed, and "sent" from the API) are what Flower
     # shows; like remote control, not on the embedded filesystem broker, where nothing reads them
     events = settings.broker_scheme != "filesystem"
-    app = Celery("taq", broker=settings.broker_url, set_as_current=False)
-    app.conf.update(
-        broker_transport_options=settings.broker_transport_options,
-        broker_connection_retry_on_startup=True,
-        broker_connection_timeout=5,
-        task_ignore_result=True,
-        result_backend=None,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        worker_concurrency=1,
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": settings.broker_transport_options,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 5,
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": 1,
         # a task sent without a class (none of ours) goes to the largest class
-        task_default_queue=queues[-1].name,
-        task_queues=queues,
-        task_serializer="json",
-        accept_content=["json"],
-        worker_hijack_root_logger=False,
-        worker_send_task_events=events,
-        task_send_sent_event=events,
+        "task_default_queue": queues[-1].name,
+        "task_queues": queues,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": events,
+        "task_send_sent_event": events,
         # the filesystem transport has no fan-out exchange for remote control
-        worker_enable_remote_control=settings.broker_scheme != "filesystem",
-        enable_utc=True,
-    )
+        "worker_enable_remote_control": settings.broker_scheme != "filesystem",
+        "enable_utc": True,
+    }
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured now (the API's sender); the worker's app (worker/app.py) reads the
+    same configuration lazily, when it starts."""
+    app = Celery("taq", set_as_current=False)
+    app.conf.update(celery_config(settings))
     return app
 
 

@@ -4,17 +4,14 @@ retry only transient infrastructure errors."""
 from __future__ import annotations
 
 import logging
-import threading
 
-from common.broker import RUN_JOB_TASK, enqueue_job
+from common.broker import RUN_JOB_TASK
 from common.db import session_scope
-from common.fleet import prune_workers
-from common.lifecycle import claim_job, reap
+from common.lifecycle import claim_job
 from common.logging import job_context
-from common.retention import retention_pass
-from common.settings import Settings, get_settings
+from common.settings import get_settings
 from common.storage import storage_from_settings
-from worker.celery_app import app
+from worker.app import app
 from worker.errors import TRANSIENT_ERRORS
 
 log = logging.getLogger("taq.worker")
@@ -39,30 +36,3 @@ def run_job(self, job_id: str) -> str:
         if outcome == "retry":
             raise self.retry(countdown=min(60, 2 ** (self.request.retries + 1)))
         return outcome
-
-
-def reap_once(settings: Settings) -> None:
-    storage = storage_from_settings(settings)
-    with session_scope(settings) as session:
-        reap(session, settings, storage, lambda job_id, worker_class: enqueue_job(settings, job_id, worker_class))
-        prune_workers(session, settings)
-        retention_pass(session, settings, storage)
-
-
-def start_reaper_thread(settings: Settings) -> threading.Thread:
-    """Run the reaper every ``TAQ_REAPER_INTERVAL_SECONDS`` (first pass at start: it picks up jobs
-    left over by a crash)."""
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                reap_once(settings)
-            except Exception as exc:  # never let the reaper kill the worker
-                log.warning("reaper pass failed", extra={"error": repr(exc)})
-            stop.wait(settings.reaper_interval_seconds)
-
-    thread = threading.Thread(target=loop, name="taq-reaper", daemon=True)
-    thread.stop = stop  # type: ignore[attr-defined]
-    thread.start()
-    return thread
