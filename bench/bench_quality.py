@@ -58,7 +58,7 @@ from core.evaluation import GenerationEval, evaluate_generation  # noqa: E402
 from core.job_stages import CheckpointWeights  # noqa: E402
 from core.models import LoadedModel, load_model, resolve_model  # noqa: E402
 from core.packaged_models import GEMMA3_ID, SMOLLM2_ID, assemble_gemma3, packaged_models  # noqa: E402
-from core.pipeline import LAYERS_PREFIX, JobInputs, allocate_stage, linear_bits, run_job  # noqa: E402
+from core.pipeline import LAYERS_PREFIX, JobInputs, allocate_stage, run_job  # noqa: E402
 from core.quant.primitives import dequantize_weight  # noqa: E402
 from core.spec import CalibrationRow, JobSpec  # noqa: E402
 from core.stats import bootstrap_ci, paired_difference, paired_ratio  # noqa: E402
@@ -183,13 +183,13 @@ def run_pass(loaded: LoadedModel, spec: JobSpec, calibration: list[CalibrationRo
     t0 = time.perf_counter()
     store = MemoryStore()
     outputs = run_job(JobInputs(spec=spec, source=loaded.source, rows=calibration), store)
-    return Scored(outputs.profile.with_bits({}), store, time.perf_counter() - t0)
+    return Scored(outputs.profile.without_bits(), store, time.perf_counter() - t0)
 
 
 def dequantized(loaded: LoadedModel, scored: Scored, allocation: BitAllocation) -> dict[str, torch.Tensor]:
     """The dequantized weight of every linear below 16 bits under `allocation`, from the pass's
     checkpoints."""
-    codes = CheckpointWeights(scored.store, LAYERS_PREFIX, loaded.layers, linear_bits(loaded.layers, allocation))
+    codes = CheckpointWeights(scored.store, LAYERS_PREFIX, loaded.layers, allocation.bit_map.linear_bits(loaded.layers))
     return {name: dequantize_weight(codes[name], dtype=torch.float32) for name in codes}
 
 
@@ -377,7 +377,7 @@ def teacher_forced(streamed: StreamedModel, rows: list[CalibrationRow], found: l
     for i, c in enumerate(found):
         if c.allocation is None:
             continue
-        bits = linear_bits(streamed.layers, c.allocation)
+        bits = c.allocation.bit_map.linear_bits(streamed.layers)
         key = (id(c.scored), tuple(sorted(bits.items())))
         if key not in seen:
             seen[key] = f"v{i}"

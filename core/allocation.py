@@ -36,7 +36,7 @@ from fractions import Fraction
 from typing import cast
 
 from core.errors import BudgetInfeasible, InvalidSpec
-from core.spec import ALLOWED_BITS, Method
+from core.spec import ALLOWED_BITS, AllocationRule, AllocationUnit, Method
 from core.types import BitAllocation, LinearProfile, Profile, group_overhead_bits, stored_bits
 
 EXACT_SOLVER = "exact-pareto-dp"
@@ -108,7 +108,7 @@ def linear_units(profile: Profile) -> list[LinearUnit]:
 def expand_units(allocation: BitAllocation, units: Sequence[LinearUnit]) -> BitAllocation:
     """The allocation over units as bits per linear (`unit` "linear")."""
     bits = {name: allocation.bits[u.cost.name] for u in units for name in u.linears}
-    return replace(allocation, bits=bits, unit="linear")
+    return replace(allocation, bits=bits, unit=AllocationUnit.linear)
 
 
 # ------------------------------------------------------------------------------ shared helpers
@@ -346,7 +346,7 @@ def allocate_budget(
         bits=bits,
         effective_bits=float(Fraction(spent, group_size * total_params)),
         budget=float(avg_bits),
-        rule="budget",
+        rule=AllocationRule.budget,
         objective=_objective(layers, bits),
         solver=solver,
     )
@@ -381,7 +381,7 @@ def allocate_uniform(
         bits=bits,
         effective_bits=float(effective_of(layers, bits, group_size, symmetric)),
         budget=float(avg_bits),
-        rule="uniform",
+        rule=Method.uniform,
         objective=_objective(layers, bits),
         solver="uniform",
     )
@@ -458,7 +458,7 @@ def allocate_paper(
         bits=bits,
         effective_bits=float(achieved),
         budget=None if avg_bits is None else float(avg_bits),
-        rule="paper",
+        rule=AllocationRule.paper,
         objective=_objective(layers, bits),
         solver=f"paper-{method_name}",
     )

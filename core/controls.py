@@ -31,6 +31,7 @@ from core.allocation import (
     effective_of,
     layer_cost,
 )
+from core.spec import AllocationRule, Method
 from core.types import BitAllocation, Profile
 
 __all__ = ["allocate_error_only", "allocate_random", "allocate_uniform_mix", "spread"]
@@ -42,7 +43,7 @@ def allocate_error_only(
     """`allocate_budget` with every sensitivity set to 1 (rule "error_only")."""
     flat = [replace(l, sensitivity=1.0) for l in _as_layers(layers)]
     allocation = allocate_budget(flat, avg_bits, bit_choices, group_size, symmetric)
-    return replace(allocation, rule="error_only", solver=f"{allocation.solver}, sensitivities 1")
+    return replace(allocation, rule=AllocationRule.error_only, solver=f"{allocation.solver}, sensitivities 1")
 
 
 def _allocation(
@@ -51,7 +52,7 @@ def _allocation(
     avg_bits: float,
     group_size: int,
     symmetric: bool,
-    rule: str,
+    rule: AllocationRule | Method,
     solver: str,
 ) -> BitAllocation:
     return BitAllocation(
@@ -90,7 +91,7 @@ def allocate_random(
                 bits[layer.name] = b
                 spent += extra
                 break
-    return _allocation(layers, bits, avg_bits, group_size, symmetric, "random", f"random(seed={seed})")
+    return _allocation(layers, bits, avg_bits, group_size, symmetric, AllocationRule.random, f"random(seed={seed})")
 
 
 def spread(count: int, total: int) -> list[int]:
@@ -133,6 +134,6 @@ def allocate_uniform_mix(
         avg_bits,
         group_size,
         symmetric,
-        "uniform",
+        Method.uniform,
         f"uniform-mix({low}/{high} bits, {count} of {len(layers)} layers at {high})",
     )

@@ -83,11 +83,11 @@ def source_precision(model: StreamedModel) -> dict[str, Any]:
 def describe_allocation(allocation: BitAllocation) -> dict[str, Any]:
     histogram = Counter(allocation.bits.values())
     return {
-        "rule": allocation.rule,
+        "rule": allocation.rule.value,
         "budget": allocation.budget,
         "effective_bits": allocation.effective_bits,
         "solver": allocation.solver,
-        "unit": allocation.unit,
+        "unit": allocation.unit.value,
         "bits_histogram": {str(b): histogram[b] for b in sorted(histogram)},
     }
 
@@ -189,7 +189,7 @@ def _variants(
 ) -> tuple[list[EvalVariant], list[tuple[BitAllocation, dict[str, BitAllocation], dict[str, str]]]]:
     """The distinct weight variants of every budget (identical bits evaluated once) and, per
     budget, its allocations and the variant name of each."""
-    from core.pipeline import budget_tag, linear_bits
+    from core.pipeline import budget_tag
 
     variants: list[EvalVariant] = []
     seen: dict[tuple[tuple[str, int], ...], str] = {}
@@ -199,7 +199,7 @@ def _variants(
         entries = {"quantized": allocation, **control_allocations(run.spec, run.profile, allocation)}
         names = {}
         for kind, entry in entries.items():
-            bits = linear_bits(run.loaded.layers, entry)
+            bits = entry.bit_map.linear_bits(run.loaded.layers)
             key = tuple(sorted(bits.items()))
             if key not in seen:
                 seen[key] = f"{tag}:{kind}"

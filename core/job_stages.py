@@ -27,13 +27,12 @@ from core.pipeline import (
     artifact_names,
     budget_tag,
     check_rows,
-    linear_bits,
     pass_key,
     reference_bits,
 )
 from core.spec import CalibrationInputs, ExportFormat, Quantizer
 from core.streaming.checkpoints import load_codes
-from core.types import BitAllocation, Profile, QuantizedWeight
+from core.types import JSON_VERSION, BitAllocation, Profile, QuantizedWeight, check_version
 
 if TYPE_CHECKING:
     import torch
@@ -269,15 +268,16 @@ class JobRun:
 
         if skip is not None:
             data = json.loads(self.store.get_bytes("artifacts/bitmap.json"))
-            self.allocations = [BitAllocation(**a) for a in data["budgets"]]
+            check_version(data, "bitmap.json")
+            self.allocations = [BitAllocation.from_dict(a) for a in data["budgets"]]
             if self.profile is not None and len(self.allocations) == 1:
-                self.profile = self.profile.with_bits(self.allocations[0].bits)
+                self.profile = self.profile.with_bits(self.allocations[0].bit_map)
             return
         profile = self.profile
         assert profile is not None  # set by the score stage, which runs or is skipped with a profile
         self.allocations = list(allocate_stage(self.spec, profile))
         if len(self.allocations) == 1:
-            profile = self.profile = profile.with_bits(self.allocations[0].bits)
+            profile = self.profile = profile.with_bits(self.allocations[0].bit_map)
         self.put("profile.json", dumps(profile.to_dict()))
         self.hooks.profile_ready(profile)
         effective = self.allocations[0].effective_bits if len(self.allocations) == 1 else None
@@ -291,7 +291,9 @@ class JobRun:
                 effective=effective,
             ),
         )
-        self.put("bitmap.json", dumps({"budgets": [a.to_dict() for a in self.allocations]}))  # last: the checkpoint
+        self.put(
+            "bitmap.json", dumps({"version": JSON_VERSION, "budgets": [a.to_dict() for a in self.allocations]})
+        )  # last: the checkpoint
         self.hooks.progress("allocate", 1.0, f"{len(self.allocations)} allocation(s)")
 
     def stage_quantize(self, plan: StagePlan, skip: str | None) -> None:
@@ -329,7 +331,7 @@ class JobRun:
                 self.store,
                 self.codes_prefix,
                 self.loaded.layers,
-                linear_bits(self.loaded.layers, allocation),
+                allocation.bit_map.linear_bits(self.loaded.layers),
                 device="cpu",
             )
             out = self.tmp / f"export-{tag}"
@@ -340,7 +342,7 @@ class JobRun:
                     self.loaded.skeleton,
                     self.loaded.tokenizer,
                     weights,
-                    allocation.bits,
+                    allocation.bit_map,
                     self.spec,
                     out / names["hf"],
                     tensors=self.source_tensor,
@@ -360,7 +362,7 @@ class JobRun:
                     self.loaded.skeleton,
                     self.loaded.tokenizer,
                     weights,
-                    allocation.bits,
+                    allocation.bit_map,
                     self.spec,
                     out / names["gguf"],
                     source_gguf=source.file if source.gguf_file else None,

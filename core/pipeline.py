@@ -45,7 +45,6 @@ __all__ = [
     "StagePlan",
     "allocate_stage",
     "budget_tag",
-    "linear_bits",
     "overall_progress",
     "reference_bits",
     "run_job",
@@ -198,24 +197,6 @@ def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
         ]
     costs = alloc.layer_costs_from_profile(profile)
     return [allocate(costs, budget, bit_choices, spec.group_size, spec.symmetric) for budget in spec.budgets]
-
-
-def linear_bits(layers: Sequence[Any], allocation: BitAllocation) -> dict[str, int]:
-    """The bits of every decoder linear (full dotted name) under `allocation`, per layer or per
-    linear; `layers` are LayerRefs (or anything with `.name` and `.linears`). InvalidSpec when the
-    allocation misses one."""
-    out: dict[str, int] = {}
-    missing: list[str] = []
-    for ref in layers:
-        for name in ref.linears:
-            try:
-                out[name] = allocation.bits_of(name, ref.name)
-            except KeyError:
-                missing.append(name if allocation.unit == "linear" else ref.name)
-    if missing:
-        missing = list(dict.fromkeys(missing))
-        raise InvalidSpec(f"the allocation has no bits for {missing[:3]}{' …' if len(missing) > 3 else ''}")
-    return out
 
 
 def reference_bits(spec: JobSpec) -> int | None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
 import torch
+
+from core.errors import InvalidSpec
+from core.spec import ALLOWED_BITS, AllocationRule, AllocationUnit, Method
 
 #: progress(stage, fraction_of_stage_done in [0, 1], human message)
 ProgressFn = Callable[[str, float, str], None]
@@ -21,6 +24,13 @@ def no_progress(stage: str, fraction: float, message: str) -> None:
 def never_cancel() -> bool:
     return False
 
+
+#: the width that means "not quantized": the weight kept in fp16/bf16
+KEEP_BITS = 16
+#: the widths a weight can be quantized to (the spec's menu without KEEP_BITS)
+QUANTIZED_BITS = tuple(b for b in ALLOWED_BITS if b != KEEP_BITS)
+#: version of profile.json and bitmap.json; readers accept this one and older
+JSON_VERSION = 1
 
 #: bits of one group's scale: float16
 SCALE_BITS = 16
@@ -179,44 +189,126 @@ class Profile:
     method: str
     layers: list[LayerProfile]
 
-    def with_bits(self, bits: dict[str, int]) -> Profile:
-        """The profile with an allocation's bits: `bits` is keyed by layer names (per-layer
-        allocation) or by linear names (per-linear); every linear gets its bits either way."""
+    def with_bits(self, bit_map: BitMap) -> Profile:
+        """The profile with an allocation's bits (per layer or per linear): every linear gets its
+        bits, a layer its width when its linears share one."""
         layers = []
         for layer in self.layers:
-            linears = [replace(l, bits=bits.get(l.name, bits.get(layer.name))) for l in layer.linears]
+            linears = [replace(l, bits=bit_map.get(l.name, layer.name)) for l in layer.linears]
             widths = {l.bits for l in linears}
             single = widths.pop() if len(widths) == 1 else None
-            layer_bits = bits.get(layer.name, single)
+            layer_bits = bit_map.bits.get(layer.name, single) if bit_map.unit == AllocationUnit.layer else single
             layers.append(replace(layer, bits=layer_bits, linears=linears))
         return replace(self, layers=layers)
 
+    def without_bits(self) -> Profile:
+        """The profile before allocation: no layer or linear has bits."""
+        layers = [
+            replace(layer, bits=None, linears=[replace(l, bits=None) for l in layer.linears]) for layer in self.layers
+        ]
+        return replace(self, layers=layers)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "method": self.method, "layers": [l.to_dict() for l in self.layers]}
+        return {
+            "version": JSON_VERSION,
+            "model": self.model,
+            "method": self.method,
+            "layers": [l.to_dict() for l in self.layers],
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Profile:
+        check_version(data, "profile")
         return cls(
             model=data["model"], method=data["method"], layers=[LayerProfile.from_dict(l) for l in data["layers"]]
         )
 
 
+def check_version(data: Mapping[str, Any], what: str) -> None:
+    """Refuse a profile / bit map JSON written by a newer version (no `version`: the first one)."""
+    version = data.get("version", JSON_VERSION)
+    if not isinstance(version, int) or version > JSON_VERSION:
+        raise InvalidSpec(f"{what} version {version!r} is newer than this service reads ({JSON_VERSION})")
+
+
+@dataclass(frozen=True)
+class BitMap:
+    """Bits per allocation unit, the one place a linear's width is looked up: `bits` maps full
+    dotted names of decoder layers (`unit` layer) or of decoder linears (`unit` linear) to widths."""
+
+    bits: Mapping[str, int]
+    unit: AllocationUnit = AllocationUnit.layer
+
+    @property
+    def manifest_key(self) -> str:
+        """The bit map's name in manifest.json: `bits_by_layer` or `bits_by_linear`."""
+        return "bits_by_linear" if self.unit == AllocationUnit.linear else "bits_by_layer"
+
+    def get(self, linear_name: str, layer_name: str) -> int | None:
+        """The width of one linear (its own entry per linear, else its layer's); None if absent."""
+        width = self.bits.get(linear_name if self.unit == AllocationUnit.linear else layer_name)
+        return None if width is None else int(width)
+
+    def linear_bits(self, layers: Iterable[Any]) -> dict[str, int]:
+        """The width of every decoder linear (full dotted name); `layers` are LayerRefs (anything
+        with `.name` and `.linears`). InvalidSpec naming the units the map misses."""
+        out: dict[str, int] = {}
+        missing: list[str] = []
+        for ref in layers:
+            for name in ref.linears:
+                width = self.get(name, ref.name)
+                if width is None:
+                    missing.append(name if self.unit == AllocationUnit.linear else ref.name)
+                else:
+                    out[name] = width
+        if missing:
+            missing = list(dict.fromkeys(missing))
+            raise InvalidSpec(f"the allocation has no bits for {missing[:3]}{' …' if len(missing) > 3 else ''}")
+        return out
+
+
+def _rule(value: AllocationRule | Method | str) -> AllocationRule | Method:
+    """An allocation's rule: the spec's AllocationRule, or `uniform` (method uniform and the
+    equal-bits uniform control)."""
+    if isinstance(value, AllocationRule | Method):
+        return value
+    if value == Method.uniform.value:
+        return Method.uniform
+    return AllocationRule(value)
+
+
 @dataclass(frozen=True)
 class BitAllocation:
     """Bits per allocation unit and what they cost: `bits` maps full dotted names of layers
-    (`unit` "layer") or of linears (`unit` "linear") to bits."""
+    (`unit` layer) or of linears (`unit` linear) to bits; `rule` says what chose them (strings
+    are accepted and turned into the enums, e.g. from bitmap.json)."""
 
     bits: dict[str, int]
     effective_bits: float
     budget: float | None
-    rule: str  # "budget" | "paper" | "uniform"
+    rule: AllocationRule | Method
     objective: float | None = None
     solver: str = ""
-    unit: str = "layer"
+    unit: AllocationUnit = AllocationUnit.layer
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rule", _rule(self.rule))
+        object.__setattr__(self, "unit", AllocationUnit(self.unit))
+
+    @property
+    def bit_map(self) -> BitMap:
+        return BitMap(self.bits, self.unit)
 
     def bits_of(self, linear_name: str, layer_name: str) -> int:
         """The bits of one linear: its own entry under per-linear allocation, else its layer's."""
-        return int(self.bits[linear_name] if self.unit == "linear" else self.bits[layer_name])
+        width = self.bit_map.get(linear_name, layer_name)
+        if width is None:
+            raise KeyError(linear_name if self.unit == AllocationUnit.linear else layer_name)
+        return width
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "rule": self.rule.value, "unit": self.unit.value}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BitAllocation:
+        return cls(**data)

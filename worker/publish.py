@@ -23,7 +23,7 @@ from common.orm import Artifact, ProfileLayer
 from common.settings import Settings
 from common.storage import job_key
 from core.pipeline import JobOutputs
-from core.types import Profile
+from core.types import BitMap, Profile
 from worker.errors import LostOwnership
 
 log = logging.getLogger("taq.worker")
@@ -142,7 +142,7 @@ def _result_summary(hooks, outputs: JobOutputs, rows: list[Artifact]) -> dict[st
             {
                 "avg_bits": allocation.budget,
                 "effective_bits": allocation.effective_bits,
-                "rule": allocation.rule,
+                "rule": allocation.rule.value,
                 "solver": allocation.solver,
                 "objective": allocation.objective,
                 "bits": allocation.bits,
@@ -204,20 +204,18 @@ def publish(hooks, outputs: JobOutputs) -> dict[str, Any]:
         outputs.spec,
         outputs.spec.model,
         source_sha256(settings, outputs.source),
-        single.bits if single else {},
+        single.bit_map if single else BitMap({}, outputs.spec.allocation_unit),
         single.effective_bits if single else None,
         entries=[{"name": name, **meta} for name, meta in sorted(files.items())],
         storage=storage,
         library_versions=library_versions(),
     )
     if single is None:  # a budget sweep: one bit map per budget
-        from core.export.manifest import bit_map_key
-
         manifest["budgets"] = [
             {
                 "avg_bits": a.budget,
                 "effective_bits": a.effective_bits,
-                bit_map_key(outputs.spec): dict(a.bits),
+                a.bit_map.manifest_key: dict(a.bits),
                 "artifacts": sorted(outputs.artifact_names(a).values()),
             }
             for a in outputs.allocations

@@ -247,7 +247,7 @@ def job_inputs(settings: Settings, storage: Storage, claim: Claim, device: str) 
         key = job_key(spec.profile_from_job_id, "artifacts", "profile.json")
         if not storage.exists(key):
             raise InvalidSpec(f"job '{spec.profile_from_job_id}' has no stored profile to reuse")
-        reused = Profile.from_dict(json.loads(storage.get_bytes(key))).with_bits({})
+        reused = Profile.from_dict(json.loads(storage.get_bytes(key))).without_bits()
         if reused.model and reused.model != spec.model:
             raise InvalidSpec(
                 f"the profile of job '{spec.profile_from_job_id}' is for model '{reused.model}', not '{spec.model}'"

@@ -17,8 +17,8 @@ from torch import nn
 
 from core.errors import ExportError
 from core.modules import decoder_layers, named_linears, weight_name
-from core.spec import JobSpec
-from core.types import QuantizedWeight
+from core.spec import AllocationUnit, JobSpec
+from core.types import KEEP_BITS, QUANTIZED_BITS, BitMap, QuantizedWeight
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -26,8 +26,6 @@ if TYPE_CHECKING:
     import numpy as np
     from typing_extensions import Buffer
 
-QUANTIZED_BITS = (2, 3, 4, 8)
-KEEP_BITS = 16
 
 #: one floating tensor of the source model by state-dict name, on the CPU, in any float dtype;
 #: called once per tensor, and the exporters drop the result once it is written
@@ -133,13 +131,11 @@ class LinearPlan:
         return self.bits != KEEP_BITS
 
 
-def plan_linears(
-    model: nn.Module, weights: Mapping[str, QuantizedWeight], bit_map: Mapping[str, int]
-) -> list[LinearPlan]:
+def plan_linears(model: nn.Module, weights: Mapping[str, QuantizedWeight], bit_map: BitMap) -> list[LinearPlan]:
     """Every linear of every decoder layer in module order, checked against the bit map by name.
 
-    `bit_map` gives every decoder layer a width (per-layer allocation) or every decoder linear
-    one (per-linear allocation), keyed by full dotted names. A linear below 16 bits must have a
+    `bit_map` gives every decoder layer a width (unit layer) or every decoder linear one (unit
+    linear), keyed by full dotted names. A linear below 16 bits must have a
     weight, a 16-bit linear none. Only `weights`' keys are read here (it may load lazily);
     `load_weight` checks each weight when it is written. Anything inconsistent means the
     allocation and the weights come from different runs: an ExportError, not a wrong artifact.
@@ -148,15 +144,15 @@ def plan_linears(
     linears_by_layer = {layer_name: named_linears(model, layer_name) for layer_name, _ in layers}
     layer_names = list(linears_by_layer)
     linear_names = [name for linears in linears_by_layer.values() for name in linears]
-    per_linear = bool(bit_map) and set(bit_map) <= set(linear_names)
+    per_linear = bit_map.unit == AllocationUnit.linear
     known = linear_names if per_linear else layer_names
-    unknown = sorted(set(bit_map) - set(known))
+    unknown = sorted(set(bit_map.bits) - set(known))
     if unknown:
         raise ExportError(
-            f"bit map names layers or linears the model does not have (or mixes both): {unknown[:3]}",
+            f"bit map names {'linears' if per_linear else 'layers'} the model does not have: {unknown[:3]}",
             details={"layers": unknown},
         )
-    missing = [name for name in known if name not in bit_map]
+    missing = [name for name in known if name not in bit_map.bits]
     if missing:
         raise ExportError(
             f"bit map has no width for {'linears' if per_linear else 'layers'} {missing[:3]}",
@@ -167,7 +163,7 @@ def plan_linears(
     plans: list[LinearPlan] = []
     for layer_name, linears in linears_by_layer.items():
         for name, module in linears.items():
-            bits = int(bit_map[name if per_linear else layer_name])
+            bits = int(bit_map.bits[name if per_linear else layer_name])
             if bits not in QUANTIZED_BITS and bits != KEEP_BITS:
                 raise ExportError(
                     f"{name if per_linear else layer_name}: {bits} bits is not a supported width "

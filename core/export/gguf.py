@@ -52,7 +52,7 @@ from core.export._common import (
 )
 from core.export.ggml_blocks import BLOCK, Q4_0, Q4_1, Q8_0, encode_quantized, target_type
 from core.spec import JobSpec
-from core.types import QuantizedWeight
+from core.types import BitMap, QuantizedWeight
 
 if TYPE_CHECKING:
     from gguf import GGUFEndian, GGUFWriter
@@ -401,7 +401,7 @@ def export_gguf(
     model: nn.Module,
     tokenizer: Any,
     weights: Mapping[str, QuantizedWeight],
-    bit_map: Mapping[str, int],
+    bit_map: BitMap,
     spec: JobSpec,
     out_path: Path,
     source_gguf: Path | None = None,

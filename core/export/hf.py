@@ -66,7 +66,7 @@ from core.export._common import (
 from core.export.safetensors_stream import SafetensorsStreamWriter, TensorSpec, plan_shards
 from core.quant.packing import pack_int32
 from core.spec import JobSpec
-from core.types import QuantizedWeight
+from core.types import BitMap, QuantizedWeight
 
 Strategy = Literal["auto", "group", "block"]
 STRATEGIES = ("auto", "group", "block")
@@ -278,7 +278,7 @@ def export_hf(
     model: nn.Module,
     tokenizer: Any,
     weights: Mapping[str, QuantizedWeight],
-    bit_map: Mapping[str, int],
+    bit_map: BitMap,
     spec: JobSpec,
     out_dir: Path,
     *,
@@ -291,7 +291,7 @@ def export_hf(
     `model` gives config, structure and state-dict order (it may be a meta-device skeleton);
     `tensors` fetches each non-quantized tensor's values (default: `model`'s own). `weights` maps
     full linear names to QuantizedWeights and may load lazily: each is read once, when written.
-    `bit_map` maps every decoder layer, or every decoder linear, to 2/3/4/8/16. Same inputs give
+    `bit_map` gives every decoder layer, or every decoder linear, a width (2/3/4/8/16). Same inputs give
     byte-identical files. Raises ExportError when the weights, the bit map and the spec disagree
     or the strategy cannot represent the grid; a failed export leaves no partial files.
     """

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from core.export._common import json_bytes
-from core.spec import AllocationUnit, JobSpec
+from core.spec import JobSpec
+from core.types import BitMap
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -139,12 +140,6 @@ def gguf_storage(path: Path) -> dict[str, Any] | None:
     }
 
 
-def bit_map_key(spec: JobSpec) -> str:
-    """The manifest's name for the bit map: `bits_by_layer`, or `bits_by_linear` under
-    per-linear allocation (keys are then full linear names)."""
-    return "bits_by_linear" if spec.allocation_unit == AllocationUnit.linear else "bits_by_layer"
-
-
 def storage_summary(files: list[tuple[str, Path]]) -> dict[str, Any]:
     """Stored bits per artifact, measured from local files: an HF export is recognised by its
     ``*.safetensors`` files (keyed by its directory), a GGUF by its ``.gguf`` name. Reads headers
@@ -169,7 +164,7 @@ def assemble_manifest(
     spec: JobSpec,
     source_model_id: str,
     source_sha256: str | None,
-    bit_map: dict[str, int],
+    bit_map: BitMap,
     effective_bits_reported: float | None,
     *,
     entries: list[dict[str, Any]],
@@ -187,7 +182,7 @@ def assemble_manifest(
         "seed": spec.seed,
         "source": {"model_id": source_model_id, "sha256": source_sha256},
         "library_versions": dict(sorted(library_versions.items())),
-        bit_map_key(spec): dict(bit_map),
+        bit_map.manifest_key: dict(bit_map.bits),
         "effective_bits": {
             "allocator": effective_bits_reported,
             "stored": {name: s.get("effective_bits") for name, s in storage.items()},
@@ -204,7 +199,7 @@ def build_manifest(
     spec: JobSpec,
     source_model_id: str,
     source_sha256: str | None,
-    bit_map: dict[str, int],
+    bit_map: BitMap,
     effective_bits_reported: float | None,
     files: list[tuple[str, Path]],
     library_versions: dict[str, str],

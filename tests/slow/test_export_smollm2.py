@@ -28,7 +28,7 @@ from core.export import build_manifest, export_gguf, export_hf
 from core.modules import decoder_layers, named_linears
 from core.quant.primitives import dequantize_weight, quantize_weight
 from core.spec import JobSpec
-from core.types import effective_bits
+from core.types import BitMap, effective_bits
 
 pytestmark = pytest.mark.slow
 
@@ -120,12 +120,12 @@ class Exported:
             group_size=group_size,
             symmetric=symmetric,
         )
-        self.hf_files = export_hf(self.model, self.tokenizer, self.weights, self.bits, self.spec, root / "hf")
+        self.hf_files = export_hf(self.model, self.tokenizer, self.weights, BitMap(self.bits), self.spec, root / "hf")
         self.gguf = export_gguf(
             self.model,
             self.tokenizer,
             self.weights,
-            self.bits,
+            BitMap(self.bits),
             self.spec,
             root / "model.gguf",
             source_gguf=smollm2_path,
@@ -228,10 +228,10 @@ def test_manifest_reports_stored_effective_bits(exported):
         / n
     )
     manifest = build_manifest(
-        exported.spec, "smollm2-135m-instruct", None, exported.bits, allocator, files, {}, hashes=hashes
+        exported.spec, "smollm2-135m-instruct", None, BitMap(exported.bits), allocator, files, {}, hashes=hashes
     )
     assert manifest == build_manifest(
-        exported.spec, "smollm2-135m-instruct", None, exported.bits, allocator, files, {}
+        exported.spec, "smollm2-135m-instruct", None, BitMap(exported.bits), allocator, files, {}
     )  # the exporters' hashes are the files' hashes
     stored = manifest["effective_bits"]["stored"]["hf"]
     hf = manifest["storage"]["hf"]
@@ -398,7 +398,7 @@ def test_llama_cpp_loads_each_gguf_type(qtype, smol, smollm2_path, tmp_path, rec
     model, tokenizer, _ = smol
     bits, symmetric = GGUF_TYPES[qtype]
     layers = [name for name, _ in decoder_layers(model)]
-    bit_map = dict.fromkeys(layers, bits)
+    bit_map = BitMap(dict.fromkeys(layers, bits))
     weights = {
         name: quantize_weight(linear.weight.detach(), bits, 32, symmetric)
         for layer in layers
@@ -437,7 +437,7 @@ def test_llama_cpp_loads_the_tiny_gguf(tiny_llama_dir, tmp_path):
         for name, lin in named_linears(model, layer).items()
     }
     spec = JobSpec(model="tiny-llama", method="uniform", bit_budget={"avg_bits": 8.0}, group_size=32)
-    path = export_gguf(model, tokenizer, weights, bits, spec, tmp_path / "tiny.gguf").path
+    path = export_gguf(model, tokenizer, weights, BitMap(bits), spec, tmp_path / "tiny.gguf").path
     llm = open_llama(path, logits_all=True)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     ids = tokenizer("The capital of France is a city")["input_ids"]

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from core.packaged_models import SMOLLM2_ID, packaged_models
-from core.pipeline import LAYERS_PREFIX, JobHooks, JobInputs, linear_bits, run_job
+from core.pipeline import LAYERS_PREFIX, JobHooks, JobInputs, run_job
 from core.quant.primitives import dequantize_weight, quantize_weight
 from core.scorers.taq import TokenReservoir
 from core.spec import CalibrationRow, JobSpec
@@ -175,7 +175,7 @@ def test_taq_end_to_end_under_a_4_5_bit_budget(job, record_property) -> None:
     assert all(math.isfinite(v) for l in profile.layers for v in l.scores.values())
     assert sum(l.sensitivity for l in profile.layers) / N_LAYERS == pytest.approx(1.0)
     assert len({round(l.importance, 9) for l in profile.layers}) > 10
-    assert outputs.profile.with_bits({}) == profile.with_bits({})
+    assert outputs.profile.without_bits() == profile.without_bits()
 
     [allocation] = outputs.allocations
     assert allocation.effective_bits <= 4.5 and allocation.budget == 4.5
@@ -267,7 +267,7 @@ def test_the_jobs_codes_keep_the_answers(job, smollm2_hf) -> None:
     from core.modules import get_module
 
     [allocation] = job["outputs"].allocations
-    bits = linear_bits(job["layers"], allocation)
+    bits = allocation.bit_map.linear_bits(job["layers"])
     quantized = copy.deepcopy(smollm2_hf)
     with torch.no_grad():
         for index in range(N_LAYERS):

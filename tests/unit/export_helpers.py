@@ -6,6 +6,7 @@ from __future__ import annotations
 from core.modules import decoder_layers, named_linears
 from core.quant.primitives import quantize_weight
 from core.spec import JobSpec
+from core.types import BitMap
 
 #: tiny llama has 4 layers: a mixed map with every width class the export must handle
 MIXED = (4, 8, 16, 4)
@@ -25,10 +26,11 @@ def make_spec(group_size: int, symmetric: bool, **overrides) -> JobSpec:
 
 
 def quantize_model(model, widths, group_size: int, symmetric: bool):
+    """(the per-layer BitMap of `widths`, the weights quantized at them)"""
     bits = {name: b for (name, _), b in zip(decoder_layers(model), widths)}
     weights = {}
     for layer, b in bits.items():
         if b < 16:
             for name, linear in named_linears(model, layer).items():
                 weights[name] = quantize_weight(linear.weight.detach(), b, group_size, symmetric)
-    return bits, weights
+    return BitMap(bits), weights

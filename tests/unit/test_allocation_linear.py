@@ -15,11 +15,10 @@ from pydantic import ValidationError
 
 from core.allocation import allocate_budget, expand_units, layer_costs_from_profile, linear_units
 from core.errors import InvalidSpec
-from core.export.manifest import bit_map_key
 from core.job_stages import CheckpointWeights
 from core.models import LoadedModel
 from core.modules import fused_linear_groups
-from core.pipeline import allocate_stage, linear_bits
+from core.pipeline import allocate_stage
 from core.plot import plot_profile, profile_effective_bits
 from core.spec import CalibrationRow, JobSpec
 from core.types import LayerProfile, LinearProfile, Profile
@@ -139,7 +138,7 @@ def test_profile_round_trip_and_bits_per_linear() -> None:
     )
     [allocation] = allocate_stage(spec, profile)
     assert allocation.unit == "linear" and set(allocation.bits) == {l.name for x in profile.layers for l in x.linears}
-    with_bits = profile.with_bits(allocation.bits)
+    with_bits = profile.with_bits(allocation.bit_map)
     assert Profile.from_dict(with_bits.to_dict()) == with_bits
     for layer in with_bits.layers:
         widths = {l.bits for l in layer.linears}
@@ -148,7 +147,7 @@ def test_profile_round_trip_and_bits_per_linear() -> None:
     # effective bits from the profile's per-linear bits equal the allocator's
     assert profile_effective_bits(with_bits, 128, False) == pytest.approx(allocation.effective_bits)
     assert plot_profile(with_bits, group_size=128).startswith(b"\x89PNG")
-    assert bit_map_key(spec) == "bits_by_linear"
+    assert allocation.bit_map.manifest_key == "bits_by_linear"
 
 
 ROWS = [CalibrationRow(prompt=f"Item {i}: what is {i} times {i + 3}? Answer briefly.") for i in range(8)]
@@ -182,7 +181,7 @@ def test_run_job_quantizes_and_exports_each_linear_at_its_bits(
     )
     result = run(spec, source, rows=ROWS)
     [allocation] = result.outputs.allocations
-    bits = linear_bits(loaded.layers, allocation)
+    bits = allocation.bit_map.linear_bits(loaded.layers)
     assert allocation.unit == "linear" and allocation.effective_bits <= 5.5
     assert set(allocation.bits) == set(bits)  # keyed by linear
     # a real per-linear choice: some layer mixes widths
@@ -199,7 +198,7 @@ def test_run_job_quantizes_and_exports_each_linear_at_its_bits(
         (lin.name, bits[lin.name]) for layer in profile.layers for lin in layer.linears
     ]
     # on the job's own measured profile the per-linear optimum is never worse than per-layer
-    [per_layer] = allocate_stage(spec.model_copy(update={"allocation_unit": "layer"}), profile.with_bits({}))
+    [per_layer] = allocate_stage(spec.model_copy(update={"allocation_unit": "layer"}), profile.without_bits())
     assert allocation.objective <= per_layer.objective * (1 + 1e-12)
     assert json.loads(result.store.get_bytes("artifacts/bitmap.json"))["budgets"][0]["unit"] == "linear"
 

@@ -15,6 +15,7 @@ from core.export import export_gguf, export_hf
 from core.export.ggml_blocks import encode_quantized, requantize
 from core.export.gguf import gguf_tensor_name, rope_row_permutation
 from core.quant.primitives import dequantize_weight, quantize_weight
+from core.types import BitMap
 
 pytestmark = pytest.mark.unit
 
@@ -270,4 +271,4 @@ def test_non_llama_models_are_rejected(tmp_path):
         )
     ).eval()
     with pytest.raises(ExportError, match="llama-architecture"):
-        export_gguf(model, None, {}, {"model.layers.0": 16}, make_spec(32, False), tmp_path / "q.gguf")
+        export_gguf(model, None, {}, BitMap({"model.layers.0": 16}), make_spec(32, False), tmp_path / "q.gguf")

@@ -18,6 +18,7 @@ from core.export._common import LinearPlan
 from core.export.hf import choose_strategy, quantized_tensors
 from core.modules import named_linears
 from core.quant.primitives import dequantize_weight, quantize_weight
+from core.types import BitMap
 
 pytestmark = pytest.mark.unit
 
@@ -207,14 +208,19 @@ def test_inconsistent_inputs_are_export_errors(tiny, tmp_path):
 
     with pytest.raises(ExportError, match="no width"):
         export_hf(
-            model, tokenizer, weights, {k: v for k, v in bits.items() if k != "model.layers.3"}, spec, tmp_path / "c"
+            model,
+            tokenizer,
+            weights,
+            BitMap({k: v for k, v in bits.bits.items() if k != "model.layers.3"}),
+            spec,
+            tmp_path / "c",
         )
 
     # checked when each weight is loaded, mid-write: the partial directory is removed
     with pytest.raises(ExportError, match="spec asks"):
         export_hf(model, tokenizer, weights, bits, make_spec(64, False), tmp_path / "d")
 
-    wrong_width = dict(bits, **{"model.layers.0": 8})
+    wrong_width = BitMap(dict(bits.bits, **{"model.layers.0": 8}))
     with pytest.raises(ExportError, match="quantized at 4 bits"):
         export_hf(model, tokenizer, weights, wrong_width, spec, tmp_path / "e")
 

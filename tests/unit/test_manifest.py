@@ -61,7 +61,7 @@ def test_manifest_content_and_byte_identical_rerun(tiny, tmp_path):
     assert manifest["spec"] == spec.model_dump(mode="json") and manifest["seed"] == 7
     assert manifest["source"] == {"model_id": "tiny-llama", "sha256": "ab" * 32}
     assert manifest["library_versions"] == versions
-    assert manifest["bits_by_layer"] == bits
+    assert manifest["bits_by_layer"] == bits.bits
     names = [f["name"] for f in manifest["files"]]
     assert names == sorted(names) and "hf/model.safetensors" in names and "model.gguf" in names
     for entry, (_, path) in zip(manifest["files"], sorted(files)):

@@ -50,7 +50,6 @@ from core.pipeline import (
     StagePlan,
     allocate_stage,
     budget_tag,
-    linear_bits,
     overall_progress,
     reference_bits,
     run_job,
@@ -81,7 +80,7 @@ def test_budget_met_exactly_and_layers_share_bits(base: Run, loaded: LoadedModel
     assert achieved == pytest.approx(allocation.effective_bits) and achieved <= 6.0
     assert len(set(allocation.bits.values())) > 1  # a mixed allocation at this budget
     assert [l.bits for l in base.outputs.profile.layers] == [allocation.bits[n] for n in LAYERS]
-    bits = linear_bits(loaded.layers, allocation)
+    bits = allocation.bit_map.linear_bits(loaded.layers)
     weights = CheckpointWeights(base.store, LAYER_PREFIX, loaded.layers, bits)
     assert set(weights) == {n for n, b in bits.items() if b < 16}
     for ref in loaded.layers:
@@ -95,7 +94,7 @@ def test_budget_met_exactly_and_layers_share_bits(base: Run, loaded: LoadedModel
     assert stored["budgets"] == [allocation.to_dict()]
     assert Profile.from_dict(json.loads(base.store.get_bytes("artifacts/profile.json"))) == base.outputs.profile
     with pytest.raises(InvalidSpec, match="no bits"):
-        linear_bits(loaded.layers, replace(allocation, bits={LAYERS[0]: 4}))
+        replace(allocation, bits={LAYERS[0]: 4}).bit_map.linear_bits(loaded.layers)
 
 
 def test_store_layout_and_reported_digests(base: Run) -> None:
@@ -213,7 +212,7 @@ def test_infeasible_budget(source, base: Run) -> None:
 
 
 def test_uniform_and_paper_rules(base: Run) -> None:
-    profile = base.outputs.profile.with_bits({})
+    profile = base.outputs.profile.without_bits()
     uniform = allocate_stage(make_spec(method="uniform", bit_budget={"avg_bits": [5.0, 9.0]}), profile)
     assert [set(a.bits.values()) for a in uniform] == [{4}, {8}]
     paper = allocate_stage(make_spec(allocation="paper", bit_budget=None), profile)
@@ -477,7 +476,7 @@ def test_quantized_calibration_inputs(source, base: Run, loaded: LoadedModel) ->
 
 def test_reused_profile_skips_score_and_quantizes_only_the_needed_widths(source, base: Run, count_quantize) -> None:
     spec = make_spec(profile_from_job_id="job-a", bit_budget={"avg_bits": 5.0}, exports=["hf"])
-    reused = run(spec, source, reused_profile=base.outputs.profile.with_bits({}))
+    reused = run(spec, source, reused_profile=base.outputs.profile.without_bits())
     skipped = reused.hooks.skipped()
     assert skipped["score"] == "profile reused from another job" and "quantize" not in skipped
     [allocation] = reused.outputs.allocations
@@ -490,23 +489,23 @@ def test_reused_profile_skips_score_and_quantizes_only_the_needed_widths(source,
         assert reused.store.get_bytes(codes[i]) == base.store.get_bytes(f"{LAYER_PREFIX}/layers/{i:05d}/b4.safetensors")
     profile = reused.outputs.profile
     assert [l.bits for l in profile.layers] == [4] * 4
-    assert profile.with_bits({}) == base.outputs.profile.with_bits({})
+    assert profile.without_bits() == base.outputs.profile.without_bits()
     # resume of a reused-profile job: every stage output stored, nothing runs again
     count_quantize.clear()
-    again = run(spec, source, store=reused.store, reused_profile=base.outputs.profile.with_bits({}))
+    again = run(spec, source, store=reused.store, reused_profile=base.outputs.profile.without_bits())
     assert again.hooks.skipped()["quantize"] == "exports and eval stored" and not count_quantize
     assert again.outputs.exports == reused.outputs.exports
     # exports missing: the codes come from the codes pass's checkpoints, not recomputed
     store = clone(reused.store)
     store.delete_prefix("work/export-")
     store.delete_prefix("artifacts/hf/")
-    third = run(spec, source, store=store, reused_profile=base.outputs.profile.with_bits({}))
+    third = run(spec, source, store=store, reused_profile=base.outputs.profile.without_bits())
     assert third.hooks.skipped()["score"] == "profile.json stored" and not count_quantize
     assert store.objects == reused.store.objects
 
 
 def test_reused_profile_must_match_the_model(source, base: Run) -> None:
-    wrong = replace(base.outputs.profile, layers=base.outputs.profile.layers[:2]).with_bits({})
+    wrong = replace(base.outputs.profile, layers=base.outputs.profile.layers[:2]).without_bits()
     with pytest.raises(InvalidSpec):
         run(make_spec(profile_from_job_id="job-a", exports=["hf"]), source, reused_profile=wrong)
 
@@ -527,7 +526,9 @@ def test_hf_export_loads_and_equals_the_dequantized_model(base: Run, loaded: Loa
     from transformers import AutoModelForCausalLM
 
     [allocation] = base.outputs.allocations
-    weights = dict(CheckpointWeights(base.store, LAYER_PREFIX, loaded.layers, linear_bits(loaded.layers, allocation)))
+    weights = dict(
+        CheckpointWeights(base.store, LAYER_PREFIX, loaded.layers, allocation.bit_map.linear_bits(loaded.layers))
+    )
     exported = AutoModelForCausalLM.from_pretrained(
         write_hf(base.store, "hf", tmp_path / "hf"), dtype=torch.float32
     ).eval()
@@ -610,7 +611,7 @@ def test_streamed_fidelity_equals_whole_model_fidelity(evaluated, loaded: Loaded
     ]
     reference64 = copy.deepcopy(loaded.model).double()
     for name, alloc in (("quantized", allocation), ("uniform", uniform)):
-        weights = CheckpointWeights(result.store, LAYER_PREFIX, loaded.layers, linear_bits(loaded.layers, alloc))
+        weights = CheckpointWeights(result.store, LAYER_PREFIX, loaded.layers, alloc.bit_map.linear_bits(loaded.layers))
         model = dequantized_model(loaded, dict(weights), fp16_rest=False)
         streamed = report["teacher_forced"][name]
         kl64, top64, count = answer_fidelity64(reference64, copy.deepcopy(model).double(), sequences)

@@ -31,7 +31,7 @@ from core.calibration import make_batches, pad_token_id
 from core.errors import Cancelled
 from core.job_stages import CheckpointWeights
 from core.models import LoadedModel
-from core.pipeline import linear_bits, reference_bits
+from core.pipeline import reference_bits
 from core.quant.layer import LayerInputs, quantize_layer
 from core.quant.primitives import dequantize_weight
 from core.scorers.common import prompt_plan, select_rows
@@ -78,7 +78,9 @@ def test_end_to_end_with_an_hf_export_that_loads(gptq: Run, loaded: LoadedModel,
 
     [allocation] = gptq.outputs.allocations
     assert allocation.effective_bits <= 6.0 and set(allocation.bits.values()) == {4, 8}
-    weights = dict(CheckpointWeights(gptq.store, LAYER_PREFIX, loaded.layers, linear_bits(loaded.layers, allocation)))
+    weights = dict(
+        CheckpointWeights(gptq.store, LAYER_PREFIX, loaded.layers, allocation.bit_map.linear_bits(loaded.layers))
+    )
     assert len(weights) == 28
     for q in weights.values():
         assert q.group_size == 64 and q.codes.shape[1] == -(-q.shape[1] // 64) * 64
@@ -158,7 +160,7 @@ def test_quantized_calibration_inputs_change_the_codes(gptq: Run, source, loaded
 
 def test_reused_profile_runs_gptq_at_the_needed_width_only(gptq: Run, source, count_quantize) -> None:
     spec = make_spec(profile_from_job_id="job-a", bit_budget={"avg_bits": 5.0}, exports=[])
-    reused = run(spec, source, reused_profile=gptq.outputs.profile.with_bits({}))
+    reused = run(spec, source, reused_profile=gptq.outputs.profile.without_bits())
     [allocation] = reused.outputs.allocations
     assert set(allocation.bits.values()) == {4}
     assert sorted(count_quantize) == [(i, [4, 16]) for i in range(4)]
