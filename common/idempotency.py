@@ -6,8 +6,6 @@ it is a 409 ``idempotency_conflict``."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from common.errors import Conflict, InvalidRequest
 from common.orm import IdempotencyKey
+from core.canonical_json import json_sha256
 
 MAX_IDEMPOTENCY_KEY = 255
 
@@ -37,8 +36,7 @@ def check_key(key: str) -> None:
 
 def request_digest(call: str, payload: dict[str, Any]) -> str:
     """sha256 of the call name and its canonical JSON payload."""
-    canonical = json.dumps({"call": call, **payload}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return json_sha256({"call": call, **payload})
 
 
 def find(session: Session, tenant: str, key: str, digest: str) -> IdempotencyKey | None:

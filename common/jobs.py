@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import logging
 import threading
@@ -29,6 +28,7 @@ from common.limits import check_job_quota, check_prompt_sizes, check_storage_quo
 from common.orm import JOB_TABLE, Artifact, Dataset, IdempotencyKey, Job, JobEvent, ProfileLayer, utcnow
 from common.settings import Settings
 from common.storage import Storage
+from core.canonical_json import json_sha256
 from core.errors import BudgetInfeasible, InvalidSpec
 from core.spec import AllocationRule, JobSpec
 from core.types import effective_bits
@@ -44,8 +44,7 @@ MAX_IDEMPOTENCY_KEY = idempotency.MAX_IDEMPOTENCY_KEY
 
 # ---- submit ----------------------------------------------------------------------------------
 def spec_hash(spec: JobSpec) -> str:
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return json_sha256(spec.model_dump(mode="json"))
 
 
 def check_budget_feasible(spec: JobSpec) -> None:
@@ -76,7 +75,7 @@ def validate_references(session: Session, settings: Settings, tenant: str, spec:
     """Everything a spec points at must exist for this tenant before the job is accepted.
     Returns the worker class the job is routed to (the memory preflight decides) and the bytes
     the job will store (core.disk)."""
-    from common.models import resolve_model
+    from common.model_registry import resolve_model
 
     source = resolve_model(settings, spec.model)  # ModelNotFound (404) / UnsafeModel (422)
     calibration_rows = 0

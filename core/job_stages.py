@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.calibration import StageProgress, default_batch_tokens, make_batches, pad_token_id
+from core.canonical_json import canonical_json as dumps
 from core.errors import DataError, InvalidSpec
 from core.pipeline import (
     CODES_PREFIX,
@@ -47,10 +48,6 @@ if TYPE_CHECKING:
 
 EVAL_NEW_TOKENS = 32
 SMALL_ARTIFACTS = ("profile.json", "profile.png", "bitmap.json", "eval.json")
-
-
-def dumps(data: Any) -> bytes:
-    return json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
 
 
 class CheckpointWeights(Mapping[str, QuantizedWeight]):

@@ -21,7 +21,6 @@ same bytes. Stage order, resume decisions and progress shares live here and nowh
 from __future__ import annotations
 
 import hashlib
-import json
 from abc import ABC
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from core.canonical_json import compact_json
 from core.errors import Cancelled, DataError, InvalidSpec
 from core.models import ModelSource
 from core.spec import AllocationRule, AllocationUnit, CalibrationRow, JobSpec, Method, Quantizer
@@ -305,7 +305,7 @@ def pass_key(
         },
     )
     digest = hashlib.sha256(
-        json.dumps(
+        compact_json(
             {
                 "spec": fields,
                 "widths": list(widths),
@@ -313,8 +313,7 @@ def pass_key(
                 "source": source.model_id,
                 "device": str(device).split(":")[0],
                 "dtype": str(dtype),
-            },
-            sort_keys=True,
+            }
         ).encode()
     )
     for row in rows:

@@ -2,13 +2,12 @@
 final ``succeeded``. Nothing here reads an artifact back: exported files carry the sha256 and
 stored-bits summary computed while they were written (core's export records), directory
 artifacts the tar digest computed from their local copies at export (`WorkerHooks.exported`), and
-the source model's hash comes from its cache (`common.models.source_sha256`)."""
+the source model's hash comes from its cache (`common.model_registry.source_sha256`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from common.lifecycle import finish_job
 from common.orm import Artifact, ProfileLayer
 from common.settings import Settings
 from common.storage import job_key
+from core.canonical_json import canonical_json
 from core.pipeline import JobOutputs
 from core.types import BitMap, Profile
 from worker.errors import LostOwnership
@@ -183,8 +183,7 @@ def _result_summary(hooks, outputs: JobOutputs, rows: list[Artifact]) -> dict[st
 
 def publish(hooks, outputs: JobOutputs) -> dict[str, Any]:
     """manifest.json from the recorded hashes, artifact rows, result summary, then ``succeeded``."""
-    from common.models import source_sha256
-    from core.export._common import json_bytes
+    from common.model_registry import source_sha256
     from core.export.manifest import MANIFEST_NAME, assemble_manifest, library_versions
 
     settings, job_id = hooks.settings, hooks.job_id
@@ -220,7 +219,7 @@ def publish(hooks, outputs: JobOutputs) -> dict[str, Any]:
             }
             for a in outputs.allocations
         ]
-    data = json_bytes(manifest)
+    data = canonical_json(manifest)
     hooks.storage.put_bytes(job_key(job_id, "artifacts", MANIFEST_NAME), data)
     files[MANIFEST_NAME] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     rows = _artifact_rows(job_id, files, directories)
@@ -242,4 +241,4 @@ def publish(hooks, outputs: JobOutputs) -> dict[str, Any]:
 
 
 def dumps(data: Any) -> bytes:
-    return json.dumps(jsonable(data), indent=2, sort_keys=True).encode() + b"\n"
+    return canonical_json(jsonable(data))

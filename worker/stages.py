@@ -227,7 +227,7 @@ def _dataset_rows(settings: Settings, storage: Storage, claim: Claim, dataset_id
 def job_inputs(settings: Settings, storage: Storage, claim: Claim, device: str) -> JobInputs:
     """The job's rows (inline or a dataset), eval rows (a dataset, or a seeded holdout of the
     calibration rows), a reused profile, the model source and this worker's limits."""
-    from common.models import resolve_model
+    from common.model_registry import resolve_model
     from core.data import split_rows
 
     spec = JobSpec.model_validate(claim.spec)

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from api.deps import CurrentTenant, SettingsDep
 from api.schemas import ERROR_RESPONSES, ModelOut
-from common.models import list_available
+from common.model_registry import list_available
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 

@@ -5,7 +5,6 @@ and deterministic, hashed file writing."""
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 import torch
 from torch import nn
 
+from core.canonical_json import canonical_json
 from core.errors import ExportError
 from core.modules import decoder_layers, named_linears, weight_name
 from core.spec import AllocationUnit, JobSpec
@@ -269,13 +269,8 @@ class Fp16Parts:
             yield to_fp16(self.name, part)
 
 
-def json_bytes(obj: Any) -> bytes:
-    """Canonical JSON: sorted keys, fixed indent, trailing newline, so reruns are byte-identical."""
-    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-
-
 def write_json(path: Path, obj: Any) -> Path:
-    path.write_bytes(json_bytes(obj))
+    path.write_bytes(canonical_json(obj))
     return path
 
 

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from core.export._common import json_bytes
+from core.canonical_json import canonical_json
 from core.spec import JobSpec
 from core.types import BitMap
 
@@ -231,5 +231,5 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MANIFEST_NAME
-    path.write_bytes(json_bytes(manifest))
+    path.write_bytes(canonical_json(manifest))
     return path
