@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 from common.storage import FileStorage  # noqa: E402  stdlib only: the GPU check can run it
 from core.data import split_rows  # noqa: E402
 from core.errors import Cancelled  # noqa: E402
-from core.memory import estimate_job_memory, read_model_dims  # noqa: E402
+from core.memory import estimate_job_memory  # noqa: E402
+from core.model_dims import read_model_dims  # noqa: E402
 from core.models import resolve_model  # noqa: E402
 from core.packaged_models import packaged_models  # noqa: E402
 from core.pipeline import JobHooks, JobInputs, run_job  # noqa: E402

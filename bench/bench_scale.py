@@ -296,7 +296,8 @@ def time_baseline(args, model_id: str, env: dict, quantizer: str) -> dict | None
 
 def preflight(record: dict, ckpt_dir: Path, args) -> dict | None:
     """What the API's memory preflight estimated for this job (core.memory, as common.limits calls it)."""
-    from core.memory import estimate_job_memory, read_model_dims
+    from core.memory import estimate_job_memory
+    from core.model_dims import read_model_dims
     from core.models import ModelSource
 
     source = ModelSource(model_id=ckpt_dir.name, kind="hf_dir", path=ckpt_dir)

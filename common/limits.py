@@ -100,7 +100,7 @@ def stored_bytes(session: Session, tenant: str) -> int:
 def job_disk_bytes(source: Any, spec: JobSpec) -> int:
     """The object storage a job will write (core.disk), 0 when the model's shapes are unreadable."""
     from core.disk import estimate_job_disk
-    from core.memory import read_model_dims
+    from core.model_dims import read_model_dims
 
     try:
         dims = read_model_dims(source)
@@ -190,7 +190,8 @@ def estimate_for_spec(
     TAQ_WORKER_DEVICE), or None when the model's shapes cannot be read (the job is then admitted;
     the worker reports any failure). Greedy generation is counted only when the whole model fits
     `limit_bytes` (the worker skips it otherwise)."""
-    from core.memory import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, estimate_job_memory, read_model_dims
+    from core.memory import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, estimate_job_memory
+    from core.model_dims import read_model_dims
     from core.spec import CalibrationInputs
 
     try:

@@ -1,4 +1,5 @@
-"""Bits per layer from scores and a budget: exact budget allocation, uniform baseline, paper rule.
+"""Bits per layer from scores and a budget: exact budget allocation and the uniform baseline (the
+paper's fixed rule is core/allocation_paper.py).
 
 Costs are exact integers: g times the stored bits (`core.types.stored_bits`), in "bit/g" units.
 A linear [out, in] at b bits stores out·in codes and out·⌈in/g⌉ groups of overhead (a float16 scale,
@@ -125,7 +126,7 @@ def layer_cost(layer: LayerCost, bits: int, group_size: int, symmetric: bool) ->
 
 def budget_units(layers: Sequence[LayerCost], avg_bits: float, group_size: int) -> int:
     """The budget in `layer_cost` units: ⌊avg_bits · g · Σn⌋, avg_bits the decimal the user wrote."""
-    return math.floor(_exact_budget(avg_bits) * group_size * sum(l.params for l in layers))
+    return math.floor(exact_budget(avg_bits) * group_size * sum(l.params for l in layers))
 
 
 def check_lowest_fits(
@@ -139,14 +140,14 @@ def check_lowest_fits(
         min_bits = Fraction(base, group_size * sum(l.params for l in layers))
         raise BudgetInfeasible(
             f"bit budget avg_bits={avg_bits} cannot be met: with bit_choices {list(choices)} "
-            f"({_scheme(group_size, symmetric)}) the smallest achievable is {_display_up(min_bits)} "
+            f"({scheme_text(group_size, symmetric)}) the smallest achievable is {display_up(min_bits)} "
             f"effective bits (every layer at {choices[0]} bits); raise avg_bits or allow fewer bits",
             details={"min_avg_bits": float(min_bits), "avg_bits": float(avg_bits)},
         )
     return budget, base
 
 
-def _exact_budget(avg_bits: float) -> Fraction:
+def exact_budget(avg_bits: float) -> Fraction:
     if isinstance(avg_bits, bool) or not isinstance(avg_bits, (int, float)) or not math.isfinite(avg_bits):
         raise ValueError(f"avg_bits must be a finite number, got {avg_bits!r}")
     if avg_bits <= 0:
@@ -154,7 +155,7 @@ def _exact_budget(avg_bits: float) -> Fraction:
     return Fraction(repr(float(avg_bits)))  # the decimal the user wrote, not its binary value
 
 
-def _check_common(bit_choices: Sequence[int], group_size: int) -> list[int]:
+def check_choices(bit_choices: Sequence[int], group_size: int) -> list[int]:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     choices = sorted(set(bit_choices))
@@ -166,7 +167,7 @@ def _check_common(bit_choices: Sequence[int], group_size: int) -> list[int]:
     return choices
 
 
-def _as_layers(profile_or_layers: Profile | Sequence[LayerCost]) -> list[LayerCost]:
+def as_layers(profile_or_layers: Profile | Sequence[LayerCost]) -> list[LayerCost]:
     layers = (
         layer_costs_from_profile(profile_or_layers)
         if isinstance(profile_or_layers, Profile)
@@ -191,7 +192,7 @@ def _error(layer: LayerCost, bits: int) -> float | None:
     return float(e)
 
 
-def _objective(layers: Sequence[LayerCost], bits: Mapping[str, int]) -> float | None:
+def objective_of(layers: Sequence[LayerCost], bits: Mapping[str, int]) -> float | None:
     """Σ s·e(b) in layer order, or None when an error is unknown."""
     total = 0.0
     for layer in layers:
@@ -208,12 +209,12 @@ def effective_of(layers: Sequence[LayerCost], bits: Mapping[str, int], group_siz
     return Fraction(cost, group_size * sum(l.params for l in layers))
 
 
-def _display_up(x: Fraction | float) -> str:
+def display_up(x: Fraction | float) -> str:
     """4 decimals rounded up, so the number shown is itself a feasible budget."""
     return f"{math.ceil(Fraction(x) * 10_000) / 10_000:.4f}"
 
 
-def _scheme(group_size: int, symmetric: bool) -> str:
+def scheme_text(group_size: int, symmetric: bool) -> str:
     return f"group_size {group_size}, {'symmetric' if symmetric else 'asymmetric'}"
 
 
@@ -298,9 +299,9 @@ def allocate_budget(
     Raises `BudgetInfeasible` (details `min_avg_bits`) when even the lowest choice everywhere
     exceeds the budget, and ValueError for a missing e_l(b) or bad inputs.
     """
-    choices = _check_common(bit_choices, group_size)
-    layers = _as_layers(layers)
-    _exact_budget(avg_bits)  # a bad avg_bits is refused before the per-layer checks
+    choices = check_choices(bit_choices, group_size)
+    layers = as_layers(layers)
+    exact_budget(avg_bits)  # a bad avg_bits is refused before the per-layer checks
     for layer in layers:
         if not (math.isfinite(layer.sensitivity) and layer.sensitivity >= 0):
             raise ValueError(f"layer {layer.name!r}: sensitivity must be finite and >= 0, got {layer.sensitivity}")
@@ -347,7 +348,7 @@ def allocate_budget(
         effective_bits=float(Fraction(spent, group_size * total_params)),
         budget=float(avg_bits),
         rule=AllocationRule.budget,
-        objective=_objective(layers, bits),
+        objective=objective_of(layers, bits),
         solver=solver,
     )
 
@@ -363,16 +364,16 @@ def allocate_uniform(
     symmetric: bool,
 ) -> BitAllocation:
     """Every layer (or linear) at the highest choice whose effective bits fit `avg_bits` (baseline)."""
-    choices = _check_common(bit_choices, group_size)
-    layers = _as_layers(profile_or_layers)
-    budget = _exact_budget(avg_bits)
+    choices = check_choices(bit_choices, group_size)
+    layers = as_layers(profile_or_layers)
+    budget = exact_budget(avg_bits)
     every = {b: effective_of(layers, {l.name: b for l in layers}, group_size, symmetric) for b in choices}
     fitting = [b for b in choices if every[b] <= budget]
     if not fitting:
         min_bits = every[choices[0]]
         raise BudgetInfeasible(
             f"bit budget avg_bits={avg_bits} cannot be met by a uniform allocation: the lowest of "
-            f"bit_choices {choices} ({_scheme(group_size, symmetric)}) costs {_display_up(min_bits)} "
+            f"bit_choices {choices} ({scheme_text(group_size, symmetric)}) costs {display_up(min_bits)} "
             "effective bits",
             details={"min_avg_bits": float(min_bits), "avg_bits": float(avg_bits)},
         )
@@ -382,83 +383,6 @@ def allocate_uniform(
         effective_bits=float(effective_of(layers, bits, group_size, symmetric)),
         budget=float(avg_bits),
         rule=Method.uniform,
-        objective=_objective(layers, bits),
+        objective=objective_of(layers, bits),
         solver="uniform",
-    )
-
-
-# ------------------------------------------------------------------------------ paper rule
-
-
-def _ranked(names: Sequence[str], importance: Mapping[str, float]) -> list[str]:
-    """Most important first; ties go to the earlier layer."""
-    position = {n: i for i, n in enumerate(names)}
-    return sorted(names, key=lambda n: (-importance[n], position[n]))
-
-
-def allocate_paper(
-    profile_or_layers: Profile | Sequence[LayerCost],
-    method: Method | str,
-    group_size: int,
-    symmetric: bool,
-    avg_bits: float | None = None,
-    *,
-    importance: Mapping[str, float] | None = None,
-) -> BitAllocation:
-    """The paper's fixed rule (bit_choices do not apply).
-
-    taq:  the top ⌈L/4⌉ layers by importance → 8 bits, the rest → 4.
-    taqo: the first 2 and last 2 layers, plus the top k = max(1, round_half_up(L/10)) of the
-          others by importance (Δ task score) → 16 bits, the rest → 4.
-    Importance comes from the Profile, or from `importance` (name → score) with LayerCosts. Ties
-    rank the earlier layer first. With `avg_bits`, a result above it raises `BudgetInfeasible`.
-    """
-    method_name = method.value if isinstance(method, Method) else str(method)
-    if method_name not in (Method.taq.value, Method.taqo.value):
-        raise InvalidSpec(f"allocation 'paper' is defined for methods 'taq' and 'taqo', not {method_name!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    layers = _as_layers(profile_or_layers)
-    names = [l.name for l in layers]
-    if isinstance(profile_or_layers, Profile):
-        scores = {l.name: float(l.importance) for l in profile_or_layers.layers}
-    elif importance is None:
-        raise ValueError("allocate_paper needs `importance` when given LayerCosts instead of a Profile")
-    else:
-        missing = [n for n in names if n not in importance]
-        if missing:
-            raise ValueError(f"importance is missing layers {missing}")
-        scores = {n: float(importance[n]) for n in names}
-    nan = [n for n in names if math.isnan(scores[n])]
-    if nan:
-        raise ValueError(f"importance is NaN for layers {nan}")
-
-    count = len(layers)
-    if method_name == Method.taq.value:
-        top = set(_ranked(names, scores)[: -(-count // 4)])
-        bits = {n: 8 if n in top else 4 for n in names}
-        rule_text = f"taq: top {len(top)} of {count} layers at 8 bits, the rest at 4"
-    else:
-        edges = set(names[:2]) | set(names[-2:])
-        rest = [n for n in names if n not in edges]
-        k = min(len(rest), max(1, (count + 5) // 10))
-        keep = edges | set(_ranked(rest, scores)[:k])
-        bits = {n: 16 if n in keep else 4 for n in names}
-        rule_text = f"taqo: first 2, last 2 and top {k} of {count} layers at 16 bits, the rest at 4"
-
-    achieved = effective_of(layers, bits, group_size, symmetric)
-    if avg_bits is not None and achieved > _exact_budget(avg_bits):
-        raise BudgetInfeasible(
-            f"the paper rule ({rule_text}; {_scheme(group_size, symmetric)}) costs "
-            f"{_display_up(achieved)} effective bits, above the budget avg_bits={avg_bits}; raise "
-            "avg_bits or use allocation 'budget'",
-            details={"min_avg_bits": float(achieved), "avg_bits": float(avg_bits)},
-        )
-    return BitAllocation(
-        bits=bits,
-        effective_bits=float(achieved),
-        budget=None if avg_bits is None else float(avg_bits),
-        rule=AllocationRule.paper,
-        objective=_objective(layers, bits),
-        solver=f"paper-{method_name}",
     )

@@ -21,15 +21,15 @@ from dataclasses import replace
 
 from core.allocation import (
     LayerCost,
-    _as_layers,
-    _check_common,
-    _objective,
     allocate_budget,
     allocate_uniform,
+    as_layers,
     budget_units,
+    check_choices,
     check_lowest_fits,
     effective_of,
     layer_cost,
+    objective_of,
 )
 from core.spec import AllocationRule, Method
 from core.types import BitAllocation, Profile
@@ -41,7 +41,7 @@ def allocate_error_only(
     layers: Profile | Sequence[LayerCost], avg_bits: float, bit_choices: Sequence[int], group_size: int, symmetric: bool
 ) -> BitAllocation:
     """`allocate_budget` with every sensitivity set to 1 (rule "error_only")."""
-    flat = [replace(l, sensitivity=1.0) for l in _as_layers(layers)]
+    flat = [replace(l, sensitivity=1.0) for l in as_layers(layers)]
     allocation = allocate_budget(flat, avg_bits, bit_choices, group_size, symmetric)
     return replace(allocation, rule=AllocationRule.error_only, solver=f"{allocation.solver}, sensitivities 1")
 
@@ -60,7 +60,7 @@ def _allocation(
         effective_bits=float(effective_of(layers, bits, group_size, symmetric)),
         budget=float(avg_bits),
         rule=rule,
-        objective=_objective(layers, bits),
+        objective=objective_of(layers, bits),
         solver=solver,
     )
 
@@ -76,8 +76,8 @@ def allocate_random(
 ) -> BitAllocation:
     """Every layer at the lowest choice; then, in the order of a `random.Random(seed)` shuffle,
     each layer raised to the widest choice the remaining budget pays for (rule "random")."""
-    choices = _check_common(bit_choices, group_size)
-    layers = _as_layers(layers)
+    choices = check_choices(bit_choices, group_size)
+    layers = as_layers(layers)
     budget, spent = check_lowest_fits(layers, avg_bits, choices, group_size, symmetric)
     bits = {l.name: choices[0] for l in layers}
     order = list(range(len(layers)))
@@ -110,8 +110,8 @@ def allocate_uniform_mix(
 ) -> BitAllocation:
     """The widest single choice that fits everywhere, plus the most layers one choice higher that
     the budget pays for, evenly spaced over the depth (rule "uniform")."""
-    choices = _check_common(bit_choices, group_size)
-    layers = _as_layers(layers)
+    choices = check_choices(bit_choices, group_size)
+    layers = as_layers(layers)
     base_alloc = allocate_uniform(layers, avg_bits, choices, group_size, symmetric)  # raises when nothing fits
     low = next(iter(base_alloc.bits.values()))
     higher = [b for b in choices if b > low]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.memory import ModelDims
+from core.model_dims import ModelDims
 
 #: per group: a float16 scale and a zero point stored in a byte (an upper bound for both formats)
 _GROUP_BYTES = 3

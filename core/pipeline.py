@@ -169,13 +169,14 @@ def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
 
     from core import allocation as alloc
     from core import controls
+    from core.allocation_paper import allocate_paper
 
     bit_choices = list(spec.bit_choices)
     if spec.allocation == AllocationRule.paper:
         if spec.method not in (Method.taq, Method.taqo):
             raise InvalidSpec(f"allocation 'paper' is defined for methods 'taq' and 'taqo', not '{spec.method.value}'")
         budget = spec.budgets[0] if spec.budgets else None  # the smallest: the rule must fit every one
-        return [alloc.allocate_paper(profile, spec.method, spec.group_size, spec.symmetric, avg_bits=budget)]
+        return [allocate_paper(profile, spec.method, spec.group_size, spec.symmetric, avg_bits=budget)]
     if not spec.budgets:
         raise InvalidSpec(f"allocation '{spec.allocation.value}' needs 'bit_budget'")
     allocate: Callable[..., BitAllocation]

@@ -28,7 +28,8 @@ def materialized_bytes(model: StreamedModel, max_tokens: int) -> int:
     """Bytes greedy generation needs: the whole model at the compute dtype, the KV cache of a
     batch, activations and logits (core.memory.generation_bytes, so the preflight and the worker
     agree)."""
-    from core.memory import ModelDims, generation_bytes
+    from core.memory import generation_bytes
+    from core.model_dims import ModelDims
 
     itemsize = torch.empty(0, dtype=model.dtype).element_size()
     params = sum(

@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from common.db import migrate
 from common.settings import Settings
-from core.memory import ModelDims, estimate_job_memory
+from core.memory import estimate_job_memory
+from core.model_dims import ModelDims
 
 from .conftest import CALIBRATION, new_tenant, tiny_spec
 

@@ -13,10 +13,10 @@ from core.allocation import (
     EXACT_SOLVER,
     LayerCost,
     allocate_budget,
-    allocate_paper,
     allocate_uniform,
     layer_costs_from_profile,
 )
+from core.allocation_paper import allocate_paper
 from core.errors import BudgetInfeasible, InvalidSpec
 from core.spec import Method
 from core.types import LayerProfile, Profile, effective_bits

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from core.disk import estimate_job_disk
-from core.memory import ModelDims
+from core.model_dims import ModelDims
 
 pytestmark = pytest.mark.unit
 

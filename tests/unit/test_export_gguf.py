@@ -129,7 +129,7 @@ def test_rope_permutation_is_undone_by_the_transformers_gguf_loader(rows, heads)
 
 
 def test_pre_tokenizer_names():
-    from core.export.gguf import _pre_tokenizer_name
+    from core.export.gguf_metadata import pre_tokenizer_name
 
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
     smollm = {
@@ -138,9 +138,9 @@ def test_pre_tokenizer_names():
             "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level],
         }
     }
-    assert _pre_tokenizer_name(smollm) == "smollm"
-    assert _pre_tokenizer_name({"pre_tokenizer": byte_level}) == "gpt-2"
-    assert _pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}) == "default"
+    assert pre_tokenizer_name(smollm) == "smollm"
+    assert pre_tokenizer_name({"pre_tokenizer": byte_level}) == "gpt-2"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}) == "default"
 
 
 def test_tensor_names():

@@ -274,10 +274,10 @@ def test_streaming_gguf_equals_gguf_py_in_memory_writer(tiny, tmp_path):
         spec = make_spec(group_size, symmetric)
         streamed = export_gguf(model, tokenizer, weights, bits, spec, tmp_path / "s.gguf")
 
-        hyper = g._Hyper(model)
+        hyper = g.LlamaHyper(model)
         planned = g._plan(model, plan_linears(model, weights, bits), spec)
         writer = GGUFWriter(path=None, arch=g.ARCH)
-        g._hf_metadata(writer, tokenizer, hyper, spec.model, g._file_type(planned))
+        g.hf_metadata(writer, tokenizer, hyper, spec.model, g._file_type(planned))
         fetch = model_tensors(model)
         for entry in planned:
             raw = None if entry.qtype in ("F16", "F32") else GGMLQuantizationType[entry.qtype]

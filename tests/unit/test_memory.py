@@ -10,14 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.memory import (
-    RUNTIME_BYTES,
-    ModelDims,
-    estimate_job_memory,
-    generation_bytes,
-    gguf_model_dims,
-    read_model_dims,
-)
+from core.memory import RUNTIME_BYTES, estimate_job_memory, generation_bytes
+from core.model_dims import ModelDims, gguf_model_dims, read_model_dims
 from core.models import ModelSource, load_model, parameter_count
 
 pytestmark = pytest.mark.unit
