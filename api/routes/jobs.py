@@ -168,8 +168,22 @@ _DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("/{job_id}/artifacts/{name:path}", operation_id="download_job_artifact", responses=_DOWNLOAD_RESPONSES)
+@router.get(
+    "/{job_id}/artifacts/{name:path}",
+    operation_id="download_job_artifact",
+    summary="Download Job Artifact",
+    description="Download one artifact (`Range`, `ETag`); a directory (`hf`) comes as a streamed .tar.",
+    responses=_DOWNLOAD_RESPONSES,
+)
+@router.head(
+    "/{job_id}/artifacts/{name:path}",
+    operation_id="head_job_artifact",
+    summary="Head Job Artifact",
+    description="The headers a download would get (size, `ETag`, `X-Checksum-Sha256`), no body.",
+    responses=_DOWNLOAD_RESPONSES,
+)
 def download_job_artifact(
+    request: Request,
     job_id: str,
     name: str,
     session: SessionDep,
@@ -180,7 +194,8 @@ def download_job_artifact(
     if_none_match: Annotated[str | None, Header()] = None,
     if_range: Annotated[str | None, Header()] = None,
 ):
-    """Download one artifact (`Range`, `ETag`); a directory (`hf`) comes as a streamed .tar."""
+    # one handler for GET and HEAD: the same checks and headers, HEAD without the body
+    head = request.method == "HEAD"
     dl = open_download(
         session,
         storage,
@@ -191,39 +206,10 @@ def download_job_artifact(
         range_header=range,
         if_none_match=if_none_match,
         if_range=if_range,
+        head=head,
     )
     if dl.redirect:
         return RedirectResponse(dl.redirect, status_code=dl.status, headers=dl.headers)
-    if dl.body is None:
+    if dl.body is None or head:
         return Response(status_code=dl.status, headers=dl.headers)
     return StreamingResponse(dl.body, status_code=dl.status, headers=dl.headers)
-
-
-@router.head("/{job_id}/artifacts/{name:path}", operation_id="head_job_artifact", responses=_DOWNLOAD_RESPONSES)
-def head_job_artifact(
-    job_id: str,
-    name: str,
-    session: SessionDep,
-    storage: StorageDep,
-    settings: SettingsDep,
-    tenant: CurrentTenant,
-    range: Annotated[str | None, Header()] = None,
-    if_none_match: Annotated[str | None, Header()] = None,
-    if_range: Annotated[str | None, Header()] = None,
-):
-    """The headers a download would get (size, `ETag`, `X-Checksum-Sha256`), no body."""
-    dl = open_download(
-        session,
-        storage,
-        settings,
-        tenant,
-        job_id,
-        name,
-        range_header=range,
-        if_none_match=if_none_match,
-        if_range=if_range,
-        head=True,
-    )
-    if dl.redirect:
-        return RedirectResponse(dl.redirect, status_code=dl.status, headers=dl.headers)
-    return Response(status_code=dl.status, headers=dl.headers)
