@@ -26,7 +26,7 @@ import httpx
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,7 +35,7 @@ from core.pipeline import STAGE_SHARES, STAGES  # noqa: E402
 
 TASK = ROOT / "bench" / "tasks" / "capitals"
 MODEL = "smollm2-135m-instruct"
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     keep.add_argument("--no-keep", dest="keep", action="store_false", help="stop the service after the summary")
     keep.add_argument("--keep", dest="keep", action="store_true", help="keep it running even without a terminal")
     parser.set_defaults(keep=None)
-    parser.add_argument("--timeout", type=float, default=float(os.environ.get("TAQ_DEMO_TIMEOUT", "1800")))
+    parser.add_argument("--timeout", type=float, default=float(os.environ.get("TAQ_DEMO_TIMEOUT", "3600")))
     return parser.parse_args()
 
 
@@ -94,10 +94,10 @@ def follow(client: httpx.Client, job: dict[str, Any], timeout: float) -> dict[st
     starts = {s: sum(STAGE_SHARES[t] for t in STAGES[:i]) for i, s in enumerate(STAGES)}
     columns = [
         TextColumn("{task.fields[stage]:>9}"),
-        BarColumn(),
+        BarColumn(bar_width=24),
         TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(),
-        TextColumn("[dim]{task.fields[note]}"),
+        TextColumn("[dim]{task.fields[note]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
     ]
     bars: dict[str, TaskID] = {}
     after, deadline = 0, time.monotonic() + timeout
@@ -207,7 +207,9 @@ def summary(client: httpx.Client, job: dict[str, Any], data_dir: Path, base: str
     for art in artifacts:
         console.print(f"  {art['name']:16s} {art['format']:5s} {art['size']:>12,d} B  sha256 {art['sha256'][:16]}…")
     console.print(f"  stored under {data_dir / 'objects' / 'jobs' / job_id / 'artifacts'}")
-    console.print(f"  download: curl -O {base}/v1/jobs/{job_id}/artifacts/model.gguf")
+    names = [a["name"] for a in artifacts]
+    example = next((n for n in names if n.endswith(".gguf")), "manifest.json")
+    console.print(f"  download: curl -O {base}/v1/jobs/{job_id}/artifacts/{example}")
     console.print(f"  the whole table and the controls: taq status {job_id} --url {base}")
 
 

@@ -5,12 +5,15 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
 import signal
+from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from .conftest import calibration_jsonl, serve_embedded, tiny_spec, verify_artifacts, wait_job
 
@@ -90,6 +93,19 @@ def test_profile_reuse_and_eval_dataset(served):
     assert final["result"]["budgets"][0]["effective_bits"] <= 5.5
     evaluation = json.loads(client.get(f"/v1/jobs/{job['id']}/artifacts/eval.json").content)
     assert evaluation["n_items"] == 4 and "uniform" in evaluation["fidelity"]
+
+    # `make demo`'s summary (scripts/demo.py) reads the same calls and renders this job
+    loader = importlib.util.spec_from_file_location("demo", Path(__file__).parents[2] / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(demo)
+    demo.console = Console(record=True, width=160)
+    demo.summary(client, final, served["data"], str(client.base_url))
+    text = demo.console.export_text()
+    for expected in ("TAQ kept the task's layers precise", "full precision", "uniform, same bits", "TAQ − uniform"):
+        assert expected in text, text
+    bits = evaluation["meta"]["effective_bits"]
+    assert f"{bits:.3f}" in text and f"{evaluation['meta']['uniform_effective_bits']:.3f}" in text
+    assert f"/v1/jobs/{job['id']}/artifacts/" in text and "eval.json" in text
 
 
 def test_per_linear_allocation_job(served):
