@@ -37,7 +37,9 @@ __all__ = [
     "ConfidenceInterval",
     "EvalMetrics",
     "GenerationEval",
+    "answer_extractor",
     "bootstrap_ci",
+    "choice_letter_answer",
     "contains_match",
     "evaluate_generation",
     "exact_match",
@@ -164,6 +166,32 @@ def first_line_answer(generation: str, stop_strings: Sequence[str] = ()) -> str:
     line = next((ln for ln in text.splitlines() if ln.strip()), "")
     line = _ANSWER_LABEL.sub("", line.strip())
     return line.strip().strip("*_`").strip()
+
+
+# an option letter opening the answer: "B", "B)", "(B) Accra", "B. Accra", "Answer: B" — not the
+# article of "A city ..." (a letter followed by a space and a lower-case word)
+_CHOICE = re.compile(r"^[\s(\[*_`]*([A-Z])(?:[)\].:,]|\s*$|\s+(?=[A-Z0-9(]))")
+
+
+def is_choice_letter(gold: str) -> bool:
+    """A multiple-choice gold: one capital letter."""
+    return len(gold.strip()) == 1 and gold.strip().isalpha() and gold.strip().isupper()
+
+
+def choice_letter_answer(generation: str, stop_strings: Sequence[str] = ()) -> str:
+    """Multiple choice: the option letter the answer opens with ("D) Plymouth" → "D"), else the
+    `first_line_answer`. Without this, "A) Kingston" would normalise to "kingston" (the article
+    rule drops "a") and an answer "A" could never be credited."""
+    line = first_line_answer(generation, stop_strings)
+    match = _CHOICE.match(line)
+    return match.group(1) if match else line
+
+
+def answer_extractor(golds: Sequence[Sequence[str]]) -> Callable[[str], str]:
+    """`choice_letter_answer` when every row's golds are option letters, else `first_line_answer`."""
+    if golds and all(g and all(is_choice_letter(x) for x in g) for g in golds):
+        return choice_letter_answer
+    return first_line_answer
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +383,7 @@ def evaluate_generation(
     batch_size: int = 16,
     device: str = "cpu",
     render: Callable[[Any], Prompt] | None = None,
-    extract: Callable[[str], str] = first_line_answer,
+    extract: Callable[[str], str] | None = None,
     add_special_tokens: bool = False,
     n_resamples: int = 1000,
     alpha: float = 0.05,
@@ -365,7 +393,8 @@ def evaluate_generation(
 
     `prompts` are chat-template-rendered strings or token-id lists; with `render`, any items
     (e.g. `CalibrationRow`s) that `render(item)` turns into one of those. The answer is
-    `extract(generation)` (default `first_line_answer`). Metrics are means over items with
+    `extract(generation)` (default `answer_extractor(golds)`: the option letter when every gold is
+    one, else `first_line_answer`). Metrics are means over items with
     percentile-bootstrap CIs (`n_resamples`, `alpha`, `seed`).
     """
     if len(prompts) != len(golds):
@@ -380,6 +409,7 @@ def evaluate_generation(
         device=device,
         add_special_tokens=add_special_tokens,
     )
+    extract = extract or answer_extractor(golds)
     predictions = [extract(g) for g in generations]
     return score_predictions(
         predictions,

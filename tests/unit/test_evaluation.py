@@ -260,3 +260,29 @@ def test_evaluate_generation_with_render_callable(tiny) -> None:
 def test_confidence_interval_to_dict() -> None:
     ci = ConfidenceInterval(mean=0.5, low=0.4, high=0.6, n=10)
     assert ci.to_dict() == {"mean": 0.5, "low": 0.4, "high": 0.6, "n": 10, "alpha": 0.05}
+
+
+def test_choice_letter_answers_are_extracted_so_option_a_can_score() -> None:
+    from core.evaluation import answer_extractor, choice_letter_answer, first_line_answer, score_predictions
+
+    cases = {
+        "A) Kingston Amalie": "A",
+        "D) Plymouth": "D",
+        "(B) Accra": "B",
+        "B. Accra": "B",
+        "Answer: C": "C",
+        "**C**": "C",
+        "A\nbecause it is": "A",
+        "A city in Ghana": "A city in Ghana",  # the article, not an option
+        "The answer is B": "The answer is B",
+    }
+    for generation, expected in cases.items():
+        assert choice_letter_answer(generation) == expected, generation
+    assert answer_extractor([["A"], ["D"]]) is choice_letter_answer
+    assert answer_extractor([["A"], ["Accra"]]) is first_line_answer
+    assert answer_extractor([]) is first_line_answer
+    # without the extraction "A) Kingston" normalises to "kingston" and gold "A" never scores
+    golds = [["A"], ["D"]]
+    plain = score_predictions([first_line_answer(g) for g in ("A) Kingston", "D) Plymouth")], golds)
+    letters = score_predictions([choice_letter_answer(g) for g in ("A) Kingston", "D) Plymouth")], golds)
+    assert plain.contains == [0.0, 1.0] and letters.em == [1.0, 1.0]
