@@ -26,7 +26,7 @@ import httpx
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Column, Table
+from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,6 +35,7 @@ from core.pipeline import STAGE_SHARES, STAGES  # noqa: E402
 
 TASK = ROOT / "bench" / "tasks" / "capitals"
 MODEL = "smollm2-135m-instruct"
+NOTE_WIDTH = 36
 console = Console(highlight=False, soft_wrap=True)
 
 
@@ -97,9 +98,10 @@ def follow(client: httpx.Client, job: dict[str, Any], timeout: float) -> dict[st
         BarColumn(bar_width=24),
         TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(),
-        TextColumn("[dim]{task.fields[note]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
+        TextColumn("[dim]{task.fields[note]}"),
     ]
     bars: dict[str, TaskID] = {}
+    notes: dict[str, str] = {}
     after, deadline = 0, time.monotonic() + timeout
     with Progress(*columns, console=console) as progress:
         while True:
@@ -109,7 +111,8 @@ def follow(client: httpx.Client, job: dict[str, Any], timeout: float) -> dict[st
                     stage = event["stage"]
                     if stage not in bars:
                         bars[stage] = progress.add_task("", total=1.0, stage=stage, note="")
-                    progress.update(bars[stage], note=event["message"][:60])
+                    notes[stage] = event["message"]
+                    progress.update(bars[stage], note=event["message"][:NOTE_WIDTH])
             current = job.get("stage")
             if current in STAGES:
                 for stage in STAGES[: STAGES.index(current) + 1]:
@@ -120,8 +123,14 @@ def follow(client: httpx.Client, job: dict[str, Any], timeout: float) -> dict[st
                     progress.update(bars[stage], completed=done)
             if job["status"] not in ("queued", "running"):
                 if job["status"] == "succeeded":
-                    for bar in bars.values():
-                        progress.update(bar, completed=1.0)
+                    timings = (job.get("result") or {}).get("timings") or {}
+                    for stage, bar in bars.items():
+                        seconds = timings.get(stage)
+                        if "skipped" in notes.get(stage, ""):
+                            note = "skipped: its output was already stored"
+                        else:
+                            note = "done" if seconds is None else f"done in {seconds:.1f} s"
+                        progress.update(bar, completed=1.0, note=note)
                 return job
             if time.monotonic() > deadline:
                 sys.exit(f"job {job['id']} did not finish in {timeout:.0f} s")
@@ -129,7 +138,7 @@ def follow(client: httpx.Client, job: dict[str, Any], timeout: float) -> dict[st
             job = check(client.get(f"/v1/jobs/{job['id']}"))
 
 
-def interval(value: dict[str, Any] | None, digits: int = 3) -> str:
+def interval(value: dict[str, Any] | None, digits: int = 2) -> str:
     if not value or value.get("mean") is None:
         return "-"
     return f"{value['mean']:.{digits}f} [{value['low']:.{digits}f}, {value['high']:.{digits}f}]"
@@ -147,12 +156,14 @@ def story_table(report: dict[str, Any], linear_params: int) -> Table:
         "contains ↑",
         "gold NLL ↓",
         "KL vs fp ↓",
-        "bits / weight",
-        "linears",
+        "bits",
+        "MiB",
         title=f"capitals eval split · {report['n_items']} items · mean [95 % bootstrap interval]",
+        caption=f"bits: stored bits per decoder-linear weight (full precision: the source, {formats}); "
+        "MiB: those linears' size",
         box=box.SIMPLE_HEAD,
     )
-    labels = {"full_precision": f"full precision ({formats})", "quantized": "TAQ", "uniform": "uniform, same bits"}
+    labels = {"full_precision": "full precision", "quantized": "TAQ", "uniform": "uniform"}
     for name, label in labels.items():
         teacher = report["teacher_forced"].get(name)
         if teacher is None:
@@ -165,7 +176,7 @@ def story_table(report: dict[str, Any], linear_params: int) -> Table:
             interval(teacher.get("gold_nll")),
             "-" if kl is None else f"{kl:.3f}",
             "-" if width is None else f"{width:.3f}",
-            "-" if width is None else f"{width * linear_params / 8 / 2**20:.1f} MiB",
+            "-" if width is None else f"{width * linear_params / 8 / 2**20:.1f}",
         )
     return table
 
