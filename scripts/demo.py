@@ -26,7 +26,7 @@ import httpx
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -148,20 +148,18 @@ def story_table(report: dict[str, Any], linear_params: int) -> Table:
     """Full precision, TAQ and uniform at equal bits: contains, gold NLL, KL, bits, size."""
     meta = report["meta"]
     source = meta.get("full_precision") or {}
-    formats = "+".join(sorted(source.get("formats") or {})) or "source"
     bits = {"full_precision": source.get("bits"), "quantized": meta["effective_bits"]}
     bits["uniform"] = meta.get("uniform_effective_bits")
     table = Table(
-        "",
-        "contains ↑",
-        "gold NLL ↓",
-        "KL vs fp ↓",
+        Column("", no_wrap=True),
+        Column("contains ↑", no_wrap=True),
+        Column("gold NLL ↓", no_wrap=True),
+        "KL ↓",
         "bits",
         "MiB",
-        title=f"capitals eval split · {report['n_items']} items · mean [95 % bootstrap interval]",
-        caption=f"bits: stored bits per decoder-linear weight (full precision: the source, {formats}); "
-        "MiB: those linears' size",
         box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
     )
     labels = {"full_precision": "full precision", "quantized": "TAQ", "uniform": "uniform"}
     for name, label in labels.items():
@@ -211,7 +209,13 @@ def summary(client: httpx.Client, job: dict[str, Any], data_dir: Path, base: str
     counts = " · ".join(f"{n} layers at {b} bits" for b, n in report["variants"]["quantized"]["bits_histogram"].items())
     console.print(f"\n[bold]TAQ kept the task's layers precise:[/] {counts}")
     console.print(layers_table(profile))
+    console.print(f"\n[bold]capitals eval split[/] · {report['n_items']} items · mean [95 % bootstrap interval]")
     console.print(story_table(report, linear_params))
+    formats = "+".join(sorted((report["meta"].get("full_precision") or {}).get("formats") or {})) or "source"
+    console.print(
+        "  KL: next-token KL from full precision at the answer positions; bits: stored bits per decoder-linear"
+        f" weight (full precision: the source as stored, {formats}); MiB: those linears' size"
+    )
     for line in verdicts(report):
         console.print("  " + line)
     console.print("\n[bold]artifacts[/]")
@@ -221,7 +225,7 @@ def summary(client: httpx.Client, job: dict[str, Any], data_dir: Path, base: str
     names = [a["name"] for a in artifacts]
     example = next((n for n in names if n.endswith(".gguf")), "manifest.json")
     console.print(f"  download: curl -O {base}/v1/jobs/{job_id}/artifacts/{example}")
-    console.print(f"  the whole table and the controls: taq status {job_id} --url {base}")
+    console.print(f"  the evaluation as a table: taq status {job_id} --url {base}")
 
 
 def main() -> None:
