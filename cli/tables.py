@@ -12,7 +12,7 @@ from rich.table import Table
 VARIANT_ORDER = ("full_precision", "quantized", "uniform", "error_only", "random")
 
 
-def _interval(value: Any, digits: int = 3) -> str:
+def format_interval(value: Any, digits: int = 3) -> str:
     """`mean [low, high]` of a ConfidenceInterval dict, `-` when absent."""
     if not isinstance(value, dict) or value.get("mean") is None:
         return "-"
@@ -68,9 +68,9 @@ def eval_tables(report: dict[str, Any], result: dict[str, Any] | None) -> list[T
             )
             table.add_row(
                 name.replace("_", " "),
-                _interval((teacher.get(name) or {}).get("gold_nll")),
-                _interval(scores.get("contains")),
-                _interval(scores.get("exact_match")),
+                format_interval((teacher.get(name) or {}).get("gold_nll")),
+                format_interval(scores.get("contains")),
+                format_interval(scores.get("exact_match")),
                 _number(close.get("mean_kl")),
                 _number(close.get("top1_agreement")),
                 bits,
@@ -100,7 +100,7 @@ def comparison_table(comparisons: list[dict[str, Any]], avg_bits: Any) -> Table:
         table.add_row(
             str(c.get("baseline", "-")).replace("_", " "),
             f"{c.get('metric')} {arrow}",
-            _interval(c.get("difference"), 4),
+            format_interval(c.get("difference"), 4),
             f"{_number(c.get('variant_effective_bits'))} / {_number(c.get('baseline_effective_bits'))}",
             str(c.get("verdict", "-")).replace("_", " "),
         )

@@ -175,7 +175,8 @@ _CHOICE = re.compile(r"^[\s(\[*_`]*([A-Z])(?:[)\].:,]|\s*$|\s+(?=[A-Z0-9(]))")
 
 def is_choice_letter(gold: str) -> bool:
     """A multiple-choice gold: one capital letter."""
-    return len(gold.strip()) == 1 and gold.strip().isalpha() and gold.strip().isupper()
+    letter = gold.strip()
+    return len(letter) == 1 and letter.isalpha() and letter.isupper()
 
 
 def choice_letter_answer(generation: str, stop_strings: Sequence[str] = ()) -> str:

@@ -299,13 +299,6 @@ class BitAllocation:
     def bit_map(self) -> BitMap:
         return BitMap(self.bits, self.unit)
 
-    def bits_of(self, linear_name: str, layer_name: str) -> int:
-        """The bits of one linear: its own entry under per-linear allocation, else its layer's."""
-        width = self.bit_map.get(linear_name, layer_name)
-        if width is None:
-            raise KeyError(linear_name if self.unit == AllocationUnit.linear else layer_name)
-        return width
-
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "rule": self.rule.value, "unit": self.unit.value}
 

@@ -31,7 +31,8 @@ from rich.table import Column, Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.pipeline import STAGE_SHARES, STAGES  # noqa: E402
+from cli.tables import format_interval  # noqa: E402
+from core.pipeline import STAGE_SHARES, STAGES, overall_progress  # noqa: E402
 
 TASK = ROOT / "bench" / "tasks" / "capitals"
 MODEL = "smollm2-135m-instruct"
@@ -92,7 +93,6 @@ def upload(client: httpx.Client, path: Path) -> dict[str, Any]:
 def follow(client: httpx.Client, job: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One bar per stage, advanced from the job's overall progress (core.pipeline.STAGE_SHARES)
     and labelled with the latest event's message, until the job leaves queued/running."""
-    starts = {s: sum(STAGE_SHARES[t] for t in STAGES[:i]) for i, s in enumerate(STAGES)}
     columns = [
         TextColumn("{task.fields[stage]:>9}"),
         BarColumn(bar_width=24),
@@ -118,7 +118,7 @@ def follow(client: httpx.Client, job: dict[str, Any], timeout: float) -> dict[st
                 for stage in STAGES[: STAGES.index(current) + 1]:
                     if stage not in bars:
                         bars[stage] = progress.add_task("", total=1.0, stage=stage, note="")
-                    share = (job.get("progress", 0.0) - starts[stage]) / STAGE_SHARES[stage]
+                    share = (job.get("progress", 0.0) - overall_progress(stage, 0.0)) / STAGE_SHARES[stage]
                     done = 1.0 if stage != current else max(0.0, min(1.0, share))
                     progress.update(bars[stage], completed=done)
             if job["status"] not in ("queued", "running"):
@@ -136,12 +136,6 @@ def follow(client: httpx.Client, job: dict[str, Any], timeout: float) -> dict[st
                 sys.exit(f"job {job['id']} did not finish in {timeout:.0f} s")
             time.sleep(1)
             job = check(client.get(f"/v1/jobs/{job['id']}"))
-
-
-def interval(value: dict[str, Any] | None, digits: int = 2) -> str:
-    if not value or value.get("mean") is None:
-        return "-"
-    return f"{value['mean']:.{digits}f} [{value['low']:.{digits}f}, {value['high']:.{digits}f}]"
 
 
 def story_table(report: dict[str, Any], linear_params: int) -> Table:
@@ -170,8 +164,8 @@ def story_table(report: dict[str, Any], linear_params: int) -> Table:
         width = bits.get(name)
         table.add_row(
             label,
-            interval((report["metrics"].get(name) or {}).get("contains")),
-            interval(teacher.get("gold_nll")),
+            format_interval((report["metrics"].get(name) or {}).get("contains"), 2),
+            format_interval(teacher.get("gold_nll"), 2),
             "-" if kl is None else f"{kl:.3f}",
             "-" if width is None else f"{width:.3f}",
             "-" if width is None else f"{width * linear_params / 8 / 2**20:.1f}",
