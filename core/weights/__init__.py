@@ -63,14 +63,13 @@ class WeightReader(ABC):
     def infos(self) -> dict[str, TensorInfo]:
         """Every tensor, by Hugging Face parameter name."""
 
-    @abstractmethod
     def read(
         self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
     ) -> torch.Tensor:
         """The whole tensor, as `from_pretrained` would load it, converted to `dtype` on `device`
         (`dtype=None`: the stored type for safetensors, float32 after dequantization for GGUF)."""
+        return to_output(self._load(self._info(name), None), dtype, device)
 
-    @abstractmethod
     def read_rows(
         self,
         name: str,
@@ -80,6 +79,15 @@ class WeightReader(ABC):
         device: str | torch.device = "cpu",
     ) -> torch.Tensor:
         """Rows [start, stop) of a 2-D tensor, reading only their bytes."""
+        info = self._info(name)
+        check_row_range(info, start, stop)
+        return to_output(self._load(info, (start, stop)), dtype, device)
+
+    @abstractmethod
+    def _load(self, info: TensorInfo, rows: tuple[int, int] | None) -> torch.Tensor:
+        """The tensor `info` names as the reader produces it, before `to_output` converts it: all of
+        it (`rows` None) or rows [start, stop) of a 2-D tensor (already checked by `check_row_range`;
+        a reader that cannot read those rows alone raises ValueError)."""
 
     @abstractmethod
     def close(self) -> None:

@@ -30,10 +30,8 @@ from core.weights import (
     CheckpointSummary,
     TensorInfo,
     WeightReader,
-    check_row_range,
     open_model_file,
     pread_exact,
-    to_output,
 )
 
 GGUF_MAGIC = b"GGUF"
@@ -354,7 +352,18 @@ class GGUFWeightReader(WeightReader):
         self._info(name)
         return self._tensors[name].name
 
-    def _load(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def _load(self, info: TensorInfo, rows: tuple[int, int] | None) -> torch.Tensor:
+        name = info.name
+        if rows is None:
+            return self._dequantized(name, 0, info.shape[0])
+        gguf_name = self._tensors[name].name
+        if any(part in gguf_name for part in self._row_moving):
+            raise ValueError(
+                f"{name} cannot be read by rows: transformers reorders its rows ({gguf_name}); read the whole tensor"
+            )
+        return self._dequantized(name, *rows)
+
+    def _dequantized(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) along dim 0, dequantized and processed, float32 (or the plain type)."""
         t = self._tensors[name]
         if self._fd is None:
@@ -395,29 +404,6 @@ class GGUFWeightReader(WeightReader):
                 details={"tensor": name},
             )
         return out
-
-    def read(
-        self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
-    ) -> torch.Tensor:
-        info = self._info(name)
-        return to_output(self._load(name, 0, info.shape[0]), dtype, device)
-
-    def read_rows(
-        self,
-        name: str,
-        start: int,
-        stop: int,
-        dtype: torch.dtype | None = torch.float32,
-        device: str | torch.device = "cpu",
-    ) -> torch.Tensor:
-        info = self._info(name)
-        check_row_range(info, start, stop)
-        gguf_name = self._tensors[name].name
-        if any(part in gguf_name for part in self._row_moving):
-            raise ValueError(
-                f"{name} cannot be read by rows: transformers reorders its rows ({gguf_name}); read the whole tensor"
-            )
-        return to_output(self._load(name, start, stop), dtype, device)
 
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", None), None

@@ -22,10 +22,8 @@ from core.weights import (
     TensorInfo,
     WeightReader,
     check_file_name,
-    check_row_range,
     open_model_file,
     pread_exact,
-    to_output,
 )
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -281,26 +279,12 @@ class SafetensorsReader(WeightReader):
         buf = pread_exact(fd, count * size, entry.offset + first * size, file=entry.info.file, tensor=name)
         return torch.from_numpy(buf).view(dtype)
 
-    def read(
-        self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
-    ) -> torch.Tensor:
-        info = self._info(name)
-        raw = self._raw(name, 0, math.prod(info.shape)).reshape(info.shape)
-        return to_output(raw, dtype, device)
-
-    def read_rows(
-        self,
-        name: str,
-        start: int,
-        stop: int,
-        dtype: torch.dtype | None = torch.float32,
-        device: str | torch.device = "cpu",
-    ) -> torch.Tensor:
-        info = self._info(name)
-        check_row_range(info, start, stop)
+    def _load(self, info: TensorInfo, rows: tuple[int, int] | None) -> torch.Tensor:
+        if rows is None:
+            return self._raw(info.name, 0, math.prod(info.shape)).reshape(info.shape)
+        start, stop = rows
         cols = info.shape[1]
-        raw = self._raw(name, start * cols, (stop - start) * cols).reshape(stop - start, cols)
-        return to_output(raw, dtype, device)
+        return self._raw(info.name, start * cols, (stop - start) * cols).reshape(stop - start, cols)
 
     def close(self) -> None:
         fds, self._fds = getattr(self, "_fds", {}), {}
