@@ -51,7 +51,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from core.quant.primitives import _check_weight, _Groups, _raw_codes, _select_qparams, _short_groups
+from core.quant.primitives import _check_weight, _Groups, _raw_codes, _select_qparams, _short_groups, _stored
 from core.types import QuantizedWeight
 
 __all__ = [
@@ -191,25 +191,19 @@ def gptq_quantize_weight(
 
     `upper` is `inverse_hessian_factor(hessian, damp)` when the caller already has it (the
     factor depends on H only, so one serves every width of a layer); `hessian` may then be None.
-    Same result type and storage rules as `quantize_weight` (see the module docstring)."""
-    _check_weight(weight, bits, group_size)
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    out_features, in_features = weight.shape
-    if upper is None:
-        if hessian is None or tuple(hessian.shape) != (in_features, in_features):
-            raise ValueError(
-                f"hessian must be [{in_features}, {in_features}], got "
-                f"{None if hessian is None else tuple(hessian.shape)}"
-            )
-        upper = inverse_hessian_factor(hessian, damp)
-    elif tuple(upper.shape) != (in_features, in_features):
-        raise ValueError(f"upper must be [{in_features}, {in_features}], got {tuple(upper.shape)}")
-    upper = upper.to(device=weight.device, dtype=torch.float32)
-    # the sweep works on its own [in, out] float32 copy (a column of W is a contiguous row)
-    return _sweep(
-        weight.detach().to(torch.float32).T.contiguous(), upper, bits, group_size, symmetric, block_size, clip_search
-    )
+    Same result type and storage rules as `quantize_weight` (see the module docstring). The sweep
+    of `gptq_quantize_weights` over this one weight."""
+    return gptq_quantize_weights(
+        {"weight": weight},
+        hessian,
+        bits,
+        group_size,
+        symmetric,
+        damp=damp,
+        block_size=block_size,
+        clip_search=clip_search,
+        upper=upper,
+    )["weight"]
 
 
 def gptq_quantize_weights(
@@ -225,41 +219,28 @@ def gptq_quantize_weights(
     upper: torch.Tensor | None = None,
 ) -> dict[str, QuantizedWeight]:
     """GPTQ of several weights that read the same input (one shared H) in one column sweep:
-    their rows are stacked, quantized together (rows are independent given H) and split again."""
+    their rows are stacked, quantized together (rows are independent given H) and split again.
+    Arguments as in `gptq_quantize_weight`; all on the device of the first weight."""
     if not weights:
         return {}
     names = list(weights)
-    in_features = {int(w.shape[1]) for w in weights.values() if w.dim() == 2}
-    if len(in_features) != 1 or any(w.dim() != 2 for w in weights.values()):
+    if len(names) > 1 and (
+        any(w.dim() != 2 for w in weights.values()) or len({int(w.shape[1]) for w in weights.values()}) != 1
+    ):
         raise ValueError("weights sharing a Hessian must all be 2-D with the same in_features")
-    if len(names) == 1:
-        return {
-            names[0]: gptq_quantize_weight(
-                weights[names[0]],
-                hessian,
-                bits,
-                group_size,
-                symmetric,
-                damp=damp,
-                block_size=block_size,
-                clip_search=clip_search,
-                upper=upper,
-            )
-        }
-    device = weights[names[0]].device
     for name in names:
         _check_weight(weights[name], bits, group_size)
-    if upper is None:
-        upper = inverse_hessian_factor(hessian, damp) if hessian is not None else None
-    n = next(iter(in_features))
-    if upper is None or tuple(upper.shape) != (n, n):
-        raise ValueError(f"hessian (or upper) must be [{n}, {n}]")
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    # the stacked rows are built transposed in one copy: [in, sum of out]
+    device = weights[names[0]].device
+    upper = _checked_factor(hessian, upper, int(weights[names[0]].shape[1]), damp)
+    # the sweep works on its own float32 copy of the stacked rows, built transposed in one copy:
+    # [in, sum of out], so that a column of W is a contiguous row
     wt = torch.cat([weights[n_].detach().to(device=device, dtype=torch.float32).T for n_ in names], dim=1)
     q = _sweep(wt, upper.to(device=device, dtype=torch.float32), bits, group_size, symmetric, block_size, clip_search)
     del wt
+    if len(names) == 1:
+        return {names[0]: q}
     out: dict[str, QuantizedWeight] = {}
     start = 0
     for name in names:
@@ -276,6 +257,20 @@ def gptq_quantize_weights(
         )
         start += rows
     return out
+
+
+def _checked_factor(
+    hessian: torch.Tensor | None, upper: torch.Tensor | None, in_features: int, damp: float
+) -> torch.Tensor:
+    """`upper` when given, else the factor of `hessian`; either must be [in_features, in_features]."""
+    n = in_features
+    if upper is None:
+        if hessian is None or tuple(hessian.shape) != (n, n):
+            raise ValueError(f"hessian must be [{n}, {n}], got {None if hessian is None else tuple(hessian.shape)}")
+        return inverse_hessian_factor(hessian, damp)
+    if tuple(upper.shape) != (n, n):
+        raise ValueError(f"upper must be [{n}, {n}], got {tuple(upper.shape)}")
+    return upper
 
 
 def _sweep(
@@ -334,12 +329,4 @@ def _sweep(
                 codes_t[g1 : (k + 1) * group_size] = zk
         if b1 < in_features:
             wt[b1:].sub_(upper[b0:b1, b1:].T @ err1)
-    return QuantizedWeight(
-        codes=codes_t.T.contiguous(),
-        scale=scale16.contiguous(),
-        zero=None if symmetric else zero.to(torch.uint8),
-        bits=bits,
-        group_size=group_size,
-        symmetric=symmetric,
-        shape=(int(out_features), int(in_features)),
-    )
+    return _stored(codes_t.T.contiguous(), scale16, zero, bits, group_size, symmetric, (out_features, in_features))

@@ -200,14 +200,30 @@ def quantize_weight(
         codes = torch.where(const.unsqueeze(-1), fill, codes)
 
     out_features, in_features = weight.shape
+    codes = codes.reshape(out_features, g.n_groups * group_size)
+    return _stored(codes, scale16, zero, bits, group_size, symmetric, (out_features, in_features))
+
+
+def _stored(
+    codes: torch.Tensor,
+    scale16: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    shape: tuple[int, int],
+) -> QuantizedWeight:
+    """The storage rules every quantizer follows (RTN here, GPTQ in `core.quant.gptq`): uint8 codes
+    [out, n_groups · group_size], float16 scales [out, n_groups], uint8 zero points (none when
+    symmetric: the zero point is the constant 2**(bits-1)), the weight's [out, in]."""
     return QuantizedWeight(
-        codes=codes.reshape(out_features, g.n_groups * group_size).to(torch.uint8),
+        codes=codes.to(torch.uint8),
         scale=scale16.contiguous(),
         zero=None if symmetric else zero.to(torch.uint8),
         bits=bits,
         group_size=group_size,
         symmetric=symmetric,
-        shape=(int(out_features), int(in_features)),
+        shape=(int(shape[0]), int(shape[1])),
     )
 
 
