@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.job_status import JobStatus
 from common.orm import Artifact, Job, JobEvent, ProfileLayer
 from core.spec import JobSpec
+
+#: the `next_cursor` of every page of a listing
+NextCursor = Annotated[str | None, Field(description="pass as `cursor` for the next page; null on the last page")]
 
 
 class ErrorInfo(BaseModel):
@@ -80,10 +83,12 @@ class JobOut(BaseModel):
 
 class JobPage(BaseModel):
     items: list[JobOut]
-    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
+    next_cursor: NextCursor
 
 
 class EventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # every field is the JobEvent column of its name
+
     id: int
     job_id: str
     created_at: datetime
@@ -96,17 +101,7 @@ class EventOut(BaseModel):
 
     @classmethod
     def of(cls, e: JobEvent) -> EventOut:
-        return cls(
-            id=e.id,
-            job_id=e.job_id,
-            created_at=e.created_at,
-            kind=e.kind,
-            status=e.status,
-            stage=e.stage,
-            progress=e.progress,
-            message=e.message,
-            data=e.data,
-        )
+        return cls.model_validate(e)
 
 
 class LinearOut(BaseModel):
@@ -206,7 +201,7 @@ class DatasetOut(BaseModel):
 
 class DatasetPage(BaseModel):
     items: list[DatasetOut]
-    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
+    next_cursor: NextCursor
 
 
 class ModelOut(BaseModel):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Header, Query, Response, UploadFile
+from fastapi import APIRouter, File, Query, Response, UploadFile
 from fastapi.responses import JSONResponse
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from api.idempotency import KEY_REUSED, IdempotencyKeyHeader, created_response
 from api.schemas import ERROR_RESPONSES, DatasetOut, DatasetPage, ErrorResponse
 from common import datasets as service
 from common import retention
@@ -21,10 +22,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RES
     operation_id="upload_dataset",
     status_code=201,
     response_model=DatasetOut,
-    responses={
-        409: {"model": ErrorResponse, "description": "Idempotency-Key reused with another body"},
-        413: {"model": ErrorResponse, "description": "file too large"},
-    },
+    responses={**KEY_REUSED, 413: {"model": ErrorResponse, "description": "file too large"}},
 )
 def upload_dataset(
     file: Annotated[UploadFile, File(description="JSONL, one row a line")],
@@ -32,7 +30,7 @@ def upload_dataset(
     storage: StorageDep,
     settings: SettingsDep,
     tenant: CurrentTenant,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
     """Validate every line and store the file content-addressed; bad rows answer 422 with line numbers."""
     data = file.file.read(settings.max_upload_bytes + 1)
@@ -41,8 +39,7 @@ def upload_dataset(
     stored = service.create_dataset(
         session, storage, settings, tenant, data, file.filename, DatasetOut.render, idempotency_key
     )
-    headers = {"Idempotent-Replayed": "true"} if stored.replayed else None
-    return JSONResponse(stored.body, status_code=stored.status_code, headers=headers)
+    return created_response(stored)
 
 
 @router.get("", operation_id="list_datasets", response_model=DatasetPage)

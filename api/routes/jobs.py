@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from api.idempotency import KEY_REUSED, IdempotencyKeyHeader, created_response
 from api.schemas import (
     ERROR_RESPONSES,
     ArtifactOut,
@@ -37,7 +38,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
     status_code=202,
     response_model=JobOut,
     responses={
-        409: {"model": ErrorResponse, "description": "Idempotency-Key reused with another body"},
+        **KEY_REUSED,
         413: {"model": ErrorResponse, "description": "request body too large"},
         429: {"model": ErrorResponse, "description": "the tenant's queued-job limit is reached (`queued_job_limit`)"},
     },
@@ -47,14 +48,11 @@ def create_job(
     session: SessionDep,
     settings: SettingsDep,
     tenant: CurrentTenant,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
     """Submit a quantization job; it is queued and runs on a worker."""
     submitted = service.submit_job(session, settings, tenant, spec, JobOut.render, idempotency_key)
-    headers = {"Location": f"/v1/jobs/{submitted.resource_id}"}
-    if submitted.replayed:
-        headers["Idempotent-Replayed"] = "true"
-    return JSONResponse(submitted.body, status_code=submitted.status_code, headers=headers)
+    return created_response(submitted, {"Location": f"/v1/jobs/{submitted.resource_id}"})
 
 
 @router.get("", operation_id="list_jobs", response_model=JobPage)
