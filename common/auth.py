@@ -171,20 +171,29 @@ def revoke_key(session: Session, key_id: str) -> None:
 def assert_auth_configured(settings: Settings, session: Session, host: str | None = None) -> None:
     """Refuse to serve without auth in production, or on a non-loopback address."""
     if settings.auth == "off":
-        if settings.env == "production":
-            raise UnsafeConfig("TAQ_AUTH=off is refused in production")
-        if host is not None and not is_loopback(host):
-            raise UnsafeConfig(
-                f"refusing to bind {host} with TAQ_AUTH=off: the keyless mode is for loopback "
-                "only; bind 127.0.0.1 or set TAQ_AUTH=required with keys"
-            )
+        _keyless_only_on_loopback(
+            settings,
+            host,
+            in_production="TAQ_AUTH=off is refused in production",
+            exposed=f"refusing to bind {host} with TAQ_AUTH=off: the keyless mode is for loopback "
+            "only; bind 127.0.0.1 or set TAQ_AUTH=required with keys",
+        )
         return
     if settings.api_key_map or key_rows_exist(session) or settings.auth == "required":
         return
+    _keyless_only_on_loopback(
+        settings,
+        host,
+        in_production="production needs API keys: set TAQ_API_KEYS or run 'taq admin create-key'",
+        exposed=f"refusing to bind {host} with auth off: set TAQ_API_KEYS (tenant:key,…) "
+        "or create a key with 'taq admin create-key', or bind 127.0.0.1",
+    )
+
+
+def _keyless_only_on_loopback(settings: Settings, host: str | None, *, in_production: str, exposed: str) -> None:
+    """A service without keys runs in development on a loopback address only: UnsafeConfig with
+    `in_production` in production, with `exposed` when `host` (the address to bind) is another."""
     if settings.env == "production":
-        raise UnsafeConfig("production needs API keys: set TAQ_API_KEYS or run 'taq admin create-key'")
+        raise UnsafeConfig(in_production)
     if host is not None and not is_loopback(host):
-        raise UnsafeConfig(
-            f"refusing to bind {host} with auth off: set TAQ_API_KEYS (tenant:key,…) "
-            "or create a key with 'taq admin create-key', or bind 127.0.0.1"
-        )
+        raise UnsafeConfig(exposed)

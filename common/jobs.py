@@ -11,9 +11,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy import Select, and_, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = idempotency.MAX_IDEMPOTENCY_KEY
+#: what a listing pages through
+_Listed = TypeVar("_Listed", Job, Dataset)
 
 
 # ---- submit ----------------------------------------------------------------------------------
@@ -274,19 +276,33 @@ def list_jobs(
     cursor: str | None = None,
 ) -> tuple[list[Job], str | None]:
     """Newest first, keyset-paginated on (created_at, id)."""
-    limit = limit or settings.default_page_size
-    if not 1 <= limit <= settings.max_page_size:
-        raise InvalidParameter(f"limit must be between 1 and {settings.max_page_size}")
+    limit = page_size(settings, limit)
     query = select(Job).where(Job.tenant == tenant)
     if status:
         bad = sorted(set(status) - set(JobStatus))
         if bad:
             raise InvalidParameter(f"unknown status {bad}; use one of {[s.value for s in JobStatus]}")
         query = query.where(Job.status.in_(status))
+    return keyset_page(session, query, Job, limit, cursor)
+
+
+def page_size(settings: Settings, limit: int | None) -> int:
+    """The rows of one page: `limit`, or the default page size; InvalidParameter beyond the maximum."""
+    limit = limit or settings.default_page_size
+    if not 1 <= limit <= settings.max_page_size:
+        raise InvalidParameter(f"limit must be between 1 and {settings.max_page_size}")
+    return limit
+
+
+def keyset_page(
+    session: Session, query: Select[_Listed], entity: type[_Listed], limit: int, cursor: str | None
+) -> tuple[list[_Listed], str | None]:
+    """One page of `query`'s rows of `entity` (jobs or datasets), newest first: the `limit` rows
+    after `cursor` in (created_at, id) order, and the cursor of the next page (None on the last)."""
     if cursor:
         created, last_id = decode_cursor(cursor)
-        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
-    rows = list(session.execute(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).scalars())
+        query = query.where(or_(entity.created_at < created, and_(entity.created_at == created, entity.id < last_id)))
+    rows = list(session.execute(query.order_by(entity.created_at.desc(), entity.id.desc()).limit(limit + 1)).scalars())
     next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     return rows[:limit], next_cursor
 

@@ -133,6 +133,24 @@ def _owned(job_id: str, token: str) -> ColumnElement[bool]:
     return (table.c.id == job_id) & (table.c.claim_token == token) & (table.c.status == JobStatus.running)
 
 
+def _transition(
+    session: Session,
+    job_id: str,
+    where: ColumnElement[bool],
+    values: dict[str, Any],
+    *,
+    message: str,
+    progress: float | None = None,
+    data: dict[str, Any] | None = None,
+) -> bool:
+    """Write `values` (with the new ``status``) to the job row if `where` still holds, and when it
+    did, record the status event; False when the row had moved on. The caller commits."""
+    changed = bool(rowcount(session.execute(update(JOB_TABLE).where(where).values(**values))))
+    if changed:
+        add_event(session, job_id, "status", status=values["status"], progress=progress, message=message, data=data)
+    return changed
+
+
 def heartbeat(session: Session, job_id: str, token: str) -> bool:
     now = utcnow()
     table = JOB_TABLE
@@ -211,50 +229,40 @@ def finish_job(
         values.update(progress=1.0, stage="publish", result=result)
     if error_code is not None:
         values.update(error_code=error_code, error_message=error_message, error_details=error_details)
-    ok = rowcount(session.execute(update(JOB_TABLE).where(_owned(job_id, token)).values(**values)))
-    if ok:
-        add_event(
-            session,
-            job_id,
-            "status",
-            status=status,
-            progress=1.0 if status == JobStatus.succeeded else None,
-            message=message or error_message or status,
-            data={"error_code": error_code} if error_code else None,
-        )
+    ok = _transition(
+        session,
+        job_id,
+        _owned(job_id, token),
+        values,
+        message=message or error_message or status,
+        progress=1.0 if status == JobStatus.succeeded else None,
+        data={"error_code": error_code} if error_code else None,
+    )
     session.commit()
-    return bool(ok)
+    return ok
 
 
 def release_for_retry(session: Session, job_id: str, token: str, reason: str) -> bool:
     """Give a claimed job back to the queue after a transient error (the task then retries)."""
     now = utcnow()
-    ok = rowcount(
-        session.execute(
-            update(JOB_TABLE)
-            .where(_owned(job_id, token))
-            .values(status=JobStatus.queued, claim_token=None, updated_at=now, enqueued_at=now)
-        )
-    )
-    if ok:
-        add_event(session, job_id, "status", status=JobStatus.queued, message=f"retrying: {reason}")
+    values = {"status": JobStatus.queued, "claim_token": None, "updated_at": now, "enqueued_at": now}
+    ok = _transition(session, job_id, _owned(job_id, token), values, message=f"retrying: {reason}")
     session.commit()
-    return bool(ok)
+    return ok
 
 
 def cancel_queued(session: Session, job_id: str) -> bool:
     """Cancel a job that has not started: queued → cancelled at once (False when it is not queued)."""
     now = utcnow()
-    done = rowcount(
-        session.execute(
-            update(JOB_TABLE)
-            .where(JOB_TABLE.c.id == job_id, JOB_TABLE.c.status == JobStatus.queued)
-            .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=now, updated_at=now, stage=None)
-        )
-    )
-    if done:
-        add_event(session, job_id, "status", status=JobStatus.cancelled, message="cancelled before it started")
-    return bool(done)
+    queued = (JOB_TABLE.c.id == job_id) & (JOB_TABLE.c.status == JobStatus.queued)
+    values = {
+        "status": JobStatus.cancelled,
+        "cancel_requested": True,
+        "finished_at": now,
+        "updated_at": now,
+        "stage": None,
+    }
+    return _transition(session, job_id, queued, values, message="cancelled before it started")
 
 
 def request_cancel(session: Session, job_id: str) -> bool:
@@ -293,64 +301,21 @@ def reap(
         session.execute(select(Job).where(Job.status == JobStatus.running, Job.heartbeat_at < stale)).scalars().all()
     ):
         guard = (table.c.id == job.id) & (table.c.status == JobStatus.running) & (table.c.heartbeat_at < stale)
+        finished: dict[str, Any] = {"finished_at": now, "updated_at": now, "claim_token": None}
         if job.cancel_requested:
-            if rowcount(
-                session.execute(
-                    update(table)
-                    .where(guard)
-                    .values(status=JobStatus.cancelled, finished_at=now, updated_at=now, claim_token=None)
-                )
-            ):
-                add_event(
-                    session,
-                    job.id,
-                    "status",
-                    status=JobStatus.cancelled,
-                    message="cancelled (worker lost while stopping)",
-                )
+            values: dict[str, Any] = {"status": JobStatus.cancelled, **finished}
+            if _transition(session, job.id, guard, values, message="cancelled (worker lost while stopping)"):
                 session.commit()
                 purge_job_outputs(session, storage, job.id)
                 report.cancelled.append(job.id)
         elif job.attempts >= settings.max_attempts:
             message = f"worker lost {job.attempts} times; giving up"
-            if rowcount(
-                session.execute(
-                    update(table)
-                    .where(guard)
-                    .values(
-                        status=JobStatus.failed,
-                        finished_at=now,
-                        updated_at=now,
-                        claim_token=None,
-                        error_code="worker_lost",
-                        error_message=message,
-                    )
-                )
-            ):
-                add_event(
-                    session,
-                    job.id,
-                    "status",
-                    status=JobStatus.failed,
-                    message=message,
-                    data={"error_code": "worker_lost"},
-                )
+            values = {"status": JobStatus.failed, **finished, "error_code": "worker_lost", "error_message": message}
+            if _transition(session, job.id, guard, values, message=message, data={"error_code": "worker_lost"}):
                 report.failed.append(job.id)
         else:
-            if rowcount(
-                session.execute(
-                    update(table)
-                    .where(guard)
-                    .values(status=JobStatus.queued, claim_token=None, updated_at=now, enqueued_at=now)
-                )
-            ):
-                add_event(
-                    session,
-                    job.id,
-                    "status",
-                    status=JobStatus.queued,
-                    message="requeued: the worker stopped heart-beating",
-                )
+            values = {"status": JobStatus.queued, "claim_token": None, "updated_at": now, "enqueued_at": now}
+            if _transition(session, job.id, guard, values, message="requeued: the worker stopped heart-beating"):
                 report.requeued.append(job.id)
         session.commit()
     lost = now - timedelta(seconds=settings.requeue_queued_after_seconds)

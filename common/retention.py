@@ -8,13 +8,13 @@ import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from common.datasets import get_dataset
-from common.errors import Conflict, InvalidParameter
+from common.errors import Conflict
 from common.job_status import FINISHED_STATUSES, JobStatus
-from common.jobs import decode_cursor, encode_cursor, get_job
+from common.jobs import get_job, keyset_page, page_size
 from common.lifecycle import purge_job_outputs
 from common.orm import Dataset, Job, utcnow
 from common.settings import Settings
@@ -30,20 +30,8 @@ def list_datasets(
     session: Session, settings: Settings, tenant: str, *, limit: int | None = None, cursor: str | None = None
 ) -> tuple[list[Dataset], str | None]:
     """Newest first, keyset-paginated on (created_at, id) like the jobs."""
-    limit = limit or settings.default_page_size
-    if not 1 <= limit <= settings.max_page_size:
-        raise InvalidParameter(f"limit must be between 1 and {settings.max_page_size}")
-    query = select(Dataset).where(Dataset.tenant == tenant)
-    if cursor:
-        created, last_id = decode_cursor(cursor)
-        query = query.where(
-            or_(Dataset.created_at < created, and_(Dataset.created_at == created, Dataset.id < last_id))
-        )
-    rows = list(
-        session.execute(query.order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit + 1)).scalars()
-    )
-    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    limit = page_size(settings, limit)
+    return keyset_page(session, select(Dataset).where(Dataset.tenant == tenant), Dataset, limit, cursor)
 
 
 def jobs_using(session: Session, tenant: str, dataset_id: str) -> list[str]:

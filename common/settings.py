@@ -224,10 +224,11 @@ class Settings(BaseSettings):
             return [Path(p).expanduser() for p in value.split(":") if p.strip()]
         return value
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "worker_classes")
     @classmethod
-    def _keys_parse(cls, value: str) -> str:
-        parse_api_keys(value)
+    def _parses(cls, value: str, info: ValidationInfo) -> str:
+        parse = parse_api_keys if info.field_name == "api_keys" else parse_worker_classes
+        parse(value)  # refuses what it cannot parse; kept as written (api_key_map, fleet() parse it)
         return value
 
     @field_validator("admin_key", "metrics_key")
@@ -235,12 +236,6 @@ class Settings(BaseSettings):
     def _secret_long(cls, value: str, info: ValidationInfo) -> str:
         if value and len(value) < 16:
             raise ValueError(f"TAQ_{(info.field_name or '').upper()} is shorter than 16 characters")
-        return value
-
-    @field_validator("worker_classes")
-    @classmethod
-    def _classes_parse(cls, value: str) -> str:
-        parse_worker_classes(value)
         return value
 
     @model_validator(mode="after")
