@@ -49,6 +49,10 @@ ApiKey = Annotated[
     typer.Option("--api-key", envvar="TAQ_API_KEY", show_default=False, help="API key (sent as Authorization: Bearer)"),
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="print JSON")]
+JobArg = Annotated[str, typer.Argument(metavar="JOB")]
+#: the options of the listing commands, and what they send (`page_params`)
+PageLimit = Annotated[int | None, typer.Option(min=1)]
+PageCursor = Annotated[str | None, typer.Option(help="next_cursor of a previous page")]
 
 
 def fail(code: int, message: str) -> NoReturn:
@@ -59,6 +63,22 @@ def fail(code: int, message: str) -> NoReturn:
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def page_params(limit: int | None, cursor: str | None) -> dict[str, Any]:
+    """The query parameters that ask a listing for one page (--limit, --cursor)."""
+    params: dict[str, Any] = {}
+    if limit is not None:
+        params["limit"] = limit
+    if cursor:
+        params["cursor"] = cursor
+    return params
+
+
+def print_next_cursor(page: dict) -> None:
+    """After a page's table, how to ask for the next page (on stderr), when there is one."""
+    if page.get("next_cursor"):
+        err.print(f"more: --cursor {page['next_cursor']}", highlight=False)
 
 
 class Client:

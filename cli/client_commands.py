@@ -25,13 +25,18 @@ from cli.client import (
     EXIT_USAGE,
     ApiKey,
     Client,
+    JobArg,
     JsonOut,
+    PageCursor,
+    PageLimit,
     Url,
     err,
     fail,
     finish,
     out,
+    page_params,
     print_json,
+    print_next_cursor,
     read_json_file,
     upload_file,
     wait_job,
@@ -130,7 +135,7 @@ def submit(
 
 @app.command(rich_help_panel="Client")
 def status(
-    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    job_id: JobArg,
     as_json: JsonOut = False,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
@@ -181,18 +186,14 @@ def list_cmd(
     status_filter: Annotated[
         list[str] | None, typer.Option("--status", help="queued | running | succeeded | failed | cancelled; repeatable")
     ] = None,
-    limit: Annotated[int | None, typer.Option(min=1)] = None,
-    cursor: Annotated[str | None, typer.Option(help="next_cursor of a previous page")] = None,
+    limit: PageLimit = None,
+    cursor: PageCursor = None,
     as_json: JsonOut = False,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
     """List jobs, newest first."""
-    params: dict[str, Any] = {"status": status_filter or []}
-    if limit is not None:
-        params["limit"] = limit
-    if cursor:
-        params["cursor"] = cursor
+    params = {"status": status_filter or [], **page_params(limit, cursor)}
     page = Client(url, api_key).json("GET", "/v1/jobs", params=params)
     if as_json:
         return print_json(page)
@@ -202,13 +203,12 @@ def list_cmd(
         state = job["status"] + (f" {(job.get('progress') or 0) * 100:.0f}%" if job["status"] == "running" else "")
         table.add_row(job["id"], state, job.get("stage") or "-", str(spec.get("model")), str(spec.get("method")))
     out.print(table)
-    if page.get("next_cursor"):
-        err.print(f"more: --cursor {page['next_cursor']}", highlight=False)
+    print_next_cursor(page)
 
 
 @app.command(rich_help_panel="Client")
 def wait(
-    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    job_id: JobArg,
     timeout: Annotated[float | None, typer.Option(help="give up after this many seconds (exit 5)")] = None,
     interval: Annotated[float, typer.Option(help="poll interval (s)")] = 1.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
@@ -222,7 +222,7 @@ def wait(
 
 @app.command(rich_help_panel="Client")
 def cancel(
-    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    job_id: JobArg,
     as_json: JsonOut = False,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
@@ -303,7 +303,7 @@ def _follow_poll(client: Client, job_id: str, as_json: bool, interval: float, af
 
 @app.command(rich_help_panel="Client")
 def events(
-    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    job_id: JobArg,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the job finishes")] = False,
     poll: Annotated[bool, typer.Option("--poll", help="with --follow: poll instead of server-sent events")] = False,
     after: Annotated[int, typer.Option(min=0, help="only events after this id")] = 0,
@@ -325,9 +325,7 @@ def events(
 
 
 @app.command(rich_help_panel="Client")
-def delete(
-    job_id: Annotated[str, typer.Argument(metavar="JOB")], url: Url = DEFAULT_URL, api_key: ApiKey = None
-) -> None:
+def delete(job_id: JobArg, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Delete a finished job and its artifacts (a queued or running job: cancel it first)."""
     Client(url, api_key).request("DELETE", f"/v1/jobs/{job_id}")
     out.print(f"{job_id} deleted", highlight=False)

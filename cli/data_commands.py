@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import httpx
 import typer
@@ -22,12 +22,17 @@ from cli.client import (
     EXIT_USAGE,
     ApiKey,
     Client,
+    JobArg,
     JsonOut,
+    PageCursor,
+    PageLimit,
     Url,
     err,
     fail,
     out,
+    page_params,
     print_json,
+    print_next_cursor,
 )
 
 datasets = typer.Typer(help="Uploaded calibration / eval datasets: list and delete.", no_args_is_help=True)
@@ -43,7 +48,7 @@ def _write_file(path: Path, data: bytes) -> None:
 
 @app.command(rich_help_panel="Client")
 def profile(
-    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    job_id: JobArg,
     png: Annotated[Path | None, typer.Option("--png", help="save the profile plot to this file")] = None,
     as_json: JsonOut = False,
     url: Url = DEFAULT_URL,
@@ -85,7 +90,7 @@ def _sha256_file(path: Path) -> str:
 
 @app.command(rich_help_panel="Client")
 def download(
-    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    job_id: JobArg,
     name: Annotated[str, typer.Argument(help="artifact name (e.g. model.gguf, hf, hf/config.json)")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="file to write")] = None,
     as_json: JsonOut = False,
@@ -171,19 +176,14 @@ def models(as_json: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = N
 
 @datasets.command("list")
 def datasets_list(
-    limit: Annotated[int | None, typer.Option(min=1)] = None,
-    cursor: Annotated[str | None, typer.Option(help="next_cursor of a previous page")] = None,
+    limit: PageLimit = None,
+    cursor: PageCursor = None,
     as_json: JsonOut = False,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
     """List your datasets, newest first."""
-    params: dict[str, Any] = {}
-    if limit is not None:
-        params["limit"] = limit
-    if cursor:
-        params["cursor"] = cursor
-    page = Client(url, api_key).json("GET", "/v1/datasets", params=params)
+    page = Client(url, api_key).json("GET", "/v1/datasets", params=page_params(limit, cursor))
     if as_json:
         return print_json(page)
     table = Table(
@@ -206,8 +206,7 @@ def datasets_list(
             str(item["created_at"]),
         )
     out.print(table)
-    if page.get("next_cursor"):
-        err.print(f"more: --cursor {page['next_cursor']}", highlight=False)
+    print_next_cursor(page)
 
 
 @datasets.command("delete")
