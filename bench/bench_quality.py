@@ -247,11 +247,14 @@ class SuiteEval:
 
 
 def cross_allocation(spec: JobSpec, source: Profile, target: Profile) -> list[BitAllocation]:
-    """The sensitivities of `source` (another task's profile) with the errors and shapes of
-    `target` (this task's pass), allocated as the method allocates."""
+    """The sensitivities (or, for a method that predicts it, the predicted loss) of `source`
+    (another task's profile) with the errors and shapes of `target` (this task's pass), allocated
+    as the method allocates."""
     sens = {l.name: l.sensitivity for l in source.layers}
+    predicted = {l.name: dict(l.predicted_loss) or None for l in source.layers}
     layers = [
-        LayerCost(c.name, c.params, sens[c.name], c.quant_error, c.shapes) for c in layer_costs_from_profile(target)
+        LayerCost(c.name, c.params, sens[c.name], c.quant_error, c.shapes, predicted[c.name])
+        for c in layer_costs_from_profile(target)
     ]
     return [allocate_budget(layers, b, list(spec.bit_choices), spec.group_size, spec.symmetric) for b in spec.budgets]
 

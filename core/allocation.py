@@ -12,7 +12,9 @@ binary float), so "meets the budget" involves no rounding at all.
 The units are layers, or (per-linear allocation) single linears and groups of linears that
 runtimes fuse (`linear_units`, expanded to bits per linear by `expand_units`).
 `allocate_budget` (a multiple-choice knapsack) minimises, lexicographically,
-  1. Σ s_l·e_l(b_l)   the sensitivity-weighted relative output error (the objective),
+  1. Σ s_l·e_l(b_l)   the sensitivity-weighted relative output error (the objective), or, for a
+                      method that predicts the task-loss increase of each width itself
+                      (`LayerCost.predicted`, e.g. taq_grad), Σ p_l(b_l), that prediction,
   2. Σ n_l·e_l(b_l)   unweighted, size-weighted error: only decides between allocations with
                       exactly equal objective, so that leftover budget still buys precision
                       where sensitivities are 0 (all zero, or for some layers),
@@ -47,13 +49,16 @@ EXACT_SOLVER = "exact-pareto-dp"
 class LayerCost:
     """One allocation unit: `quant_error[b]` is e_l(b) (relative output error at b bits; an absent
     16 means 0) and `sensitivity` (>= 0) weighs it in the objective. `shapes` are its linears'
-    [out, in] (empty when unknown: the weights are then counted as whole groups)."""
+    [out, in] (empty when unknown: the weights are then counted as whole groups). `predicted`,
+    when set, is the method's predicted task-loss increase per width (an absent 16 means 0): the
+    objective term is then predicted[b] instead of sensitivity · quant_error[b]."""
 
     name: str
     params: int
     sensitivity: float
     quant_error: dict[int, float]
     shapes: tuple[tuple[int, int], ...] = ()
+    predicted: dict[int, float] | None = None
 
 
 def _shapes(linears: Iterable[LinearProfile]) -> tuple[tuple[int, int], ...]:
@@ -62,7 +67,12 @@ def _shapes(linears: Iterable[LinearProfile]) -> tuple[tuple[int, int], ...]:
 
 
 def layer_costs_from_profile(profile: Profile) -> list[LayerCost]:
-    return [LayerCost(l.name, l.params, l.sensitivity, dict(l.quant_error), _shapes(l.linears)) for l in profile.layers]
+    return [
+        LayerCost(
+            l.name, l.params, l.sensitivity, dict(l.quant_error), _shapes(l.linears), dict(l.predicted_loss) or None
+        )
+        for l in profile.layers
+    ]
 
 
 @dataclass(frozen=True)
@@ -97,11 +107,13 @@ def linear_units(profile: Profile) -> list[LinearUnit]:
             n_unit = sum(m.params for m in members)
             widths = set.intersection(*(set(m.quant_error) for m in members))
             error = {b: sum(m.params * m.quant_error[b] for m in members) / n_unit for b in sorted(widths)}
+            predicted = None
+            if all(m.predicted_loss for m in members):  # a predicted loss is additive over linears
+                shared = set.intersection(*(set(m.predicted_loss) for m in members))
+                predicted = {b: sum(m.predicted_loss[b] for m in members) for b in sorted(shared)}
+            sensitivity = layer.sensitivity * n_unit / layer.params
             units.append(
-                LinearUnit(
-                    LayerCost(names[0], n_unit, layer.sensitivity * n_unit / layer.params, error, _shapes(members)),
-                    tuple(names),
-                )
+                LinearUnit(LayerCost(names[0], n_unit, sensitivity, error, _shapes(members), predicted), tuple(names))
             )
     return units
 
@@ -192,14 +204,25 @@ def _error(layer: LayerCost, bits: int) -> float | None:
     return float(e)
 
 
+def _term(layer: LayerCost, bits: int) -> float | None:
+    """The unit's objective term at `bits`: predicted[b], else s·e(b); None when unknown."""
+    if layer.predicted is not None:
+        p = layer.predicted.get(bits)
+        if p is None:
+            return 0.0 if bits >= 16 else None
+        return float(p)
+    e = _error(layer, bits)
+    return None if e is None else layer.sensitivity * e
+
+
 def objective_of(layers: Sequence[LayerCost], bits: Mapping[str, int]) -> float | None:
-    """Σ s·e(b) in layer order, or None when an error is unknown."""
+    """Σ s·e(b) (or Σ predicted(b)) in layer order, or None when a term is unknown."""
     total = 0.0
     for layer in layers:
-        e = _error(layer, bits[layer.name])
-        if e is None:
+        term = _term(layer, bits[layer.name])
+        if term is None:
             return None
-        total += layer.sensitivity * e
+        total += term
     return total
 
 
@@ -311,6 +334,11 @@ def allocate_budget(
                 raise ValueError(f"layer {layer.name!r}: quant_error has no entry for {b} bits")
             if not (math.isfinite(e) and e >= 0):
                 raise ValueError(f"layer {layer.name!r}: quant_error[{b}] must be finite and >= 0, got {e}")
+            term = _term(layer, b)
+            if term is None:
+                raise ValueError(f"layer {layer.name!r}: predicted has no entry for {b} bits")
+            if not (math.isfinite(term) and term >= 0):
+                raise ValueError(f"layer {layer.name!r}: predicted[{b}] must be finite and >= 0, got {term}")
 
     costs = [{b: layer_cost(l, b, group_size, symmetric) for b in choices} for l in layers]
     total_params = sum(l.params for l in layers)
@@ -325,9 +353,9 @@ def allocate_budget(
                 true_extra = cost[b] - cost[choices[0]]
                 # grid: round UP so a grid-feasible allocation is always truly feasible
                 extra = true_extra if scale is None else -(-true_extra * scale // slack)
-                e = _error(layer, b)
-                assert e is not None  # every width was checked above
-                opts.append(_Option(b, extra, true_extra, layer.sensitivity * e, layer.params * e))
+                e, term = _error(layer, b), _term(layer, b)
+                assert e is not None and term is not None  # every width was checked above
+                opts.append(_Option(b, extra, true_extra, term, layer.params * e))
             out.append(opts)
         return out
 

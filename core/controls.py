@@ -1,8 +1,9 @@
 """Task-agnostic allocations at the same budget: the controls a task-aware allocation must beat.
 
 * `allocate_error_only`: the same exact knapsack (`core.allocation.allocate_budget`) with every
-  sensitivity 1, so only the measured quantization error decides. A method that beats it owes the
-  win to its task signal, not to the solver or the error measurements.
+  sensitivity 1 (and a method's predicted loss dropped), so only the measured quantization error
+  decides. A method that beats it owes the win to its task signal, not to the solver or the error
+  measurements.
 * `allocate_random`: layers raised in a seeded random order, each to the widest choice the
   remaining budget pays for. It spends the budget like the method does, on layers chosen blind.
 * `allocate_uniform_mix`: the nearest thing to "uniform" at equal effective bits: every layer at
@@ -40,8 +41,8 @@ __all__ = ["allocate_error_only", "allocate_random", "allocate_uniform_mix", "sp
 def allocate_error_only(
     layers: Profile | Sequence[LayerCost], avg_bits: float, bit_choices: Sequence[int], group_size: int, symmetric: bool
 ) -> BitAllocation:
-    """`allocate_budget` with every sensitivity set to 1 (rule "error_only")."""
-    flat = [replace(l, sensitivity=1.0) for l in as_layers(layers)]
+    """`allocate_budget` with every sensitivity set to 1 and no predicted loss (rule "error_only")."""
+    flat = [replace(l, sensitivity=1.0, predicted=None) for l in as_layers(layers)]
     allocation = allocate_budget(flat, avg_bits, bit_choices, group_size, symmetric)
     return replace(allocation, rule=AllocationRule.error_only, solver=f"{allocation.solver}, sensitivities 1")
 

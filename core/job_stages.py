@@ -418,13 +418,13 @@ class JobRun:
         return None
 
     def greedy_token_answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """taqo's self-answers: the full-precision model's greedy continuations (token ids)."""
+        """taqo's / taq_grad's self-answers: the full-precision model's greedy continuations (token ids)."""
         from core.streaming.generate import greedy_token_ids, materialized
 
         reason = self.generation_skip_reason()
         if reason is not None:
             raise InvalidSpec(
-                "taqo needs the model's own answers for rows without 'answers', and "
+                f"{self.spec.method.value} needs the model's own answers for rows without 'answers', and "
                 + reason.split(";")[0]
                 + "; give gold answers in the calibration rows"
             )

@@ -16,8 +16,12 @@ plus the largest of its phases.
   and the sweep's float32 working copy and block update and uint8 codes; the carried hidden
   states (input and output of every stream, capped by `activation_ram_bytes`, beyond which they
   are spilled to disk) and one batch's activations inside the layer.
-* **head** (taq_kl, taqo, evaluation) — the final hidden states of every scored stream at the
-  scored positions and one vocabulary chunk of logits per query (`core.streaming.head`).
+* **head** (taq_kl, taqo, taq_grad, evaluation) — the final hidden states of every scored stream at
+  the scored positions and one vocabulary chunk of logits per query (`core.streaming.head`).
+* **gradient sweep** (taq_grad) — the layers again from last to first: one layer's weights, its
+  codes at every width, the kept layer inputs and the gradient stream (within
+  `activation_ram_bytes`), one batch's forward activations kept for autograd and their gradients,
+  every linear's input and output gradient of that batch, and one ΔW with its X·ΔWᵀ.
 * **export** — the largest single tensor (usually the embedding or LM head) as read and as written.
 * **generation** — greedy generation materialises the whole model once (weights at the compute
   dtype, the KV cache of a batch, last-position logits); it runs only when that fits the worker's
@@ -153,8 +157,8 @@ def estimate_job_memory(
     h, inter, L = dims.hidden_size, dims.intermediate_size, dims.num_layers
     rows = max(0, int(calibration_rows))
     prompt_tokens = rows * max_tokens
-    # taqo scores prompt + answer: its sequences are longer by the answer
-    tokens = rows * (max_tokens + ANSWER_TOKENS) if method == "taqo" else prompt_tokens
+    # taqo and taq_grad score prompt + answer: their sequences are longer by the answer
+    tokens = rows * (max_tokens + ANSWER_TOKENS) if method in ("taqo", "taq_grad") else prompt_tokens
     batch = max(max_tokens, min(tokens, batch_tokens)) if tokens else 0
     layer_params = dims.layer_linear_parameters
     largest = dims.largest_linear
@@ -172,8 +176,8 @@ def estimate_job_memory(
     else:
         layer["error_measure"] = errors
     streams = 1 + (1 if sequential else 0)
-    if method in ("taq_kl", "taqo"):
-        streams += L  # one probe stream per layer by the last layer
+    if method in ("taq_kl", "taqo", "taq_grad"):
+        streams += L  # one probe stream (taq_grad: one kept input) per layer by the last layer
     carried = 2 * streams * tokens * h * weight_bytes
     per_batch_calls = rows * max_tokens * max_tokens  # a [B, 1, T, T] boolean mask per batch
     layer["activations"] = (
@@ -197,8 +201,18 @@ def estimate_job_memory(
     # the carried streams are the head's queries by then (head_queries counts them and their normed copy)
     if method == "taq_kl":
         phases["scoring head"] = head_phase(L + 1, prompt_tokens)
-    elif method == "taqo":
-        phases["scoring head"] = head_phase(L + 1, rows * ANSWER_TOKENS)
+    elif method in ("taqo", "taq_grad"):
+        phases["scoring head"] = head_phase(L + 1 if method == "taqo" else 2, rows * ANSWER_TOKENS)
+    if method == "taq_grad" and tokens:
+        batch_activations = batch * (3 * inter + 4 * h) * weight_bytes + batch * max_tokens * dims.num_heads * f32
+        phases["gradient sweep"] = {
+            "layer_weights": layer["layer_weights"],
+            "codes": layer["codes"],
+            "activations": min(2 * (L + 2) * tokens * h * weight_bytes, activation_ram_bytes)
+            + 2 * batch_activations
+            + batch * sum(dims.linear_inputs) * 2 * f32,
+            "error_measure": 2 * largest * f32 + batch * max(inter, h) * 2 * f32,
+        }
     if evaluates:
         variants = 1 + 2 * max(1, budgets)
         eval_tokens = max(1, eval_rows) * (max_tokens + ANSWER_TOKENS)

@@ -15,6 +15,7 @@ class Method(str, Enum):
     taq = "taq"
     taqo = "taqo"
     taq_kl = "taq_kl"
+    taq_grad = "taq_grad"
     uniform = "uniform"
 
 
@@ -193,7 +194,7 @@ class JobSpec(_Strict):
             )
         if self.allocation != AllocationRule.paper and self.bit_budget is None:
             raise ValueError(f"allocation '{self.allocation.value}' needs 'bit_budget'")
-        if self.allocation == AllocationRule.paper and self.method in (Method.uniform, Method.taq_kl):
+        if self.allocation == AllocationRule.paper and self.method not in (Method.taq, Method.taqo):
             raise ValueError("allocation 'paper' is defined for methods 'taq' and 'taqo' only")
         if self.allocation == AllocationRule.paper and self.allocation_unit == AllocationUnit.linear:
             raise ValueError(

@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Comparison", "ConfidenceInterval", "bootstrap_ci", "compare", "paired_difference", "paired_ratio"]
+__all__ = [
+    "Comparison",
+    "ConfidenceInterval",
+    "bootstrap_ci",
+    "compare",
+    "paired_difference",
+    "paired_ratio",
+    "spearman",
+]
 
 #: metrics where a lower value is better (the others, contains / EM / F1, are higher-is-better)
 LOWER_IS_BETTER = frozenset({"gold_nll", "mean_kl"})
@@ -173,3 +181,26 @@ def compare(
         variant_bits,
         baseline_bits,
     )
+
+
+def _ranks(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """1-based ranks, ties given their average rank."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(1, len(values) + 1)
+    for value in np.unique(values):
+        tied = values == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation of two equally long sequences (ties: average ranks); 0 when
+    either is constant."""
+    if len(a) != len(b):
+        raise ValueError("spearman needs two sequences of the same length")
+    ra, rb = _ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64))
+    da, db = ra - ra.mean(), rb - rb.mean()
+    denom = float(np.sqrt((da * da).sum() * (db * db).sum()))
+    return float((da * db).sum() / denom) if denom > 0 else 0.0

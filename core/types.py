@@ -109,6 +109,8 @@ class LinearProfile:
     #: the weight's input width (None in profiles written before it was kept): with `params` it
     #: gives the shape, so the allocator counts the padded last group of every row
     in_features: int | None = None
+    #: predicted task-loss increase per width below 16 (methods that predict it, e.g. taq_grad)
+    predicted_loss: dict[int, float] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int] | None:
@@ -123,6 +125,7 @@ class LinearProfile:
             "quant_error": {str(k): v for k, v in self.quant_error.items()},
             "bits": self.bits,
             "in_features": self.in_features,
+            **_predicted_json(self.predicted_loss),
         }
 
     @classmethod
@@ -133,6 +136,7 @@ class LinearProfile:
             quant_error={int(k): float(v) for k, v in data.get("quant_error", {}).items()},
             bits=data.get("bits"),
             in_features=data.get("in_features"),
+            predicted_loss=_predicted_from_json(data),
         )
 
 
@@ -158,6 +162,9 @@ class LayerProfile:
     quant_error: dict[int, float] = field(default_factory=dict)
     bits: int | None = None
     linears: list[LinearProfile] = field(default_factory=list)
+    #: predicted task-loss increase per width below 16 (Σ of the linears'; empty for methods that
+    #: weigh a measured error instead): when present the allocator minimises it directly
+    predicted_loss: dict[int, float] = field(default_factory=dict)
 
     @property
     def mean_bits(self) -> float | None:
@@ -173,6 +180,8 @@ class LayerProfile:
         data = asdict(self)
         data["quant_error"] = {str(k): v for k, v in self.quant_error.items()}
         data["linears"] = [l.to_dict() for l in self.linears]
+        del data["predicted_loss"]
+        data.update(_predicted_json(self.predicted_loss))
         return data
 
     @classmethod
@@ -180,7 +189,17 @@ class LayerProfile:
         data = dict(data)
         data["quant_error"] = {int(k): float(v) for k, v in data.get("quant_error", {}).items()}
         data["linears"] = [LinearProfile.from_dict(l) for l in data.get("linears", [])]
+        data["predicted_loss"] = _predicted_from_json(data)
         return cls(**data)
+
+
+def _predicted_json(predicted: Mapping[int, float]) -> dict[str, Any]:
+    """`predicted_loss` in JSON, only when the method predicts it (other profiles keep their bytes)."""
+    return {"predicted_loss": {str(k): v for k, v in predicted.items()}} if predicted else {}
+
+
+def _predicted_from_json(data: Mapping[str, Any]) -> dict[int, float]:
+    return {int(k): float(v) for k, v in data.get("predicted_loss", {}).items()}
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,12 @@ def _taqo(spec: JobSpec, **options: Any) -> StreamScorer:
     return TaqoScorer(spec, **{k: v for k, v in options.items() if k in ("generate", "bits", "max_new_tokens")})
 
 
+def _taq_grad(spec: JobSpec, **options: Any) -> StreamScorer:
+    from core.scorers.taq_grad import TaqGradScorer
+
+    return TaqGradScorer(spec, **{k: v for k, v in options.items() if k in ("generate", "max_new_tokens")})
+
+
 def _uniform(spec: JobSpec, **options: Any) -> StreamScorer:
     from core.scorers.uniform import UniformScorer
 
@@ -48,11 +54,12 @@ SCORERS: dict[Method, Callable[..., StreamScorer]] = {
     Method.taq: _taq,
     Method.taq_kl: _taq_kl,
     Method.taqo: _taqo,
+    Method.taq_grad: _taq_grad,
     Method.uniform: _uniform,
 }
 
 
 def make_scorer(spec: JobSpec, **options: Any) -> StreamScorer:
     """The scorer of `spec.method`; `options` reach the methods that take them (`generate` for
-    taqo's self-answers, `noise_scale` for taq_kl, `bits` for taqo's probe width)."""
+    taqo's and taq_grad's self-answers, `noise_scale` for taq_kl, `bits` for taqo's probe width)."""
     return SCORERS[Method(spec.method)](spec, **options)

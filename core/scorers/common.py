@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -140,6 +140,9 @@ class LayerScores:
     scores: dict[str, float]
     importance: float
     sensitivity: float
+    #: per linear, per width: the method's predicted task-loss increase (methods that predict it:
+    #: the allocator then minimises its sum instead of sensitivity × error)
+    predicted_loss: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
 def build_profile(
@@ -156,12 +159,18 @@ def build_profile(
                 params=params,
                 quant_error={b: float(record.errors[name][b]) for b in choices},
                 in_features=record.in_features.get(name),
+                predicted_loss={b: float(v) for b, v in ls.predicted_loss.get(name, {}).items()},
             )
             for name, params in record.params.items()
         ]
         quant_error = {
             b: (sum(l.quant_error[b] * l.params for l in linears) / total if total else 0.0) for b in choices
         }
+        predicted = (
+            {b: sum(l.predicted_loss[b] for l in linears) for b in linears[0].predicted_loss}
+            if linears and all(l.predicted_loss for l in linears)
+            else {}
+        )
         layers.append(
             LayerProfile(
                 index=record.index,
@@ -172,6 +181,7 @@ def build_profile(
                 sensitivity=max(0.0, float(ls.sensitivity)),
                 quant_error=quant_error,
                 linears=linears,
+                predicted_loss=predicted,
             )
         )
     return Profile(model=spec.model, method=method, layers=layers)

@@ -45,7 +45,15 @@ from core.streaming.hidden import HiddenStream
 from core.streaming.layer_pass import LayerStep, PassResult, StreamScorer
 from core.streaming.model import StreamedModel
 
-__all__ = ["MAX_ANSWER_TOKENS", "MAX_NEW_TOKENS", "TaqoScorer", "TaskScore", "answer_positions"]
+__all__ = [
+    "MAX_ANSWER_TOKENS",
+    "MAX_NEW_TOKENS",
+    "TaqoScorer",
+    "TaskScore",
+    "answer_plan",
+    "answer_positions",
+    "gather_positions",
+]
 
 MAX_NEW_TOKENS = 16  # length of the fp model's own answers when rows carry none
 MAX_ANSWER_TOKENS = 32  # gold answers are cut to this many tokens
@@ -120,6 +128,41 @@ def task_score(logprob: torch.Tensor, correct: torch.Tensor, seq: torch.Tensor, 
     return TaskScore(em=sum(best_em) / n, token_accuracy=sum(best_acc) / n, nll=sum(best_nll) / n)
 
 
+def answer_plan(
+    tokenizer: Any,
+    rows: Sequence[CalibrationRow],
+    spec: JobSpec,
+    *,
+    generate: Generate | None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> tuple[SequencePlan, float]:
+    """prompt + answer per gold answer; rows without answers get the full-precision model's own
+    greedy answer (needs `generate`). Returns the plan and the share of rows answered by the model."""
+    prompts = tokenize_rows(rows, tokenizer, spec.max_tokens)
+    missing = [i for i, row in enumerate(rows) if not row.answers]
+    generated: dict[int, list[int]] = {}
+    if missing:
+        if generate is None:
+            raise ValueError(f"{spec.method.value} needs the full-precision model's answers for rows without answers")
+        generated = dict(zip(missing, generate([prompts[i] for i in missing], max_new_tokens)))
+    sequences: list[list[int]] = []
+    row_of: list[int] = []
+    starts: list[int | None] = []
+    for i, row in enumerate(rows):
+        answers = (
+            [generated[i]]
+            if i in generated
+            else [encode_text(a, tokenizer, templated=True)[:MAX_ANSWER_TOKENS] for a in row.answers or [] if a.strip()]
+        )
+        for answer in answers:
+            if answer:
+                sequences.append(list(prompts[i]) + list(answer))
+                starts.append(len(prompts[i]))
+                row_of.append(i)
+    plan = SequencePlan(sequences=sequences, row_of=row_of, starts=starts, n_rows=len(rows))
+    return plan, len(missing) / max(1, len(rows))
+
+
 class TaqoScorer(StreamScorer):
     method = "taqo"
 
@@ -138,35 +181,9 @@ class TaqoScorer(StreamScorer):
         self.sequence_plan: SequencePlan | None = None
 
     def plan(self, tokenizer: Any, rows: Sequence[CalibrationRow], spec: JobSpec) -> SequencePlan:
-        """prompt + answer per gold answer; rows without answers get the full-precision model's
-        own greedy answer (needs `generate`)."""
-        prompts = tokenize_rows(rows, tokenizer, spec.max_tokens)
-        missing = [i for i, row in enumerate(rows) if not row.answers]
-        generated: dict[int, list[int]] = {}
-        if missing:
-            if self.generate is None:
-                raise ValueError("taqo needs the full-precision model's answers for rows without answers")
-            generated = dict(zip(missing, self.generate([prompts[i] for i in missing], self.max_new_tokens)))
-        self.model_answers = len(missing) / max(1, len(rows))
-        sequences: list[list[int]] = []
-        row_of: list[int] = []
-        starts: list[int | None] = []
-        for i, row in enumerate(rows):
-            answers = (
-                [generated[i]]
-                if i in generated
-                else [
-                    encode_text(a, tokenizer, templated=True)[:MAX_ANSWER_TOKENS]
-                    for a in row.answers or []
-                    if a.strip()
-                ]
-            )
-            for answer in answers:
-                if answer:
-                    sequences.append(list(prompts[i]) + list(answer))
-                    starts.append(len(prompts[i]))
-                    row_of.append(i)
-        self.sequence_plan = SequencePlan(sequences=sequences, row_of=row_of, starts=starts, n_rows=len(rows))
+        self.sequence_plan, self.model_answers = answer_plan(
+            tokenizer, rows, spec, generate=self.generate, max_new_tokens=self.max_new_tokens
+        )
         return self.sequence_plan
 
     def perturb(self, step: LayerStep) -> dict[str, HiddenStream]:

@@ -20,7 +20,7 @@ import torch
 
 from core.streaming.model import StreamedModel
 
-__all__ = ["HeadQuery", "HeadStats", "head_stats"]
+__all__ = ["HeadGradient", "HeadQuery", "HeadStats", "head_nll_gradient", "head_stats"]
 
 #: logits held per query and chunk: about 4M floats (16 MB; about seven such arrays are alive at once)
 _CHUNK_ELEMENTS = 4 * 1024 * 1024
@@ -186,3 +186,64 @@ def head_stats(model: StreamedModel, queries: list[HeadQuery], *, chunk_rows: in
             kl = t / ref_acc.s - ref_acc.lse + accs[i].lse
             out[i].kl = kl.clamp_min(0.0).cpu()
     return out
+
+
+@dataclass
+class HeadGradient:
+    grad: torch.Tensor  # [N, H] ∂(Σ_i w_i·NLL_i)/∂hidden, float32
+    nll: torch.Tensor  # [N] float64, each position's NLL of its gold token
+
+
+def head_nll_gradient(
+    model: StreamedModel,
+    hidden: torch.Tensor,
+    gold: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    chunk_rows: int | None = None,
+) -> HeadGradient:
+    """The gradient of the weighted gold-token NLL Σ_i w_i·NLL_i with respect to final hidden
+    states [N, H] (before the final norm), the head read in chunks as in `head_stats`:
+    ∂NLL_i/∂z_i = softmax(z_i) − onehot(gold_i), with softmax = exp(z − lse) from the chunked
+    log-normaliser (one pass for lse, one for the gradient); soft-capped logits z = c·tanh(z₀/c)
+    contribute the factor 1 − (z/c)². The final norm is differentiated by autograd."""
+    stats = head_stats(model, [HeadQuery(hidden=hidden, gold=gold)], chunk_rows=chunk_rows)[0]
+    assert stats.gold_logprob is not None  # the query has gold tokens
+    n = int(hidden.shape[0])
+    norm_name = model.stack.final_norm_name
+    assert norm_name is not None  # open_streamed refuses a model without a final norm
+    device = model.device
+    lse = stats.lse.to(device)
+    gold_d = gold.to(device)
+    w = weight.to(device, torch.float32)
+    vocab = model.vocab_size
+    cap = model.logit_softcap
+    with model.onloaded(norm_name) as norm:
+        for param in norm.parameters():
+            param.requires_grad_(False)
+        leaf = hidden.to(device, model.dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            normed = norm(leaf)
+        width = int(normed.shape[-1])
+        rows = chunk_rows or max(256, min(vocab, _CHUNK_ELEMENTS // max(n, 1), _WEIGHT_CHUNK_BYTES // (4 * width)))
+        d_normed = torch.zeros(n, width, dtype=torch.float32, device=device)
+        z_in = normed.detach().float()
+        with torch.no_grad():
+            for start in range(0, vocab, rows):
+                stop = min(vocab, start + rows)
+                head = model.head_rows(start, stop).float()
+                z = z_in @ head.T
+                capped = None
+                if cap:
+                    capped = torch.tanh(z / cap)
+                    z = capped * cap
+                probs = torch.exp(z.double() - lse[:, None]).float()
+                inside = torch.nonzero((gold_d >= start) & (gold_d < stop)).flatten()
+                probs[inside, gold_d[inside] - start] -= 1.0
+                probs.mul_(w[:, None])
+                if capped is not None:
+                    probs.mul_(1.0 - capped * capped)
+                d_normed.addmm_(probs, head)
+        normed.backward(d_normed.to(normed.dtype))
+    assert leaf.grad is not None  # the leaf requires grad and reaches the norm's output
+    return HeadGradient(grad=leaf.grad.detach().float(), nll=-stats.gold_logprob)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,7 +31,7 @@ import torch
 from core.calibration import Batch, StageProgress
 from core.models import LayerRef
 from core.quant.layer import LayerInputs, quantize_layer
-from core.streaming.capture import CapturedInputs, capture_inputs, run_layer
+from core.streaming.capture import CapturedInputs, LayerCall, capture_inputs, run_layer
 from core.streaming.checkpoints import CheckpointStore, LayerRecord, load_codes, load_record, save_layer
 from core.streaming.hidden import HiddenStream, SpillArea
 from core.streaming.model import StreamedModel
@@ -78,6 +78,10 @@ class PassResult:
     streams: dict[str, HiddenStream]
     batches: list[Batch]
     area: SpillArea
+    #: per batch, per layer: the arguments each decoder layer was called with (empty without rows)
+    calls: list[list[LayerCall]] = field(default_factory=list)
+    #: codes(layer, bits): a layer's stored codes, read from the checkpoint store (not cached)
+    codes: Callable[[int, int], dict[str, QuantizedWeight]] | None = None
 
 
 class StreamScorer(ABC):
@@ -274,7 +278,19 @@ def run_layer_pass(
             held.clear()
         records.append(record)
         tracker.report((index + 1) / n, f"layer {index + 1}/{n} ({ref.name}){' (checkpointed)' if not fresh else ''}")
-    return PassResult(records=records, final=clean, streams=streams, batches=batches, area=area)
+
+    def stored_codes(index: int, bits: int) -> dict[str, QuantizedWeight]:
+        return load_codes(store, settings.prefix, index, bits, device=model.device)
+
+    return PassResult(
+        records=records,
+        final=clean,
+        streams=streams,
+        batches=batches,
+        area=area,
+        calls=captured.calls if captured is not None else [],
+        codes=stored_codes,
+    )
 
 
 def pass_layer_values(records: Sequence[LayerRecord], key: str) -> list[float]:

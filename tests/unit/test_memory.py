@@ -88,6 +88,11 @@ def test_terms_follow_method_device_rows_and_evaluation() -> None:
     # probe streams: one per layer by the last layer (taq_kl: prompts; taqo: prompts + answers)
     assert kl.phases["layer pass"] > taq.phases["layer pass"] and taqo.phases["layer pass"] > taq.phases["layer pass"]
     assert "scoring head" in kl.phases and "scoring head" in taqo.phases and "scoring head" not in taq.phases
+    grad = estimate_job_memory(dims, method="taq_grad", **base)
+    # taq_grad keeps every layer's input (prompts + answers) and sweeps the layers back once
+    assert grad.phases["layer pass"] == taqo.phases["layer pass"]
+    assert "gradient sweep" in grad.phases and "gradient sweep" not in taqo.phases
+    assert grad.phases["gradient sweep"] > taq.phases["layer pass"]
     capped = estimate_job_memory(
         dims, method="taq_kl", calibration_rows=256, max_tokens=256, activation_ram_bytes=1 << 30
     )

@@ -55,7 +55,7 @@ from core.types import Profile
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
 
-METHODS = ["taq", "taq_kl", "taqo", "uniform"]
+METHODS = ["taq", "taq_kl", "taqo", "taq_grad", "uniform"]
 N_LAYERS = 4
 #: the layer pass's per-layer progress message
 LAYER_REPORT = re.compile(r"layer \d+/\d+ ")

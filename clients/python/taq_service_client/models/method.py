@@ -5,6 +5,7 @@ class Method(StrEnum):
     TAQ = "taq"
     TAQO = "taqo"
     TAQ_KL = "taq_kl"
+    TAQ_GRAD = "taq_grad"
     UNIFORM = "uniform"
 
     def __str__(self) -> str:
