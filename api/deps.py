@@ -74,7 +74,7 @@ async def get_tenant(
     tenant = authenticator.cached_tenant(authorization)
     if tenant is None:
         tenant = await anyio.to_thread.run_sync(_authenticate, settings, authenticator, authorization)
-    request.app.state.rate_limiter.hit(authorization, tenant)  # 429 rate_limited
+    await request.app.state.rate_limiter.hit(authorization, tenant)  # 429 rate_limited
     return tenant
 
 

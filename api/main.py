@@ -14,9 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import ui
 from api.errors import envelope, install_error_handlers, unexpected_error
-from api.ratelimit import RateLimiter
 from api.routes import datasets, health, jobs, models, workers
-from api.sse import StreamSlots
+from api.shared_limits import build_limits
 from common.auth import Authenticator, assert_auth_configured
 from common.db import session_scope
 from common.logging import request_id_var
@@ -128,7 +127,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.env == "production":
             with session_scope(settings) as session:
                 assert_auth_configured(settings, session)
-        yield
+        try:
+            yield
+        finally:
+            await app.state.rate_limiter.aclose()
+            app.state.streams.close()
 
     app = FastAPI(
         title="TAQ Service",
@@ -141,8 +144,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.storage = storage
     app.state.authenticator = Authenticator(settings)
-    app.state.streams = StreamSlots(settings)
-    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    # shared by the API replicas through Redis when there is one (TAQ_LIMITS_REDIS_URL)
+    app.state.rate_limiter, app.state.streams = build_limits(settings)
     install_error_handlers(app)
     for module in (jobs, datasets, models, workers, health):
         app.include_router(module.router)

@@ -96,24 +96,16 @@ def reap_cmd() -> None:
 @admin.command("config")
 def config_cmd() -> None:
     """Print the effective configuration (secrets hidden)."""
+    from common.redact import redact_url
+
     settings = _settings()
     data = settings.model_dump(mode="json")
     data["api_keys"] = f"<{len(settings.api_key_map)} keys>" if settings.api_keys else ""
     data["admin_key"] = "<set>" if settings.admin_key else ""
     data["metrics_key"] = "<set>" if settings.metrics_key else ""
-    for key in ("database_url", "broker_url"):
-        data[key] = _redact(data[key])
+    for key in ("database_url", "broker_url", "limits_redis_url"):
+        data[key] = redact_url(data[key])
     typer.echo(json.dumps(data, indent=2))
-
-
-def _redact(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 @admin.command("openapi")

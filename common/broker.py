@@ -10,7 +10,8 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from common.settings import QUEUE_PREFIX, Settings
+from common.settings import Settings
+from common.worker_classes import QUEUE_PREFIX
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 
 from common.job_status import JobStatus
 from common.orm import Job, WorkerRow, rowcount, utcnow
-from common.settings import Settings, WorkerClass
+from common.settings import Settings
+from common.worker_classes import WorkerClass
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 # an absolute POSIX path of two or more components, not part of a URL (`http://h/x`) and not one
 # of our own routes (`/v1/...`)
@@ -36,3 +37,12 @@ def redact_paths(value: Any, _depth: int = 0) -> Any:
     if isinstance(value, (list, tuple)):
         return [redact_paths(v, _depth + 1) for v in value]
     return value
+
+
+def redact_url(url: str) -> str:
+    """A connection URL with its password replaced by ``***`` (for logs and ``taq admin config``)."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url

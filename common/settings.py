@@ -10,17 +10,21 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal, cast
+from typing import Annotated, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from common.worker_classes import DEFAULT_WORKER_CLASS, WorkerClass, parse_worker_classes
+
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 DEFAULT_TENANT = "default"
+#: TAQ_LIMITS_REDIS_URL: the schemes redis-py opens, and the value that keeps the limits in-process
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+LOCAL_LIMITS = "local"
 
 
 class UnsafeConfig(ValueError):
@@ -46,77 +50,6 @@ def parse_api_keys(raw: str) -> dict[str, str]:
             raise ValueError("one API key is given to two tenants")
         keys[key] = tenant
     return keys
-
-
-WORKER_CLASS_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-_MEMORY_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)$", re.IGNORECASE)
-_MEMORY_UNITS = {
-    "b": 1,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-}
-DEFAULT_WORKER_CLASS = "default"
-QUEUE_PREFIX = "quantize"
-
-
-@dataclass(frozen=True)
-class WorkerClass:
-    """A kind of worker in the fleet: its device and the memory one job may use on it (RAM on the
-    CPU, the GPU's memory for CUDA). ``memory_bytes`` None: unknown (the preflight admits)."""
-
-    name: str
-    device: Literal["auto", "cpu", "cuda"]
-    memory_bytes: int | None
-    #: where the memory figure came from, for messages
-    memory_source: str
-
-    @property
-    def queue(self) -> str:
-        return f"{QUEUE_PREFIX}.{self.name}"
-
-
-def parse_memory(text: str) -> int:
-    """``24GiB`` / ``512MiB`` / ``1.5GiB`` (binary units; ``GB`` is decimal) -> bytes."""
-    match = _MEMORY_RE.match(text.strip())
-    if not match:
-        raise ValueError(f"memory '{text}' must look like 24GiB, 512MiB or 1.5TiB")
-    value = float(match.group(1)) * _MEMORY_UNITS[match.group(2).lower()]
-    if value < 1:
-        raise ValueError(f"memory '{text}' must be more than 0")
-    return int(value)
-
-
-def parse_worker_classes(raw: str) -> list[WorkerClass]:
-    """``cpu=cpu:24GiB,gpu24=cuda:24GiB`` -> classes. Raises ValueError naming the bad entry."""
-    classes: list[WorkerClass] = []
-    for entry in (part.strip() for part in raw.split(",")):
-        if not entry:
-            continue
-        name, sep, rest = entry.partition("=")
-        device, sep2, memory = rest.partition(":")
-        name, device, memory = name.strip(), device.strip().lower(), memory.strip()
-        prefix = f"TAQ_WORKER_CLASSES entry '{entry}'"
-        if not sep or not sep2:
-            raise ValueError(f"{prefix} must look like name=device:memory (e.g. gpu24=cuda:24GiB)")
-        if not WORKER_CLASS_RE.match(name):
-            raise ValueError(f"{prefix}: the name must be lower-case letters, digits, '_' or '-' (max 32)")
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"{prefix}: unknown device '{device}' (cpu or cuda)")
-        try:
-            memory_bytes = parse_memory(memory)
-        except ValueError as exc:
-            raise ValueError(f"{prefix}: {exc}") from None
-        if any(c.name == name for c in classes):
-            raise ValueError(f"{prefix}: the class name '{name}' is declared twice")
-        kind = cast(Literal["cpu", "cuda"], device)  # checked above
-        classes.append(WorkerClass(name, kind, memory_bytes, f"worker class '{name}' (TAQ_WORKER_CLASSES)"))
-    return classes
 
 
 class Settings(BaseSettings):
@@ -183,9 +116,18 @@ class Settings(BaseSettings):
     rate_limit_per_second: float = Field(default=50.0, ge=0)
     rate_limit_burst: int = Field(default=500, ge=1)
     sse_max_seconds: float = Field(default=600.0, gt=0)
-    #: event streams open at once per tenant / in one API process; more answer 429 with Retry-After
+    #: event streams open at once per tenant / in all; more answer 429 with Retry-After
     max_streams_per_tenant: int = Field(default=8, ge=1)
     max_streams: int = Field(default=64, ge=1)
+    #: where the rate limit and the stream caps are kept, shared by every API replica: a Redis URL;
+    #: empty: the broker's Redis when TAQ_BROKER_URL is one, else this process; ``local``: this
+    #: process even with a Redis broker (each replica then grants its own allowance)
+    limits_redis_url: str = Field(default="", repr=False)
+    #: prefix of the limiter's Redis keys (deployments sharing one Redis use different ones)
+    limits_key_prefix: str = Field(default="taq:limits:", min_length=1)
+    #: an open event stream holds a lease in Redis for this long, renewed while it stays open, so
+    #: a replica that dies without closing its streams frees their slots within it
+    stream_lease_seconds: float = Field(default=30.0, ge=1)
     sse_poll_seconds: float = Field(default=0.5, gt=0)
 
     # worker / lifecycle
@@ -238,6 +180,17 @@ class Settings(BaseSettings):
             raise ValueError(f"TAQ_{(info.field_name or '').upper()} is shorter than 16 characters")
         return value
 
+    @field_validator("limits_redis_url")
+    @classmethod
+    def _limits_url(cls, value: str) -> str:
+        value = value.strip()
+        if value not in ("", LOCAL_LIMITS) and urlparse(value).scheme not in REDIS_SCHEMES:
+            raise ValueError(
+                "TAQ_LIMITS_REDIS_URL must be a redis://, rediss:// or unix:// URL, 'local' (limits kept in "
+                "each API process) or empty (the broker's Redis when TAQ_BROKER_URL is one)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
         d = self.data_dir
@@ -266,6 +219,15 @@ class Settings(BaseSettings):
     @property
     def broker_scheme(self) -> str:
         return urlparse(self.broker_url).scheme.split("+")[0]
+
+    @property
+    def limits_redis(self) -> str | None:
+        """The Redis URL the API's rate limit and stream caps share, or None: kept in-process."""
+        if self.limits_redis_url == LOCAL_LIMITS:
+            return None
+        if self.limits_redis_url:
+            return self.limits_redis_url
+        return self.broker_url if urlparse(self.broker_url).scheme in ("redis", "rediss") else None
 
     @property
     def broker_dir(self) -> Path:

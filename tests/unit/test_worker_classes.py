@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from common.settings import Settings, parse_memory, parse_worker_classes
+from common.settings import Settings
+from common.worker_classes import parse_memory, parse_worker_classes
 
 pytestmark = pytest.mark.unit
 
