@@ -61,3 +61,10 @@ class ModelInvalid(TaqError):
     server path)."""
 
     code = "model_invalid"
+
+
+class InsufficientDisk(TaqError):
+    """The worker's disk has less free space than the job would write there at once
+    (`core.disk.estimate_work_disk`); `details` has the estimate and the free bytes."""
+
+    code = "insufficient_disk"

@@ -66,6 +66,24 @@ EXPORT_METADATA_BYTES_PER_TOKEN = {True: 4096, False: 1024}
 FLOAT64_FACTOR_MAX_FEATURES = 8192
 #: gold answers are scored on at most this many tokens
 ANSWER_TOKENS = 32
+#: methods whose sequences are a prompt and an answer (ANSWER_TOKENS more per row)
+ANSWER_METHODS = ("taqo", "taq_grad")
+#: methods that carry one more hidden stream per layer by the last layer: the probe streams of
+#: taq_kl and taqo, the kept layer inputs of taq_grad (core/disk.py bounds their spill with these)
+PER_LAYER_STREAM_METHODS = ("taq_kl", "taqo", "taq_grad")
+
+
+def calibration_tokens(method: str, rows: int, max_tokens: int) -> int:
+    """Tokens the layer pass runs (an upper bound): `max_tokens` per row, plus the answer for the
+    methods that score prompt + answer."""
+    return max(0, rows) * (max_tokens + (ANSWER_TOKENS if method in ANSWER_METHODS else 0))
+
+
+def hidden_streams(method: str, num_layers: int, *, sequential: bool) -> int:
+    """Hidden streams the layer pass carries at its last layer: the calibration stream, the
+    sequentially quantized one (``calibration_inputs: quantized``), one per layer for the methods
+    of PER_LAYER_STREAM_METHODS. Each holds a layer's input and output at once."""
+    return 1 + int(sequential) + (num_layers if method in PER_LAYER_STREAM_METHODS else 0)
 
 
 @dataclass(frozen=True)
@@ -158,7 +176,7 @@ def estimate_job_memory(
     rows = max(0, int(calibration_rows))
     prompt_tokens = rows * max_tokens
     # taqo and taq_grad score prompt + answer: their sequences are longer by the answer
-    tokens = rows * (max_tokens + ANSWER_TOKENS) if method in ("taqo", "taq_grad") else prompt_tokens
+    tokens = calibration_tokens(method, rows, max_tokens)
     batch = max(max_tokens, min(tokens, batch_tokens)) if tokens else 0
     layer_params = dims.layer_linear_parameters
     largest = dims.largest_linear
@@ -175,10 +193,8 @@ def estimate_job_memory(
         layer["gptq"] = max(_gptq_bytes(dims), errors)
     else:
         layer["error_measure"] = errors
-    streams = 1 + (1 if sequential else 0)
-    if method in ("taq_kl", "taqo", "taq_grad"):
-        streams += L  # one probe stream (taq_grad: one kept input) per layer by the last layer
-    carried = 2 * streams * tokens * h * weight_bytes
+    # one probe stream (taq_grad: one kept input) per layer by the last layer
+    carried = 2 * hidden_streams(method, L, sequential=sequential) * tokens * h * weight_bytes
     per_batch_calls = rows * max_tokens * max_tokens  # a [B, 1, T, T] boolean mask per batch
     layer["activations"] = (
         min(carried, activation_ram_bytes)

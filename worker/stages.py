@@ -37,6 +37,7 @@ from core.errors import Cancelled, InvalidSpec, TaqError
 from core.pipeline import STAGE_SHARES, JobHooks, JobInputs, JobOutputs, overall_progress, run_job
 from core.spec import JobSpec
 from core.types import Profile
+from worker.disk import check_work_disk
 from worker.errors import STOP_REQUESTED, TRANSIENT_ERRORS, LostOwnership, WorkerStopping
 from worker.resources import PeakMemory
 
@@ -276,7 +277,9 @@ def run_claimed(settings: Settings, storage: Storage, claim: Claim) -> str:
         hooks = WorkerHooks(settings, storage, claim, beat, device)
         try:
             torch.manual_seed(int(claim.spec.get("seed", 0)))
-            run_job(job_inputs(settings, storage, claim, device), JobStore(storage, job_id), hooks)
+            inputs, store = job_inputs(settings, storage, claim, device), JobStore(storage, job_id)
+            check_work_disk(inputs, store)  # insufficient_disk before anything is written
+            run_job(inputs, store, hooks)
             log.info("job succeeded", extra={"timings": hooks.timings})
             return "succeeded"
         except LostOwnership:
