@@ -232,6 +232,26 @@ def effective_of(layers: Sequence[LayerCost], bits: Mapping[str, int], group_siz
     return Fraction(cost, group_size * sum(l.params for l in layers))
 
 
+def priced_allocation(
+    layers: Sequence[LayerCost],
+    bits: dict[str, int],
+    avg_bits: float,
+    group_size: int,
+    symmetric: bool,
+    rule: AllocationRule | Method,
+    solver: str,
+) -> BitAllocation:
+    """`bits` as a BitAllocation: its exact effective bits and objective over `layers`."""
+    return BitAllocation(
+        bits=bits,
+        effective_bits=float(effective_of(layers, bits, group_size, symmetric)),
+        budget=float(avg_bits),
+        rule=rule,
+        objective=objective_of(layers, bits),
+        solver=solver,
+    )
+
+
 def display_up(x: Fraction | float) -> str:
     """4 decimals rounded up, so the number shown is itself a feasible budget."""
     return f"{math.ceil(Fraction(x) * 10_000) / 10_000:.4f}"
@@ -341,7 +361,6 @@ def allocate_budget(
                 raise ValueError(f"layer {layer.name!r}: predicted[{b}] must be finite and >= 0, got {term}")
 
     costs = [{b: layer_cost(l, b, group_size, symmetric) for b in choices} for l in layers]
-    total_params = sum(l.params for l in layers)
     budget, base = check_lowest_fits(layers, avg_bits, choices, group_size, symmetric)
     slack = budget - base
 
@@ -371,14 +390,7 @@ def allocate_budget(
     bits = {l.name: options[i][chosen[i]].bits for i, l in enumerate(layers)}
     spent = base + sum(options[i][chosen[i]].true_extra for i in range(len(layers)))
     assert spent <= budget  # guaranteed by construction; a failure is a bug, not a user error
-    return BitAllocation(
-        bits=bits,
-        effective_bits=float(Fraction(spent, group_size * total_params)),
-        budget=float(avg_bits),
-        rule=AllocationRule.budget,
-        objective=objective_of(layers, bits),
-        solver=solver,
-    )
+    return priced_allocation(layers, bits, avg_bits, group_size, symmetric, AllocationRule.budget, solver)
 
 
 # ------------------------------------------------------------------------------ uniform
@@ -406,11 +418,4 @@ def allocate_uniform(
             details={"min_avg_bits": float(min_bits), "avg_bits": float(avg_bits)},
         )
     bits = {l.name: fitting[-1] for l in layers}
-    return BitAllocation(
-        bits=bits,
-        effective_bits=float(effective_of(layers, bits, group_size, symmetric)),
-        budget=float(avg_bits),
-        rule=Method.uniform,
-        objective=objective_of(layers, bits),
-        solver="uniform",
-    )
+    return priced_allocation(layers, bits, avg_bits, group_size, symmetric, Method.uniform, "uniform")

@@ -28,9 +28,8 @@ from core.allocation import (
     budget_units,
     check_choices,
     check_lowest_fits,
-    effective_of,
     layer_cost,
-    objective_of,
+    priced_allocation,
 )
 from core.spec import AllocationRule, Method
 from core.types import BitAllocation, Profile
@@ -45,25 +44,6 @@ def allocate_error_only(
     flat = [replace(l, sensitivity=1.0, predicted=None) for l in as_layers(layers)]
     allocation = allocate_budget(flat, avg_bits, bit_choices, group_size, symmetric)
     return replace(allocation, rule=AllocationRule.error_only, solver=f"{allocation.solver}, sensitivities 1")
-
-
-def _allocation(
-    layers: list[LayerCost],
-    bits: dict[str, int],
-    avg_bits: float,
-    group_size: int,
-    symmetric: bool,
-    rule: AllocationRule | Method,
-    solver: str,
-) -> BitAllocation:
-    return BitAllocation(
-        bits=bits,
-        effective_bits=float(effective_of(layers, bits, group_size, symmetric)),
-        budget=float(avg_bits),
-        rule=rule,
-        objective=objective_of(layers, bits),
-        solver=solver,
-    )
 
 
 def allocate_random(
@@ -92,7 +72,9 @@ def allocate_random(
                 bits[layer.name] = b
                 spent += extra
                 break
-    return _allocation(layers, bits, avg_bits, group_size, symmetric, AllocationRule.random, f"random(seed={seed})")
+    return priced_allocation(
+        layers, bits, avg_bits, group_size, symmetric, AllocationRule.random, f"random(seed={seed})"
+    )
 
 
 def spread(count: int, total: int) -> list[int]:
@@ -129,7 +111,7 @@ def allocate_uniform_mix(
         count -= 1
     if count == 0:
         return base_alloc
-    return _allocation(
+    return priced_allocation(
         layers,
         bits,
         avg_bits,
