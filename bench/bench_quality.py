@@ -125,7 +125,14 @@ def with_continuation(loaded: LoadedModel, rows: list[CalibrationRow], how: str)
 
 
 #: method-token modifiers and the JobSpec fields they set
-MODIFIERS = {"gptq": {"quantizer": "gptq"}, "clip": {"clip_search": True}, "linear": {"allocation_unit": "linear"}}
+MODIFIERS = {
+    "gptq": {"quantizer": "gptq"},
+    "clip": {"clip_search": True},
+    "linear": {"allocation_unit": "linear"},
+    # the job's closed loop (core/closed_loop.py): its pass scores without the held-back rows and
+    # its allocation is the one the loop ships
+    "loop": {"closed_loop": True},
+}
 
 
 @dataclass(frozen=True)
@@ -137,8 +144,8 @@ class Variant:
 
     @property
     def scoring_options(self) -> dict:
-        """The fields that change the profile's quant_error: the quantizer and clip search."""
-        return {k: v for k, v in self.options if k in ("clip_search", "quantizer")}
+        """The fields that change the pass: the quantizer, clip search and the closed loop (rows held back)."""
+        return {k: v for k, v in self.options if k in ("clip_search", "quantizer", "closed_loop")}
 
 
 def parse_method(token: str) -> Variant:
@@ -176,6 +183,7 @@ class Scored:
     profile: Profile
     store: MemoryStore
     seconds: float
+    allocations: list[BitAllocation] = field(default_factory=list)  # what the job itself allocated
 
 
 def run_pass(loaded: LoadedModel, spec: JobSpec, calibration: list[CalibrationRow]) -> Scored:
@@ -183,7 +191,7 @@ def run_pass(loaded: LoadedModel, spec: JobSpec, calibration: list[CalibrationRo
     t0 = time.perf_counter()
     store = MemoryStore()
     outputs = run_job(JobInputs(spec=spec, source=loaded.source, rows=calibration), store)
-    return Scored(outputs.profile.without_bits(), store, time.perf_counter() - t0)
+    return Scored(outputs.profile.without_bits(), store, time.perf_counter() - t0, list(outputs.allocations))
 
 
 def dequantized(loaded: LoadedModel, scored: Scored, allocation: BitAllocation) -> dict[str, torch.Tensor]:
@@ -313,7 +321,8 @@ def candidates(args, loaded: LoadedModel, model_id: str, suite: str, profiles: d
         scored = scored_pass(args, loaded, model_id, suite, variant, profiles)
         first = first or (token, variant, scored)
         spec = make_spec(args, model_id, variant.method, **dict(variant.options))
-        for allocation in allocate_stage(spec, scored.profile):
+        allocations = scored.allocations if spec.closed_loop else allocate_stage(spec, scored.profile)
+        for allocation in allocations:
             out.append(Candidate(token, "method", token, allocation.budget, allocation, scored))
     if first is not None:
         token, variant, scored = first

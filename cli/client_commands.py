@@ -64,6 +64,14 @@ def submit(
         str | None,
         typer.Option(help="fp | quantized: calibrate each layer on full-precision or already-quantized inputs"),
     ] = None,
+    closed_loop: Annotated[
+        bool | None,
+        typer.Option(
+            "--closed-loop/--no-closed-loop",
+            show_default=False,
+            help="measure the allocation against uniform and error_only on held-back rows; ship the best",
+        ),
+    ] = None,
     export: Annotated[list[str] | None, typer.Option("--export", help="hf | gguf; repeatable")] = None,
     eval_file: Annotated[Path | None, typer.Option("--eval", help="eval JSONL; uploaded first")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
@@ -103,6 +111,7 @@ def submit(
         ("quantizer", quantizer),
         ("clip_search", clip_search),
         ("calibration_inputs", calibration_inputs),
+        ("closed_loop", closed_loop),
         ("seed", seed),
         ("worker_class", worker_class),
     ):

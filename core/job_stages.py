@@ -89,6 +89,7 @@ class JobRun:
         self.spec = inputs.spec
         self.model: StreamedModel | None = None
         self.rows: list[CalibrationRow] = []
+        self.holdout: list[CalibrationRow] = []  # closed_loop's held-back rows
         self.profile: Profile | None = None
         self.allocations: list[BitAllocation] = []
         self.exports: list[ExportRecord] = []
@@ -186,6 +187,10 @@ class JobRun:
         from core.scorers.common import select_rows
 
         self.rows = select_rows(self.inputs.rows, self.spec)
+        if self.spec.closed_loop:
+            from core.closed_loop import split_holdout
+
+            self.rows, self.holdout = split_holdout(self.rows, self.spec.seed)
         if plan.needs_model and not plan.have_profile:
             check_rows(self.spec, self.rows)
         self.hooks.progress(
@@ -273,6 +278,10 @@ class JobRun:
         profile = self.profile
         assert profile is not None  # set by the score stage, which runs or is skipped with a profile
         self.allocations = list(allocate_stage(self.spec, profile))
+        if self.spec.closed_loop:
+            from core.closed_loop import closed_loop_stage
+
+            self.allocations = closed_loop_stage(self, profile)
         if len(self.allocations) == 1:
             profile = self.profile = profile.with_bits(self.allocations[0].bit_map)
         self.put("profile.json", dumps(profile.to_dict()))

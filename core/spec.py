@@ -156,6 +156,10 @@ class JobSpec(_Strict):
     #: evaluate the task-agnostic controls at each budget next to the method (uniform at equal
     #: bits, error_only, random; see docs/SERVICE.md "Evaluation") when the job evaluates
     eval_controls: bool = True
+    #: hold back a quarter of the calibration rows with answers and ship, per budget, whichever of
+    #: the method's allocation, uniform at equal bits, error_only and a few one-swap neighbours
+    #: measures the lowest gold-answer NLL on them (core/closed_loop.py)
+    closed_loop: bool = False
     #: run only on workers of this class (the deployment's TAQ_WORKER_CLASSES); None: the service
     #: picks the smallest class whose memory holds the job
     worker_class: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -194,6 +198,16 @@ class JobSpec(_Strict):
             )
         if self.allocation != AllocationRule.paper and self.bit_budget is None:
             raise ValueError(f"allocation '{self.allocation.value}' needs 'bit_budget'")
+        if self.closed_loop and (self.method == Method.uniform or self.allocation != AllocationRule.budget):
+            raise ValueError(
+                "closed_loop checks a method's budget allocation: use allocation 'budget' and a "
+                "method other than 'uniform'"
+            )
+        if self.closed_loop and self.profile_from_job_id is not None:
+            raise ValueError(
+                "closed_loop measures codes of the job's own layer pass; it cannot reuse a profile "
+                "(profile_from_job_id)"
+            )
         if self.allocation == AllocationRule.paper and self.method not in (Method.taq, Method.taqo):
             raise ValueError("allocation 'paper' is defined for methods 'taq' and 'taqo' only")
         if self.allocation == AllocationRule.paper and self.allocation_unit == AllocationUnit.linear:

@@ -309,6 +309,9 @@ class BitAllocation:
     objective: float | None = None
     solver: str = ""
     unit: AllocationUnit = AllocationUnit.layer
+    #: with `closed_loop: true`: the candidates measured on held-back rows and which was shipped
+    #: (`core.closed_loop`); None otherwise
+    closed_loop: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rule", _rule(self.rule))
@@ -319,7 +322,10 @@ class BitAllocation:
         return BitMap(self.bits, self.unit)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "rule": self.rule.value, "unit": self.unit.value}
+        data = {**asdict(self), "rule": self.rule.value, "unit": self.unit.value}
+        if self.closed_loop is None:
+            del data["closed_loop"]  # bitmap.json of other jobs keeps its bytes
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BitAllocation:

@@ -44,6 +44,7 @@ class JobSpec:
             calibration as in llm-compressor's sequential pipeline; the earlier layers are quantized at
             the widest width whose uniform cost fits the smallest budget).
         clip_search (bool | Unset):  Default: False.
+        closed_loop (bool | Unset):  Default: False.
         eval_controls (bool | Unset):  Default: True.
         eval_dataset_id (None | str | Unset):
         eval_fraction (float | None | Unset):
@@ -71,6 +72,7 @@ class JobSpec:
     calibration_dataset_id: None | str | Unset = UNSET
     calibration_inputs: CalibrationInputs | Unset = UNSET
     clip_search: bool | Unset = False
+    closed_loop: bool | Unset = False
     eval_controls: bool | Unset = True
     eval_dataset_id: None | str | Unset = UNSET
     eval_fraction: float | None | Unset = UNSET
@@ -134,6 +136,8 @@ class JobSpec:
             calibration_inputs = self.calibration_inputs.value
 
         clip_search = self.clip_search
+
+        closed_loop = self.closed_loop
 
         eval_controls = self.eval_controls
 
@@ -211,6 +215,8 @@ class JobSpec:
             field_dict["calibration_inputs"] = calibration_inputs
         if clip_search is not UNSET:
             field_dict["clip_search"] = clip_search
+        if closed_loop is not UNSET:
+            field_dict["closed_loop"] = closed_loop
         if eval_controls is not UNSET:
             field_dict["eval_controls"] = eval_controls
         if eval_dataset_id is not UNSET:
@@ -323,6 +329,8 @@ class JobSpec:
 
         clip_search = d.pop("clip_search", UNSET)
 
+        closed_loop = d.pop("closed_loop", UNSET)
+
         eval_controls = d.pop("eval_controls", UNSET)
 
         def _parse_eval_dataset_id(data: object) -> None | str | Unset:
@@ -406,6 +414,7 @@ class JobSpec:
             calibration_dataset_id=calibration_dataset_id,
             calibration_inputs=calibration_inputs,
             clip_search=clip_search,
+            closed_loop=closed_loop,
             eval_controls=eval_controls,
             eval_dataset_id=eval_dataset_id,
             eval_fraction=eval_fraction,

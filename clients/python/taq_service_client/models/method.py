@@ -4,8 +4,8 @@ from enum import StrEnum
 class Method(StrEnum):
     TAQ = "taq"
     TAQO = "taqo"
-    TAQ_KL = "taq_kl"
     TAQ_GRAD = "taq_grad"
+    TAQ_KL = "taq_kl"
     UNIFORM = "uniform"
 
     def __str__(self) -> str:

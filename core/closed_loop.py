@@ -1,0 +1,227 @@
+"""Closed loop (`closed_loop: true`): never ship an allocation that held-back rows measure as
+worse than a task-agnostic one at the same budget.
+
+Before scoring, a seeded quarter of the calibration rows that carry answers (at least
+`MIN_HOLDOUT`) is held back: the layer pass never sees them. After allocation, each budget's
+candidates are measured on them in ONE streamed teacher-forced pass (`core.streaming.evaluate`,
+codes swapped into the onloaded layer, so the model is read once whatever the candidate count):
+
+* `allocation` — the method's own allocation (per layer or per linear);
+* `uniform` — uniform at equal effective bits (`core.controls.allocate_uniform_mix`, per layer);
+* `error_only` — the same knapsack with the task taken out (`core.controls.allocate_error_only`);
+* `swap k` — local search around the method's allocation (layer allocations only): one layer
+  one choice lower and another one choice higher, within the budget; the `SWAPS` pairs whose
+  predicted objective rises least, i.e. where the prediction is least sure, are measured.
+
+The candidate with the lowest mean gold-answer NLL on the held-back rows is shipped (ties: the
+order above, so the method's allocation wins a tie). The allocation that is shipped carries the
+record (`BitAllocation.closed_loop`: every candidate's rule, bits, effective bits, predicted
+objective and measured NLL, and which was shipped), so bitmap.json says when a baseline was
+shipped instead.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from core.allocation import LayerCost, budget_units, layer_cost, objective_of, priced_allocation
+from core.controls import allocate_error_only, allocate_uniform_mix
+from core.errors import DataError
+from core.spec import AllocationUnit, CalibrationRow
+from core.types import BitAllocation, Profile, QuantizedWeight
+
+if TYPE_CHECKING:
+    from core.calibration import StageProgress
+    from core.job_stages import JobRun
+    from core.streaming.hidden import SpillArea
+    from core.streaming.model import StreamedModel
+
+__all__ = [
+    "HOLDOUT_FRACTION",
+    "MIN_HOLDOUT",
+    "SWAPS",
+    "Candidate",
+    "closed_loop",
+    "closed_loop_stage",
+    "split_holdout",
+    "swap_candidates",
+]
+
+HOLDOUT_FRACTION = 0.25
+MIN_HOLDOUT = 4
+SWAPS = 4
+
+
+def split_holdout(rows: Sequence[CalibrationRow], seed: int) -> tuple[list[CalibrationRow], list[CalibrationRow]]:
+    """(rows the pass scores, held-back rows): a seeded HOLDOUT_FRACTION of the rows with answers,
+    at least MIN_HOLDOUT; DataError when fewer than MIN_HOLDOUT + 1 rows have answers."""
+    answered = [i for i, row in enumerate(rows) if row.answers]
+    count = max(MIN_HOLDOUT, round(HOLDOUT_FRACTION * len(answered)))
+    if len(answered) < count + 1:
+        raise DataError(
+            f"closed_loop holds back {count} calibration rows with 'answers' to measure the allocation "
+            f"and needs at least one more to score; {len(answered)} rows have answers",
+            details=[],
+        )
+    held = set(random.Random(seed).sample(answered, count))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    allocation: BitAllocation
+
+
+def swap_candidates(
+    allocation: BitAllocation,
+    layers: Sequence[LayerCost],
+    bit_choices: Sequence[int],
+    group_size: int,
+    symmetric: bool,
+    *,
+    limit: int = SWAPS,
+) -> list[BitAllocation]:
+    """Up to `limit` allocations one swap away from `allocation` (one layer one choice lower,
+    another one choice higher, within its budget), those whose objective rises least first."""
+    if allocation.unit != AllocationUnit.layer or allocation.budget is None or limit <= 0:
+        return []
+    choices = sorted(bit_choices)
+    budget = budget_units(layers, allocation.budget, group_size)
+    by_name = {l.name: l for l in layers}
+    spent = sum(layer_cost(l, allocation.bits[l.name], group_size, symmetric) for l in layers)
+    base = objective_of(layers, allocation.bits)
+    if base is None:
+        return []
+    moves: list[tuple[float, int, dict[str, int]]] = []
+    for down in layers:
+        i = choices.index(allocation.bits[down.name])
+        if i == 0:
+            continue
+        for up in layers:
+            j = choices.index(allocation.bits[up.name])
+            if up.name == down.name or j == len(choices) - 1:
+                continue
+            bits = {**allocation.bits, down.name: choices[i - 1], up.name: choices[j + 1]}
+            cost = spent
+            for name in (down.name, up.name):
+                cost += layer_cost(by_name[name], bits[name], group_size, symmetric)
+                cost -= layer_cost(by_name[name], allocation.bits[name], group_size, symmetric)
+            objective = objective_of(layers, bits)
+            if cost <= budget and objective is not None:
+                moves.append((objective - base, len(moves), bits))
+    moves.sort(key=lambda m: (m[0], m[1]))
+    return [
+        priced_allocation(
+            layers, bits, allocation.budget, group_size, symmetric, allocation.rule, f"{allocation.solver}, swap"
+        )
+        for _, _, bits in moves[:limit]
+    ]
+
+
+def closed_loop(
+    *,
+    model: StreamedModel,
+    holdout: Sequence[CalibrationRow],
+    allocation: BitAllocation,
+    layers: Sequence[LayerCost],
+    bit_choices: Sequence[int],
+    group_size: int,
+    symmetric: bool,
+    codes: Callable[[int, int], dict[str, QuantizedWeight]],
+    max_tokens: int,
+    tracker: StageProgress,
+    area: SpillArea,
+) -> BitAllocation:
+    """The allocation to ship for one budget (see the module docstring), with its record."""
+    from core.streaming.evaluate import EvalVariant, teacher_forced_eval
+
+    assert allocation.budget is not None  # closed_loop needs a budget (spec validator)
+    args = (allocation.budget, list(bit_choices), group_size, symmetric)
+    candidates = [
+        Candidate("allocation", allocation),
+        Candidate("uniform", allocate_uniform_mix(layers, *args)),
+        Candidate("error_only", allocate_error_only(layers, *args)),
+    ]
+    swaps = swap_candidates(allocation, layers, bit_choices, group_size, symmetric)
+    candidates += [Candidate(f"swap {k + 1}", a) for k, a in enumerate(swaps)]
+    seen: dict[tuple[tuple[str, int], ...], str] = {}
+    variants: list[EvalVariant] = []
+    for c in candidates:
+        key = tuple(sorted(c.allocation.bits.items()))
+        if key not in seen:
+            seen[key] = c.name
+            variants.append(EvalVariant(c.name, c.allocation.bit_map.linear_bits(model.layers)))
+    measured = teacher_forced_eval(model, holdout, variants, codes, max_tokens=max_tokens, tracker=tracker, area=area)
+    nll: dict[str, float] = {}
+    for c in candidates:
+        items = [v for v in measured[seen[tuple(sorted(c.allocation.bits.items()))]].gold_nll_items if v is not None]
+        nll[c.name] = sum(items) / len(items)
+    shipped = min(candidates, key=lambda c: nll[c.name])  # min keeps the first of equal ones
+    record: dict[str, Any] = {
+        "holdout_rows": len(holdout),
+        "metric": "gold_nll",
+        "full_precision": _mean(measured["full_precision"].gold_nll_items),
+        "shipped": shipped.name,
+        "candidates": [
+            {
+                "name": c.name,
+                "rule": c.allocation.rule.value,
+                "effective_bits": c.allocation.effective_bits,
+                "predicted_objective": _objective(c.allocation, layers),
+                "measured_gold_nll": nll[c.name],
+                "unit": c.allocation.unit.value,
+                "bits": dict(c.allocation.bits),
+            }
+            for c in candidates
+        ],
+    }
+    note = (
+        f"closed loop: kept the allocation (held-back gold NLL {nll['allocation']:.4f})"
+        if shipped.name == "allocation"
+        else f"closed loop: shipped {shipped.name} (held-back gold NLL {nll[shipped.name]:.4f} < "
+        f"{nll['allocation']:.4f} for the method's allocation, {len(holdout)} rows)"
+    )
+    return replace(shipped.allocation, solver=f"{shipped.allocation.solver}; {note}", closed_loop=record)
+
+
+def closed_loop_stage(run: JobRun, profile: Profile) -> list[BitAllocation]:
+    """The allocate stage's closed loop: every budget's allocation checked on the held-back rows."""
+    from core.allocation import layer_costs_from_profile
+
+    tracker = run.tracker("allocate")
+    n = len(run.allocations)
+    shipped = []
+    for i, allocation in enumerate(run.allocations):
+        chosen = closed_loop(
+            model=run.loaded,
+            holdout=run.holdout,
+            allocation=allocation,
+            layers=layer_costs_from_profile(profile),
+            bit_choices=run.spec.bit_choices,
+            group_size=run.spec.group_size,
+            symmetric=run.spec.symmetric,
+            codes=run.codes,
+            max_tokens=run.spec.max_tokens,
+            tracker=tracker.span(i / n, (i + 1) / n),
+            area=run.area,
+        )
+        run.hooks.progress("allocate", (i + 1) / n, chosen.solver.rsplit("; ", 1)[-1])
+        shipped.append(chosen)
+    return shipped
+
+
+def _objective(allocation: BitAllocation, layers: Sequence[LayerCost]) -> float | None:
+    """The method's objective (its sensitivities or predicted loss) of a layer allocation; a
+    per-linear one keeps the objective its allocator computed."""
+    if allocation.unit == AllocationUnit.layer:
+        return objective_of(layers, allocation.bits)
+    return allocation.objective
+
+
+def _mean(values: Sequence[float | None]) -> float:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else float("nan")
