@@ -1,7 +1,7 @@
 """Does task-aware allocation beat task-agnostic allocation at equal bits? One run, one model (CPU).
 
     python bench/bench_quality.py --suites capitals arithmetic capitals_mc \
-        --avg-bits 5.0 --methods taq+gptq taq_kl+gptq --controls uniform error_only random \
+        --avg-bits 5.0 --methods taq_grad+gptq taq_grad+gptq+loop --controls uniform error_only random \
         --cross-task arithmetic:capitals \
         --json bench/out/quality.json --markdown bench/out/quality.md --plot bench/out/quality.png
 
@@ -69,8 +69,9 @@ from core.streaming.model import StreamedModel, open_streamed  # noqa: E402
 from core.types import BitAllocation, Profile  # noqa: E402
 
 TASKS = ROOT / "bench" / "tasks"
-#: the default sweep (`make bench-quality`): two task-aware methods with GPTQ, the three controls
-DEFAULT_METHODS = ["taq+gptq", "taq_kl+gptq"]
+#: the default sweep (`make bench-quality`): taq_grad with GPTQ, alone and with the job's closed
+#: loop, and the three controls (taq+gptq / taq_kl+gptq are the earlier sweep, `--methods`)
+DEFAULT_METHODS = ["taq_grad+gptq", "taq_grad+gptq+loop"]
 DEFAULT_SUITES = ["capitals", "arithmetic", "capitals_mc"]
 CONTROLS = {"uniform": allocate_uniform_mix, "error_only": allocate_error_only, "random": allocate_random}
 MODELS_DIR = ROOT / "bench" / "out" / "models"

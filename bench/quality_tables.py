@@ -44,13 +44,16 @@ def variant_table(rows: list[dict]) -> str:
 
 def comparisons(rows: list[dict], seed: int = 0) -> list[dict]:
     """Every method (and cross-task) row against every control row of the same suite and budget,
-    on gold NLL and contains: the paired difference method − control with its interval."""
+    and every method row against the cross-task rows too (another task's profile is a control
+    for the task signal), on gold NLL and contains: the paired difference method − control with
+    its interval."""
     out = []
     for r in rows:
         if r["kind"] not in ("method", "cross-task"):
             continue
+        partners = ("control", "cross-task") if r["kind"] == "method" else ("control",)
         for c in rows:
-            if c["suite"] != r["suite"] or c["kind"] != "control" or c["budget"] != r["budget"]:
+            if c["suite"] != r["suite"] or c["kind"] not in partners or c["budget"] != r["budget"]:
                 continue
             for metric in METRICS:
                 cmp = compare(

@@ -33,6 +33,7 @@ __all__ = [
     "LayerScores",
     "SequencePlan",
     "build_profile",
+    "damage_scaled",
     "exp_sensitivity",
     "lowest_bits",
     "prompt_plan",
@@ -133,6 +134,23 @@ class LayerOutputStats:
     @property
     def value_range(self) -> float:
         return self.max - self.min if self.count else 0.0
+
+
+def damage_scaled(
+    damage: float, record: LayerRecord, probe_bits: int, widths: Sequence[int]
+) -> dict[str, dict[int, float]]:
+    """A damage-style sensitivity (the task damage measured with the layer at `probe_bits`, as
+    taqo's Δ NLL or taq_kl's KL) as a predicted loss per linear and width, without counting the
+    error twice: the layer's damage at width b is damage · e_l(b) / e_l(probe), shared among its
+    linears in proportion to n_j·e_j(b). At the probe width the prediction is the damage itself."""
+    total = sum(record.params.values())
+    if probe_bits >= 16 or total == 0:
+        return {}
+    probe_error = sum(record.params[n] * float(record.errors[n][probe_bits]) for n in record.params) / total
+    if probe_error <= 0:
+        return {n: dict.fromkeys(widths, 0.0) for n in record.params}
+    scale = damage / (probe_error * total)
+    return {n: {b: scale * record.params[n] * float(record.errors[n][b]) for b in widths} for n in record.params}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ in vocabulary chunks to the clean stream and every probe stream together (`core.
 Noise comes from a CPU `torch.Generator` seeded per layer and drawn batch by batch, so it does
 not depend on the device and a resumed pass redraws it exactly.
 
-sensitivity = KL (≥ 0); importance = KL.
+sensitivity = KL (≥ 0); importance = KL. The KL is a damage measured at the lowest width's step,
+so the allocator's predicted loss at width b is KL · e_l(b) / e_l(lowest) (`damage_scaled`), not
+KL · e_l(b), which would count the error twice.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from core.calibration import Batch
-from core.scorers.common import LayerOutputStats, LayerScores, lowest_bits
+from core.scorers.common import LayerOutputStats, LayerScores, damage_scaled, lowest_bits
 from core.spec import JobSpec
 from core.streaming.head import HeadQuery, head_stats
 from core.streaming.hidden import HiddenStream
@@ -85,17 +87,19 @@ class TaqKlScorer(StreamScorer):
         stats = head_stats(model, queries)
         kls = [max(0.0, float(s.kl.mean())) if s.kl is not None and s.kl.numel() else 0.0 for s in stats[1:]]
         ranges = pass_layer_values(result.records, "activation_range")
-        widths = pass_layer_values(result.records, "noise_width")
+        widths_of_noise = pass_layer_values(result.records, "noise_width")
+        widths = sorted(b for b in result.records[0].widths if b < 16) if result.records else []
         return [
             LayerScores(
                 scores={
                     "kl": kls[l],
-                    "noise_width": widths[l],
+                    "noise_width": widths_of_noise[l],
                     "noise_bits": float(self.bits),
                     "activation_range": ranges[l],
                 },
                 importance=kls[l],
                 sensitivity=kls[l],
+                predicted_loss=damage_scaled(kls[l], result.records[l], self.bits, widths),
             )
             for l in range(n_layers)
         ]

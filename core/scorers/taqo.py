@@ -18,7 +18,9 @@ EM alone is too coarse on small calibration sets (most layers have Δ_em = 0), s
 importance = Δ_nll (the continuous task-loss increase), and
 sensitivity = max(Δ_nll, 0) + floor, floor = 1 % of the mean positive Δ_nll (1e-6 when all are 0):
 non-negative, and no layer is treated as free to quantize, which keeps ties resolved by the
-measured quantization error.
+measured quantization error. Δ already is the damage of the probe width's error, so the allocator
+does not multiply it by the error again: the predicted loss at width b is
+sensitivity · e_l(b) / e_l(probe) (`core.scorers.common.damage_scaled`).
 
 Streaming: prompts + answers are the layer pass's calibration sequences (so GPTQ's statistics and
 the shipped weights come from the same tokens). At layer l the layer quantized at the probe width
@@ -38,7 +40,7 @@ import torch
 
 from core.calibration import Batch
 from core.data import encode_text, tokenize_rows
-from core.scorers.common import LayerScores, SequencePlan, lowest_bits
+from core.scorers.common import LayerScores, SequencePlan, damage_scaled, lowest_bits
 from core.spec import CalibrationRow, JobSpec
 from core.streaming.head import HeadQuery, head_stats
 from core.streaming.hidden import HiddenStream
@@ -208,6 +210,7 @@ class TaqoScorer(StreamScorer):
             for s in stats
         ]
         fp, quantized = scores[0], scores[1:]
+        widths = sorted(b for b in result.records[0].widths if b < 16) if result.records else []
         d_nll = [q.nll - fp.nll for q in quantized]
         positive = [max(0.0, d) for d in d_nll]
         mean_pos = sum(positive) / len(positive) if positive else 0.0
@@ -229,6 +232,7 @@ class TaqoScorer(StreamScorer):
                 },
                 importance=d_nll[l],
                 sensitivity=positive[l] + floor,
+                predicted_loss=damage_scaled(positive[l] + floor, result.records[l], self.bits, widths),
             )
             for l, q in enumerate(quantized)
         ]
