@@ -174,7 +174,6 @@ def estimate_job_memory(
     f32 = 4
     h, inter, L = dims.hidden_size, dims.intermediate_size, dims.num_layers
     rows = max(0, int(calibration_rows))
-    prompt_tokens = rows * max_tokens
     # taqo and taq_grad score prompt + answer: their sequences are longer by the answer
     tokens = calibration_tokens(method, rows, max_tokens)
     batch = max(max_tokens, min(tokens, batch_tokens)) if tokens else 0
@@ -215,8 +214,8 @@ def estimate_job_memory(
         }
 
     # the carried streams are the head's queries by then (head_queries counts them and their normed copy)
-    if method == "taq_kl":
-        phases["scoring head"] = head_phase(L + 1, prompt_tokens)
+    if method == "taq_kl":  # the last prompt token of every row
+        phases["scoring head"] = head_phase(L + 1, rows)
     elif method in ("taqo", "taq_grad"):
         phases["scoring head"] = head_phase(L + 1 if method == "taqo" else 2, rows * ANSWER_TOKENS)
     if method == "taq_grad" and tokens:

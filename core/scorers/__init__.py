@@ -28,7 +28,7 @@ def _taq(spec: JobSpec, **options: Any) -> StreamScorer:
 def _taq_kl(spec: JobSpec, **options: Any) -> StreamScorer:
     from core.scorers.taq_kl import TaqKlScorer
 
-    return TaqKlScorer(spec, **{k: v for k, v in options.items() if k == "noise_scale"})
+    return TaqKlScorer(spec)
 
 
 def _taqo(spec: JobSpec, **options: Any) -> StreamScorer:
@@ -61,5 +61,5 @@ SCORERS: dict[Method, Callable[..., StreamScorer]] = {
 
 def make_scorer(spec: JobSpec, **options: Any) -> StreamScorer:
     """The scorer of `spec.method`; `options` reach the methods that take them (`generate` for
-    taqo's and taq_grad's self-answers, `noise_scale` for taq_kl, `bits` for taqo's probe width)."""
+    taqo's and taq_grad's self-answers, `bits` for taqo's probe width)."""
     return SCORERS[Method(spec.method)](spec, **options)

@@ -6,8 +6,8 @@ For layer l (onloaded at the compute dtype):
 2. every probe stream a scorer started at an earlier layer runs through it too;
 3. every linear is quantized at every stored width (round-to-nearest or GPTQ) and its error
    measured; codes and the record are checkpointed (`core.streaming.checkpoints`);
-4. the scorer may start this layer's probe stream (e.g. this layer quantized at the probe width,
-   or its output plus noise);
+4. the scorer may start this layer's probe stream (e.g. the layer's input run through the layer
+   quantized at the probe width);
 5. with `calibration_inputs: quantized` the next layer's calibration inputs are this layer's
    outputs with its weights quantized at `reference_bits` (sequential calibration), while the
    full-precision stream continues alongside for the scorer;

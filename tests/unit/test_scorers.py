@@ -44,7 +44,6 @@ from core.scorers.common import (
     zscore,
 )
 from core.scorers.taq import TokenReservoir, covariance_entropy, matrix_entropy
-from core.scorers.taq_kl import layer_noise_seed
 from core.spec import CalibrationRow, JobSpec
 from core.streaming.checkpoints import MemoryStore
 from core.streaming.hidden import SpillArea
@@ -453,8 +452,7 @@ def test_score_relations(runs: dict) -> None:
     assert [l.sensitivity for l in by_importance] == sorted(l.sensitivity for l in layers)
     for l in runs["taq_kl"].profile.layers:
         assert l.scores["kl"] > 0 and l.sensitivity == l.scores["kl"] == l.importance
-        assert l.scores["noise_width"] == pytest.approx(l.scores["activation_range"] / 15)
-        assert l.scores["noise_bits"] == 4
+        assert l.scores["probe_bits"] == 4
     for l in runs["taqo"].profile.layers:
         s = l.scores
         assert s["delta_nll"] == pytest.approx(s["nll"] - s["fp_nll"])
@@ -656,57 +654,47 @@ def test_zscore_exp_sensitivity_and_lowest_bits() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def kl_reference(
-    model,
-    batches: list[Batch],
-    layer: int,
-    bits: int,
-    seed: int,
-    *,
-    scale: float = 1.0,
-    outputs: list[list[torch.Tensor]] | None = None,
-) -> tuple[float, float, float]:
-    """(mean KL(p_fp ‖ p_noised) over valid positions, activation range, noise width) with uniform
-    noise of one quantization step added to layer `layer`'s output by a forward hook."""
-    clean = [full_forward(model, b) for b in batches]
-    x = valid_rows([fw.outputs[layer] for fw in clean], batches)
-    value_range = float(x.max() - x.min())
-    width = scale * value_range / (2**bits - 1)
-    generator = torch.Generator().manual_seed(layer_noise_seed(seed, layer))
+def kl_reference(model, batches: list[Batch], layer: int, bits: int, group_size: int = 32) -> float:
+    """Mean over sequences of KL(p_fp ‖ p_q) at each sequence's last valid token, p_q the whole
+    model with decoder layer `layer` carrying its dequantized RTN codes at `bits`."""
+    quantized = with_layers_quantized(model, [layer], bits, group_size) if bits < 16 else model
     total, count = 0.0, 0
-    for batch, fw in zip(batches, clean):
-        shape = fw.outputs[layer].shape  # the padded batch shape
-        noise = (torch.rand(shape, generator=generator, dtype=torch.float32) - 0.5) * width
-        noised = full_forward(model, batch, add={layer: noise})
-        p_log = torch.log_softmax(fw.logits[batch.valid].double(), dim=-1)
-        q_log = torch.log_softmax(noised.logits[batch.valid].double(), dim=-1)
-        total += float((p_log.exp() * (p_log - q_log)).sum())
-        count += int(batch.valid.sum())
-    return total / count, value_range, width
+    with torch.no_grad():
+        for batch in batches:
+            last = batch.attention_mask.sum(dim=1) - 1
+            rows = torch.arange(batch.input_ids.shape[0])
+            fp = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[rows, last]
+            q = quantized(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[rows, last]
+            p_log = torch.log_softmax(fp.double(), dim=-1)
+            q_log = torch.log_softmax(q.double(), dim=-1)
+            total += float((p_log.exp() * (p_log - q_log)).sum())
+            count += int(batch.input_ids.shape[0])
+    return total / count
 
 
-def test_taq_kl_matches_noise_on_the_whole_model(hf, runs: dict) -> None:
+def test_taq_kl_matches_quantized_copies_of_the_whole_model(hf, runs: dict) -> None:
     run = runs["taq_kl"]
+    kls = []
     for l, layer in enumerate(run.profile.layers):
-        kl, value_range, width = kl_reference(hf, run.batches, l, 4, 0)
-        assert layer.scores["activation_range"] == pytest.approx(value_range, rel=1e-6)
-        assert layer.scores["noise_width"] == pytest.approx(width, rel=1e-6)
-        # the streamed head sums each vocabulary chunk in float32 (a float64 sum would copy the
-        # chunk to float64); the logits themselves are float32, so 1e-5 is their precision here
-        assert layer.scores["kl"] == pytest.approx(kl, rel=1e-5)
-        assert layer.sensitivity == pytest.approx(kl, rel=1e-5)
+        kl = kl_reference(hf, run.batches, l, 4)
+        # the streamed head forms z_ref − z in float32 per vocabulary chunk; with one layer at 4
+        # bits the logits move by ~1e-2 and the KL is ~1e-4, so float32 gives it ~1e-3 relative
+        assert layer.scores["kl"] == pytest.approx(kl, rel=1e-3)
+        assert layer.sensitivity == layer.scores["kl"]
+        kls.append(kl)
+    assert min(kls) > 0, "the probe changed nothing; the test is vacuous"
 
 
-def test_kl_is_zero_without_noise(source) -> None:
-    spec = make_spec("taq_kl")
-    profile, _ = score_low_level(source, spec, make_scorer(spec, noise_scale=0.0), ROWS)
-    assert all(abs(l.scores["kl"]) < 1e-7 and l.scores["noise_width"] == 0 for l in profile.layers)
+def test_kl_is_zero_when_the_probe_keeps_full_precision(source) -> None:
+    spec = make_spec("taq_kl", bit_choices=[16])
+    profile, _ = score_low_level(source, spec, make_scorer(spec), ROWS)
+    assert all(l.scores["kl"] == 0 and l.scores["probe_bits"] == 16 for l in profile.layers)
 
 
-def test_kl_grows_with_noise(source, runs: dict) -> None:
-    louder = score(source, "taq_kl", bit_choices=[2, 16])
-    for a, b in zip(runs["taq_kl"].profile.layers, louder.profile.layers):
-        assert b.scores["noise_width"] == pytest.approx(a.scores["noise_width"] * 15 / 3)
+def test_kl_grows_when_the_probe_is_coarser(source, runs: dict) -> None:
+    coarser = score(source, "taq_kl", bit_choices=[2, 16])
+    for a, b in zip(runs["taq_kl"].profile.layers, coarser.profile.layers, strict=True):
+        assert b.scores["probe_bits"] == 2
         assert b.scores["kl"] > a.scores["kl"]
 
 
@@ -1010,9 +998,11 @@ def test_chunked_lm_head_gives_the_same_scores(method: str, source, runs: dict, 
     chunked = score(source, method).profile
     for a, b in zip(chunked.layers, runs[method].profile.layers):
         # the same up to float32 rounding: logits shifted by a different running maximum, and
-        # each chunk's sums taken in float32 over other spans
-        assert a.scores == pytest.approx(b.scores, rel=1e-5, abs=1e-12)
-        assert a.sensitivity == pytest.approx(b.sensitivity, rel=1e-5, abs=1e-12)
+        # each chunk's sums taken in float32 over other spans (TAQ-KL's KL of one 4-bit layer is
+        # ~1e-4 formed from float32 logit differences: a few 1e-4 relative)
+        rel = 1e-3 if method == "taq_kl" else 1e-5
+        assert a.scores == pytest.approx(b.scores, rel=rel, abs=1e-12)
+        assert a.sensitivity == pytest.approx(b.sensitivity, rel=rel, abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1222,7 +1212,5 @@ def test_taq_kl_on_gemma3_matches_the_whole_model(tiny_gemma) -> None:
         logits = model(input_ids=batches[0].input_ids, attention_mask=batches[0].attention_mask).logits
     assert float(logits.abs().max()) > 2.0
     for l, layer in enumerate(profile.layers):
-        kl, value_range, width = kl_reference(model, batches, l, 4, 0)
-        assert layer.scores["activation_range"] == pytest.approx(value_range, rel=1e-6)
-        assert layer.scores["noise_width"] == pytest.approx(width, rel=1e-6)
-        assert layer.scores["kl"] == pytest.approx(kl, rel=1e-5)
+        kl = kl_reference(model, batches, l, 4)
+        assert layer.scores["kl"] == pytest.approx(kl, rel=1e-3)
