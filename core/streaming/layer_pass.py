@@ -98,8 +98,9 @@ class StreamScorer(ABC):
     def begin(self, batches: list[Batch], n_layers: int) -> None:
         """Called once before layer 0."""
 
-    def observe(self, layer: int, batch_index: int, output: torch.Tensor, batch: Batch) -> None:
-        """The full-precision output of `layer` for one batch (fresh layers only)."""
+    def observe(self, layer: int, batch_index: int, output: torch.Tensor, batch: Batch, inputs: torch.Tensor) -> None:
+        """The full-precision output of `layer` for one batch and the input it came from (fresh
+        layers only)."""
 
     def layer_values(self, layer: int) -> dict[str, float]:
         """The per-layer values to checkpoint once `layer` was observed."""
@@ -127,7 +128,7 @@ def _forward(
     name: str,
     *,
     inputs: LayerInputs | None = None,
-    observe: Callable[[int, torch.Tensor], None] | None = None,
+    observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> HiddenStream:
     out = HiddenStream(stream.area, len(stream), name)
     recording = inputs.recording() if inputs is not None else nullcontext()
@@ -136,9 +137,10 @@ def _forward(
             tracker.check()
             if inputs is not None:
                 inputs.set_batch(batches[b].valid)
-            hidden = run_layer(layer, stream.get(b), captured.calls[b][index])
+            source = stream.get(b)
+            hidden = run_layer(layer, source, captured.calls[b][index])
             if observe is not None:
-                observe(b, hidden)
+                observe(b, hidden, source)
             out.put(b, hidden)
     return out
 
@@ -178,7 +180,7 @@ def run_layer_pass(
         fresh = record is None
         with model.onloaded(ref.name) as layer:
             inputs = LayerInputs(ref.linears, n_tokens) if fresh and captured is not None else None
-            observe = (lambda b, h, _i=index: scorer.observe(_i, b, h, batches[b])) if fresh else None
+            observe = (lambda b, h, x, _i=index: scorer.observe(_i, b, h, batches[b], x)) if fresh else None
             clean_out = calib_out = None
             if captured is not None:
                 assert clean is not None and calib is not None  # set together with `captured`

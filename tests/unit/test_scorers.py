@@ -301,15 +301,18 @@ def spectral_entropy(x: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-def sequential_algorithm_r(batches: list[Batch], size: int, seed: int) -> list[int]:
-    """Algorithm R token by token: token g (global index over valid tokens) fills slot g while
-    g < size, else replaces slot j = floor(u·(g+1)) when j < size. The uniforms come from the same
-    seeded generator, drawn batch by batch for the batch's tokens past the first `size`."""
+def sequential_algorithm_r(
+    batches: list[Batch], size: int, seed: int, masks: list[torch.Tensor] | None = None
+) -> list[int]:
+    """Algorithm R token by token: token g (global index over valid tokens, or over `masks`)
+    fills slot g while g < size, else replaces slot j = floor(u·(g+1)) when j < size. The uniforms
+    come from the same seeded generator, drawn batch by batch for the batch's tokens past the
+    first `size`."""
     generator = torch.Generator().manual_seed(seed)
     slots = [-1] * size
     g = 0
-    for batch in batches:
-        n = batch.n_tokens
+    for b, batch in enumerate(batches):
+        n = batch.n_tokens if masks is None else int(masks[b].sum())
         n_late = sum(1 for t in range(g, g + n) if t >= size)
         u = torch.rand(n_late, generator=generator, dtype=torch.float64).tolist() if n_late else []
         k = 0
@@ -442,7 +445,8 @@ def test_score_relations(runs: dict) -> None:
     layers = runs["taq"].profile.layers
     assert abs(sum(l.scores["z_information"] for l in layers)) < 1e-9
     for l in layers:
-        assert l.scores["stability"] == -l.scores["variance"] < 0
+        assert l.scores["stability"] == -l.scores["update_variance"] < 0
+        assert l.scores["massive_tokens"] == 0 and l.scores["shared_prefix"] > 0
         assert 0 < l.scores["information"] <= math.log(32) + 1e-9
         assert l.scores["effective_rank"] == pytest.approx(math.exp(l.scores["information"]))
         assert l.importance == pytest.approx(0.5 * l.scores["z_information"] + 0.5 * l.scores["z_stability"])
@@ -469,6 +473,22 @@ def test_score_relations(runs: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def common_prefix(sequences: list[list[int]]) -> int:
+    n = 0
+    while all(len(x) > n for x in sequences) and len({x[n] for x in sequences}) == 1:
+        n += 1
+    return n
+
+
+def task_masks(batches: list[Batch], prefix: int) -> list[torch.Tensor]:
+    out = []
+    for batch in batches:
+        mask = batch.attention_mask.bool().clone()
+        mask[:, :prefix] = False
+        out.append(mask)
+    return out
+
+
 def test_taq_scores_match_the_whole_model(hf, runs: dict) -> None:
     run = runs["taq"]
     batches = run.batches
@@ -477,22 +497,27 @@ def test_taq_scores_match_the_whole_model(hf, runs: dict) -> None:
     for fw in forwards:
         for l in range(N_LAYERS - 1):
             assert torch.equal(fw.outputs[l], fw.hidden_states[l + 1])
+    prefix = common_prefix(run.sequences)
+    assert prefix > 0  # the chat template every row starts with
+    masks = task_masks(batches, prefix)
+    n_task = sum(int(m.sum()) for m in masks)
     reservoir = TokenReservoir(32, 0)
-    reservoir.draw(batches)
-    n_valid = sum(b.n_tokens for b in batches)
-    assert n_valid > 100 and reservoir.seen == n_valid and reservoir.filled == 32
-    assert reservoir.slot_token == sequential_algorithm_r(batches, 32, 0)
+    reservoir.draw(batches, masks)
+    assert n_task > 100 and reservoir.seen == n_task and reservoir.filled == 32
+    assert reservoir.slot_token == sequential_algorithm_r(batches, 32, 0, masks)
     info, stab = [], []
     for l in range(N_LAYERS):
-        x = valid_rows([fw.outputs[l] for fw in forwards], batches)
-        assert x.shape[0] == n_valid
+        x = valid_rows([fw.outputs[l] for fw in forwards], [_masked(b, m) for b, m in zip(batches, masks)])
+        before = valid_rows([fw.hidden_states[l] for fw in forwards], [_masked(b, m) for b, m in zip(batches, masks)])
+        assert x.shape[0] == n_task
         info.append(spectral_entropy(x[torch.tensor(reservoir.slot_token)]))
-        stab.append(-float(x.double().var(unbiased=False)))
+        stab.append(-float((x - before).double().var(unbiased=False)))
     z_info, z_stab = pop_z(info), pop_z(stab)
     importance = [0.5 * a + 0.5 * b for a, b in zip(z_info, z_stab)]
     exp_imp = [math.exp(v) for v in importance]
     sensitivity = [v / statistics.fmean(exp_imp) for v in exp_imp]
     for l, layer in enumerate(run.profile.layers):
+        assert layer.scores["shared_prefix"] == prefix
         assert layer.scores["information"] == pytest.approx(info[l], rel=1e-6)
         assert layer.scores["stability"] == pytest.approx(stab[l], rel=1e-6)
         assert layer.scores["z_information"] == pytest.approx(z_info[l], abs=1e-4)
@@ -501,12 +526,42 @@ def test_taq_scores_match_the_whole_model(hf, runs: dict) -> None:
         assert layer.sensitivity == pytest.approx(sensitivity[l], rel=1e-4)
 
 
+def _masked(batch: Batch, mask: torch.Tensor) -> Batch:
+    """The batch with `mask` as its attention mask (so `valid_rows` takes the masked tokens)."""
+    return Batch(input_ids=batch.input_ids, attention_mask=mask.long(), rows=batch.rows)
+
+
+def test_massive_activation_tokens_leave_the_statistics() -> None:
+    """A token whose output norm is > MASSIVE_RATIO × the median (an attention sink) enters neither
+    the update variance nor the reservoir; the shared prefix enters neither either."""
+    from core.scorers.taq import MASSIVE_RATIO, TaqScorer, massive_tokens
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[7, 7, 1, 2, 3, 4], [7, 7, 5, 6, 8, 0]])
+    batch = Batch(input_ids=ids, attention_mask=torch.tensor([[1] * 6, [1] * 5 + [0]]), rows=(0, 1))
+    inputs = torch.randn(2, 6, 8, generator=g)
+    output = inputs + torch.randn(2, 6, 8, generator=g)
+    output[0, 3] *= 10 * MASSIVE_RATIO  # a sink after the prefix
+    output[0, 0] *= 10 * MASSIVE_RATIO  # a sink inside the prefix: left out as prefix anyway
+    scorer = TaqScorer(make_spec("taq", reservoir_size=16))
+    scorer.begin([batch], 1)
+    assert scorer.prefix == 2
+    scorer.observe(0, 0, output, batch, inputs)
+    values = scorer.layer_values(0)
+    keep = torch.tensor([[0, 0, 1, 0, 1, 1], [0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    expected = (output - inputs)[keep].double().var(unbiased=False)
+    assert values["update_variance"] == pytest.approx(float(expected), rel=1e-9)
+    assert values["massive_tokens"] == 1 and values["reservoir_tokens"] == 6 and values["shared_prefix"] == 2
+    assert massive_tokens(torch.tensor([1.0, 1.1, 0.9, 1.0 * MASSIVE_RATIO + 0.5])).tolist() == [False] * 3 + [True]
+    assert massive_tokens(torch.zeros(0)).numel() == 0
+
+
 def test_taq_reservoir_larger_than_the_data_holds_every_token(source, hf) -> None:
-    """reservoir_size above the number of valid tokens: every token, in order."""
+    """reservoir_size above the number of task tokens: every one, in order."""
     run = score(source, "taq", reservoir_size=4096)
-    batches = run.batches
+    batches = [_masked(b, m) for b, m in zip(run.batches, task_masks(run.batches, common_prefix(run.sequences)))]
     n_valid = sum(b.n_tokens for b in batches)
-    forwards = [full_forward(hf, b) for b in batches]
+    forwards = [full_forward(hf, b) for b in run.batches]
     for l, layer in enumerate(run.profile.layers):
         x = valid_rows([fw.outputs[l] for fw in forwards], batches)
         assert layer.scores["reservoir_tokens"] == n_valid
@@ -518,7 +573,7 @@ def test_seed_changes_taq_reservoir_only(source, runs: dict) -> None:
     other = score(source, "taq", seed=1).profile
     assert [l.scores["information"] for l in other.layers] != [l.scores["information"] for l in base.layers]
     # the streamed variance and the measured errors do not depend on the seed
-    assert [l.scores["variance"] for l in other.layers] == [l.scores["variance"] for l in base.layers]
+    assert [l.scores["update_variance"] for l in other.layers] == [l.scores["update_variance"] for l in base.layers]
     assert [l.quant_error for l in other.layers] == [l.quant_error for l in base.layers]
 
 
@@ -528,7 +583,7 @@ def test_padding_never_enters_statistics(source) -> None:
     assert len(batched.batches) == 1 and (batched.batches[0].attention_mask == 0).any()
     assert all(b.attention_mask.all() for b in single.batches)
     for a, b in zip(batched.profile.layers, single.profile.layers):
-        assert a.scores["variance"] == pytest.approx(b.scores["variance"], rel=1e-5)
+        assert a.scores["update_variance"] == pytest.approx(b.scores["update_variance"], rel=1e-5)
         assert a.scores["information"] == pytest.approx(b.scores["information"], rel=1e-5)
         for bits in (4, 8):
             assert a.quant_error[bits] == pytest.approx(b.quant_error[bits], rel=1e-4)

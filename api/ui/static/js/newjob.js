@@ -7,7 +7,7 @@ import { errorBlock } from './errors.js';
 import { fmtTime, h, replace } from './dom.js';
 
 const METHODS = [
-  ['taq', 'taq', 'TAQ: matrix entropy and activation variance of each layer (one forward pass)'],
+  ['taq', 'taq', 'TAQ: matrix entropy and update variance of each layer on the task\u2019s tokens (one forward pass)'],
   ['taq_kl', 'taq_kl', 'TAQ-KL: next-token KL at the end of the prompt when only that layer is quantized'],
   ['taqo', 'taqo', 'TAQO: drop of the task score when only that layer is quantized (oracle)'],
   ['taq_grad', 'taq_grad', 'TAQ-Grad: predicted task-loss increase of every format (one backward pass)'],
