@@ -171,6 +171,15 @@ def status(
         rows.append(("error", f"{job['error'].get('code')}: {job['error'].get('message')}"))
     for budget in (job.get("result") or {}).get("budgets") or []:
         rows.append(("effective bits", f"{budget.get('effective_bits')} (budget {budget.get('avg_bits', '-')})"))
+        loop = budget.get("closed_loop")
+        if loop:
+            measured = ", ".join(f"{c['name']} {c['measured_gold_nll']:.4f}" for c in loop["candidates"])
+            rows.append(
+                (
+                    "closed loop",
+                    f"shipped {loop['shipped']}; held-back gold NLL ({loop['holdout_rows']} rows): {measured}",
+                )
+            )
     for key, value in rows:
         table.add_row(f"[bold]{key}", str(value))
     out.print(table)

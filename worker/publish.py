@@ -133,6 +133,18 @@ def _artifact_rows(job_id: str, files: dict[str, dict[str, Any]], directories: d
     return rows
 
 
+def _closed_loop_summary(record: dict[str, Any] | None) -> dict[str, Any]:
+    """What the closed loop shipped and each candidate's held-back NLL (bits stay in bitmap.json)."""
+    if record is None:
+        return {}
+    candidates = [
+        {k: c[k] for k in ("name", "rule", "effective_bits", "measured_gold_nll")} for c in record["candidates"]
+    ]
+    return {
+        "closed_loop": {"shipped": record["shipped"], "holdout_rows": record["holdout_rows"], "candidates": candidates}
+    }
+
+
 def _result_summary(hooks, outputs: JobOutputs, rows: list[Artifact]) -> dict[str, Any]:
     spec = outputs.spec
     budgets = []
@@ -147,6 +159,7 @@ def _result_summary(hooks, outputs: JobOutputs, rows: list[Artifact]) -> dict[st
                 "objective": allocation.objective,
                 "bits": allocation.bits,
                 "artifacts": [n for key, n in names.items() if key in [f.value for f in spec.exports]],
+                **_closed_loop_summary(allocation.closed_loop),
             }
         )
     metrics = None

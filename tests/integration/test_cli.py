@@ -258,3 +258,38 @@ def test_datasets_and_delete(svc, tmp_path):
     assert dataset_id not in [d["id"] for d in json.loads(ok(taq(svc, "datasets", "list", "--json")).stdout)["items"]]
     again = taq(svc, "datasets", "delete", dataset_id)
     assert again.returncode == 3 and "not_found" in again.stderr
+
+
+def test_closed_loop_job_says_what_it_shipped(svc, tmp_path):
+    """A taq_grad job with --closed-loop through the CLI: the result names the candidate shipped
+    and every candidate's held-back gold NLL, and `taq status` prints it."""
+    rows = [{"prompt": f"What is {i} plus {i}?", "answers": [str(2 * i)]} for i in range(8)]
+    (tmp_path / "cal.jsonl").write_bytes(calibration_jsonl(rows))
+    (tmp_path / "spec.json").write_text(json.dumps(tiny_spec("taq_grad", calibration=None)))
+    result = ok(
+        taq(
+            svc,
+            "submit",
+            "--spec",
+            str(tmp_path / "spec.json"),
+            "--calibration",
+            str(tmp_path / "cal.jsonl"),
+            "--closed-loop",
+            "--wait",
+            "--json",
+            "--interval",
+            "0.5",
+        )
+    )
+    job = json.loads(result.stdout)
+    assert job["status"] == "succeeded", job
+    assert job["spec"]["closed_loop"] is True and job["spec"]["method"] == "taq_grad"
+    (budget,) = job["result"]["budgets"]
+    loop = budget["closed_loop"]
+    assert loop["holdout_rows"] == 4
+    names = [c["name"] for c in loop["candidates"]]
+    assert names[:3] == ["allocation", "uniform", "error_only"] and loop["shipped"] in names
+    best = min(loop["candidates"], key=lambda c: c["measured_gold_nll"])
+    assert loop["shipped"] == best["name"] and "closed loop" in budget["solver"]
+    status = ok(taq(svc, "status", job["id"])).stdout
+    assert "closed loop" in status and f"shipped {loop['shipped']}" in status
