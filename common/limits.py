@@ -221,6 +221,7 @@ def estimate_for_spec(
         group_size=spec.group_size,
         source_bytes=source_bytes,
         gguf_source=bool(getattr(source, "gguf_file", None)),
+        closed_loop=spec.closed_loop,
     )
     estimate = estimate_job_memory(dims, **options)
     if evaluates and limit_bytes is not None and estimate.generation_bytes + estimate.runtime_bytes <= limit_bytes:

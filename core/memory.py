@@ -23,6 +23,8 @@ plus the largest of its phases.
   `activation_ram_bytes`), one batch's forward activations kept for autograd and their gradients,
   every linear's input and output gradient of that batch, and one ΔW with its X·ΔWᵀ.
 * **export** — the largest single tensor (usually the embedding or LM head) as read and as written.
+* **closed loop** (`closed_loop: true`) — the evaluation's teacher-forced pass over the held-back
+  quarter of the calibration rows, carrying full precision and up to seven candidates.
 * **generation** — greedy generation materialises the whole model once (weights at the compute
   dtype, the KV cache of a batch, last-position logits); it runs only when that fits the worker's
   limit, so it is reported separately (`generation_bytes`) and counted only when the caller says
@@ -159,6 +161,7 @@ def estimate_job_memory(
     group_size: int = 128,
     source_bytes: int = 4,
     gguf_source: bool = False,
+    closed_loop: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes of one job (see the module docstring for every term).
 
@@ -168,7 +171,7 @@ def estimate_job_memory(
     whether greedy generation will run (the model fits the worker); `source_bytes` the width the
     checkpoint stores its floats in (2 for bf16/fp16 safetensors, 4 otherwise); `gguf_source` whether
     the model is a GGUF file (its tokenizer is built from the file's metadata, and exports copy that
-    metadata)."""
+    metadata); `closed_loop` whether the allocate stage measures its candidates on held-back rows."""
     if weight_bytes not in (2, 4):
         raise ValueError("weight_bytes must be 2 or 4")
     f32 = 4
@@ -228,14 +231,19 @@ def estimate_job_memory(
             + batch * sum(dims.linear_inputs) * 2 * f32,
             "error_measure": 2 * largest * f32 + batch * max(inter, h) * 2 * f32,
         }
-    if evaluates:
-        variants = 1 + 2 * max(1, budgets)
-        eval_tokens = max(1, eval_rows) * (max_tokens + ANSWER_TOKENS)
-        phases["evaluation"] = {
+
+    def teacher_forced_phase(variants: int, tf_rows: int) -> dict[str, int]:
+        tf_tokens = max(1, tf_rows) * (max_tokens + ANSWER_TOKENS)
+        return {
             "layer_weights": layer_params * weight_bytes,
-            "carried": min(2 * variants * eval_tokens * h * weight_bytes, activation_ram_bytes),
-            **head_phase(variants, eval_tokens),
+            "carried": min(2 * variants * tf_tokens * h * weight_bytes, activation_ram_bytes),
+            **head_phase(variants, tf_tokens),
         }
+
+    if evaluates:
+        phases["evaluation"] = teacher_forced_phase(1 + 2 * max(1, budgets), eval_rows)
+    if closed_loop:  # full precision + at most 7 candidates, on the held-back quarter of the rows
+        phases["closed loop"] = teacher_forced_phase(8, max(4, -(-rows // 4)))
 
     # ---- export: the largest tensor as read (at most float32) and written (fp16), or a linear's codes ----
     biggest = max(dims.vocab_size * h, largest)
@@ -281,6 +289,7 @@ def estimate_job_memory(
             "generation": generation,
             "source_bytes": source_bytes,
             "gguf_source": gguf_source,
+            "closed_loop": closed_loop,
         },
     )
 

@@ -93,6 +93,9 @@ def test_terms_follow_method_device_rows_and_evaluation() -> None:
     assert grad.phases["layer pass"] == taqo.phases["layer pass"]
     assert "gradient sweep" in grad.phases and "gradient sweep" not in taqo.phases
     assert grad.phases["gradient sweep"] > taq.phases["layer pass"]
+    looped = estimate_job_memory(dims, method="taq_grad", closed_loop=True, **base)
+    assert "closed loop" in looped.phases and "closed loop" not in grad.phases
+    assert looped.phases["closed loop"] > 0 and looped.assumptions["closed_loop"] is True
     capped = estimate_job_memory(
         dims, method="taq_kl", calibration_rows=256, max_tokens=256, activation_ram_bytes=1 << 30
     )
