@@ -97,6 +97,7 @@ export async function newJobView(container, ctx) {
     symmetric: h('input', { id: 'symmetric', type: 'checkbox' }),
     clip: h('input', { id: 'clip-search', type: 'checkbox' }),
     controls: h('input', { id: 'eval-controls', type: 'checkbox', checked: true }),
+    closedLoop: h('input', { id: 'closed-loop', type: 'checkbox' }),
     inputs: select('calibration-inputs', [['fp', 'fp (full-precision activations)'], ['quantized', 'quantized (sequential)']], 'fp'),
     rows: num('max-calibration-rows', 256, 1, 4096),
     tokens: num('max-tokens', 256, 8, 8192),
@@ -131,6 +132,7 @@ export async function newJobView(container, ctx) {
     spec.symmetric = adv.symmetric.checked;
     spec.clip_search = adv.clip.checked;
     if (!adv.controls.checked) spec.eval_controls = false; // the API's default is true
+    if (adv.closedLoop.checked) spec.closed_loop = true;
     spec.calibration_inputs = adv.inputs.value;
     spec.max_calibration_rows = Number(adv.rows.value);
     spec.max_tokens = Number(adv.tokens.value);
@@ -176,6 +178,8 @@ export async function newJobView(container, ctx) {
         h('label', { class: 'check' }, adv.symmetric, ' symmetric'), h('label', { class: 'check' }, adv.clip, ' clip search'),
         h('label', { class: 'check', title: 'uniform at equal bits, error_only and random next to the method in eval.json' },
           adv.controls, ' evaluate the controls'),
+        h('label', { class: 'check', title: 'hold back a quarter of the rows with answers; ship whichever of the allocation, uniform, error_only and one-swap neighbours measures best on them' },
+          adv.closedLoop, ' closed loop'),
         field('Calibration inputs', adv.inputs), field('Calibration rows used', adv.rows),
         field('Tokens per prompt', adv.tokens), field('Reservoir size (taq)', adv.reservoir), field('Seed', adv.seed),
         field('Worker class', adv.workerClass), field('Reuse profile of job', adv.profileFrom))),
