@@ -68,8 +68,9 @@ test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
 
 # the equal-bits quality benchmark of BENCHMARKS.md, one process with the script's default sweep
-# (suites capitals, arithmetic, capitals_mc; budget 5.0; taq_grad+gptq alone and with the closed loop against the
-# uniform / error_only / random controls and a cross-task row): see BENCHMARKS.md for its run time
+# (suites capitals, arithmetic, capitals_mc; budget 5.0; taq_grad+gptq alone and with the closed
+# loop against the uniform / error_only / random controls and a cross-task row): see BENCHMARKS.md
+# for its run time
 bench-quality: setup
 	$(BIN)/python bench/bench_quality.py \
 		--json bench/out/quality.json --markdown bench/out/quality.md --plot bench/out/quality.png

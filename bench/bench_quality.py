@@ -458,6 +458,12 @@ def measure_suite(args, loaded: LoadedModel, model_id: str, suite: str, profiles
         )
         row["seconds"] = {"pass": c.scored.seconds if c.scored else c.seconds, "eval": time.perf_counter() - t0}
         row["bits_histogram"] = describe_allocation(c.allocation)["bits_histogram"] if c.allocation else {"4": "all"}
+        if c.allocation is not None and c.allocation.closed_loop is not None:
+            loop = c.allocation.closed_loop
+            row["closed_loop"] = {
+                "shipped": loop["shipped"],
+                "held_back_nll": {x["name"]: x["measured_gold_nll"] for x in loop["candidates"]},
+            }
         out.append(row)
         print_progress(row)
     return out
