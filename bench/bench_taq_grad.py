@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--no-measure", action="store_true", help="time the scorer only, no measured loss increases")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         scores = scorer.finish(model, result)
         finish_s = time.perf_counter() - t0
         profile = build_profile(spec, "taq_grad", scores, result.records)
+    cost = {"plain_forward": forward_s, "layer_pass": pass_s, "finish": finish_s}
+    if args.no_measure:
+        print(json.dumps({"seconds": cost, "finish_forward_equivalents": finish_s / forward_s}, indent=1))
+        return 0
     module = model.materialize()
     base = task_loss(module, plan, batches)
     predicted, measured, low_pred, low_meas = [], [], [], []
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": len(chosen),
         "sequences": len(plan.sequences),
         "fp_loss": base,
-        "seconds": {"plain_forward": forward_s, "layer_pass": pass_s, "finish": finish_s},
+        "seconds": cost,
         "finish_forward_equivalents": finish_s / forward_s,
         "spearman_all": spearman(predicted, measured),
         "spearman_4bit_layers": spearman(low_pred, low_meas),
