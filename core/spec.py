@@ -157,8 +157,8 @@ class JobSpec(_Strict):
     #: bits, error_only, random; see docs/SERVICE.md "Evaluation") when the job evaluates
     eval_controls: bool = True
     #: hold back a quarter of the calibration rows with answers and ship, per budget, whichever of
-    #: the method's allocation, uniform at equal bits, error_only and a few one-swap neighbours
-    #: measures the lowest gold-answer NLL on them (core/closed_loop.py)
+    #: the method's allocation, uniform at equal bits and error_only measures the lowest
+    #: gold-answer NLL on them (core/closed_loop.py)
     closed_loop: bool = False
     #: run only on workers of this class (the deployment's TAQ_WORKER_CLASSES); None: the service
     #: picks the smallest class whose memory holds the job

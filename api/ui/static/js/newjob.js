@@ -178,7 +178,7 @@ export async function newJobView(container, ctx) {
         h('label', { class: 'check' }, adv.symmetric, ' symmetric'), h('label', { class: 'check' }, adv.clip, ' clip search'),
         h('label', { class: 'check', title: 'uniform at equal bits, error_only and random next to the method in eval.json' },
           adv.controls, ' evaluate the controls'),
-        h('label', { class: 'check', title: 'hold back a quarter of the rows with answers; ship whichever of the allocation, uniform, error_only and one-swap neighbours measures best on them' },
+        h('label', { class: 'check', title: 'hold back a quarter of the rows with answers; ship whichever of the allocation, uniform and error_only measures best on them' },
           adv.closedLoop, ' closed loop'),
         field('Calibration inputs', adv.inputs), field('Calibration rows used', adv.rows),
         field('Tokens per prompt', adv.tokens), field('Reservoir size (taq)', adv.reservoir), field('Seed', adv.seed),
