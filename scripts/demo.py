@@ -2,12 +2,13 @@
 
 Starts `taq serve` (SQLite, file:// storage, a broker that needs no server) on a loopback port
 with its logs in a file, uploads the capitals task (64 calibration rows, 173 eval rows),
-quantizes SmolLM2-135M-Instruct with TAQ under a 4.5-bit budget and evaluates it. The terminal
-shows a progress bar per stage, then full precision, TAQ and uniform at the same bits on the eval
-split (task score with its interval, gold-answer NLL, KL, effective bits, size of the decoder
-linears), the layers TAQ found most task-relevant and their bits, where the artifacts are and
-the dashboard's address. The service keeps running for the dashboard until Ctrl-C when the demo
-runs in a terminal; `--no-keep` (or a stdin that is not a terminal) stops it after the summary.
+quantizes SmolLM2-135M-Instruct with TAQ-Grad (the task loss's own sensitivity, `taq_grad`) under
+a 4.5-bit budget and evaluates it. The terminal shows a progress bar per stage, then full
+precision, TAQ-Grad and uniform at the same bits on the eval split (task score with its interval,
+gold-answer NLL, KL, effective bits, size of the decoder linears), the layers it found most
+task-relevant and their bits, where the artifacts are and the dashboard's address. The service
+keeps running for the dashboard until Ctrl-C when the demo runs in a terminal; `--no-keep` (or a
+stdin that is not a terminal) stops it after the summary.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from core.pipeline import STAGE_SHARES, STAGES, overall_progress  # noqa: E402
 
 TASK = ROOT / "bench" / "tasks" / "capitals"
 MODEL = "smollm2-135m-instruct"
+METHOD = "taq_grad"
+#: how the summary names a job's method
+LABELS = {"taq": "TAQ", "taq_kl": "TAQ-KL", "taqo": "TAQO", "taq_grad": "TAQ-Grad", "uniform": "uniform"}
 NOTE_WIDTH = 36
 console = Console(highlight=False, soft_wrap=True)
 
@@ -138,8 +142,8 @@ def follow(client: httpx.Client, job: dict[str, Any], timeout: float) -> dict[st
             job = check(client.get(f"/v1/jobs/{job['id']}"))
 
 
-def story_table(report: dict[str, Any], linear_params: int) -> Table:
-    """Full precision, TAQ and uniform at equal bits: contains, gold NLL, KL, bits, size."""
+def story_table(report: dict[str, Any], linear_params: int, label: str) -> Table:
+    """Full precision, the method and uniform at equal bits: contains, gold NLL, KL, bits, size."""
     meta = report["meta"]
     source = meta.get("full_precision") or {}
     bits = {"full_precision": source.get("bits"), "quantized": meta["effective_bits"]}
@@ -155,7 +159,7 @@ def story_table(report: dict[str, Any], linear_params: int) -> Table:
         pad_edge=False,
         show_edge=False,
     )
-    labels = {"full_precision": "full precision", "quantized": "TAQ", "uniform": "uniform"}
+    labels = {"full_precision": "full precision", "quantized": label, "uniform": "uniform"}
     for name, label in labels.items():
         teacher = report["teacher_forced"].get(name)
         if teacher is None:
@@ -173,44 +177,45 @@ def story_table(report: dict[str, Any], linear_params: int) -> Table:
     return table
 
 
-def verdicts(report: dict[str, Any]) -> list[str]:
+def verdicts(report: dict[str, Any], label: str) -> list[str]:
     lines = []
     for c in report.get("comparisons") or []:
         if c["baseline"] == "uniform" and c["metric"] in ("contains", "gold_nll"):
             d = c["difference"]
             lines.append(
-                f"TAQ − uniform, {c['metric']}: {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] → "
+                f"{label} − uniform, {c['metric']}: {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] → "
                 f"{c['verdict'].replace('_', ' ')}"
             )
     return lines
 
 
-def layers_table(profile: dict[str, Any], top: int = 6) -> Table:
-    ranked = sorted(profile["layers"], key=lambda layer: layer["sensitivity"], reverse=True)[:top]
-    table = Table("layer", "sensitivity", "bits", title=f"the {top} layers TAQ ranks highest", box=box.SIMPLE_HEAD)
+def layers_table(profile: dict[str, Any], label: str, top: int = 6) -> Table:
+    ranked = sorted(profile["layers"], key=lambda layer: layer["importance"], reverse=True)[:top]
+    table = Table("layer", "importance", "bits", title=f"the {top} layers {label} ranks highest", box=box.SIMPLE_HEAD)
     for layer in ranked:
-        table.add_row(layer["name"], f"{layer['sensitivity']:.3g}", str(layer.get("bits") or "-"))
+        table.add_row(layer["name"], f"{layer['importance']:.3g}", str(layer.get("bits") or "-"))
     return table
 
 
 def summary(client: httpx.Client, job: dict[str, Any], data_dir: Path, base: str) -> None:
     job_id = job["id"]
+    label = LABELS.get(job["spec"]["method"], job["spec"]["method"])
     artifacts = check(client.get(f"/v1/jobs/{job_id}/artifacts"))
     profile = check(client.get(f"/v1/jobs/{job_id}/profile"))
     report = check(client.get(f"/v1/jobs/{job_id}/artifacts/eval.json"))
     report = report["budgets"][0] if "budgets" in report else report
     linear_params = sum(layer["params"] for layer in profile["layers"])
     counts = " · ".join(f"{n} layers at {b} bits" for b, n in report["variants"]["quantized"]["bits_histogram"].items())
-    console.print(f"\n[bold]TAQ kept the task's layers precise:[/] {counts}")
-    console.print(layers_table(profile))
+    console.print(f"\n[bold]{label} kept the task's layers precise:[/] {counts}")
+    console.print(layers_table(profile, label))
     console.print(f"\n[bold]capitals eval split[/] · {report['n_items']} items · mean [95 % bootstrap interval]")
-    console.print(story_table(report, linear_params))
+    console.print(story_table(report, linear_params, label))
     formats = "+".join(sorted((report["meta"].get("full_precision") or {}).get("formats") or {})) or "source"
     console.print(
         "  KL: next-token KL from full precision at the answer positions; bits: stored bits per decoder-linear"
         f" weight (full precision: the source as stored, {formats}); MiB: those linears' size"
     )
-    for line in verdicts(report):
+    for line in verdicts(report, label):
         console.print("  " + line)
     console.print("\n[bold]artifacts[/]")
     for art in artifacts:
@@ -248,7 +253,7 @@ def main() -> None:
             console.print(f"capitals task: {calibration['rows']} calibration rows, {evaluation['rows']} eval rows")
             spec = {
                 "model": MODEL,
-                "method": "taq",
+                "method": METHOD,
                 "calibration_dataset_id": calibration["id"],
                 "eval_dataset_id": evaluation["id"],
                 "eval_controls": False,
@@ -261,7 +266,7 @@ def main() -> None:
                 "seed": 0,
             }
             job = check(client.post("/v1/jobs", json=spec))
-            console.print(f"job {job['id']}: {MODEL}, TAQ, {args.budget} bits, exports hf + gguf")
+            console.print(f"job {job['id']}: {MODEL}, {LABELS[METHOD]}, {args.budget} bits, exports hf + gguf")
             job = follow(client, job, args.timeout)
             if job["status"] != "succeeded":
                 error = job.get("error") or {}
