@@ -154,18 +154,19 @@ def closed_loop(
     ]
     neighbours = swap_candidates(allocation, layers, bit_choices, group_size, symmetric, limit=swaps)
     candidates += [Candidate(f"swap {k + 1}", a) for k, a in enumerate(neighbours)]
-    seen: dict[tuple[tuple[str, int], ...], str] = {}
+    # candidates with the same width for every linear are measured once, under the first one's name
+    measured_as: dict[str, str] = {}
+    first: dict[tuple[tuple[str, int], ...], str] = {}
     variants: list[EvalVariant] = []
     for c in candidates:
-        key = tuple(sorted(c.allocation.bits.items()))
-        if key not in seen:
-            seen[key] = c.name
-            variants.append(EvalVariant(c.name, c.allocation.bit_map.linear_bits(model.layers)))
+        linear_bits = c.allocation.bit_map.linear_bits(model.layers)
+        key = tuple(sorted(linear_bits.items()))
+        if key not in first:
+            first[key] = c.name
+            variants.append(EvalVariant(c.name, linear_bits))
+        measured_as[c.name] = first[key]
     measured = teacher_forced_eval(model, holdout, variants, codes, max_tokens=max_tokens, tracker=tracker, area=area)
-    nll: dict[str, float] = {}
-    for c in candidates:
-        items = [v for v in measured[seen[tuple(sorted(c.allocation.bits.items()))]].gold_nll_items if v is not None]
-        nll[c.name] = sum(items) / len(items)
+    nll = {c.name: _mean(measured[measured_as[c.name]].gold_nll_items) for c in candidates}
     shipped = min(candidates, key=lambda c: nll[c.name])  # min keeps the first of equal ones
     record: dict[str, Any] = {
         "holdout_rows": len(holdout),

@@ -34,6 +34,7 @@ __all__ = [
     "SequencePlan",
     "build_profile",
     "damage_scaled",
+    "record_error",
     "exp_sensitivity",
     "lowest_bits",
     "prompt_plan",
@@ -136,6 +137,13 @@ class LayerOutputStats:
         return self.max - self.min if self.count else 0.0
 
 
+def record_error(record: LayerRecord, bits: int) -> float:
+    """A layer's relative error at `bits` from its pass record: the parameter-weighted mean of its
+    linears' (the profile's `LayerProfile.quant_error[bits]`); 0 for an empty layer."""
+    total = sum(record.params.values())
+    return sum(p * float(record.errors[n][bits]) for n, p in record.params.items()) / total if total else 0.0
+
+
 def damage_scaled(
     damage: float, record: LayerRecord, probe_bits: int, widths: Sequence[int]
 ) -> dict[str, dict[int, float]]:
@@ -146,7 +154,7 @@ def damage_scaled(
     total = sum(record.params.values())
     if probe_bits >= 16 or total == 0:
         return {}
-    probe_error = sum(record.params[n] * float(record.errors[n][probe_bits]) for n in record.params) / total
+    probe_error = record_error(record, probe_bits)
     if probe_error <= 0:
         return {n: dict.fromkeys(widths, 0.0) for n in record.params}
     scale = damage / (probe_error * total)
@@ -181,9 +189,7 @@ def build_profile(
             )
             for name, params in record.params.items()
         ]
-        quant_error = {
-            b: (sum(l.quant_error[b] * l.params for l in linears) / total if total else 0.0) for b in choices
-        }
+        quant_error = {b: record_error(record, b) for b in choices}
         predicted = (
             {b: sum(l.predicted_loss[b] for l in linears) for b in linears[0].predicted_loss}
             if linears and all(l.predicted_loss for l in linears)

@@ -36,7 +36,7 @@ import torch
 
 from core.calibration import Batch
 from core.quant.primitives import dequantize_weight
-from core.scorers.common import LayerScores, SequencePlan, lowest_bits
+from core.scorers.common import LayerScores, SequencePlan, lowest_bits, record_error
 from core.scorers.taqo import MAX_NEW_TOKENS, Generate, answer_plan, answer_positions, gather_positions
 from core.spec import CalibrationRow, JobSpec
 from core.streaming.head import head_nll_gradient
@@ -107,12 +107,9 @@ class TaqGradScorer(StreamScorer):
         grads.drop()
         out = []
         for record, linears in zip(result.records, predicted, strict=True):
-            total = sum(record.params.values())
             layer_pred = {b: sum(lin[b] for lin in linears.values()) for b in self.widths}
             low = self.probe_bits
-            error_low = (
-                sum(float(record.errors[n][low]) * p for n, p in record.params.items()) / total if low < 16 else 0
-            )
+            error_low = record_error(record, low) if low < 16 else 0.0
             importance = layer_pred.get(low, 0.0)
             scores = {f"predicted_loss_{b}": layer_pred[b] for b in self.widths}
             scores.update(fp_nll=fp_loss, probe_bits=float(low), model_answers=self.model_answers)
@@ -163,6 +160,7 @@ def _layer_backward(
             param.requires_grad_(False)
         # the codes stay packed (about a byte a weight); one ΔW is formed at a time
         stored = {bits: codes(index, bits) for bits in widths}
+        weights = {name: linear.weight.detach().float() for name, linear in ref.linears.items()}
         seen_inputs: dict[str, torch.Tensor] = {}
         seen_grads: dict[str, torch.Tensor] = {}
 
@@ -183,15 +181,13 @@ def _layer_backward(
                     out = out[0] if isinstance(out, tuple | list) else out
                     out.backward(grads_out.get(b).to(out.dtype))
                 valid = batches[b].valid.to(x.device)
-                for name, linear in ref.linears.items():
+                for name, weight in weights.items():
                     x_j = seen_inputs.pop(name)[valid].float()
                     g2 = seen_grads.pop(name)[valid].float().square()
-                    weight = linear.weight.detach().float()
                     for bits in widths:
                         delta = dequantize_weight(stored[bits][name]).to(weight.device) - weight
                         dy = x_j @ delta.T
                         acc[name][bits] += float((g2 * dy.square()).sum(dtype=torch.float64))
-                    del weight
                 assert x.grad is not None  # x is a leaf that requires grad
                 grads_in.put(b, x.grad.detach())
         finally:

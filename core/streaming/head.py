@@ -116,6 +116,11 @@ class _Buffers:
         return buf[: n * width].view(n, width)
 
 
+def _chunk_rows(vocab: int, positions: int, width: int, chunk_rows: int | None) -> int:
+    """Head rows read at once: bounded by the logits held per query and by the weight chunk."""
+    return chunk_rows or max(256, min(vocab, _CHUNK_ELEMENTS // max(positions, 1), _WEIGHT_CHUNK_BYTES // (4 * width)))
+
+
 def head_stats(model: StreamedModel, queries: list[HeadQuery], *, chunk_rows: int | None = None) -> list[HeadStats]:
     """HeadStats per query (see the module docstring). References must come before the queries
     that name them."""
@@ -131,7 +136,7 @@ def head_stats(model: StreamedModel, queries: list[HeadQuery], *, chunk_rows: in
     vocab = model.vocab_size
     widest = max(max(int(h.shape[0]) for h in normed), 1)
     hidden = int(normed[0].shape[-1])
-    rows = chunk_rows or max(256, min(vocab, _CHUNK_ELEMENTS // widest, _WEIGHT_CHUNK_BYTES // (4 * hidden)))
+    rows = _chunk_rows(vocab, widest, hidden, chunk_rows)
     cap = model.logit_softcap
     accs = [
         _Acc(
@@ -225,7 +230,7 @@ def head_nll_gradient(
         with torch.enable_grad():
             normed = norm(leaf)
         width = int(normed.shape[-1])
-        rows = chunk_rows or max(256, min(vocab, _CHUNK_ELEMENTS // max(n, 1), _WEIGHT_CHUNK_BYTES // (4 * width)))
+        rows = _chunk_rows(vocab, n, width, chunk_rows)
         d_normed = torch.zeros(n, width, dtype=torch.float32, device=device)
         z_in = normed.detach().float()
         with torch.no_grad():

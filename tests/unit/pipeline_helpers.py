@@ -50,6 +50,25 @@ def make_spec(**overrides) -> JobSpec:
     return JobSpec(**fields)
 
 
+@contextmanager
+def spy_layer_pass():
+    """Records the batches, scorer and settings `core.job_stages.JobRun.layer_pass` hands to
+    `run_layer_pass` (it imports the function at call time)."""
+    seen: dict[str, Any] = {"calls": 0}
+    original = layer_pass.run_layer_pass
+
+    def spy(model, batches, scorer, settings, store, tracker, area):
+        seen.update(batches=list(batches), scorer=scorer, settings=settings)
+        seen["calls"] += 1
+        return original(model, batches, scorer, settings, store, tracker, area)
+
+    layer_pass.run_layer_pass = spy
+    try:
+        yield seen
+    finally:
+        layer_pass.run_layer_pass = original
+
+
 class Interrupted(Exception):
     """A crash in the middle of a job (not a cancellation)."""
 

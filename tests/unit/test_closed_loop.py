@@ -4,7 +4,6 @@ allocation measured independently on the whole in-memory model."""
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from core.closed_loop import MIN_HOLDOUT, SWAPS, split_holdout, swap_candidates
 from core.data import encode_text, tokenize_rows
 from core.errors import DataError
 from core.models import resolve_model
-from core.pipeline import JobHooks, JobInputs, run_job
+from core.pipeline import JobInputs, run_job
 from core.quant.primitives import dequantize_weight
 from core.spec import CalibrationRow, JobSpec
 from core.streaming.checkpoints import MemoryStore, load_codes
@@ -110,17 +109,12 @@ def _gold_nll(model, tokenizer, rows: list[CalibrationRow], max_tokens: int) -> 
     return sum(values) / len(values)
 
 
-class Hooks(JobHooks):
-    def stage(self, name: str, *, skipped: bool, reason: str):
-        return nullcontext()
-
-
 @pytest.fixture(scope="module")
 def shipped(tiny_model_root: Path) -> tuple[JobSpec, BitAllocation, MemoryStore]:
     job = spec()
     store = MemoryStore()
     source = resolve_model("tiny-llama", [tiny_model_root], {})
-    outputs = run_job(JobInputs(spec=job, source=source, rows=list(job.calibration or [])), store, Hooks())
+    outputs = run_job(JobInputs(spec=job, source=source, rows=list(job.calibration or [])), store)
     stored = json.loads(store.get_bytes("artifacts/bitmap.json"))
     assert BitAllocation.from_dict(stored["budgets"][0]) == outputs.allocations[0]
     return job, outputs.allocations[0], store

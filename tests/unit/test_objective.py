@@ -8,14 +8,13 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 
 from core.allocation import allocate_budget, layer_costs_from_profile, objective_of
 from core.models import resolve_model
-from core.pipeline import JobHooks, JobInputs, run_job
+from core.pipeline import JobInputs, run_job
 from core.scorers.common import damage_scaled
 from core.spec import CalibrationRow, JobSpec
 from core.streaming.checkpoints import LayerRecord, MemoryStore
@@ -49,17 +48,6 @@ def test_damage_is_scaled_by_the_error_ratio_and_shared_by_weighted_error() -> N
     assert damage_scaled(0.5, zero, 4, [4, 8]) == {"q": {4: 0.0, 8: 0.0}}
 
 
-class Hooks(JobHooks):
-    def __init__(self) -> None:
-        self.profiles: list[Profile] = []
-
-    def stage(self, name: str, *, skipped: bool, reason: str):
-        return nullcontext()
-
-    def profile_ready(self, profile: Profile) -> None:
-        self.profiles.append(profile)
-
-
 def profile_of(tiny_model_root: Path, method: str) -> Profile:
     spec = JobSpec(
         model="tiny-llama",
@@ -72,10 +60,8 @@ def profile_of(tiny_model_root: Path, method: str) -> Profile:
         seed=0,
         exports=[],
     )
-    hooks = Hooks()
     source = resolve_model("tiny-llama", [tiny_model_root], {})
-    run_job(JobInputs(spec=spec, source=source, rows=ROWS), MemoryStore(), hooks)
-    return hooks.profiles[0].without_bits()
+    return run_job(JobInputs(spec=spec, source=source, rows=ROWS), MemoryStore()).profile.without_bits()
 
 
 def test_error_style_taq_weighs_the_error_and_predicts_nothing(tiny_model_root: Path) -> None:

@@ -19,13 +19,13 @@ import math
 import re
 import statistics
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from pipeline_helpers import spy_layer_pass
 
 from core.calibration import Batch, StageProgress, make_batches, pad_token_id
 from core.errors import Cancelled, DataError, InvalidSpec
@@ -134,27 +134,6 @@ class Run:
             for r, s in enumerate(batch.rows):
                 out[s] = batch.input_ids[r, : int(batch.attention_mask[r].sum())].tolist()
         return [out[i] for i in range(len(out))]
-
-
-@contextmanager
-def spy_layer_pass():
-    """Records the batches, scorer and settings `core.job_stages.JobRun.layer_pass` hands to
-    `run_layer_pass` (it imports the function at call time)."""
-    import core.streaming.layer_pass as lp
-
-    seen: dict[str, Any] = {"calls": 0}
-    original = lp.run_layer_pass
-
-    def spy(model, batches, scorer, settings, store, tracker, area):
-        seen.update(batches=list(batches), scorer=scorer, settings=settings)
-        seen["calls"] += 1
-        return original(model, batches, scorer, settings, store, tracker, area)
-
-    lp.run_layer_pass = spy
-    try:
-        yield seen
-    finally:
-        lp.run_layer_pass = original
 
 
 def score(

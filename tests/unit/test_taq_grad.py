@@ -8,18 +8,18 @@ measured loss increase of the model with one layer quantized at each width (the 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from pipeline_helpers import spy_layer_pass
 
 from core.allocation import LayerCost, allocate_budget, layer_costs_from_profile, linear_units
 from core.controls import allocate_error_only
 from core.models import resolve_model
-from core.pipeline import JobHooks, JobInputs, run_job
+from core.pipeline import JobInputs, run_job
 from core.quant.primitives import dequantize_weight
 from core.scorers.common import SequencePlan
 from core.scorers.taq_grad import position_weights
@@ -35,17 +35,6 @@ ROWS = [CalibrationRow(prompt=f"What is {i} plus {2 * i}?", answers=[str(3 * i)]
     CalibrationRow(prompt="Name a colour.", answers=["Blue"]),
 ]
 WIDTHS = [2, 3, 4, 8]
-
-
-class Hooks(JobHooks):
-    def __init__(self) -> None:
-        self.profiles: list[Profile] = []
-
-    def stage(self, name: str, *, skipped: bool, reason: str):
-        return nullcontext()
-
-    def profile_ready(self, profile: Profile) -> None:
-        self.profiles.append(profile)
 
 
 @dataclass
@@ -72,22 +61,10 @@ def make_spec(**overrides: Any) -> JobSpec:
 
 
 def grad_run(source, **overrides: Any) -> GradRun:
-    import core.streaming.layer_pass as lp
-
-    seen: dict[str, Any] = {}
-    original = lp.run_layer_pass
-
-    def spy(model, batches, scorer, settings, store, tracker, area):
-        seen["scorer"] = scorer
-        return original(model, batches, scorer, settings, store, tracker, area)
-
-    hooks, store = Hooks(), MemoryStore()
-    lp.run_layer_pass = spy
-    try:
-        run_job(JobInputs(spec=make_spec(**overrides), source=source, rows=ROWS, batch_tokens=120), store, hooks)
-    finally:
-        lp.run_layer_pass = original
-    return GradRun(profile=hooks.profiles[0], plan=seen["scorer"].sequence_plan, store=store)
+    store = MemoryStore()
+    with spy_layer_pass() as seen:
+        outputs = run_job(JobInputs(spec=make_spec(**overrides), source=source, rows=ROWS, batch_tokens=120), store)
+    return GradRun(profile=outputs.profile.without_bits(), plan=seen["scorer"].sequence_plan, store=store)
 
 
 @pytest.fixture(scope="module")
