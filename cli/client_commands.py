@@ -73,6 +73,13 @@ def submit(
         ),
     ] = None,
     export: Annotated[list[str] | None, typer.Option("--export", help="hf | gguf; repeatable")] = None,
+    target_runtime: Annotated[
+        str | None,
+        typer.Option(
+            help="vllm | llama.cpp | transformers: refuse a menu it cannot load, write the layout it reads "
+            "(default export: its format)"
+        ),
+    ] = None,
     eval_file: Annotated[Path | None, typer.Option("--eval", help="eval JSONL; uploaded first")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     worker_class: Annotated[
@@ -112,6 +119,7 @@ def submit(
         ("clip_search", clip_search),
         ("calibration_inputs", calibration_inputs),
         ("closed_loop", closed_loop),
+        ("target_runtime", target_runtime),
         ("seed", seed),
         ("worker_class", worker_class),
     ):

@@ -73,6 +73,28 @@ def check_checkpoint(source: ModelSource) -> CheckpointSummary | None:
     return inspect_checkpoint(source.path, gguf_file=source.gguf_file)
 
 
+def check_runtime_shapes(source: ModelSource, spec: JobSpec) -> None:
+    """422 ``invalid_spec`` when the spec's target runtime cannot carry the model's linear shapes,
+    read from its config (unreadable shapes: the worker's load stage checks the real linears)."""
+    if spec.target_runtime is None:
+        return
+    from core.model_dims import read_model_dims
+    from core.runtimes import shape_problems
+
+    try:
+        dims = read_model_dims(source)
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    widths = {
+        "self_attn.q_proj": dims.hidden_size,
+        "self_attn.o_proj": dims.attention_width,
+        "mlp.down_proj": dims.intermediate_size,
+    }
+    problems = shape_problems(spec.target_runtime.value, in_features=widths, group_size=spec.group_size)
+    if problems:
+        raise InvalidSpec("; ".join(problems))
+
+
 def validate_references(session: Session, settings: Settings, tenant: str, spec: JobSpec) -> tuple[str, int]:
     """Everything a spec points at must exist for this tenant before the job is accepted.
     Returns the worker class the job is routed to (the memory preflight decides) and the bytes
@@ -97,6 +119,7 @@ def validate_references(session: Session, settings: Settings, tenant: str, spec:
             raise InvalidSpec(f"job '{prior.id}' has no profile to reuse (status {prior.status})")
     check_budget_feasible(spec)
     summary = check_checkpoint(source)  # 422 model_invalid where the headers show it
+    check_runtime_shapes(source, spec)
     worker_class = route_job(
         settings, source, spec, calibration_rows, eval_rows=eval_rows, checkpoint=summary
     )  # 422 job_too_large / unknown_worker_class

@@ -44,6 +44,15 @@ class ExportFormat(str, Enum):
     gguf = "gguf"
 
 
+class TargetRuntime(str, Enum):
+    """The runtime the artifact must load in (core/runtimes.py): the spec's menu is checked
+    against it and the export written in the layout it reads."""
+
+    vllm = "vllm"
+    llama_cpp = "llama.cpp"
+    transformers = "transformers"
+
+
 class Quantizer(str, Enum):
     """How a weight is rounded to its grid: `rtn` round-to-nearest per weight; `gptq`
     error-compensating (GPTQ-style) using the Hessian XᵀX of each linear's input on the
@@ -143,6 +152,9 @@ class JobSpec(_Strict):
     allocation: AllocationRule = AllocationRule.budget
     allocation_unit: AllocationUnit = AllocationUnit.layer
     exports: list[ExportFormat] = Field(default_factory=lambda: [ExportFormat.hf])
+    #: None: no restriction (every width, the `auto` HF layout). When set and `exports` is not
+    #: given, exports default to the runtime's format (llama.cpp: gguf)
+    target_runtime: TargetRuntime | None = None
     eval_dataset_id: str | None = None
     eval_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
     profile_from_job_id: str | None = None
@@ -216,6 +228,20 @@ class JobSpec(_Strict):
             )
         if self.eval_fraction is not None and self.eval_dataset_id is not None:
             raise ValueError("give either 'eval_dataset_id' or 'eval_fraction', not both")
+        if self.target_runtime is not None:
+            from core.runtimes import RUNTIMES, spec_problems
+
+            runtime = self.target_runtime.value
+            if "exports" not in self.model_fields_set:
+                self.exports = [ExportFormat(RUNTIMES[runtime].export)]
+            problems = spec_problems(
+                runtime,
+                bit_choices=self.bit_choices,
+                group_size=self.group_size,
+                exports=[f.value for f in self.exports],
+            )
+            if problems:
+                raise ValueError("; ".join(problems))
         return self
 
     @property

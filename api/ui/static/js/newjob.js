@@ -92,6 +92,8 @@ export async function newJobView(container, ctx) {
   const allocation = select('allocation', [['budget', 'budget (exact knapsack)'], ['paper', 'paper (fixed rules; taq / taqo)'],
     ['error_only', 'error_only (control: every sensitivity 1)'], ['random', 'random (control: seeded random layers)']], 'budget');
   const unit = select('allocation-unit', [['layer', 'layer'], ['linear', 'linear (each projection its own bits)']], 'layer');
+  const runtime = select('target-runtime', [['', 'any (no restriction)'], ['vllm', 'vllm (hf, group layout, 4/8-bit)'],
+    ['llama.cpp', 'llama.cpp (gguf, 4/8-bit)'], ['transformers', 'transformers (hf)']], '');
   const num = (id, value, min, max) => h('input', { id, type: 'number', value: String(value), min: String(min), max: String(max), step: '1' });
   const adv = {
     symmetric: h('input', { id: 'symmetric', type: 'checkbox' }),
@@ -129,6 +131,7 @@ export async function newJobView(container, ctx) {
     spec.allocation = allocation.value;
     spec.allocation_unit = unit.value;
     spec.exports = checked('exports');
+    if (runtime.value) spec.target_runtime = runtime.value;
     spec.symmetric = adv.symmetric.checked;
     spec.clip_search = adv.clip.checked;
     if (!adv.controls.checked) spec.eval_controls = false; // the API's default is true
@@ -172,7 +175,8 @@ export async function newJobView(container, ctx) {
       field('Budget(s), average bits', budgets, 'one number, or several separated by commas for a sweep (at most 8)'),
       field('Group size', group),
       bits, exportsBox,
-      field('Quantizer', quantizer), field('Allocation', allocation), field('Allocation unit', unit)),
+      field('Quantizer', quantizer), field('Allocation', allocation), field('Allocation unit', unit),
+      field('Target runtime', runtime, 'the service refuses a menu this runtime cannot load and writes the layout it reads')),
     h('details', { class: 'advanced' }, h('summary', {}, 'Advanced'),
       h('div', { class: 'form-grid' },
         h('label', { class: 'check' }, adv.symmetric, ' symmetric'), h('label', { class: 'check' }, adv.clip, ' clip search'),

@@ -37,6 +37,7 @@ from .quantizer import Quantizer
 from .ready_out import ReadyOut
 from .ready_out_checks import ReadyOutChecks
 from .ready_out_status import ReadyOutStatus
+from .target_runtime import TargetRuntime
 from .worker_class_out import WorkerClassOut
 from .worker_out import WorkerOut
 
@@ -78,6 +79,7 @@ __all__ = (
     "ReadyOut",
     "ReadyOutChecks",
     "ReadyOutStatus",
+    "TargetRuntime",
     "WorkerClassOut",
     "WorkerOut",
 )

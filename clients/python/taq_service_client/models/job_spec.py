@@ -11,6 +11,7 @@ from ..models.calibration_inputs import CalibrationInputs
 from ..models.export_format import ExportFormat
 from ..models.method import Method
 from ..models.quantizer import Quantizer
+from ..models.target_runtime import TargetRuntime
 from ..types import UNSET, Unset
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class JobSpec:
         reservoir_size (int | Unset):  Default: 256.
         seed (int | Unset):  Default: 0.
         symmetric (bool | Unset):  Default: False.
+        target_runtime (None | TargetRuntime | Unset):
         worker_class (None | str | Unset):
     """
 
@@ -86,6 +88,7 @@ class JobSpec:
     reservoir_size: int | Unset = 256
     seed: int | Unset = 0
     symmetric: bool | Unset = False
+    target_runtime: None | TargetRuntime | Unset = UNSET
     worker_class: None | str | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,6 +189,14 @@ class JobSpec:
 
         symmetric = self.symmetric
 
+        target_runtime: None | str | Unset
+        if isinstance(self.target_runtime, Unset):
+            target_runtime = UNSET
+        elif isinstance(self.target_runtime, TargetRuntime):
+            target_runtime = self.target_runtime.value
+        else:
+            target_runtime = self.target_runtime
+
         worker_class: None | str | Unset
         if isinstance(self.worker_class, Unset):
             worker_class = UNSET
@@ -243,6 +254,8 @@ class JobSpec:
             field_dict["seed"] = seed
         if symmetric is not UNSET:
             field_dict["symmetric"] = symmetric
+        if target_runtime is not UNSET:
+            field_dict["target_runtime"] = target_runtime
         if worker_class is not UNSET:
             field_dict["worker_class"] = worker_class
 
@@ -395,6 +408,23 @@ class JobSpec:
 
         symmetric = d.pop("symmetric", UNSET)
 
+        def _parse_target_runtime(data: object) -> None | TargetRuntime | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, str):
+                    raise TypeError()
+                target_runtime_type_0 = TargetRuntime(data)
+
+                return target_runtime_type_0
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(None | TargetRuntime | Unset, data)
+
+        target_runtime = _parse_target_runtime(d.pop("target_runtime", UNSET))
+
         def _parse_worker_class(data: object) -> None | str | Unset:
             if data is None:
                 return data
@@ -428,6 +458,7 @@ class JobSpec:
             reservoir_size=reservoir_size,
             seed=seed,
             symmetric=symmetric,
+            target_runtime=target_runtime,
             worker_class=worker_class,
         )
 
