@@ -133,6 +133,9 @@ MODIFIERS = {
     # the job's closed loop (core/closed_loop.py): its pass scores without the held-back rows and
     # its allocation is the one the loop ships
     "loop": {"closed_loop": True},
+    # sequential calibration (issue 14 part 6): each layer calibrated on the already-quantized
+    # outputs of the layers before it; compared item by item with the same token without +seq
+    "seq": {"calibration_inputs": "quantized"},
 }
 
 
@@ -146,7 +149,7 @@ class Variant:
     @property
     def scoring_options(self) -> dict:
         """The fields that change the pass: the quantizer, clip search and the closed loop (rows held back)."""
-        return {k: v for k, v in self.options if k in ("clip_search", "quantizer", "closed_loop")}
+        return {k: v for k, v in self.options if k in ("clip_search", "quantizer", "closed_loop", "calibration_inputs")}
 
 
 def parse_method(token: str) -> Variant:
@@ -161,6 +164,7 @@ def parse_method(token: str) -> Variant:
 
 
 def make_spec(args: argparse.Namespace, model_id: str, method: str, **options) -> JobSpec:
+    options = {"calibration_inputs": args.calibration_inputs, **options}  # a +seq token overrides the flag
     return JobSpec(
         model=model_id,
         method=method,
@@ -172,7 +176,6 @@ def make_spec(args: argparse.Namespace, model_id: str, method: str, **options) -
         max_tokens=128,
         seed=0,
         exports=[],
-        calibration_inputs=args.calibration_inputs,
         **options,
     )
 

@@ -75,6 +75,24 @@ def test_every_method_meets_every_control_of_its_budget() -> None:
     assert "gold_nll: 2 comparisons — beats 1" in verdict_summary(compared)
 
 
+def test_a_seq_row_is_also_compared_with_its_fp_twin() -> None:
+    n = 40
+    rows = [
+        _row("taq_grad+gptq", "method", 5.0, 4.9, [2.0] * n, [1.0] * n),
+        _row("taq_grad+gptq+seq", "method", 5.0, 4.9, [1.8] * n, [1.0] * n),
+        _row("uniform+gptq", "control", 5.0, 4.9, [2.5] * n, [1.0] * n),
+    ]
+    pairs = {(c["variant"], c["baseline"]) for c in comparisons(rows) if c["metric"] == "gold_nll"}
+    # the fp row is not compared with the seq row (only seq rows look for their twin)
+    assert pairs == {
+        ("taq_grad+gptq", "uniform+gptq"),
+        ("taq_grad+gptq+seq", "uniform+gptq"),
+        ("taq_grad+gptq+seq", "taq_grad+gptq"),
+    }
+    seq = parse_method("taq_grad+gptq+seq")
+    assert seq.scoring_options == {"quantizer": "gptq", "calibration_inputs": "quantized"}
+
+
 def test_method_modifiers_set_spec_fields_and_profile_keys() -> None:
     plain, full = parse_method("taq"), parse_method("taq_kl+linear+gptq+clip")
     assert plain.method == "taq" and plain.options == () and plain.scoring_options == {}
