@@ -45,11 +45,12 @@ function shaCell(sha) {
 
 function vllmNote(job) {
   const spec = job.spec;
+  if (spec.target_runtime === 'vllm') return ''; // the service checked the menu and wrote the group layout
   const bits = (job.result && job.result.budgets || []).flatMap((b) => Object.values(b.bits || {}));
   const reasons = [];
   if (!spec.symmetric) reasons.push('this job is asymmetric (vLLM needs symmetric weights whose group size divides every width)');
   if (bits.some((b) => b === 2 || b === 3)) reasons.push('it has 2- or 3-bit layers (vLLM serves 4 and 8 bit)');
-  return reasons.length ? `# vLLM will likely refuse this export: ${reasons.join('; ')}. See docs/ARTIFACTS.md.\n` : '';
+  return reasons.length ? `# vLLM will likely refuse this export: ${reasons.join('; ')}. Submit with "target_runtime": "vllm" for one it serves; see docs/ARTIFACTS.md.\n` : '';
 }
 
 /** Snippets for one artifact (hf directory, GGUF file), with the download commands. */
