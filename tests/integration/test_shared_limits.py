@@ -212,7 +212,9 @@ def test_two_api_processes_share_the_stream_cap(base, tmp_path, redis_url):
         limits_redis_url=redis_url,
         limits_key_prefix=prefix(),
         max_streams_per_tenant="2",
-        stream_lease_seconds="6",  # renewed every 2 s
+        # renewed every 4 s: long enough that two loaded cores (CI shares them with the other
+        # services) do not delay a renewal past the lease
+        stream_lease_seconds="12",
         sse_poll_seconds="0.2",
         sse_max_seconds="120",
     )
@@ -237,7 +239,7 @@ def test_two_api_processes_share_the_stream_cap(base, tmp_path, redis_url):
                 lines = response.iter_lines()  # kept: a dropped iterator closes the response
                 assert next(lines) == "retry: 2000"
                 streams.append((cm, lines))
-            time.sleep(7)  # past one lease: only renewals keep the slots
+            time.sleep(13)  # past one lease: only renewals keep the slots
             over = two.get(f"/v1/jobs/{job_id}/events", headers=sse)
             assert over.status_code == 429 and over.json()["error"]["code"] == "too_many_streams"
             assert over.headers["retry-after"] == "5"
@@ -249,9 +251,9 @@ def test_two_api_processes_share_the_stream_cap(base, tmp_path, redis_url):
                 with two.stream("GET", f"/v1/jobs/{job_id}/events", headers=sse) as again:
                     return again.status_code == 200
 
-            # the leases were renewed at most 2 s before the close, so they would lapse 4 s after it at
+            # the leases were renewed at most 4 s before the close, so they would lapse 8 s after it at
             # the earliest: a slot back sooner was released by the stream's end
-            wait_for(reopened, 3.5, interval=0.2, what="the second API to open a stream once the first closed its own")
+            wait_for(reopened, 7.5, interval=0.2, what="the second API to open a stream once the first closed its own")
     finally:
         for cm, _ in streams:
             cm.__exit__(None, None, None)
