@@ -79,20 +79,13 @@ def check_runtime_shapes(source: ModelSource, spec: JobSpec) -> None:
     if spec.target_runtime is None:
         return
     from core.model_dims import read_model_dims
-    from core.runtimes import shape_problems
+    from core.runtimes import check_shapes
 
     try:
         dims = read_model_dims(source)
     except (OSError, ValueError, KeyError, TypeError):
         return
-    widths = {
-        "self_attn.q_proj": dims.hidden_size,
-        "self_attn.o_proj": dims.attention_width,
-        "mlp.down_proj": dims.intermediate_size,
-    }
-    problems = shape_problems(spec.target_runtime.value, in_features=widths, group_size=spec.group_size)
-    if problems:
-        raise InvalidSpec("; ".join(problems))
+    check_shapes(spec.target_runtime, in_features=dims.linear_in_features, group_size=spec.group_size)
 
 
 def validate_references(session: Session, settings: Settings, tenant: str, spec: JobSpec) -> tuple[str, int]:

@@ -31,8 +31,8 @@ from core.pipeline import (
     pass_key,
     reference_bits,
 )
-from core.runtimes import hf_strategy, shape_problems
-from core.spec import CalibrationInputs, ExportFormat, JobSpec, Quantizer
+from core.runtimes import check_shapes, hf_strategy
+from core.spec import CalibrationInputs, ExportFormat, Quantizer
 from core.streaming.checkpoints import load_codes
 from core.types import JSON_VERSION, BitAllocation, Profile, QuantizedWeight, check_version
 
@@ -182,7 +182,12 @@ class JobRun:
 
         if skip is None:
             self.model = open_streamed(self.inputs.source, device=self.inputs.device, dtype=self.inputs.dtype)
-            check_runtime_shapes(self.spec, self.model)
+            # before any calibration work (the submit check did the same from the config if it could)
+            check_shapes(
+                self.spec.target_runtime,
+                in_features={name: lin.in_features for ref in self.model.layers for name, lin in ref.linears.items()},
+                group_size=self.spec.group_size,
+            )
             self.hooks.progress("load", 1.0, f"opened {self.spec.model} for streaming on {self.model.device}")
 
     def stage_calibrate(self, plan: StagePlan, skip: str | None) -> None:
@@ -353,7 +358,7 @@ class JobRun:
                     allocation.bit_map,
                     self.spec,
                     out / names["hf"],
-                    strategy=hf_strategy(None if self.spec.target_runtime is None else self.spec.target_runtime.value),
+                    strategy=hf_strategy(self.spec.target_runtime),
                     tensors=self.source_tensor,
                 )
                 tracker.check()
@@ -442,14 +447,3 @@ class JobRun:
             )
         with materialized(self.loaded) as module:
             return greedy_token_ids(module, self.loaded.tokenizer, prompts, max_new_tokens)
-
-
-def check_runtime_shapes(spec: JobSpec, model: Any) -> None:
-    """InvalidSpec when the spec's target runtime cannot carry the model's linears (before any
-    calibration work; the submit check does the same from the config when it can read it)."""
-    if spec.target_runtime is None:
-        return
-    widths = {name: int(linear.in_features) for ref in model.layers for name, linear in ref.linears.items()}
-    problems = shape_problems(spec.target_runtime.value, in_features=widths, group_size=spec.group_size)
-    if problems:
-        raise InvalidSpec("; ".join(problems))

@@ -37,6 +37,16 @@ class ModelDims:
         return self.num_heads * self.head_dim
 
     @property
+    def linear_in_features(self) -> dict[str, int]:
+        """in_features of a decoder layer's linears, one per distinct input (q/k/v and gate/up
+        read the same one)."""
+        return {
+            "self_attn.q_proj": self.hidden_size,
+            "self_attn.o_proj": self.attention_width,
+            "mlp.down_proj": self.intermediate_size,
+        }
+
+    @property
     def layer_linear_parameters(self) -> int:
         h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
         attention = h * self.attention_width + 2 * h * kv + self.attention_width * h

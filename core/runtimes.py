@@ -24,7 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["RUNTIMES", "RuntimeRules", "hf_strategy", "shape_problems", "spec_problems"]
+from core.errors import InvalidSpec
+
+__all__ = ["RUNTIMES", "RuntimeRules", "check_shapes", "hf_strategy", "shape_problems", "spec_problems"]
 
 #: compressed-tensors layouts of the HF export (core.export.hf.Strategy)
 HfStrategy = Literal["auto", "group", "block"]
@@ -116,6 +118,17 @@ def shape_problems(runtime: str, *, in_features: Mapping[str, int], group_size: 
     ]
 
 
+def check_shapes(runtime: str | None, *, in_features: Mapping[str, int], group_size: int) -> None:
+    """InvalidSpec naming the fix when `shape_problems` finds any (None: no target, nothing to check).
+    The submit check passes the widths from the model's config, the load stage the real linears'."""
+    if runtime is None:
+        return
+    problems = shape_problems(runtime, in_features=in_features, group_size=group_size)
+    if problems:
+        raise InvalidSpec("; ".join(problems))
+
+
 def hf_strategy(runtime: str | None) -> HfStrategy:
-    """The compressed-tensors layout the HF export writes for `runtime` (None: `auto`)."""
+    """The compressed-tensors layout the HF export writes for `runtime` (None: `auto`); the spec's
+    `TargetRuntime` is a str enum, so it is passed as it is."""
     return "auto" if runtime is None else RUNTIMES[runtime].hf_strategy

@@ -6,6 +6,8 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.runtimes import RUNTIMES, spec_problems
+
 ALLOWED_BITS = (2, 3, 4, 8, 16)
 #: Rows allowed inline in a spec; larger sets go through POST /v1/datasets.
 MAX_INLINE_ROWS = 64
@@ -229,8 +231,6 @@ class JobSpec(_Strict):
         if self.eval_fraction is not None and self.eval_dataset_id is not None:
             raise ValueError("give either 'eval_dataset_id' or 'eval_fraction', not both")
         if self.target_runtime is not None:
-            from core.runtimes import RUNTIMES, spec_problems
-
             runtime = self.target_runtime.value
             if "exports" not in self.model_fields_set:
                 self.exports = [ExportFormat(RUNTIMES[runtime].export)]

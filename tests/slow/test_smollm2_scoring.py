@@ -16,7 +16,7 @@ import copy
 import math
 import statistics
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from core.quant.primitives import dequantize_weight, quantize_weight
 from core.scorers.taq import TokenReservoir
 from core.spec import CalibrationRow, JobSpec
 from core.streaming.checkpoints import MemoryStore, load_codes
+from tests.unit.pipeline_helpers import spy_layer_pass
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
@@ -76,25 +77,6 @@ class Recorder(JobHooks):
 
     def profile_ready(self, profile) -> None:
         self.profiles.append(profile)
-
-
-@contextmanager
-def spy_layer_pass():
-    """The batches `JobRun.layer_pass` hands to `run_layer_pass` (imported at call time)."""
-    import core.streaming.layer_pass as lp
-
-    seen: dict = {}
-    original = lp.run_layer_pass
-
-    def spy(model, batches, scorer, settings, store, tracker, area):
-        seen.update(batches=list(batches), layers=list(model.layers))
-        return original(model, batches, scorer, settings, store, tracker, area)
-
-    lp.run_layer_pass = spy
-    try:
-        yield seen
-    finally:
-        lp.run_layer_pass = original
 
 
 def run_taq_job() -> dict:

@@ -52,13 +52,13 @@ def make_spec(**overrides) -> JobSpec:
 
 @contextmanager
 def spy_layer_pass():
-    """Records the batches, scorer and settings `core.job_stages.JobRun.layer_pass` hands to
-    `run_layer_pass` (it imports the function at call time)."""
+    """Records the batches, scorer, settings and layer refs `core.job_stages.JobRun.layer_pass` hands
+    to `run_layer_pass` (it imports the function at call time)."""
     seen: dict[str, Any] = {"calls": 0}
     original = layer_pass.run_layer_pass
 
     def spy(model, batches, scorer, settings, store, tracker, area):
-        seen.update(batches=list(batches), scorer=scorer, settings=settings)
+        seen.update(batches=list(batches), scorer=scorer, settings=settings, layers=list(model.layers))
         seen["calls"] += 1
         return original(model, batches, scorer, settings, store, tracker, area)
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline_helpers import make_spec, run, write_hf
 from pydantic import ValidationError
 from safetensors import safe_open
 
 from core.errors import InvalidSpec
 from core.runtimes import RUNTIMES, hf_strategy, shape_problems, spec_problems
 from core.spec import JobSpec
-from tests.unit.pipeline_helpers import make_spec, run, write_hf
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
