@@ -11,9 +11,10 @@ runtime reads (`hf_strategy`).
   zero points (`uint4`/`uint8`); the Marlin kernels take group sizes 32, 64 and 128, and the group
   must divide every quantized linear's in_features; the shards vLLM fuses (q/k/v, gate/up) must
   share one scheme, which both allocation units guarantee (a layer, or a fused unit, gets one width).
-* **llama.cpp** reads the `gguf` export: 4-bit groups become Q4_0/Q4_1 and 8-bit Q8_0 blocks of 32
-  exactly when the group size is a multiple of 32; 2/3-bit widths would be stored as 4-bit blocks
-  (the budget would count bits the file does not save), so the menu is 4/8/16.
+* **llama.cpp** reads the `gguf` export: 4-bit groups become Q4_0/Q4_1, 5-bit Q5_0/Q5_1 and 8-bit
+  Q8_0 blocks of 32 exactly when the group size is a multiple of 32; 2/3-bit widths would be stored
+  as 4-bit blocks and 6/7-bit ones as Q8_0 (the budget would count bits the file does not save), so
+  the menu is 4/5/8/16.
 * **transformers** loads every width and both layouts of the `hf` export (block layout for
   asymmetric weights, see docs/ARTIFACTS.md).
 """
@@ -59,7 +60,7 @@ RUNTIMES: dict[str, RuntimeRules] = {
     ),
     "llama.cpp": RuntimeRules(
         name="llama.cpp",
-        bits=frozenset({4, 8, 16}),
+        bits=frozenset({4, 5, 8, 16}),
         group_sizes=None,
         group_multiple=32,
         export="gguf",
@@ -68,7 +69,7 @@ RUNTIMES: dict[str, RuntimeRules] = {
     ),
     "transformers": RuntimeRules(
         name="transformers",
-        bits=frozenset({2, 3, 4, 8, 16}),
+        bits=frozenset({2, 3, 4, 5, 6, 7, 8, 16}),
         group_sizes=None,
         group_multiple=None,
         export="hf",

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from core.runtimes import RUNTIMES, spec_problems
 
-ALLOWED_BITS = (2, 3, 4, 8, 16)
+ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 #: Rows allowed inline in a spec; larger sets go through POST /v1/datasets.
 MAX_INLINE_ROWS = 64
 

@@ -1,4 +1,5 @@
-"""GGML block encoders (Q8_0, Q4_0, Q4_1) for our group grid, exact wherever the block format allows.
+"""GGML block encoders (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1) for our group grid, exact wherever the block
+format allows.
 
 Block formats (32 weights a block, rows are output channels, blocks run along the input dim):
 
@@ -7,15 +8,20 @@ Block formats (32 weights a block, rows are output channels, blocks run along th
 | Q8_0 | 34 | fp16 d, 32 x int8 q | d * q |
 | Q4_0 | 18 | fp16 d, 16 bytes: low nibble = weight j, high nibble = weight j + 16 | d * (q - 8) |
 | Q4_1 | 20 | fp16 d, fp16 m, 16 bytes as Q4_0 | d * q + m |
+| Q5_0 | 22 | fp16 d, uint32 qh (bit j = 5th bit of weight j), 16 bytes of low nibbles as Q4_0 | d * (q - 16) |
+| Q5_1 | 24 | fp16 d, fp16 m, qh and low nibbles as Q5_0 | d * q + m |
 
 When `group_size` is a multiple of 32 every block lies inside one of our groups, so with
 d = scale:
-- symmetric b <= 4 bits -> Q4_0, q = code - zero + 8: exact (zero is the constant 2**(b-1));
-- asymmetric b <= 4 bits -> Q4_1, q = code - k, m = scale * (k - zero) for an integer offset k that
-  keeps q in [0, 15]. m is stored in fp16, so the block is exact when scale * (k - zero) is
-  representable; among the admissible k we take the one whose m rounds least (k = zero, m = 0 and
-  power-of-two multiples are always exact). Otherwise the block is off by < half an fp16 ulp of m;
-- 8 bits -> Q8_0, q = code - zero: exact when it fits int8 (always for symmetric), otherwise the
+- symmetric b <= 4 (5) bits -> Q4_0 (Q5_0), q = code - zero + 8 (16): exact (zero is the constant
+  2**(b-1));
+- asymmetric b <= 4 (5) bits -> Q4_1 (Q5_1), q = code - k, m = scale * (k - zero) for an integer
+  offset k that keeps q in [0, 15] ([0, 31]). m is stored in fp16, so the block is exact when
+  scale * (k - zero) is representable; among the admissible k we take the one whose m rounds least
+  (k = zero, m = 0 and power-of-two multiples are always exact). Otherwise the block is off by
+  < half an fp16 ulp of m;
+- 6, 7 and 8 bits -> Q8_0, q = code - zero: exact when it fits int8 (always for symmetric and for
+  6/7 bits; GGML has no plain 6/7-bit block, so those widths are stored at 8.5 bits), otherwise the
   block is requantized from its dequantized values.
 Any other grid (group size not a multiple of 32) is requantized from the dequantized weight.
 """
@@ -30,8 +36,10 @@ import torch
 from core.types import QuantizedWeight
 
 BLOCK = 32
-Q8_0, Q4_0, Q4_1 = "Q8_0", "Q4_0", "Q4_1"
-BLOCK_BYTES = {Q8_0: 34, Q4_0: 18, Q4_1: 20}
+Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 = "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"
+BLOCK_BYTES = {Q8_0: 34, Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24}
+#: the largest level q of each 4/5-bit block type (q in [0, levels]; the symmetric ones centre at (levels + 1) / 2)
+_LEVELS = {Q4_0: 15, Q4_1: 15, Q5_0: 31, Q5_1: 31}
 
 
 @dataclass(frozen=True)
@@ -45,10 +53,13 @@ class EncodedTensor:
 
 
 def target_type(bits: int, symmetric: bool) -> str:
-    """The GGML type a width maps to: 8 -> Q8_0, <= 4 -> Q4_0 (symmetric) / Q4_1 (asymmetric)."""
-    if bits == 8:
+    """The GGML type a width maps to: 6-8 -> Q8_0, 5 -> Q5_0 / Q5_1, <= 4 -> Q4_0 (symmetric) /
+    Q4_1 (asymmetric)."""
+    if 6 <= bits <= 8:
         return Q8_0
-    if bits <= 4:
+    if bits == 5:
+        return Q5_0 if symmetric else Q5_1
+    if 1 <= bits <= 4:
         return Q4_0 if symmetric else Q4_1
     raise ValueError(f"no GGML block type for {bits} bits")
 
@@ -90,6 +101,33 @@ def pack_q4_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
     return out.reshape(rows, nb * 20)
 
 
+def _high_bits(q: torch.Tensor) -> np.ndarray:
+    """[..., 32] values in [0, 31] -> [..., 4] bytes: the little-endian uint32 whose bit j is bit 4
+    of weight j."""
+    q = q.to(torch.int64)
+    word = (((q >> 4) & 1) << torch.arange(BLOCK, dtype=torch.int64)).sum(dim=-1, keepdim=True)
+    return ((word >> (torch.arange(4, dtype=torch.int64) * 8)) & 0xFF).to(torch.uint8).numpy()
+
+
+def pack_q5_0(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    rows, nb, _ = q.shape
+    out = np.empty((rows, nb, 22), dtype=np.uint8)
+    out[..., :2] = _half_bytes(d)
+    out[..., 2:6] = _high_bits(q)
+    out[..., 6:] = _nibbles(q.to(torch.int64) & 0xF)
+    return out.reshape(rows, nb * 22)
+
+
+def pack_q5_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    rows, nb, _ = q.shape
+    out = np.empty((rows, nb, 24), dtype=np.uint8)
+    out[..., :2] = _half_bytes(d)
+    out[..., 2:4] = _half_bytes(m)
+    out[..., 4:8] = _high_bits(q)
+    out[..., 8:] = _nibbles(q.to(torch.int64) & 0xF)
+    return out.reshape(rows, nb * 24)
+
+
 # ---------------------------------------------------------------------------------------------
 # Requantization of float weights (the fallback); same rules as llama.cpp's reference quantizers,
 # except that codes are computed with the fp16-rounded d that is stored.
@@ -108,21 +146,32 @@ def requant_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, d
 
 
-def requant_q4_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # the value of largest magnitude gets code 0 (d may be negative), as llama.cpp does
+def requant_symmetric(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 (levels 15) / Q5_0 (31): the value of largest magnitude gets code 0 (d may be
+    negative), as llama.cpp does."""
+    half = (levels + 1) // 2
     lo, hi = x.amin(dim=-1), x.amax(dim=-1)
     m = torch.where(-lo >= hi, lo, hi)
-    d = (m / -8.0).to(torch.float16)
-    q = (torch.round(_safe_div(x, d.unsqueeze(-1))) + 8).clamp(0, 15)
+    d = (m / -float(half)).to(torch.float16)
+    q = (torch.round(_safe_div(x, d.unsqueeze(-1))) + half).clamp(0, levels)
     return q, d
 
 
-def requant_q4_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def requant_offset(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 (levels 15) / Q5_1 (31): d = range / levels, m = the block's minimum."""
     lo, hi = x.amin(dim=-1), x.amax(dim=-1)
-    d = ((hi - lo) / 15.0).to(torch.float16)
+    d = ((hi - lo) / float(levels)).to(torch.float16)
     m = lo.to(torch.float16)
-    q = torch.round(_safe_div(x - m.to(torch.float32).unsqueeze(-1), d.unsqueeze(-1))).clamp(0, 15)
+    q = torch.round(_safe_div(x - m.to(torch.float32).unsqueeze(-1), d.unsqueeze(-1))).clamp(0, levels)
     return q, d, m
+
+
+def _pack_symmetric(qtype: str, q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    return pack_q4_0(q, d) if qtype == Q4_0 else pack_q5_0(q, d)
+
+
+def _pack_offset(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    return pack_q4_1(q, d, m) if qtype == Q4_1 else pack_q5_1(q, d, m)
 
 
 def requantize(x: torch.Tensor, qtype: str) -> EncodedTensor:
@@ -131,10 +180,10 @@ def requantize(x: torch.Tensor, qtype: str) -> EncodedTensor:
     blocks = x.detach().to(torch.float32).reshape(rows, cols // BLOCK, BLOCK)
     if qtype == Q8_0:
         data = pack_q8_0(*requant_q8_0(blocks))
-    elif qtype == Q4_0:
-        data = pack_q4_0(*requant_q4_0(blocks))
+    elif qtype in (Q4_0, Q5_0):
+        data = _pack_symmetric(qtype, *requant_symmetric(blocks, _LEVELS[qtype]))
     else:
-        data = pack_q4_1(*requant_q4_1(blocks))
+        data = _pack_offset(qtype, *requant_offset(blocks, _LEVELS[qtype]))
     return EncodedTensor(data=data, qtype=qtype, exact_blocks=0, total_blocks=rows * (cols // BLOCK))
 
 
@@ -154,21 +203,22 @@ def _block_params(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch
     return codes, scale, zero
 
 
-def _exact_q4_0(q: QuantizedWeight) -> EncodedTensor:
+def _exact_symmetric(q: QuantizedWeight, qtype: str) -> EncodedTensor:
     codes, scale, zero = _block_params(q)
-    levels = codes - zero.unsqueeze(-1) + 8  # in [0, 15] for b <= 4
-    data = pack_q4_0(levels, scale.to(torch.float16))
+    levels = codes - zero.unsqueeze(-1) + (_LEVELS[qtype] + 1) // 2  # in [0, 15] ([0, 31]) for b <= 4 (5)
+    data = _pack_symmetric(qtype, levels, scale.to(torch.float16))
     n = codes.shape[0] * codes.shape[1]
-    return EncodedTensor(data=data, qtype=Q4_0, exact_blocks=n, total_blocks=n)
+    return EncodedTensor(data=data, qtype=qtype, exact_blocks=n, total_blocks=n)
 
 
-def _exact_q4_1(q: QuantizedWeight) -> EncodedTensor:
+def _exact_offset(q: QuantizedWeight, qtype: str) -> EncodedTensor:
     codes, scale, zero = _block_params(q)
+    top = _LEVELS[qtype]
     cmin, cmax = codes.amin(dim=-1), codes.amax(dim=-1)
-    # candidate offsets k = cmin - t, admissible while the largest code still fits in 4 bits
-    t = torch.arange(16)
+    # candidate offsets k = cmin - t, admissible while the largest code still fits in [0, top]
+    t = torch.arange(top + 1)
     k = cmin.unsqueeze(-1) - t
-    admissible = k >= (cmax.unsqueeze(-1) - 15)
+    admissible = k >= (cmax.unsqueeze(-1) - top)
     m_true = scale.to(torch.float64).unsqueeze(-1) * (k - zero.unsqueeze(-1)).to(torch.float64)
     m16 = m_true.to(torch.float16)
     err = (m16.to(torch.float64) - m_true).abs()
@@ -177,8 +227,8 @@ def _exact_q4_1(q: QuantizedWeight) -> EncodedTensor:
     k_best = k.gather(-1, best).squeeze(-1)
     m_best = m16.gather(-1, best).squeeze(-1)
     exact = err.gather(-1, best).squeeze(-1) == 0
-    data = pack_q4_1(codes - k_best.unsqueeze(-1), scale.to(torch.float16), m_best)
-    return EncodedTensor(data=data, qtype=Q4_1, exact_blocks=int(exact.sum()), total_blocks=exact.numel())
+    data = _pack_offset(qtype, codes - k_best.unsqueeze(-1), scale.to(torch.float16), m_best)
+    return EncodedTensor(data=data, qtype=qtype, exact_blocks=int(exact.sum()), total_blocks=exact.numel())
 
 
 def _exact_q8_0(q: QuantizedWeight) -> EncodedTensor:
@@ -210,8 +260,8 @@ def encode_quantized(q: QuantizedWeight) -> EncodedTensor:
     qtype = target_type(q.bits, q.symmetric)
     if not exact_grid(q):
         return requantize(dequantize_weight(q, torch.float32), qtype)
-    if qtype == Q4_0:
-        return _exact_q4_0(q)
-    if qtype == Q4_1:
-        return _exact_q4_1(q)
+    if qtype in (Q4_0, Q5_0):
+        return _exact_symmetric(q, qtype)
+    if qtype in (Q4_1, Q5_1):
+        return _exact_offset(q, qtype)
     return _exact_q8_0(q)

@@ -1,7 +1,8 @@
 """GGUF export for llama-architecture models: one file llama.cpp and transformers (``gguf_file=``) load.
 
 Tensor types (docs/ARTIFACTS.md has the full mapping and its exactness):
-- quantized linears: 8 bits -> Q8_0, <= 4 bits -> Q4_1 (asymmetric) / Q4_0 (symmetric), encoded
+- quantized linears: 6-8 bits -> Q8_0, 5 bits -> Q5_1 / Q5_0, <= 4 bits -> Q4_1 (asymmetric) /
+  Q4_0 (symmetric), encoded
   from our codes exactly where the block format allows (`core.export.ggml_blocks`); a linear whose
   ``in_features`` is not a multiple of 32 cannot be block-quantized and is stored F16;
 - 16-bit layers' linears, the token embedding and an untied LM head: F16 (the same float16 values
@@ -48,7 +49,7 @@ from core.export._common import (
     state_entries,
     to_fp16,
 )
-from core.export.ggml_blocks import BLOCK, Q4_0, Q4_1, Q8_0, encode_quantized, target_type
+from core.export.ggml_blocks import BLOCK, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, encode_quantized, target_type
 from core.export.gguf_metadata import ARCH, LlamaHyper, copy_source_metadata, hf_metadata
 from core.spec import JobSpec
 from core.types import BitMap, QuantizedWeight
@@ -166,6 +167,8 @@ def _file_type(planned: list[_Planned]) -> int:
     file_types = {
         Q4_0: LlamaFileType.MOSTLY_Q4_0,
         Q4_1: LlamaFileType.MOSTLY_Q4_1,
+        Q5_0: LlamaFileType.MOSTLY_Q5_0,
+        Q5_1: LlamaFileType.MOSTLY_Q5_1,
         Q8_0: LlamaFileType.MOSTLY_Q8_0,
         "F16": LlamaFileType.MOSTLY_F16,
     }

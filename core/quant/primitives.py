@@ -43,7 +43,7 @@ import torch
 
 from core.types import QuantizedWeight
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 #: Shrink factors of the range tried by `clip_search` (1.0 first, so clipping never loses).
 CLIP_STEPS = 20
 CLIP_MIN_SHRINK = 0.8

@@ -144,7 +144,7 @@ def test_unknown_route_and_method_use_the_envelope(client):
     [
         ({"method": "uniform", "bit_budget": {"avg_bits": 4.5}}, "model"),
         (tiny_spec("taq", calibration=None), "calibration"),
-        (tiny_spec("uniform", bit_choices=[5]), "bit_choices"),
+        (tiny_spec("uniform", bit_choices=[9]), "bit_choices"),
         (tiny_spec("uniform", surprise=1), "surprise"),
         (tiny_spec("uniform", group_size=3), "group_size"),
         (tiny_spec("uniform", bit_budget={"avg_bits": 0.5}), "avg_bits"),

@@ -5,7 +5,7 @@ stored bits. Cases: asymmetric group 128 (576 % 128 != 0: the padded last group)
 group 64 (the vLLM "group" layout; every GGUF block exact).
 
 llama.cpp (llama-cpp-python, installed by `make setup`): every GGUF tensor type the exporter
-writes (Q8_0, Q4_0, Q4_1, F16), each alone in a file and mixed in the two cases above, loads,
+writes (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, F16), each alone in a file and mixed in the two cases above, loads,
 generates, and picks the same next token as transformers loading the same file after >= 95 % of
 32 prompts (flips at near-ties, which llama.cpp's 8-bit activations cause, aside; the plain
 agreement is reported and must reach 85 %). Under CI=true a missing llama-cpp-python fails these
@@ -40,7 +40,14 @@ WIDTHS = [16, 16] + ([4, 8, 4, 4] * 7)[:26] + [16, 16]
 CASES = {"asym-g128": (False, 128), "sym-g64": (True, 64)}
 #: every tensor type the GGUF exporter writes for a linear, each filling a whole file:
 #: (bits of every layer, symmetric); group 32 = one GGML block per group
-GGUF_TYPES = {"Q8_0": (8, True), "Q4_0": (4, True), "Q4_1": (4, False), "F16": (16, False)}
+GGUF_TYPES = {
+    "Q8_0": (8, True),
+    "Q5_0": (5, True),
+    "Q5_1": (5, False),
+    "Q4_0": (4, True),
+    "Q4_1": (4, False),
+    "F16": (16, False),
+}
 #: the llama.cpp agreement prompts: plain text, code and chat (formatted with the model's template)
 TEXT_PROMPTS = [
     "The capital of France is",

@@ -19,7 +19,7 @@ def make_spec(group_size: int, symmetric: bool, **overrides) -> JobSpec:
         bit_budget={"avg_bits": 8.0},
         group_size=group_size,
         symmetric=symmetric,
-        bit_choices=[2, 3, 4, 8, 16],
+        bit_choices=[2, 3, 4, 5, 6, 7, 8, 16],
     )
     fields.update(overrides)
     return JobSpec(**fields)

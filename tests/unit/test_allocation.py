@@ -207,7 +207,7 @@ def test_missing_16_means_zero_error_and_other_missing_raise() -> None:
     "kwargs, match",
     [
         ({"bit_choices": []}, "empty"),
-        ({"bit_choices": [4, 5]}, "not allowed"),
+        ({"bit_choices": [4, 9]}, "not allowed"),
         ({"group_size": 0}, "group_size"),
         ({"avg_bits": float("nan")}, "finite"),
         ({"layers": []}, "no layers"),

@@ -32,7 +32,7 @@ LAYERS = [
 
 def test_quantized_widths_are_the_menu_without_keep() -> None:
     assert KEEP_BITS in ALLOWED_BITS
-    assert set(QUANTIZED_BITS) == set(ALLOWED_BITS) - {KEEP_BITS} and QUANTIZED_BITS == (2, 3, 4, 8)
+    assert set(QUANTIZED_BITS) == set(ALLOWED_BITS) - {KEEP_BITS} and QUANTIZED_BITS == (2, 3, 4, 5, 6, 7, 8)
 
 
 def test_per_layer_map_gives_each_linear_its_layers_width() -> None:

@@ -46,12 +46,15 @@ def ggml_dequant(encoded) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ blocks
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+SYMMETRIC_TYPE = {2: "Q4_0", 3: "Q4_0", 4: "Q4_0", 5: "Q5_0", 6: "Q8_0", 7: "Q8_0", 8: "Q8_0"}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_symmetric_grid_maps_exactly(bits, group_size):
     q = quantize_weight(gaussian(64, 256, bits), bits, group_size, symmetric=True)
     encoded = encode_quantized(q)
-    assert encoded.qtype == ("Q8_0" if bits == 8 else "Q4_0")
+    assert encoded.qtype == SYMMETRIC_TYPE[bits]
     assert encoded.exact_blocks == encoded.total_blocks
     torch.testing.assert_close(ggml_dequant(encoded), dequantize_weight(q), rtol=0, atol=0)
 
@@ -65,21 +68,45 @@ def test_asymmetric_two_and_three_bit_map_exactly_to_q4_1(bits, group_size):
     torch.testing.assert_close(ggml_dequant(encoded), dequantize_weight(q), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bits, qtype", [(4, "Q4_1"), (5, "Q5_1")])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_asymmetric_four_bit_q4_1_is_exact_up_to_the_fp16_offset(group_size):
+def test_asymmetric_q4_1_q5_1_are_exact_up_to_the_fp16_offset(bits, qtype, group_size):
     """d = scale and the codes carry over; only m = scale·(k − zero) is rounded to fp16, so a
     block is exact when that product is representable and otherwise off by at most half an fp16
-    ulp of m (< 1 % of a quantization step)."""
-    q = quantize_weight(gaussian(64, 256, 7), 4, group_size, symmetric=False)
+    ulp of m (< 1 % of a quantization step at 4 bits, < 2 % at 5)."""
+    q = quantize_weight(gaussian(64, 256, 7), bits, group_size, symmetric=False)
     encoded = encode_quantized(q)
-    assert encoded.qtype == "Q4_1"
+    assert encoded.qtype == qtype
     assert 0 < encoded.exact_blocks <= encoded.total_blocks
     ours = dequantize_weight(q)
     diff = (ggml_dequant(encoded) - ours).abs()
     step = q.scale.float().abs().repeat_interleave(group_size, dim=1)[:, :256]
-    assert bool((diff <= step * 15 * 2.0**-11).all())
+    assert bool((diff <= step * (2**bits - 1) * 2.0**-11).all())
+    assert float(diff.max()) > 0  # some block's m is not representable: the bound is what is tested
     blocks_exact = (diff.reshape(64, 8, 32).amax(-1) == 0).sum().item()
     assert blocks_exact >= encoded.exact_blocks
+
+
+@pytest.mark.parametrize("bits", [6, 7])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_asymmetric_six_and_seven_bit_map_exactly_to_q8_0(bits, group_size):
+    q = quantize_weight(gaussian(64, 256, bits), bits, group_size, symmetric=False)
+    encoded = encode_quantized(q)
+    assert encoded.qtype == "Q8_0" and encoded.exact_blocks == encoded.total_blocks
+    torch.testing.assert_close(ggml_dequant(encoded), dequantize_weight(q), rtol=0, atol=0)
+
+
+def test_q5_high_bit_of_every_position_reaches_the_reference_decoder():
+    """Each of the 32 positions holds a level with bit 4 set in turn, so a wrong qh bit order
+    (weight j ↔ bit j) shows up as a 16-step error at that position."""
+    levels = torch.full((32, 1, 32), 3, dtype=torch.int64)
+    levels[torch.arange(32), 0, torch.arange(32)] = 19
+    d = torch.ones(32, 1, dtype=torch.float16)
+    from core.export.ggml_blocks import EncodedTensor, pack_q5_0
+
+    data = pack_q5_0(levels, d)
+    back = ggml_dequant(EncodedTensor(data=data, qtype="Q5_0", exact_blocks=32, total_blocks=32))
+    torch.testing.assert_close(back, (levels.reshape(32, 32) - 16).float(), rtol=0, atol=0)
 
 
 def test_asymmetric_eight_bit_q8_0_exact_where_int8_holds_the_level():
@@ -104,12 +131,12 @@ def test_group_not_multiple_of_32_is_requantized():
     assert bool((err.amax(-1) <= step * 0.5 + 1e-3 * step + 1e-7).all())
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_requantizers_round_trip_through_gguf_reference(qtype):
     x = gaussian(8, 64, 11)
     encoded = requantize(x, qtype)
     back = ggml_dequant(encoded)
-    levels = 255 if qtype == "Q8_0" else 15
+    levels = {"Q8_0": 255, "Q5_0": 31, "Q5_1": 31}.get(qtype, 15)
     step = (x.abs().amax() * 2) / levels
     assert float((back - x).abs().max()) <= float(step)
 

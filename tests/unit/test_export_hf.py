@@ -57,10 +57,11 @@ def test_export_loads_in_transformers_and_matches_dequantized_model(tiny, tmp_pa
     assert gap <= 1e-3 * scale, f"logits differ by {gap} (scale {scale})"
 
 
+@pytest.mark.parametrize("widths", [(2, 3, 16, 8), (5, 6, 7, 4)], ids=["2-3-16-8", "5-6-7-4"])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
-def test_two_and_three_bit_layers_load_exactly(tiny, tmp_path, symmetric):
+def test_two_to_seven_bit_layers_load_exactly(tiny, tmp_path, symmetric, widths):
     model, tokenizer = tiny
-    bits, weights = quantize_model(model, (2, 3, 16, 8), 32, symmetric)
+    bits, weights = quantize_model(model, widths, 32, symmetric)
     export_hf(model, tokenizer, weights, bits, make_spec(32, symmetric), tmp_path / "hf")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     gap, scale = max_logit_gap(loaded, reference_model(model, weights), tokenizer)
@@ -149,7 +150,7 @@ def test_strategy_choice():
         choose_strategy(plans, 32, True, "tiles")
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 def test_group_layout_decompresses_with_compressed_tensors(tiny, bits):
     """The vLLM layout (group strategy, asymmetric: zero points packed along the output dim)
     decompresses in compressed-tensors to exactly our dequantized weight."""

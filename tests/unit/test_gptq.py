@@ -73,7 +73,7 @@ def test_clip_search_combines_with_gptq(bits: int) -> None:
     assert output_error(x, w, gptq_clip) <= 0.9 * output_error(x, w, rtn_clip)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("clip_search", [False, True], ids=["noclip", "clip"])
 @pytest.mark.parametrize("group_size", [32, 100], ids=["g32", "g100-padded"])
@@ -185,7 +185,7 @@ def test_damp_fallback_and_bad_hessians() -> None:
     with pytest.raises(ValueError, match="hessian"):
         gptq_quantize_weight(w, torch.full((2, 2), float("nan")), 4, 2, False)
     with pytest.raises(ValueError, match="bits"):
-        gptq_quantize_weight(w, torch.eye(2), 5, 2, False)
+        gptq_quantize_weight(w, torch.eye(2), 9, 2, False)
 
 
 ROWS = [CalibrationRow(prompt="What is the capital of France?")]

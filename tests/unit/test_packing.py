@@ -23,7 +23,7 @@ def to_signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", sorted(PACKERS))
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 def test_round_trip_every_width_and_odd_lengths(name: str, bits: int) -> None:
     packer = PACKERS[name]
     for i, n in enumerate(LENGTHS):
@@ -34,7 +34,7 @@ def test_round_trip_every_width_and_odd_lengths(name: str, bits: int) -> None:
         assert torch.equal(packer.unpack(packed, bits, n), codes)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 def test_round_trip_extreme_values_and_3d(bits: int) -> None:
     codes = torch.full((2, 2, 13), 2**bits - 1, dtype=torch.uint8)
     codes[0, 1] = 0
@@ -70,7 +70,7 @@ def test_padding_bits_are_zero() -> None:
     assert packed.tolist() == [[0xFF, 0x01]]
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 def test_int32_matches_compressed_tensors(bits: int) -> None:
     for i, n in enumerate(LENGTHS):
         codes = random_codes((4, n), bits, seed=7 * bits + i)

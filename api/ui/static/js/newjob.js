@@ -13,7 +13,7 @@ const METHODS = [
   ['taq_grad', 'taq_grad', 'TAQ-Grad: predicted task-loss increase of every format (one backward pass)'],
   ['uniform', 'uniform', 'one precision for every layer (baseline, needs no calibration)'],
 ];
-const BITS = [2, 3, 4, 8, 16];
+const BITS = [2, 3, 4, 5, 6, 7, 8, 16];
 
 function newKey() {
   if (window.crypto && typeof window.crypto.randomUUID === 'function') return `ui-${window.crypto.randomUUID()}`;
