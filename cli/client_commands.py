@@ -48,7 +48,7 @@ from common.job_status import FINISHED_STATUSES
 @app.command(rich_help_panel="Client")
 def submit(
     model: Annotated[str | None, typer.Option(help="model id (see `taq models`)")] = None,
-    method: Annotated[str | None, typer.Option(help="taq | taqo | taq_kl | taq_grad | uniform")] = None,
+    method: Annotated[str | None, typer.Option(help="taq | taqo | taqo_gen | taq_kl | taq_grad | uniform")] = None,
     calibration: Annotated[Path | None, typer.Option(help="calibration JSONL; uploaded first")] = None,
     avg_bits: Annotated[
         list[float] | None, typer.Option("--avg-bits", help="bit budget; repeat for a budget sweep")

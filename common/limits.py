@@ -190,7 +190,7 @@ def estimate_for_spec(
     TAQ_WORKER_DEVICE), or None when the model's shapes cannot be read (the job is then admitted;
     the worker reports any failure). Greedy generation is counted only when the whole model fits
     `limit_bytes` (the worker skips it otherwise)."""
-    from core.memory import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, estimate_job_memory
+    from core.memory import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, GENERATING_METHODS, estimate_job_memory
     from core.model_dims import read_model_dims
     from core.spec import CalibrationInputs
 
@@ -223,6 +223,8 @@ def estimate_for_spec(
         gguf_source=bool(getattr(source, "gguf_file", None)),
         closed_loop=spec.closed_loop,
     )
+    if spec.method.value in GENERATING_METHODS:  # it cannot run without generating: always counted
+        return estimate_job_memory(dims, **options, generation=True)
     estimate = estimate_job_memory(dims, **options)
     if evaluates and limit_bytes is not None and estimate.generation_bytes + estimate.runtime_bytes <= limit_bytes:
         estimate = estimate_job_memory(dims, **options, generation=True)

@@ -1,5 +1,5 @@
 """The paper's fixed allocation rule (`allocation: "paper"`): taq keeps the top quarter of layers by
-importance at 8 bits, taqo the first two, the last two and the top tenth at 16; everything else at
+importance at 8 bits, taqo (and taqo_gen) the first two, the last two and the top tenth at 16; everything else at
 4. Pure: scores in, bits out (core/allocation.py holds the costs and the exact budget solver)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 from core.allocation import LayerCost, as_layers, display_up, effective_of, exact_budget, objective_of, scheme_text
 from core.errors import BudgetInfeasible, InvalidSpec
-from core.spec import AllocationRule, Method
+from core.spec import PAPER_METHODS, AllocationRule, Method
 from core.types import BitAllocation, Profile
 
 __all__ = ["allocate_paper"]
@@ -33,14 +33,16 @@ def allocate_paper(
     """The paper's fixed rule (bit_choices do not apply).
 
     taq:  the top ⌈L/4⌉ layers by importance → 8 bits, the rest → 4.
-    taqo: the first 2 and last 2 layers, plus the top k = max(1, round_half_up(L/10)) of the
+    taqo (and taqo_gen): the first 2 and last 2 layers, plus the top k = max(1, round_half_up(L/10)) of the
           others by importance (Δ task score) → 16 bits, the rest → 4.
     Importance comes from the Profile, or from `importance` (name → score) with LayerCosts. Ties
     rank the earlier layer first. With `avg_bits`, a result above it raises `BudgetInfeasible`.
     """
     method_name = method.value if isinstance(method, Method) else str(method)
-    if method_name not in (Method.taq.value, Method.taqo.value):
-        raise InvalidSpec(f"allocation 'paper' is defined for methods 'taq' and 'taqo', not {method_name!r}")
+    if method_name not in [m.value for m in PAPER_METHODS]:
+        raise InvalidSpec(
+            f"allocation 'paper' is defined for methods 'taq', 'taqo' and 'taqo_gen', not {method_name!r}"
+        )
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     layers = as_layers(profile_or_layers)

@@ -7,7 +7,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -259,7 +259,9 @@ class JobRun:
                 if [l.name for l in reused.layers] != [ref.name for ref in self.loaded.layers]:
                     raise InvalidSpec("the reused profile does not match the model's layers")
             return
-        scorer = make_scorer(self.spec, generate=self.greedy_token_answers)
+        scorer = make_scorer(
+            self.spec, generate=self.greedy_token_answers, generate_variants=self.greedy_variant_answers
+        )
         widths = [b for b in self.spec.bit_choices if b < 16]
         result = self.layer_pass("score", scorer, widths, LAYERS_PREFIX)
         scores = scorer.finish(self.loaded, result)
@@ -447,3 +449,32 @@ class JobRun:
             )
         with materialized(self.loaded) as module:
             return greedy_token_ids(module, self.loaded.tokenizer, prompts, max_new_tokens)
+
+    def greedy_variant_answers(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        variants: list[dict[str, int]],
+        codes: Callable[[int, int], dict[str, QuantizedWeight]],
+    ) -> list[list[list[int]]]:
+        """taqo_gen's answers: per variant (a width per linear), each prompt's greedy continuation,
+        with the model materialised once and each variant's codes installed in turn."""
+        from core.streaming.generate import greedy_token_ids, installed, materialized
+
+        reason = self.generation_skip_reason()
+        if reason is not None:
+            raise InvalidSpec(
+                f"{self.spec.method.value} generates with each layer quantized, and "
+                + reason.split(";")[0]
+                + "; use method 'taqo' (teacher-forced, streamed) instead"
+            )
+        # the layer pass reported up to 0.9 of the score stage; generation takes the rest
+        tracker = self.tracker("score").span(0.9, 1.0)
+        answers = []
+        with materialized(self.loaded) as module:
+            for i, bits in enumerate(variants):
+                tracker.check()
+                tracker.report(i / len(variants), f"generating with variant {i + 1} of {len(variants)}")
+                with installed(self.loaded, bits, codes):
+                    answers.append(greedy_token_ids(module, self.loaded.tokenizer, prompts, max_new_tokens))
+        return answers

@@ -70,6 +70,8 @@ FLOAT64_FACTOR_MAX_FEATURES = 8192
 ANSWER_TOKENS = 32
 #: methods whose sequences are a prompt and an answer (ANSWER_TOKENS more per row)
 ANSWER_METHODS = ("taqo", "taq_grad")
+#: methods whose scoring generates greedily with the whole model (one generation per layer)
+GENERATING_METHODS = ("taqo_gen",)
 #: methods that carry one more hidden stream per layer by the last layer: the probe streams of
 #: taq_kl and taqo, the kept layer inputs of taq_grad (core/disk.py bounds their spill with these)
 PER_LAYER_STREAM_METHODS = ("taq_kl", "taqo", "taq_grad")
@@ -168,7 +170,8 @@ def estimate_job_memory(
     `calibration_rows` is the number of rows the pass will use (0: no calibration activations);
     `weight_bytes` 4 for a CPU worker (float32), 2 for a CUDA one (bf16); `widths` the stored bit
     widths below 16; `eval_rows` and `budgets` size the evaluation's streams; `generation` says
-    whether greedy generation will run (the model fits the worker); `source_bytes` the width the
+    whether greedy generation will run (the model fits the worker; a method in GENERATING_METHODS
+    always generates, so the caller passes True for it); `source_bytes` the width the
     checkpoint stores its floats in (2 for bf16/fp16 safetensors, 4 otherwise); `gguf_source` whether
     the model is a GGUF file (its tokenizer is built from the file's metadata, and exports copy that
     metadata); `closed_loop` whether the allocate stage measures its candidates on held-back rows."""
@@ -258,7 +261,7 @@ def estimate_job_memory(
     peak = max(totals, key=lambda name: totals[name])
     generating = generation_bytes(dims, max_tokens=max_tokens, weight_bytes=weight_bytes)
     terms = dict(phases[peak])
-    if generation and evaluates and generating > totals[peak]:
+    if generation and (evaluates or method in GENERATING_METHODS) and generating > totals[peak]:
         peak, terms = (
             "generation",
             {"model": dims.parameters * weight_bytes, "generation": generating - dims.parameters * weight_bytes},

@@ -16,9 +16,14 @@ MAX_INLINE_ROWS = 64
 class Method(str, Enum):
     taq = "taq"
     taqo = "taqo"
+    taqo_gen = "taqo_gen"
     taq_kl = "taq_kl"
     taq_grad = "taq_grad"
     uniform = "uniform"
+
+
+#: the methods the paper's fixed allocation rule is defined for (taqo_gen uses taqo's rule)
+PAPER_METHODS = (Method.taq, Method.taqo, Method.taqo_gen)
 
 
 class AllocationRule(str, Enum):
@@ -222,8 +227,8 @@ class JobSpec(_Strict):
                 "closed_loop measures codes of the job's own layer pass; it cannot reuse a profile "
                 "(profile_from_job_id)"
             )
-        if self.allocation == AllocationRule.paper and self.method not in (Method.taq, Method.taqo):
-            raise ValueError("allocation 'paper' is defined for methods 'taq' and 'taqo' only")
+        if self.allocation == AllocationRule.paper and self.method not in PAPER_METHODS:
+            raise ValueError("allocation 'paper' is defined for methods 'taq', 'taqo' and 'taqo_gen' only")
         if self.allocation == AllocationRule.paper and self.allocation_unit == AllocationUnit.linear:
             raise ValueError(
                 "allocation 'paper' assigns bits to whole layers; use allocation_unit 'layer' or allocation 'budget'"

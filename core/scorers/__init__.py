@@ -37,6 +37,13 @@ def _taqo(spec: JobSpec, **options: Any) -> StreamScorer:
     return TaqoScorer(spec, **{k: v for k, v in options.items() if k in ("generate", "bits", "max_new_tokens")})
 
 
+def _taqo_gen(spec: JobSpec, **options: Any) -> StreamScorer:
+    from core.scorers.taqo_gen import TaqoGenScorer
+
+    keys = ("generate_variants", "bits", "max_new_tokens")
+    return TaqoGenScorer(spec, **{k: v for k, v in options.items() if k in keys})
+
+
 def _taq_grad(spec: JobSpec, **options: Any) -> StreamScorer:
     from core.scorers.taq_grad import TaqGradScorer
 
@@ -54,6 +61,7 @@ SCORERS: dict[Method, Callable[..., StreamScorer]] = {
     Method.taq: _taq,
     Method.taq_kl: _taq_kl,
     Method.taqo: _taqo,
+    Method.taqo_gen: _taqo_gen,
     Method.taq_grad: _taq_grad,
     Method.uniform: _uniform,
 }

@@ -9,7 +9,8 @@ import { fmtTime, h, replace } from './dom.js';
 const METHODS = [
   ['taq', 'taq', 'TAQ: matrix entropy and update variance of each layer on the task\u2019s tokens (one forward pass)'],
   ['taq_kl', 'taq_kl', 'TAQ-KL: next-token KL at the end of the prompt when only that layer is quantized'],
-  ['taqo', 'taqo', 'TAQO: drop of the task score when only that layer is quantized (oracle)'],
+  ['taqo', 'taqo', 'TAQO: rise of the answer tokens\u2019 NLL when only that layer is quantized (teacher-forced oracle)'],
+  ['taqo_gen', 'taqo_gen', 'TAQO as the paper: drop of 0.5\u00b7(EM+F1) of greedy answers when only that layer is quantized (one generation per layer)'],
   ['taq_grad', 'taq_grad', 'TAQ-Grad: predicted task-loss increase of every format (one backward pass)'],
   ['uniform', 'uniform', 'one precision for every layer (baseline, needs no calibration)'],
 ];

@@ -4,6 +4,7 @@ from enum import StrEnum
 class Method(StrEnum):
     TAQ = "taq"
     TAQO = "taqo"
+    TAQO_GEN = "taqo_gen"
     TAQ_GRAD = "taq_grad"
     TAQ_KL = "taq_kl"
     UNIFORM = "uniform"
