@@ -436,17 +436,19 @@ class JobRun:
             )
         return None
 
+    def require_generation(self, why: str, fix: str) -> None:
+        """InvalidSpec "<method> <why>, and <the memory reason>; <fix>" when the model does not fit."""
+        reason = self.generation_skip_reason()
+        if reason is not None:
+            raise InvalidSpec(f"{self.spec.method.value} {why}, and {reason.split(';')[0]}; {fix}")
+
     def greedy_token_answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """taqo's / taq_grad's self-answers: the full-precision model's greedy continuations (token ids)."""
         from core.streaming.generate import greedy_token_ids, materialized
 
-        reason = self.generation_skip_reason()
-        if reason is not None:
-            raise InvalidSpec(
-                f"{self.spec.method.value} needs the model's own answers for rows without 'answers', and "
-                + reason.split(";")[0]
-                + "; give gold answers in the calibration rows"
-            )
+        self.require_generation(
+            "needs the model's own answers for rows without 'answers'", "give gold answers in the calibration rows"
+        )
         with materialized(self.loaded) as module:
             return greedy_token_ids(module, self.loaded.tokenizer, prompts, max_new_tokens)
 
@@ -461,13 +463,9 @@ class JobRun:
         with the model materialised once and each variant's codes installed in turn."""
         from core.streaming.generate import greedy_token_ids, installed, materialized
 
-        reason = self.generation_skip_reason()
-        if reason is not None:
-            raise InvalidSpec(
-                f"{self.spec.method.value} generates with each layer quantized, and "
-                + reason.split(";")[0]
-                + "; use method 'taqo' (teacher-forced, streamed) instead"
-            )
+        self.require_generation(
+            "generates with each layer quantized", "use method 'taqo' (teacher-forced, streamed) instead"
+        )
         # the layer pass reported up to 0.9 of the score stage; generation takes the rest
         tracker = self.tracker("score").span(0.9, 1.0)
         answers = []

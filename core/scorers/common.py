@@ -34,6 +34,7 @@ __all__ = [
     "SequencePlan",
     "build_profile",
     "damage_scaled",
+    "floored_damages",
     "record_error",
     "exp_sensitivity",
     "lowest_bits",
@@ -142,6 +143,16 @@ def record_error(record: LayerRecord, bits: int) -> float:
     linears' (the profile's `LayerProfile.quant_error[bits]`); 0 for an empty layer."""
     total = sum(record.params.values())
     return sum(p * float(record.errors[n][bits]) for n, p in record.params.items()) / total if total else 0.0
+
+
+def floored_damages(drops: Sequence[float]) -> list[float]:
+    """Per layer, a damage-style sensitivity from its measured drop: max(drop, 0) + floor, the floor
+    1 % of the mean positive drop (1e-6 when none is positive), so no layer is free to quantize and
+    ties are resolved by the measured error."""
+    positive = [max(0.0, d) for d in drops]
+    mean_pos = sum(positive) / len(positive) if positive else 0.0
+    floor = 0.01 * mean_pos if mean_pos > 0 else 1e-6
+    return [p + floor for p in positive]
 
 
 def damage_scaled(

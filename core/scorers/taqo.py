@@ -40,7 +40,7 @@ import torch
 
 from core.calibration import Batch
 from core.data import encode_text, tokenize_rows
-from core.scorers.common import LayerScores, SequencePlan, damage_scaled, lowest_bits
+from core.scorers.common import LayerScores, SequencePlan, damage_scaled, floored_damages, lowest_bits
 from core.spec import CalibrationRow, JobSpec
 from core.streaming.head import HeadQuery, head_stats
 from core.streaming.hidden import HiddenStream
@@ -212,9 +212,7 @@ class TaqoScorer(StreamScorer):
         fp, quantized = scores[0], scores[1:]
         widths = sorted(b for b in result.records[0].widths if b < 16) if result.records else []
         d_nll = [q.nll - fp.nll for q in quantized]
-        positive = [max(0.0, d) for d in d_nll]
-        mean_pos = sum(positive) / len(positive) if positive else 0.0
-        floor = 0.01 * mean_pos if mean_pos > 0 else 1e-6
+        sensitivity = floored_damages(d_nll)
         return [
             LayerScores(
                 scores={
@@ -231,8 +229,8 @@ class TaqoScorer(StreamScorer):
                     "model_answers": self.model_answers,
                 },
                 importance=d_nll[l],
-                sensitivity=positive[l] + floor,
-                predicted_loss=damage_scaled(positive[l] + floor, result.records[l], self.bits, widths),
+                sensitivity=sensitivity[l],
+                predicted_loss=damage_scaled(sensitivity[l], result.records[l], self.bits, widths),
             )
             for l, q in enumerate(quantized)
         ]

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from core.evaluation import exact_match, f1_score
-from core.scorers.common import LayerScores, damage_scaled, lowest_bits
+from core.scorers.common import LayerScores, damage_scaled, floored_damages, lowest_bits
 from core.spec import CalibrationRow, JobSpec
 from core.streaming.layer_pass import PassResult, StreamScorer
 from core.streaming.model import StreamedModel
@@ -96,9 +96,7 @@ class TaqoGenScorer(StreamScorer):
         fp = task_score(fp_texts, golds)
         quantized = [task_score(t, golds) for t in texts[1:]]
         drops = [fp - q for q in quantized]
-        positive = [max(0.0, d) for d in drops]
-        mean_pos = sum(positive) / len(positive) if positive else 0.0
-        floor = 0.01 * mean_pos if mean_pos > 0 else 1e-6
+        sensitivity = floored_damages(drops)
         widths = sorted(b for b in result.records[0].widths if b < 16) if result.records else []
         return [
             LayerScores(
@@ -110,8 +108,8 @@ class TaqoGenScorer(StreamScorer):
                     "model_answers": model_answers,
                 },
                 importance=drops[l],
-                sensitivity=positive[l] + floor,
-                predicted_loss=damage_scaled(positive[l] + floor, result.records[l], self.bits, widths),
+                sensitivity=sensitivity[l],
+                predicted_loss=damage_scaled(sensitivity[l], result.records[l], self.bits, widths),
             )
             for l, q in enumerate(quantized)
         ]
