@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from core.canonical_json import compact_json
 from core.errors import Cancelled, DataError, InvalidSpec
 from core.models import ModelSource
-from core.spec import PAPER_METHODS, AllocationRule, AllocationUnit, CalibrationRow, JobSpec, Method, Quantizer
+from core.spec import AllocationRule, AllocationUnit, CalibrationRow, JobSpec, Method, Quantizer
 from core.streaming.checkpoints import CheckpointStore
 from core.types import BitAllocation, Profile
 
@@ -173,10 +173,7 @@ def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
 
     bit_choices = list(spec.bit_choices)
     if spec.allocation == AllocationRule.paper:
-        if spec.method not in PAPER_METHODS:
-            raise InvalidSpec(
-                f"allocation 'paper' is defined for methods 'taq', 'taqo' and 'taqo_gen', not '{spec.method.value}'"
-            )
+        # allocate_paper refuses a method the rule is not defined for (InvalidSpec)
         budget = spec.budgets[0] if spec.budgets else None  # the smallest: the rule must fit every one
         return [allocate_paper(profile, spec.method, spec.group_size, spec.symmetric, avg_bits=budget)]
     if not spec.budgets:

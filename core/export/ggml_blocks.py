@@ -84,23 +84,6 @@ def pack_q8_0(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
     return out.reshape(rows, nb * 34)
 
 
-def pack_q4_0(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
-    rows, nb, _ = q.shape
-    out = np.empty((rows, nb, 18), dtype=np.uint8)
-    out[..., :2] = _half_bytes(d)
-    out[..., 2:] = _nibbles(q)
-    return out.reshape(rows, nb * 18)
-
-
-def pack_q4_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
-    rows, nb, _ = q.shape
-    out = np.empty((rows, nb, 20), dtype=np.uint8)
-    out[..., :2] = _half_bytes(d)
-    out[..., 2:4] = _half_bytes(m)
-    out[..., 4:] = _nibbles(q)
-    return out.reshape(rows, nb * 20)
-
-
 def _high_bits(q: torch.Tensor) -> np.ndarray:
     """[..., 32] values in [0, 31] -> [..., 4] bytes: the little-endian uint32 whose bit j is bit 4
     of weight j."""
@@ -109,23 +92,21 @@ def _high_bits(q: torch.Tensor) -> np.ndarray:
     return ((word >> (torch.arange(4, dtype=torch.int64) * 8)) & 0xFF).to(torch.uint8).numpy()
 
 
-def pack_q5_0(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+def pack_blocks(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None) -> np.ndarray:
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 blocks [rows, n_blocks * block bytes] from levels q [rows, nb, 32]
+    and fp16 d (and m for the offset types), fields in the block's order: d, m, qh (5-bit), nibbles."""
     rows, nb, _ = q.shape
-    out = np.empty((rows, nb, 22), dtype=np.uint8)
-    out[..., :2] = _half_bytes(d)
-    out[..., 2:6] = _high_bits(q)
-    out[..., 6:] = _nibbles(q.to(torch.int64) & 0xF)
-    return out.reshape(rows, nb * 22)
-
-
-def pack_q5_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
-    rows, nb, _ = q.shape
-    out = np.empty((rows, nb, 24), dtype=np.uint8)
-    out[..., :2] = _half_bytes(d)
-    out[..., 2:4] = _half_bytes(m)
-    out[..., 4:8] = _high_bits(q)
-    out[..., 8:] = _nibbles(q.to(torch.int64) & 0xF)
-    return out.reshape(rows, nb * 24)
+    fields = [_half_bytes(d)]
+    if qtype in (Q4_1, Q5_1):
+        if m is None:
+            raise ValueError(f"{qtype} blocks carry a minimum m")
+        fields.append(_half_bytes(m))
+    if qtype in (Q5_0, Q5_1):
+        fields.append(_high_bits(q))
+    fields.append(_nibbles(q.to(torch.int64) & 0xF))
+    out = np.concatenate(fields, axis=-1)
+    assert out.shape[-1] == BLOCK_BYTES[qtype]
+    return out.reshape(rows, nb * BLOCK_BYTES[qtype])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,14 +147,6 @@ def requant_offset(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Te
     return q, d, m
 
 
-def _pack_symmetric(qtype: str, q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
-    return pack_q4_0(q, d) if qtype == Q4_0 else pack_q5_0(q, d)
-
-
-def _pack_offset(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
-    return pack_q4_1(q, d, m) if qtype == Q4_1 else pack_q5_1(q, d, m)
-
-
 def requantize(x: torch.Tensor, qtype: str) -> EncodedTensor:
     """Encode a float [rows, cols] weight (cols a multiple of 32) into `qtype` blocks."""
     rows, cols = x.shape
@@ -181,9 +154,9 @@ def requantize(x: torch.Tensor, qtype: str) -> EncodedTensor:
     if qtype == Q8_0:
         data = pack_q8_0(*requant_q8_0(blocks))
     elif qtype in (Q4_0, Q5_0):
-        data = _pack_symmetric(qtype, *requant_symmetric(blocks, _LEVELS[qtype]))
+        data = pack_blocks(qtype, *requant_symmetric(blocks, _LEVELS[qtype]))
     else:
-        data = _pack_offset(qtype, *requant_offset(blocks, _LEVELS[qtype]))
+        data = pack_blocks(qtype, *requant_offset(blocks, _LEVELS[qtype]))
     return EncodedTensor(data=data, qtype=qtype, exact_blocks=0, total_blocks=rows * (cols // BLOCK))
 
 
@@ -206,7 +179,7 @@ def _block_params(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch
 def _exact_symmetric(q: QuantizedWeight, qtype: str) -> EncodedTensor:
     codes, scale, zero = _block_params(q)
     levels = codes - zero.unsqueeze(-1) + (_LEVELS[qtype] + 1) // 2  # in [0, 15] ([0, 31]) for b <= 4 (5)
-    data = _pack_symmetric(qtype, levels, scale.to(torch.float16))
+    data = pack_blocks(qtype, levels, scale.to(torch.float16))
     n = codes.shape[0] * codes.shape[1]
     return EncodedTensor(data=data, qtype=qtype, exact_blocks=n, total_blocks=n)
 
@@ -227,7 +200,7 @@ def _exact_offset(q: QuantizedWeight, qtype: str) -> EncodedTensor:
     k_best = k.gather(-1, best).squeeze(-1)
     m_best = m16.gather(-1, best).squeeze(-1)
     exact = err.gather(-1, best).squeeze(-1) == 0
-    data = _pack_offset(qtype, codes - k_best.unsqueeze(-1), scale.to(torch.float16), m_best)
+    data = pack_blocks(qtype, codes - k_best.unsqueeze(-1), scale.to(torch.float16), m_best)
     return EncodedTensor(data=data, qtype=qtype, exact_blocks=int(exact.sum()), total_blocks=exact.numel())
 
 

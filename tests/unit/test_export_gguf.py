@@ -102,9 +102,9 @@ def test_q5_high_bit_of_every_position_reaches_the_reference_decoder():
     levels = torch.full((32, 1, 32), 3, dtype=torch.int64)
     levels[torch.arange(32), 0, torch.arange(32)] = 19
     d = torch.ones(32, 1, dtype=torch.float16)
-    from core.export.ggml_blocks import EncodedTensor, pack_q5_0
+    from core.export.ggml_blocks import EncodedTensor, pack_blocks
 
-    data = pack_q5_0(levels, d)
+    data = pack_blocks("Q5_0", levels, d)
     back = ggml_dequant(EncodedTensor(data=data, qtype="Q5_0", exact_blocks=32, total_blocks=32))
     torch.testing.assert_close(back, (levels.reshape(32, 32) - 16).float(), rtol=0, atol=0)
 
