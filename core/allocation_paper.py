@@ -1,6 +1,7 @@
 """The paper's fixed allocation rule (`allocation: "paper"`): taq keeps the top quarter of layers by
-importance at 8 bits, taqo (and taqo_gen) the first two, the last two and the top tenth at 16; everything else at
-4. Pure: scores in, bits out (core/allocation.py holds the costs and the exact budget solver)."""
+importance at 8 bits, taqo (and taqo_gen) eight layers at 16 (the first two, the last two and the top
+four of the others, as the paper's code keeps `topk=8` with `keep_first=2, keep_last=2`); everything
+else at 4. Pure: scores in, bits out (core/allocation.py holds the costs and the exact budget solver)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from core.errors import BudgetInfeasible, InvalidSpec
 from core.spec import PAPER_METHODS, AllocationRule, Method
 from core.types import BitAllocation, Profile
 
-__all__ = ["allocate_paper"]
+__all__ = ["TAQO_KEPT_LAYERS", "allocate_paper"]
+
+#: layers taqo's paper rule keeps at 16 bits, the first two and the last two among them
+TAQO_KEPT_LAYERS = 8
 
 
 def _ranked(names: Sequence[str], importance: Mapping[str, float]) -> list[str]:
@@ -29,12 +33,13 @@ def allocate_paper(
     avg_bits: float | None = None,
     *,
     importance: Mapping[str, float] | None = None,
+    float_zero: bool = False,
 ) -> BitAllocation:
     """The paper's fixed rule (bit_choices do not apply).
 
     taq:  the top ⌈L/4⌉ layers by importance → 8 bits, the rest → 4.
-    taqo (and taqo_gen): the first 2 and last 2 layers, plus the top k = max(1, round_half_up(L/10)) of the
-          others by importance (Δ task score) → 16 bits, the rest → 4.
+    taqo (and taqo_gen): 8 layers → 16 bits: the first 2 and last 2, plus the top 4 of the others by
+          importance (Δ task score); the rest → 4 (a model of at most 8 layers keeps them all).
     Importance comes from the Profile, or from `importance` (name → score) with LayerCosts. Ties
     rank the earlier layer first. With `avg_bits`, a result above it raises `BudgetInfeasible`.
     """
@@ -68,15 +73,15 @@ def allocate_paper(
     else:
         edges = set(names[:2]) | set(names[-2:])
         rest = [n for n in names if n not in edges]
-        k = min(len(rest), max(1, (count + 5) // 10))
+        k = min(len(rest), max(0, TAQO_KEPT_LAYERS - len(edges)))
         keep = edges | set(_ranked(rest, scores)[:k])
         bits = {n: 16 if n in keep else 4 for n in names}
         rule_text = f"taqo: first 2, last 2 and top {k} of {count} layers at 16 bits, the rest at 4"
 
-    achieved = effective_of(layers, bits, group_size, symmetric)
+    achieved = effective_of(layers, bits, group_size, symmetric, float_zero=float_zero)
     if avg_bits is not None and achieved > exact_budget(avg_bits):
         raise BudgetInfeasible(
-            f"the paper rule ({rule_text}; {scheme_text(group_size, symmetric)}) costs "
+            f"the paper rule ({rule_text}; {scheme_text(group_size, symmetric, float_zero)}) costs "
             f"{display_up(achieved)} effective bits, above the budget avg_bits={avg_bits}; raise "
             "avg_bits or use allocation 'budget'",
             details={"min_avg_bits": float(achieved), "avg_bits": float(avg_bits)},

@@ -302,8 +302,8 @@ def test_paper_taq_effective_bits_exact() -> None:
     assert got.effective_bits == 5.1875  # (2·8.1875 + 6·4.1875) / 8
 
 
-@pytest.mark.parametrize("n_layers, k", [(30, 3), (25, 3), (24, 2), (14, 1), (5, 1)])
-def test_paper_taqo_edges_plus_top_k_at_16(n_layers: int, k: int) -> None:
+@pytest.mark.parametrize("n_layers, k", [(30, 4), (25, 4), (9, 4), (8, 4), (7, 3), (5, 1)])
+def test_paper_taqo_keeps_eight_layers_at_16(n_layers: int, k: int) -> None:
     rng = random.Random(n_layers)
     imp = [rng.random() for _ in range(n_layers)]
     imp[0] = imp[-1] = 100.0  # edges are kept anyway; must not use up the top-k

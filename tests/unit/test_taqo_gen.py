@@ -138,8 +138,8 @@ def test_paper_rule_is_taqos() -> None:
     importance = {f"l{i}": float(i % 5) for i in range(12)}
     for method in ("taqo", "taqo_gen"):
         got = allocate_paper(layers, method, 32, False, importance=importance)
-        # the first 2, the last 2 and the top k = (12 + 5) // 10 = 1 of the rest (l4 and l9 tie: the earlier)
-        assert sorted(n for n, b in got.bits.items() if b == 16) == ["l0", "l1", "l10", "l11", "l4"]
+        # 8 layers: the first 2, the last 2 and the top 4 of the rest (l4, l9 (4.0), l3, l8 (3.0); ties: the earlier)
+        assert sorted(n for n, b in got.bits.items() if b == 16) == ["l0", "l1", "l10", "l11", "l3", "l4", "l8", "l9"]
     assert JobSpec(**{**make_spec().model_dump(), "allocation": "paper"}).allocation.value == "paper"
     with pytest.raises(ValueError, match="'taq', 'taqo' and 'taqo_gen'"):
         JobSpec(**{**make_spec().model_dump(), "method": "taq_kl", "allocation": "paper"})
