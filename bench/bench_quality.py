@@ -136,6 +136,9 @@ MODIFIERS = {
     # sequential calibration (issue 14 part 6): each layer calibrated on the already-quantized
     # outputs of the layers before it; compared item by item with the same token without +seq
     "seq": {"calibration_inputs": "quantized"},
+    # float zero points (fp16 offsets, GGUF Q4_1/Q5_1) for widths up to 5 bits; compared item by
+    # item with the same token without +fz
+    "fz": {"zero_point": "float"},
 }
 
 
@@ -149,7 +152,8 @@ class Variant:
     @property
     def scoring_options(self) -> dict:
         """The fields that change the pass: the quantizer, clip search and the closed loop (rows held back)."""
-        return {k: v for k, v in self.options if k in ("clip_search", "quantizer", "closed_loop", "calibration_inputs")}
+        fields = ("clip_search", "quantizer", "closed_loop", "calibration_inputs", "zero_point")
+        return {k: v for k, v in self.options if k in fields}
 
 
 def parse_method(token: str) -> Variant:
@@ -268,7 +272,10 @@ def cross_allocation(spec: JobSpec, source: Profile, target: Profile) -> list[Bi
         LayerCost(c.name, c.params, sens[c.name], c.quant_error, c.shapes, predicted[c.name])
         for c in layer_costs_from_profile(target)
     ]
-    return [allocate_budget(layers, b, list(spec.bit_choices), spec.group_size, spec.symmetric) for b in spec.budgets]
+    return [
+        allocate_budget(layers, b, list(spec.bit_choices), spec.group_size, spec.symmetric, float_zero=spec.float_zero)
+        for b in spec.budgets
+    ]
 
 
 def gptq_matched_weights(
@@ -336,7 +343,9 @@ def candidates(args, loaded: LoadedModel, model_id: str, suite: str, profiles: d
         for name in args.controls:
             make = partial(CONTROLS[name], seed=0) if name == "random" else CONTROLS[name]
             for budget in spec.budgets:
-                allocation = make(layers, budget, list(spec.bit_choices), spec.group_size, spec.symmetric)
+                allocation = make(
+                    layers, budget, list(spec.bit_choices), spec.group_size, spec.symmetric, float_zero=spec.float_zero
+                )
                 out.append(Candidate(f"{name}{suffix}", "control", name, budget, allocation, scored))
     for pair in args.cross_task:
         source, _, target = pair.partition(":")

@@ -45,15 +45,20 @@ def variant_table(rows: list[dict]) -> str:
 def comparisons(rows: list[dict], seed: int = 0) -> list[dict]:
     """Every method (and cross-task) row against every control row of the same suite and budget,
     and every method row against the cross-task rows too (another task's profile is a control
-    for the task signal), a `+seq` method row also against its twin on fp inputs; on gold NLL
+    for the task signal), a `+seq` (`+fz`) method row also against its twin on fp inputs (integer
+    zero points); on gold NLL
     and contains: the paired difference method − control with its interval."""
     out = []
     for r in rows:
         if r["kind"] not in ("method", "cross-task"):
             continue
         partners = ("control", "cross-task") if r["kind"] == "method" else ("control",)
-        # a +seq row (sequential calibration) is also compared with the same method on fp inputs
-        fp_twin = r["label"].replace("+seq", "") if r["kind"] == "method" and "+seq" in r["label"] else None
+        # a +seq row (sequential calibration) is also compared with the same method on fp inputs,
+        # a +fz row (float zero points) with the same method on integer zero points
+        fp_twin = None
+        for twin_mark in ("+seq", "+fz"):
+            if r["kind"] == "method" and twin_mark in r["label"]:
+                fp_twin = r["label"].replace(twin_mark, "")
         for c in rows:
             if c["suite"] != r["suite"] or c["budget"] != r["budget"]:
                 continue

@@ -56,6 +56,10 @@ def submit(
     bit_choices: Annotated[str | None, typer.Option(help="comma-separated, e.g. 4,8,16")] = None,
     group_size: Annotated[int | None, typer.Option()] = None,
     symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", show_default=False)] = None,
+    zero_point: Annotated[
+        str | None,
+        typer.Option(help="integer | float: float stores an fp16 offset per group (<= 5 bits; GGUF Q4_1/Q5_1 only)"),
+    ] = None,
     allocation: Annotated[str | None, typer.Option(help="budget | paper | error_only | random")] = None,
     allocation_unit: Annotated[str | None, typer.Option(help="layer | linear")] = None,
     quantizer: Annotated[str | None, typer.Option(help="rtn | gptq (gptq needs calibration data)")] = None,
@@ -113,6 +117,7 @@ def submit(
         ("method", method),
         ("group_size", group_size),
         ("symmetric", symmetric),
+        ("zero_point", zero_point),
         ("allocation", allocation),
         ("allocation_unit", allocation_unit),
         ("quantizer", quantizer),

@@ -53,7 +53,7 @@ def check_budget_feasible(spec: JobSpec) -> None:
     """Model-independent lower bound: every layer at the smallest bit width."""
     if spec.allocation != AllocationRule.budget:
         return
-    floor = effective_bits(min(spec.bit_choices), spec.group_size, spec.symmetric)
+    floor = effective_bits(min(spec.bit_choices), spec.group_size, spec.symmetric, float_zero=spec.float_zero)
     too_low = [b for b in spec.budgets if b + 1e-9 < floor]
     if too_low:
         raise BudgetInfeasible(

@@ -3,9 +3,9 @@ paper's fixed rule is core/allocation_paper.py).
 
 Costs are exact integers: g times the stored bits (`core.types.stored_bits`), in "bit/g" units.
 A linear [out, in] at b bits stores out·in codes and out·⌈in/g⌉ groups of overhead (a float16 scale,
-plus an int8 zero point when asymmetric), so the padded last group of a row is counted; 16 bits
-costs out·in·16. A unit without known shapes (profiles from before they were kept) counts its n
-weights as whole groups, n·(b·g + overhead). The budget is
+plus an int8 zero point when asymmetric, or an fp16 offset with a float zero point), so the padded
+last group of a row is counted; 16 bits costs out·in·16. A unit without known shapes (profiles
+from before they were kept) counts its n weights as whole groups, n·(b·g + overhead). The budget is
 ⌊avg_bits·g·Σn⌋ units, with `avg_bits` taken as the decimal the user wrote (4.3 is 43/10, not its
 binary float), so "meets the budget" involves no rounding at all.
 
@@ -127,13 +127,14 @@ def expand_units(allocation: BitAllocation, units: Sequence[LinearUnit]) -> BitA
 # ------------------------------------------------------------------------------ shared helpers
 
 
-def layer_cost(layer: LayerCost, bits: int, group_size: int, symmetric: bool) -> int:
-    """g · stored bits of the unit at `bits`, an exact integer (see the module docstring)."""
+def layer_cost(layer: LayerCost, bits: int, group_size: int, symmetric: bool, *, float_zero: bool = False) -> int:
+    """g · stored bits of the unit at `bits`, an exact integer (see the module docstring);
+    `float_zero`: the grid stores float zero points where `core.types.float_zero_at`."""
     if layer.shapes:
-        return group_size * sum(stored_bits(bits, group_size, symmetric, shape) for shape in layer.shapes)
+        return group_size * sum(stored_bits(bits, group_size, symmetric, shape, float_zero) for shape in layer.shapes)
     if bits >= 16:
         return 16 * group_size * layer.params
-    return layer.params * (bits * group_size + group_overhead_bits(symmetric))
+    return layer.params * (bits * group_size + group_overhead_bits(bits, symmetric, float_zero))
 
 
 def budget_units(layers: Sequence[LayerCost], avg_bits: float, group_size: int) -> int:
@@ -142,18 +143,25 @@ def budget_units(layers: Sequence[LayerCost], avg_bits: float, group_size: int) 
 
 
 def check_lowest_fits(
-    layers: Sequence[LayerCost], avg_bits: float, choices: Sequence[int], group_size: int, symmetric: bool
+    layers: Sequence[LayerCost],
+    avg_bits: float,
+    choices: Sequence[int],
+    group_size: int,
+    symmetric: bool,
+    *,
+    float_zero: bool = False,
 ) -> tuple[int, int]:
     """(budget, cost of every layer at the lowest choice) in `layer_cost` units; BudgetInfeasible
     (details `min_avg_bits`) when even that exceeds the budget."""
     budget = budget_units(layers, avg_bits, group_size)
-    base = sum(layer_cost(l, choices[0], group_size, symmetric) for l in layers)
+    base = sum(layer_cost(l, choices[0], group_size, symmetric, float_zero=float_zero) for l in layers)
     if base > budget:
         min_bits = Fraction(base, group_size * sum(l.params for l in layers))
         raise BudgetInfeasible(
             f"bit budget avg_bits={avg_bits} cannot be met: with bit_choices {list(choices)} "
-            f"({scheme_text(group_size, symmetric)}) the smallest achievable is {display_up(min_bits)} "
-            f"effective bits (every layer at {choices[0]} bits); raise avg_bits or allow fewer bits",
+            f"({scheme_text(group_size, symmetric, float_zero)}) the smallest achievable is "
+            f"{display_up(min_bits)} effective bits (every layer at {choices[0]} bits); raise avg_bits or "
+            "allow fewer bits",
             details={"min_avg_bits": float(min_bits), "avg_bits": float(avg_bits)},
         )
     return budget, base
@@ -226,9 +234,16 @@ def objective_of(layers: Sequence[LayerCost], bits: Mapping[str, int]) -> float 
     return total
 
 
-def effective_of(layers: Sequence[LayerCost], bits: Mapping[str, int], group_size: int, symmetric: bool) -> Fraction:
+def effective_of(
+    layers: Sequence[LayerCost],
+    bits: Mapping[str, int],
+    group_size: int,
+    symmetric: bool,
+    *,
+    float_zero: bool = False,
+) -> Fraction:
     """Exact stored bits per weight of `bits` over `layers`."""
-    cost = sum(layer_cost(l, bits[l.name], group_size, symmetric) for l in layers)
+    cost = sum(layer_cost(l, bits[l.name], group_size, symmetric, float_zero=float_zero) for l in layers)
     return Fraction(cost, group_size * sum(l.params for l in layers))
 
 
@@ -240,11 +255,13 @@ def priced_allocation(
     symmetric: bool,
     rule: AllocationRule | Method,
     solver: str,
+    *,
+    float_zero: bool = False,
 ) -> BitAllocation:
     """`bits` as a BitAllocation: its exact effective bits and objective over `layers`."""
     return BitAllocation(
         bits=bits,
-        effective_bits=float(effective_of(layers, bits, group_size, symmetric)),
+        effective_bits=float(effective_of(layers, bits, group_size, symmetric, float_zero=float_zero)),
         budget=float(avg_bits),
         rule=rule,
         objective=objective_of(layers, bits),
@@ -257,8 +274,9 @@ def display_up(x: Fraction | float) -> str:
     return f"{math.ceil(Fraction(x) * 10_000) / 10_000:.4f}"
 
 
-def scheme_text(group_size: int, symmetric: bool) -> str:
-    return f"group_size {group_size}, {'symmetric' if symmetric else 'asymmetric'}"
+def scheme_text(group_size: int, symmetric: bool, float_zero: bool = False) -> str:
+    kind = "symmetric" if symmetric else "asymmetric, float zero points" if float_zero else "asymmetric"
+    return f"group_size {group_size}, {kind}"
 
 
 # ------------------------------------------------------------------------------ budget (exact MCKP)
@@ -334,6 +352,7 @@ def allocate_budget(
     group_size: int,
     symmetric: bool,
     *,
+    float_zero: bool = False,
     max_states: int = 100_000,
     grid_steps: int = 10_000,
 ) -> BitAllocation:
@@ -360,8 +379,8 @@ def allocate_budget(
             if not (math.isfinite(term) and term >= 0):
                 raise ValueError(f"layer {layer.name!r}: predicted[{b}] must be finite and >= 0, got {term}")
 
-    costs = [{b: layer_cost(l, b, group_size, symmetric) for b in choices} for l in layers]
-    budget, base = check_lowest_fits(layers, avg_bits, choices, group_size, symmetric)
+    costs = [{b: layer_cost(l, b, group_size, symmetric, float_zero=float_zero) for b in choices} for l in layers]
+    budget, base = check_lowest_fits(layers, avg_bits, choices, group_size, symmetric, float_zero=float_zero)
     slack = budget - base
 
     def build(scale: int | None) -> list[list[_Option]]:
@@ -390,7 +409,9 @@ def allocate_budget(
     bits = {l.name: options[i][chosen[i]].bits for i, l in enumerate(layers)}
     spent = base + sum(options[i][chosen[i]].true_extra for i in range(len(layers)))
     assert spent <= budget  # guaranteed by construction; a failure is a bug, not a user error
-    return priced_allocation(layers, bits, avg_bits, group_size, symmetric, AllocationRule.budget, solver)
+    return priced_allocation(
+        layers, bits, avg_bits, group_size, symmetric, AllocationRule.budget, solver, float_zero=float_zero
+    )
 
 
 # ------------------------------------------------------------------------------ uniform
@@ -402,20 +423,27 @@ def allocate_uniform(
     bit_choices: Sequence[int],
     group_size: int,
     symmetric: bool,
+    *,
+    float_zero: bool = False,
 ) -> BitAllocation:
     """Every layer (or linear) at the highest choice whose effective bits fit `avg_bits` (baseline)."""
     choices = check_choices(bit_choices, group_size)
     layers = as_layers(profile_or_layers)
     budget = exact_budget(avg_bits)
-    every = {b: effective_of(layers, {l.name: b for l in layers}, group_size, symmetric) for b in choices}
+    every = {
+        b: effective_of(layers, {l.name: b for l in layers}, group_size, symmetric, float_zero=float_zero)
+        for b in choices
+    }
     fitting = [b for b in choices if every[b] <= budget]
     if not fitting:
         min_bits = every[choices[0]]
         raise BudgetInfeasible(
             f"bit budget avg_bits={avg_bits} cannot be met by a uniform allocation: the lowest of "
-            f"bit_choices {choices} ({scheme_text(group_size, symmetric)}) costs {display_up(min_bits)} "
+            f"bit_choices {choices} ({scheme_text(group_size, symmetric, float_zero)}) costs {display_up(min_bits)} "
             "effective bits",
             details={"min_avg_bits": float(min_bits), "avg_bits": float(avg_bits)},
         )
     bits = {l.name: fitting[-1] for l in layers}
-    return priced_allocation(layers, bits, avg_bits, group_size, symmetric, Method.uniform, "uniform")
+    return priced_allocation(
+        layers, bits, avg_bits, group_size, symmetric, Method.uniform, "uniform", float_zero=float_zero
+    )

@@ -89,6 +89,7 @@ def swap_candidates(
     symmetric: bool,
     *,
     limit: int = 4,
+    float_zero: bool = False,
 ) -> list[BitAllocation]:
     """Up to `limit` allocations one swap away from `allocation` (one layer one choice lower,
     another one choice higher, within its budget), those whose objective rises least first."""
@@ -97,7 +98,7 @@ def swap_candidates(
     choices = sorted(bit_choices)
     budget = budget_units(layers, allocation.budget, group_size)
     by_name = {l.name: l for l in layers}
-    spent = sum(layer_cost(l, allocation.bits[l.name], group_size, symmetric) for l in layers)
+    spent = sum(layer_cost(l, allocation.bits[l.name], group_size, symmetric, float_zero=float_zero) for l in layers)
     base = objective_of(layers, allocation.bits)
     if base is None:
         return []
@@ -113,15 +114,22 @@ def swap_candidates(
             bits = {**allocation.bits, down.name: choices[i - 1], up.name: choices[j + 1]}
             cost = spent
             for name in (down.name, up.name):
-                cost += layer_cost(by_name[name], bits[name], group_size, symmetric)
-                cost -= layer_cost(by_name[name], allocation.bits[name], group_size, symmetric)
+                cost += layer_cost(by_name[name], bits[name], group_size, symmetric, float_zero=float_zero)
+                cost -= layer_cost(by_name[name], allocation.bits[name], group_size, symmetric, float_zero=float_zero)
             objective = objective_of(layers, bits)
             if cost <= budget and objective is not None:
                 moves.append((objective - base, len(moves), bits))
     moves.sort(key=lambda m: (m[0], m[1]))
     return [
         priced_allocation(
-            layers, bits, allocation.budget, group_size, symmetric, allocation.rule, f"{allocation.solver}, swap"
+            layers,
+            bits,
+            allocation.budget,
+            group_size,
+            symmetric,
+            allocation.rule,
+            f"{allocation.solver}, swap",
+            float_zero=float_zero,
         )
         for _, _, bits in moves[:limit]
     ]
@@ -136,6 +144,7 @@ def closed_loop(
     bit_choices: Sequence[int],
     group_size: int,
     symmetric: bool,
+    float_zero: bool = False,
     codes: Callable[[int, int], dict[str, QuantizedWeight]],
     max_tokens: int,
     tracker: StageProgress,
@@ -149,10 +158,12 @@ def closed_loop(
     args = (allocation.budget, list(bit_choices), group_size, symmetric)
     candidates = [
         Candidate("allocation", allocation),
-        Candidate("uniform", allocate_uniform_mix(layers, *args)),
-        Candidate("error_only", allocate_error_only(layers, *args)),
+        Candidate("uniform", allocate_uniform_mix(layers, *args, float_zero=float_zero)),
+        Candidate("error_only", allocate_error_only(layers, *args, float_zero=float_zero)),
     ]
-    neighbours = swap_candidates(allocation, layers, bit_choices, group_size, symmetric, limit=swaps)
+    neighbours = swap_candidates(
+        allocation, layers, bit_choices, group_size, symmetric, limit=swaps, float_zero=float_zero
+    )
     candidates += [Candidate(f"swap {k + 1}", a) for k, a in enumerate(neighbours)]
     # candidates with the same width for every linear are measured once, under the first one's name
     measured_as: dict[str, str] = {}
@@ -211,6 +222,7 @@ def closed_loop_stage(run: JobRun, profile: Profile) -> list[BitAllocation]:
             bit_choices=run.spec.bit_choices,
             group_size=run.spec.group_size,
             symmetric=run.spec.symmetric,
+            float_zero=run.spec.float_zero,
             codes=run.codes,
             max_tokens=run.spec.max_tokens,
             tracker=tracker.span(i / n, (i + 1) / n),

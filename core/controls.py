@@ -38,11 +38,17 @@ __all__ = ["allocate_error_only", "allocate_random", "allocate_uniform_mix", "sp
 
 
 def allocate_error_only(
-    layers: Profile | Sequence[LayerCost], avg_bits: float, bit_choices: Sequence[int], group_size: int, symmetric: bool
+    layers: Profile | Sequence[LayerCost],
+    avg_bits: float,
+    bit_choices: Sequence[int],
+    group_size: int,
+    symmetric: bool,
+    *,
+    float_zero: bool = False,
 ) -> BitAllocation:
     """`allocate_budget` with every sensitivity set to 1 and no predicted loss (rule "error_only")."""
     flat = [replace(l, sensitivity=1.0, predicted=None) for l in as_layers(layers)]
-    allocation = allocate_budget(flat, avg_bits, bit_choices, group_size, symmetric)
+    allocation = allocate_budget(flat, avg_bits, bit_choices, group_size, symmetric, float_zero=float_zero)
     return replace(allocation, rule=AllocationRule.error_only, solver=f"{allocation.solver}, sensitivities 1")
 
 
@@ -54,26 +60,34 @@ def allocate_random(
     symmetric: bool,
     *,
     seed: int = 0,
+    float_zero: bool = False,
 ) -> BitAllocation:
     """Every layer at the lowest choice; then, in the order of a `random.Random(seed)` shuffle,
     each layer raised to the widest choice the remaining budget pays for (rule "random")."""
     choices = check_choices(bit_choices, group_size)
     layers = as_layers(layers)
-    budget, spent = check_lowest_fits(layers, avg_bits, choices, group_size, symmetric)
+    budget, spent = check_lowest_fits(layers, avg_bits, choices, group_size, symmetric, float_zero=float_zero)
     bits = {l.name: choices[0] for l in layers}
     order = list(range(len(layers)))
     random.Random(seed).shuffle(order)
     for i in order:
         layer = layers[i]
-        base = layer_cost(layer, choices[0], group_size, symmetric)
+        base = layer_cost(layer, choices[0], group_size, symmetric, float_zero=float_zero)
         for b in reversed(choices[1:]):
-            extra = layer_cost(layer, b, group_size, symmetric) - base
+            extra = layer_cost(layer, b, group_size, symmetric, float_zero=float_zero) - base
             if spent + extra <= budget:
                 bits[layer.name] = b
                 spent += extra
                 break
     return priced_allocation(
-        layers, bits, avg_bits, group_size, symmetric, AllocationRule.random, f"random(seed={seed})"
+        layers,
+        bits,
+        avg_bits,
+        group_size,
+        symmetric,
+        AllocationRule.random,
+        f"random(seed={seed})",
+        float_zero=float_zero,
     )
 
 
@@ -89,13 +103,20 @@ def spread(count: int, total: int) -> list[int]:
 
 
 def allocate_uniform_mix(
-    layers: Profile | Sequence[LayerCost], avg_bits: float, bit_choices: Sequence[int], group_size: int, symmetric: bool
+    layers: Profile | Sequence[LayerCost],
+    avg_bits: float,
+    bit_choices: Sequence[int],
+    group_size: int,
+    symmetric: bool,
+    *,
+    float_zero: bool = False,
 ) -> BitAllocation:
     """The widest single choice that fits everywhere, plus the most layers one choice higher that
     the budget pays for, evenly spaced over the depth (rule "uniform")."""
     choices = check_choices(bit_choices, group_size)
     layers = as_layers(layers)
-    base_alloc = allocate_uniform(layers, avg_bits, choices, group_size, symmetric)  # raises when nothing fits
+    # raises when nothing fits
+    base_alloc = allocate_uniform(layers, avg_bits, choices, group_size, symmetric, float_zero=float_zero)
     low = next(iter(base_alloc.bits.values()))
     higher = [b for b in choices if b > low]
     if not higher:
@@ -106,7 +127,7 @@ def allocate_uniform_mix(
     while count > 0:
         raised = {layers[i].name for i in spread(count, len(layers))}
         bits = {l.name: high if l.name in raised else low for l in layers}
-        if sum(layer_cost(l, bits[l.name], group_size, symmetric) for l in layers) <= budget:
+        if sum(layer_cost(l, bits[l.name], group_size, symmetric, float_zero=float_zero) for l in layers) <= budget:
             break
         count -= 1
     if count == 0:
@@ -119,4 +140,5 @@ def allocate_uniform_mix(
         symmetric,
         Method.uniform,
         f"uniform-mix({low}/{high} bits, {count} of {len(layers)} layers at {high})",
+        float_zero=float_zero,
     )

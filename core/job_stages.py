@@ -221,6 +221,7 @@ class JobRun:
             widths=tuple(sorted(widths)),
             group_size=self.spec.group_size,
             symmetric=self.spec.symmetric,
+            float_zero=self.spec.float_zero,
             gptq=self.spec.quantizer == Quantizer.gptq,
             clip_search=self.spec.clip_search,
             sequential=sequential and bool(widths),
@@ -303,6 +304,7 @@ class JobRun:
                 f"{self.spec.model} · {self.spec.method.value}",
                 group_size=self.spec.group_size,
                 symmetric=self.spec.symmetric,
+                float_zero=self.spec.float_zero,
                 effective=effective,
             ),
         )

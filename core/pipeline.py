@@ -175,7 +175,11 @@ def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
     if spec.allocation == AllocationRule.paper:
         # allocate_paper refuses a method the rule is not defined for (InvalidSpec)
         budget = spec.budgets[0] if spec.budgets else None  # the smallest: the rule must fit every one
-        return [allocate_paper(profile, spec.method, spec.group_size, spec.symmetric, avg_bits=budget)]
+        return [
+            allocate_paper(
+                profile, spec.method, spec.group_size, spec.symmetric, avg_bits=budget, float_zero=spec.float_zero
+            )
+        ]
     if not spec.budgets:
         raise InvalidSpec(f"allocation '{spec.allocation.value}' needs 'bit_budget'")
     allocate: Callable[..., BitAllocation]
@@ -187,6 +191,7 @@ def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
         allocate = alloc.allocate_uniform
     else:
         allocate = alloc.allocate_budget
+    allocate = partial(allocate, float_zero=spec.float_zero)
     if spec.allocation_unit == AllocationUnit.linear:
         units = alloc.linear_units(profile)
         return [
@@ -209,7 +214,11 @@ def reference_bits(spec: JobSpec) -> int | None:
     if not low:
         return None
     if spec.budgets:
-        fitting = [b for b in low if effective_bits(b, spec.group_size, spec.symmetric) <= min(spec.budgets)]
+        fitting = [
+            b
+            for b in low
+            if effective_bits(b, spec.group_size, spec.symmetric, float_zero=spec.float_zero) <= min(spec.budgets)
+        ]
         if fitting:
             return fitting[-1]
     return low[0]
@@ -304,6 +313,8 @@ def pass_key(
             "bit_budget",
         },
     )
+    if spec.float_zero:  # only then, so integer-grid checkpoints keep their keys
+        fields["zero_point"] = spec.zero_point.value
     digest = hashlib.sha256(
         compact_json(
             {

@@ -30,7 +30,9 @@ def _linear_widths(profile: Profile) -> list[tuple[int, int]] | None:
     return out
 
 
-def profile_effective_bits(profile: Profile, group_size: int | None = None, symmetric: bool = False) -> float | None:
+def profile_effective_bits(
+    profile: Profile, group_size: int | None = None, symmetric: bool = False, float_zero: bool = False
+) -> float | None:
     """Weight-count-weighted effective bits of the chosen widths (nominal bits without group
     overhead when `group_size` is None); None when no bits are chosen."""
     widths = _linear_widths(profile) if profile.layers else None
@@ -41,7 +43,7 @@ def profile_effective_bits(profile: Profile, group_size: int | None = None, symm
         return None
     stored = 0.0
     for bits, n in widths:
-        per_weight = effective_bits(bits, group_size, symmetric) if group_size else float(bits)
+        per_weight = effective_bits(bits, group_size, symmetric, float_zero=float_zero) if group_size else float(bits)
         stored += per_weight * n
     return stored / total
 
@@ -52,6 +54,7 @@ def plot_profile(
     *,
     group_size: int | None = None,
     symmetric: bool = False,
+    float_zero: bool = False,
     effective: float | None = None,
 ) -> bytes:
     """PNG bytes: top panel importance (and sensitivity) per layer, bottom panel chosen bits.
@@ -67,7 +70,7 @@ def plot_profile(
     x = [l.index for l in layers]
     mean_bits = [l.mean_bits for l in layers]
     has_bits = bool(layers) and all(b is not None for b in mean_bits)
-    eff = effective if effective is not None else profile_effective_bits(profile, group_size, symmetric)
+    eff = effective if effective is not None else profile_effective_bits(profile, group_size, symmetric, float_zero)
     heading = title or f"{profile.model} · {profile.method}"
     if eff is not None and "bits" not in heading:
         heading += f" · {eff:.3f} {'effective' if group_size or effective is not None else 'mean'} bits"

@@ -51,6 +51,16 @@ class ExportFormat(str, Enum):
     gguf = "gguf"
 
 
+class ZeroPoint(str, Enum):
+    """How an asymmetric group stores where its range starts: `integer` a uint8 zero point on the
+    code grid (w = scale · (code − zero); every export carries it); `float` an fp16 offset
+    (w = scale · code + offset, GGUF's Q4_1/Q5_1 blocks, HQQ) for widths up to 5 bits, exported
+    to GGUF only (compressed-tensors and vLLM read integer zero points)."""
+
+    integer = "integer"
+    float = "float"
+
+
 class TargetRuntime(str, Enum):
     """The runtime the artifact must load in (core/runtimes.py): the spec's menu is checked
     against it and the export written in the layout it reads."""
@@ -156,6 +166,8 @@ class JobSpec(_Strict):
     bit_choices: list[int] = Field(default_factory=lambda: [4, 8, 16])
     group_size: int = Field(default=128, ge=8, le=4096)
     symmetric: bool = False
+    #: asymmetric grids only; `float` exports to GGUF only, and `exports` defaults to it then
+    zero_point: ZeroPoint = ZeroPoint.integer
     allocation: AllocationRule = AllocationRule.budget
     allocation_unit: AllocationUnit = AllocationUnit.layer
     exports: list[ExportFormat] = Field(default_factory=lambda: [ExportFormat.hf])
@@ -247,7 +259,27 @@ class JobSpec(_Strict):
             )
             if problems:
                 raise ValueError("; ".join(problems))
+        self._check_zero_point()
         return self
+
+    def _check_zero_point(self) -> None:
+        if self.zero_point != ZeroPoint.float:
+            return
+        if self.symmetric:
+            raise ValueError("zero_point 'float' is for asymmetric grids; set symmetric false or zero_point 'integer'")
+        if "exports" not in self.model_fields_set and self.target_runtime is None:
+            self.exports = [ExportFormat.gguf]
+        if ExportFormat.hf in self.exports:
+            raise ValueError(
+                "zero_point 'float' is carried only by the GGUF export (Q4_1/Q5_1 blocks); "
+                "compressed-tensors and vLLM read integer zero points: set exports ['gguf'] or "
+                "zero_point 'integer'"
+            )
+
+    @property
+    def float_zero(self) -> bool:
+        """Asymmetric widths up to 5 bits store a float zero point (`zero_point: "float"`)."""
+        return self.zero_point == ZeroPoint.float
 
     @property
     def budgets(self) -> list[float]:

@@ -37,14 +37,28 @@ SCALE_BITS = 16
 #: bits of one group's stored zero point (asymmetric weights): our hf export keeps it as int8 (the
 #: compressed-tensors `block` layout transformers loads; the vLLM `group` layout packs it tighter)
 ZERO_POINT_BITS = 8
+#: bits of a float zero point: an fp16 offset m per group (w = scale · code + m, GGUF's Q4_1/Q5_1)
+FLOAT_ZERO_BITS = 16
+#: the widest width stored with a float zero point under `zero_point: "float"`: GGML's offset
+#: blocks are 4 and 5 bits; 6-8 bits (Q8_0) keep the integer zero point
+FLOAT_ZERO_MAX_BITS = 5
 
 
-def group_overhead_bits(symmetric: bool) -> int:
-    """Stored bits per group besides the codes: the scale, and the zero point when asymmetric."""
-    return SCALE_BITS + (0 if symmetric else ZERO_POINT_BITS)
+def float_zero_at(bits: int, symmetric: bool, float_zero: bool) -> bool:
+    """Whether a weight at `bits` is stored with a float zero point (an fp16 offset) under the
+    job's grid: asymmetric, `zero_point: "float"` and at most `FLOAT_ZERO_MAX_BITS` bits."""
+    return float_zero and not symmetric and bits <= FLOAT_ZERO_MAX_BITS
 
 
-def stored_bits(bits: int, group_size: int, symmetric: bool, shape: tuple[int, int]) -> int:
+def group_overhead_bits(bits: int, symmetric: bool, float_zero: bool = False) -> int:
+    """Stored bits per group besides the codes: the scale, and the zero point when asymmetric
+    (an int8 one, or an fp16 offset where `float_zero_at`)."""
+    if symmetric:
+        return SCALE_BITS
+    return SCALE_BITS + (FLOAT_ZERO_BITS if float_zero_at(bits, symmetric, float_zero) else ZERO_POINT_BITS)
+
+
+def stored_bits(bits: int, group_size: int, symmetric: bool, shape: tuple[int, int], float_zero: bool = False) -> int:
     """Exact stored bits of one [out, in] weight: codes for the real columns plus a scale (and a
     zero point) for every group, the last partial group of a row included (576 inputs in groups
     of 128 store 5 groups). 16 bits: the weight kept in fp16/bf16, no group overhead."""
@@ -52,27 +66,31 @@ def stored_bits(bits: int, group_size: int, symmetric: bool, shape: tuple[int, i
     if bits >= 16:
         return 16 * out_features * in_features
     groups = -(-in_features // group_size)
-    return out_features * (in_features * bits + groups * group_overhead_bits(symmetric))
+    return out_features * (in_features * bits + groups * group_overhead_bits(bits, symmetric, float_zero))
 
 
-def effective_bits(bits: int, group_size: int, symmetric: bool, in_features: int | None = None) -> float:
+def effective_bits(
+    bits: int, group_size: int, symmetric: bool, in_features: int | None = None, float_zero: bool = False
+) -> float:
     """Stored bits per weight (`stored_bits` / weights). Without `in_features` the row is taken as
     whole groups (no padded partial group). 16 means "kept in fp16/bf16": no group overhead."""
     if bits >= 16:
         return 16.0
     if in_features is None:
-        return bits + group_overhead_bits(symmetric) / group_size
-    return stored_bits(bits, group_size, symmetric, (1, in_features)) / in_features
+        return bits + group_overhead_bits(bits, symmetric, float_zero) / group_size
+    return stored_bits(bits, group_size, symmetric, (1, in_features), float_zero) / in_features
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """Group-wise integer weight of one linear: w ≈ scale * (code - zero), groups along `in`.
+    """Group-wise integer weight of one linear: w ≈ scale * (code - zero), groups along `in`, or
+    w ≈ scale * code + offset with a float zero point.
 
     `codes` are unsigned, shape [out, n_groups * group_size]; columns past `shape[1]` are padding
-    (code == zero, so they dequantize to 0 and never reach the output). `scale` is float16
-    [out, n_groups]. `zero` is uint8 [out, n_groups] for asymmetric; for symmetric it is None and
-    the zero point is the constant 2**(bits-1).
+    (dropped by every reader). `scale` is float16 [out, n_groups]. `zero` is uint8
+    [out, n_groups] for asymmetric; for symmetric it is None and the zero point is the constant
+    2**(bits-1). `offset` (float16 [out, n_groups], asymmetric only, `zero` then None) is a float
+    zero point: the value of code 0, as GGUF's Q4_1/Q5_1 blocks store it.
     """
 
     codes: torch.Tensor
@@ -82,16 +100,24 @@ class QuantizedWeight:
     group_size: int
     symmetric: bool
     shape: tuple[int, int]
+    offset: torch.Tensor | None = None
 
     @property
     def n_groups(self) -> int:
         return self.scale.shape[1]
 
     @property
+    def float_zero(self) -> bool:
+        return self.offset is not None
+
+    @property
     def effective_bits(self) -> float:
-        return effective_bits(self.bits, self.group_size, self.symmetric, self.shape[1])
+        return effective_bits(self.bits, self.group_size, self.symmetric, self.shape[1], self.float_zero)
 
     def zero_points(self) -> torch.Tensor:
+        """The integer zero point of every group (a weight with a float zero point has none)."""
+        if self.offset is not None:
+            raise ValueError("a weight with a float zero point (offset) has no integer zero point")
         if self.zero is not None:
             return self.zero
         return torch.full_like(self.scale, 2 ** (self.bits - 1), dtype=torch.uint8)

@@ -18,7 +18,7 @@ from core.canonical_json import canonical_json
 from core.errors import ExportError
 from core.modules import decoder_layers, named_linears, weight_name
 from core.spec import AllocationUnit, JobSpec
-from core.types import KEEP_BITS, QUANTIZED_BITS, BitMap, QuantizedWeight
+from core.types import KEEP_BITS, QUANTIZED_BITS, BitMap, QuantizedWeight, float_zero_at
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -201,6 +201,11 @@ def load_weight(plan: LinearPlan, weights: Mapping[str, QuantizedWeight], spec: 
         raise ExportError(
             f"{name} is quantized with group_size {q.group_size}, symmetric {q.symmetric} but the "
             f"spec asks for group_size {spec.group_size}, symmetric {spec.symmetric}"
+        )
+    if q.float_zero != float_zero_at(q.bits, spec.symmetric, spec.float_zero):
+        raise ExportError(
+            f"{name} is stored with {'a float' if q.float_zero else 'an integer'} zero point but the spec asks "
+            f"for zero_point {spec.zero_point.value!r}"
         )
     return q
 

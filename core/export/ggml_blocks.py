@@ -20,6 +20,8 @@ d = scale:
   scale * (k - zero) is representable; among the admissible k we take the one whose m rounds least
   (k = zero, m = 0 and power-of-two multiples are always exact). Otherwise the block is off by
   < half an fp16 ulp of m;
+- a float zero point (`zero_point: "float"`, b <= 5 bits) -> Q4_1 (Q5_1) with d = scale,
+  m = offset, q = code: always exact (it is the block's own parametrisation);
 - 6, 7 and 8 bits -> Q8_0, q = code - zero: exact when it fits int8 (always for symmetric and for
   6/7 bits; GGML has no plain 6/7-bit block, so those widths are stored at 8.5 bits), otherwise the
   block is requantized from its dequantized values.
@@ -184,7 +186,23 @@ def _exact_symmetric(q: QuantizedWeight, qtype: str) -> EncodedTensor:
     return EncodedTensor(data=data, qtype=qtype, exact_blocks=n, total_blocks=n)
 
 
+def _float_offset(q: QuantizedWeight, qtype: str) -> EncodedTensor:
+    """A float zero point maps 1:1: d = scale, m = offset, q = code (always exact)."""
+    assert q.offset is not None
+    rows, cols = q.shape
+    nb = cols // BLOCK
+    codes = q.codes[:, :cols].to(torch.int64).reshape(rows, nb, BLOCK)
+    group_of_block = torch.arange(nb) * BLOCK // q.group_size
+    scale = q.scale.to(torch.float16)[:, group_of_block]
+    offset = q.offset.to(torch.float16)[:, group_of_block]
+    data = pack_blocks(qtype, codes, scale.cpu(), offset.cpu())
+    n = rows * nb
+    return EncodedTensor(data=data, qtype=qtype, exact_blocks=n, total_blocks=n)
+
+
 def _exact_offset(q: QuantizedWeight, qtype: str) -> EncodedTensor:
+    if q.offset is not None:
+        return _float_offset(q, qtype)
     codes, scale, zero = _block_params(q)
     top = _LEVELS[qtype]
     cmin, cmax = codes.amin(dim=-1), codes.amax(dim=-1)

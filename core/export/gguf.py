@@ -2,7 +2,7 @@
 
 Tensor types (docs/ARTIFACTS.md has the full mapping and its exactness):
 - quantized linears: 6-8 bits -> Q8_0, 5 bits -> Q5_1 / Q5_0, <= 4 bits -> Q4_1 (asymmetric) /
-  Q4_0 (symmetric), encoded
+  Q4_0 (symmetric), float zero points -> Q4_1 / Q5_1 (d = scale, m = offset), encoded
   from our codes exactly where the block format allows (`core.export.ggml_blocks`); a linear whose
   ``in_features`` is not a multiple of 32 cannot be block-quantized and is stored F16;
 - 16-bit layers' linears, the token embedding and an untied LM head: F16 (the same float16 values
@@ -100,7 +100,13 @@ def rope_row_permutation(rows: int, n_head: int) -> torch.Tensor:
 
 
 def _permute_q(q: QuantizedWeight, idx: torch.Tensor) -> QuantizedWeight:
-    return replace(q, codes=q.codes[idx], scale=q.scale[idx], zero=None if q.zero is None else q.zero[idx])
+    return replace(
+        q,
+        codes=q.codes[idx],
+        scale=q.scale[idx],
+        zero=None if q.zero is None else q.zero[idx],
+        offset=None if q.offset is None else q.offset[idx],
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,6 +114,8 @@ def quantized_tensors(q: QuantizedWeight, strategy: str) -> dict[str, torch.Tens
         "weight_scale": q.scale.detach().cpu().to(torch.float16).contiguous(),
         "weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
     }
+    if q.offset is not None:
+        raise ExportError("compressed-tensors has no float zero point; export zero_point 'float' as gguf")
     if not q.symmetric:
         zero = q.zero_points().cpu()
         if strategy == "group":

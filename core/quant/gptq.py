@@ -22,6 +22,10 @@ rules of `quantize_weight`, so packing, export and dequantization are unchanged)
   asymmetric groups. Consequently, when H is diagonal (no correlation between inputs, e.g.
   c·I) no error is ever propagated and the result equals `quantize_weight` code for code
   (the one exception: a constant group whose |value| overflows float16).
+* Float zero points (`float_zero`, asymmetric widths up to 5 bits): a group's fp16 scale and
+  offset come from `primitives.select_float_qparams` on the error-updated weights the same way,
+  codes are clamp(round((w − offset) / scale)); with a diagonal H the result again equals
+  `quantize_weight(..., float_zero=True)` code for code.
 * Dampening: H + damp · mean(diag H) · I (mean over live inputs). The Cholesky factorisations
   run in float64 (core.quant.layer: float32 above 8192 inputs), in place in one [in, in]
   matrix (`inverse_hessian_factor`); if one fails, or a pivot of H + λI falls below λ / 2
@@ -51,8 +55,18 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from core.quant.primitives import _check_weight, _Groups, _raw_codes, _select_qparams, _short_groups, _stored
-from core.types import QuantizedWeight
+from core.quant.primitives import (
+    _check_weight,
+    _Groups,
+    _raw_codes,
+    _select_qparams,
+    _short_groups,
+    _stored,
+    float_codes,
+    select_float_qparams,
+    stored_float_zero,
+)
+from core.types import QuantizedWeight, float_zero_at
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -186,6 +200,7 @@ def gptq_quantize_weight(
     block_size: int = DEFAULT_BLOCK_SIZE,
     clip_search: bool = False,
     upper: torch.Tensor | None = None,
+    float_zero: bool = False,
 ) -> QuantizedWeight:
     """Quantize a [out, in] weight with GPTQ given H = XᵀX / n ([in, in]) of its input.
 
@@ -203,6 +218,7 @@ def gptq_quantize_weight(
         block_size=block_size,
         clip_search=clip_search,
         upper=upper,
+        float_zero=float_zero,
     )["weight"]
 
 
@@ -217,6 +233,7 @@ def gptq_quantize_weights(
     block_size: int = DEFAULT_BLOCK_SIZE,
     clip_search: bool = False,
     upper: torch.Tensor | None = None,
+    float_zero: bool = False,
 ) -> dict[str, QuantizedWeight]:
     """GPTQ of several weights that read the same input (one shared H) in one column sweep:
     their rows are stacked, quantized together (rows are independent given H) and split again.
@@ -237,7 +254,10 @@ def gptq_quantize_weights(
     # the sweep works on its own float32 copy of the stacked rows, built transposed in one copy:
     # [in, sum of out], so that a column of W is a contiguous row
     wt = torch.cat([weights[n_].detach().to(device=device, dtype=torch.float32).T for n_ in names], dim=1)
-    q = _sweep(wt, upper.to(device=device, dtype=torch.float32), bits, group_size, symmetric, block_size, clip_search)
+    floating = float_zero_at(bits, symmetric, float_zero)
+    q = _sweep(
+        wt, upper.to(device=device, dtype=torch.float32), bits, group_size, symmetric, block_size, clip_search, floating
+    )
     del wt
     if len(names) == 1:
         return {names[0]: q}
@@ -254,6 +274,7 @@ def gptq_quantize_weights(
             group_size=q.group_size,
             symmetric=q.symmetric,
             shape=(rows, q.shape[1]),
+            offset=None if q.offset is None else q.offset[sl].contiguous(),
         )
         start += rows
     return out
@@ -281,6 +302,7 @@ def _sweep(
     symmetric: bool,
     block_size: int,
     clip_search: bool,
+    floating: bool = False,
 ) -> QuantizedWeight:
     """The column sweep over `wt`, the float32 transpose [in, out] of the weight, which it
     updates in place (callers pass their own copy): a column of W is a contiguous row, so the
@@ -303,6 +325,9 @@ def _sweep(
             k = g0 // group_size
             # qparams from the group's current (error-updated) weights, padded like RTN
             g = _Groups(w1[g0 - b0 : g1 - b0].T, group_size)
+            if floating:
+                _float_group(w1, err1, u1, codes_t, scale16, zero, (b0, b1, g0, g1, k), g, bits, clip_search)
+                continue
             s16, z, const = _select_qparams(g, bits, symmetric, clip_search)
             scale16[:, k] = s16[:, 0]
             zero[:, k] = z[:, 0]
@@ -329,4 +354,37 @@ def _sweep(
                 codes_t[g1 : (k + 1) * group_size] = zk
         if b1 < in_features:
             wt[b1:].sub_(upper[b0:b1, b1:].T @ err1)
+    if floating:  # `zero` holds the offsets
+        return stored_float_zero(codes_t.T.contiguous(), scale16, zero, bits, group_size, (out_features, in_features))
     return _stored(codes_t.T.contiguous(), scale16, zero, bits, group_size, symmetric, (out_features, in_features))
+
+
+def _float_group(
+    w1: torch.Tensor,
+    err1: torch.Tensor,
+    u1: torch.Tensor,
+    codes_t: torch.Tensor,
+    scale16: torch.Tensor,
+    offsets: torch.Tensor,
+    span: tuple[int, int, int, int, int],
+    g: _Groups,
+    bits: int,
+    clip_search: bool,
+) -> None:
+    """One group of the sweep with a float zero point: qparams from the group's current weights,
+    then the columns one by one as in `_sweep` (codes into `codes_t`, scale and offset of group k)."""
+    b0, b1, g0, g1, k = span
+    s16, o16 = select_float_qparams(g, bits, clip_search)
+    scale16[:, k] = s16[:, 0]
+    offsets[:, k] = o16[:, 0].to(torch.float32)
+    s, m = s16[:, 0].to(torch.float32), o16[:, 0].to(torch.float32)
+    for j in range(g0, g1):
+        i = j - b0
+        col = w1[i]
+        c = float_codes(col, s, m, bits)
+        codes_t[j] = c
+        e = (col - (c * s + m)) / u1[i, i]
+        err1[i] = e
+        if i + 1 < b1 - b0:
+            w1[i + 1 :].addr_(u1[i, i + 1 :], e, alpha=-1.0)
+    codes_t[g1 : (k + 1) * g.w.shape[-1]] = 0  # padding of a last partial group

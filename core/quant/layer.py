@@ -172,6 +172,7 @@ def quantize_layer(
     symmetric: bool,
     gptq: bool,
     clip_search: bool,
+    float_zero: bool = False,
 ) -> LayerQuantization:
     """Quantize each [out, in] weight at every width in `widths` (16 is kept, error 0) with
     round-to-nearest or GPTQ, and measure each result's relative output error."""
@@ -207,13 +208,16 @@ def quantize_layer(
                         symmetric,
                         clip_search=clip_search,
                         upper=upper,
+                        float_zero=float_zero,
                     )
                 )
             del upper
     else:
         for bits in low:
             for name, weight in weights.items():
-                codes[bits][name] = quantize_weight(weight, bits, group_size, symmetric, clip_search=clip_search)
+                codes[bits][name] = quantize_weight(
+                    weight, bits, group_size, symmetric, clip_search=clip_search, float_zero=float_zero
+                )
     errors: dict[str, dict[int, float]] = {}
     for name, weight in weights.items():
         w = weight.to(torch.float32)

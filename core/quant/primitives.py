@@ -31,8 +31,17 @@ Scale choice:
 - a scale whose magnitude underflows float16 becomes ±2^-24 and one that overflows becomes
   ±65504, so a scale is never 0, inf or NaN.
 
+- float zero point (`float_zero`, asymmetric widths up to `FLOAT_ZERO_MAX_BITS`, as GGUF's
+  Q4_1/Q5_1 and HQQ store it): w ≈ scale · code + offset with offset = the group's minimum and
+  scale = range / (2^b - 1), both float16, codes computed with the stored float16 values. The
+  range need not contain 0, so a group of one sign does not waste levels; a source that was
+  itself stored this way (a Q4_1 GGUF at group 32) is reproduced exactly. Offsets are float16, so
+  a group whose range is tiny against its magnitude loses the levels the offset's rounding costs.
+  Constant groups get scale 1, offset c, code 0. Not idempotent in general (the offset rounds).
+
 Padding: when `group_size` does not divide `in_features` the last group is padded; its qparams
-come only from the real columns and padded codes equal the zero point, so they dequantize to 0.
+come only from the real columns and padded codes equal the zero point (0 with a float zero
+point); readers drop the padding columns.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ import math
 
 import torch
 
-from core.types import QuantizedWeight
+from core.types import QuantizedWeight, float_zero_at
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 #: Shrink factors of the range tried by `clip_search` (1.0 first, so clipping never loses).
@@ -180,16 +189,94 @@ def _select_qparams(
     return scale16, zero, const
 
 
+def _float_qparams(g: _Groups, bits: int, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp16 scale, fp16 offset) per group for the range [min, max] shrunk by `shrink`."""
+    lo, hi = g.w_min * shrink, g.w_max * shrink
+    scale16 = _fp16_scale((hi - lo) / (2**bits - 1))  # a constant group: 0 -> 1
+    return scale16, lo.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+
+
+def float_codes(w: torch.Tensor, scale16: torch.Tensor, offset16: torch.Tensor, bits: int) -> torch.Tensor:
+    """float32 codes clamp(round((w - offset) / scale)); `scale16`, `offset16` broadcast against `w`."""
+    q = torch.round((w - offset16.to(torch.float32)) / scale16.to(torch.float32))
+    return torch.clamp(q, 0, 2**bits - 1)
+
+
+def _float_group_codes(g: _Groups, scale16: torch.Tensor, offset16: torch.Tensor, bits: int) -> torch.Tensor:
+    codes = float_codes(g.w, scale16.unsqueeze(-1), offset16.unsqueeze(-1), bits)
+    return torch.where(g.mask, codes, torch.zeros_like(codes))
+
+
+def _float_sq_error(g: _Groups, codes: torch.Tensor, scale16: torch.Tensor, offset16: torch.Tensor) -> torch.Tensor:
+    deq = codes * scale16.to(torch.float32).unsqueeze(-1) + offset16.to(torch.float32).unsqueeze(-1)
+    diff = torch.where(g.mask, deq - g.w, torch.zeros((), device=deq.device))
+    return diff.square().sum(dim=-1)
+
+
+def select_float_qparams(g: _Groups, bits: int, clip_search: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp16 scale, fp16 offset) per group: the full range, or under `clip_search` the shrink of it
+    with the smallest squared error (1.0 first; ties keep the larger range). Shared with GPTQ."""
+    scale16, offset16 = _float_qparams(g, bits, 1.0)
+    if clip_search:
+        best = _float_sq_error(g, _float_group_codes(g, scale16, offset16, bits), scale16, offset16)
+        for shrink in torch.linspace(1.0, CLIP_MIN_SHRINK, CLIP_STEPS).tolist()[1:]:
+            s16, o16 = _float_qparams(g, bits, shrink)
+            err = _float_sq_error(g, _float_group_codes(g, s16, o16, bits), s16, o16)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale16 = torch.where(better, s16, scale16)
+            offset16 = torch.where(better, o16, offset16)
+    return scale16, offset16
+
+
+def _quantize_float_zero(weight: torch.Tensor, bits: int, group_size: int, clip_search: bool) -> QuantizedWeight:
+    g = _Groups(weight, group_size)
+    scale16, offset16 = select_float_qparams(g, bits, clip_search)
+    codes = _float_group_codes(g, scale16, offset16, bits)
+    out_features, in_features = weight.shape
+    codes = codes.reshape(out_features, g.n_groups * group_size)
+    return stored_float_zero(codes, scale16, offset16, bits, group_size, (out_features, in_features))
+
+
+def stored_float_zero(
+    codes: torch.Tensor,
+    scale16: torch.Tensor,
+    offset16: torch.Tensor,
+    bits: int,
+    group_size: int,
+    shape: tuple[int, int],
+) -> QuantizedWeight:
+    """`_stored`'s rules for a float zero point: uint8 codes, float16 scales and offsets."""
+    return QuantizedWeight(
+        codes=codes.to(torch.uint8),
+        scale=scale16.contiguous(),
+        zero=None,
+        bits=bits,
+        group_size=group_size,
+        symmetric=False,
+        shape=(int(shape[0]), int(shape[1])),
+        offset=offset16.to(torch.float16).contiguous(),
+    )
+
+
 def quantize_weight(
-    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip_search: bool = False
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    clip_search: bool = False,
+    float_zero: bool = False,
 ) -> QuantizedWeight:
     """Quantize a [out, in] weight group-wise along `in` (see the module docstring for the scheme).
 
     `clip_search` tries `CLIP_STEPS` shrink factors of the range from 1.0 down to
     `CLIP_MIN_SHRINK` and keeps, per group, the one with the smallest squared error (ties keep
     the larger range). 1.0 is tried first, so the result is never worse than without the search.
+    `float_zero` stores asymmetric widths up to 5 bits with a float zero point (module docstring).
     """
     _check_weight(weight, bits, group_size)
+    if float_zero_at(bits, symmetric, float_zero):
+        return _quantize_float_zero(weight, bits, group_size, clip_search)
     g = _Groups(weight, group_size)
     scale16, zero, const = _select_qparams(g, bits, symmetric, clip_search)
     codes = _codes(g, scale16, zero, bits, symmetric)
@@ -228,14 +315,21 @@ def _stored(
 
 
 def dequantize_weight(q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[out, in] weight `scale * (code - zero)` with the padding columns dropped.
+    """[out, in] weight `scale * (code - zero)` (`scale * code + offset` with a float zero point)
+    with the padding columns dropped.
 
-    Computed in float32 (exact, see module docstring) and then cast to `dtype`.
+    Computed in float32 (exact for integer zero points, see module docstring; with an offset the
+    one float32 addition GGML's Q4_1/Q5_1 dequantization also does) and then cast to `dtype`.
     """
     out_features, in_features = q.shape
     if q.codes.dtype != torch.uint8:
         raise ValueError(f"codes must be uint8, got {q.codes.dtype}")
     codes = q.codes.reshape(out_features, q.n_groups, q.group_size).to(torch.float32)
+    if q.offset is not None:
+        scale = q.scale.to(device=codes.device, dtype=torch.float32).unsqueeze(-1)
+        offset = q.offset.to(device=codes.device, dtype=torch.float32).unsqueeze(-1)
+        deq = (codes * scale + offset).reshape(out_features, q.n_groups * q.group_size)
+        return deq[:, :in_features].to(dtype)
     zero = q.zero_points().to(device=codes.device, dtype=torch.float32).unsqueeze(-1)
     scale = q.scale.to(device=codes.device, dtype=torch.float32).unsqueeze(-1)
     deq = ((codes - zero) * scale).reshape(out_features, q.n_groups * q.group_size)

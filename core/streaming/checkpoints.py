@@ -140,6 +140,8 @@ def _encode(weights: dict[str, QuantizedWeight]) -> bytes:
         tensors[f"{name}.scale"] = q.scale.cpu().to(torch.float16).contiguous()
         if q.zero is not None:
             tensors[f"{name}.zero"] = q.zero.cpu().contiguous()
+        if q.offset is not None:
+            tensors[f"{name}.offset"] = q.offset.cpu().to(torch.float16).contiguous()
         grids[name] = {
             "bits": q.bits,
             "group_size": q.group_size,
@@ -173,6 +175,7 @@ def _decode(raw: bytes, device: torch.device | str = "cpu") -> dict[str, Quantiz
             group_size=int(grid["group_size"]),
             symmetric=bool(grid["symmetric"]),
             shape=tuple(grid["shape"]),
+            offset=tensors[f"{name}.offset"].to(device) if f"{name}.offset" in tensors else None,
         )
     return out
 

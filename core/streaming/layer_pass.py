@@ -55,6 +55,7 @@ class PassSettings:
     reference_bits: int | None  # width of the sequentially quantized stream
     pass_key: str
     prefix: str = "layers"
+    float_zero: bool = False  # zero_point == "float"
 
 
 @dataclass
@@ -211,6 +212,7 @@ def run_layer_pass(
                     sorted(set(settings.widths) | {16}),
                     group_size=settings.group_size,
                     symmetric=settings.symmetric,
+                    float_zero=settings.float_zero,
                     gptq=settings.gptq,
                     clip_search=settings.clip_search,
                 )

@@ -93,6 +93,18 @@ def test_a_seq_row_is_also_compared_with_its_fp_twin() -> None:
     assert seq.scoring_options == {"quantizer": "gptq", "calibration_inputs": "quantized"}
 
 
+def test_a_float_zero_row_is_also_compared_with_its_integer_twin() -> None:
+    n = 40
+    rows = [
+        _row("uniform", "method", 5.0, 4.9, [2.0] * n, [1.0] * n),
+        _row("uniform+fz", "method", 5.0, 5.0, [1.8] * n, [1.0] * n),
+        _row("error_only", "control", 5.0, 4.9, [2.5] * n, [1.0] * n),
+    ]
+    pairs = {(c["variant"], c["baseline"]) for c in comparisons(rows) if c["metric"] == "gold_nll"}
+    assert ("uniform+fz", "uniform") in pairs and ("uniform", "uniform+fz") not in pairs
+    assert parse_method("taq+fz").scoring_options == {"zero_point": "float"}
+
+
 def test_method_modifiers_set_spec_fields_and_profile_keys() -> None:
     plain, full = parse_method("taq"), parse_method("taq_kl+linear+gptq+clip")
     assert plain.method == "taq" and plain.options == () and plain.scoring_options == {}

@@ -98,6 +98,7 @@ export async function newJobView(container, ctx) {
   const num = (id, value, min, max) => h('input', { id, type: 'number', value: String(value), min: String(min), max: String(max), step: '1' });
   const adv = {
     symmetric: h('input', { id: 'symmetric', type: 'checkbox' }),
+    zeroPoint: select('zero-point', [['integer', 'integer (every export)'], ['float', 'float offset (≤ 5 bits; gguf Q4_1/Q5_1 only)']], 'integer'),
     clip: h('input', { id: 'clip-search', type: 'checkbox' }),
     controls: h('input', { id: 'eval-controls', type: 'checkbox', checked: true }),
     closedLoop: h('input', { id: 'closed-loop', type: 'checkbox' }),
@@ -134,6 +135,7 @@ export async function newJobView(container, ctx) {
     spec.exports = checked('exports');
     if (runtime.value) spec.target_runtime = runtime.value;
     spec.symmetric = adv.symmetric.checked;
+    if (adv.zeroPoint.value !== 'integer') spec.zero_point = adv.zeroPoint.value;
     spec.clip_search = adv.clip.checked;
     if (!adv.controls.checked) spec.eval_controls = false; // the API's default is true
     if (adv.closedLoop.checked) spec.closed_loop = true;
@@ -181,6 +183,7 @@ export async function newJobView(container, ctx) {
     h('details', { class: 'advanced' }, h('summary', {}, 'Advanced'),
       h('div', { class: 'form-grid' },
         h('label', { class: 'check' }, adv.symmetric, ' symmetric'), h('label', { class: 'check' }, adv.clip, ' clip search'),
+        field('Zero point (asymmetric)', adv.zeroPoint),
         h('label', { class: 'check', title: 'uniform at equal bits, error_only and random next to the method in eval.json' },
           adv.controls, ' evaluate the controls'),
         h('label', { class: 'check', title: 'hold back a quarter of the rows with answers; ship whichever of the allocation, uniform and error_only measures best on them' },

@@ -40,6 +40,7 @@ from .ready_out_status import ReadyOutStatus
 from .target_runtime import TargetRuntime
 from .worker_class_out import WorkerClassOut
 from .worker_out import WorkerOut
+from .zero_point import ZeroPoint
 
 __all__ = (
     "AllocationRule",
@@ -82,4 +83,5 @@ __all__ = (
     "TargetRuntime",
     "WorkerClassOut",
     "WorkerOut",
+    "ZeroPoint",
 )

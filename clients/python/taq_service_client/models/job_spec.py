@@ -12,6 +12,7 @@ from ..models.export_format import ExportFormat
 from ..models.method import Method
 from ..models.quantizer import Quantizer
 from ..models.target_runtime import TargetRuntime
+from ..models.zero_point import ZeroPoint
 from ..types import UNSET, Unset
 
 if TYPE_CHECKING:
@@ -63,6 +64,11 @@ class JobSpec:
         symmetric (bool | Unset):  Default: False.
         target_runtime (None | TargetRuntime | Unset):
         worker_class (None | str | Unset):
+        zero_point (ZeroPoint | Unset): How an asymmetric group stores where its range starts: `integer` a uint8 zero
+            point on the
+            code grid (w = scale · (code − zero); every export carries it); `float` an fp16 offset
+            (w = scale · code + offset, GGUF's Q4_1/Q5_1 blocks, HQQ) for widths up to 5 bits, exported
+            to GGUF only (compressed-tensors and vLLM read integer zero points).
     """
 
     model: str
@@ -90,6 +96,7 @@ class JobSpec:
     symmetric: bool | Unset = False
     target_runtime: None | TargetRuntime | Unset = UNSET
     worker_class: None | str | Unset = UNSET
+    zero_point: ZeroPoint | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
         from ..models.bit_budget import BitBudget  # noqa: PLC0415
@@ -203,6 +210,10 @@ class JobSpec:
         else:
             worker_class = self.worker_class
 
+        zero_point: str | Unset = UNSET
+        if not isinstance(self.zero_point, Unset):
+            zero_point = self.zero_point.value
+
         field_dict: dict[str, Any] = {}
 
         field_dict.update(
@@ -258,6 +269,8 @@ class JobSpec:
             field_dict["target_runtime"] = target_runtime
         if worker_class is not UNSET:
             field_dict["worker_class"] = worker_class
+        if zero_point is not UNSET:
+            field_dict["zero_point"] = zero_point
 
         return field_dict
 
@@ -434,6 +447,13 @@ class JobSpec:
 
         worker_class = _parse_worker_class(d.pop("worker_class", UNSET))
 
+        _zero_point = d.pop("zero_point", UNSET)
+        zero_point: ZeroPoint | Unset
+        if isinstance(_zero_point, Unset):
+            zero_point = UNSET
+        else:
+            zero_point = ZeroPoint(_zero_point)
+
         job_spec = cls(
             model=model,
             allocation=allocation,
@@ -460,6 +480,7 @@ class JobSpec:
             symmetric=symmetric,
             target_runtime=target_runtime,
             worker_class=worker_class,
+            zero_point=zero_point,
         )
 
         return job_spec
