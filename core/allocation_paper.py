@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from core.allocation import LayerCost, as_layers, display_up, effective_of, exact_budget, objective_of, scheme_text
 from core.errors import BudgetInfeasible, InvalidSpec
-from core.spec import PAPER_METHODS, AllocationRule, Method
+from core.spec import PAPER_METHODS, PAPER_METHODS_TEXT, AllocationRule, Method
 from core.types import BitAllocation, Profile
 
 __all__ = ["TAQO_KEPT_LAYERS", "allocate_paper"]
@@ -45,9 +45,7 @@ def allocate_paper(
     """
     method_name = method.value if isinstance(method, Method) else str(method)
     if method_name not in [m.value for m in PAPER_METHODS]:
-        raise InvalidSpec(
-            f"allocation 'paper' is defined for methods 'taq', 'taqo' and 'taqo_gen', not {method_name!r}"
-        )
+        raise InvalidSpec(f"allocation 'paper' is defined for methods {PAPER_METHODS_TEXT}, not {method_name!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     layers = as_layers(profile_or_layers)

@@ -213,12 +213,13 @@ def _variants(
 
 def evaluate_job(run: JobRun) -> tuple[dict[str, Any], dict[str, Any]]:
     """The evaluate stage of a `core.job_stages.JobRun`: (eval.json, generation summary)."""
+    from core.job_generation import generation_skip_reason
     from core.streaming.generate import installed, materialized
 
     spec, model, rows = run.spec, run.loaded, list(run.inputs.eval_rows)
     variants, budgets = _variants(run)
     tracker = run.tracker("evaluate")
-    skipped = run.generation_skip_reason()
+    skipped = generation_skip_reason(run)
     teacher = teacher_forced_eval(
         model,
         rows,

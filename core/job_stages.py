@@ -7,8 +7,9 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -260,8 +261,12 @@ class JobRun:
                 if [l.name for l in reused.layers] != [ref.name for ref in self.loaded.layers]:
                     raise InvalidSpec("the reused profile does not match the model's layers")
             return
+        from core.job_generation import greedy_token_answers, greedy_variant_answers
+
         scorer = make_scorer(
-            self.spec, generate=self.greedy_token_answers, generate_variants=self.greedy_variant_answers
+            self.spec,
+            generate=partial(greedy_token_answers, self),
+            generate_variants=partial(greedy_variant_answers, self),
         )
         widths = [b for b in self.spec.bit_choices if b < 16]
         result = self.layer_pass("score", scorer, widths, LAYERS_PREFIX)
@@ -421,60 +426,3 @@ class JobRun:
             return
         self.eval_report, self.generation = evaluate_job(self)
         self.put("eval.json", dumps(self.eval_report))
-
-    # ---- generation, when the model fits ------------------------------------------------------------
-    def generation_skip_reason(self) -> str | None:
-        from core.memory import RUNTIME_BYTES
-        from core.streaming.generate import materialized_bytes
-
-        limit = self.inputs.memory_limit_bytes
-        if limit is None:
-            return None
-        need = materialized_bytes(self.loaded, self.spec.max_tokens) + RUNTIME_BYTES
-        if need > limit:
-            return (
-                f"greedy generation needs the whole model in memory ({need / 2**30:.1f} GiB) and the "
-                f"worker's limit is {limit / 2**30:.1f} GiB; teacher-forced metrics were streamed instead"
-            )
-        return None
-
-    def require_generation(self, why: str, fix: str) -> None:
-        """InvalidSpec "<method> <why>, and <the memory reason>; <fix>" when the model does not fit."""
-        reason = self.generation_skip_reason()
-        if reason is not None:
-            raise InvalidSpec(f"{self.spec.method.value} {why}, and {reason.split(';')[0]}; {fix}")
-
-    def greedy_token_answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """taqo's / taq_grad's self-answers: the full-precision model's greedy continuations (token ids)."""
-        from core.streaming.generate import greedy_token_ids, materialized
-
-        self.require_generation(
-            "needs the model's own answers for rows without 'answers'", "give gold answers in the calibration rows"
-        )
-        with materialized(self.loaded) as module:
-            return greedy_token_ids(module, self.loaded.tokenizer, prompts, max_new_tokens)
-
-    def greedy_variant_answers(
-        self,
-        prompts: list[list[int]],
-        max_new_tokens: int,
-        variants: list[dict[str, int]],
-        codes: Callable[[int, int], dict[str, QuantizedWeight]],
-    ) -> list[list[list[int]]]:
-        """taqo_gen's answers: per variant (a width per linear), each prompt's greedy continuation,
-        with the model materialised once and each variant's codes installed in turn."""
-        from core.streaming.generate import greedy_token_ids, installed, materialized
-
-        self.require_generation(
-            "generates with each layer quantized", "use method 'taqo' (teacher-forced, streamed) instead"
-        )
-        # the layer pass reported up to 0.9 of the score stage; generation takes the rest
-        tracker = self.tracker("score").span(0.9, 1.0)
-        answers = []
-        with materialized(self.loaded) as module:
-            for i, bits in enumerate(variants):
-                tracker.check()
-                tracker.report(i / len(variants), f"generating with variant {i + 1} of {len(variants)}")
-                with installed(self.loaded, bits, codes):
-                    answers.append(greedy_token_ids(module, self.loaded.tokenizer, prompts, max_new_tokens))
-        return answers

@@ -24,6 +24,8 @@ class Method(str, Enum):
 
 #: the methods the paper's fixed allocation rule is defined for (taqo_gen uses taqo's rule)
 PAPER_METHODS = (Method.taq, Method.taqo, Method.taqo_gen)
+#: "'taq', 'taqo' and 'taqo_gen'", for the refusals of allocation "paper"
+PAPER_METHODS_TEXT = ", ".join(f"'{m.value}'" for m in PAPER_METHODS[:-1]) + f" and '{PAPER_METHODS[-1].value}'"
 
 
 class AllocationRule(str, Enum):
@@ -240,7 +242,7 @@ class JobSpec(_Strict):
                 "(profile_from_job_id)"
             )
         if self.allocation == AllocationRule.paper and self.method not in PAPER_METHODS:
-            raise ValueError("allocation 'paper' is defined for methods 'taq', 'taqo' and 'taqo_gen' only")
+            raise ValueError(f"allocation 'paper' is defined for methods {PAPER_METHODS_TEXT} only")
         if self.allocation == AllocationRule.paper and self.allocation_unit == AllocationUnit.linear:
             raise ValueError(
                 "allocation 'paper' assigns bits to whole layers; use allocation_unit 'layer' or allocation 'budget'"
