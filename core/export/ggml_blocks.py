@@ -167,12 +167,17 @@ def requantize(x: torch.Tensor, qtype: str) -> EncodedTensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _block_params(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """codes [rows, nb, 32] int64 and each block's scale (float32 of the fp16) and zero [rows, nb]."""
+def _blocks(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes [rows, nb, 32] int64 and the group index of each block [nb]."""
     rows, cols = q.shape
     nb = cols // BLOCK
     codes = q.codes[:, :cols].to(torch.int64).reshape(rows, nb, BLOCK)
-    group_of_block = torch.arange(nb) * BLOCK // q.group_size
+    return codes, torch.arange(nb) * BLOCK // q.group_size
+
+
+def _block_params(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes [rows, nb, 32] int64 and each block's scale (float32 of the fp16) and zero [rows, nb]."""
+    codes, group_of_block = _blocks(q)
     scale = q.scale.to(torch.float32)[:, group_of_block]
     zero = q.zero_points().to(torch.int64)[:, group_of_block]
     return codes, scale, zero
@@ -189,14 +194,11 @@ def _exact_symmetric(q: QuantizedWeight, qtype: str) -> EncodedTensor:
 def _float_offset(q: QuantizedWeight, qtype: str) -> EncodedTensor:
     """A float zero point maps 1:1: d = scale, m = offset, q = code (always exact)."""
     assert q.offset is not None
-    rows, cols = q.shape
-    nb = cols // BLOCK
-    codes = q.codes[:, :cols].to(torch.int64).reshape(rows, nb, BLOCK)
-    group_of_block = torch.arange(nb) * BLOCK // q.group_size
+    codes, group_of_block = _blocks(q)
     scale = q.scale.to(torch.float16)[:, group_of_block]
     offset = q.offset.to(torch.float16)[:, group_of_block]
     data = pack_blocks(qtype, codes, scale.cpu(), offset.cpu())
-    n = rows * nb
+    n = codes.shape[0] * codes.shape[1]
     return EncodedTensor(data=data, qtype=qtype, exact_blocks=n, total_blocks=n)
 
 

@@ -47,6 +47,7 @@ point); readers drop the padding columns.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -135,10 +136,33 @@ def _codes(g: _Groups, scale16: torch.Tensor, zero: torch.Tensor, bits: int, sym
     return torch.where(g.mask, codes, z.expand_as(codes))
 
 
-def _group_sq_error(g: _Groups, codes: torch.Tensor, scale16: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    deq = (codes - zero.unsqueeze(-1)) * scale16.to(torch.float32).unsqueeze(-1)
+def _masked_sq_error(g: _Groups, deq: torch.Tensor) -> torch.Tensor:
+    """[out, n_groups] squared error of dequantized groups over the real columns."""
     diff = torch.where(g.mask, deq - g.w, torch.zeros((), device=deq.device))
     return diff.square().sum(dim=-1)
+
+
+def _group_sq_error(g: _Groups, codes: torch.Tensor, scale16: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return _masked_sq_error(g, (codes - zero.unsqueeze(-1)) * scale16.to(torch.float32).unsqueeze(-1))
+
+
+def _best_shrink(
+    g: _Groups,
+    params_at: Callable[[float], tuple[torch.Tensor, torch.Tensor]],
+    error_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the qparams pair `params_at(shrink)` with the smallest `error_of(pair)` over
+    `CLIP_STEPS` shrinks from 1.0 down to `CLIP_MIN_SHRINK` (strict: ties keep the larger range)."""
+    first, second = params_at(1.0)
+    best = error_of(first, second)
+    for shrink in torch.linspace(1.0, CLIP_MIN_SHRINK, CLIP_STEPS).tolist()[1:]:
+        a, b = params_at(shrink)
+        err = error_of(a, b)
+        better = err < best
+        best = torch.where(better, err, best)
+        first = torch.where(better, a, first)
+        second = torch.where(better, b, second)
+    return first, second
 
 
 def _check_weight(weight: torch.Tensor, bits: int, group_size: int) -> None:
@@ -167,16 +191,14 @@ def _select_qparams(
     """(fp16 scale, float32 zero, constant-group mask) per group, as `quantize_weight` chooses
     them: the full range, or the best shrink of it under `clip_search`, then the constant-group
     rule (scale |c|, code - zero = sign(c)). Shared with the GPTQ quantizer."""
-    scale16, zero = _qparams(g, bits, symmetric, 1.0)
     if clip_search:
-        best = _group_sq_error(g, _codes(g, scale16, zero, bits, symmetric), scale16, zero)
-        for shrink in torch.linspace(1.0, CLIP_MIN_SHRINK, CLIP_STEPS).tolist()[1:]:
-            s16, z = _qparams(g, bits, symmetric, shrink)
-            err = _group_sq_error(g, _codes(g, s16, z, bits, symmetric), s16, z)
-            better = err < best  # strict: ties keep the larger range
-            best = torch.where(better, err, best)
-            scale16 = torch.where(better, s16, scale16)
-            zero = torch.where(better, z, zero)
+        scale16, zero = _best_shrink(
+            g,
+            lambda shrink: _qparams(g, bits, symmetric, shrink),
+            lambda s16, z: _group_sq_error(g, _codes(g, s16, z, bits, symmetric), s16, z),
+        )
+    else:
+        scale16, zero = _qparams(g, bits, symmetric, 1.0)
 
     # Constant groups: scale = |c| and code - zero = sign(c) is exact for fp16-representable c.
     const = g.w_min == g.w_max
@@ -208,25 +230,21 @@ def _float_group_codes(g: _Groups, scale16: torch.Tensor, offset16: torch.Tensor
 
 
 def _float_sq_error(g: _Groups, codes: torch.Tensor, scale16: torch.Tensor, offset16: torch.Tensor) -> torch.Tensor:
-    deq = codes * scale16.to(torch.float32).unsqueeze(-1) + offset16.to(torch.float32).unsqueeze(-1)
-    diff = torch.where(g.mask, deq - g.w, torch.zeros((), device=deq.device))
-    return diff.square().sum(dim=-1)
+    return _masked_sq_error(
+        g, codes * scale16.to(torch.float32).unsqueeze(-1) + offset16.to(torch.float32).unsqueeze(-1)
+    )
 
 
 def select_float_qparams(g: _Groups, bits: int, clip_search: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp16 scale, fp16 offset) per group: the full range, or under `clip_search` the shrink of it
     with the smallest squared error (1.0 first; ties keep the larger range). Shared with GPTQ."""
-    scale16, offset16 = _float_qparams(g, bits, 1.0)
-    if clip_search:
-        best = _float_sq_error(g, _float_group_codes(g, scale16, offset16, bits), scale16, offset16)
-        for shrink in torch.linspace(1.0, CLIP_MIN_SHRINK, CLIP_STEPS).tolist()[1:]:
-            s16, o16 = _float_qparams(g, bits, shrink)
-            err = _float_sq_error(g, _float_group_codes(g, s16, o16, bits), s16, o16)
-            better = err < best
-            best = torch.where(better, err, best)
-            scale16 = torch.where(better, s16, scale16)
-            offset16 = torch.where(better, o16, offset16)
-    return scale16, offset16
+    if not clip_search:
+        return _float_qparams(g, bits, 1.0)
+    return _best_shrink(
+        g,
+        lambda shrink: _float_qparams(g, bits, shrink),
+        lambda s16, o16: _float_sq_error(g, _float_group_codes(g, s16, o16, bits), s16, o16),
+    )
 
 
 def _quantize_float_zero(weight: torch.Tensor, bits: int, group_size: int, clip_search: bool) -> QuantizedWeight:
