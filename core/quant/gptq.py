@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -325,66 +326,56 @@ def _sweep(
             k = g0 // group_size
             # qparams from the group's current (error-updated) weights, padded like RTN
             g = _Groups(w1[g0 - b0 : g1 - b0].T, group_size)
+            quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
             if floating:
-                _float_group(w1, err1, u1, codes_t, scale16, zero, (b0, b1, g0, g1, k), g, bits, clip_search)
-                continue
-            s16, z, const = _select_qparams(g, bits, symmetric, clip_search)
-            scale16[:, k] = s16[:, 0]
-            zero[:, k] = z[:, 0]
-            s, zk = s16[:, 0].to(torch.float32), z[:, 0]
-            bump = None
-            if not symmetric:  # RTN's rule: a group maximum that rounds to qmax - 1 goes to qmax
-                short = _short_groups(g, _raw_codes(g.w, s16.unsqueeze(-1), z.unsqueeze(-1), bits), bits)
-                bump = (short & ~const)[:, 0]
-                w_max = g.w_max[:, 0]
-                if not bool(bump.any()):
-                    bump = None
+                s16, o16 = select_float_qparams(g, bits, clip_search)
+                scale16[:, k] = s16[:, 0]
+                zero[:, k] = o16[:, 0].to(torch.float32)  # `zero` holds the offsets
+                s, m = s16[:, 0].to(torch.float32), o16[:, 0].to(torch.float32)
+
+                def quantize(col: torch.Tensor, s: torch.Tensor = s, m: torch.Tensor = m) -> tuple[Any, Any]:
+                    c = float_codes(col, s, m, bits)
+                    return c, c * s + m
+
+                pad: torch.Tensor | float = 0.0
+            else:
+                s16, z, const = _select_qparams(g, bits, symmetric, clip_search)
+                scale16[:, k] = s16[:, 0]
+                zero[:, k] = z[:, 0]
+                s, zk = s16[:, 0].to(torch.float32), z[:, 0]
+                bump = None
+                if not symmetric:  # RTN's rule: a group maximum that rounds to qmax - 1 goes to qmax
+                    short = _short_groups(g, _raw_codes(g.w, s16.unsqueeze(-1), z.unsqueeze(-1), bits), bits)
+                    bump = (short & ~const)[:, 0]
+                    if not bool(bump.any()):
+                        bump = None
+
+                def quantize(
+                    col: torch.Tensor,
+                    s: torch.Tensor = s,
+                    zk: torch.Tensor = zk,
+                    bump: Any = bump,
+                    w_max: Any = g.w_max[:, 0],
+                ) -> tuple[Any, Any]:
+                    c = _raw_codes(col, s, zk, bits)
+                    if bump is not None:
+                        c = torch.where(bump & (col >= w_max), qmax, c)
+                    return c, (c - zk) * s
+
+                pad = zk
             for j in range(g0, g1):
                 i = j - b0
                 col = w1[i]
-                c = _raw_codes(col, s, zk, bits)
-                if bump is not None:
-                    c = torch.where(bump & (col >= w_max), qmax, c)
+                c, deq = quantize(col)
                 codes_t[j] = c
-                e = (col - (c - zk) * s) / u1[i, i]
+                e = (col - deq) / u1[i, i]
                 err1[i] = e
                 if i + 1 < b1 - b0:
                     w1[i + 1 :].addr_(u1[i, i + 1 :], e, alpha=-1.0)
-            if g1 - g0 < group_size:  # padding of a last partial group: the zero point
-                codes_t[g1 : (k + 1) * group_size] = zk
+            if g1 - g0 < group_size:  # padding of a last partial group: the zero point (0 with an offset)
+                codes_t[g1 : (k + 1) * group_size] = pad
         if b1 < in_features:
             wt[b1:].sub_(upper[b0:b1, b1:].T @ err1)
-    if floating:  # `zero` holds the offsets
+    if floating:
         return stored_float_zero(codes_t.T.contiguous(), scale16, zero, bits, group_size, (out_features, in_features))
     return _stored(codes_t.T.contiguous(), scale16, zero, bits, group_size, symmetric, (out_features, in_features))
-
-
-def _float_group(
-    w1: torch.Tensor,
-    err1: torch.Tensor,
-    u1: torch.Tensor,
-    codes_t: torch.Tensor,
-    scale16: torch.Tensor,
-    offsets: torch.Tensor,
-    span: tuple[int, int, int, int, int],
-    g: _Groups,
-    bits: int,
-    clip_search: bool,
-) -> None:
-    """One group of the sweep with a float zero point: qparams from the group's current weights,
-    then the columns one by one as in `_sweep` (codes into `codes_t`, scale and offset of group k)."""
-    b0, b1, g0, g1, k = span
-    s16, o16 = select_float_qparams(g, bits, clip_search)
-    scale16[:, k] = s16[:, 0]
-    offsets[:, k] = o16[:, 0].to(torch.float32)
-    s, m = s16[:, 0].to(torch.float32), o16[:, 0].to(torch.float32)
-    for j in range(g0, g1):
-        i = j - b0
-        col = w1[i]
-        c = float_codes(col, s, m, bits)
-        codes_t[j] = c
-        e = (col - (c * s + m)) / u1[i, i]
-        err1[i] = e
-        if i + 1 < b1 - b0:
-            w1[i + 1 :].addr_(u1[i, i + 1 :], e, alpha=-1.0)
-    codes_t[g1 : (k + 1) * g.w.shape[-1]] = 0  # padding of a last partial group
