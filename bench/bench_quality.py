@@ -272,10 +272,7 @@ def cross_allocation(spec: JobSpec, source: Profile, target: Profile) -> list[Bi
         LayerCost(c.name, c.params, sens[c.name], c.quant_error, c.shapes, predicted[c.name])
         for c in layer_costs_from_profile(target)
     ]
-    return [
-        allocate_budget(layers, b, list(spec.bit_choices), spec.group_size, spec.symmetric, float_zero=spec.float_zero)
-        for b in spec.budgets
-    ]
+    return [allocate_budget(layers, b, list(spec.bit_choices), spec.scheme) for b in spec.budgets]
 
 
 def gptq_matched_weights(
@@ -343,9 +340,7 @@ def candidates(args, loaded: LoadedModel, model_id: str, suite: str, profiles: d
         for name in args.controls:
             make = partial(CONTROLS[name], seed=0) if name == "random" else CONTROLS[name]
             for budget in spec.budgets:
-                allocation = make(
-                    layers, budget, list(spec.bit_choices), spec.group_size, spec.symmetric, float_zero=spec.float_zero
-                )
+                allocation = make(layers, budget, list(spec.bit_choices), spec.scheme)
                 out.append(Candidate(f"{name}{suffix}", "control", name, budget, allocation, scored))
     for pair in args.cross_task:
         source, _, target = pair.partition(":")

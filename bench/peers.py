@@ -23,7 +23,7 @@ import torch
 
 from core.models import LoadedModel
 from core.quant.primitives import dequantize_weight, quantize_weight
-from core.types import effective_bits, stored_bits
+from core.scheme import effective_bits, stored_bits
 
 PEER_BITS = 4
 GROUP_SIZES = (128, 64, 32, 16)

@@ -31,7 +31,6 @@ from common.storage import Storage
 from core.canonical_json import json_sha256
 from core.errors import BudgetInfeasible, InvalidSpec
 from core.spec import AllocationRule, JobSpec
-from core.types import effective_bits
 
 if TYPE_CHECKING:
     from core.models import ModelSource
@@ -53,12 +52,12 @@ def check_budget_feasible(spec: JobSpec) -> None:
     """Model-independent lower bound: every layer at the smallest bit width."""
     if spec.allocation != AllocationRule.budget:
         return
-    floor = effective_bits(min(spec.bit_choices), spec.group_size, spec.symmetric, float_zero=spec.float_zero)
+    floor = spec.scheme.effective_bits(min(spec.bit_choices))
     too_low = [b for b in spec.budgets if b + 1e-9 < floor]
     if too_low:
         raise BudgetInfeasible(
             f"bit budget {too_low[0]} is below {floor:.4g}, the effective bits of every layer at "
-            f"{min(spec.bit_choices)} bit with group {spec.group_size}; raise avg_bits or allow fewer bits",
+            f"{min(spec.bit_choices)} bit ({spec.scheme.describe()}); raise avg_bits or allow fewer bits",
             details={"min_avg_bits": floor, "avg_bits": too_low},
         )
 

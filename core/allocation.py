@@ -1,7 +1,8 @@
 """Bits per layer from scores and a budget: exact budget allocation and the uniform baseline (the
 paper's fixed rule is core/allocation_paper.py).
 
-Costs are exact integers: g times the stored bits (`core.types.stored_bits`), in "bit/g" units.
+Costs are exact integers: g times the stored bits (`core.scheme.QuantScheme.stored_bits`), in "bit/g"
+units.
 A linear [out, in] at b bits stores out·in codes and out·⌈in/g⌉ groups of overhead (a float16 scale,
 plus an int8 zero point when asymmetric, or an fp16 offset with a float zero point), so the padded
 last group of a row is counted; 16 bits costs out·in·16. A unit without known shapes (profiles
@@ -39,8 +40,9 @@ from fractions import Fraction
 from typing import cast
 
 from core.errors import BudgetInfeasible, InvalidSpec
+from core.scheme import QuantScheme
 from core.spec import ALLOWED_BITS, AllocationRule, AllocationUnit, Method
-from core.types import BitAllocation, LinearProfile, Profile, group_overhead_bits, stored_bits
+from core.types import BitAllocation, LinearProfile, Profile
 
 EXACT_SOLVER = "exact-pareto-dp"
 
@@ -127,39 +129,33 @@ def expand_units(allocation: BitAllocation, units: Sequence[LinearUnit]) -> BitA
 # ------------------------------------------------------------------------------ shared helpers
 
 
-def layer_cost(layer: LayerCost, bits: int, group_size: int, symmetric: bool, *, float_zero: bool = False) -> int:
-    """g · stored bits of the unit at `bits`, an exact integer (see the module docstring);
-    `float_zero`: the grid stores float zero points where `core.types.float_zero_at`."""
+def layer_cost(layer: LayerCost, bits: int, scheme: QuantScheme) -> int:
+    """g · stored bits of the unit at `bits` on `scheme`, an exact integer (see the module docstring)."""
+    g = scheme.group_size
     if layer.shapes:
-        return group_size * sum(stored_bits(bits, group_size, symmetric, shape, float_zero) for shape in layer.shapes)
+        return g * sum(scheme.stored_bits(bits, shape) for shape in layer.shapes)
     if bits >= 16:
-        return 16 * group_size * layer.params
-    return layer.params * (bits * group_size + group_overhead_bits(bits, symmetric, float_zero))
+        return 16 * g * layer.params
+    return layer.params * (bits * g + scheme.overhead_bits(bits))
 
 
-def budget_units(layers: Sequence[LayerCost], avg_bits: float, group_size: int) -> int:
+def budget_units(layers: Sequence[LayerCost], avg_bits: float, scheme: QuantScheme) -> int:
     """The budget in `layer_cost` units: ⌊avg_bits · g · Σn⌋, avg_bits the decimal the user wrote."""
-    return math.floor(exact_budget(avg_bits) * group_size * sum(l.params for l in layers))
+    return math.floor(exact_budget(avg_bits) * scheme.group_size * sum(l.params for l in layers))
 
 
 def check_lowest_fits(
-    layers: Sequence[LayerCost],
-    avg_bits: float,
-    choices: Sequence[int],
-    group_size: int,
-    symmetric: bool,
-    *,
-    float_zero: bool = False,
+    layers: Sequence[LayerCost], avg_bits: float, choices: Sequence[int], scheme: QuantScheme
 ) -> tuple[int, int]:
     """(budget, cost of every layer at the lowest choice) in `layer_cost` units; BudgetInfeasible
     (details `min_avg_bits`) when even that exceeds the budget."""
-    budget = budget_units(layers, avg_bits, group_size)
-    base = sum(layer_cost(l, choices[0], group_size, symmetric, float_zero=float_zero) for l in layers)
+    budget = budget_units(layers, avg_bits, scheme)
+    base = sum(layer_cost(l, choices[0], scheme) for l in layers)
     if base > budget:
-        min_bits = Fraction(base, group_size * sum(l.params for l in layers))
+        min_bits = Fraction(base, scheme.group_size * sum(l.params for l in layers))
         raise BudgetInfeasible(
             f"bit budget avg_bits={avg_bits} cannot be met: with bit_choices {list(choices)} "
-            f"({scheme_text(group_size, symmetric, float_zero)}) the smallest achievable is "
+            f"({scheme.describe()}) the smallest achievable is "
             f"{display_up(min_bits)} effective bits (every layer at {choices[0]} bits); raise avg_bits or "
             "allow fewer bits",
             details={"min_avg_bits": float(min_bits), "avg_bits": float(avg_bits)},
@@ -175,9 +171,7 @@ def exact_budget(avg_bits: float) -> Fraction:
     return Fraction(repr(float(avg_bits)))  # the decimal the user wrote, not its binary value
 
 
-def check_choices(bit_choices: Sequence[int], group_size: int) -> list[int]:
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+def check_choices(bit_choices: Sequence[int]) -> list[int]:
     choices = sorted(set(bit_choices))
     if not choices:
         raise ValueError("bit_choices is empty")
@@ -234,34 +228,24 @@ def objective_of(layers: Sequence[LayerCost], bits: Mapping[str, int]) -> float 
     return total
 
 
-def effective_of(
-    layers: Sequence[LayerCost],
-    bits: Mapping[str, int],
-    group_size: int,
-    symmetric: bool,
-    *,
-    float_zero: bool = False,
-) -> Fraction:
+def effective_of(layers: Sequence[LayerCost], bits: Mapping[str, int], scheme: QuantScheme) -> Fraction:
     """Exact stored bits per weight of `bits` over `layers`."""
-    cost = sum(layer_cost(l, bits[l.name], group_size, symmetric, float_zero=float_zero) for l in layers)
-    return Fraction(cost, group_size * sum(l.params for l in layers))
+    cost = sum(layer_cost(l, bits[l.name], scheme) for l in layers)
+    return Fraction(cost, scheme.group_size * sum(l.params for l in layers))
 
 
 def priced_allocation(
     layers: Sequence[LayerCost],
     bits: dict[str, int],
     avg_bits: float,
-    group_size: int,
-    symmetric: bool,
+    scheme: QuantScheme,
     rule: AllocationRule | Method,
     solver: str,
-    *,
-    float_zero: bool = False,
 ) -> BitAllocation:
     """`bits` as a BitAllocation: its exact effective bits and objective over `layers`."""
     return BitAllocation(
         bits=bits,
-        effective_bits=float(effective_of(layers, bits, group_size, symmetric, float_zero=float_zero)),
+        effective_bits=float(effective_of(layers, bits, scheme)),
         budget=float(avg_bits),
         rule=rule,
         objective=objective_of(layers, bits),
@@ -272,11 +256,6 @@ def priced_allocation(
 def display_up(x: Fraction | float) -> str:
     """4 decimals rounded up, so the number shown is itself a feasible budget."""
     return f"{math.ceil(Fraction(x) * 10_000) / 10_000:.4f}"
-
-
-def scheme_text(group_size: int, symmetric: bool, float_zero: bool = False) -> str:
-    kind = "symmetric" if symmetric else "asymmetric, float zero points" if float_zero else "asymmetric"
-    return f"group_size {group_size}, {kind}"
 
 
 # ------------------------------------------------------------------------------ budget (exact MCKP)
@@ -349,10 +328,8 @@ def allocate_budget(
     layers: Profile | Sequence[LayerCost],
     avg_bits: float,
     bit_choices: Sequence[int],
-    group_size: int,
-    symmetric: bool,
+    scheme: QuantScheme,
     *,
-    float_zero: bool = False,
     max_states: int = 100_000,
     grid_steps: int = 10_000,
 ) -> BitAllocation:
@@ -361,7 +338,7 @@ def allocate_budget(
     Raises `BudgetInfeasible` (details `min_avg_bits`) when even the lowest choice everywhere
     exceeds the budget, and ValueError for a missing e_l(b) or bad inputs.
     """
-    choices = check_choices(bit_choices, group_size)
+    choices = check_choices(bit_choices)
     layers = as_layers(layers)
     exact_budget(avg_bits)  # a bad avg_bits is refused before the per-layer checks
     for layer in layers:
@@ -379,8 +356,8 @@ def allocate_budget(
             if not (math.isfinite(term) and term >= 0):
                 raise ValueError(f"layer {layer.name!r}: predicted[{b}] must be finite and >= 0, got {term}")
 
-    costs = [{b: layer_cost(l, b, group_size, symmetric, float_zero=float_zero) for b in choices} for l in layers]
-    budget, base = check_lowest_fits(layers, avg_bits, choices, group_size, symmetric, float_zero=float_zero)
+    costs = [{b: layer_cost(l, b, scheme) for b in choices} for l in layers]
+    budget, base = check_lowest_fits(layers, avg_bits, choices, scheme)
     slack = budget - base
 
     def build(scale: int | None) -> list[list[_Option]]:
@@ -409,9 +386,7 @@ def allocate_budget(
     bits = {l.name: options[i][chosen[i]].bits for i, l in enumerate(layers)}
     spent = base + sum(options[i][chosen[i]].true_extra for i in range(len(layers)))
     assert spent <= budget  # guaranteed by construction; a failure is a bug, not a user error
-    return priced_allocation(
-        layers, bits, avg_bits, group_size, symmetric, AllocationRule.budget, solver, float_zero=float_zero
-    )
+    return priced_allocation(layers, bits, avg_bits, scheme, AllocationRule.budget, solver)
 
 
 # ------------------------------------------------------------------------------ uniform
@@ -421,29 +396,21 @@ def allocate_uniform(
     profile_or_layers: Profile | Sequence[LayerCost],
     avg_bits: float,
     bit_choices: Sequence[int],
-    group_size: int,
-    symmetric: bool,
-    *,
-    float_zero: bool = False,
+    scheme: QuantScheme,
 ) -> BitAllocation:
     """Every layer (or linear) at the highest choice whose effective bits fit `avg_bits` (baseline)."""
-    choices = check_choices(bit_choices, group_size)
+    choices = check_choices(bit_choices)
     layers = as_layers(profile_or_layers)
     budget = exact_budget(avg_bits)
-    every = {
-        b: effective_of(layers, {l.name: b for l in layers}, group_size, symmetric, float_zero=float_zero)
-        for b in choices
-    }
+    every = {b: effective_of(layers, {l.name: b for l in layers}, scheme) for b in choices}
     fitting = [b for b in choices if every[b] <= budget]
     if not fitting:
         min_bits = every[choices[0]]
         raise BudgetInfeasible(
             f"bit budget avg_bits={avg_bits} cannot be met by a uniform allocation: the lowest of "
-            f"bit_choices {choices} ({scheme_text(group_size, symmetric, float_zero)}) costs {display_up(min_bits)} "
+            f"bit_choices {choices} ({scheme.describe()}) costs {display_up(min_bits)} "
             "effective bits",
             details={"min_avg_bits": float(min_bits), "avg_bits": float(avg_bits)},
         )
     bits = {l.name: fitting[-1] for l in layers}
-    return priced_allocation(
-        layers, bits, avg_bits, group_size, symmetric, Method.uniform, "uniform", float_zero=float_zero
-    )
+    return priced_allocation(layers, bits, avg_bits, scheme, Method.uniform, "uniform")

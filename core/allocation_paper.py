@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from core.allocation import LayerCost, as_layers, display_up, effective_of, exact_budget, objective_of, scheme_text
+from core.allocation import LayerCost, as_layers, display_up, effective_of, exact_budget, objective_of
 from core.errors import BudgetInfeasible, InvalidSpec
+from core.scheme import QuantScheme
 from core.spec import PAPER_METHODS, PAPER_METHODS_TEXT, AllocationRule, Method
 from core.types import BitAllocation, Profile
 
@@ -28,12 +29,10 @@ def _ranked(names: Sequence[str], importance: Mapping[str, float]) -> list[str]:
 def allocate_paper(
     profile_or_layers: Profile | Sequence[LayerCost],
     method: Method | str,
-    group_size: int,
-    symmetric: bool,
+    scheme: QuantScheme,
     avg_bits: float | None = None,
     *,
     importance: Mapping[str, float] | None = None,
-    float_zero: bool = False,
 ) -> BitAllocation:
     """The paper's fixed rule (bit_choices do not apply).
 
@@ -46,8 +45,6 @@ def allocate_paper(
     method_name = method.value if isinstance(method, Method) else str(method)
     if method_name not in [m.value for m in PAPER_METHODS]:
         raise InvalidSpec(f"allocation 'paper' is defined for methods {PAPER_METHODS_TEXT}, not {method_name!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     layers = as_layers(profile_or_layers)
     names = [l.name for l in layers]
     if isinstance(profile_or_layers, Profile):
@@ -76,10 +73,10 @@ def allocate_paper(
         bits = {n: 16 if n in keep else 4 for n in names}
         rule_text = f"taqo: first 2, last 2 and top {k} of {count} layers at 16 bits, the rest at 4"
 
-    achieved = effective_of(layers, bits, group_size, symmetric, float_zero=float_zero)
+    achieved = effective_of(layers, bits, scheme)
     if avg_bits is not None and achieved > exact_budget(avg_bits):
         raise BudgetInfeasible(
-            f"the paper rule ({rule_text}; {scheme_text(group_size, symmetric, float_zero)}) costs "
+            f"the paper rule ({rule_text}; {scheme.describe()}) costs "
             f"{display_up(achieved)} effective bits, above the budget avg_bits={avg_bits}; raise "
             "avg_bits or use allocation 'budget'",
             details={"min_avg_bits": float(achieved), "avg_bits": float(avg_bits)},

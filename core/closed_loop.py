@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from core.allocation import LayerCost, budget_units, layer_cost, objective_of, priced_allocation
 from core.controls import allocate_error_only, allocate_uniform_mix
 from core.errors import DataError
+from core.scheme import QuantScheme
 from core.spec import AllocationUnit, CalibrationRow
 from core.types import BitAllocation, Profile, QuantizedWeight
 
@@ -85,20 +86,18 @@ def swap_candidates(
     allocation: BitAllocation,
     layers: Sequence[LayerCost],
     bit_choices: Sequence[int],
-    group_size: int,
-    symmetric: bool,
+    scheme: QuantScheme,
     *,
     limit: int = 4,
-    float_zero: bool = False,
 ) -> list[BitAllocation]:
     """Up to `limit` allocations one swap away from `allocation` (one layer one choice lower,
     another one choice higher, within its budget), those whose objective rises least first."""
     if allocation.unit != AllocationUnit.layer or allocation.budget is None or limit <= 0:
         return []
     choices = sorted(bit_choices)
-    budget = budget_units(layers, allocation.budget, group_size)
+    budget = budget_units(layers, allocation.budget, scheme)
     by_name = {l.name: l for l in layers}
-    spent = sum(layer_cost(l, allocation.bits[l.name], group_size, symmetric, float_zero=float_zero) for l in layers)
+    spent = sum(layer_cost(l, allocation.bits[l.name], scheme) for l in layers)
     base = objective_of(layers, allocation.bits)
     if base is None:
         return []
@@ -114,23 +113,14 @@ def swap_candidates(
             bits = {**allocation.bits, down.name: choices[i - 1], up.name: choices[j + 1]}
             cost = spent
             for name in (down.name, up.name):
-                cost += layer_cost(by_name[name], bits[name], group_size, symmetric, float_zero=float_zero)
-                cost -= layer_cost(by_name[name], allocation.bits[name], group_size, symmetric, float_zero=float_zero)
+                cost += layer_cost(by_name[name], bits[name], scheme)
+                cost -= layer_cost(by_name[name], allocation.bits[name], scheme)
             objective = objective_of(layers, bits)
             if cost <= budget and objective is not None:
                 moves.append((objective - base, len(moves), bits))
     moves.sort(key=lambda m: (m[0], m[1]))
     return [
-        priced_allocation(
-            layers,
-            bits,
-            allocation.budget,
-            group_size,
-            symmetric,
-            allocation.rule,
-            f"{allocation.solver}, swap",
-            float_zero=float_zero,
-        )
+        priced_allocation(layers, bits, allocation.budget, scheme, allocation.rule, f"{allocation.solver}, swap")
         for _, _, bits in moves[:limit]
     ]
 
@@ -142,9 +132,7 @@ def closed_loop(
     allocation: BitAllocation,
     layers: Sequence[LayerCost],
     bit_choices: Sequence[int],
-    group_size: int,
-    symmetric: bool,
-    float_zero: bool = False,
+    scheme: QuantScheme,
     codes: Callable[[int, int], dict[str, QuantizedWeight]],
     max_tokens: int,
     tracker: StageProgress,
@@ -155,15 +143,13 @@ def closed_loop(
     from core.streaming.evaluate import EvalVariant, teacher_forced_eval
 
     assert allocation.budget is not None  # closed_loop needs a budget (spec validator)
-    args = (allocation.budget, list(bit_choices), group_size, symmetric)
+    args = (allocation.budget, list(bit_choices), scheme)
     candidates = [
         Candidate("allocation", allocation),
-        Candidate("uniform", allocate_uniform_mix(layers, *args, float_zero=float_zero)),
-        Candidate("error_only", allocate_error_only(layers, *args, float_zero=float_zero)),
+        Candidate("uniform", allocate_uniform_mix(layers, *args)),
+        Candidate("error_only", allocate_error_only(layers, *args)),
     ]
-    neighbours = swap_candidates(
-        allocation, layers, bit_choices, group_size, symmetric, limit=swaps, float_zero=float_zero
-    )
+    neighbours = swap_candidates(allocation, layers, bit_choices, scheme, limit=swaps)
     candidates += [Candidate(f"swap {k + 1}", a) for k, a in enumerate(neighbours)]
     # candidates with the same width for every linear are measured once, under the first one's name
     measured_as: dict[str, str] = {}
@@ -220,9 +206,7 @@ def closed_loop_stage(run: JobRun, profile: Profile) -> list[BitAllocation]:
             allocation=allocation,
             layers=layer_costs_from_profile(profile),
             bit_choices=run.spec.bit_choices,
-            group_size=run.spec.group_size,
-            symmetric=run.spec.symmetric,
-            float_zero=run.spec.float_zero,
+            scheme=run.spec.scheme,
             codes=run.codes,
             max_tokens=run.spec.max_tokens,
             tracker=tracker.span(i / n, (i + 1) / n),

@@ -31,6 +31,7 @@ from core.allocation import (
     layer_cost,
     priced_allocation,
 )
+from core.scheme import QuantScheme
 from core.spec import AllocationRule, Method
 from core.types import BitAllocation, Profile
 
@@ -41,14 +42,11 @@ def allocate_error_only(
     layers: Profile | Sequence[LayerCost],
     avg_bits: float,
     bit_choices: Sequence[int],
-    group_size: int,
-    symmetric: bool,
-    *,
-    float_zero: bool = False,
+    scheme: QuantScheme,
 ) -> BitAllocation:
     """`allocate_budget` with every sensitivity set to 1 and no predicted loss (rule "error_only")."""
     flat = [replace(l, sensitivity=1.0, predicted=None) for l in as_layers(layers)]
-    allocation = allocate_budget(flat, avg_bits, bit_choices, group_size, symmetric, float_zero=float_zero)
+    allocation = allocate_budget(flat, avg_bits, bit_choices, scheme)
     return replace(allocation, rule=AllocationRule.error_only, solver=f"{allocation.solver}, sensitivities 1")
 
 
@@ -56,39 +54,28 @@ def allocate_random(
     layers: Profile | Sequence[LayerCost],
     avg_bits: float,
     bit_choices: Sequence[int],
-    group_size: int,
-    symmetric: bool,
+    scheme: QuantScheme,
     *,
     seed: int = 0,
-    float_zero: bool = False,
 ) -> BitAllocation:
     """Every layer at the lowest choice; then, in the order of a `random.Random(seed)` shuffle,
     each layer raised to the widest choice the remaining budget pays for (rule "random")."""
-    choices = check_choices(bit_choices, group_size)
+    choices = check_choices(bit_choices)
     layers = as_layers(layers)
-    budget, spent = check_lowest_fits(layers, avg_bits, choices, group_size, symmetric, float_zero=float_zero)
+    budget, spent = check_lowest_fits(layers, avg_bits, choices, scheme)
     bits = {l.name: choices[0] for l in layers}
     order = list(range(len(layers)))
     random.Random(seed).shuffle(order)
     for i in order:
         layer = layers[i]
-        base = layer_cost(layer, choices[0], group_size, symmetric, float_zero=float_zero)
+        base = layer_cost(layer, choices[0], scheme)
         for b in reversed(choices[1:]):
-            extra = layer_cost(layer, b, group_size, symmetric, float_zero=float_zero) - base
+            extra = layer_cost(layer, b, scheme) - base
             if spent + extra <= budget:
                 bits[layer.name] = b
                 spent += extra
                 break
-    return priced_allocation(
-        layers,
-        bits,
-        avg_bits,
-        group_size,
-        symmetric,
-        AllocationRule.random,
-        f"random(seed={seed})",
-        float_zero=float_zero,
-    )
+    return priced_allocation(layers, bits, avg_bits, scheme, AllocationRule.random, f"random(seed={seed})")
 
 
 def spread(count: int, total: int) -> list[int]:
@@ -106,39 +93,28 @@ def allocate_uniform_mix(
     layers: Profile | Sequence[LayerCost],
     avg_bits: float,
     bit_choices: Sequence[int],
-    group_size: int,
-    symmetric: bool,
-    *,
-    float_zero: bool = False,
+    scheme: QuantScheme,
 ) -> BitAllocation:
     """The widest single choice that fits everywhere, plus the most layers one choice higher that
     the budget pays for, evenly spaced over the depth (rule "uniform")."""
-    choices = check_choices(bit_choices, group_size)
+    choices = check_choices(bit_choices)
     layers = as_layers(layers)
     # raises when nothing fits
-    base_alloc = allocate_uniform(layers, avg_bits, choices, group_size, symmetric, float_zero=float_zero)
+    base_alloc = allocate_uniform(layers, avg_bits, choices, scheme)
     low = next(iter(base_alloc.bits.values()))
     higher = [b for b in choices if b > low]
     if not higher:
         return base_alloc
     high = higher[0]
-    budget = budget_units(layers, avg_bits, group_size)
+    budget = budget_units(layers, avg_bits, scheme)
     count = len(layers)
     while count > 0:
         raised = {layers[i].name for i in spread(count, len(layers))}
         bits = {l.name: high if l.name in raised else low for l in layers}
-        if sum(layer_cost(l, bits[l.name], group_size, symmetric, float_zero=float_zero) for l in layers) <= budget:
+        if sum(layer_cost(l, bits[l.name], scheme) for l in layers) <= budget:
             break
         count -= 1
     if count == 0:
         return base_alloc
-    return priced_allocation(
-        layers,
-        bits,
-        avg_bits,
-        group_size,
-        symmetric,
-        Method.uniform,
-        f"uniform-mix({low}/{high} bits, {count} of {len(layers)} layers at {high})",
-        float_zero=float_zero,
-    )
+    solver = f"uniform-mix({low}/{high} bits, {count} of {len(layers)} layers at {high})"
+    return priced_allocation(layers, bits, avg_bits, scheme, Method.uniform, solver)

@@ -59,9 +59,7 @@ def control_allocations(spec: JobSpec, profile: Profile | None, allocation: BitA
         if allocation.rule == name:
             continue
         try:
-            out[name] = make(
-                layers, budget, list(spec.bit_choices), spec.group_size, spec.symmetric, float_zero=spec.float_zero
-            )
+            out[name] = make(layers, budget, list(spec.bit_choices), spec.scheme)
         except (TaqError, ValueError):  # a budget it cannot meet, or a reused profile without those widths
             continue
     return out

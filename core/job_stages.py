@@ -307,9 +307,7 @@ class JobRun:
             plot_profile(
                 profile,
                 f"{self.spec.model} · {self.spec.method.value}",
-                group_size=self.spec.group_size,
-                symmetric=self.spec.symmetric,
-                float_zero=self.spec.float_zero,
+                scheme=self.spec.scheme,
                 effective=effective,
             ),
         )

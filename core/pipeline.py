@@ -175,11 +175,7 @@ def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
     if spec.allocation == AllocationRule.paper:
         # allocate_paper refuses a method the rule is not defined for (InvalidSpec)
         budget = spec.budgets[0] if spec.budgets else None  # the smallest: the rule must fit every one
-        return [
-            allocate_paper(
-                profile, spec.method, spec.group_size, spec.symmetric, avg_bits=budget, float_zero=spec.float_zero
-            )
-        ]
+        return [allocate_paper(profile, spec.method, spec.scheme, avg_bits=budget)]
     if not spec.budgets:
         raise InvalidSpec(f"allocation '{spec.allocation.value}' needs 'bit_budget'")
     allocate: Callable[..., BitAllocation]
@@ -191,34 +187,25 @@ def allocate_stage(spec: JobSpec, profile: Profile) -> list[BitAllocation]:
         allocate = alloc.allocate_uniform
     else:
         allocate = alloc.allocate_budget
-    allocate = partial(allocate, float_zero=spec.float_zero)
     if spec.allocation_unit == AllocationUnit.linear:
         units = alloc.linear_units(profile)
         return [
-            alloc.expand_units(
-                allocate([u.cost for u in units], budget, bit_choices, spec.group_size, spec.symmetric), units
-            )
+            alloc.expand_units(allocate([u.cost for u in units], budget, bit_choices, spec.scheme), units)
             for budget in spec.budgets
         ]
     costs = alloc.layer_costs_from_profile(profile)
-    return [allocate(costs, budget, bit_choices, spec.group_size, spec.symmetric) for budget in spec.budgets]
+    return [allocate(costs, budget, bit_choices, spec.scheme) for budget in spec.budgets]
 
 
 def reference_bits(spec: JobSpec) -> int | None:
     """The width the sequentially calibrated stream is quantized at (`calibration_inputs:
     quantized`): the widest choice below 16 whose uniform cost fits the smallest budget, else the
     lowest choice below 16; None when every choice is 16."""
-    from core.types import effective_bits
-
     low = sorted(b for b in spec.bit_choices if b < 16)
     if not low:
         return None
     if spec.budgets:
-        fitting = [
-            b
-            for b in low
-            if effective_bits(b, spec.group_size, spec.symmetric, float_zero=spec.float_zero) <= min(spec.budgets)
-        ]
+        fitting = [b for b in low if spec.scheme.effective_bits(b) <= min(spec.budgets)]
         if fitting:
             return fitting[-1]
     return low[0]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import io
 
-from core.types import Profile, effective_bits
+from core.scheme import QuantScheme
+from core.types import Profile
 
 __all__ = ["plot_profile", "profile_effective_bits"]
 
@@ -30,11 +31,9 @@ def _linear_widths(profile: Profile) -> list[tuple[int, int]] | None:
     return out
 
 
-def profile_effective_bits(
-    profile: Profile, group_size: int | None = None, symmetric: bool = False, float_zero: bool = False
-) -> float | None:
-    """Weight-count-weighted effective bits of the chosen widths (nominal bits without group
-    overhead when `group_size` is None); None when no bits are chosen."""
+def profile_effective_bits(profile: Profile, scheme: QuantScheme | None = None) -> float | None:
+    """Weight-count-weighted effective bits of the chosen widths on `scheme` (nominal bits without
+    group overhead when `scheme` is None); None when no bits are chosen."""
     widths = _linear_widths(profile) if profile.layers else None
     if not widths:
         return None
@@ -43,7 +42,7 @@ def profile_effective_bits(
         return None
     stored = 0.0
     for bits, n in widths:
-        per_weight = effective_bits(bits, group_size, symmetric, float_zero=float_zero) if group_size else float(bits)
+        per_weight = scheme.effective_bits(bits) if scheme else float(bits)
         stored += per_weight * n
     return stored / total
 
@@ -52,15 +51,13 @@ def plot_profile(
     profile: Profile,
     title: str | None = None,
     *,
-    group_size: int | None = None,
-    symmetric: bool = False,
-    float_zero: bool = False,
+    scheme: QuantScheme | None = None,
     effective: float | None = None,
 ) -> bytes:
     """PNG bytes: top panel importance (and sensitivity) per layer, bottom panel chosen bits.
 
     The title is `title` (default "<model> · <method>") with the effective bits appended when
-    bits are chosen (`effective` if given, else computed from the profile; with `group_size`
+    bits are chosen (`effective` if given, else computed from the profile; with `scheme`
     it includes scale/zero overhead, otherwise it is the nominal mean)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -70,10 +67,10 @@ def plot_profile(
     x = [l.index for l in layers]
     mean_bits = [l.mean_bits for l in layers]
     has_bits = bool(layers) and all(b is not None for b in mean_bits)
-    eff = effective if effective is not None else profile_effective_bits(profile, group_size, symmetric, float_zero)
+    eff = effective if effective is not None else profile_effective_bits(profile, scheme)
     heading = title or f"{profile.model} · {profile.method}"
     if eff is not None and "bits" not in heading:
-        heading += f" · {eff:.3f} {'effective' if group_size or effective is not None else 'mean'} bits"
+        heading += f" · {eff:.3f} {'effective' if scheme or effective is not None else 'mean'} bits"
 
     fig = Figure(figsize=(max(6.0, 0.28 * len(layers) + 2.5), 5.2), dpi=100)
     FigureCanvasAgg(fig)

@@ -7,6 +7,7 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.runtimes import RUNTIMES, spec_problems
+from core.scheme import QuantScheme
 
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 #: Rows allowed inline in a spec; larger sets go through POST /v1/datasets.
@@ -282,6 +283,11 @@ class JobSpec(_Strict):
     def float_zero(self) -> bool:
         """Asymmetric widths up to 5 bits store a float zero point (`zero_point: "float"`)."""
         return self.zero_point == ZeroPoint.float
+
+    @property
+    def scheme(self) -> QuantScheme:
+        """The grid the job's widths are stored on and priced by."""
+        return QuantScheme(self.group_size, self.symmetric, self.float_zero)
 
     @property
     def budgets(self) -> list[float]:

@@ -9,6 +9,7 @@ from typing import Any, cast
 import torch
 
 from core.errors import InvalidSpec
+from core.scheme import effective_bits
 from core.spec import ALLOWED_BITS, AllocationRule, AllocationUnit, Method
 
 #: progress(stage, fraction_of_stage_done in [0, 1], human message)
@@ -31,54 +32,6 @@ KEEP_BITS = 16
 QUANTIZED_BITS = tuple(b for b in ALLOWED_BITS if b != KEEP_BITS)
 #: version of profile.json and bitmap.json; readers accept this one and older
 JSON_VERSION = 1
-
-#: bits of one group's scale: float16
-SCALE_BITS = 16
-#: bits of one group's stored zero point (asymmetric weights): our hf export keeps it as int8 (the
-#: compressed-tensors `block` layout transformers loads; the vLLM `group` layout packs it tighter)
-ZERO_POINT_BITS = 8
-#: bits of a float zero point: an fp16 offset m per group (w = scale · code + m, GGUF's Q4_1/Q5_1)
-FLOAT_ZERO_BITS = 16
-#: the widest width stored with a float zero point under `zero_point: "float"`: GGML's offset
-#: blocks are 4 and 5 bits; 6-8 bits (Q8_0) keep the integer zero point
-FLOAT_ZERO_MAX_BITS = 5
-
-
-def float_zero_at(bits: int, symmetric: bool, float_zero: bool) -> bool:
-    """Whether a weight at `bits` is stored with a float zero point (an fp16 offset) under the
-    job's grid: asymmetric, `zero_point: "float"` and at most `FLOAT_ZERO_MAX_BITS` bits."""
-    return float_zero and not symmetric and bits <= FLOAT_ZERO_MAX_BITS
-
-
-def group_overhead_bits(bits: int, symmetric: bool, float_zero: bool = False) -> int:
-    """Stored bits per group besides the codes: the scale, and the zero point when asymmetric
-    (an int8 one, or an fp16 offset where `float_zero_at`)."""
-    if symmetric:
-        return SCALE_BITS
-    return SCALE_BITS + (FLOAT_ZERO_BITS if float_zero_at(bits, symmetric, float_zero) else ZERO_POINT_BITS)
-
-
-def stored_bits(bits: int, group_size: int, symmetric: bool, shape: tuple[int, int], float_zero: bool = False) -> int:
-    """Exact stored bits of one [out, in] weight: codes for the real columns plus a scale (and a
-    zero point) for every group, the last partial group of a row included (576 inputs in groups
-    of 128 store 5 groups). 16 bits: the weight kept in fp16/bf16, no group overhead."""
-    out_features, in_features = shape
-    if bits >= 16:
-        return 16 * out_features * in_features
-    groups = -(-in_features // group_size)
-    return out_features * (in_features * bits + groups * group_overhead_bits(bits, symmetric, float_zero))
-
-
-def effective_bits(
-    bits: int, group_size: int, symmetric: bool, in_features: int | None = None, float_zero: bool = False
-) -> float:
-    """Stored bits per weight (`stored_bits` / weights). Without `in_features` the row is taken as
-    whole groups (no padded partial group). 16 means "kept in fp16/bf16": no group overhead."""
-    if bits >= 16:
-        return 16.0
-    if in_features is None:
-        return bits + group_overhead_bits(bits, symmetric, float_zero) / group_size
-    return stored_bits(bits, group_size, symmetric, (1, in_features), float_zero) / in_features
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ from torch import nn
 from core.canonical_json import canonical_json
 from core.errors import ExportError
 from core.modules import decoder_layers, named_linears, weight_name
+from core.scheme import float_zero_at
 from core.spec import AllocationUnit, JobSpec
-from core.types import KEEP_BITS, QUANTIZED_BITS, BitMap, QuantizedWeight, float_zero_at
+from core.types import KEEP_BITS, QUANTIZED_BITS, BitMap, QuantizedWeight
 
 if TYPE_CHECKING:
     from types import TracebackType

@@ -67,7 +67,8 @@ from core.quant.primitives import (
     select_float_qparams,
     stored_float_zero,
 )
-from core.types import QuantizedWeight, float_zero_at
+from core.scheme import float_zero_at
+from core.types import QuantizedWeight
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",

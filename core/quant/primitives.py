@@ -51,7 +51,8 @@ from collections.abc import Callable
 
 import torch
 
-from core.types import QuantizedWeight, float_zero_at
+from core.scheme import float_zero_at
+from core.types import QuantizedWeight
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 #: Shrink factors of the range tried by `clip_search` (1.0 first, so clipping never loses).

@@ -29,8 +29,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from core.export import build_manifest, export_gguf, export_hf
 from core.modules import decoder_layers, named_linears
 from core.quant.primitives import dequantize_weight, quantize_weight
+from core.scheme import effective_bits
 from core.spec import JobSpec
-from core.types import BitMap, effective_bits
+from core.types import BitMap
 
 pytestmark = pytest.mark.slow
 
@@ -228,7 +229,7 @@ def test_manifest_reports_stored_effective_bits(exported):
     files = [(rel, f.path) for rel, f in exported_files]
     hashes = {rel: (f.size, f.sha256) for rel, f in exported_files}
     n = sum(math.prod(q.shape) for q in exported.weights.values())
-    # the allocator's figure: padded groups and the int8 zero point counted (core.types.stored_bits)
+    # the allocator's figure: padded groups and the int8 zero point counted (core.scheme.stored_bits)
     allocator = (
         sum(
             math.prod(q.shape) * effective_bits(q.bits, exported.group_size, exported.symmetric, q.shape[1])

@@ -20,6 +20,7 @@ from core.models import LoadedModel
 from core.modules import fused_linear_groups
 from core.pipeline import allocate_stage
 from core.plot import plot_profile, profile_effective_bits
+from core.scheme import QuantScheme
 from core.spec import CalibrationRow, JobSpec
 from core.types import LayerProfile, LinearProfile, Profile
 
@@ -81,8 +82,8 @@ def test_units_reproduce_the_per_layer_objective_and_the_optimum_is_never_worse(
     units = linear_units(profile)
     assert len(units) == 4 * len(profile.layers)
     for budget in (4.5, 5.0, 6.0, 8.0):
-        per_layer = allocate_budget(profile, budget, [4, 8, 16], 128, False)
-        per_linear = expand_units(allocate_budget([u.cost for u in units], budget, [4, 8, 16], 128, False), units)
+        per_layer = allocate_budget(profile, budget, [4, 8, 16], QuantScheme(128))
+        per_linear = expand_units(allocate_budget([u.cost for u in units], budget, [4, 8, 16], QuantScheme(128)), units)
         assert per_linear.unit == "linear" and per_linear.effective_bits <= budget
         # the per-layer allocation, written per unit, has exactly the per-layer objective
         as_units = {u.cost.name: per_layer.bits[u.cost.name.rsplit(".", 2)[0]] for u in units}
@@ -98,8 +99,8 @@ def test_units_reproduce_the_per_layer_objective_and_the_optimum_is_never_worse(
     better = [
         b
         for b in (4.5, 5.0, 6.0)
-        if expand_units(allocate_budget([u.cost for u in units], b, [4, 8, 16], 128, False), units).objective
-        < allocate_budget(profile, b, [4, 8, 16], 128, False).objective * (1 - 1e-9)
+        if expand_units(allocate_budget([u.cost for u in units], b, [4, 8, 16], QuantScheme(128)), units).objective
+        < allocate_budget(profile, b, [4, 8, 16], QuantScheme(128)).objective * (1 - 1e-9)
     ]
     assert better
 
@@ -145,8 +146,8 @@ def test_profile_round_trip_and_bits_per_linear() -> None:
         assert layer.bits == (widths.pop() if len(widths) == 1 else None)
         assert layer.mean_bits == pytest.approx(sum(l.bits * l.params for l in layer.linears) / layer.params)
     # effective bits from the profile's per-linear bits equal the allocator's
-    assert profile_effective_bits(with_bits, 128, False) == pytest.approx(allocation.effective_bits)
-    assert plot_profile(with_bits, group_size=128).startswith(b"\x89PNG")
+    assert profile_effective_bits(with_bits, QuantScheme(128)) == pytest.approx(allocation.effective_bits)
+    assert plot_profile(with_bits, scheme=QuantScheme(128)).startswith(b"\x89PNG")
     assert allocation.bit_map.manifest_key == "bits_by_linear"
 
 

@@ -18,6 +18,7 @@ from core.errors import DataError
 from core.models import resolve_model
 from core.pipeline import JobInputs, run_job
 from core.quant.primitives import dequantize_weight
+from core.scheme import QuantScheme
 from core.spec import CalibrationRow, JobSpec
 from core.streaming.checkpoints import MemoryStore, load_codes
 from core.types import BitAllocation
@@ -76,19 +77,19 @@ def _layers() -> list[LayerCost]:
 
 def test_swaps_stay_in_budget_move_one_pair_and_rise_least_first() -> None:
     layers = _layers()
-    base = allocate_budget(layers, 6.4, [4, 8], 64, False)
+    base = allocate_budget(layers, 6.4, [4, 8], QuantScheme(64))
     assert sorted(base.bits.values()) == [4, 4, 8, 8]
-    swaps = swap_candidates(base, layers, [4, 8], 64, False, limit=10)
+    swaps = swap_candidates(base, layers, [4, 8], QuantScheme(64), limit=10)
     assert len(swaps) == 4  # two layers at 8 x two at 4
-    budget = budget_units(layers, 6.4, 64)
+    budget = budget_units(layers, 6.4, QuantScheme(64))
     rises = []
     for s in swaps:
         changed = {k for k in s.bits if s.bits[k] != base.bits[k]}
         assert len(changed) == 2 and sorted(s.bits.values()) == [4, 4, 8, 8]
-        assert sum(layer_cost(l, s.bits[l.name], 64, False) for l in layers) <= budget
+        assert sum(layer_cost(l, s.bits[l.name], QuantScheme(64)) for l in layers) <= budget
         rises.append(objective_of(layers, s.bits) - base.objective)
     assert rises == sorted(rises) and rises[0] > 0
-    assert len(swap_candidates(base, layers, [4, 8], 64, False, limit=2)) == 2
+    assert len(swap_candidates(base, layers, [4, 8], QuantScheme(64), limit=2)) == 2
 
 
 def _gold_nll(model, tokenizer, rows: list[CalibrationRow], max_tokens: int) -> float:

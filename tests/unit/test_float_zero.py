@@ -13,9 +13,9 @@ from core.allocation import LayerCost, allocate_budget
 from core.export.ggml_blocks import encode_quantized
 from core.quant.gptq import gptq_quantize_weight
 from core.quant.primitives import dequantize_weight, quantize_weight, sqnr_db
+from core.scheme import QuantScheme, effective_bits, stored_bits
 from core.spec import JobSpec
 from core.streaming.checkpoints import _decode, _encode
-from core.types import effective_bits, stored_bits
 
 pytestmark = pytest.mark.unit
 
@@ -110,8 +110,8 @@ def test_cost_counts_an_fp16_offset_per_group():
     assert effective_bits(8, 32, False, float_zero=True) == effective_bits(8, 32, False)  # 8 bits stay integer
     assert stored_bits(4, 128, False, (10, 576), float_zero=True) == 10 * (576 * 4 + 5 * 32)
     layers = [LayerCost(name=f"l{i}", params=4096, sensitivity=1.0, quant_error={4: 1.0, 8: 0.1}) for i in range(4)]
-    integer = allocate_budget(layers, 6.0, [4, 8], 32, False)
-    floating = allocate_budget(layers, 6.0, [4, 8], 32, False, float_zero=True)
+    integer = allocate_budget(layers, 6.0, [4, 8], QuantScheme(32))
+    floating = allocate_budget(layers, 6.0, [4, 8], QuantScheme(32, float_zero=True))
     assert floating.effective_bits > integer.effective_bits or sorted(floating.bits.values()) != sorted(
         integer.bits.values()
     )

@@ -14,7 +14,7 @@ from export_helpers import make_spec as _make_spec
 
 from core.export import build_manifest, export_gguf, export_hf, file_sha256, library_versions, write_manifest
 from core.export.manifest import hf_storage
-from core.types import effective_bits
+from core.scheme import effective_bits
 
 pytestmark = pytest.mark.unit
 

@@ -15,6 +15,7 @@ import pytest
 from core.allocation import allocate_budget, layer_costs_from_profile, objective_of
 from core.models import resolve_model
 from core.pipeline import JobInputs, run_job
+from core.scheme import QuantScheme
 from core.scorers.common import damage_scaled
 from core.spec import CalibrationRow, JobSpec
 from core.streaming.checkpoints import LayerRecord, MemoryStore
@@ -67,7 +68,7 @@ def profile_of(tiny_model_root: Path, method: str) -> Profile:
 def test_error_style_taq_weighs_the_error_and_predicts_nothing(tiny_model_root: Path) -> None:
     profile = profile_of(tiny_model_root, "taq")
     assert all(not layer.predicted_loss for layer in profile.layers)
-    bits = allocate_budget(profile, 6.0, [4, 8, 16], 32, False).bits
+    bits = allocate_budget(profile, 6.0, [4, 8, 16], QuantScheme(32)).bits
     costs = layer_costs_from_profile(profile)
     assert objective_of(costs, bits) == pytest.approx(
         sum(l.sensitivity * l.quant_error[bits[l.name]] for l in profile.layers)
@@ -82,7 +83,7 @@ def test_damage_style_methods_predict_their_damage_scaled_by_the_error(tiny_mode
         assert layer.predicted_loss[4] == pytest.approx(layer.sensitivity)
         assert layer.predicted_loss[8] == pytest.approx(layer.sensitivity * layer.quant_error[8] / layer.quant_error[4])
         assert sum(l.predicted_loss[8] for l in layer.linears) == pytest.approx(layer.predicted_loss[8])
-    bits = allocate_budget(profile, 6.0, [4, 8, 16], 32, False).bits
+    bits = allocate_budget(profile, 6.0, [4, 8, 16], QuantScheme(32)).bits
     assert objective_of(layer_costs_from_profile(profile), bits) == pytest.approx(
         sum(l.predicted_loss.get(bits[l.name], 0.0) for l in profile.layers)
     )

@@ -55,10 +55,11 @@ from core.pipeline import (
     run_job,
 )
 from core.quant.primitives import dequantize_weight
+from core.scheme import QuantScheme, effective_bits
 from core.scorers.common import prompt_plan, select_rows
 from core.spec import CalibrationRow
 from core.streaming.checkpoints import LayerRecord, MemoryStore, load_codes, load_record
-from core.types import Profile, effective_bits
+from core.types import Profile
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
@@ -603,7 +604,7 @@ def test_streamed_fidelity_equals_whole_model_fidelity(evaluated, loaded: Loaded
     result, _, eval_rows = evaluated
     report = result.outputs.eval_report
     [allocation] = result.outputs.allocations
-    uniform = allocate_uniform_mix(layer_costs_from_profile(result.outputs.profile), 6.0, [4, 8, 16], 32, False)
+    uniform = allocate_uniform_mix(layer_costs_from_profile(result.outputs.profile), 6.0, [4, 8, 16], QuantScheme(32))
     prompts = tokenize_rows(eval_rows, loaded.tokenizer, 48)
     sequences = [
         (prompt + encode_text(row.answers[0], loaded.tokenizer, templated=True)[:32], len(prompt))

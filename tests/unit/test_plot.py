@@ -7,6 +7,7 @@ import io
 import pytest
 
 from core.plot import plot_profile, profile_effective_bits
+from core.scheme import QuantScheme
 from core.types import LayerProfile, Profile
 
 pytestmark = pytest.mark.unit
@@ -55,7 +56,7 @@ def test_effective_bits() -> None:
     # params 1000, 2000, 1000, 2000, 1000, 2000; bits 4, 8, 16, 4, 8, 4
     nominal = (4 * 1000 + 8 * 2000 + 16 * 1000 + 4 * 2000 + 8 * 1000 + 4 * 2000) / 9000
     assert profile_effective_bits(profile) == pytest.approx(nominal)
-    with_overhead = profile_effective_bits(profile, group_size=128)
+    with_overhead = profile_effective_bits(profile, QuantScheme(128))
     assert with_overhead == pytest.approx(nominal + 24 / 128 * 8000 / 9000)  # fp16 scale + int8 zero per group
     assert profile_effective_bits(_profile(False)) is None
 

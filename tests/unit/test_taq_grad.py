@@ -21,6 +21,7 @@ from core.controls import allocate_error_only
 from core.models import resolve_model
 from core.pipeline import JobInputs, run_job
 from core.quant.primitives import dequantize_weight
+from core.scheme import QuantScheme
 from core.scorers.common import SequencePlan
 from core.scorers.taq_grad import position_weights
 from core.spec import CalibrationRow, JobSpec
@@ -195,13 +196,13 @@ def test_allocation_minimises_the_prediction(run: GradRun) -> None:
     profile = run.profile
     layers = layer_costs_from_profile(profile)
     assert all(l.predicted == profile.layers[i].predicted_loss for i, l in enumerate(layers))
-    chosen = allocate_budget(profile, 5.0, [*WIDTHS, 16], 32, False)
+    chosen = allocate_budget(profile, 5.0, [*WIDTHS, 16], QuantScheme(32))
     best = chosen.objective
     assert best is not None
     assert best == pytest.approx(
         sum(profile.layers[i].predicted_loss.get(chosen.bits[l.name], 0.0) for i, l in enumerate(profile.layers))
     )
-    control = allocate_error_only(profile, 5.0, [*WIDTHS, 16], 32, False)
+    control = allocate_error_only(profile, 5.0, [*WIDTHS, 16], QuantScheme(32))
     predicted_control = sum(layer.predicted_loss.get(control.bits[layer.name], 0.0) for layer in profile.layers)
     assert best <= predicted_control + 1e-12
     units = linear_units(profile)
@@ -240,11 +241,11 @@ def test_knapsack_follows_the_prediction_not_sensitivity_times_error() -> None:
     a = LayerCost("a", 4096, 1.0, {4: 0.5, 8: 0.01}, shapes, {4: 0.1, 8: 0.09})
     b = LayerCost("b", 4096, 1.0, {4: 0.2, 8: 0.01}, shapes, {4: 0.3, 8: 0.01})
     budget = 6.5  # 4-bit everywhere plus one layer at 8 (group 64, asymmetric)
-    chosen = allocate_budget([a, b], budget, [4, 8], 64, False)
+    chosen = allocate_budget([a, b], budget, [4, 8], QuantScheme(64))
     assert chosen.bits == {"a": 4, "b": 8}
     assert chosen.objective == pytest.approx(0.1 + 0.01)
-    plain = allocate_budget([replace(a, predicted=None), replace(b, predicted=None)], budget, [4, 8], 64, False)
+    plain = allocate_budget([replace(a, predicted=None), replace(b, predicted=None)], budget, [4, 8], QuantScheme(64))
     assert plain.bits == {"a": 8, "b": 4}
-    assert allocate_error_only([a, b], budget, [4, 8], 64, False).bits == {"a": 8, "b": 4}
+    assert allocate_error_only([a, b], budget, [4, 8], QuantScheme(64)).bits == {"a": 8, "b": 4}
     with pytest.raises(ValueError, match="predicted has no entry for 8 bits"):
-        allocate_budget([LayerCost("c", 4096, 1.0, {4: 0.5, 8: 0.1}, shapes, {4: 0.1})], 8.5, [4, 8], 64, False)
+        allocate_budget([LayerCost("c", 4096, 1.0, {4: 0.5, 8: 0.1}, shapes, {4: 0.1})], 8.5, [4, 8], QuantScheme(64))

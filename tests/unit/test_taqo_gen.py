@@ -21,6 +21,7 @@ from core.model_dims import ModelDims
 from core.models import resolve_model
 from core.pipeline import JobHooks, JobInputs, run_job
 from core.quant.primitives import dequantize_weight
+from core.scheme import QuantScheme
 from core.scorers.taqo_gen import task_score
 from core.spec import CalibrationRow, JobSpec
 from core.streaming.checkpoints import MemoryStore, load_codes
@@ -137,7 +138,7 @@ def test_paper_rule_is_taqos() -> None:
     layers = [LayerCost(name=f"l{i}", params=128, sensitivity=1.0, quant_error={4: 1.0}) for i in range(12)]
     importance = {f"l{i}": float(i % 5) for i in range(12)}
     for method in ("taqo", "taqo_gen"):
-        got = allocate_paper(layers, method, 32, False, importance=importance)
+        got = allocate_paper(layers, method, QuantScheme(32), importance=importance)
         # 8 layers: the first 2, the last 2 and the top 4 of the rest (l4, l9 (4.0), l3, l8 (3.0); ties: the earlier)
         assert sorted(n for n, b in got.bits.items() if b == 16) == ["l0", "l1", "l10", "l11", "l3", "l4", "l8", "l9"]
     assert JobSpec(**{**make_spec().model_dump(), "allocation": "paper"}).allocation.value == "paper"
