@@ -139,6 +139,9 @@ MODIFIERS = {
     # float zero points (fp16 offsets, GGUF Q4_1/Q5_1) for widths up to 5 bits; compared item by
     # item with the same token without +fz
     "fz": {"zero_point": "float"},
+    # 8-bit weights in groups of 128 (the other widths keep --group-size); compared item by item
+    # with the same token without +g8w128 (pairs, not a dict, so a variant stays hashable)
+    "g8w128": {"group_size_by_bits": ((8, 128),)},
 }
 
 
@@ -152,7 +155,7 @@ class Variant:
     @property
     def scoring_options(self) -> dict:
         """The fields that change the pass: the quantizer, clip search and the closed loop (rows held back)."""
-        fields = ("clip_search", "quantizer", "closed_loop", "calibration_inputs", "zero_point")
+        fields = ("clip_search", "quantizer", "closed_loop", "calibration_inputs", "zero_point", "group_size_by_bits")
         return {k: v for k, v in self.options if k in fields}
 
 
@@ -169,6 +172,8 @@ def parse_method(token: str) -> Variant:
 
 def make_spec(args: argparse.Namespace, model_id: str, method: str, **options) -> JobSpec:
     options = {"calibration_inputs": args.calibration_inputs, **options}  # a +seq token overrides the flag
+    if "group_size_by_bits" in options:
+        options["group_size_by_bits"] = dict(options["group_size_by_bits"])
     return JobSpec(
         model=model_id,
         method=method,

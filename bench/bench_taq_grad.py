@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = make_batches(plan.sequences, pad_token_id(model.tokenizer), model.device, max_batch_tokens=2048)
     settings = PassSettings(
         widths=(4, 8),
-        group_size=spec.group_size,
-        symmetric=spec.symmetric,
+        scheme=spec.scheme,
         gptq=False,
         clip_search=False,
         sequential=False,

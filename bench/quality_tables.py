@@ -45,8 +45,8 @@ def variant_table(rows: list[dict]) -> str:
 def comparisons(rows: list[dict], seed: int = 0) -> list[dict]:
     """Every method (and cross-task) row against every control row of the same suite and budget,
     and every method row against the cross-task rows too (another task's profile is a control
-    for the task signal), a `+seq` (`+fz`) method row also against its twin on fp inputs (integer
-    zero points); on gold NLL
+    for the task signal), a `+seq` (`+fz`, `+g8w128`) method row also against its twin on fp inputs
+    (integer zero points, one group size); on gold NLL
     and contains: the paired difference method − control with its interval."""
     out = []
     for r in rows:
@@ -54,9 +54,10 @@ def comparisons(rows: list[dict], seed: int = 0) -> list[dict]:
             continue
         partners = ("control", "cross-task") if r["kind"] == "method" else ("control",)
         # a +seq row (sequential calibration) is also compared with the same method on fp inputs,
-        # a +fz row (float zero points) with the same method on integer zero points
+        # a +fz row (float zero points) with the same method on integer zero points, a +g8w128 row
+        # (8 bits in groups of 128) with the same method at one group size
         fp_twin = None
-        for twin_mark in ("+seq", "+fz"):
+        for twin_mark in ("+seq", "+fz", "+g8w128"):
             if r["kind"] == "method" and twin_mark in r["label"]:
                 fp_twin = r["label"].replace(twin_mark, "")
         for c in rows:

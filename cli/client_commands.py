@@ -44,6 +44,17 @@ from cli.client import (
 from common.job_status import FINISHED_STATUSES
 
 
+def _group_sizes_by_bits(pairs: list[str]) -> dict[str, int]:
+    """["8=128", "4=32"] -> {"8": 128, "4": 32}; a usage error names the bad pair."""
+    out: dict[str, int] = {}
+    for pair in pairs:
+        bits, _, size = pair.partition("=")
+        if not (bits.strip().isdigit() and size.strip().isdigit()):
+            fail(EXIT_USAGE, f"--group-size-at takes BITS=SIZE, e.g. 8=128; got {pair!r}")
+        out[bits.strip()] = int(size)
+    return out
+
+
 # ---- commands --------------------------------------------------------------------------------
 @app.command(rich_help_panel="Client")
 def submit(
@@ -55,6 +66,13 @@ def submit(
     ] = None,
     bit_choices: Annotated[str | None, typer.Option(help="comma-separated, e.g. 4,8,16")] = None,
     group_size: Annotated[int | None, typer.Option()] = None,
+    group_size_at: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--group-size-at",
+            help="BITS=SIZE: that width in groups of its own size, e.g. 8=128; repeatable",
+        ),
+    ] = None,
     symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", show_default=False)] = None,
     zero_point: Annotated[
         str | None,
@@ -112,6 +130,8 @@ def submit(
             spec["bit_choices"] = [int(b) for b in bit_choices.replace(" ", "").split(",") if b]
         except ValueError:
             fail(EXIT_USAGE, f"--bit-choices must be comma-separated integers, got {bit_choices!r}")
+    if group_size_at:
+        spec["group_size_by_bits"] = _group_sizes_by_bits(group_size_at)
     for key, value in (
         ("model", model),
         ("method", method),

@@ -109,7 +109,7 @@ def job_disk_bytes(source: Any, spec: JobSpec) -> int:
     return estimate_job_disk(
         dims,
         bit_choices=list(spec.bit_choices),
-        group_size=spec.group_size,
+        group_size=spec.scheme.smallest_group_size,  # the most scales: an upper bound
         budgets=list(spec.budgets),
         formats=len(spec.exports),
     ).total_bytes
@@ -218,7 +218,7 @@ def estimate_for_spec(
         eval_rows=eval_rows,
         budgets=len(spec.budgets) or 1,
         activation_ram_bytes=settings.activation_ram_bytes,
-        group_size=spec.group_size,
+        group_size=spec.scheme.smallest_group_size,  # the most scales: an upper bound
         source_bytes=source_bytes,
         gguf_source=bool(getattr(source, "gguf_file", None)),
         closed_loop=spec.closed_loop,

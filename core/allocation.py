@@ -1,14 +1,14 @@
 """Bits per layer from scores and a budget: exact budget allocation and the uniform baseline (the
 paper's fixed rule is core/allocation_paper.py).
 
-Costs are exact integers: g times the stored bits (`core.scheme.QuantScheme.stored_bits`), in "bit/g"
-units.
-A linear [out, in] at b bits stores out·in codes and out·⌈in/g⌉ groups of overhead (a float16 scale,
-plus an int8 zero point when asymmetric, or an fp16 offset with a float zero point), so the padded
-last group of a row is counted; 16 bits costs out·in·16. A unit without known shapes (profiles
-from before they were kept) counts its n weights as whole groups, n·(b·g + overhead). The budget is
-⌊avg_bits·g·Σn⌋ units, with `avg_bits` taken as the decimal the user wrote (4.3 is 43/10, not its
-binary float), so "meets the budget" involves no rounding at all.
+Costs are exact integers: U times the stored bits (`core.scheme.QuantScheme.stored_bits`), in
+"bit/U" units, U = `QuantScheme.cost_unit` (the group size g, or the lcm of the group sizes when
+widths have their own). A linear [out, in] at b bits stores out·in codes and out·⌈in/g_b⌉ groups of
+overhead (a float16 scale, plus an int8 zero point when asymmetric, or an fp16 offset with a float
+zero point), so the padded last group of a row is counted; 16 bits costs out·in·16. A unit without
+known shapes (profiles from before they were kept) counts its n weights as whole groups,
+n·(b·U + overhead·U/g_b). The budget is ⌊avg_bits·U·Σn⌋ units, with `avg_bits` taken as the decimal
+the user wrote (4.3 is 43/10, not its binary float), so "meets the budget" involves no rounding at all.
 
 The units are layers, or (per-linear allocation) single linears and groups of linears that
 runtimes fuse (`linear_units`, expanded to bits per linear by `expand_units`).
@@ -130,18 +130,19 @@ def expand_units(allocation: BitAllocation, units: Sequence[LinearUnit]) -> BitA
 
 
 def layer_cost(layer: LayerCost, bits: int, scheme: QuantScheme) -> int:
-    """g · stored bits of the unit at `bits` on `scheme`, an exact integer (see the module docstring)."""
-    g = scheme.group_size
+    """U · stored bits of the unit at `bits` on `scheme` (U = `scheme.cost_unit`, the lcm of its group
+    sizes), an exact integer (see the module docstring)."""
+    unit = scheme.cost_unit
     if layer.shapes:
-        return g * sum(scheme.stored_bits(bits, shape) for shape in layer.shapes)
+        return unit * sum(scheme.stored_bits(bits, shape) for shape in layer.shapes)
     if bits >= 16:
-        return 16 * g * layer.params
-    return layer.params * (bits * g + scheme.overhead_bits(bits))
+        return 16 * unit * layer.params
+    return layer.params * (bits * unit + scheme.overhead_bits(bits) * (unit // scheme.group_size_at(bits)))
 
 
 def budget_units(layers: Sequence[LayerCost], avg_bits: float, scheme: QuantScheme) -> int:
-    """The budget in `layer_cost` units: ⌊avg_bits · g · Σn⌋, avg_bits the decimal the user wrote."""
-    return math.floor(exact_budget(avg_bits) * scheme.group_size * sum(l.params for l in layers))
+    """The budget in `layer_cost` units: ⌊avg_bits · U · Σn⌋, avg_bits the decimal the user wrote."""
+    return math.floor(exact_budget(avg_bits) * scheme.cost_unit * sum(l.params for l in layers))
 
 
 def check_lowest_fits(
@@ -152,7 +153,7 @@ def check_lowest_fits(
     budget = budget_units(layers, avg_bits, scheme)
     base = sum(layer_cost(l, choices[0], scheme) for l in layers)
     if base > budget:
-        min_bits = Fraction(base, scheme.group_size * sum(l.params for l in layers))
+        min_bits = Fraction(base, scheme.cost_unit * sum(l.params for l in layers))
         raise BudgetInfeasible(
             f"bit budget avg_bits={avg_bits} cannot be met: with bit_choices {list(choices)} "
             f"({scheme.describe()}) the smallest achievable is "
@@ -231,7 +232,7 @@ def objective_of(layers: Sequence[LayerCost], bits: Mapping[str, int]) -> float 
 def effective_of(layers: Sequence[LayerCost], bits: Mapping[str, int], scheme: QuantScheme) -> Fraction:
     """Exact stored bits per weight of `bits` over `layers`."""
     cost = sum(layer_cost(l, bits[l.name], scheme) for l in layers)
-    return Fraction(cost, scheme.group_size * sum(l.params for l in layers))
+    return Fraction(cost, scheme.cost_unit * sum(l.params for l in layers))
 
 
 def priced_allocation(

@@ -187,7 +187,7 @@ class JobRun:
             check_shapes(
                 self.spec.target_runtime,
                 in_features={name: lin.in_features for ref in self.model.layers for name, lin in ref.linears.items()},
-                group_size=self.spec.group_size,
+                group_sizes=self.spec.scheme.group_sizes(self.spec.bit_choices),
             )
             self.hooks.progress("load", 1.0, f"opened {self.spec.model} for streaming on {self.model.device}")
 
@@ -220,9 +220,7 @@ class JobRun:
         sequential = self.spec.calibration_inputs == CalibrationInputs.quantized
         settings = PassSettings(
             widths=tuple(sorted(widths)),
-            group_size=self.spec.group_size,
-            symmetric=self.spec.symmetric,
-            float_zero=self.spec.float_zero,
+            scheme=self.spec.scheme,
             gptq=self.spec.quantizer == Quantizer.gptq,
             clip_search=self.spec.clip_search,
             sequential=sequential and bool(widths),

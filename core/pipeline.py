@@ -300,8 +300,11 @@ def pass_key(
             "bit_budget",
         },
     )
-    if spec.float_zero:  # only then, so integer-grid checkpoints keep their keys
+    # only when set, so checkpoints of grids without them keep their keys
+    if spec.float_zero:
         fields["zero_point"] = spec.zero_point.value
+    if spec.scheme.group_size_by_bits:
+        fields["group_size_by_bits"] = [list(pair) for pair in spec.scheme.group_size_by_bits]
     digest = hashlib.sha256(
         compact_json(
             {

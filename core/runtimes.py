@@ -21,7 +21,7 @@ runtime reads (`hf_strategy`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -79,9 +79,9 @@ RUNTIMES: dict[str, RuntimeRules] = {
 }
 
 
-def spec_problems(runtime: str, *, bit_choices: list[int], group_size: int, exports: list[str]) -> list[str]:
+def spec_problems(runtime: str, *, bit_choices: list[int], group_sizes: Sequence[int], exports: list[str]) -> list[str]:
     """Why a spec's menu does not load in `runtime` (empty when it does), each a sentence a user
-    can act on."""
+    can act on; `group_sizes`: those of the quantized widths."""
     rules = RUNTIMES[runtime]
     problems: list[str] = []
     extra = sorted(set(bit_choices) - rules.bits)
@@ -89,22 +89,30 @@ def spec_problems(runtime: str, *, bit_choices: list[int], group_size: int, expo
         problems.append(
             f"target_runtime '{runtime}' loads widths {sorted(rules.bits)}; remove {extra} from bit_choices"
         )
-    if rules.group_sizes is not None and group_size not in rules.group_sizes:
-        problems.append(f"target_runtime '{runtime}' needs group_size in {sorted(rules.group_sizes)}, got {group_size}")
-    if rules.group_multiple is not None and group_size % rules.group_multiple:
-        problems.append(
-            f"target_runtime '{runtime}' needs group_size a multiple of {rules.group_multiple}, got {group_size}"
-        )
+    for group_size in group_sizes:
+        if rules.group_sizes is not None and group_size not in rules.group_sizes:
+            problems.append(
+                f"target_runtime '{runtime}' needs group_size in {sorted(rules.group_sizes)}, got {group_size}"
+            )
+        if rules.group_multiple is not None and group_size % rules.group_multiple:
+            problems.append(
+                f"target_runtime '{runtime}' needs group_size a multiple of {rules.group_multiple}, got {group_size}"
+            )
     if rules.export not in exports:
         problems.append(f"target_runtime '{runtime}' loads the '{rules.export}' export; add it to exports")
     return problems
 
 
-def shape_problems(runtime: str, *, in_features: Mapping[str, int], group_size: int) -> list[str]:
-    """Why the model's quantizable linears (name → in_features) cannot carry `runtime`'s layout."""
+def shape_problems(runtime: str, *, in_features: Mapping[str, int], group_sizes: Sequence[int]) -> list[str]:
+    """Why the model's quantizable linears (name → in_features) cannot carry `runtime`'s layout
+    with any of `group_sizes` (those of the quantized widths)."""
     rules = RUNTIMES[runtime]
     if not rules.group_divides_width:
         return []
+    return [p for g in group_sizes for p in _group_problems(runtime, rules, in_features, g)]
+
+
+def _group_problems(runtime: str, rules: RuntimeRules, in_features: Mapping[str, int], group_size: int) -> list[str]:
     bad = {name: n for name, n in in_features.items() if n % group_size}
     if not bad:
         return []
@@ -119,12 +127,12 @@ def shape_problems(runtime: str, *, in_features: Mapping[str, int], group_size: 
     ]
 
 
-def check_shapes(runtime: str | None, *, in_features: Mapping[str, int], group_size: int) -> None:
+def check_shapes(runtime: str | None, *, in_features: Mapping[str, int], group_sizes: Sequence[int]) -> None:
     """InvalidSpec naming the fix when `shape_problems` finds any (None: no target, nothing to check).
     The submit check passes the widths from the model's config, the load stage the real linears'."""
     if runtime is None:
         return
-    problems = shape_problems(runtime, in_features=in_features, group_size=group_size)
+    problems = shape_problems(runtime, in_features=in_features, group_sizes=group_sizes)
     if problems:
         raise InvalidSpec("; ".join(problems))
 

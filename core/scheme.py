@@ -10,6 +10,8 @@ one `QuantScheme`, so they cannot disagree on a cost.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 #: bits of one group's scale: float16
@@ -63,17 +65,49 @@ def effective_bits(
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """The grid every quantized width of a job is stored on (see the module docstring)."""
+    """The grid every quantized width of a job is stored on (see the module docstring).
+
+    `group_size_by_bits` gives some widths their own group size ((bits, group size) pairs, e.g.
+    ((8, 128),) for "8 bits in groups of 128, the rest in groups of `group_size`"). Costs are then
+    counted in units of 1/`cost_unit` bit, the lcm of the group sizes, so they stay exact integers.
+    """
 
     group_size: int
     symmetric: bool = False
     float_zero: bool = False
+    group_size_by_bits: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+        for g in (self.group_size, *(g for _, g in self.group_size_by_bits)):
+            if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+                raise ValueError(f"group_size must be a positive int, got {g!r}")
         if self.float_zero and self.symmetric:
             raise ValueError("float zero points are for asymmetric grids; a symmetric grid has no zero point")
+        widths = [b for b, _ in self.group_size_by_bits]
+        if len(set(widths)) != len(widths) or any(b >= 16 for b in widths):
+            raise ValueError(f"group_size_by_bits needs distinct widths below 16, got {widths}")
+        # one spelling per grid: sorted, and a width at the default size is not listed
+        canonical = tuple(sorted((b, g) for b, g in self.group_size_by_bits if g != self.group_size))
+        object.__setattr__(self, "group_size_by_bits", canonical)
+
+    def group_size_at(self, bits: int) -> int:
+        """The group size a weight at `bits` is quantized and stored with."""
+        return dict(self.group_size_by_bits).get(bits, self.group_size)
+
+    def group_sizes(self, widths: Iterable[int]) -> list[int]:
+        """The distinct group sizes of the quantized widths among `widths`, smallest first."""
+        return sorted({self.group_size_at(b) for b in widths if b < 16})
+
+    @property
+    def smallest_group_size(self) -> int:
+        """The smallest group size of the scheme: the most scales per weight, so size estimates
+        made with it are upper bounds."""
+        return min(self.group_size, *(g for _, g in self.group_size_by_bits))
+
+    @property
+    def cost_unit(self) -> int:
+        """Costs are exact integers in 1/cost_unit bits: the lcm of every group size."""
+        return math.lcm(self.group_size, *(g for _, g in self.group_size_by_bits))
 
     def overhead_bits(self, bits: int) -> int:
         """Stored bits per group besides the codes at `bits` (see `group_overhead_bits`)."""
@@ -81,13 +115,14 @@ class QuantScheme:
 
     def stored_bits(self, bits: int, shape: tuple[int, int]) -> int:
         """Exact stored bits of one [out, in] weight at `bits` (see `stored_bits`)."""
-        return stored_bits(bits, self.group_size, self.symmetric, shape, self.float_zero)
+        return stored_bits(bits, self.group_size_at(bits), self.symmetric, shape, self.float_zero)
 
     def effective_bits(self, bits: int, in_features: int | None = None) -> float:
         """Stored bits per weight at `bits` (see `effective_bits`)."""
-        return effective_bits(bits, self.group_size, self.symmetric, in_features, self.float_zero)
+        return effective_bits(bits, self.group_size_at(bits), self.symmetric, in_features, self.float_zero)
 
     def describe(self) -> str:
         """The grid in words, as messages show it (e.g. "group_size 128, asymmetric")."""
         kind = "symmetric" if self.symmetric else "asymmetric, float zero points" if self.float_zero else "asymmetric"
-        return f"group_size {self.group_size}, {kind}"
+        own = "".join(f", {b} bits in groups of {g}" for b, g in self.group_size_by_bits)
+        return f"group_size {self.group_size}{own}, {kind}"

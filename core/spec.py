@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -168,6 +169,9 @@ class JobSpec(_Strict):
     bit_budget: BitBudget | None = None
     bit_choices: list[int] = Field(default_factory=lambda: [4, 8, 16])
     group_size: int = Field(default=128, ge=8, le=4096)
+    #: widths stored in groups of their own size, e.g. {"8": 128} with group_size 32: 8-bit weights in
+    #: groups of 128, the other widths in groups of 32 (widths from bit_choices, below 16)
+    group_size_by_bits: dict[int, Annotated[int, Field(ge=8, le=4096)]] = Field(default_factory=dict)
     symmetric: bool = False
     #: asymmetric grids only; `float` exports to GGUF only, and `exports` defaults to it then
     zero_point: ZeroPoint = ZeroPoint.integer
@@ -250,6 +254,12 @@ class JobSpec(_Strict):
             )
         if self.eval_fraction is not None and self.eval_dataset_id is not None:
             raise ValueError("give either 'eval_dataset_id' or 'eval_fraction', not both")
+        odd = sorted(b for b in self.group_size_by_bits if b not in self.bit_choices or b >= 16)
+        if odd:
+            raise ValueError(
+                f"group_size_by_bits names widths {odd} that bit_choices {self.bit_choices} does not quantize; "
+                "list only widths from bit_choices below 16"
+            )
         if self.target_runtime is not None:
             runtime = self.target_runtime.value
             if "exports" not in self.model_fields_set:
@@ -257,7 +267,7 @@ class JobSpec(_Strict):
             problems = spec_problems(
                 runtime,
                 bit_choices=self.bit_choices,
-                group_size=self.group_size,
+                group_sizes=self.scheme.group_sizes(self.bit_choices) or [self.group_size],
                 exports=[f.value for f in self.exports],
             )
             if problems:
@@ -287,7 +297,9 @@ class JobSpec(_Strict):
     @property
     def scheme(self) -> QuantScheme:
         """The grid the job's widths are stored on and priced by."""
-        return QuantScheme(self.group_size, self.symmetric, self.float_zero)
+        return QuantScheme(
+            self.group_size, self.symmetric, self.float_zero, tuple(sorted(self.group_size_by_bits.items()))
+        )
 
     @property
     def budgets(self) -> list[float]:

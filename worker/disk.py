@@ -53,7 +53,7 @@ def work_disk_estimate(inputs: JobInputs, store: ArtifactStore) -> WorkDiskEstim
         hidden_bytes=2 if inputs.device == "cuda" else 4,  # JobInputs.dtype None: bf16 on CUDA, else float32
         activation_ram_bytes=inputs.activation_ram_bytes,
         bit_choices=list(spec.bit_choices),
-        group_size=spec.group_size,
+        group_size=spec.scheme.smallest_group_size,  # the most scales: an upper bound
         budgets=list(spec.budgets),
         formats=len(spec.exports),
         eval_rows=len(inputs.eval_rows),

@@ -198,10 +198,11 @@ def load_weight(plan: LinearPlan, weights: Mapping[str, QuantizedWeight], spec: 
     expected_cols = q.n_groups * q.group_size
     if tuple(q.codes.shape) != (q.shape[0], expected_cols) or tuple(q.scale.shape) != (q.shape[0], q.n_groups):
         raise ExportError(f"{name}: codes/scale shapes do not match the group layout")
-    if q.group_size != spec.group_size or q.symmetric != spec.symmetric:
+    group_size = spec.scheme.group_size_at(q.bits)
+    if q.group_size != group_size or q.symmetric != spec.symmetric:
         raise ExportError(
             f"{name} is quantized with group_size {q.group_size}, symmetric {q.symmetric} but the "
-            f"spec asks for group_size {spec.group_size}, symmetric {spec.symmetric}"
+            f"spec asks for group_size {group_size}, symmetric {spec.symmetric} at {q.bits} bits"
         )
     if q.float_zero != float_zero_at(q.bits, spec.symmetric, spec.float_zero):
         raise ExportError(

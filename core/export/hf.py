@@ -65,6 +65,7 @@ from core.export._common import (
 )
 from core.export.safetensors_stream import SafetensorsStreamWriter, TensorSpec, plan_shards
 from core.quant.packing import pack_int32
+from core.scheme import QuantScheme
 from core.spec import JobSpec
 from core.types import BitMap, QuantizedWeight
 
@@ -81,7 +82,7 @@ SAFETENSORS_METADATA = {"format": "pt"}
 _DROP_CONFIG_KEYS = ("_name_or_path", "torch_dtype", "quantization_config", "_commit_hash")
 
 
-def choose_strategy(plans: list[LinearPlan], group_size: int, symmetric: bool, requested: str = "auto") -> str:
+def choose_strategy(plans: list[LinearPlan], scheme: QuantScheme, requested: str = "auto") -> str:
     """The compressed-tensors strategy for this export (see the module docstring); the quantized
     linears' grid is the spec's (`load_weight` enforces it)."""
     if requested not in STRATEGIES:
@@ -89,10 +90,11 @@ def choose_strategy(plans: list[LinearPlan], group_size: int, symmetric: bool, r
     quantized = [p for p in plans if p.quantized]
     if not quantized:
         return "group"
-    not_dividing = [p for p in quantized if p.shape[1] % group_size != 0]
+    not_dividing = [p for p in quantized if p.shape[1] % scheme.group_size_at(p.bits) != 0]
     if requested == "group":
         if not_dividing:
             bad = not_dividing[0]
+            group_size = scheme.group_size_at(bad.bits)
             raise ExportError(
                 f"compressed-tensors 'group' strategy needs group_size to divide in_features, but "
                 f"{bad.name} has in_features {bad.shape[1]} and group_size {group_size}; "
@@ -102,7 +104,7 @@ def choose_strategy(plans: list[LinearPlan], group_size: int, symmetric: bool, r
         return "group"
     if requested == "block":
         return "block"
-    return "group" if (not not_dividing and symmetric) else "block"
+    return "group" if (not not_dividing and scheme.symmetric) else "block"
 
 
 def quantized_tensors(q: QuantizedWeight, strategy: str) -> dict[str, torch.Tensor]:
@@ -163,9 +165,10 @@ def _weights_args(bits: int, group_size: int, symmetric: bool, strategy: str) ->
 
 
 def quantization_config(
-    plans: list[LinearPlan], lm_head: str | None, strategy: str, group_size: int, symmetric: bool
+    plans: list[LinearPlan], lm_head: str | None, strategy: str, scheme: QuantScheme
 ) -> dict[str, Any]:
-    """compressed-tensors ``quantization_config``: one config group per bit-width."""
+    """compressed-tensors ``quantization_config``: one config group per bit-width (each with its
+    width's group size)."""
     by_bits: dict[int, list[LinearPlan]] = {}
     for p in plans:
         if p.quantized:
@@ -174,7 +177,7 @@ def quantization_config(
     for bits in sorted(by_bits):
         groups[f"int{bits}"] = {
             "targets": [p.name for p in by_bits[bits]],
-            "weights": _weights_args(bits, group_size, symmetric, strategy),
+            "weights": _weights_args(bits, scheme.group_size_at(bits), scheme.symmetric, strategy),
             "input_activations": None,
             "output_activations": None,
         }
@@ -203,7 +206,7 @@ def _tensor_groups(model: nn.Module, plans: list[LinearPlan], spec: JobSpec, str
     for key, value in state_entries(model):
         plan = by_weight.get(key)
         if plan is not None:
-            specs = quantized_specs(plan, spec.group_size, spec.symmetric, strategy)
+            specs = quantized_specs(plan, spec.scheme.group_size_at(plan.bits), spec.symmetric, strategy)
         else:
             dtype = torch.float16 if value.is_floating_point() else value.dtype
             specs = [TensorSpec(key, dtype, tuple(value.shape))]
@@ -298,7 +301,7 @@ def export_hf(
     or the strategy cannot represent the grid; a failed export leaves no partial files.
     """
     plans = plan_linears(model, weights, bit_map)
-    chosen = choose_strategy(plans, spec.group_size, spec.symmetric, strategy)
+    chosen = choose_strategy(plans, spec.scheme, strategy)
     tied = embeddings_tied(model)
     lm_head = output_embedding_name(model)
     fetch = tensors if tensors is not None else model_tensors(model)
@@ -320,7 +323,7 @@ def export_hf(
             total = sum(s.nbytes for _, _, specs in groups for s in specs)
             small[INDEX_FILE] = {"metadata": {"total_size": total}, "weight_map": weight_map}
         lm_head_module = lm_head.rsplit(".", 1)[0] if lm_head else None
-        qconfig = quantization_config(plans, lm_head_module, chosen, spec.group_size, spec.symmetric)
+        qconfig = quantization_config(plans, lm_head_module, chosen, spec.scheme)
         small["config.json"] = _config_dict(model, qconfig, tied)
         small["generation_config.json"] = _generation_config(model)
         for name, obj in small.items():

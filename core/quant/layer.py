@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from core.errors import InvalidSpec
+from core.scheme import QuantScheme
 from core.types import QuantizedWeight
 
 __all__ = ["LayerInputs", "LayerQuantization", "quantize_layer"]
@@ -168,14 +169,13 @@ def quantize_layer(
     inputs: LayerInputs | None,
     widths: list[int],
     *,
-    group_size: int,
-    symmetric: bool,
+    scheme: QuantScheme,
     gptq: bool,
     clip_search: bool,
-    float_zero: bool = False,
 ) -> LayerQuantization:
-    """Quantize each [out, in] weight at every width in `widths` (16 is kept, error 0) with
-    round-to-nearest or GPTQ, and measure each result's relative output error."""
+    """Quantize each [out, in] weight at every width in `widths` (16 is kept, error 0) on `scheme`
+    (each width at its own group size) with round-to-nearest or GPTQ, and measure each result's
+    relative output error."""
     from core.quant.gptq import gptq_quantize_weights, inverse_hessian_factor
     from core.quant.primitives import dequantize_weight, quantize_weight
 
@@ -204,11 +204,11 @@ def quantize_layer(
                         {n: weights[n] for n in names},
                         None,
                         bits,
-                        group_size,
-                        symmetric,
+                        scheme.group_size_at(bits),
+                        scheme.symmetric,
                         clip_search=clip_search,
                         upper=upper,
-                        float_zero=float_zero,
+                        float_zero=scheme.float_zero,
                     )
                 )
             del upper
@@ -216,7 +216,12 @@ def quantize_layer(
         for bits in low:
             for name, weight in weights.items():
                 codes[bits][name] = quantize_weight(
-                    weight, bits, group_size, symmetric, clip_search=clip_search, float_zero=float_zero
+                    weight,
+                    bits,
+                    scheme.group_size_at(bits),
+                    scheme.symmetric,
+                    clip_search=clip_search,
+                    float_zero=scheme.float_zero,
                 )
     errors: dict[str, dict[int, float]] = {}
     for name, weight in weights.items():

@@ -31,6 +31,7 @@ import torch
 from core.calibration import Batch, StageProgress
 from core.models import LayerRef
 from core.quant.layer import LayerInputs, quantize_layer
+from core.scheme import QuantScheme
 from core.streaming.capture import CapturedInputs, LayerCall, capture_inputs, run_layer
 from core.streaming.checkpoints import CheckpointStore, LayerRecord, load_codes, load_record, save_layer
 from core.streaming.hidden import HiddenStream, SpillArea
@@ -47,15 +48,13 @@ __all__ = ["LayerStep", "PassResult", "PassSettings", "StreamScorer", "run_layer
 @dataclass(frozen=True)
 class PassSettings:
     widths: tuple[int, ...]  # widths whose codes are stored (< 16)
-    group_size: int
-    symmetric: bool
+    scheme: QuantScheme  # the grid each width is quantized on
     gptq: bool
     clip_search: bool
     sequential: bool  # calibration_inputs == "quantized"
     reference_bits: int | None  # width of the sequentially quantized stream
     pass_key: str
     prefix: str = "layers"
-    float_zero: bool = False  # zero_point == "float"
 
 
 @dataclass
@@ -210,9 +209,7 @@ def run_layer_pass(
                     weights,
                     inputs,
                     sorted(set(settings.widths) | {16}),
-                    group_size=settings.group_size,
-                    symmetric=settings.symmetric,
-                    float_zero=settings.float_zero,
+                    scheme=settings.scheme,
                     gptq=settings.gptq,
                     clip_search=settings.clip_search,
                 )

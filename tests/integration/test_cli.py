@@ -196,6 +196,12 @@ def test_server_errors_and_unreachable(svc, tmp_path):
     assert bad_spec.returncode == 3 and "model_not_found" in bad_spec.stderr, bad_spec.stderr
     usage = taq(svc, "submit", "--spec", str(tmp_path / "nope.json"))
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
+    pair = taq(svc, "submit", "--model", "m", "--group-size-at", "8:128")
+    assert pair.returncode == 2 and "BITS=SIZE" in pair.stderr and "'8:128'" in pair.stderr, pair.stderr
+    # a well-formed pair the server refuses: 8 bits is not on the menu
+    unused = taq(svc, "submit", "--model", "m", "--method", "uniform", "--avg-bits", "4.5", "--bit-choices", "4,16",
+                 "--group-size-at", "8=128")  # fmt: skip
+    assert unused.returncode == 3 and "group_size_by_bits" in unused.stderr, unused.stderr
     down = taq("http://127.0.0.1:9", "list")
     assert down.returncode == 4 and "cannot reach" in down.stderr
 

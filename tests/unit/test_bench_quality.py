@@ -105,6 +105,19 @@ def test_a_float_zero_row_is_also_compared_with_its_integer_twin() -> None:
     assert parse_method("taq+fz").scoring_options == {"zero_point": "float"}
 
 
+def test_a_per_width_group_size_row_is_compared_with_its_one_size_twin() -> None:
+    n = 40
+    rows = [
+        _row("taq_grad+fz", "method", 5.0, 5.0, [2.0] * n, [1.0] * n),
+        _row("taq_grad+fz+g8w128", "method", 5.0, 5.0, [1.9] * n, [1.0] * n),
+    ]
+    pairs = {(c["variant"], c["baseline"]) for c in comparisons(rows) if c["metric"] == "gold_nll"}
+    assert pairs == {("taq_grad+fz+g8w128", "taq_grad+fz")}
+    variant = parse_method("taq_grad+fz+g8w128")
+    assert hash(variant) == hash(parse_method("taq_grad+g8w128+fz"))  # a pass key, whatever the order
+    assert variant.scoring_options == {"zero_point": "float", "group_size_by_bits": ((8, 128),)}
+
+
 def test_method_modifiers_set_spec_fields_and_profile_keys() -> None:
     plain, full = parse_method("taq"), parse_method("taq_kl+linear+gptq+clip")
     assert plain.method == "taq" and plain.options == () and plain.scoring_options == {}

@@ -18,6 +18,7 @@ from core.export._common import LinearPlan
 from core.export.hf import choose_strategy, quantized_tensors
 from core.modules import named_linears
 from core.quant.primitives import dequantize_weight, quantize_weight
+from core.scheme import QuantScheme
 from core.types import BitMap
 
 pytestmark = pytest.mark.unit
@@ -139,15 +140,15 @@ def test_strategy_choice():
         LinearPlan(name="x", layer="l", bits=4, shape=(8, 96)),
         LinearPlan(name="y", layer="l", bits=16, shape=(8, 100)),
     ]
-    assert choose_strategy(plans, 32, True) == "group"
-    assert choose_strategy(plans, 32, False) == "block"  # transformers can't load asym group
-    assert choose_strategy(plans, 64, True) == "block"  # 64 does not divide 96
-    assert choose_strategy(plans, 32, False, "group") == "group"
-    assert choose_strategy(plans[1:], 64, True) == "group"  # nothing quantized
+    assert choose_strategy(plans, QuantScheme(32, symmetric=True)) == "group"
+    assert choose_strategy(plans, QuantScheme(32)) == "block"  # transformers can't load asym group
+    assert choose_strategy(plans, QuantScheme(64, symmetric=True)) == "block"  # 64 does not divide 96
+    assert choose_strategy(plans, QuantScheme(32), "group") == "group"
+    assert choose_strategy(plans[1:], QuantScheme(64, symmetric=True)) == "group"  # nothing quantized
     with pytest.raises(ExportError, match="divide"):
-        choose_strategy(plans, 64, True, "group")
+        choose_strategy(plans, QuantScheme(64, symmetric=True), "group")
     with pytest.raises(ExportError, match="unknown"):
-        choose_strategy(plans, 32, True, "tiles")
+        choose_strategy(plans, QuantScheme(32, symmetric=True), "tiles")
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])

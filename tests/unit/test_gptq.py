@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from core.quant.gptq import gptq_quantize_weight, gptq_quantize_weights, inverse_hessian_factor
 from core.quant.packing import PACKERS
 from core.quant.primitives import dequantize_weight, quantization_error, quantize_weight
+from core.scheme import QuantScheme
 from core.spec import CalibrationRow, JobSpec, Quantizer
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
@@ -326,7 +327,7 @@ def test_layer_gptq_codes_equal_the_out_of_place_factor() -> None:
         with inputs.recording(), torch.no_grad():
             inputs.set_batch(None)
             linears["gate"](x), linears["up"](x), linears["down"](y)
-        got = quantize_layer(weights, inputs, [3, 4, 16], group_size=64, symmetric=False, gptq=True, clip_search=True)
+        got = quantize_layer(weights, inputs, [3, 4, 16], scheme=QuantScheme(64, False), gptq=True, clip_search=True)
         for lead, names in (("gate", ["gate", "up"]), ("down", ["down"])):
             upper = out_of_place_factor(inputs.hessian(lead))
             for bits in (3, 4):

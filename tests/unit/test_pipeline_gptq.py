@@ -34,6 +34,7 @@ from core.models import LoadedModel
 from core.pipeline import reference_bits
 from core.quant.layer import LayerInputs, quantize_layer
 from core.quant.primitives import dequantize_weight
+from core.scheme import QuantScheme
 from core.scorers.common import prompt_plan, select_rows
 from core.streaming.checkpoints import LayerRecord, MemoryStore, load_codes
 
@@ -152,7 +153,7 @@ def test_quantized_calibration_inputs_change_the_codes(gptq: Run, source, loaded
             inputs.set_batch(batch.valid)
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     weights = {n: loaded.model.get_submodule(n).weight.detach().float() for n in names}
-    expected = quantize_layer(weights, inputs, [4, 8, 16], group_size=64, symmetric=False, gptq=True, clip_search=False)
+    expected = quantize_layer(weights, inputs, [4, 8, 16], scheme=QuantScheme(64, False), gptq=True, clip_search=False)
     for name in names:
         assert torch.equal(expected.codes[4][name].codes, codes[name].codes), name
         assert torch.equal(expected.codes[4][name].scale, codes[name].scale), name

@@ -121,15 +121,15 @@ def test_transformers_loads_every_menu() -> None:
         target_runtime="transformers",
     )
     assert spec.bit_choices == [2, 3, 4, 8, 16]
-    assert spec_problems("transformers", bit_choices=[2, 3], group_size=8, exports=["hf"]) == []
+    assert spec_problems("transformers", bit_choices=[2, 3], group_sizes=[8], exports=["hf"]) == []
 
 
 def test_shape_problems_name_a_group_size_that_fits() -> None:
     smollm2 = {"q_proj": 576, "o_proj": 576, "down_proj": 1536}
-    [problem] = shape_problems("vllm", in_features=smollm2, group_size=128)
+    [problem] = shape_problems("vllm", in_features=smollm2, group_sizes=[128])
     assert "in_features 576" in problem and "use group_size 64" in problem
-    assert shape_problems("vllm", in_features=smollm2, group_size=64) == []
-    assert shape_problems("llama.cpp", in_features=smollm2, group_size=128) == []  # Q4 blocks of 32 pad
+    assert shape_problems("vllm", in_features=smollm2, group_sizes=[64]) == []
+    assert shape_problems("llama.cpp", in_features=smollm2, group_sizes=[128]) == []  # Q4 blocks of 32 pad
     assert hf_strategy("vllm") == "group" and hf_strategy(None) == hf_strategy("transformers") == "auto"
     assert set(RUNTIMES) == {"vllm", "llama.cpp", "transformers"}
 

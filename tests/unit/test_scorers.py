@@ -176,8 +176,7 @@ def score_low_level(
         )
         settings = PassSettings(
             widths=tuple(b for b in spec.bit_choices if b < 16),
-            group_size=spec.group_size,
-            symmetric=spec.symmetric,
+            scheme=spec.scheme,
             gptq=False,
             clip_search=False,
             sequential=False,

@@ -17,6 +17,7 @@ from core.calibration import make_batches, pad_token_id
 from core.models import ModelSource, resolve_model
 from core.quant.layer import LayerInputs, quantize_layer
 from core.quant.primitives import dequantize_weight, quantize_weight
+from core.scheme import QuantScheme
 from core.streaming.capture import capture_inputs, run_layer
 from core.streaming.checkpoints import LayerRecord, MemoryStore, load_codes, load_record, save_layer
 from core.streaming.head import HeadQuery, head_stats
@@ -400,7 +401,7 @@ def test_layer_inputs_x_and_h_modes_agree_and_skip_padding() -> None:
     widths = [3, 4, 16]
     weights = {n: getattr(block, n).weight.detach().clone() for n in "qkvo"}
     results = [
-        quantize_layer(weights, i, widths, group_size=32, symmetric=False, gptq=gptq, clip_search=False)
+        quantize_layer(weights, i, widths, scheme=QuantScheme(32, False), gptq=gptq, clip_search=False)
         for i in (x_mode, h_mode)
         for gptq in (False, True)
     ]
@@ -434,10 +435,10 @@ def test_diagonal_hessian_gptq_equals_rtn_code_for_code(symmetric: bool, clip_se
         assert torch.count_nonzero(h - torch.diag(torch.diagonal(h))) == 0
         widths = [2, 3, 4, 8, 16]
         rtn = quantize_layer(
-            weights, inputs, widths, group_size=32, symmetric=symmetric, gptq=False, clip_search=clip_search
+            weights, inputs, widths, scheme=QuantScheme(32, symmetric), gptq=False, clip_search=clip_search
         )
         gptq = quantize_layer(
-            weights, inputs, widths, group_size=32, symmetric=symmetric, gptq=True, clip_search=clip_search
+            weights, inputs, widths, scheme=QuantScheme(32, symmetric), gptq=True, clip_search=clip_search
         )
         for bits in (2, 3, 4, 8):
             for name in weights:

@@ -23,6 +23,7 @@ from .job_out import JobOut
 from .job_out_result_type_0 import JobOutResultType0
 from .job_page import JobPage
 from .job_spec import JobSpec
+from .job_spec_group_size_by_bits import JobSpecGroupSizeByBits
 from .job_status import JobStatus
 from .layer_out import LayerOut
 from .layer_out_quant_error_type_0 import LayerOutQuantErrorType0
@@ -66,6 +67,7 @@ __all__ = (
     "JobOutResultType0",
     "JobPage",
     "JobSpec",
+    "JobSpecGroupSizeByBits",
     "JobStatus",
     "LayerOut",
     "LayerOutQuantErrorType0",

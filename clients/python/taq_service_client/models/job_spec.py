@@ -18,6 +18,7 @@ from ..types import UNSET, Unset
 if TYPE_CHECKING:
     from ..models.bit_budget import BitBudget
     from ..models.calibration_row import CalibrationRow
+    from ..models.job_spec_group_size_by_bits import JobSpecGroupSizeByBits
 
 
 T = TypeVar("T", bound="JobSpec")
@@ -52,6 +53,7 @@ class JobSpec:
         eval_fraction (float | None | Unset):
         exports (list[ExportFormat] | Unset):
         group_size (int | Unset):  Default: 128.
+        group_size_by_bits (JobSpecGroupSizeByBits | Unset):
         max_calibration_rows (int | Unset):  Default: 256.
         max_tokens (int | Unset):  Default: 256.
         method (Method | Unset):
@@ -86,6 +88,7 @@ class JobSpec:
     eval_fraction: float | None | Unset = UNSET
     exports: list[ExportFormat] | Unset = UNSET
     group_size: int | Unset = 128
+    group_size_by_bits: JobSpecGroupSizeByBits | Unset = UNSET
     max_calibration_rows: int | Unset = 256
     max_tokens: int | Unset = 256
     method: Method | Unset = UNSET
@@ -172,6 +175,10 @@ class JobSpec:
 
         group_size = self.group_size
 
+        group_size_by_bits: dict[str, Any] | Unset = UNSET
+        if not isinstance(self.group_size_by_bits, Unset):
+            group_size_by_bits = self.group_size_by_bits.to_dict()
+
         max_calibration_rows = self.max_calibration_rows
 
         max_tokens = self.max_tokens
@@ -249,6 +256,8 @@ class JobSpec:
             field_dict["exports"] = exports
         if group_size is not UNSET:
             field_dict["group_size"] = group_size
+        if group_size_by_bits is not UNSET:
+            field_dict["group_size_by_bits"] = group_size_by_bits
         if max_calibration_rows is not UNSET:
             field_dict["max_calibration_rows"] = max_calibration_rows
         if max_tokens is not UNSET:
@@ -278,6 +287,7 @@ class JobSpec:
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
         from ..models.bit_budget import BitBudget  # noqa: PLC0415
         from ..models.calibration_row import CalibrationRow  # noqa: PLC0415
+        from ..models.job_spec_group_size_by_bits import JobSpecGroupSizeByBits  # noqa: PLC0415
 
         d = dict(src_dict)
         model = d.pop("model")
@@ -388,6 +398,13 @@ class JobSpec:
 
         group_size = d.pop("group_size", UNSET)
 
+        _group_size_by_bits = d.pop("group_size_by_bits", UNSET)
+        group_size_by_bits: JobSpecGroupSizeByBits | Unset
+        if isinstance(_group_size_by_bits, Unset):
+            group_size_by_bits = UNSET
+        else:
+            group_size_by_bits = JobSpecGroupSizeByBits.from_dict(_group_size_by_bits)
+
         max_calibration_rows = d.pop("max_calibration_rows", UNSET)
 
         max_tokens = d.pop("max_tokens", UNSET)
@@ -470,6 +487,7 @@ class JobSpec:
             eval_fraction=eval_fraction,
             exports=exports,
             group_size=group_size,
+            group_size_by_bits=group_size_by_bits,
             max_calibration_rows=max_calibration_rows,
             max_tokens=max_tokens,
             method=method,
