@@ -147,6 +147,9 @@ def test_sign_in_and_submit_a_job_through_the_form(page, service, tmp_path):
     page.fill("#max-calibration-rows", "8")
     page.fill("#max-tokens", "32")
     page.fill("#reservoir-size", "16")
+    page.fill("#group-size-by-bits", "8:64")
+    assert "not BITS=SIZE" in (page.text_content("#spec-preview") or "")
+    page.fill("#group-size-by-bits", "8=64")
 
     page.fill("#budgets", "3")  # below 4-bit's effective bits: the API refuses, the page says why
     page.click("#submit-job")
@@ -161,6 +164,7 @@ def test_sign_in_and_submit_a_job_through_the_form(page, service, tmp_path):
     job = service["client"].get(f"/v1/jobs/{job_id}").json()
     assert job["spec"]["bit_budget"]["avg_bits"] == [5.5, 6.0] and job["spec"]["bit_choices"] == [4, 8]
     assert job["spec"]["exports"] == ["gguf", "hf"] and job["spec"]["eval_dataset_id"]
+    assert job["spec"]["group_size_by_bits"] == {"8": 64}
     service["job"] = job_id
 
 

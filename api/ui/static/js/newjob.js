@@ -71,6 +71,19 @@ function parseBudgets(text) {
   return values;
 }
 
+// "8=128, 4=32" -> {"8": 128, "4": 32} (group_size_by_bits); blank -> null
+function parseGroupSizes(text) {
+  const parts = text.split(/[\s,;]+/).filter(Boolean);
+  if (!parts.length) return null;
+  const out = {};
+  for (const part of parts) {
+    const m = /^(\d+)=(\d+)$/.exec(part);
+    if (!m) throw new Error(`group size per width “${part}” is not BITS=SIZE, e.g. 8=128`);
+    out[m[1]] = Number(m[2]);
+  }
+  return out;
+}
+
 export async function newJobView(container, ctx) {
   const [models, datasetPage] = await Promise.all([
     request('/v1/models', { signal: ctx.signal }),
@@ -98,6 +111,7 @@ export async function newJobView(container, ctx) {
   const num = (id, value, min, max) => h('input', { id, type: 'number', value: String(value), min: String(min), max: String(max), step: '1' });
   const adv = {
     symmetric: h('input', { id: 'symmetric', type: 'checkbox' }),
+    groupSizes: h('input', { id: 'group-size-by-bits', type: 'text', placeholder: 'e.g. 8=128 (the rest: group size)', autocomplete: 'off' }),
     zeroPoint: select('zero-point', [['integer', 'integer (every export)'], ['float', 'float offset (≤ 5 bits; gguf Q4_1/Q5_1 only)']], 'integer'),
     clip: h('input', { id: 'clip-search', type: 'checkbox' }),
     controls: h('input', { id: 'eval-controls', type: 'checkbox', checked: true }),
@@ -135,6 +149,8 @@ export async function newJobView(container, ctx) {
     spec.exports = checked('exports');
     if (runtime.value) spec.target_runtime = runtime.value;
     spec.symmetric = adv.symmetric.checked;
+    const groupSizes = parseGroupSizes(adv.groupSizes.value);
+    if (groupSizes) spec.group_size_by_bits = groupSizes;
     if (adv.zeroPoint.value !== 'integer') spec.zero_point = adv.zeroPoint.value;
     spec.clip_search = adv.clip.checked;
     if (!adv.controls.checked) spec.eval_controls = false; // the API's default is true
@@ -184,6 +200,7 @@ export async function newJobView(container, ctx) {
       h('div', { class: 'form-grid' },
         h('label', { class: 'check' }, adv.symmetric, ' symmetric'), h('label', { class: 'check' }, adv.clip, ' clip search'),
         field('Zero point (asymmetric)', adv.zeroPoint),
+        field('Group size per width', adv.groupSizes, 'widths stored in groups of their own size: BITS=SIZE, comma-separated'),
         h('label', { class: 'check', title: 'uniform at equal bits, error_only and random next to the method in eval.json' },
           adv.controls, ' evaluate the controls'),
         h('label', { class: 'check', title: 'hold back a quarter of the rows with answers; ship whichever of the allocation, uniform and error_only measures best on them' },
