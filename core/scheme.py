@@ -102,7 +102,7 @@ class QuantScheme:
     def smallest_group_size(self) -> int:
         """The smallest group size of the scheme: the most scales per weight, so size estimates
         made with it are upper bounds."""
-        return min(self.group_size, *(g for _, g in self.group_size_by_bits))
+        return min([self.group_size, *(g for _, g in self.group_size_by_bits)])
 
     @property
     def cost_unit(self) -> int:

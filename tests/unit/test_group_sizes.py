@@ -39,7 +39,9 @@ def test_each_width_is_priced_at_its_own_group_size():
     assert MIXED.effective_bits(8) == 8 + 24 / 128 and MIXED.effective_bits(4) == 4 + 24 / 32
     assert MIXED.cost_unit == 128 and QuantScheme(32, group_size_by_bits=((8, 48),)).cost_unit == 96
     assert MIXED.group_sizes([4, 8, 16]) == [32, 128] and MIXED.group_sizes([16]) == []
-    assert MIXED.smallest_group_size == 32
+    assert MIXED.smallest_group_size == 32 and QuantScheme(64).smallest_group_size == 64
+    assert QuantScheme(64, group_size_by_bits=((4, 32),)).smallest_group_size == 32
+    assert QuantScheme(64).cost_unit == 64
     assert MIXED.describe() == "group_size 32, 8 bits in groups of 128, asymmetric"
     # one spelling per grid: sorted, and a width at the default size is not listed
     assert QuantScheme(32, group_size_by_bits=((8, 128), (4, 32))) == MIXED
