@@ -326,19 +326,20 @@ def scored_pass(args, loaded: LoadedModel, model_id: str, suite: str, variant: V
 
 
 def candidates(args, loaded: LoadedModel, model_id: str, suite: str, profiles: dict) -> list[Candidate]:
-    """Methods at every budget, the controls on the first method's pass, cross-task rows, peers."""
+    """Methods at every budget; the controls on the first method's pass and on the pass of every
+    later method with another grid (`+fz`, `+g8w128`: equal-bits controls on that grid); cross-task
+    rows, peers."""
     out: list[Candidate] = []
-    first: tuple[str, Variant, Scored] | None = None
+    control_passes: dict[object, tuple[str, Variant, Scored]] = {}
     for token in args.methods:
         variant = parse_method(token)
         scored = scored_pass(args, loaded, model_id, suite, variant, profiles)
-        first = first or (token, variant, scored)
         spec = make_spec(args, model_id, variant.method, **dict(variant.options))
+        control_passes.setdefault(spec.scheme, (token, variant, scored))
         allocations = scored.allocations if spec.closed_loop else allocate_stage(spec, scored.profile)
         for allocation in allocations:
             out.append(Candidate(token, "method", token, allocation.budget, allocation, scored))
-    if first is not None:
-        token, variant, scored = first
+    for token, variant, scored in control_passes.values():
         suffix = "".join(f"+{m}" for m in token.split("+")[1:] if m != "linear")  # same codes as that pass
         spec = make_spec(args, model_id, variant.method, **dict(variant.options))
         layers = layer_costs_from_profile(scored.profile)

@@ -42,8 +42,18 @@ def variant_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: label marks of a grid other than the run's base one; a control allocated on such a grid is
+#: compared only with the methods on the same grid
+GRID_MARKS = ("+fz", "+g8w128")
+
+
+def _grid(label: str) -> tuple[str, ...]:
+    return tuple(m for m in GRID_MARKS if m in label)
+
+
 def comparisons(rows: list[dict], seed: int = 0) -> list[dict]:
-    """Every method (and cross-task) row against every control row of the same suite and budget,
+    """Every method (and cross-task) row against every control row of the same suite and budget
+    (a control on a `+fz` / `+g8w128` grid only against the methods on that grid),
     and every method row against the cross-task rows too (another task's profile is a control
     for the task signal), a `+seq` (`+fz`, `+g8w128`) method row also against its twin on fp inputs
     (integer zero points, one group size); on gold NLL
@@ -65,6 +75,8 @@ def comparisons(rows: list[dict], seed: int = 0) -> list[dict]:
                 continue
             if c["kind"] not in partners and not (c["kind"] == "method" and c["label"] == fp_twin):
                 continue
+            if c["kind"] == "control" and _grid(c["label"]) and _grid(c["label"]) != _grid(r["label"]):
+                continue  # a control on another grid than this row's
             for metric in METRICS:
                 cmp = compare(
                     r["label"],

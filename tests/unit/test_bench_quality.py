@@ -113,6 +113,17 @@ def test_a_per_width_group_size_row_is_compared_with_its_one_size_twin() -> None
     ]
     pairs = {(c["variant"], c["baseline"]) for c in comparisons(rows) if c["metric"] == "gold_nll"}
     assert pairs == {("taq_grad+fz+g8w128", "taq_grad+fz")}
+    # a control allocated on the per-width grid is compared only with the methods on that grid
+    rows += [
+        _row("uniform+fz", "control", 5.0, 5.0, [2.1] * n, [1.0] * n),
+        _row("uniform+fz+g8w128", "control", 5.0, 5.0, [2.2] * n, [1.0] * n),
+    ]
+    pairs = {(c["variant"], c["baseline"]) for c in comparisons(rows) if c["metric"] == "gold_nll"}
+    assert pairs == {
+        ("taq_grad+fz+g8w128", "taq_grad+fz"),
+        ("taq_grad+fz", "uniform+fz"),
+        ("taq_grad+fz+g8w128", "uniform+fz+g8w128"),
+    }
     variant = parse_method("taq_grad+fz+g8w128")
     assert hash(variant) == hash(parse_method("taq_grad+g8w128+fz"))  # a pass key, whatever the order
     assert variant.scoring_options == {"zero_point": "float", "group_size_by_bits": ((8, 128),)}
