@@ -84,11 +84,7 @@ def check_runtime_shapes(source: ModelSource, spec: JobSpec) -> None:
         dims = read_model_dims(source)
     except (OSError, ValueError, KeyError, TypeError):
         return
-    check_shapes(
-        spec.target_runtime,
-        in_features=dims.linear_in_features,
-        group_sizes=spec.scheme.group_sizes(spec.bit_choices),
-    )
+    check_shapes(spec.target_runtime, in_features=dims.linear_in_features, group_sizes=spec.group_sizes)
 
 
 def validate_references(session: Session, settings: Settings, tenant: str, spec: JobSpec) -> tuple[str, int]:

@@ -187,7 +187,7 @@ class JobRun:
             check_shapes(
                 self.spec.target_runtime,
                 in_features={name: lin.in_features for ref in self.model.layers for name, lin in ref.linears.items()},
-                group_sizes=self.spec.scheme.group_sizes(self.spec.bit_choices),
+                group_sizes=self.spec.group_sizes,
             )
             self.hooks.progress("load", 1.0, f"opened {self.spec.model} for streaming on {self.model.device}")
 

@@ -78,7 +78,7 @@ class QuantScheme:
     group_size_by_bits: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
-        for g in (self.group_size, *(g for _, g in self.group_size_by_bits)):
+        for g in self._sizes():
             if isinstance(g, bool) or not isinstance(g, int) or g < 1:
                 raise ValueError(f"group_size must be a positive int, got {g!r}")
         if self.float_zero and self.symmetric:
@@ -89,6 +89,10 @@ class QuantScheme:
         # one spelling per grid: sorted, and a width at the default size is not listed
         canonical = tuple(sorted((b, g) for b, g in self.group_size_by_bits if g != self.group_size))
         object.__setattr__(self, "group_size_by_bits", canonical)
+
+    def _sizes(self) -> list[int]:
+        """Every group size of the scheme: the default and the per-width ones."""
+        return [self.group_size, *(g for _, g in self.group_size_by_bits)]
 
     def group_size_at(self, bits: int) -> int:
         """The group size a weight at `bits` is quantized and stored with."""
@@ -102,12 +106,12 @@ class QuantScheme:
     def smallest_group_size(self) -> int:
         """The smallest group size of the scheme: the most scales per weight, so size estimates
         made with it are upper bounds."""
-        return min([self.group_size, *(g for _, g in self.group_size_by_bits)])
+        return min(self._sizes())
 
     @property
     def cost_unit(self) -> int:
         """Costs are exact integers in 1/cost_unit bits: the lcm of every group size."""
-        return math.lcm(self.group_size, *(g for _, g in self.group_size_by_bits))
+        return math.lcm(*self._sizes())
 
     def overhead_bits(self, bits: int) -> int:
         """Stored bits per group besides the codes at `bits` (see `group_overhead_bits`)."""

@@ -267,7 +267,7 @@ class JobSpec(_Strict):
             problems = spec_problems(
                 runtime,
                 bit_choices=self.bit_choices,
-                group_sizes=self.scheme.group_sizes(self.bit_choices) or [self.group_size],
+                group_sizes=self.group_sizes,
                 exports=[f.value for f in self.exports],
             )
             if problems:
@@ -297,9 +297,13 @@ class JobSpec(_Strict):
     @property
     def scheme(self) -> QuantScheme:
         """The grid the job's widths are stored on and priced by."""
-        return QuantScheme(
-            self.group_size, self.symmetric, self.float_zero, tuple(sorted(self.group_size_by_bits.items()))
-        )
+        return QuantScheme(self.group_size, self.symmetric, self.float_zero, tuple(self.group_size_by_bits.items()))
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """The group sizes a runtime must accept: those of the quantized widths (`group_size` when
+        every width is 16, as before per-width sizes existed)."""
+        return self.scheme.group_sizes(self.bit_choices) or [self.group_size]
 
     @property
     def budgets(self) -> list[float]:

@@ -202,11 +202,12 @@ _Group = tuple[str, LinearPlan | None, list[TensorSpec]]
 def _tensor_groups(model: nn.Module, plans: list[LinearPlan], spec: JobSpec, strategy: str) -> list[_Group]:
     """[(state-dict name, its plan if quantized, the tensors stored for it)] in state-dict order."""
     by_weight = {f"{p.name}.weight": p for p in plans if p.quantized}
+    scheme = spec.scheme
     groups: list[_Group] = []
     for key, value in state_entries(model):
         plan = by_weight.get(key)
         if plan is not None:
-            specs = quantized_specs(plan, spec.scheme.group_size_at(plan.bits), spec.symmetric, strategy)
+            specs = quantized_specs(plan, scheme.group_size_at(plan.bits), scheme.symmetric, strategy)
         else:
             dtype = torch.float16 if value.is_floating_point() else value.dtype
             specs = [TensorSpec(key, dtype, tuple(value.shape))]
