@@ -26,12 +26,12 @@ rules of `quantize_weight`, so packing, export and dequantization are unchanged)
   offset come from `primitives.select_float_qparams` on the error-updated weights the same way,
   codes are clamp(round((w − offset) / scale)); with a diagonal H the result again equals
   `quantize_weight(..., float_zero=True)` code for code.
-* Dampening: H + damp · mean(diag H) · I (mean over live inputs). The Cholesky factorisations
-  run in float64 (core.quant.layer: float32 above 8192 inputs), in place in one [in, in]
-  matrix (`inverse_hessian_factor`); if one fails, or a pivot of H + λI falls below λ / 2
-  (impossible for a positive semi-definite H, so H is indefinite beyond what λ covers), damp is
-  multiplied by 10 (up to `_DAMP_RETRIES` times) before a ValueError. The column sweep runs in
-  float32 on the weight's device.
+* Dampening: H + damp · mean(diag H) · I (mean over live inputs). The factor U comes from
+  `core.quant.factor.inverse_hessian_factor` (one Cholesky of the order-reversed H and one
+  triangular inverse, in place in one [in, in] matrix, float64; core.quant.layer: float32 above
+  8192 inputs); if the Cholesky fails, or a pivot of H + λI falls below λ / 2 (impossible for a
+  positive semi-definite H, so H is indefinite beyond what λ covers), damp is multiplied by 10
+  (up to 6 times) before a ValueError. The column sweep runs in float32 on the weight's device.
 * Memory: besides the factor, a sweep holds a float32 [in, out] working copy of the stacked rows,
   the block update's product (as large at the first block) and the uint8 codes. Sweeping the
   linears of a group one by one would halve the two float32 terms but not keep the codes bit for
@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from core.quant.factor import DEFAULT_DAMP, inverse_hessian_factor
 from core.quant.primitives import (
     _check_weight,
     _Groups,
@@ -78,117 +79,7 @@ __all__ = [
     "inverse_hessian_factor",
 ]
 
-DEFAULT_DAMP = 0.01
 DEFAULT_BLOCK_SIZE = 128
-#: how many times damp is multiplied by 10 when a Cholesky factorisation fails
-_DAMP_RETRIES = 6
-
-
-def inverse_hessian_factor(
-    hessian: torch.Tensor | Callable[[], torch.Tensor],
-    damp: float = DEFAULT_DAMP,
-    *,
-    dtype: torch.dtype = torch.float64,
-    overwrite: bool = False,
-) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + λI)⁻¹ (so that (H + λI)⁻¹ = Uᵀ U) in `dtype`, with
-    λ = damp · mean of the live diagonal and dead inputs given the mean diagonal.
-
-    float64 by default; a caller factoring a very wide H (an 8B model's 14336-input down_proj:
-    1.6 GB a float64 matrix) may ask for float32, as most GPTQ implementations use.
-
-    Everything happens in one [in, in] matrix of `dtype`: H + λI is factored in place (L), L is
-    inverted in place and that inverse factored in place again; U is returned as a column-major
-    view of that buffer, with the layout and values torch's out-of-place calls give. `hessian` is:
-    * a tensor: the working matrix is a copy (the caller's H and one more matrix are alive);
-      with `overwrite` the caller hands H over and, when it is a contiguous `dtype` tensor, it is
-      the working matrix and is destroyed (a damp retry then has no H: ValueError);
-    * a callable returning a fresh H each call (e.g. `lambda: inputs.hessian(name)`): the caller
-      keeps no reference, so only the working matrix is alive (and, while a float32 H is
-      converted to float64, that H); a damp retry calls it again.
-
-    Raises ValueError for a non-square or non-finite H or when no dampening up to
-    damp · 10^_DAMP_RETRIES makes it positive definite."""
-    if not damp > 0.0:
-        raise ValueError(f"damp must be > 0, got {damp}")
-    given = hessian if isinstance(hessian, torch.Tensor) else None
-    if given is not None:
-        _check_square(given)
-    build: Callable[[], torch.Tensor] = (lambda: given) if given is not None else hessian  # type: ignore[assignment]
-    owned = overwrite or given is None
-    del hessian
-    h: torch.Tensor | None
-    h, live_mean = _prepared(build(), dtype, owned)
-    # an overwritten H cannot be prepared again for a damp retry
-    consumed = given is not None and owned and h.data_ptr() == given.data_ptr()
-    info = torch.empty((), dtype=torch.int32, device=h.device)
-    # λ added to and removed from the diagonal since h was prepared: a rebuilt h replays them, so
-    # every attempt factors the very numbers the out-of-place version did
-    replayed: list[float] = []
-    for attempt in range(_DAMP_RETRIES + 1):
-        lam = damp * (10.0**attempt) * live_mean
-        if h is None:  # destroyed by a failed attempt
-            if consumed:
-                raise ValueError(
-                    "hessian could not be factored and was overwritten; pass a function that "
-                    "rebuilds it to allow damp retries"
-                )
-            h, _ = _prepared(build(), dtype, owned)
-            for prev in replayed:
-                torch.diagonal(h).add_(prev).sub_(prev)
-        torch.diagonal(h).add_(lam)
-        hf = h.mT  # column-major, the same values (h is exactly symmetric)
-        torch.linalg.cholesky_ex(hf, out=(hf, info))  # L, in place
-        # for a positive semi-definite H every pivot of H + λI is ≥ λ; a smaller one means H is
-        # indefinite beyond what λ covers (the factorisation may "succeed" on a near-singular matrix)
-        if int(info) == 0 and float(torch.diagonal(hf).square().min()) >= 0.5 * lam:
-            torch.cholesky_inverse(hf, out=hf)  # (L Lᵀ)⁻¹, in place
-            torch.linalg.cholesky_ex(hf, upper=True, out=(hf, info))  # U, in place
-            if int(info) == 0 and _all_finite(h):
-                return hf
-            replayed = []  # the next attempt starts from a fresh H
-        else:
-            replayed.append(lam)
-        del hf
-        h = None
-    raise ValueError(f"hessian is not positive definite even with damp {damp * 10.0**_DAMP_RETRIES:g}")
-
-
-def _check_square(hessian: torch.Tensor) -> None:
-    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
-        raise ValueError(f"hessian must be square [in, in], got shape {tuple(hessian.shape)}")
-
-
-def _all_finite(h: torch.Tensor, rows: int = 256) -> bool:
-    """torch.isfinite(h).all() without an [in, in] mask."""
-    return all(bool(torch.isfinite(h[i : i + rows]).all()) for i in range(0, h.shape[0], rows))
-
-
-def _prepared(
-    hessian: torch.Tensor | None, dtype: torch.dtype, owned: bool, block: int = 512
-) -> tuple[torch.Tensor, float]:
-    """H as a contiguous `dtype` matrix (a copy unless `owned`), exactly symmetric, dead inputs
-    given the mean live diagonal; that mean."""
-    if hessian is None:
-        raise ValueError("hessian is None (no calibration activations)")
-    _check_square(hessian)
-    h = hessian.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=not owned)
-    del hessian
-    if not _all_finite(h):
-        raise ValueError("hessian has NaN or inf values")
-    # exact symmetry for the factorisation: (H + Hᵀ) / 2 by blocks, in place
-    n = h.shape[0]
-    for i0 in range(0, n, block):
-        for j0 in range(i0, n, block):
-            s = h[i0 : i0 + block, j0 : j0 + block] + h[j0 : j0 + block, i0 : i0 + block].T
-            s.div_(2)
-            h[i0 : i0 + block, j0 : j0 + block] = s
-            h[j0 : j0 + block, i0 : i0 + block] = s.T
-    diag = torch.diagonal(h)
-    dead = diag <= 0
-    live_mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
-    diag[dead] = live_mean  # a view: writes into h
-    return h, live_mean
 
 
 def gptq_quantize_weight(

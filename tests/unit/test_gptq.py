@@ -212,9 +212,9 @@ def test_spec_quantizer_field() -> None:
 
 
 # ---- the in-place factorisation (memory) -------------------------------------------------------
-def out_of_place_factor(h: torch.Tensor, damp: float = 0.01, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The factorisation as it was before it ran in place (three [in, in] matrices at its peak):
-    the reference the in-place one must equal bit for bit."""
+def textbook_factor(h: torch.Tensor, damp: float = 0.01, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The textbook chain (Cholesky, cholesky_inverse, Cholesky again; three [in, in] matrices at
+    its peak): the reference the in-place, reversed-order factorisation must equal to rounding."""
     h = h.to(dtype, copy=True)
     h.add_(h.T.clone()).div_(2)
     diag = torch.diagonal(h)
@@ -242,14 +242,19 @@ def rss_high_water_bytes() -> int | None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_in_place_factor_equals_the_out_of_place_one(dtype: torch.dtype) -> None:
-    """Same numbers, same (column-major) layout, whichever way H is handed over; with a builder
-    (or `overwrite`) the factor lives in the very matrix the builder returned."""
+def test_in_place_factor_equals_the_textbook_one(dtype: torch.dtype) -> None:
+    """The textbook chain's U to rounding (it is unique), upper triangular, column-major, and the
+    very same numbers whichever way H is handed over; with a builder (or `overwrite`) the factor
+    lives in the very matrix the builder returned."""
     x = correlated_inputs(600, 2200, seed=21)  # 2200 inputs: several symmetrisation blocks
     x[:, [7, 1500]] = 0.0  # dead inputs
     h = x.T @ x / 600
     h[3, 9] += 1e-3  # not exactly symmetric, as a blocked XᵀX may be
-    ref = out_of_place_factor(h, dtype=dtype)
+    ref = textbook_factor(h, dtype=dtype)
+    first = inverse_hessian_factor(h, dtype=dtype)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    assert float((first.double() - ref.double()).abs().max()) <= tol * float(ref.abs().max())
+    assert torch.equal(first, torch.triu(first))
     built: list[int] = []
 
     def build() -> torch.Tensor:
@@ -263,10 +268,26 @@ def test_in_place_factor_equals_the_out_of_place_one(dtype: torch.dtype) -> None
         inverse_hessian_factor(build, dtype=dtype),
         inverse_hessian_factor(h.clone(), dtype=dtype, overwrite=True),
     ):
-        assert torch.equal(upper, ref) and upper.stride() == ref.stride() and upper.dtype == dtype
+        assert torch.equal(upper, first) and upper.stride() == ref.stride() and upper.dtype == dtype
     assert torch.equal(h, kept)  # a tensor without overwrite is left alone
     if dtype == torch.float32:  # no conversion: the builder's matrix became the factor
         assert len(built) == 1 and inverse_hessian_factor(build, dtype=dtype).data_ptr() == built[-1]
+
+
+@pytest.mark.parametrize("n", [1, 5, 97, 300])
+def test_triangular_inverse_in_place_by_halves_and_panels(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """Small leaves and panels, odd sizes: every split and panel boundary of the in-place inverse."""
+    from core.quant import factor
+
+    monkeypatch.setattr(factor, "_LEAF", 8)
+    monkeypatch.setattr(factor, "_PANEL", 7)
+    g = torch.Generator().manual_seed(26)
+    lower = torch.randn(n, n, generator=g, dtype=torch.float64).tril_(-1) * 0.1
+    lower += torch.diag(torch.rand(n, generator=g, dtype=torch.float64) + 0.5)
+    work = lower.mT.clone(memory_format=torch.contiguous_format).mT  # column-major, as the factor hands it over
+    factor._invert_lower_(work)
+    assert torch.equal(work, torch.tril(work))
+    assert torch.allclose(work, torch.linalg.inv(lower), rtol=0, atol=1e-10)
 
 
 def test_damp_retries_rebuild_the_hessian() -> None:
@@ -307,9 +328,10 @@ def test_factorisation_holds_one_matrix() -> None:
     assert grown < 2 * matrix, grown / matrix
 
 
-def test_layer_gptq_codes_equal_the_out_of_place_factor() -> None:
+def test_layer_gptq_codes_equal_the_factor_of_the_hessian() -> None:
     """quantize_layer factors H in place from the recorded inputs; its codes are those of the
-    out-of-place factor of the same H, for a group of linears sharing an input and a single one."""
+    factor of the same H handed over as a tensor, for a group of linears sharing an input and a
+    single one."""
     from torch import nn
 
     from core.quant.layer import LayerInputs, quantize_layer
@@ -329,7 +351,7 @@ def test_layer_gptq_codes_equal_the_out_of_place_factor() -> None:
             linears["gate"](x), linears["up"](x), linears["down"](y)
         got = quantize_layer(weights, inputs, [3, 4, 16], scheme=QuantScheme(64, False), gptq=True, clip_search=True)
         for lead, names in (("gate", ["gate", "up"]), ("down", ["down"])):
-            upper = out_of_place_factor(inputs.hessian(lead))
+            upper = inverse_hessian_factor(inputs.hessian(lead))
             for bits in (3, 4):
                 want = gptq_quantize_weights(
                     {n: weights[n] for n in names}, None, bits, 64, False, clip_search=True, upper=upper
