@@ -47,7 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.peers import UniformConfig, config_for_budget, peer_weights  # noqa: E402
+from bench.peers import PEER_BITS, UniformConfig, config_for_budget, peer_weights  # noqa: E402
 from bench.quality_tables import comparison_table, comparisons, plot, variant_table, verdict_summary  # noqa: E402
 from core.allocation import LayerCost, allocate_budget, layer_costs_from_profile  # noqa: E402
 from core.calibration import StageProgress  # noqa: E402
@@ -396,11 +396,22 @@ def candidates(args, loaded: LoadedModel, model_id: str, suite: str, profiles: d
 
 
 def teacher_forced(streamed: StreamedModel, rows: list[CalibrationRow], found: list[Candidate]) -> dict:
-    """Gold NLL / KL / top-1 of every candidate with codes, in one streamed layer pass."""
+    """Gold NLL / KL / top-1 of every candidate, in one streamed layer pass: codes of a layer pass,
+    or a peer's dequantized weights swapped in as they are."""
     variants, names = [], {}
     seen: dict[tuple, str] = {}
     sources: dict[int, partial] = {}  # one codes source per pass, so a layer's codes are decoded once per width
     for i, c in enumerate(found):
+        if c.weights is not None:
+            names[i] = f"v{i}"
+            variants.append(
+                EvalVariant(
+                    names[i],
+                    {name: PEER_BITS for ref in streamed.layers for name in ref.linears},
+                    codes=partial(peer_layer_weights, streamed, c.weights),
+                )
+            )
+            continue
         if c.allocation is None:
             continue
         bits = c.allocation.bit_map.linear_bits(streamed.layers)
@@ -419,6 +430,11 @@ def teacher_forced(streamed: StreamedModel, rows: list[CalibrationRow], found: l
         finally:
             area.close()
     return {"full_precision": results["full_precision"], **{i: results[name] for i, name in names.items()}}
+
+
+def peer_layer_weights(streamed: StreamedModel, weights: dict[str, torch.Tensor], index: int, bits: int) -> dict:
+    """A peer's dequantized weights of layer `index` (one width: every linear at PEER_BITS)."""
+    return {name: weights[name] for name in streamed.layers[index].linears}
 
 
 def measure_suite(args, loaded: LoadedModel, model_id: str, suite: str, profiles: dict) -> list[dict]:

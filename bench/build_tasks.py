@@ -76,7 +76,7 @@ def _question(row: Row) -> str:
 def _echo_scores(row: Row) -> bool:
     """True when repeating the question would already count as a correct answer under the
     `contains` metric (a gold occurs in the question as whole words); such rows are dropped."""
-    from core.evaluation import contains_match
+    from core.answers import contains_match
 
     return contains_match(_question(row), row["answers"]) > 0
 
@@ -206,7 +206,7 @@ def build_capitals_mc(seed: int = SEED) -> Suite:
     from the other entries' capitals, none of which is a capital of the asked country (compared
     after the scorer's normalisation, so "Kingston" of Jamaica is never a distractor for
     Norfolk Island). The correct letter is balanced over A-D within each split."""
-    from core.evaluation import normalize_answer
+    from core.answers import normalize_answer
 
     free_calibration, free_eval, entries, version = _capitals_split(seed)
     capitals_of = {CAPITALS_PROMPT.format(country=name): (name, capitals) for name, capitals in entries}

@@ -3,7 +3,7 @@
     python bench/measure_fp_baseline.py                       # all suites, table on stdout
     python bench/measure_fp_baseline.py --suites capitals --limit 40 --json /tmp/fp.json
 
-Greedy decoding, chat template, answers extracted with core.evaluation.first_line_answer, EM /
+Greedy decoding, chat template, answers extracted with core.answers.first_line_answer, EM /
 F1 / contains with 95 % percentile-bootstrap CIs. "Full precision" here means the GGUF's Q4_1
 weights dequantized to float32 - the reference every quantized variant is compared with.
 """

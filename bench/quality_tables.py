@@ -54,7 +54,7 @@ def _grid(label: str) -> tuple[str, ...]:
 def comparisons(rows: list[dict], seed: int = 0) -> list[dict]:
     """Every method (and cross-task) row against every control row of the same suite and budget
     (a control on a `+fz` / `+g8w128` grid only against the methods on that grid),
-    and every method row against the cross-task rows too (another task's profile is a control
+    and every method row against the cross-task and peer rows too (another task's profile is a control
     for the task signal), a `+seq` (`+fz`, `+g8w128`) method row also against its twin on fp inputs
     (integer zero points, one group size); on gold NLL
     and contains: the paired difference method − control with its interval."""
@@ -62,7 +62,7 @@ def comparisons(rows: list[dict], seed: int = 0) -> list[dict]:
     for r in rows:
         if r["kind"] not in ("method", "cross-task"):
             continue
-        partners = ("control", "cross-task") if r["kind"] == "method" else ("control",)
+        partners = ("control", "cross-task", "peer") if r["kind"] == "method" else ("control",)
         # a +seq row (sequential calibration) is also compared with the same method on fp inputs,
         # a +fz row (float zero points) with the same method on integer zero points, a +g8w128 row
         # (8 bits in groups of 128) with the same method at one group size

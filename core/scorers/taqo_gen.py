@@ -9,7 +9,7 @@ memory limit cannot hold it.
 
 Targets: a row's gold `answers`; a row without answers is scored against the full-precision
 model's own greedy answer (so full precision scores 1.0 on it and Δ measures how far the quantized
-layer moves the model from what it would have said). EM and F1 are `core.evaluation`'s (normalised
+layer moves the model from what it would have said). EM and F1 are `core.answers`' (normalised
 text, best over the golds), on the decoded answer (special tokens dropped), at most
 `max_new_tokens` new tokens (the eval's default, 16).
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from core.evaluation import exact_match, f1_score
+from core.answers import exact_match, f1_score
 from core.scorers.common import LayerScores, damage_scaled, floored_damages, lowest_bits
 from core.spec import CalibrationRow, JobSpec
 from core.streaming.layer_pass import PassResult, StreamScorer

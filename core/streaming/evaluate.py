@@ -21,7 +21,7 @@ QuantizedWeights at a width.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,11 +47,12 @@ MAX_ANSWER_TOKENS = 32
 class EvalVariant:
     """A quantized model to evaluate: bits per linear (16 keeps the linear in full precision).
     `codes` (layer index, bits) -> QuantizedWeights overrides the pass-wide source of codes, so
-    variants quantized by different passes (the bench's methods) share one evaluation pass."""
+    variants quantized by different passes (the bench's methods) share one evaluation pass; it may
+    return already dequantized tensors (a third-party quantizer's weights, the bench's peers)."""
 
     name: str
     bits: dict[str, int]
-    codes: Callable[[int, int], dict[str, QuantizedWeight]] | None = None
+    codes: Callable[[int, int], Mapping[str, QuantizedWeight | torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,9 @@ def teacher_forced_eval(
     n = model.n_layers
     for index, ref in enumerate(model.layers):
         tracker.check()
-        cache: dict[tuple[int, int], dict[str, QuantizedWeight]] = {}
+        cache: dict[tuple[int, int], Mapping[str, QuantizedWeight | torch.Tensor]] = {}
 
-        def weights_for(variant: EvalVariant) -> dict[str, QuantizedWeight]:
+        def weights_for(variant: EvalVariant) -> dict[str, QuantizedWeight | torch.Tensor]:
             source = variant.codes or codes
             out = {}
             for linear in ref.linears:

@@ -12,7 +12,7 @@ real. Every parameter the skeleton has must exist in the checkpoint with the sam
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -110,9 +110,10 @@ class StreamedModel:
             self.offload(module_name)
 
     @contextmanager
-    def swapped_linears(self, weights: dict[str, QuantizedWeight]) -> Iterator[None]:
+    def swapped_linears(self, weights: Mapping[str, QuantizedWeight | torch.Tensor]) -> Iterator[None]:
         """Onloaded linears temporarily carry the dequantized `weights` (a quantized layer's
-        forward); the full-precision values are restored afterwards."""
+        forward; a tensor is taken as already dequantized, e.g. a third-party quantizer's output);
+        the full-precision values are restored afterwards."""
         from core.quant.primitives import dequantize_weight
 
         saved: dict[str, torch.Tensor] = {}
@@ -121,7 +122,8 @@ class StreamedModel:
                 for name, q in weights.items():
                     param = module_weight(self.skeleton, name)
                     saved[name] = param.detach().clone()
-                    param.copy_(dequantize_weight(q, dtype=torch.float32).to(param.device, param.dtype))
+                    value = q if isinstance(q, torch.Tensor) else dequantize_weight(q, dtype=torch.float32)
+                    param.copy_(value.to(param.device, param.dtype))
             yield
         finally:
             with torch.no_grad():

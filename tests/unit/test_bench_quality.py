@@ -75,6 +75,21 @@ def test_every_method_meets_every_control_of_its_budget() -> None:
     assert "gold_nll: 2 comparisons — beats 1" in verdict_summary(compared)
 
 
+def test_a_method_meets_the_peers_of_its_budget() -> None:
+    """A peer (HQQ, RTN at matched bits) is a control with gold NLL items of its own; a peer at
+    fewer bits that the method beats gives "beats_with_more_bits" rather than "beats"."""
+    n = 40
+    rows = [
+        _row("taq_grad", "method", 5.0, 4.98, [2.0] * n, [1.0] * n),
+        _row("hqq g32", "peer", 5.0, 4.75, [2.5] * n, [1.0] * n),
+        _row("hqq g16", "peer", 6.0, 5.5, [1.0] * n, [1.0] * n),
+    ]
+    compared = [c for c in comparisons(rows) if c["metric"] == "gold_nll"]
+    assert [(c["variant"], c["baseline"], c["verdict"]) for c in compared] == [
+        ("taq_grad", "hqq g32", "beats_with_more_bits")
+    ]
+
+
 def test_a_seq_row_is_also_compared_with_its_fp_twin() -> None:
     n = 40
     rows = [

@@ -142,7 +142,7 @@ def test_python_value_refuses_names() -> None:
 
 @pytest.mark.parametrize("suite", FREE_TEXT)
 def test_echoing_the_question_never_scores(suite: str) -> None:
-    from core.evaluation import contains_match
+    from core.answers import contains_match
 
     for row in _rows(suite, "eval") + _rows(suite, "calibration"):
         assert contains_match(_question(row), row["answers"]) == 0.0, _question(row)
@@ -150,7 +150,7 @@ def test_echoing_the_question_never_scores(suite: str) -> None:
 
 @pytest.mark.parametrize("suite", list(MC))
 def test_mc_golds_are_one_letter_of_the_options(suite: str) -> None:
-    from core.evaluation import exact_match
+    from core.answers import exact_match
 
     for split in SPLITS:
         rows = _rows(suite, split)
@@ -172,7 +172,7 @@ def test_mc_golds_are_one_letter_of_the_options(suite: str) -> None:
 def test_mc_correct_option_is_the_free_text_gold(suite: str) -> None:
     """Each MC row asks a question of its free-text suite, in the same split; the gold letter's
     option is one of that question's golds and no other option is."""
-    from core.evaluation import normalize_answer
+    from core.answers import normalize_answer
 
     source = MC[suite]
     for split in SPLITS:

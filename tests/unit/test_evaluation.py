@@ -1,4 +1,4 @@
-"""core.evaluation: normalisation, metrics, bootstrap, batched greedy generation."""
+"""core.answers (normalisation, metrics) and core.evaluation (bootstrap, batched greedy generation)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from core.answers import contains_match, exact_match, f1_score, first_line_answer, normalize_answer
 from core.evaluation import (
     ConfidenceInterval,
     GenerationEval,
     bootstrap_ci,
-    contains_match,
     evaluate_generation,
-    exact_match,
-    f1_score,
-    first_line_answer,
     generate_greedy,
-    normalize_answer,
     score_predictions,
 )
 
@@ -263,7 +259,8 @@ def test_confidence_interval_to_dict() -> None:
 
 
 def test_choice_letter_answers_are_extracted_so_option_a_can_score() -> None:
-    from core.evaluation import answer_extractor, choice_letter_answer, first_line_answer, score_predictions
+    from core.answers import answer_extractor, choice_letter_answer, first_line_answer
+    from core.evaluation import score_predictions
 
     cases = {
         "A) Kingston Amalie": "A",

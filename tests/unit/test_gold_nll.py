@@ -60,3 +60,39 @@ def test_gold_nll_takes_the_best_alias_and_skips_rows_without_answers(source, lo
     assert fp.mean_kl == 0.0 and fp.top1_agreement == 1.0
     assert fp.kl_items[2] == 0.0 and fp.top1_items[2] == 1.0
     assert fp.gold_nll(seed=0).n == 3
+
+
+def test_a_variant_of_dequantized_tensors_equals_the_same_codes(source, loaded, tmp_path) -> None:
+    """The bench's peers hand their weights over already dequantized: swapped in as they are, they
+    give the very results of the codes they came from, and differ from full precision."""
+    from core.quant.primitives import dequantize_weight, quantize_weight
+    from core.streaming.evaluate import EvalVariant
+
+    with open_streamed(source) as streamed:
+        names = [n for ref in streamed.layers for n in ref.linears]
+        originals = dict(loaded.model.named_modules())
+        codes = {n: quantize_weight(originals[n].weight.detach(), 3, 32, False) for n in names}
+        tensors = {n: dequantize_weight(q, torch.float32) for n, q in codes.items()}
+
+        def of_layer(mapping: dict, index: int, bits: int) -> dict:
+            assert bits == 3
+            return {n: mapping[n] for n in streamed.layers[index].linears}
+
+        area = SpillArea(1 << 30, tmp_path)
+        result = teacher_forced_eval(
+            streamed,
+            ROWS,
+            [
+                EvalVariant("codes", dict.fromkeys(names, 3), codes=lambda i, b: of_layer(codes, i, b)),
+                EvalVariant("tensors", dict.fromkeys(names, 3), codes=lambda i, b: of_layer(tensors, i, b)),
+            ],
+            codes=lambda i, b: {},
+            max_tokens=64,
+            tracker=StageProgress(stage="evaluate"),
+            area=area,
+        )
+        area.close()
+    assert result["tensors"].gold_nll_items == result["codes"].gold_nll_items
+    assert result["tensors"].kl_items == result["codes"].kl_items
+    assert result["tensors"].mean_kl > 0.0
+    assert result["tensors"].gold_nll_items != result["full_precision"].gold_nll_items
