@@ -13,14 +13,17 @@ the same budget with the task taken out (core/controls.py): `uniform` (the wides
 plus as many layers one width higher as the budget pays for, spread over the depth), `error_only`
 (the same exact knapsack with every sensitivity 1) and `random` (seeded random layers). A
 cross-task row `SRC:DST` allocates with the sensitivities of SRC's profile and DST's own measured
-errors and codes (GPTQ calibrated on DST), so it isolates the allocation.
+errors and codes (GPTQ calibrated on DST), so it isolates the allocation. Peers (`--peers`:
+HQQ, our RTN or GPTQ at matched bits) quantize every linear at 4 bits with the group size that
+spends the budget; they are controls too, their dequantized weights swapped into the same passes.
 
 Every variant of a suite is then measured on the whole eval split:
 * gold-answer NLL per item (teacher-forced, best alias) and KL / top-1 agreement against full
   precision at the answer positions, all variants in one streamed layer pass
   (core.streaming.evaluate, the service's evaluate stage);
-* greedy generation scored with `contains` and exact match per item (core.evaluation).
-Then every method row is compared with every control row of the same budget, item by item: the
+* greedy generation scored with `contains` and exact match per item (core.answers).
+Then every method row is compared with every control, cross-task and peer row of the same
+budget, item by item: the
 paired-bootstrap mean difference with its 95 % interval; "beats" means the interval excludes zero
 at no more effective bits. Effective bits count padded partial groups and the int8 zero points;
 full precision is the packaged source as stored (SmolLM2: GGUF Q4_1, about 5 bits), said in its row.

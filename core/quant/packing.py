@@ -9,18 +9,25 @@ that is "4-bit: two codes a byte, low nibble first", "2-bit: four a byte, lowest
 - `int32`: the same bitstream read as little-endian int32 words, ceil(n·b / 32) of them — exactly
   compressed-tensors' "pack-quantized" layout (`pack_to_int32`, packed_dim=1). That function takes
   signed int8 values and adds 2^(b-1) before packing; our codes already are that unsigned value
-  (signed = code − 2^(b-1)), so they are packed as they are. Words are built arithmetically, so
-  the result does not depend on the host's byte order.
+  (signed = code − 2^(b-1)), so they are packed as they are. On a little-endian host the words
+  are the byte stream reinterpreted in place; elsewhere they are built arithmetically, so the
+  result does not depend on the host's byte order.
+
+4-bit codes (the common width) take a nibble path in uint8 and 8-bit ones are stored as they are;
+the other widths go through an int64 bit-field sum. Same bytes either way (tested), but the
+generic path is ~10× slower, which an 8B export (billions of codes unpacked and repacked) feels.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 PACKABLE_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def _check(codes: torch.Tensor, bits: int) -> None:
@@ -43,6 +50,14 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     _check(codes, bits)
     if bits == 8:
         return codes.clone()
+    if bits == 4:
+        pairs = torch.nn.functional.pad(codes, (0, codes.shape[-1] % 2))
+        return (pairs[..., 0::2] | (pairs[..., 1::2] << 4)).contiguous()
+    return _pack_bitfields(codes, bits)
+
+
+def _pack_bitfields(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The generic path of `pack_codes` (any width, int64 bit fields)."""
     *lead, n = codes.shape
     # 8 codes span exactly `bits` bytes (≤ 56 bits, so int64 never overflows)
     blocks = -(-n // 8)
@@ -66,6 +81,15 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         raise ValueError(f"{n} {bits}-bit codes need {need} bytes, got {packed.shape[-1]}")
     if bits == 8:
         return packed[..., :n].clone()
+    if bits == 4:
+        x = packed[..., :need]
+        return torch.stack((x & 0xF, x >> 4), dim=-1).reshape(*x.shape[:-1], need * 2)[..., :n].contiguous()
+    return _unpack_bitfields(packed, bits, n)
+
+
+def _unpack_bitfields(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The generic path of `unpack_codes` (any width, int64 bit fields)."""
+    need = _packed_len(n, bits, 8)
     *lead, _ = packed.shape
     blocks = -(-n // 8)
     x = torch.nn.functional.pad(packed[..., :need].to(torch.int64), (0, blocks * bits - need))
@@ -83,6 +107,8 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n = codes.shape[-1]
     n_words = _packed_len(n, bits, 32)
     stream = pack_codes(codes, bits)
+    if _LITTLE_ENDIAN:  # the words' bytes are the stream's, in order
+        return torch.nn.functional.pad(stream, (0, n_words * 4 - stream.shape[-1])).contiguous().view(torch.int32)
     stream = torch.nn.functional.pad(stream.to(torch.int64), (0, n_words * 4 - stream.shape[-1]))
     stream = stream.reshape(*codes.shape[:-1], n_words, 4)
     shifts = torch.arange(4, device=codes.device, dtype=torch.int64) * 8
@@ -98,6 +124,8 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     need = _packed_len(n, bits, 32)
     if packed.shape[-1] < need:
         raise ValueError(f"{n} {bits}-bit codes need {need} int32 words, got {packed.shape[-1]}")
+    if _LITTLE_ENDIAN:
+        return unpack_codes(packed[..., :need].contiguous().view(torch.uint8), bits, n)
     words = packed[..., :need].to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(4, device=packed.device, dtype=torch.int64) * 8
     stream = ((words.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(*packed.shape[:-1], need * 4)

@@ -109,3 +109,36 @@ def test_quantized_codes_survive_packing() -> None:
 def test_invalid_inputs_raise(bad, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         bad()
+
+
+def _reference_stream(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The format's definition, code by code: code i at bits [i·b, (i+1)·b) of the byte stream."""
+    rows = codes.reshape(-1, codes.shape[-1]).tolist()
+    n = codes.shape[-1]
+    out = []
+    for row in rows:
+        value = sum(int(c) << (i * bits) for i, c in enumerate(row))
+        out.append([(value >> (8 * j)) & 0xFF for j in range(-(-n * bits // 8))])
+    return torch.tensor(out, dtype=torch.uint8).reshape(*codes.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("shape", [(3, 1), (2, 7), (2, 3, 33), (1, 64)])
+def test_fast_and_generic_paths_write_the_defined_stream(
+    monkeypatch: pytest.MonkeyPatch, bits: int, shape: tuple[int, ...]
+) -> None:
+    """The 4-bit nibble path, the 8-bit copy and the int64 bit-field path all write the stream the
+    format defines; the int32 words are the same whether reinterpreted or built arithmetically."""
+    import core.quant.packing as packing
+
+    g = torch.Generator().manual_seed(bits * 100 + shape[-1])
+    codes = torch.randint(0, 2**bits, shape, generator=g, dtype=torch.uint8)
+    stream = _reference_stream(codes, bits)
+    assert torch.equal(pack_codes(codes, bits), stream)
+    assert torch.equal(packing._pack_bitfields(codes, bits), stream)
+    assert torch.equal(unpack_codes(stream, bits, shape[-1]), codes)
+    assert torch.equal(packing._unpack_bitfields(stream, bits, shape[-1]), codes)
+    words = pack_int32(codes, bits)
+    monkeypatch.setattr(packing, "_LITTLE_ENDIAN", False)
+    assert torch.equal(pack_int32(codes, bits), words)
+    assert torch.equal(unpack_int32(words, bits, shape[-1]), codes)
