@@ -15,7 +15,8 @@ that is "4-bit: two codes a byte, low nibble first", "2-bit: four a byte, lowest
 
 4-bit codes (the common width) take a nibble path in uint8 and 8-bit ones are stored as they are;
 the other widths go through an int64 bit-field sum. Same bytes either way (tested), but the
-generic path is ~10× slower, which an 8B export (billions of codes unpacked and repacked) feels.
+generic path is ~7× slower (bench/bench_packing.py), which an 8B export (billions of codes
+unpacked and repacked) feels.
 """
 
 from __future__ import annotations
