@@ -13,7 +13,8 @@ plus the largest of its phases.
   working memory, which is gone before the errors are measured: for its worst group of linears
   sharing an input (`ModelDims.gptq_groups`) the inverse-Hessian factor, one [in, in] matrix
   factored in place (float64 up to 8192 inputs, with a float32 one beside it; float32 above),
-  and the sweep's float32 working copy and block update and uint8 codes; the carried hidden
+  and the sweep's float32 working copy and uint8 codes of every width (one sweep quantizes all
+  widths) and its block update; the carried hidden
   states (input and output of every stream, capped by `activation_ram_bytes`, beyond which they
   are spilled to disk) and one batch's activations inside the layer.
 * **head** (taq_kl, taqo, taq_grad, evaluation) — the final hidden states of every scored stream at
@@ -134,12 +135,15 @@ def _factor_bytes(features: int) -> int:
     return 8 if features <= FLOAT64_FACTOR_MAX_FEATURES else 4
 
 
-def _gptq_bytes(dims: ModelDims) -> int:
+def _gptq_bytes(dims: ModelDims, widths: int) -> int:
     """GPTQ's peak over a layer's groups (one at a time, core.quant.layer): the in-place [in, in]
-    factor, a float32 matrix more for a float64 one, and the sweep's float32 working copy and
-    block update and its uint8 codes (as swept, transposed, split: 2·4 + 3 bytes per weight)."""
+    factor, a float32 matrix more for a float64 one, and the sweep of every width at once
+    (core.quant.gptq.gptq_quantize_widths; at most `widths`): per width a float32 working copy and
+    uint8 codes (as swept, transposed, split: 4 + 3 bytes per weight), and the block update's
+    product, chunked to one width's size (4 bytes per weight)."""
+    copies = max(1, widths)
     return max(
-        n * n * (_factor_bytes(n) + (4 if _factor_bytes(n) == 8 else 0)) + n * out * (2 * 4 + 3)
+        n * n * (_factor_bytes(n) + (4 if _factor_bytes(n) == 8 else 0)) + n * out * (copies * (4 + 3) + 4)
         for n, out in dims.gptq_groups
     )
 
@@ -195,7 +199,7 @@ def estimate_job_memory(
     # working memory, which is gone before the errors are measured
     errors = 4 * largest * f32
     if quantizer == "gptq" and tokens:
-        layer["gptq"] = max(_gptq_bytes(dims), errors)
+        layer["gptq"] = max(_gptq_bytes(dims, widths), errors)
     else:
         layer["error_measure"] = errors
     # one probe stream (taq_grad: one kept input) per layer by the last layer

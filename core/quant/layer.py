@@ -12,9 +12,9 @@ at the lower cost (an 8B down_proj with 1,024 calibration tokens: X is 59 MB and
 (relative weight error).
 
 `quantize_layer` quantizes every linear at every width below 16 with round-to-nearest or GPTQ
-(one inverse-Hessian factor per shared input, reused for every width) and measures e per linear
-and width. The layer's error at a width is the parameter-weighted mean over its linears (see
-core/scorers/common.py).
+(one inverse-Hessian factor per shared input, and one sweep for the widths on one group size) and
+measures e per linear and width. The layer's error at a width is the parameter-weighted mean over
+its linears (see core/scorers/common.py).
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def quantize_layer(
     """Quantize each [out, in] weight at every width in `widths` (16 is kept, error 0) on `scheme`
     (each width at its own group size) with round-to-nearest or GPTQ, and measure each result's
     relative output error."""
-    from core.quant.gptq import gptq_quantize_weights, inverse_hessian_factor
+    from core.quant.gptq import gptq_quantize_widths, inverse_hessian_factor
     from core.quant.primitives import dequantize_weight, quantize_weight
 
     low = sorted(b for b in set(widths) if b < 16)
@@ -198,19 +198,23 @@ def quantize_layer(
                 return h
 
             upper = inverse_hessian_factor(hessian, dtype=dtype)
+            # widths on the same group size share one sweep (see gptq_quantize_widths)
+            by_group_size: dict[int, list[int]] = {}
             for bits in low:
-                codes[bits].update(
-                    gptq_quantize_weights(
-                        {n: weights[n] for n in names},
-                        None,
-                        bits,
-                        scheme.group_size_at(bits),
-                        scheme.symmetric,
-                        clip_search=clip_search,
-                        upper=upper,
-                        float_zero=scheme.float_zero,
-                    )
+                by_group_size.setdefault(scheme.group_size_at(bits), []).append(bits)
+            for group_size, same in by_group_size.items():
+                swept = gptq_quantize_widths(
+                    {n: weights[n] for n in names},
+                    None,
+                    same,
+                    group_size,
+                    scheme.symmetric,
+                    clip_search=clip_search,
+                    upper=upper,
+                    float_zero=scheme.float_zero,
                 )
+                for bits, quantized in swept.items():
+                    codes[bits].update(quantized)
             del upper
     else:
         for bits in low:

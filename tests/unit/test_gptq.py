@@ -8,7 +8,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from core.quant.gptq import gptq_quantize_weight, gptq_quantize_weights, inverse_hessian_factor
+from core.quant.gptq import (
+    gptq_quantize_weight,
+    gptq_quantize_weights,
+    gptq_quantize_widths,
+    inverse_hessian_factor,
+)
 from core.quant.packing import PACKERS
 from core.quant.primitives import dequantize_weight, quantization_error, quantize_weight
 from core.scheme import QuantScheme
@@ -330,8 +335,8 @@ def test_factorisation_holds_one_matrix() -> None:
 
 def test_layer_gptq_codes_equal_the_factor_of_the_hessian() -> None:
     """quantize_layer factors H in place from the recorded inputs; its codes are those of the
-    factor of the same H handed over as a tensor, for a group of linears sharing an input and a
-    single one."""
+    factor of the same H handed over as a tensor (every width in one sweep), for a group of
+    linears sharing an input and a single one."""
     from torch import nn
 
     from core.quant.layer import LayerInputs, quantize_layer
@@ -352,10 +357,11 @@ def test_layer_gptq_codes_equal_the_factor_of_the_hessian() -> None:
         got = quantize_layer(weights, inputs, [3, 4, 16], scheme=QuantScheme(64, False), gptq=True, clip_search=True)
         for lead, names in (("gate", ["gate", "up"]), ("down", ["down"])):
             upper = inverse_hessian_factor(inputs.hessian(lead))
+            swept = gptq_quantize_widths(
+                {n: weights[n] for n in names}, None, [3, 4], 64, False, clip_search=True, upper=upper
+            )
             for bits in (3, 4):
-                want = gptq_quantize_weights(
-                    {n: weights[n] for n in names}, None, bits, 64, False, clip_search=True, upper=upper
-                )
+                want = swept[bits]
                 for name in names:
                     assert torch.equal(got.codes[bits][name].codes, want[name].codes)
                     assert torch.equal(got.codes[bits][name].scale, want[name].scale)
