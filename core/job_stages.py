@@ -7,7 +7,6 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -26,63 +25,24 @@ from core.pipeline import (
     JobOutputs,
     StagePlan,
     allocate_stage,
-    artifact_names,
-    budget_tag,
     check_rows,
     pass_key,
     reference_bits,
 )
-from core.runtimes import check_shapes, hf_strategy
-from core.spec import CalibrationInputs, ExportFormat, Quantizer
+from core.runtimes import check_shapes
+from core.spec import CalibrationInputs, Quantizer
 from core.streaming.checkpoints import load_codes
 from core.types import JSON_VERSION, BitAllocation, Profile, QuantizedWeight, check_version
 
 if TYPE_CHECKING:
-    import torch
-
     from core.calibration import Batch
-    from core.models import LayerRef
     from core.spec import CalibrationRow
-    from core.streaming.checkpoints import CheckpointStore
     from core.streaming.hidden import SpillArea
     from core.streaming.layer_pass import PassResult, StreamScorer
     from core.streaming.model import StreamedModel
 
 EVAL_NEW_TOKENS = 32
 SMALL_ARTIFACTS = ("profile.json", "profile.png", "bitmap.json", "eval.json")
-
-
-class CheckpointWeights(Mapping[str, QuantizedWeight]):
-    """The QuantizedWeights of an allocation, read lazily from the layer checkpoints: one
-    (layer, width) blob is held at a time, since exporters ask for a layer's linears in order."""
-
-    def __init__(
-        self,
-        store: CheckpointStore,
-        prefix: str,
-        layers: Sequence[LayerRef],
-        bits_by_linear: dict[str, int],
-        device: str | torch.device = "cpu",
-    ) -> None:
-        self.store, self.prefix, self.device = store, prefix, device
-        self.bits = {name: b for name, b in bits_by_linear.items() if b < 16}
-        self.layer_of = {name: ref.index for ref in layers for name in ref.linears}
-        self._blob: tuple[tuple[int, int], dict[str, QuantizedWeight]] | None = None
-
-    def __getitem__(self, name: str) -> QuantizedWeight:
-        if name not in self.bits:
-            raise KeyError(name)
-        key = (self.layer_of[name], self.bits[name])
-        if self._blob is None or self._blob[0] != key:
-            self._blob = None
-            self._blob = (key, load_codes(self.store, self.prefix, key[0], key[1], device=self.device))
-        return self._blob[1][name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.bits)
-
-    def __len__(self) -> int:
-        return len(self.bits)
 
 
 class JobRun:
@@ -333,83 +293,9 @@ class JobRun:
         return load_codes(self.store, self.codes_prefix, index, bits, device=self.loaded.device)
 
     def stage_export(self, plan: StagePlan, skip: str | None) -> None:
-        from core.export import export_gguf, export_hf
-        from core.export.manifest import storage_summary
+        from core.job_export import export_allocations
 
-        formats = {f.value for f in self.spec.exports}
-        tracker = self.tracker("export")
-        for i, allocation in enumerate(self.allocations):
-            tag = budget_tag(allocation.budget)
-            marker = f"work/export-{tag}.json"
-            if self.store.exists(marker):
-                self.exports.append(ExportRecord(tag=tag, **json.loads(self.store.get_bytes(marker))))
-                continue
-            names = artifact_names(self.allocations, allocation)
-            weights = CheckpointWeights(
-                self.store,
-                self.codes_prefix,
-                self.loaded.layers,
-                allocation.bit_map.linear_bits(self.loaded.layers),
-                device="cpu",
-            )
-            out = self.tmp / f"export-{tag}"
-            local: list[tuple[str, Path]] = []
-            files: list[dict[str, Any]] = []
-            if ExportFormat.hf.value in formats:
-                written = export_hf(
-                    self.loaded.skeleton,
-                    self.loaded.tokenizer,
-                    weights,
-                    allocation.bit_map,
-                    self.spec,
-                    out / names["hf"],
-                    strategy=hf_strategy(self.spec.target_runtime),
-                    tensors=self.source_tensor,
-                )
-                tracker.check()
-                self.store.delete_prefix(f"artifacts/{names['hf']}/")  # a partial upload of a crashed attempt
-                for f in written:
-                    rel = f"{names['hf']}/{f.name}"
-                    self.store.put_file(f"artifacts/{rel}", f.path)
-                    local.append((rel, f.path))
-                    files.append({"name": rel, "size": f.size, "sha256": f.sha256})
-                if ExportFormat.gguf.value in formats:  # an 8B format takes minutes: show it moved
-                    tracker.report((i + 0.5) / len(self.allocations), f"exported {tag} (hf)")
-            if ExportFormat.gguf.value in formats:
-                source = self.inputs.source
-                f = export_gguf(
-                    self.loaded.skeleton,
-                    self.loaded.tokenizer,
-                    weights,
-                    allocation.bit_map,
-                    self.spec,
-                    out / names["gguf"],
-                    source_gguf=source.file if source.gguf_file else None,
-                    tensors=self.source_tensor,
-                )
-                tracker.check()
-                self.store.put_file(f"artifacts/{names['gguf']}", f.path)
-                local.append((names["gguf"], f.path))
-                files.append({"name": names["gguf"], "size": f.size, "sha256": f.sha256})
-            record = ExportRecord(
-                tag=tag, files=files, storage=storage_summary(local), extra=self.hooks.exported(tag, local)
-            )
-            shutil.rmtree(out, ignore_errors=True)
-            self.store.put_bytes(
-                marker, dumps({"files": record.files, "storage": record.storage, "extra": record.extra})
-            )
-            self.exports.append(record)
-            tracker.report((i + 1) / len(self.allocations), f"exported {tag}")
-
-    def source_tensor(self, name: str) -> torch.Tensor:
-        """A non-quantized tensor for export, read at its stored float dtype (bf16 stays bf16)."""
-        import torch
-
-        stored = {"BF16": torch.bfloat16, "F16": torch.float16}.get(
-            self.loaded.reader.infos()[name].dtype, torch.float32
-        )
-        tensor: torch.Tensor = self.loaded.reader.read(name, dtype=stored, device="cpu")
-        return tensor
+        export_allocations(self)
 
     def stage_evaluate(self, plan: StagePlan, skip: str | None) -> None:
         from core.eval_report import evaluate_job

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from core.allocation import LayerCost, allocate_budget, budget_units, layer_cost
 from core.export._common import LinearPlan
 from core.export.hf import choose_strategy
-from core.job_stages import CheckpointWeights
+from core.job_export import CheckpointWeights
 from core.models import LoadedModel
 from core.pipeline import pass_key
 from core.quant.primitives import dequantize_weight

@@ -40,7 +40,7 @@ from core.allocation import layer_costs_from_profile
 from core.controls import allocate_uniform_mix
 from core.data import encode_text, split_rows, tokenize_rows
 from core.errors import BudgetInfeasible, Cancelled, InvalidSpec
-from core.job_stages import CheckpointWeights
+from core.job_export import CheckpointWeights
 from core.models import LoadedModel
 from core.pipeline import (
     STAGE_SHARES,

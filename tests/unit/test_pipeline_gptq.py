@@ -29,7 +29,7 @@ from pipeline_helpers import make_spec as base_spec
 
 from core.calibration import make_batches, pad_token_id
 from core.errors import Cancelled
-from core.job_stages import CheckpointWeights
+from core.job_export import CheckpointWeights
 from core.models import LoadedModel
 from core.pipeline import reference_bits
 from core.quant.layer import LayerInputs, quantize_layer
