@@ -13,7 +13,8 @@ from botocore.exceptions import ClientError
 
 from common.artifacts import iter_tar, parse_range, tar_digest, tar_layout
 from common.errors import InvalidKey, NotFound, RangeNotSatisfiable
-from common.storage import FileStorage, S3Storage, dataset_key, job_key, storage_from_url, validate_key
+from common.storage import FileStorage, dataset_key, job_key, storage_from_url, validate_key
+from common.storage_s3 import S3Storage
 
 from .conftest import make_bucket
 
