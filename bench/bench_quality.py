@@ -58,7 +58,7 @@ from core.controls import allocate_error_only, allocate_random, allocate_uniform
 from core.data import tokenize_rows  # noqa: E402
 from core.eval_report import describe_allocation, source_precision  # noqa: E402
 from core.evaluation import GenerationEval, evaluate_generation  # noqa: E402
-from core.job_stages import CheckpointWeights  # noqa: E402
+from core.job_export import CheckpointWeights  # noqa: E402
 from core.models import LoadedModel, load_model, resolve_model  # noqa: E402
 from core.packaged_models import GEMMA3_ID, SMOLLM2_ID, assemble_gemma3, packaged_models  # noqa: E402
 from core.pipeline import LAYERS_PREFIX, JobInputs, allocate_stage, run_job  # noqa: E402

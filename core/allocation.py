@@ -32,13 +32,13 @@ slack budget, which bounds the frontier by `grid_steps + 1` and still always mee
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import cast
 
+from core.allocation_dp import Option, TooManyStates, solve
 from core.errors import BudgetInfeasible, InvalidSpec
 from core.scheme import QuantScheme
 from core.spec import ALLOWED_BITS, AllocationRule, AllocationUnit, Method
@@ -262,69 +262,6 @@ def display_up(x: Fraction | float) -> str:
 # ------------------------------------------------------------------------------ budget (exact MCKP)
 
 
-@dataclass(frozen=True)
-class _Option:
-    bits: int
-    extra: int  # cost above the layer's cheapest choice, in solver units
-    true_extra: int  # the same in exact units (differs from `extra` on the grid)
-    primary: float
-    secondary: float
-
-
-class _TooManyStates(Exception):
-    pass
-
-
-def _solve(options: list[list[_Option]], slack: int, max_states: int | None) -> list[int]:
-    """Pareto DP; returns the chosen option index per layer.
-
-    A frontier is sorted by cost with strictly decreasing (primary, secondary). Candidates are
-    taken in (cost, primary, secondary, parent index) order and kept only when they strictly
-    improve (primary, secondary): that prunes dominated states and, on an exact tie, keeps the
-    cheaper prefix (lower parent index), i.e. the more expensive choice for the current layer.
-    """
-    costs, prims, secs = [0], [0.0], [0.0]
-    back: list[list[tuple[int, int]]] = []
-    for layer_opts in options:
-        streams = []
-        for oi, opt in enumerate(layer_opts):
-            streams.append(
-                [
-                    (costs[p] + opt.extra, prims[p] + opt.primary, secs[p] + opt.secondary, p, oi)
-                    for p in range(len(costs))
-                    if costs[p] + opt.extra <= slack
-                ]
-            )
-        new_costs: list[int] = []
-        new_prims: list[float] = []
-        new_secs: list[float] = []
-        new_back: list[tuple[int, int]] = []
-        best: tuple[float, float] | None = None
-        # each stream is strictly increasing in cost, so merging them sorts all candidates
-        for cost, prim, sec, parent, oi in heapq.merge(*streams):
-            if best is not None and (prim, sec) >= best:
-                continue  # dominated: no better at no lower cost
-            if new_costs and new_costs[-1] == cost:
-                continue  # same cost, an earlier candidate already won the tie
-            best = (prim, sec)
-            new_costs.append(cost)
-            new_prims.append(prim)
-            new_secs.append(sec)
-            new_back.append((parent, oi))
-        if max_states is not None and len(new_costs) > max_states:
-            raise _TooManyStates
-        costs, prims, secs = new_costs, new_prims, new_secs
-        back.append(new_back)
-    # the last frontier state has the best (primary, secondary); equal ones at higher cost were pruned
-    state = len(costs) - 1
-    chosen = [0] * len(options)
-    for layer_index in range(len(options) - 1, -1, -1):
-        parent, oi = back[layer_index][state]
-        chosen[layer_index] = oi
-        state = parent
-    return chosen
-
-
 def allocate_budget(
     layers: Profile | Sequence[LayerCost],
     avg_bits: float,
@@ -361,7 +298,7 @@ def allocate_budget(
     budget, base = check_lowest_fits(layers, avg_bits, choices, scheme)
     slack = budget - base
 
-    def build(scale: int | None) -> list[list[_Option]]:
+    def build(scale: int | None) -> list[list[Option]]:
         out = []
         for layer, cost in zip(layers, costs):
             opts = []
@@ -371,18 +308,18 @@ def allocate_budget(
                 extra = true_extra if scale is None else -(-true_extra * scale // slack)
                 e, term = _error(layer, b), _term(layer, b)
                 assert e is not None and term is not None  # every width was checked above
-                opts.append(_Option(b, extra, true_extra, term, layer.params * e))
+                opts.append(Option(b, extra, true_extra, term, layer.params * e))
             out.append(opts)
         return out
 
     options = build(None)
     solver = EXACT_SOLVER
     try:
-        chosen = _solve(options, slack, max_states)
-    except _TooManyStates:
+        chosen = solve(options, slack, max_states)
+    except TooManyStates:
         options = build(grid_steps)
         solver = f"grid-dp(steps={grid_steps}, costs rounded up)"
-        chosen = _solve(options, grid_steps, None)
+        chosen = solve(options, grid_steps, None)
 
     bits = {l.name: options[i][chosen[i]].bits for i, l in enumerate(layers)}
     spent = base + sum(options[i][chosen[i]].true_extra for i in range(len(layers)))

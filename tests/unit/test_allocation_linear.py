@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from core.allocation import allocate_budget, expand_units, layer_costs_from_profile, linear_units
 from core.errors import InvalidSpec
-from core.job_stages import CheckpointWeights
+from core.job_export import CheckpointWeights
 from core.models import LoadedModel
 from core.modules import fused_linear_groups
 from core.pipeline import allocate_stage
