@@ -66,7 +66,7 @@ class S3Storage(Storage):
         self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, Metadata={"sha256": digest})
         return ObjectInfo(key, len(data))
 
-    def put_file(self, key: str, path: Path) -> ObjectInfo:
+    def put_file(self, key: str, path: Path, *, handover: bool = False) -> ObjectInfo:
         from boto3.s3.transfer import TransferConfig
 
         digest = hashlib.sha256()

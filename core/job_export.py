@@ -101,7 +101,7 @@ def export_allocations(run: JobRun) -> None:
             run.store.delete_prefix(f"artifacts/{names['hf']}/")  # a partial upload of a crashed attempt
             for f in written:
                 rel = f"{names['hf']}/{f.name}"
-                run.store.put_file(f"artifacts/{rel}", f.path)
+                run.store.put_file(f"artifacts/{rel}", f.path, handover=True)
                 local.append((rel, f.path))
                 files.append({"name": rel, "size": f.size, "sha256": f.sha256})
             if ExportFormat.gguf.value in formats:  # an 8B format takes minutes: show it moved
@@ -119,7 +119,7 @@ def export_allocations(run: JobRun) -> None:
                 tensors=partial(source_tensor, run),
             )
             tracker.check()
-            run.store.put_file(f"artifacts/{names['gguf']}", f.path)
+            run.store.put_file(f"artifacts/{names['gguf']}", f.path, handover=True)
             local.append((names["gguf"], f.path))
             files.append({"name": names["gguf"], "size": f.size, "sha256": f.sha256})
         record = ExportRecord(

@@ -81,7 +81,8 @@ def budget_tag(avg_bits: float | None) -> str:
 class ArtifactStore(CheckpointStore, Protocol):
     """Where a job's outputs go (keys like `artifacts/profile.json`)."""
 
-    def put_file(self, key: str, path: Path) -> Any: ...
+    def put_file(self, key: str, path: Path, *, handover: bool = False) -> Any:
+        """`handover`: the caller will not write to `path` again (see common.storage.Storage)."""
 
     def delete_prefix(self, prefix: str) -> Any: ...
 

@@ -73,8 +73,8 @@ class JobStore:
     def put_bytes(self, key: str, data: bytes) -> Any:
         return self.storage.put_bytes(self.key(key), data)
 
-    def put_file(self, key: str, path: Path) -> Any:
-        return self.storage.put_file(self.key(key), path)
+    def put_file(self, key: str, path: Path, *, handover: bool = False) -> Any:
+        return self.storage.put_file(self.key(key), path, handover=handover)
 
     def delete_prefix(self, prefix: str) -> int:
         return self.storage.delete_prefix(job_key(self.job_id, *prefix.rstrip("/").split("/")) + "/")

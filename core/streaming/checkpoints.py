@@ -52,7 +52,7 @@ class MemoryStore:
     def put_bytes(self, key: str, data: bytes) -> None:
         self.objects[key] = bytes(data)
 
-    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
+    def put_file(self, key: str, path: str | os.PathLike[str], *, handover: bool = False) -> None:
         with open(path, "rb") as fh:
             self.objects[key] = fh.read()
 

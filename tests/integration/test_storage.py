@@ -135,6 +135,35 @@ def test_file_store_writes_atomically(tmp_path):
     assert [p.name for p in (tmp_path / "objects/jobs/j").iterdir()] == ["big.bin"]  # no temp left
 
 
+@pytest.mark.parametrize("link_works", [True, False], ids=["hard-link", "copy-fallback"])
+def test_handed_over_file_is_linked_not_copied(tmp_path, monkeypatch, link_works):
+    """A handed-over file (an export the caller will only read and delete) is stored by a hard
+    link when the filesystem allows one, else copied; either way the object outlives the source
+    and no temp file is left."""
+    import os
+
+    store = FileStorage(tmp_path / "objects")
+    src = tmp_path / "work" / "model.gguf"
+    src.parent.mkdir()
+    src.write_bytes(b"gguf" * 1000)
+    if not link_works:
+
+        def refuse(*args, **kwargs):
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "link", refuse)
+    info = store.put_file("jobs/j/model.gguf", src, handover=True)
+    stored = tmp_path / "objects/jobs/j/model.gguf"
+    assert info.size == 4000 and (stored.stat().st_ino == src.stat().st_ino) == link_works
+    src.unlink()
+    assert store.get_bytes("jobs/j/model.gguf") == b"gguf" * 1000
+    assert [p.name for p in stored.parent.iterdir()] == ["model.gguf"]
+    # without handover the store always copies
+    src.write_bytes(b"again")
+    store.put_file("jobs/j/copy.bin", src)
+    assert (tmp_path / "objects/jobs/j/copy.bin").stat().st_ino != src.stat().st_ino
+
+
 def test_s3_multipart_and_metadata(s3_endpoint, tmp_path, monkeypatch):
     bucket = make_bucket(s3_endpoint)
     store = S3Storage(bucket, "p", endpoint_url=s3_endpoint)
