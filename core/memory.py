@@ -13,8 +13,8 @@ plus the largest of its phases.
   working memory, which is gone before the errors are measured: for its worst group of linears
   sharing an input (`ModelDims.gptq_groups`) the inverse-Hessian factor, one [in, in] matrix
   factored in place (float64 up to 8192 inputs, with a float32 one beside it; float32 above),
-  and the sweep's float32 working copy and uint8 codes of every width (one sweep quantizes all
-  widths) and its block update; the carried hidden
+  and the sweep's float32 working copy, block update and uint8 codes (a group's widths are swept
+  together only where that does not raise this peak); the carried hidden
   states (input and output of every stream, capped by `activation_ram_bytes`, beyond which they
   are spilled to disk) and one batch's activations inside the layer.
 * **head** (taq_kl, taqo, taq_grad, evaluation) — the final hidden states of every scored stream at
@@ -42,7 +42,7 @@ from typing import Any
 
 from core.model_dims import ModelDims
 
-__all__ = ["MemoryEstimate", "RUNTIME_BYTES", "estimate_job_memory"]
+__all__ = ["MemoryEstimate", "RUNTIME_BYTES", "estimate_job_memory", "gptq_group_bytes"]
 
 GiB = 1 << 30
 #: a worker process (interpreter, torch, transformers, Celery, SQLAlchemy, the tokenizer,
@@ -135,17 +135,21 @@ def _factor_bytes(features: int) -> int:
     return 8 if features <= FLOAT64_FACTOR_MAX_FEATURES else 4
 
 
-def _gptq_bytes(dims: ModelDims, widths: int) -> int:
-    """GPTQ's peak over a layer's groups (one at a time, core.quant.layer): the in-place [in, in]
-    factor, a float32 matrix more for a float64 one, and the sweep of every width at once
-    (core.quant.gptq.gptq_quantize_widths; at most `widths`): per width a float32 working copy and
-    uint8 codes (as swept, transposed, split: 4 + 3 bytes per weight), and the block update's
-    product, chunked to one width's size (4 bytes per weight)."""
-    copies = max(1, widths)
-    return max(
-        n * n * (_factor_bytes(n) + (4 if _factor_bytes(n) == 8 else 0)) + n * out * (copies * (4 + 3) + 4)
-        for n, out in dims.gptq_groups
-    )
+def gptq_group_bytes(in_features: int, out_features: int, widths: int = 1) -> int:
+    """GPTQ's working memory for one group of linears sharing an input (`out_features` rows in
+    all): the in-place [in, in] factor (a float32 matrix more for a float64 one) and a sweep of
+    `widths` widths at once (core.quant.gptq.gptq_quantize_widths): per width a float32 working
+    copy and uint8 codes (as swept, transposed, split: 4 + 3 bytes per weight), and the block
+    update's product, chunked to one width's size (4 bytes per weight)."""
+    n = in_features
+    factor = n * n * (_factor_bytes(n) + (4 if _factor_bytes(n) == 8 else 0))
+    return factor + n * out_features * (max(1, widths) * (4 + 3) + 4)
+
+
+def _gptq_bytes(dims: ModelDims) -> int:
+    """GPTQ's peak over a layer's groups (one at a time): each group swept one width at a time.
+    core.quant.layer sweeps a group's widths together only where that stays within this peak."""
+    return max(gptq_group_bytes(n, out) for n, out in dims.gptq_groups)
 
 
 def estimate_job_memory(
@@ -199,7 +203,7 @@ def estimate_job_memory(
     # working memory, which is gone before the errors are measured
     errors = 4 * largest * f32
     if quantizer == "gptq" and tokens:
-        layer["gptq"] = max(_gptq_bytes(dims, widths), errors)
+        layer["gptq"] = max(_gptq_bytes(dims), errors)
     else:
         layer["error_measure"] = errors
     # one probe stream (taq_grad: one kept input) per layer by the last layer

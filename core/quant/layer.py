@@ -12,8 +12,9 @@ at the lower cost (an 8B down_proj with 1,024 calibration tokens: X is 59 MB and
 (relative weight error).
 
 `quantize_layer` quantizes every linear at every width below 16 with round-to-nearest or GPTQ
-(one inverse-Hessian factor per shared input, and one sweep for the widths on one group size) and
-measures e per linear and width. The layer's error at a width is the parameter-weighted mean over
+(one inverse-Hessian factor per shared input; the widths on one group size in one sweep where that
+does not raise the layer's GPTQ memory peak, i.e. for the smaller groups) and measures e per linear
+and width. The layer's error at a width is the parameter-weighted mean over
 its linears (see core/scorers/common.py).
 """
 
@@ -176,6 +177,7 @@ def quantize_layer(
     """Quantize each [out, in] weight at every width in `widths` (16 is kept, error 0) on `scheme`
     (each width at its own group size) with round-to-nearest or GPTQ, and measure each result's
     relative output error."""
+    from core.memory import gptq_group_bytes
     from core.quant.gptq import gptq_quantize_widths, inverse_hessian_factor
     from core.quant.primitives import dequantize_weight, quantize_weight
 
@@ -184,7 +186,15 @@ def quantize_layer(
     if gptq:
         if inputs is None:
             raise InvalidSpec("quantizer 'gptq' needs calibration activations")
-        for lead, names in inputs.groups().items():
+        groups = inputs.groups()
+        shapes = {
+            lead: (int(weights[names[0]].shape[1]), sum(int(weights[n].shape[0]) for n in names))
+            for lead, names in groups.items()
+        }
+        # the layer's GPTQ peak with one width per sweep (what core.memory's preflight counts):
+        # a group's widths are swept together only where that stays within it
+        peak = max(gptq_group_bytes(n, out) for n, out in shapes.values())
+        for lead, names in groups.items():
             if not inputs.has_data(lead):
                 raise InvalidSpec(f"no calibration activations reached {names[0]}; cannot run GPTQ on it")
             width = int(weights[names[0]].shape[1])
@@ -203,18 +213,20 @@ def quantize_layer(
             for bits in low:
                 by_group_size.setdefault(scheme.group_size_at(bits), []).append(bits)
             for group_size, same in by_group_size.items():
-                swept = gptq_quantize_widths(
-                    {n: weights[n] for n in names},
-                    None,
-                    same,
-                    group_size,
-                    scheme.symmetric,
-                    clip_search=clip_search,
-                    upper=upper,
-                    float_zero=scheme.float_zero,
-                )
-                for bits, quantized in swept.items():
-                    codes[bits].update(quantized)
+                together = gptq_group_bytes(*shapes[lead], widths=len(same)) <= peak
+                for sweep_widths in [same] if together else [[b] for b in same]:
+                    swept = gptq_quantize_widths(
+                        {n: weights[n] for n in names},
+                        None,
+                        sweep_widths,
+                        group_size,
+                        scheme.symmetric,
+                        clip_search=clip_search,
+                        upper=upper,
+                        float_zero=scheme.float_zero,
+                    )
+                    for bits, quantized in swept.items():
+                        codes[bits].update(quantized)
             del upper
     else:
         for bits in low:

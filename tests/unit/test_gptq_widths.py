@@ -80,31 +80,59 @@ def test_widths_are_checked() -> None:
     assert gptq_quantize_widths({}, None, [4, 8], 32, False) == {4: {}, 8: {}}
 
 
-def test_layer_sweeps_the_widths_of_a_group_size_together() -> None:
-    """quantize_layer with per-width group sizes ({8: 128} on a g32 grid): the widths on g32 come
-    from one joint sweep, 8 bits from its own, all on the factor of the recorded H."""
+def test_layer_sweeps_widths_together_where_memory_allows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """quantize_layer with per-width group sizes ({8: 128} on a g32 grid): gate/up's widths on g32
+    share one sweep and 8 bits gets its own, because down_proj's factor sets the layer's peak and a
+    joint gate/up sweep stays below it; down_proj's own joint sweep would raise the peak (the
+    preflight counts one width per sweep), so its widths are swept one at a time. Every result is
+    the real sweep's on the factor of the recorded H."""
     from torch import nn
 
+    import core.quant.gptq as gptq
+    from core.memory import gptq_group_bytes
     from core.quant.layer import LayerInputs, quantize_layer
 
-    linears = {"gate": nn.Linear(256, 24, bias=False), "up": nn.Linear(256, 16, bias=False)}
-    ws = {
-        n: torch.randn(m.out_features, 256, generator=torch.Generator().manual_seed(6)) * 0.05
-        for n, m in linears.items()
+    linears = {
+        "gate": nn.Linear(256, 24, bias=False),
+        "up": nn.Linear(256, 16, bias=False),
+        "down": nn.Linear(1024, 64, bias=False),
     }
+    g = torch.Generator().manual_seed(6)
+    ws = {n: torch.randn(m.out_features, m.in_features, generator=g) * 0.05 for n, m in linears.items()}
     inputs = LayerInputs(linears, 0)
     with inputs.recording(), torch.no_grad():
         inputs.set_batch(None)
         x = correlated(300, 256, seed=7)[None]
-        linears["gate"](x), linears["up"](x)
+        linears["gate"](x), linears["up"](x), linears["down"](correlated(300, 1024, seed=8)[None])
+    peak = gptq_group_bytes(1024, 64)
+    assert gptq_group_bytes(256, 40, widths=2) <= peak < gptq_group_bytes(1024, 64, widths=2)
+    calls: list[tuple[tuple[str, ...], tuple[int, ...]]] = []
+    real = gptq.gptq_quantize_widths
+
+    def recording(weights, hessian, widths, *args, **kwargs):  # the real sweep, its calls listed
+        calls.append((tuple(weights), tuple(widths)))
+        return real(weights, hessian, widths, *args, **kwargs)
+
+    monkeypatch.setattr(gptq, "gptq_quantize_widths", recording)
     scheme = QuantScheme(32, False, False, ((8, 128),))
     got = quantize_layer(ws, inputs, [3, 4, 8, 16], scheme=scheme, gptq=True, clip_search=False)
+    assert sorted(calls) == [
+        (("down",), (3,)),
+        (("down",), (4,)),
+        (("down",), (8,)),
+        (("gate", "up"), (3, 4)),
+        (("gate", "up"), (8,)),
+    ]
+    gate_up = {n: ws[n] for n in ("gate", "up")}
     upper = inverse_hessian_factor(inputs.hessian("gate"))
-    g32 = gptq_quantize_widths(ws, None, [3, 4], 32, False, upper=upper)
-    g128 = gptq_quantize_widths(ws, None, [8], 128, False, upper=upper)
+    g32, g128 = real(gate_up, None, [3, 4], 32, False, upper=upper), real(gate_up, None, [8], 128, False, upper=upper)
+    down_upper = inverse_hessian_factor(inputs.hessian("down"))
     for bits, want in ((3, g32[3]), (4, g32[4]), (8, g128[8])):
-        for name in ws:
+        for name in gate_up:
             assert got.codes[bits][name].group_size == want[name].group_size
             assert torch.equal(got.codes[bits][name].codes, want[name].codes)
-        assert got.errors["gate"][bits] > 0
-    assert got.errors["gate"][3] > got.errors["gate"][4] > got.errors["gate"][8]
+        alone = gptq_quantize_weights(
+            {"down": ws["down"]}, None, bits, 128 if bits == 8 else 32, False, upper=down_upper
+        )
+        assert torch.equal(got.codes[bits]["down"].codes, alone["down"].codes)
+    assert got.errors["gate"][3] > got.errors["gate"][4] > got.errors["gate"][8] > 0
