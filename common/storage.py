@@ -21,6 +21,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import unquote, urlparse
@@ -155,55 +156,45 @@ class FileStorage(Storage):
             raise InvalidKey(f"invalid storage key {key!r}")
         return path
 
-    def _atomic_write(self, key: str, writer: Callable[[BinaryIO], object]) -> ObjectInfo:
+    def _atomic(self, key: str, fill: Callable[[Path], None]) -> ObjectInfo:
+        """`fill` makes a hidden temp file next to the target, durable; it then replaces the target."""
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
         try:
-            with open(tmp, "wb") as out:
-                writer(out)
-                out.flush()
-                os.fsync(out.fileno())
+            fill(tmp)
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return ObjectInfo(key, target.stat().st_size)
+
+    def _atomic_write(self, key: str, writer: Callable[[BinaryIO], object]) -> ObjectInfo:
+        def fill(tmp: Path) -> None:
+            with open(tmp, "wb") as out:
+                writer(out)
+                out.flush()
+                os.fsync(out.fileno())
+
+        return self._atomic(key, fill)
 
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
         return self._atomic_write(key, lambda out: out.write(data))
 
     def put_file(self, key: str, path: Path, *, handover: bool = False) -> ObjectInfo:
         if handover:
-            linked = self._link(key, path)
-            if linked is not None:
-                return linked
+            # a handed-over file is stored by a hard link (no copy: an 8B export writes ~12 GB);
+            # copied when the filesystem refuses one (another device, no hard links)
+            try:
+                return self._atomic(key, partial(_link_durably, path))
+            except _LinkRefused:
+                pass
 
         def copy(out: BinaryIO) -> None:
             with open(path, "rb") as src:
                 shutil.copyfileobj(src, out, CHUNK)
 
         return self._atomic_write(key, copy)
-
-    def _link(self, key: str, path: Path) -> ObjectInfo | None:
-        """Store a handed-over file by a hard link (no copy: an 8B export writes ~12 GB), made
-        durable and atomic like a copy; None when the filesystem refuses a link (another device,
-        no hard links), and the caller copies."""
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-        try:
-            os.link(path, tmp)
-        except OSError:
-            return None
-        try:
-            with open(tmp, "rb") as linked:
-                os.fsync(linked.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return ObjectInfo(key, target.stat().st_size)
 
     def open_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         path = self._path(key)
@@ -281,6 +272,19 @@ class FileStorage(Storage):
             raise OSError(f"storage root {self.root.name} is missing")
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise PermissionError(f"storage root {self.root.name} is not writable")
+
+
+class _LinkRefused(Exception):
+    pass
+
+
+def _link_durably(source: Path, tmp: Path) -> None:
+    try:
+        os.link(source, tmp)
+    except OSError as exc:
+        raise _LinkRefused from exc
+    with open(tmp, "rb") as linked:
+        os.fsync(linked.fileno())
 
 
 def storage_from_url(url: str, *, endpoint_url: str | None = None, region: str | None = None) -> Storage:
