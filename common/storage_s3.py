@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidKey, NotFound
-from common.storage import CHUNK, ObjectInfo, Storage, validate_key, validate_prefix
+from common.storage_base import CHUNK, ObjectInfo, Storage, validate_key, validate_prefix
 
 __all__ = ["S3Storage"]
 
