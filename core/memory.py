@@ -65,7 +65,7 @@ GENERATION_SLACK_BYTES = 64 * (1 << 20)
 #: written from the tokenizer)
 GGUF_TOKENIZER_BYTES_PER_TOKEN = 2048
 EXPORT_METADATA_BYTES_PER_TOKEN = {True: 4096, False: 1024}
-#: GPTQ factors H in float64 up to this many inputs (core.quant.layer)
+#: GPTQ factors H in float64 up to this many inputs (core.quant.layer uses this constant)
 FLOAT64_FACTOR_MAX_FEATURES = 8192
 #: gold answers are scored on at most this many tokens
 ANSWER_TOKENS = 32

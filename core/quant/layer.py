@@ -14,8 +14,8 @@ at the lower cost (an 8B down_proj with 1,024 calibration tokens: X is 59 MB and
 `quantize_layer` quantizes every linear at every width below 16 with round-to-nearest or GPTQ
 (one inverse-Hessian factor per shared input; the widths on one group size in one sweep where that
 does not raise the layer's GPTQ memory peak, i.e. for the smaller groups) and measures e per linear
-and width. The layer's error at a width is the parameter-weighted mean over
-its linears (see core/scorers/common.py).
+and width. The layer's error at a width is the parameter-weighted mean over its linears (see
+core/scorers/common.py).
 """
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ import torch
 from torch import nn
 
 from core.errors import InvalidSpec
+from core.memory import FLOAT64_FACTOR_MAX_FEATURES, gptq_group_bytes
 from core.scheme import QuantScheme
 from core.types import QuantizedWeight
 
-__all__ = ["LayerInputs", "LayerQuantization", "quantize_layer"]
+__all__ = ["FLOAT64_FACTOR_MAX_FEATURES", "LayerInputs", "LayerQuantization", "quantize_layer"]
 
-#: above this many input features GPTQ factors H in float32 (a float64 [in, in] matrix of an 8B
-#: down_proj is 1.6 GB, and two are alive during the factorisation)
-FLOAT64_FACTOR_MAX_FEATURES = 8192
+# above FLOAT64_FACTOR_MAX_FEATURES input features GPTQ factors H in float32 (a float64 [in, in]
+# matrix of an 8B down_proj is 1.6 GB, and two are alive during the factorisation); one constant
+# with the preflight, which prices the factor by it
 
 
 class LayerInputs:
@@ -177,7 +178,6 @@ def quantize_layer(
     """Quantize each [out, in] weight at every width in `widths` (16 is kept, error 0) on `scheme`
     (each width at its own group size) with round-to-nearest or GPTQ, and measure each result's
     relative output error."""
-    from core.memory import gptq_group_bytes
     from core.quant.gptq import gptq_quantize_widths, inverse_hessian_factor
     from core.quant.primitives import dequantize_weight, quantize_weight
 
@@ -197,8 +197,7 @@ def quantize_layer(
         for lead, names in groups.items():
             if not inputs.has_data(lead):
                 raise InvalidSpec(f"no calibration activations reached {names[0]}; cannot run GPTQ on it")
-            width = int(weights[names[0]].shape[1])
-            dtype = torch.float64 if width <= FLOAT64_FACTOR_MAX_FEATURES else torch.float32
+            dtype = torch.float64 if shapes[lead][0] <= FLOAT64_FACTOR_MAX_FEATURES else torch.float32
 
             # H is built inside the factorisation, which works in place: one [in, in] matrix is
             # alive from H to the factor (core.memory counts it so)
