@@ -9,8 +9,9 @@ plus the largest of its phases.
   (float32 on CPU, 2 bytes on CUDA, plus a float32 working copy there); what its linears' inputs
   leave behind (`core.quant.layer.LayerInputs`: per distinct input min(tokens, in)·in float32: the
   raw rows when there are fewer tokens than features, else XᵀX); the layer's codes at every stored
-  width until they are checkpointed; the error measurement's temporaries or, when larger, GPTQ's
-  working memory, which is gone before the errors are measured: for its worst group of linears
+  width until they are checkpointed; the error measurement's temporaries (RTN: a dequantized
+  weight and its difference) or, when larger, GPTQ's working memory, within which its errors are
+  measured (from the sweep's working copy, two [tokens, out] outputs at a time): for its worst group of linears
   sharing an input (`ModelDims.gptq_groups`) the inverse-Hessian factor, one [in, in] matrix
   factored in place (float64 up to 8192 inputs, with a float32 one beside it; float32 above),
   and the sweep's float32 working copy, block update and uint8 codes (a group's widths are swept
@@ -199,8 +200,8 @@ def estimate_job_memory(
     if tokens:
         layer["linear_inputs"] = sum(min(tokens, n) * n * f32 for n in dims.linear_inputs)
     layer["codes"] = widths * (layer_params + layer_params // group_size * 4)
-    # the error measurement's temporaries (a dequantized weight, its difference, ...), or GPTQ's
-    # working memory, which is gone before the errors are measured
+    # the error measurement's temporaries (RTN: a dequantized weight, its difference, ...), or
+    # GPTQ's working memory, within which its errors are measured (core.quant.layer)
     errors = 4 * largest * f32
     if quantizer == "gptq" and tokens:
         layer["gptq"] = max(_gptq_bytes(dims), errors)

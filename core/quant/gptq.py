@@ -57,6 +57,7 @@ rules of `quantize_weight`, so packing, export and dequantization are unchanged)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -69,6 +70,7 @@ from core.types import QuantizedWeight
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_DAMP",
+    "SweptWidths",
     "gptq_quantize_weight",
     "gptq_quantize_weights",
     "gptq_quantize_widths",
@@ -111,6 +113,23 @@ def gptq_quantize_weight(
     )["weight"]
 
 
+@dataclass(frozen=True)
+class SweptWidths:
+    """What one sweep of `gptq_quantize_widths` gives: `codes[bits][name]`, and the sweep's working
+    matrix, which after the sweep holds every width's dequantized rows Ŵᵀ side by side, so a caller
+    can measure the output error X·Ŵᵀ without dequantizing the codes again (drop the result to
+    free it)."""
+
+    codes: dict[int, dict[str, QuantizedWeight]]
+    dequantized_t: torch.Tensor  # [in, widths × stacked rows], float32
+    columns: dict[int, dict[str, slice]]  # the columns of dequantized_t holding each width's Ŵᵀ of a weight
+
+    def dequantized(self, bits: int, name: str) -> torch.Tensor:
+        """Ŵ [out, in] of one weight at one width: a (transposed) view, equal to
+        `dequantize_weight(codes[bits][name])`."""
+        return self.dequantized_t[:, self.columns[bits][name]].T
+
+
 def gptq_quantize_weights(
     weights: Mapping[str, torch.Tensor],
     hessian: torch.Tensor | None,
@@ -138,7 +157,7 @@ def gptq_quantize_weights(
         clip_search=clip_search,
         upper=upper,
         float_zero=float_zero,
-    )[bits]
+    ).codes[bits]
 
 
 def gptq_quantize_widths(
@@ -153,15 +172,17 @@ def gptq_quantize_widths(
     clip_search: bool = False,
     upper: torch.Tensor | None = None,
     float_zero: bool = False,
-) -> dict[int, dict[str, QuantizedWeight]]:
+) -> SweptWidths:
     """`gptq_quantize_weights` at every width in `widths` (all in groups of `group_size`) in one
     column sweep: a copy of the stacked rows per width sits side by side in the working matrix, so
     the per-column steps and the block updates run once for all widths (a job measures every width
     of its menu; sweeping them one by one repeats the per-column overhead). Each width's rows are
     quantized exactly as in a sweep of their own, up to the rounding of the block update's matrix
-    product, whose BLAS blocking depends on the number of columns."""
+    product, whose BLAS blocking depends on the number of columns. Returns the codes and the
+    dequantized weights (`SweptWidths`)."""
     if not weights:
-        return {int(b): {} for b in widths}
+        none: dict[int, dict[str, QuantizedWeight]] = {int(b): {} for b in widths}
+        return SweptWidths(codes=none, dequantized_t=torch.empty(0, 0), columns={b: {} for b in none})
     names = list(weights)
     if len(names) > 1 and (
         any(w.dim() != 2 for w in weights.values()) or len({int(w.shape[1]) for w in weights.values()}) != 1
@@ -191,8 +212,19 @@ def gptq_quantize_widths(
     swept = sweep(
         wt, upper.to(device=device, dtype=torch.float32), plan, group_size, symmetric, block_size, clip_search
     )
-    del wt
-    return {width.bits: _split(q, names, weights) for width, q in zip(plan, swept)}
+    columns: dict[int, dict[str, slice]] = {}
+    for width in plan:
+        start = width.start
+        columns[width.bits] = {}
+        for name in names:
+            stop = start + int(weights[name].shape[0])
+            columns[width.bits][name] = slice(start, stop)
+            start = stop
+    return SweptWidths(
+        codes={width.bits: _split(q, names, weights) for width, q in zip(plan, swept)},
+        dequantized_t=wt,
+        columns=columns,
+    )
 
 
 def _split(q: QuantizedWeight, names: list[str], weights: Mapping[str, torch.Tensor]) -> dict[str, QuantizedWeight]:

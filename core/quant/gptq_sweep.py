@@ -120,7 +120,8 @@ def sweep(
     """The column sweep over `wt`, the float32 transpose [in, out] of the weight (one copy per
     width of `plan`, side by side), which it updates in place (callers pass their own copy): a
     column of W is a contiguous row, so the per-column reads, writes and rank-1 updates touch
-    contiguous memory."""
+    contiguous memory. Each finished column is overwritten with its dequantized values, so on
+    return `wt` holds every width's Ŵᵀ, exactly `dequantize_weight` of the returned codes."""
     in_features, out_features = wt.shape
     n_groups = math.ceil(in_features / group_size)
     codes_t = torch.empty(n_groups * group_size, out_features, dtype=torch.uint8, device=wt.device)
@@ -149,6 +150,7 @@ def sweep(
                 codes_t[j] = c
                 e = (col - deq) / u1[i, i]
                 err1[i] = e
+                col.copy_(deq)  # the column is done: it keeps Ŵ for the caller's error measurement
                 if i + 1 < b1 - b0:
                     w1[i + 1 :].addr_(u1[i, i + 1 :], e, alpha=-1.0)
             if g1 - g0 < group_size:  # padding of a last partial group: the zero point (0 with an offset)

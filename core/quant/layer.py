@@ -14,8 +14,9 @@ at the lower cost (an 8B down_proj with 1,024 calibration tokens: X is 59 MB and
 `quantize_layer` quantizes every linear at every width below 16 with round-to-nearest or GPTQ
 (one inverse-Hessian factor per shared input; the widths on one group size in one sweep where that
 does not raise the layer's GPTQ memory peak, i.e. for the smaller groups) and measures e per linear
-and width. The layer's error at a width is the parameter-weighted mean over its linears (see
-core/scorers/common.py).
+and width: with recorded rows as ‖X Ŵᵀ − X Wᵀ‖², Ŵ taken from the sweep's working copy right
+after the sweep (no dequantization, no [out, in] difference: two matrix products). The layer's
+error at a width is the parameter-weighted mean over its linears (see core/scorers/common.py).
 """
 
 from __future__ import annotations
@@ -138,9 +139,16 @@ class LayerInputs:
 
     def relative_error(self, name: str, weight: torch.Tensor, approx: torch.Tensor, energy: float) -> float:
         num = self._quadratic(name, weight.to(torch.float32) - approx.to(device=weight.device, dtype=torch.float32))
-        if energy <= 0.0:
-            return 0.0 if num == 0.0 else math.inf
-        return max(0.0, num) / energy
+        return _ratio(num, energy)
+
+    def outputs(self, name: str, weight: torch.Tensor) -> torch.Tensor | None:
+        """X Wᵀ [tokens, out] (float32) over the recorded rows for a [out, in] weight in any
+        layout, or None when the record holds XᵀX instead of rows, or there is no data."""
+        lead = self._lead(name)
+        x = self.x(lead) if lead is not None else None
+        if x is None:
+            return None
+        return x.to(weight.device) @ weight.to(torch.float32).T
 
     def _quadratic(self, name: str, delta: torch.Tensor) -> float:
         lead = self._lead(name)
@@ -155,6 +163,73 @@ class LayerInputs:
     def clear(self) -> None:
         self.rows.clear()
         self.sums.clear()
+
+
+def _ratio(num: float, energy: float) -> float:
+    if energy <= 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return max(0.0, num) / energy
+
+
+class _ErrorMeter:
+    """Each linear's relative output error per width. With recorded rows X it compares outputs,
+    e = ‖X Ŵᵀ − X Wᵀ‖² / ‖X Wᵀ‖², two matrix products and no [out, in] difference (the rounding of
+    the two products is correlated: the result agrees with ‖X ΔWᵀ‖² computed in float64 to ~1e-7).
+    Reference outputs X Wᵀ are kept until `done(keep=...)` says otherwise. With XᵀX (or no data)
+    it forms ΔW = W − Ŵ."""
+
+    def __init__(self, inputs: LayerInputs | None, weights: dict[str, torch.Tensor]) -> None:
+        self.inputs, self.weights = inputs, weights
+        self.errors: dict[str, dict[int, float]] = {name: {} for name in weights}
+        self.energies: dict[str, float] = {}
+        self._references: dict[str, torch.Tensor | None] = {}
+
+    def _outputs(self, name: str) -> torch.Tensor | None:
+        if name not in self._references:
+            w = self.weights[name]
+            y = self.inputs.outputs(name, w) if self.inputs is not None else None
+            self._references[name] = y
+            if name not in self.energies:
+                if y is not None:
+                    self.energies[name] = float(y.square().sum())
+                elif self.inputs is not None:
+                    self.energies[name] = self.inputs.energy(name, w)
+                else:
+                    self.energies[name] = float(w.to(torch.float32).square().sum())
+        return self._references[name]
+
+    def measure(self, name: str, bits: int, approx: torch.Tensor) -> None:
+        """Record the error of `approx` (Ŵ [out, in], any layout) as `name`'s at `bits`."""
+        y = self._outputs(name)
+        if y is not None:
+            assert self.inputs is not None  # outputs exist only with recorded rows
+            y_hat = self.inputs.outputs(name, approx)
+            assert y_hat is not None
+            num = float(y_hat.sub_(y).square_().sum())
+        else:
+            w = self.weights[name].to(torch.float32)
+            delta = w - approx.to(device=w.device, dtype=torch.float32)
+            num = self.inputs._quadratic(name, delta) if self.inputs is not None else float(delta.square().sum())
+        self.errors[name][bits] = _ratio(num, self.energies[name])
+
+    def done(self, keep: bool = False) -> None:
+        """The measurements of one sweep (or of all RTN widths) are done; `keep` the reference
+        outputs for the next sweep of the same linears."""
+        if not keep:
+            self._references.clear()
+
+
+def _sweeps(low: list[int], scheme: QuantScheme, shape: tuple[int, int], peak: int) -> list[list[int]]:
+    """The sweeps of one group [in, out]: widths on the same group size share one (see
+    gptq_quantize_widths) where that stays within the layer's one-width GPTQ `peak`."""
+    by_group_size: dict[int, list[int]] = {}
+    for bits in low:
+        by_group_size.setdefault(scheme.group_size_at(bits), []).append(bits)
+    return [
+        sweep
+        for same in by_group_size.values()
+        for sweep in ([same] if gptq_group_bytes(*shape, widths=len(same)) <= peak else [[b] for b in same])
+    ]
 
 
 @dataclass(frozen=True)
@@ -183,6 +258,7 @@ def quantize_layer(
 
     low = sorted(b for b in set(widths) if b < 16)
     codes: dict[int, dict[str, QuantizedWeight]] = {b: {} for b in low}
+    meter = _ErrorMeter(inputs, weights)
     if gptq:
         if inputs is None:
             raise InvalidSpec("quantizer 'gptq' needs calibration activations")
@@ -207,29 +283,33 @@ def quantize_layer(
                 return h
 
             upper = inverse_hessian_factor(hessian, dtype=dtype)
-            # widths on the same group size share one sweep (see gptq_quantize_widths)
-            by_group_size: dict[int, list[int]] = {}
-            for bits in low:
-                by_group_size.setdefault(scheme.group_size_at(bits), []).append(bits)
-            for group_size, same in by_group_size.items():
-                together = gptq_group_bytes(*shapes[lead], widths=len(same)) <= peak
-                for sweep_widths in [same] if together else [[b] for b in same]:
-                    swept = gptq_quantize_widths(
-                        {n: weights[n] for n in names},
-                        None,
-                        sweep_widths,
-                        group_size,
-                        scheme.symmetric,
-                        clip_search=clip_search,
-                        upper=upper,
-                        float_zero=scheme.float_zero,
-                    )
-                    for bits, quantized in swept.items():
-                        codes[bits].update(quantized)
+            sweeps = _sweeps(low, scheme, shapes[lead], peak)
+            # the group's reference outputs X Wᵀ stay from one of its sweeps to the next where that
+            # stays within the peak (else each sweep computes them again)
+            keep = gptq_group_bytes(*shapes[lead]) + 4 * inputs.n_tokens * shapes[lead][1] <= peak
+            for k, sweep_widths in enumerate(sweeps):
+                swept = gptq_quantize_widths(
+                    {n: weights[n] for n in names},
+                    None,
+                    sweep_widths,
+                    scheme.group_size_at(sweep_widths[0]),
+                    scheme.symmetric,
+                    clip_search=clip_search,
+                    upper=upper,
+                    float_zero=scheme.float_zero,
+                )
+                for bits, quantized in swept.codes.items():
+                    codes[bits].update(quantized)
+                # measured while the sweep's working copy holds Ŵ (its block product is gone)
+                for name in names:
+                    for bits in sweep_widths:
+                        meter.measure(name, bits, swept.dequantized(bits, name))
+                meter.done(keep=keep and k + 1 < len(sweeps))
+                del swept
             del upper
     else:
-        for bits in low:
-            for name, weight in weights.items():
+        for name, weight in weights.items():
+            for bits in low:
                 codes[bits][name] = quantize_weight(
                     weight,
                     bits,
@@ -238,19 +318,7 @@ def quantize_layer(
                     clip_search=clip_search,
                     float_zero=scheme.float_zero,
                 )
-    errors: dict[str, dict[int, float]] = {}
-    for name, weight in weights.items():
-        w = weight.to(torch.float32)
-        energy = inputs.energy(name, w) if inputs is not None else float(w.square().sum())
-        errors[name] = {}
-        for bits in sorted(set(widths)):
-            if bits >= 16:
-                errors[name][bits] = 0.0
-                continue
-            approx = dequantize_weight(codes[bits][name], torch.float32)
-            if inputs is not None:
-                errors[name][bits] = inputs.relative_error(name, w, approx, energy)
-            else:
-                num = float((w - approx.to(w.device)).square().sum())
-                errors[name][bits] = (0.0 if num == 0.0 else math.inf) if energy <= 0 else num / energy
+                meter.measure(name, bits, dequantize_weight(codes[bits][name], torch.float32))
+        meter.done()
+    errors = {name: {b: 0.0 if b >= 16 else meter.errors[name][b] for b in sorted(set(widths))} for name in weights}
     return LayerQuantization(codes=codes, errors=errors)

@@ -359,7 +359,7 @@ def test_layer_gptq_codes_equal_the_factor_of_the_hessian() -> None:
             upper = inverse_hessian_factor(inputs.hessian(lead))
             swept = gptq_quantize_widths(
                 {n: weights[n] for n in names}, None, [3, 4], 64, False, clip_search=True, upper=upper
-            )
+            ).codes
             for bits in (3, 4):
                 want = swept[bits]
                 for name in names:

@@ -37,7 +37,7 @@ def test_diagonal_hessian_gives_rtn_at_every_width(symmetric: bool, float_zero: 
     widths beside it in the sweep (float zero points at 3-4 bits next to integer ones at 8)."""
     ws = weights(1, (12, 7), 250)
     h = torch.diag(torch.rand(250, generator=torch.Generator().manual_seed(2)) + 0.5)
-    got = gptq_quantize_widths(ws, h, [8, 3, 4], group_size, symmetric, clip_search=True, float_zero=float_zero)
+    got = gptq_quantize_widths(ws, h, [8, 3, 4], group_size, symmetric, clip_search=True, float_zero=float_zero).codes
     assert sorted(got) == [3, 4, 8]
     for bits, quantized in got.items():
         for name, w in ws.items():
@@ -57,7 +57,7 @@ def test_one_sweep_equals_a_sweep_per_width(float_zero: bool) -> None:
     ws = weights(3, (40, 24), 192)
     x = correlated(400, 192, seed=4)
     upper = inverse_hessian_factor(x.T @ x / 400)
-    together = gptq_quantize_widths(ws, None, [4, 8, 3], 64, False, upper=upper, float_zero=float_zero)
+    together = gptq_quantize_widths(ws, None, [4, 8, 3], 64, False, upper=upper, float_zero=float_zero).codes
     for bits in (3, 4, 8):
         alone = gptq_quantize_weights(ws, None, bits, 64, False, upper=upper, float_zero=float_zero)
         for name, w in ws.items():
@@ -77,7 +77,27 @@ def test_widths_are_checked() -> None:
         gptq_quantize_widths(ws, torch.eye(64), [], 32, False)
     with pytest.raises(ValueError):
         gptq_quantize_widths(ws, torch.eye(64), [4, 17], 32, False)
-    assert gptq_quantize_widths({}, None, [4, 8], 32, False) == {4: {}, 8: {}}
+    assert gptq_quantize_widths({}, None, [4, 8], 32, False).codes == {4: {}, 8: {}}
+
+
+@pytest.mark.parametrize(
+    ("symmetric", "float_zero"), [(False, False), (True, False), (False, True)], ids=["asym", "sym", "float-zero"]
+)
+@pytest.mark.parametrize("group_size", [32, 100], ids=["g32", "g100-padded"])
+def test_sweep_leaves_the_dequantized_weights(symmetric: bool, float_zero: bool, group_size: int) -> None:
+    """After the sweep its working matrix holds every width's Ŵ, bit for bit what dequantize_weight
+    makes of the returned codes (quantize_layer measures errors from it), including constant and
+    all-positive groups and a padded last group."""
+    ws = weights(9, (12, 7), 250)
+    x = correlated(300, 250, seed=10)
+    swept = gptq_quantize_widths(
+        ws, x.T @ x / 300, [8, 3, 4], group_size, symmetric, clip_search=True, float_zero=float_zero
+    )
+    for bits in (3, 4, 8):
+        for name, w in ws.items():
+            view = swept.dequantized(bits, name)
+            assert view.shape == w.shape
+            assert torch.equal(view, dequantize_weight(swept.codes[bits][name], torch.float32))
 
 
 def test_layer_sweeps_widths_together_where_memory_allows(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,7 +145,8 @@ def test_layer_sweeps_widths_together_where_memory_allows(monkeypatch: pytest.Mo
     ]
     gate_up = {n: ws[n] for n in ("gate", "up")}
     upper = inverse_hessian_factor(inputs.hessian("gate"))
-    g32, g128 = real(gate_up, None, [3, 4], 32, False, upper=upper), real(gate_up, None, [8], 128, False, upper=upper)
+    g32 = real(gate_up, None, [3, 4], 32, False, upper=upper).codes
+    g128 = real(gate_up, None, [8], 128, False, upper=upper).codes
     down_upper = inverse_hessian_factor(inputs.hessian("down"))
     for bits, want in ((3, g32[3]), (4, g32[4]), (8, g128[8])):
         for name in gate_up:
@@ -136,3 +157,11 @@ def test_layer_sweeps_widths_together_where_memory_allows(monkeypatch: pytest.Mo
         )
         assert torch.equal(got.codes[bits]["down"].codes, alone["down"].codes)
     assert got.errors["gate"][3] > got.errors["gate"][4] > got.errors["gate"][8] > 0
+    # each error (measured from the sweep's Ŵ, gate/up's reference outputs kept across their two
+    # sweeps, down_proj's computed per sweep) is ‖X ΔWᵀ‖² / ‖X Wᵀ‖² of the returned codes
+    for name, w in ws.items():
+        x = inputs.x(name).double()
+        for bits in (3, 4, 8):
+            delta = w.double() - dequantize_weight(got.codes[bits][name]).double()
+            want = float((x @ delta.T).square().sum() / (x @ w.double().T).square().sum())
+            assert got.errors[name][bits] == pytest.approx(want, rel=1e-5)
