@@ -73,8 +73,7 @@ def _half_bytes(x: torch.Tensor) -> np.ndarray:
 
 
 def _nibbles(q: torch.Tensor) -> np.ndarray:
-    """[..., 32] values in [0, 15] -> [..., 16] bytes, weight j low nibble, weight j + 16 high."""
-    q = q.to(torch.uint8)
+    """[..., 32] uint8 values in [0, 15] -> [..., 16] bytes, weight j low nibble, weight j + 16 high."""
     return (q[..., :16] | (q[..., 16:] << 4)).numpy()
 
 
@@ -96,18 +95,24 @@ def _high_bits(q: torch.Tensor) -> np.ndarray:
 
 def pack_blocks(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None) -> np.ndarray:
     """Q4_0 / Q4_1 / Q5_0 / Q5_1 blocks [rows, n_blocks * block bytes] from levels q [rows, nb, 32]
-    and fp16 d (and m for the offset types), fields in the block's order: d, m, qh (5-bit), nibbles."""
+    (any integer or integral float dtype) and fp16 d (and m for the offset types), fields in the
+    block's order: d, m, qh (5-bit), nibbles; each written once into the output."""
     rows, nb, _ = q.shape
-    fields = [_half_bytes(d)]
+    if qtype in (Q4_1, Q5_1) and m is None:
+        raise ValueError(f"{qtype} blocks carry a minimum m")
+    levels = q if q.dtype == torch.uint8 else q.to(torch.uint8)
+    out = np.empty((rows, nb, BLOCK_BYTES[qtype]), dtype=np.uint8)
+    out[..., :2] = _half_bytes(d)
+    at = 2
     if qtype in (Q4_1, Q5_1):
-        if m is None:
-            raise ValueError(f"{qtype} blocks carry a minimum m")
-        fields.append(_half_bytes(m))
+        assert m is not None
+        out[..., 2:4] = _half_bytes(m)
+        at = 4
     if qtype in (Q5_0, Q5_1):
-        fields.append(_high_bits(q))
-    fields.append(_nibbles(q.to(torch.int16) & 0xF))
-    out = np.concatenate(fields, axis=-1)
-    assert out.shape[-1] == BLOCK_BYTES[qtype]
+        out[..., at : at + 4] = _high_bits(levels)
+        at += 4
+        levels = levels & 0xF
+    out[..., at:] = _nibbles(levels)
     return out.reshape(rows, nb * BLOCK_BYTES[qtype])
 
 
@@ -167,26 +172,28 @@ def requantize(x: torch.Tensor, qtype: str) -> EncodedTensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _blocks(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """codes [rows, nb, 32] int16 (wide enough for every level arithmetic below, a quarter of
-    int64's memory traffic) and the group index of each block [nb]."""
+def _block_codes(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 codes [rows, nb, 32] (no wider copy: levels are formed in uint8, see below), each
+    block's smallest and largest code, scale (float32 of the fp16) and zero [rows, nb] (int16)."""
     rows, cols = q.shape
     nb = cols // BLOCK
-    codes = q.codes[:, :cols].to(torch.int16).reshape(rows, nb, BLOCK)
-    return codes, torch.arange(nb) * BLOCK // q.group_size
-
-
-def _block_params(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """codes [rows, nb, 32] int16 and each block's scale (float32 of the fp16) and zero [rows, nb]."""
-    codes, group_of_block = _blocks(q)
+    codes = q.codes[:, :cols].reshape(rows, nb, BLOCK)
+    group_of_block = torch.arange(nb) * BLOCK // q.group_size
     scale = q.scale.to(torch.float32)[:, group_of_block]
     zero = q.zero_points().to(torch.int16)[:, group_of_block]
-    return codes, scale, zero
+    return codes, codes.amin(dim=-1).to(torch.int16), codes.amax(dim=-1).to(torch.int16), scale, zero
+
+
+def _shifted(codes: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """codes - k per block in uint8 arithmetic, i.e. modulo 256: exact wherever the true value lies
+    in [0, 255] (as uint8) or, viewed as int8, in [-128, 127]."""
+    return codes + (-k).to(torch.uint8).unsqueeze(-1)
 
 
 def _exact_symmetric(q: QuantizedWeight, qtype: str) -> EncodedTensor:
-    codes, scale, zero = _block_params(q)
-    levels = codes - zero.unsqueeze(-1) + (_LEVELS[qtype] + 1) // 2  # in [0, 15] ([0, 31]) for b <= 4 (5)
+    codes, _, _, scale, zero = _block_codes(q)
+    # levels code - zero + 8 (16): in [0, 15] ([0, 31]) for b <= 4 (5)
+    levels = _shifted(codes, zero - (_LEVELS[qtype] + 1) // 2)
     data = pack_blocks(qtype, levels, scale.to(torch.float16))
     n = codes.shape[0] * codes.shape[1]
     return EncodedTensor(data=data, qtype=qtype, exact_blocks=n, total_blocks=n)
@@ -195,10 +202,13 @@ def _exact_symmetric(q: QuantizedWeight, qtype: str) -> EncodedTensor:
 def _float_offset(q: QuantizedWeight, qtype: str) -> EncodedTensor:
     """A float zero point maps 1:1: d = scale, m = offset, q = code (always exact)."""
     assert q.offset is not None
-    codes, group_of_block = _blocks(q)
+    rows, cols = q.shape
+    nb = cols // BLOCK
+    codes = q.codes[:, :cols].reshape(rows, nb, BLOCK)
+    group_of_block = torch.arange(nb) * BLOCK // q.group_size
     scale = q.scale.to(torch.float16)[:, group_of_block]
     offset = q.offset.to(torch.float16)[:, group_of_block]
-    data = pack_blocks(qtype, codes, scale.cpu(), offset.cpu())
+    data = pack_blocks(qtype, codes.cpu(), scale.cpu(), offset.cpu())
     n = codes.shape[0] * codes.shape[1]
     return EncodedTensor(data=data, qtype=qtype, exact_blocks=n, total_blocks=n)
 
@@ -206,9 +216,8 @@ def _float_offset(q: QuantizedWeight, qtype: str) -> EncodedTensor:
 def _exact_offset(q: QuantizedWeight, qtype: str) -> EncodedTensor:
     if q.offset is not None:
         return _float_offset(q, qtype)
-    codes, scale, zero = _block_params(q)
+    codes, cmin, cmax, scale, zero = _block_codes(q)
     top = _LEVELS[qtype]
-    cmin, cmax = codes.amin(dim=-1), codes.amax(dim=-1)
     # candidate offsets k = cmin - t are admissible while the largest code still fits in [0, top],
     # i.e. t <= slack; only t up to the largest slack of any block need be tried (blocks usually
     # span most of the range, so that is a few candidates, not top + 1)
@@ -226,21 +235,22 @@ def _exact_offset(q: QuantizedWeight, qtype: str) -> EncodedTensor:
     k_best = k.gather(-1, best).squeeze(-1)
     m_best = m16.gather(-1, best).squeeze(-1)
     exact = err.gather(-1, best).squeeze(-1) == 0
-    data = pack_blocks(qtype, codes - k_best.unsqueeze(-1), scale.to(torch.float16), m_best)
+    data = pack_blocks(qtype, _shifted(codes, k_best), scale.to(torch.float16), m_best)
     return EncodedTensor(data=data, qtype=qtype, exact_blocks=int(exact.sum()), total_blocks=exact.numel())
 
 
 def _exact_q8_0(q: QuantizedWeight) -> EncodedTensor:
-    codes, scale, zero = _block_params(q)
-    levels = codes - zero.unsqueeze(-1)
-    fits = (levels.amin(dim=-1) >= -128) & (levels.amax(dim=-1) <= 127)
+    codes, cmin, cmax, scale, zero = _block_codes(q)
+    fits = (cmin - zero >= -128) & (cmax - zero <= 127)
+    levels = _shifted(codes, zero).view(torch.int8)  # code - zero where it fits int8
     d = scale.to(torch.float16)
     if not bool(fits.all()):
         # asymmetric 8-bit blocks spanning more than int8: requantize just those blocks
-        values = levels.to(torch.float32) * scale.unsqueeze(-1)
-        rq, rd = requant_q8_0(values)
-        levels = torch.where(fits.unsqueeze(-1), levels, rq.to(levels.dtype))
-        d = torch.where(fits, d, rd)
+        where = (~fits).nonzero(as_tuple=True)
+        values = (codes[where].to(torch.int16) - zero[where].unsqueeze(-1)).to(torch.float32)
+        rq, rd = requant_q8_0(values * scale[where].unsqueeze(-1))
+        levels[where] = rq.to(torch.int8)
+        d[where] = rd
     data = pack_q8_0(levels, d)
     return EncodedTensor(data=data, qtype=Q8_0, exact_blocks=int(fits.sum()), total_blocks=fits.numel())
 
