@@ -14,7 +14,7 @@ plus the largest of its phases.
   measured (from the sweep's working copy, two [tokens, out] outputs at a time): for its worst group of linears
   sharing an input (`ModelDims.gptq_groups`) the inverse-Hessian factor, one [in, in] matrix
   factored in place (float64 up to 8192 inputs, with a float32 one beside it; float32 above),
-  and the sweep's float32 working copy, block update and uint8 codes (a group's widths are swept
+  and the sweep's float32 working copy and uint8 codes (a group's widths are swept
   together only where that does not raise this peak); the carried hidden
   states (input and output of every stream, capped by `activation_ram_bytes`, beyond which they
   are spilled to disk) and one batch's activations inside the layer.
@@ -140,11 +140,11 @@ def gptq_group_bytes(in_features: int, out_features: int, widths: int = 1) -> in
     """GPTQ's working memory for one group of linears sharing an input (`out_features` rows in
     all): the in-place [in, in] factor (a float32 matrix more for a float64 one) and a sweep of
     `widths` widths at once (core.quant.gptq.gptq_quantize_widths): per width a float32 working
-    copy and uint8 codes (as swept, transposed, split: 4 + 3 bytes per weight), and the block
-    update's product, chunked to one width's size (4 bytes per weight)."""
+    copy and uint8 codes (as swept, transposed, split: 4 + 3 bytes per weight); the block update
+    accumulates into the working copy in place (no product temporary)."""
     n = in_features
     factor = n * n * (_factor_bytes(n) + (4 if _factor_bytes(n) == 8 else 0))
-    return factor + n * out_features * (max(1, widths) * (4 + 3) + 4)
+    return factor + n * out_features * max(1, widths) * (4 + 3)
 
 
 def _gptq_bytes(dims: ModelDims) -> int:

@@ -37,8 +37,9 @@ rules of `quantize_weight`, so packing, export and dequantization are unchanged)
   positive semi-definite H, so H is indefinite beyond what λ covers), damp is multiplied by 10
   (up to 6 times) before a ValueError. The column sweep runs in float32 on the weight's device.
 * Memory: besides the factor, a sweep holds per width a float32 [in, out] working copy of the
-  stacked rows and the uint8 codes, and the block update's product, computed in as many row
-  chunks as widths so that it is never larger than one width's working copy. Sweeping the
+  stacked rows and the uint8 codes; the block update accumulates into the working copy in place
+  (one GEMM with beta = 1, no product temporary: on a 1B-shaped layer under the worker's
+  allocator settings that cut the page faults of freshly mapped memory by 45 %). Sweeping the
   linears of a group one by one would shrink the float32 terms but not keep the codes bit for
   bit: BLAS rounds a matrix product's entries differently depending on the number of columns
   (MKL on this project's CPUs: 18 of 72 column splits of the block update differed). For the
@@ -48,7 +49,7 @@ rules of `quantize_weight`, so packing, export and dequantization are unchanged)
   and their weights are rounded to nearest as they are (not zeroed, as some implementations do,
   so inputs unseen in calibration still see the original weights).
 * Lazy batching: the sweep updates only the current block of columns; the rest of the matrix is
-  updated once per block with one matrix product. Blocks are whole groups
+  updated once per block with one in-place matrix product. Blocks are whole groups
   (`group_size · max(1, block_size // group_size)` columns), so a group's columns are always up
   to date when its qparams are chosen.
 * Deterministic: no randomness; the same inputs on the same device give the same codes.

@@ -157,13 +157,8 @@ def sweep(
                 for (_, pad, _), p in zip(chosen, plan):
                     codes_t[g1 : (k + 1) * group_size, p.start : p.stop] = pad
         if b1 < in_features:
-            # the rest of the matrix, in as many row chunks as widths: the product's temporary
-            # stays the size of one width's working copy
-            rest = in_features - b1
-            step = -(-rest // len(plan))
-            for r0 in range(b1, in_features, step):
-                r1 = min(r0 + step, in_features)
-                wt[r0:r1].sub_(upper[b0:b1, r0:r1].T @ err1)
+            # the rest of the matrix, accumulated in place (GEMM with beta = 1): no temporary
+            wt[b1:].addmm_(upper[b0:b1, b1:].T, err1, alpha=-1.0)
     out: list[QuantizedWeight] = []
     for p in plan:
         codes = codes_t[:, p.start : p.stop].T.contiguous()

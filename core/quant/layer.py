@@ -300,7 +300,7 @@ def quantize_layer(
                 )
                 for bits, quantized in swept.codes.items():
                     codes[bits].update(quantized)
-                # measured while the sweep's working copy holds Ŵ (its block product is gone)
+                # measured while the sweep's working copy holds Ŵ, within the sweep's memory
                 for name in names:
                     for bits in sweep_widths:
                         meter.measure(name, bits, swept.dequantized(bits, name))

@@ -89,9 +89,13 @@ class _Groups:
         self.w = w.reshape(out_features, self.n_groups, group_size)
         cols = torch.arange(self.n_groups * group_size, device=weight.device)
         self.mask = (cols < in_features).reshape(1, self.n_groups, group_size)
-        inf = torch.tensor(float("inf"), device=weight.device)
-        self.w_min = torch.where(self.mask, self.w, inf).amin(dim=-1)
-        self.w_max = torch.where(self.mask, self.w, -inf).amax(dim=-1)
+        self.padded = pad > 0  # without padding the mask is all True: no masked copies needed
+        if self.padded:
+            inf = torch.tensor(float("inf"), device=weight.device)
+            self.w_min = torch.where(self.mask, self.w, inf).amin(dim=-1)
+            self.w_max = torch.where(self.mask, self.w, -inf).amax(dim=-1)
+        else:
+            self.w_min, self.w_max = self.w.amin(dim=-1), self.w.amax(dim=-1)
 
 
 def _qparams(g: _Groups, bits: int, symmetric: bool, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,13 +116,15 @@ def _qparams(g: _Groups, bits: int, symmetric: bool, shrink: float) -> tuple[tor
 
 def _raw_codes(w: torch.Tensor, scale16: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """float32 codes clamp(round(w / scale) + zero); `scale16` and `zero` broadcast against `w`."""
-    return torch.clamp(torch.round(w / scale16.to(torch.float32)) + zero, 0, 2**bits - 1)
+    # in place after the division: one temporary the size of `w`, not four (same values)
+    return (w / scale16.to(torch.float32)).round_().add_(zero).clamp_(0, 2**bits - 1)
 
 
 def _short_groups(g: _Groups, codes: torch.Tensor, bits: int) -> torch.Tensor:
     """[out, n_groups] bool: asymmetric groups whose positive maximum landed on qmax - 1."""
     qmax = 2**bits - 1
-    short: torch.Tensor = (g.w_max > 0) & (codes.masked_fill(~g.mask, 0).amax(dim=-1) == qmax - 1)
+    real = codes.masked_fill(~g.mask, 0) if g.padded else codes
+    short: torch.Tensor = (g.w_max > 0) & (real.amax(dim=-1) == qmax - 1)
     return short
 
 

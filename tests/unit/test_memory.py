@@ -71,9 +71,9 @@ def test_layer_terms_by_hand() -> None:
     )
     # GPTQ's worst group, down_proj here: its float64 factor built in place (plus the float32 H
     # while converting, then the factor's float32 copy) and the sweep over its rows (float32 working
-    # copy and block update, uint8 codes three times); gate/up's sweep is larger, its factor smaller.
+    # copy, uint8 codes three times); gate/up's sweep is larger, its factor smaller.
     # It replaces the error measurement's temporaries, which come after it.
-    down, gate_up = 1536 * 1536 * (8 + 4) + 1536 * 576 * (2 * 4 + 3), 576 * 576 * 12 + 576 * 3072 * 11
+    down, gate_up = 1536 * 1536 * (8 + 4) + 1536 * 576 * (4 + 3), 576 * 576 * 12 + 576 * 3072 * 7
     assert dims.gptq_groups == [(576, 960), (576, 576), (576, 3072), (1536, 576)] and down > gate_up
     errors = 4 * dims.largest_linear * 4
     assert gptq.phases["layer pass"] - phases["layer pass"] == down - errors > 0
@@ -125,11 +125,12 @@ def test_an_8b_model_fits_a_small_worker_when_streamed() -> None:
     gptq = estimate_job_memory(dims, method="taq", calibration_rows=8, max_tokens=128, quantizer="gptq", source_bytes=2)
     assert rtn.total_gib < 4.5 and gptq.total_gib < 6.0  # issue 12: ≤ 6 GiB for GPTQ
     assert gptq.phase == "layer pass"
-    # one [in, in] matrix per factorisation, in place: gate/up (float64 factor of 4096 inputs, the
-    # sweep over 28672 rows) now outweighs down_proj (float32 factor of 14336 inputs, 4096 rows)
-    gate_up, down = 4096**2 * 12 + 4096 * 28672 * 11, 14336**2 * 4 + 14336 * 4096 * 11
-    assert gptq.terms["gptq"] == gate_up > down and "error_measure" not in gptq.terms
-    assert rtn.phases["layer pass"] + gate_up - 4 * dims.largest_linear * 4 == gptq.phases["layer pass"]
+    # one [in, in] matrix per factorisation, in place, and the block update in place: down_proj
+    # (float32 factor of 14336 inputs, 4096 rows) outweighs gate/up (float64 factor of 4096
+    # inputs, the sweep over 28672 rows)
+    gate_up, down = 4096**2 * 12 + 4096 * 28672 * 7, 14336**2 * 4 + 14336 * 4096 * 7
+    assert gptq.terms["gptq"] == down > gate_up and "error_measure" not in gptq.terms
+    assert rtn.phases["layer pass"] + down - 4 * dims.largest_linear * 4 == gptq.phases["layer pass"]
     assert rtn.phases["export"] == 128256 * 4096 * 2 + dims.largest_linear * 8 + 128256 * 1024
 
 
