@@ -265,9 +265,10 @@ def _s(x) -> str:
     return "—" if x is None else f"{x:.1f}"
 
 
-def time_baseline(args, model_id: str, env: dict, quantizer: str) -> dict | None:
-    """bench/scale_baseline.py in its own process, with the worker's environment (threads), while
-    the service is not running: one streamed forward pass plus the quantizer at one width."""
+def time_baseline(args, model_id: str, env: dict, quantizer: str, allocator: str = "worker") -> dict | None:
+    """bench/scale_baseline.py in its own process, with the worker's environment (threads and, with
+    `allocator` "worker", its allocator settings), while the service is not running: one streamed
+    forward pass plus the quantizer at one width."""
     cmd = [
         sys.executable,
         str(ROOT / "bench" / "scale_baseline.py"),
@@ -281,8 +282,10 @@ def time_baseline(args, model_id: str, env: dict, quantizer: str) -> dict | None
         str(args.max_tokens),
         "--quantizer",
         quantizer,
+        "--allocator",
+        allocator,
     ]
-    print(f"baseline ({quantizer}): {shlex.join(cmd)}", flush=True)
+    print(f"baseline ({quantizer}, {allocator} allocator): {shlex.join(cmd)}", flush=True)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"  baseline failed: {done.stderr[-2000:]}", flush=True)
@@ -394,7 +397,8 @@ def markdown(results: dict) -> str:
             "written during publish). Peak RSS: the worker's report (`result.resources`) with, in parentheses, the "
             "peak VmRSS sampled from /proc every 0.5 s; `(s)` alone = sampled only. Preflight: the API's memory "
             "estimate for the job (core.memory). Baseline: bench/scale_baseline.py in the same run before the service "
-            "started — one streamed forward pass over the calibration rows plus the job's quantizer over every layer "
+            "started, with the worker's allocator settings unless `--baseline-allocator` says otherwise — one "
+            "streamed forward pass over the calibration rows plus the job's quantizer over every layer "
             "at 4 bits; job/baseline = the sum of the job's stage times over it.",
             "",
             "Peak RSS per stage (GiB):",
@@ -453,9 +457,13 @@ def cmd_run(args) -> int:
             f"{m['torch_threads_worker_env']}; checkpoint {checkpoint_bytes / GiB:.2f} GiB",
             flush=True,
         )
-        results["baselines"] = (
-            {} if args.no_baseline else {q: time_baseline(args, ckpt["name"], service.env, q) for q in args.quantizer}
-        )
+        # per quantizer and allocator setting; the first setting's is the one job/baseline uses
+        variants = {
+            q: {a: time_baseline(args, ckpt["name"], service.env, q, a) for a in args.baseline_allocator}
+            for q in ([] if args.no_baseline else args.quantizer)
+        }
+        results["baseline_allocators"] = variants
+        results["baselines"] = {q: by[args.baseline_allocator[0]] for q, by in variants.items()}
         print(f"starting {shlex.join(service.command)} (data dir {service.data_dir})", flush=True)
         service.start()
         sampler.serve_pid = service.proc.pid
@@ -518,6 +526,11 @@ def cmd_run(args) -> int:
                 job_s = sum((record.get("timings") or {}).values()) or None
                 record["job_s"] = job_s
                 record["job_over_baseline"] = round(job_s / base["total_s"], 2) if base and job_s else None
+                record["job_over_baseline_by_allocator"] = {
+                    a: round(job_s / b["total_s"], 2)
+                    for a, b in results["baseline_allocators"].get(quantizer, {}).items()
+                    if b and job_s
+                }
                 results["jobs"].append(record)
                 rep = (record.get("reported") or {}).get("peak_rss_bytes")
                 smp = (record.get("sampled") or {}).get("peak_rss_bytes")
@@ -570,6 +583,14 @@ def main(argv: list[str] | None = None) -> int:
         "--no-baseline",
         action="store_true",
         help="skip the streamed forward + quantizer baseline (bench/scale_baseline.py)",
+    )
+    run.add_argument(
+        "--baseline-allocator",
+        nargs="+",
+        choices=["worker", "default"],
+        default=["worker"],
+        help="allocator settings of the baseline (scale_baseline.py --allocator); one baseline per "
+        "setting, the first is the one job/baseline uses (worker: the job's own)",
     )
     run.add_argument("--json", type=Path)
     run.add_argument("--markdown", type=Path)

@@ -9,6 +9,11 @@ calibration batches run through it while its linears' inputs are recorded, and i
 quantized at 4 bits (GPTQ: one inverse-Hessian factor per shared input, one sweep; RTN: round to
 nearest). Nothing is measured, checkpointed or exported. Prints one JSON line: seconds for
 the whole run, the forward passes, the quantizer and the rest (reading and converting weights).
+
+`--allocator worker` (the default) sets glibc's allocator as the worker process does
+(`worker.resources.tune_allocator`: mmap and trim thresholds of 128 KiB, so freed temporaries go
+back to the kernel and new ones are mapped fresh), so the baseline runs in the job's environment;
+`default` leaves glibc's own dynamic thresholds.
 """
 
 from __future__ import annotations
@@ -113,8 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--quantizer", choices=["rtn", "gptq"], default="gptq")
+    parser.add_argument("--allocator", choices=["worker", "default"], default="worker")
     args = parser.parse_args(argv)
-    print(json.dumps(baseline(args.model_root, args.model, args.rows, args.max_tokens, args.quantizer)), flush=True)
+    tuned = False
+    if args.allocator == "worker":
+        from worker.resources import tune_allocator
+
+        tuned = tune_allocator()
+    result = baseline(args.model_root, args.model, args.rows, args.max_tokens, args.quantizer)
+    print(json.dumps({**result, "allocator": args.allocator, "allocator_tuned": tuned}), flush=True)
     return 0
 
 
