@@ -1,4 +1,5 @@
-"""core.quant.primitives: group-wise quantization, padding, fp16 scales, clip search, error measures."""
+"""core.quant.primitives: group-wise quantization, padding, fp16 scales, clip search; core.quant.metrics:
+error measures."""
 
 from __future__ import annotations
 
@@ -7,13 +8,8 @@ import math
 import pytest
 import torch
 
-from core.quant.primitives import (
-    SUPPORTED_BITS,
-    dequantize_weight,
-    quantization_error,
-    quantize_weight,
-    sqnr_db,
-)
+from core.quant.metrics import quantization_error, sqnr_db
+from core.quant.primitives import SUPPORTED_BITS, dequantize_weight, quantize_weight
 from core.types import QuantizedWeight
 
 pytestmark = pytest.mark.unit
