@@ -12,7 +12,8 @@ from pipeline_helpers import make_spec, run
 from core.allocation import LayerCost, allocate_budget
 from core.export.ggml_blocks import encode_quantized
 from core.quant.gptq import gptq_quantize_weight
-from core.quant.primitives import dequantize_weight, quantize_weight, sqnr_db
+from core.quant.metrics import sqnr_db
+from core.quant.primitives import dequantize_weight, quantize_weight
 from core.scheme import QuantScheme, effective_bits, stored_bits
 from core.spec import JobSpec
 from core.streaming.checkpoints import _decode, _encode

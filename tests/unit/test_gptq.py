@@ -14,8 +14,9 @@ from core.quant.gptq import (
     gptq_quantize_widths,
     inverse_hessian_factor,
 )
+from core.quant.metrics import quantization_error
 from core.quant.packing import PACKERS
-from core.quant.primitives import dequantize_weight, quantization_error, quantize_weight
+from core.quant.primitives import dequantize_weight, quantize_weight
 from core.scheme import QuantScheme
 from core.spec import CalibrationRow, JobSpec, Quantizer
 
