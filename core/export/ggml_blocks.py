@@ -172,16 +172,25 @@ def requantize(x: torch.Tensor, qtype: str) -> EncodedTensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _block_codes(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 codes [rows, nb, 32] (no wider copy: levels are formed in uint8, see below), each
-    block's smallest and largest code, scale (float32 of the fp16) and zero [rows, nb] (int16)."""
+def _blocks(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 codes [rows, nb, 32] (no wider copy: levels are formed in uint8 by `_shifted`) and
+    the group index of each block [nb]."""
     rows, cols = q.shape
     nb = cols // BLOCK
-    codes = q.codes[:, :cols].reshape(rows, nb, BLOCK)
-    group_of_block = torch.arange(nb) * BLOCK // q.group_size
+    return q.codes[:, :cols].reshape(rows, nb, BLOCK), torch.arange(nb) * BLOCK // q.group_size
+
+
+def _block_params(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 codes [rows, nb, 32] and each block's scale (float32 of the fp16) and zero [rows, nb] (int16)."""
+    codes, group_of_block = _blocks(q)
     scale = q.scale.to(torch.float32)[:, group_of_block]
     zero = q.zero_points().to(torch.int16)[:, group_of_block]
-    return codes, codes.amin(dim=-1).to(torch.int16), codes.amax(dim=-1).to(torch.int16), scale, zero
+    return codes, scale, zero
+
+
+def _code_range(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's smallest and largest code [rows, nb] (int16)."""
+    return codes.amin(dim=-1).to(torch.int16), codes.amax(dim=-1).to(torch.int16)
 
 
 def _shifted(codes: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -191,7 +200,7 @@ def _shifted(codes: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def _exact_symmetric(q: QuantizedWeight, qtype: str) -> EncodedTensor:
-    codes, _, _, scale, zero = _block_codes(q)
+    codes, scale, zero = _block_params(q)
     # levels code - zero + 8 (16): in [0, 15] ([0, 31]) for b <= 4 (5)
     levels = _shifted(codes, zero - (_LEVELS[qtype] + 1) // 2)
     data = pack_blocks(qtype, levels, scale.to(torch.float16))
@@ -202,10 +211,7 @@ def _exact_symmetric(q: QuantizedWeight, qtype: str) -> EncodedTensor:
 def _float_offset(q: QuantizedWeight, qtype: str) -> EncodedTensor:
     """A float zero point maps 1:1: d = scale, m = offset, q = code (always exact)."""
     assert q.offset is not None
-    rows, cols = q.shape
-    nb = cols // BLOCK
-    codes = q.codes[:, :cols].reshape(rows, nb, BLOCK)
-    group_of_block = torch.arange(nb) * BLOCK // q.group_size
+    codes, group_of_block = _blocks(q)
     scale = q.scale.to(torch.float16)[:, group_of_block]
     offset = q.offset.to(torch.float16)[:, group_of_block]
     data = pack_blocks(qtype, codes.cpu(), scale.cpu(), offset.cpu())
@@ -216,7 +222,8 @@ def _float_offset(q: QuantizedWeight, qtype: str) -> EncodedTensor:
 def _exact_offset(q: QuantizedWeight, qtype: str) -> EncodedTensor:
     if q.offset is not None:
         return _float_offset(q, qtype)
-    codes, cmin, cmax, scale, zero = _block_codes(q)
+    codes, scale, zero = _block_params(q)
+    cmin, cmax = _code_range(codes)
     top = _LEVELS[qtype]
     # candidate offsets k = cmin - t are admissible while the largest code still fits in [0, top],
     # i.e. t <= slack; only t up to the largest slack of any block need be tried (blocks usually
@@ -240,7 +247,8 @@ def _exact_offset(q: QuantizedWeight, qtype: str) -> EncodedTensor:
 
 
 def _exact_q8_0(q: QuantizedWeight) -> EncodedTensor:
-    codes, cmin, cmax, scale, zero = _block_codes(q)
+    codes, scale, zero = _block_params(q)
+    cmin, cmax = _code_range(codes)
     fits = (cmin - zero >= -128) & (cmax - zero <= 127)
     levels = _shifted(codes, zero).view(torch.int8)  # code - zero where it fits int8
     d = scale.to(torch.float16)

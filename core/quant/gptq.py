@@ -213,30 +213,33 @@ def gptq_quantize_widths(
     swept = sweep(
         wt, upper.to(device=device, dtype=torch.float32), plan, group_size, symmetric, block_size, clip_search
     )
-    columns: dict[int, dict[str, slice]] = {}
-    for width in plan:
-        start = width.start
-        columns[width.bits] = {}
-        for name in names:
-            stop = start + int(weights[name].shape[0])
-            columns[width.bits][name] = slice(start, stop)
-            start = stop
+    stacked_rows = _row_slices(names, weights)
     return SweptWidths(
-        codes={width.bits: _split(q, names, weights) for width, q in zip(plan, swept)},
+        codes={width.bits: _split(q, stacked_rows) for width, q in zip(plan, swept)},
         dequantized_t=wt,
-        columns=columns,
+        columns={
+            width.bits: {n: slice(width.start + sl.start, width.start + sl.stop) for n, sl in stacked_rows.items()}
+            for width in plan
+        },
     )
 
 
-def _split(q: QuantizedWeight, names: list[str], weights: Mapping[str, torch.Tensor]) -> dict[str, QuantizedWeight]:
-    """The stacked result `q` cut back into the weights' rows."""
-    if len(names) == 1:
-        return {names[0]: q}
-    out: dict[str, QuantizedWeight] = {}
+def _row_slices(names: list[str], weights: Mapping[str, torch.Tensor]) -> dict[str, slice]:
+    """Each weight's rows within the stacked rows, in `names` order."""
+    out: dict[str, slice] = {}
     start = 0
     for name in names:
-        rows = int(weights[name].shape[0])
-        sl = slice(start, start + rows)
+        out[name] = slice(start, start + int(weights[name].shape[0]))
+        start = out[name].stop
+    return out
+
+
+def _split(q: QuantizedWeight, stacked_rows: dict[str, slice]) -> dict[str, QuantizedWeight]:
+    """The stacked result `q` cut back into the weights' rows."""
+    if len(stacked_rows) == 1:
+        return {next(iter(stacked_rows)): q}
+    out: dict[str, QuantizedWeight] = {}
+    for name, sl in stacked_rows.items():
         out[name] = QuantizedWeight(
             codes=q.codes[sl].contiguous(),
             scale=q.scale[sl].contiguous(),
@@ -244,10 +247,9 @@ def _split(q: QuantizedWeight, names: list[str], weights: Mapping[str, torch.Ten
             bits=q.bits,
             group_size=q.group_size,
             symmetric=q.symmetric,
-            shape=(rows, q.shape[1]),
+            shape=(sl.stop - sl.start, q.shape[1]),
             offset=None if q.offset is None else q.offset[sl].contiguous(),
         )
-        start += rows
     return out
 
 

@@ -201,16 +201,18 @@ class _ErrorMeter:
     def measure(self, name: str, bits: int, approx: torch.Tensor) -> None:
         """Record the error of `approx` (Ŵ [out, in], any layout) as `name`'s at `bits`."""
         y = self._outputs(name)
+        energy = self.energies[name]
         if y is not None:
             assert self.inputs is not None  # outputs exist only with recorded rows
             y_hat = self.inputs.outputs(name, approx)
             assert y_hat is not None
-            num = float(y_hat.sub_(y).square_().sum())
+            self.errors[name][bits] = _ratio(float(y_hat.sub_(y).square_().sum()), energy)
+        elif self.inputs is not None:
+            self.errors[name][bits] = self.inputs.relative_error(name, self.weights[name], approx, energy)
         else:
             w = self.weights[name].to(torch.float32)
             delta = w - approx.to(device=w.device, dtype=torch.float32)
-            num = self.inputs._quadratic(name, delta) if self.inputs is not None else float(delta.square().sum())
-        self.errors[name][bits] = _ratio(num, self.energies[name])
+            self.errors[name][bits] = _ratio(float(delta.square().sum()), energy)
 
     def done(self, keep: bool = False) -> None:
         """The measurements of one sweep (or of all RTN widths) are done; `keep` the reference
