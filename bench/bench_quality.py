@@ -145,6 +145,9 @@ MODIFIERS = {
     # 8-bit weights in groups of 128 (the other widths keep --group-size); compared item by item
     # with the same token without +g8w128 (pairs, not a dict, so a variant stays hashable)
     "g8w128": {"group_size_by_bits": ((8, 128),)},
+    # GGUF K-quant super-blocks (with +fz, --group-size 32): 4/5-bit linears with 256 | in as
+    # Q4_K/Q5_K at 4.5/5.5 bits; compared item by item with the same token without +kq
+    "kq": {"k_quants": True},
 }
 
 
@@ -158,7 +161,15 @@ class Variant:
     @property
     def scoring_options(self) -> dict:
         """The fields that change the pass: the quantizer, clip search and the closed loop (rows held back)."""
-        fields = ("clip_search", "quantizer", "closed_loop", "calibration_inputs", "zero_point", "group_size_by_bits")
+        fields = (
+            "clip_search",
+            "quantizer",
+            "closed_loop",
+            "calibration_inputs",
+            "zero_point",
+            "group_size_by_bits",
+            "k_quants",
+        )
         return {k: v for k, v in self.options if k in fields}
 
 

@@ -44,7 +44,7 @@ def variant_table(rows: list[dict]) -> str:
 
 #: label marks of a grid other than the run's base one; a control allocated on such a grid is
 #: compared only with the methods on the same grid
-GRID_MARKS = ("+fz", "+g8w128")
+GRID_MARKS = ("+fz", "+g8w128", "+kq")
 
 
 def _grid(label: str) -> tuple[str, ...]:
@@ -67,7 +67,7 @@ def comparisons(rows: list[dict], seed: int = 0) -> list[dict]:
         # a +fz row (float zero points) with the same method on integer zero points, a +g8w128 row
         # (8 bits in groups of 128) with the same method at one group size
         fp_twin = None
-        for twin_mark in ("+seq", "+fz", "+g8w128"):
+        for twin_mark in ("+seq", "+fz", "+g8w128", "+kq"):  # the last mark present names the twin
             if r["kind"] == "method" and twin_mark in r["label"]:
                 fp_twin = r["label"].replace(twin_mark, "")
         for c in rows:

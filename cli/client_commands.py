@@ -78,6 +78,14 @@ def submit(
         str | None,
         typer.Option(help="integer | float: float stores an fp16 offset per group (<= 5 bits; GGUF Q4_1/Q5_1 only)"),
     ] = None,
+    k_quants: Annotated[
+        bool | None,
+        typer.Option(
+            "--k-quants/--no-k-quants",
+            show_default=False,
+            help="with --zero-point float and groups of 32: 4/5-bit linears with 256 | in as GGUF Q4_K/Q5_K",
+        ),
+    ] = None,
     allocation: Annotated[str | None, typer.Option(help="budget | paper | error_only | random")] = None,
     allocation_unit: Annotated[str | None, typer.Option(help="layer | linear")] = None,
     quantizer: Annotated[str | None, typer.Option(help="rtn | gptq (gptq needs calibration data)")] = None,
@@ -138,6 +146,7 @@ def submit(
         ("group_size", group_size),
         ("symmetric", symmetric),
         ("zero_point", zero_point),
+        ("k_quants", k_quants),
         ("allocation", allocation),
         ("allocation_unit", allocation_unit),
         ("quantizer", quantizer),

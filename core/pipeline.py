@@ -304,6 +304,8 @@ def pass_key(
     # only when set, so checkpoints of grids without them keep their keys
     if spec.float_zero:
         fields["zero_point"] = spec.zero_point.value
+    if spec.k_quants:
+        fields["k_quants"] = True
     if spec.scheme.group_size_by_bits:
         fields["group_size_by_bits"] = [list(pair) for pair in spec.scheme.group_size_by_bits]
     digest = hashlib.sha256(

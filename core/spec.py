@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.runtimes import RUNTIMES, spec_problems
-from core.scheme import QuantScheme
+from core.scheme import SUPER_BITS, SUPER_GROUP_SIZE, QuantScheme
 
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 #: Rows allowed inline in a spec; larger sets go through POST /v1/datasets.
@@ -175,6 +175,9 @@ class JobSpec(_Strict):
     symmetric: bool = False
     #: asymmetric grids only; `float` exports to GGUF only, and `exports` defaults to it then
     zero_point: ZeroPoint = ZeroPoint.integer
+    #: with zero_point `float` and groups of 32: 4- and 5-bit weights whose input dim is a multiple
+    #: of 256 are stored as GGUF Q4_K / Q5_K super-blocks (4.5 / 5.5 bits a weight, not 5.0 / 6.0)
+    k_quants: bool = False
     allocation: AllocationRule = AllocationRule.budget
     allocation_unit: AllocationUnit = AllocationUnit.layer
     exports: list[ExportFormat] = Field(default_factory=lambda: [ExportFormat.hf])
@@ -273,6 +276,7 @@ class JobSpec(_Strict):
             if problems:
                 raise ValueError("; ".join(problems))
         self._check_zero_point()
+        self._check_k_quants()
         return self
 
     def _check_zero_point(self) -> None:
@@ -289,6 +293,21 @@ class JobSpec(_Strict):
                 "zero_point 'integer'"
             )
 
+    def _check_k_quants(self) -> None:
+        if not self.k_quants:
+            return
+        if self.zero_point != ZeroPoint.float:
+            raise ValueError("k_quants stores float zero points in GGUF Q4_K/Q5_K super-blocks: set zero_point 'float'")
+        widths = [b for b in self.bit_choices if b in SUPER_BITS]
+        if not widths:
+            raise ValueError(f"k_quants applies to 4- and 5-bit weights; bit_choices {self.bit_choices} has neither")
+        odd = [b for b in widths if self.scheme.group_size_at(b) != SUPER_GROUP_SIZE]
+        if odd:
+            raise ValueError(
+                f"k_quants needs groups of {SUPER_GROUP_SIZE} at {odd} bits (a super-block's sub-blocks): "
+                f"set group_size {SUPER_GROUP_SIZE} (group_size_by_bits may give other widths other sizes)"
+            )
+
     @property
     def float_zero(self) -> bool:
         """Asymmetric widths up to 5 bits store a float zero point (`zero_point: "float"`)."""
@@ -297,7 +316,13 @@ class JobSpec(_Strict):
     @property
     def scheme(self) -> QuantScheme:
         """The grid the job's widths are stored on and priced by."""
-        return QuantScheme(self.group_size, self.symmetric, self.float_zero, tuple(self.group_size_by_bits.items()))
+        return QuantScheme(
+            self.group_size,
+            self.symmetric,
+            self.float_zero,
+            tuple(self.group_size_by_bits.items()),
+            k_quants=self.k_quants and self.float_zero,
+        )
 
     @property
     def group_sizes(self) -> list[int]:

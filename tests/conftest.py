@@ -45,7 +45,9 @@ def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def build_tiny_llama(out_dir: Path, tokenizer_dir: Path, *, seed: int = 0, layers: int = 4) -> Path:
+def build_tiny_llama(
+    out_dir: Path, tokenizer_dir: Path, *, seed: int = 0, layers: int = 4, intermediate_size: int = 192
+) -> Path:
     """A seeded random Llama whose shapes exercise padding (96 % 64 != 0) and GQA."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -53,7 +55,7 @@ def build_tiny_llama(out_dir: Path, tokenizer_dir: Path, *, seed: int = 0, layer
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=96,
-        intermediate_size=192,
+        intermediate_size=intermediate_size,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -75,6 +77,15 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_d
     """Model root layout: <root>/tiny-llama/ so services resolve the id `tiny-llama`."""
     root = tmp_path_factory.mktemp("model-root")
     return build_tiny_llama(root / "tiny-llama", smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def wide_tiny_model_root(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """A model root holding `tiny-llama` with an MLP of 256, so down_proj rows are whole GGUF
+    K-quant super-blocks."""
+    root = tmp_path_factory.mktemp("wide-model-root")
+    build_tiny_llama(root / "tiny-llama", smollm2_tokenizer_dir, intermediate_size=256)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,10 @@
 
 Tensor types (docs/ARTIFACTS.md has the full mapping and its exactness):
 - quantized linears: 6-8 bits -> Q8_0, 5 bits -> Q5_1 / Q5_0, <= 4 bits -> Q4_1 (asymmetric) /
-  Q4_0 (symmetric), float zero points -> Q4_1 / Q5_1 (d = scale, m = offset), encoded
-  from our codes exactly where the block format allows (`core.export.ggml_blocks`); a linear whose
+  Q4_0 (symmetric), float zero points -> Q4_1 / Q5_1 (d = scale, m = offset), under `k_quants`
+  4/5-bit float zero points of linears with 256 | in_features -> Q4_K / Q5_K
+  (`core.export.ggml_kquants`, always exact), encoded from our codes exactly where the block
+  format allows (`core.export.ggml_blocks`); a linear whose
   ``in_features`` is not a multiple of 32 cannot be block-quantized and is stored F16;
 - 16-bit layers' linears, the token embedding and an untied LM head: F16 (the same float16 values
   the HF export stores); norms: F32.
@@ -50,6 +52,7 @@ from core.export._common import (
     to_fp16,
 )
 from core.export.ggml_blocks import BLOCK, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, encode_quantized, target_type
+from core.export.ggml_kquants import Q4_K, Q5_K, SUPER_BLOCK_BYTES, encode_super_blocks, super_type
 from core.export.gguf_metadata import ARCH, LlamaHyper, copy_source_metadata, hf_metadata
 from core.spec import JobSpec
 from core.types import BitMap, QuantizedWeight
@@ -135,6 +138,8 @@ def _plan(model: nn.Module, plans: list[LinearPlan], spec: JobSpec) -> list[_Pla
             qtype = "F32" if name.endswith(_NORM_SUFFIX) else "F16"
         elif not plan.quantized or plan.shape[1] % BLOCK != 0:
             qtype = "F16"  # GGML blocks need rows of whole 32-blocks: such a linear is kept dequantized
+        elif spec.scheme.superblocks_at(plan.bits, plan.shape[1]):
+            qtype = super_type(plan.bits)
         else:
             qtype = target_type(plan.bits, spec.symmetric)
         planned.append(_Planned(key, name, qtype, tuple(int(s) for s in value.shape), plan))
@@ -160,7 +165,12 @@ def _array(
     q = _permute_q(q, idx) if idx is not None else q
     if entry.qtype == "F16":
         return to_fp16(linear.name, dequantize_weight(q, torch.float32)).numpy()
-    encoded = encode_quantized(q)
+    encoded = encode_super_blocks(q) if entry.qtype in SUPER_BLOCK_BYTES else encode_quantized(q)
+    if encoded is None:
+        raise ExportError(
+            f"{linear.name}: its scales and offsets are not on K-quant super-blocks (k_quants); "
+            "the checkpoint was quantized on another grid"
+        )
     if encoded.qtype != entry.qtype:
         raise ExportError(f"{linear.name}: encoded as {encoded.qtype}, planned {entry.qtype}")
     return encoded.data
@@ -176,6 +186,8 @@ def _file_type(planned: list[_Planned]) -> int:
         Q5_0: LlamaFileType.MOSTLY_Q5_0,
         Q5_1: LlamaFileType.MOSTLY_Q5_1,
         Q8_0: LlamaFileType.MOSTLY_Q8_0,
+        Q4_K: LlamaFileType.MOSTLY_Q4_K_S,
+        Q5_K: LlamaFileType.MOSTLY_Q5_K_S,
         "F16": LlamaFileType.MOSTLY_F16,
     }
     counts: Counter[str] = Counter()

@@ -30,6 +30,10 @@ rules of `quantize_weight`, so packing, export and dequantization are unchanged)
   offset come from `primitives.select_float_qparams` on the error-updated weights the same way,
   codes are clamp(round((w − offset) / scale)); with a diagonal H the result again equals
   `quantize_weight(..., float_zero=True)` code for code.
+* K-quant super-blocks (`k_quants`, core/quant/superblocks.py): a super-block's d and dmin are
+  fixed before the sweep from RTN's qparams of the unchanged weights, and each group's scale and
+  offset, chosen when the sweep reaches it, are snapped onto them (a sub-scale past 63 clips); with
+  a diagonal H the result equals `quantize_weight(..., k_quants=True)` code for code.
 * Dampening: H + damp · mean(diag H) · I (mean over live inputs). The factor U comes from
   `core.quant.factor.inverse_hessian_factor` (one Cholesky of the order-reversed H and one
   triangular inverse, in place in one [in, in] matrix, float64; core.quant.layer: float32 above
@@ -63,9 +67,9 @@ from dataclasses import dataclass
 import torch
 
 from core.quant.factor import DEFAULT_DAMP, inverse_hessian_factor
-from core.quant.gptq_sweep import Width, sweep
+from core.quant.gptq_sweep import Width, superblock_scales, sweep
 from core.quant.primitives import _check_bits, _check_weight
-from core.scheme import float_zero_at
+from core.scheme import float_zero_at, superblocks_at
 from core.types import QuantizedWeight
 
 __all__ = [
@@ -93,6 +97,7 @@ def gptq_quantize_weight(
     clip_search: bool = False,
     upper: torch.Tensor | None = None,
     float_zero: bool = False,
+    k_quants: bool = False,
 ) -> QuantizedWeight:
     """Quantize a [out, in] weight with GPTQ given H = XᵀX / n ([in, in]) of its input.
 
@@ -111,6 +116,7 @@ def gptq_quantize_weight(
         clip_search=clip_search,
         upper=upper,
         float_zero=float_zero,
+        k_quants=k_quants,
     )["weight"]
 
 
@@ -143,6 +149,7 @@ def gptq_quantize_weights(
     clip_search: bool = False,
     upper: torch.Tensor | None = None,
     float_zero: bool = False,
+    k_quants: bool = False,
 ) -> dict[str, QuantizedWeight]:
     """GPTQ of several weights that read the same input (one shared H) in one column sweep:
     their rows are stacked, quantized together (rows are independent given H) and split again.
@@ -158,6 +165,7 @@ def gptq_quantize_weights(
         clip_search=clip_search,
         upper=upper,
         float_zero=float_zero,
+        k_quants=k_quants,
     ).codes[bits]
 
 
@@ -173,6 +181,7 @@ def gptq_quantize_widths(
     clip_search: bool = False,
     upper: torch.Tensor | None = None,
     float_zero: bool = False,
+    k_quants: bool = False,
 ) -> SweptWidths:
     """`gptq_quantize_weights` at every width in `widths` (all in groups of `group_size`) in one
     column sweep: a copy of the stacked rows per width sits side by side in the working matrix, so
@@ -206,8 +215,17 @@ def gptq_quantize_widths(
     wt = torch.cat(stacked * len(bits_list), dim=1)
     del stacked
     rows = sum(int(weights[n_].shape[0]) for n_ in names)
+    in_features = int(weights[names[0]].shape[1])
     plan = [
-        Width(bits, float_zero_at(bits, symmetric, float_zero), i * rows, (i + 1) * rows)
+        Width(
+            bits,
+            float_zero_at(bits, symmetric, float_zero),
+            i * rows,
+            (i + 1) * rows,
+            superblock_scales(wt[:, i * rows : (i + 1) * rows].T, bits, clip_search)
+            if superblocks_at(bits, group_size, symmetric, float_zero, k_quants, in_features)
+            else None,
+        )
         for i, bits in enumerate(bits_list)
     ]
     swept = sweep(

@@ -22,9 +22,11 @@ from core.quant.primitives import (
     select_float_qparams,
     stored_float_zero,
 )
+from core.quant.superblocks import GROUPS_PER_SUPER, snap, super_scales
+from core.scheme import SUPER_GROUP_SIZE
 from core.types import QuantizedWeight
 
-__all__ = ["Width", "sweep"]
+__all__ = ["Width", "superblock_scales", "sweep"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class Width:
     floating: bool
     start: int
     stop: int
+    #: K-quant super-blocks: fp16 (d, dmin) [rows, supers], fixed before the sweep from the
+    #: weights' own RTN qparams (the sweep reaches a super-block's groups one at a time)
+    superblocks: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -61,7 +66,10 @@ def _group_quantizer(
     rows = slice(width.start, width.stop)
     g = _Groups(w.T, group_size)
     if width.floating:
-        s16, o16 = select_float_qparams(g, bits, clip_search)
+        s16, o16 = select_float_qparams(g, bits, clip_search, nonpositive=width.superblocks is not None)
+        if width.superblocks is not None:
+            at = slice(k // GROUPS_PER_SUPER, k // GROUPS_PER_SUPER + 1)
+            s16, o16 = snap(s16, o16, width.superblocks[0][:, at], width.superblocks[1][:, at])
         scale16[rows, k] = s16[:, 0]
         zero[rows, k] = o16[:, 0].to(torch.float32)  # `zero` holds the offsets
         s, m = s16[:, 0].to(torch.float32), o16[:, 0].to(torch.float32)
@@ -106,6 +114,13 @@ def _joint_quantizer(parts: list[tuple[torch.Tensor, ...]]) -> Quantizer:
         return c, (c - zk) * s
 
     return quantize
+
+
+def superblock_scales(weight: torch.Tensor, bits: int, clip_search: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (d, dmin) [rows, supers] of a [rows, in] weight's K-quant super-blocks, from RTN's
+    qparams of the weight before any error update (`Width.superblocks`)."""
+    s16, o16 = select_float_qparams(_Groups(weight, SUPER_GROUP_SIZE), bits, clip_search, nonpositive=True)
+    return super_scales(s16, o16)
 
 
 def sweep(

@@ -299,6 +299,7 @@ def quantize_layer(
                     clip_search=clip_search,
                     upper=upper,
                     float_zero=scheme.float_zero,
+                    k_quants=scheme.k_quants,
                 )
                 for bits, quantized in swept.codes.items():
                     codes[bits].update(quantized)
@@ -319,6 +320,7 @@ def quantize_layer(
                     scheme.symmetric,
                     clip_search=clip_search,
                     float_zero=scheme.float_zero,
+                    k_quants=scheme.k_quants,
                 )
                 meter.measure(name, bits, dequantize_weight(codes[bits][name], torch.float32))
         meter.done()

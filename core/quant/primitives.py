@@ -39,6 +39,9 @@ Scale choice:
   itself stored this way (a Q4_1 GGUF at group 32) is reproduced exactly. Offsets are float16, so
   a group whose range is tiny against its magnitude loses the levels the offset's rounding costs.
   Constant groups get scale 1, offset c, code 0. Not idempotent in general (the offset rounds).
+- K-quant super-blocks (`k_quants`, float zero points at 4/5 bits, groups of 32, 256 | in): the
+  offsets are kept ≤ 0 and scales and offsets are then snapped to 6-bit multiples of one fp16 value
+  per 256 weights (core/quant/superblocks.py), so GGUF's Q4_K / Q5_K store them exactly.
 
 Padding: when `group_size` does not divide `in_features` the last group is padded; its qparams
 come only from the real columns and padded codes equal the zero point (0 with a float zero
@@ -52,7 +55,8 @@ from collections.abc import Callable
 
 import torch
 
-from core.scheme import float_zero_at
+from core.quant.superblocks import snap, super_scales
+from core.scheme import float_zero_at, superblocks_at
 from core.types import QuantizedWeight
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -219,9 +223,14 @@ def _select_qparams(
     return scale16, zero, const
 
 
-def _float_qparams(g: _Groups, bits: int, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp16 scale, fp16 offset) per group for the range [min, max] shrunk by `shrink`."""
+def _float_qparams(
+    g: _Groups, bits: int, shrink: float, nonpositive: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp16 scale, fp16 offset) per group for the range [min, max] shrunk by `shrink` (its start
+    kept at or below 0 when `nonpositive`, as K-quant super-blocks store it)."""
     lo, hi = g.w_min * shrink, g.w_max * shrink
+    if nonpositive:
+        lo = lo.clamp(max=0.0)
     scale16 = _fp16_scale((hi - lo) / (2**bits - 1))  # a constant group: 0 -> 1
     return scale16, lo.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
 
@@ -243,21 +252,28 @@ def _float_sq_error(g: _Groups, codes: torch.Tensor, scale16: torch.Tensor, offs
     )
 
 
-def select_float_qparams(g: _Groups, bits: int, clip_search: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def select_float_qparams(
+    g: _Groups, bits: int, clip_search: bool, nonpositive: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp16 scale, fp16 offset) per group: the full range, or under `clip_search` the shrink of it
-    with the smallest squared error (1.0 first; ties keep the larger range). Shared with GPTQ."""
+    with the smallest squared error (1.0 first; ties keep the larger range); offsets ≤ 0 when
+    `nonpositive`. Shared with GPTQ."""
     if not clip_search:
-        return _float_qparams(g, bits, 1.0)
+        return _float_qparams(g, bits, 1.0, nonpositive)
     return _best_shrink(
         g,
-        lambda shrink: _float_qparams(g, bits, shrink),
+        lambda shrink: _float_qparams(g, bits, shrink, nonpositive),
         lambda s16, o16: _float_sq_error(g, _float_group_codes(g, s16, o16, bits), s16, o16),
     )
 
 
-def _quantize_float_zero(weight: torch.Tensor, bits: int, group_size: int, clip_search: bool) -> QuantizedWeight:
+def _quantize_float_zero(
+    weight: torch.Tensor, bits: int, group_size: int, clip_search: bool, superblocks: bool
+) -> QuantizedWeight:
     g = _Groups(weight, group_size)
-    scale16, offset16 = select_float_qparams(g, bits, clip_search)
+    scale16, offset16 = select_float_qparams(g, bits, clip_search, nonpositive=superblocks)
+    if superblocks:  # K-quant super-blocks: qparams on their 6-bit grid (core/quant/superblocks.py)
+        scale16, offset16 = snap(scale16, offset16, *super_scales(scale16, offset16))
     codes = _float_group_codes(g, scale16, offset16, bits)
     out_features, in_features = weight.shape
     codes = codes.reshape(out_features, g.n_groups * group_size)
@@ -292,17 +308,20 @@ def quantize_weight(
     symmetric: bool,
     clip_search: bool = False,
     float_zero: bool = False,
+    k_quants: bool = False,
 ) -> QuantizedWeight:
     """Quantize a [out, in] weight group-wise along `in` (see the module docstring for the scheme).
 
     `clip_search` tries `CLIP_STEPS` shrink factors of the range from 1.0 down to
     `CLIP_MIN_SHRINK` and keeps, per group, the one with the smallest squared error (ties keep
     the larger range). 1.0 is tried first, so the result is never worse than without the search.
-    `float_zero` stores asymmetric widths up to 5 bits with a float zero point (module docstring).
+    `float_zero` stores asymmetric widths up to 5 bits with a float zero point (module docstring);
+    `k_quants` puts 4- and 5-bit ones in groups of 32 with 256 | in on K-quant super-blocks.
     """
     _check_weight(weight, bits, group_size)
     if float_zero_at(bits, symmetric, float_zero):
-        return _quantize_float_zero(weight, bits, group_size, clip_search)
+        superblocks = superblocks_at(bits, group_size, symmetric, float_zero, k_quants, int(weight.shape[1]))
+        return _quantize_float_zero(weight, bits, group_size, clip_search, superblocks)
     g = _Groups(weight, group_size)
     scale16, zero, const = _select_qparams(g, bits, symmetric, clip_search)
     codes = _codes(g, scale16, zero, bits, symmetric)

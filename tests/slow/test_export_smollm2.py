@@ -404,24 +404,31 @@ def test_llama_cpp_loads_the_gguf(exported, record_property):
     assert float(np.mean(agreement)) >= 0.8, agreement
 
 
-@pytest.mark.parametrize("case", [*sorted(GGUF_TYPES), "Q4_1-float"])
+#: K-quant files: the linears with 256 | in_features (SmolLM2's down_proj, 1536) in the K type,
+#: the rest (576 inputs) in the legacy type of the same float-zero grid
+K_QUANT_TYPES = {"Q4_K": (4, "Q4_1"), "Q5_K": (5, "Q5_1")}
+
+
+@pytest.mark.parametrize("case", [*sorted(GGUF_TYPES), "Q4_1-float", *sorted(K_QUANT_TYPES)])
 def test_llama_cpp_loads_each_gguf_type(case, smol, smollm2_path, tmp_path, record_property):
     """One file per tensor type: every linear of every layer stored as `qtype` (token embedding
     F16, norms F32 as always), held to the plain >= 95 % agreement; "Q4_1-float" is Q4_1 written
     from float zero points, which at group 32 reproduce SmolLM2's own packaged Q4_1 tensors byte
-    for byte (checked), so its agreement is llama.cpp's on the model as shipped (tie-aware)."""
+    for byte (checked), so its agreement is llama.cpp's on the model as shipped (tie-aware). The
+    K-quant files mix their K type with Q4_1 / Q5_1 (tie-aware as well)."""
     from gguf import GGUFReader
 
     from core.weights.gguf_reader import parse_gguf_header
 
     require_llama_cpp()
     model, tokenizer, _ = smol
-    qtype, float_zero = case.removesuffix("-float"), case.endswith("-float")
-    bits, symmetric = GGUF_TYPES[qtype]
+    k_quants = case in K_QUANT_TYPES
+    qtype, float_zero = case.removesuffix("-float"), case.endswith("-float") or k_quants
+    bits, symmetric = (K_QUANT_TYPES[case][0], False) if k_quants else GGUF_TYPES[qtype]
     layers = [name for name, _ in decoder_layers(model)]
     bit_map = BitMap(dict.fromkeys(layers, bits))
     weights = {
-        name: quantize_weight(linear.weight.detach(), bits, 32, symmetric, float_zero=float_zero)
+        name: quantize_weight(linear.weight.detach(), bits, 32, symmetric, float_zero=float_zero, k_quants=k_quants)
         for layer in layers
         if bits < 16
         for name, linear in named_linears(model, layer).items()
@@ -434,6 +441,7 @@ def test_llama_cpp_loads_each_gguf_type(case, smol, smollm2_path, tmp_path, reco
         group_size=32,
         symmetric=symmetric,
         zero_point="float" if float_zero else "integer",
+        k_quants=k_quants,
         exports=["gguf"],
     )
     path = export_gguf(
@@ -441,16 +449,29 @@ def test_llama_cpp_loads_each_gguf_type(case, smol, smollm2_path, tmp_path, reco
     ).path
     with path.open("rb") as f:
         header = parse_gguf_header(f.fileno(), path.stat().st_size, path.name)
-    assert {t.qtype.name for t in header.tensors} == {qtype, "F16", "F32"}
+    types = {t.name: t.qtype.name for t in header.tensors}
+    if k_quants:
+        assert {name for name, t in types.items() if t == qtype} == {f"blk.{i}.ffn_down.weight" for i in range(30)}
+        assert set(types.values()) == {qtype, K_QUANT_TYPES[case][1], "F16", "F32"}
+    else:
+        assert set(types.values()) == {qtype, "F16", "F32"}
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
-    if float_zero:
+    if float_zero and not k_quants:
         source = {t.name: t for t in GGUFReader(smollm2_path).tensors}
         ours = [t for t in GGUFReader(path).tensors if t.tensor_type.name == "Q4_1"]
         assert len(ours) == 7 * len(layers)
         for t in ours:
             assert source[t.name].tensor_type == t.tensor_type, t.name
             assert np.array_equal(np.asarray(source[t.name].data), np.asarray(t.data)), t.name
+    if k_quants:  # transformers decodes the K blocks to exactly our dequantized weights
+        from gguf import dequantize
+
+        ours = {t.name: t for t in GGUFReader(path).tensors}
+        down = weights[f"{layers[3]}.mlp.down_proj"]
+        t = ours["blk.3.ffn_down.weight"]
+        got = torch.from_numpy(dequantize(t.data, t.tensor_type).astype(np.float32)).reshape(down.shape)
+        assert torch.equal(got, dequantize_weight(down))
     exact_floor = LLAMA_MIN_EXACT_AGREEMENT if float_zero else LLAMA_MIN_AGREEMENT
     check_llama_cpp(path, loaded, tokenizer, record_property, case, min_exact=exact_floor)
 

@@ -113,6 +113,7 @@ export async function newJobView(container, ctx) {
     symmetric: h('input', { id: 'symmetric', type: 'checkbox' }),
     groupSizes: h('input', { id: 'group-size-by-bits', type: 'text', placeholder: 'e.g. 8=128 (the rest: group size)', autocomplete: 'off' }),
     zeroPoint: select('zero-point', [['integer', 'integer (every export)'], ['float', 'float offset (≤ 5 bits; gguf Q4_1/Q5_1 only)']], 'integer'),
+    kQuants: h('input', { id: 'k-quants', type: 'checkbox' }),
     clip: h('input', { id: 'clip-search', type: 'checkbox' }),
     controls: h('input', { id: 'eval-controls', type: 'checkbox', checked: true }),
     closedLoop: h('input', { id: 'closed-loop', type: 'checkbox' }),
@@ -152,6 +153,7 @@ export async function newJobView(container, ctx) {
     const groupSizes = parseGroupSizes(adv.groupSizes.value);
     if (groupSizes) spec.group_size_by_bits = groupSizes;
     if (adv.zeroPoint.value !== 'integer') spec.zero_point = adv.zeroPoint.value;
+    if (adv.kQuants.checked) spec.k_quants = true;
     spec.clip_search = adv.clip.checked;
     if (!adv.controls.checked) spec.eval_controls = false; // the API's default is true
     if (adv.closedLoop.checked) spec.closed_loop = true;
@@ -200,6 +202,8 @@ export async function newJobView(container, ctx) {
       h('div', { class: 'form-grid' },
         h('label', { class: 'check' }, adv.symmetric, ' symmetric'), h('label', { class: 'check' }, adv.clip, ' clip search'),
         field('Zero point (asymmetric)', adv.zeroPoint),
+        h('label', { class: 'check', title: 'with a float zero point and groups of 32: 4/5-bit linears whose input dim is a multiple of 256 as GGUF Q4_K/Q5_K (4.5/5.5 bits)' },
+          adv.kQuants, ' K-quant super-blocks'),
         field('Group size per width', adv.groupSizes, 'widths stored in groups of their own size: BITS=SIZE, comma-separated'),
         h('label', { class: 'check', title: 'uniform at equal bits, error_only and random next to the method in eval.json' },
           adv.controls, ' evaluate the controls'),

@@ -54,6 +54,7 @@ class JobSpec:
         exports (list[ExportFormat] | Unset):
         group_size (int | Unset):  Default: 128.
         group_size_by_bits (JobSpecGroupSizeByBits | Unset):
+        k_quants (bool | Unset):  Default: False.
         max_calibration_rows (int | Unset):  Default: 256.
         max_tokens (int | Unset):  Default: 256.
         method (Method | Unset):
@@ -89,6 +90,7 @@ class JobSpec:
     exports: list[ExportFormat] | Unset = UNSET
     group_size: int | Unset = 128
     group_size_by_bits: JobSpecGroupSizeByBits | Unset = UNSET
+    k_quants: bool | Unset = False
     max_calibration_rows: int | Unset = 256
     max_tokens: int | Unset = 256
     method: Method | Unset = UNSET
@@ -179,6 +181,8 @@ class JobSpec:
         if not isinstance(self.group_size_by_bits, Unset):
             group_size_by_bits = self.group_size_by_bits.to_dict()
 
+        k_quants = self.k_quants
+
         max_calibration_rows = self.max_calibration_rows
 
         max_tokens = self.max_tokens
@@ -258,6 +262,8 @@ class JobSpec:
             field_dict["group_size"] = group_size
         if group_size_by_bits is not UNSET:
             field_dict["group_size_by_bits"] = group_size_by_bits
+        if k_quants is not UNSET:
+            field_dict["k_quants"] = k_quants
         if max_calibration_rows is not UNSET:
             field_dict["max_calibration_rows"] = max_calibration_rows
         if max_tokens is not UNSET:
@@ -405,6 +411,8 @@ class JobSpec:
         else:
             group_size_by_bits = JobSpecGroupSizeByBits.from_dict(_group_size_by_bits)
 
+        k_quants = d.pop("k_quants", UNSET)
+
         max_calibration_rows = d.pop("max_calibration_rows", UNSET)
 
         max_tokens = d.pop("max_tokens", UNSET)
@@ -488,6 +496,7 @@ class JobSpec:
             exports=exports,
             group_size=group_size,
             group_size_by_bits=group_size_by_bits,
+            k_quants=k_quants,
             max_calibration_rows=max_calibration_rows,
             max_tokens=max_tokens,
             method=method,

@@ -1,0 +1,181 @@
+"""K-quant super-blocks (`k_quants`): float-zero 4/5-bit weights in groups of 32 whose scales and
+offsets are 6-bit multiples of one fp16 value per 256 weights, exported to GGUF Q4_K / Q5_K 1:1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, dequantize
+from pipeline_helpers import make_spec, run
+
+from core.export.ggml_kquants import encode_super_blocks, pack_super_blocks
+from core.quant.gptq import gptq_quantize_weight
+from core.quant.metrics import sqnr_db
+from core.quant.primitives import dequantize_weight, quantize_weight
+from core.quant.superblocks import super_params
+from core.scheme import QuantScheme, effective_bits, stored_bits
+from core.spec import JobSpec
+from core.streaming.checkpoints import load_codes
+
+pytestmark = pytest.mark.unit
+
+
+def gaussian(rows: int, cols: int, seed: int, mean: float = 0.0, std: float = 0.05) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * std + mean
+
+
+def ggml_dequant(data: np.ndarray, qtype: str) -> torch.Tensor:
+    return torch.from_numpy(dequantize(data, GGMLQuantizationType[qtype]).astype(np.float32))
+
+
+@pytest.mark.parametrize("bits, qtype", [(4, "Q4_K"), (5, "Q5_K")])
+@pytest.mark.parametrize("clip", [False, True])
+def test_gguf_super_blocks_decode_to_exactly_our_weights(bits, qtype, clip):
+    # rows of different magnitudes (tiny ones probe d's fp16 floor) and one-signed groups
+    w = torch.cat([gaussian(16, 512, bits), gaussian(8, 512, 7, mean=0.2), gaussian(8, 512, 8, std=1e-5)])
+    q = quantize_weight(w, bits, 32, False, clip_search=clip, float_zero=True, k_quants=True)
+    assert q.offset is not None and bool((q.offset <= 0).all())  # m is unsigned: offsets at or below 0
+    encoded = encode_super_blocks(q)
+    assert encoded is not None and encoded.qtype == qtype
+    assert encoded.data.shape == (32, 2 * {"Q4_K": 144, "Q5_K": 176}[qtype])
+    torch.testing.assert_close(ggml_dequant(encoded.data, qtype), dequantize_weight(q), rtol=0, atol=0)
+
+
+def test_every_field_lands_where_the_reference_decoder_reads_it():
+    """Hand-made parameters covering every 6-bit value position and every code, not only what the
+    quantizer happens to produce."""
+    gen = torch.Generator().manual_seed(0)
+    rows, supers = 4, 3
+    codes = torch.randint(0, 32, (rows, supers * 256), generator=gen, dtype=torch.uint8)
+    sc = torch.randint(0, 64, (rows, supers, 8), generator=gen, dtype=torch.uint8)
+    m = torch.randint(0, 64, (rows, supers, 8), generator=gen, dtype=torch.uint8)
+    d = (torch.rand(rows, supers, generator=gen) * 0.01).half()
+    dmin = (torch.rand(rows, supers, generator=gen) * 0.01).half()
+    from core.quant.superblocks import SuperParams
+
+    params = SuperParams(d=d, dmin=dmin, sc=sc, m=m)
+    for qtype, top in (("Q4_K", 15), ("Q5_K", 31)):
+        c = codes & top
+        expect = (
+            d.float().unsqueeze(-1) * sc.float() * c.reshape(rows, supers, 8, 32).float().permute(3, 0, 1, 2)
+            - dmin.float().unsqueeze(-1) * m.float()
+        ).permute(1, 2, 3, 0)
+        got = ggml_dequant(pack_super_blocks(qtype, c, params), qtype)
+        torch.testing.assert_close(got, expect.reshape(rows, -1), rtol=0, atol=0)
+
+
+def test_super_params_recover_what_the_quantizer_stored_and_refuse_other_grids():
+    w = gaussian(8, 256, 1)
+    q = quantize_weight(w, 4, 32, False, float_zero=True, k_quants=True)
+    assert q.offset is not None
+    params = super_params(q.scale, q.offset)
+    assert params is not None and int(params.sc.max()) <= 63 and int(params.m.max()) <= 63
+    scale = params.d.float().unsqueeze(-1) * params.sc.float()
+    assert torch.equal(scale.reshape(8, 8).half(), q.scale) and torch.equal(scale.reshape(8, 8), q.scale.float())
+    # a plain float-zero weight (Q4_1 style) is not on super-block form: refused, never approximated
+    plain = quantize_weight(w, 4, 32, False, float_zero=True)
+    assert plain.offset is not None and super_params(plain.scale, plain.offset) is None
+    assert encode_super_blocks(plain) is None
+
+
+def test_super_blocks_cost_a_little_accuracy_and_half_a_bit():
+    w = gaussian(64, 1024, 3)
+    k = sqnr_db(w, dequantize_weight(quantize_weight(w, 4, 32, False, float_zero=True, k_quants=True)))
+    q4_1 = sqnr_db(w, dequantize_weight(quantize_weight(w, 4, 32, False, float_zero=True)))
+    assert q4_1 - 0.2 < k < q4_1  # measured -0.016 dB: the 6-bit sub-scales and sub-mins
+    assert effective_bits(4, 32, False, 1024, float_zero=True, k_quants=True) == 4.5  # 144 bytes / 256
+    assert effective_bits(5, 32, False, 1024, float_zero=True, k_quants=True) == 5.5  # 176 bytes / 256
+    # dims that are not whole super-blocks keep Q4_1 / Q5_1 (and its price); 8 bits stay integer
+    assert stored_bits(4, 32, False, (10, 576), True, True) == stored_bits(4, 32, False, (10, 576), True)
+    assert effective_bits(8, 32, False, 1024, True, True) == effective_bits(8, 32, False, 1024)
+    scheme = QuantScheme(32, float_zero=True, k_quants=True)
+    assert scheme.effective_bits(4) == 4.5 and scheme.stored_bits(5, (3, 512)) == 3 * 512 * 5.5
+    assert not scheme.superblocks_at(4, 576) and scheme.superblocks_at(4, 1536)
+    # not on super-blocks: 576 inputs, or another group size
+    w576 = gaussian(4, 576, 4)
+    assert torch.equal(
+        quantize_weight(w576, 4, 32, False, float_zero=True, k_quants=True).scale,
+        quantize_weight(w576, 4, 32, False, float_zero=True).scale,
+    )
+    with pytest.raises(ValueError, match="k_quants needs float_zero"):
+        QuantScheme(32, k_quants=True)
+
+
+def test_gptq_on_super_blocks():
+    w = gaussian(24, 512, 2, mean=0.02)
+    for clip in (False, True):  # a diagonal H propagates nothing: round-to-nearest, code for code
+        rtn = quantize_weight(w, 4, 32, False, clip_search=clip, float_zero=True, k_quants=True)
+        gptq = gptq_quantize_weight(
+            w, torch.eye(512) * 2.0, 4, 32, False, clip_search=clip, float_zero=True, k_quants=True
+        )
+        assert torch.equal(gptq.codes, rtn.codes) and torch.equal(gptq.scale, rtn.scale)
+        assert gptq.offset is not None and rtn.offset is not None and torch.equal(gptq.offset, rtn.offset)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1024, 512, generator=gen) @ (torch.eye(512) + 0.2 * torch.randn(512, 512, generator=gen))
+    gptq = gptq_quantize_weight(w, x.T @ x / 1024, 5, 32, False, float_zero=True, k_quants=True)
+    encoded = encode_super_blocks(gptq)  # the error-updated groups still land on the super-blocks
+    assert encoded is not None and encoded.qtype == "Q5_K"
+    torch.testing.assert_close(ggml_dequant(encoded.data, "Q5_K"), dequantize_weight(gptq), rtol=0, atol=0)
+
+    def output_error(q):
+        return float(((x @ (w - dequantize_weight(q)).T) ** 2).sum())
+
+    assert output_error(gptq) < 0.8 * output_error(quantize_weight(w, 5, 32, False, float_zero=True, k_quants=True))
+
+
+def test_spec_rules():
+    base = dict(model="m", method="uniform", bit_budget={"avg_bits": 5.0}, group_size=32)
+    spec = JobSpec(**base, zero_point="float", k_quants=True)
+    assert spec.scheme.k_quants and [e.value for e in spec.exports] == ["gguf"]
+    assert "K-quant" in spec.scheme.describe()
+    with pytest.raises(ValueError, match="set zero_point 'float'"):
+        JobSpec(**base, k_quants=True)
+    with pytest.raises(ValueError, match="groups of 32"):
+        JobSpec(**{**base, "group_size": 64}, zero_point="float", k_quants=True)
+    with pytest.raises(ValueError, match="groups of 32"):
+        JobSpec(**base, zero_point="float", k_quants=True, bit_choices=[5, 8], group_size_by_bits={5: 64})
+    with pytest.raises(ValueError, match="has neither"):
+        JobSpec(**base, zero_point="float", k_quants=True, bit_choices=[8, 16])
+    assert JobSpec(**base, zero_point="float", k_quants=True, bit_choices=[4, 8], group_size_by_bits={8: 128})
+
+
+@pytest.fixture(scope="module")
+def wide_source(wide_tiny_model_root):
+    """The tiny Llama with an MLP of 256: its down_proj rows are whole super-blocks."""
+    from core.models import resolve_model
+
+    return resolve_model("tiny-llama", [wide_tiny_model_root], {})
+
+
+def test_a_k_quant_job_prices_and_ships_the_codes_it_measured(wide_source, tmp_path):
+    spec = make_spec(
+        zero_point="float", k_quants=True, exports=["gguf"], bit_choices=[4, 5, 16], bit_budget={"avg_bits": 6.0}
+    )
+    job = run(spec, wide_source)
+    allocation = job.outputs.allocations[0]
+    scheme = spec.scheme
+    stored = weights = 0
+    for layer in job.outputs.profile.layers:
+        for linear in layer.linears:
+            assert linear.shape is not None
+            stored += scheme.stored_bits(allocation.bits[layer.name], linear.shape)
+            weights += linear.params
+    assert allocation.effective_bits == pytest.approx(stored / weights, abs=1e-12) and stored / weights <= 6.0
+    path = tmp_path / "model.gguf"
+    path.write_bytes(job.store.objects["artifacts/model.gguf"])
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    checked = set()
+    for layer, bits in sorted(allocation.bits.items()):
+        if bits == 16:
+            continue
+        i = int(layer.rsplit(".", 1)[1])
+        codes = load_codes(job.store, "work/layers", i, bits)
+        down = tensors[f"blk.{i}.ffn_down.weight"]
+        assert down.tensor_type.name == {4: "Q4_K", 5: "Q5_K"}[bits]
+        got = torch.from_numpy(dequantize(down.data, down.tensor_type).astype(np.float32))
+        assert torch.equal(got.reshape(96, 256), dequantize_weight(codes[f"{layer}.mlp.down_proj"]))
+        # 96 inputs are not whole super-blocks: Q4_1 / Q5_1
+        assert tensors[f"blk.{i}.ffn_up.weight"].tensor_type.name == {4: "Q4_1", 5: "Q5_1"}[bits]
+        checked.add(bits)
+    assert checked
