@@ -40,7 +40,8 @@ class QuantizedWeight:
     w ≈ scale * code + offset with a float zero point.
 
     `codes` are unsigned, shape [out, n_groups * group_size]; columns past `shape[1]` are padding
-    (dropped by every reader). `scale` is float16 [out, n_groups]. `zero` is uint8
+    (dropped by every reader). `scale` is float16 [out, n_groups] (float32, with `offset`, on GGUF
+    K-quant super-blocks: d · sc exactly, core/quant/superblocks.py). `zero` is uint8
     [out, n_groups] for asymmetric; for symmetric it is None and the zero point is the constant
     2**(bits-1). `offset` (float16 [out, n_groups], asymmetric only, `zero` then None) is a float
     zero point: the value of code 0, as GGUF's Q4_1/Q5_1 blocks store it.

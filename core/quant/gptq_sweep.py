@@ -66,7 +66,7 @@ def _group_quantizer(
     rows = slice(width.start, width.stop)
     g = _Groups(w.T, group_size)
     if width.floating:
-        s16, o16 = select_float_qparams(g, bits, clip_search, nonpositive=width.superblocks is not None)
+        s16, o16 = select_float_qparams(g, bits, clip_search, superblocks=width.superblocks is not None)
         if width.superblocks is not None:
             at = slice(k // GROUPS_PER_SUPER, k // GROUPS_PER_SUPER + 1)
             s16, o16 = snap(s16, o16, width.superblocks[0][:, at], width.superblocks[1][:, at])
@@ -119,7 +119,7 @@ def _joint_quantizer(parts: list[tuple[torch.Tensor, ...]]) -> Quantizer:
 def superblock_scales(weight: torch.Tensor, bits: int, clip_search: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 (d, dmin) [rows, supers] of a [rows, in] weight's K-quant super-blocks, from RTN's
     qparams of the weight before any error update (`Width.superblocks`)."""
-    s16, o16 = select_float_qparams(_Groups(weight, SUPER_GROUP_SIZE), bits, clip_search, nonpositive=True)
+    s16, o16 = select_float_qparams(_Groups(weight, SUPER_GROUP_SIZE), bits, clip_search, superblocks=True)
     return super_scales(s16, o16)
 
 
@@ -140,7 +140,11 @@ def sweep(
     in_features, out_features = wt.shape
     n_groups = math.ceil(in_features / group_size)
     codes_t = torch.empty(n_groups * group_size, out_features, dtype=torch.uint8, device=wt.device)
-    scale16 = torch.empty(out_features, n_groups, dtype=torch.float16, device=wt.device)
+    # fp16 scales, float32 where a width is on K-quant super-blocks (d · sc; see stored_float_zero)
+    super_widths = any(p.superblocks is not None for p in plan)
+    scale16 = torch.empty(
+        out_features, n_groups, dtype=torch.float32 if super_widths else torch.float16, device=wt.device
+    )
     zero = torch.empty(out_features, n_groups, dtype=torch.float32, device=wt.device)
     block = group_size * max(1, block_size // group_size)  # whole groups
     for b0 in range(0, in_features, block):
@@ -179,6 +183,8 @@ def sweep(
         codes = codes_t[:, p.start : p.stop].T.contiguous()
         shape = (p.stop - p.start, in_features)
         scale, zp = scale16[p.start : p.stop].contiguous(), zero[p.start : p.stop].contiguous()
+        if p.superblocks is None:
+            scale = scale.to(torch.float16)  # exact: the buffer is float32 only for super-block widths
         if p.floating:
             out.append(stored_float_zero(codes, scale, zp, p.bits, group_size, shape))
         else:

@@ -41,7 +41,8 @@ Scale choice:
   Constant groups get scale 1, offset c, code 0. Not idempotent in general (the offset rounds).
 - K-quant super-blocks (`k_quants`, float zero points at 4/5 bits, groups of 32, 256 | in): the
   offsets are kept ≤ 0 and scales and offsets are then snapped to 6-bit multiples of one fp16 value
-  per 256 weights (core/quant/superblocks.py), so GGUF's Q4_K / Q5_K store them exactly.
+  per 256 weights (core/quant/superblocks.py), kept in float32 (exact), so GGUF's Q4_K / Q5_K
+  store them bit for bit.
 
 Padding: when `group_size` does not divide `in_features` the last group is padded; its qparams
 come only from the real columns and padded codes equal the zero point (0 with a float zero
@@ -224,13 +225,15 @@ def _select_qparams(
 
 
 def _float_qparams(
-    g: _Groups, bits: int, shrink: float, nonpositive: bool = False
+    g: _Groups, bits: int, shrink: float, superblocks: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp16 scale, fp16 offset) per group for the range [min, max] shrunk by `shrink` (its start
-    kept at or below 0 when `nonpositive`, as K-quant super-blocks store it)."""
+    """(fp16 scale, fp16 offset) per group for the range [min, max] shrunk by `shrink`; for K-quant
+    super-blocks float32 ones, not rounded (they are snapped to d · sc next), with the range's start
+    kept at or below 0 as the super-block stores it."""
     lo, hi = g.w_min * shrink, g.w_max * shrink
-    if nonpositive:
+    if superblocks:
         lo = lo.clamp(max=0.0)
+        return (hi - lo) / (2**bits - 1), lo
     scale16 = _fp16_scale((hi - lo) / (2**bits - 1))  # a constant group: 0 -> 1
     return scale16, lo.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
 
@@ -253,16 +256,16 @@ def _float_sq_error(g: _Groups, codes: torch.Tensor, scale16: torch.Tensor, offs
 
 
 def select_float_qparams(
-    g: _Groups, bits: int, clip_search: bool, nonpositive: bool = False
+    g: _Groups, bits: int, clip_search: bool, superblocks: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp16 scale, fp16 offset) per group: the full range, or under `clip_search` the shrink of it
-    with the smallest squared error (1.0 first; ties keep the larger range); offsets ≤ 0 when
-    `nonpositive`. Shared with GPTQ."""
+    with the smallest squared error (1.0 first; ties keep the larger range); for K-quant
+    super-blocks unrounded float32 ones with offsets ≤ 0 (`_float_qparams`). Shared with GPTQ."""
     if not clip_search:
-        return _float_qparams(g, bits, 1.0, nonpositive)
+        return _float_qparams(g, bits, 1.0, superblocks)
     return _best_shrink(
         g,
-        lambda shrink: _float_qparams(g, bits, shrink, nonpositive),
+        lambda shrink: _float_qparams(g, bits, shrink, superblocks),
         lambda s16, o16: _float_sq_error(g, _float_group_codes(g, s16, o16, bits), s16, o16),
     )
 
@@ -271,7 +274,7 @@ def _quantize_float_zero(
     weight: torch.Tensor, bits: int, group_size: int, clip_search: bool, superblocks: bool
 ) -> QuantizedWeight:
     g = _Groups(weight, group_size)
-    scale16, offset16 = select_float_qparams(g, bits, clip_search, nonpositive=superblocks)
+    scale16, offset16 = select_float_qparams(g, bits, clip_search, superblocks)
     if superblocks:  # K-quant super-blocks: qparams on their 6-bit grid (core/quant/superblocks.py)
         scale16, offset16 = snap(scale16, offset16, *super_scales(scale16, offset16))
     codes = _float_group_codes(g, scale16, offset16, bits)
@@ -288,7 +291,8 @@ def stored_float_zero(
     group_size: int,
     shape: tuple[int, int],
 ) -> QuantizedWeight:
-    """`_stored`'s rules for a float zero point: uint8 codes, float16 scales and offsets."""
+    """`_stored`'s rules for a float zero point: uint8 codes, float16 scales and offsets (float32
+    both on K-quant super-blocks, whose d · sc and dmin · m fp16 cannot hold)."""
     return QuantizedWeight(
         codes=codes.to(torch.uint8),
         scale=scale16.contiguous(),
@@ -297,7 +301,7 @@ def stored_float_zero(
         group_size=group_size,
         symmetric=False,
         shape=(int(shape[0]), int(shape[1])),
-        offset=offset16.to(torch.float16).contiguous(),
+        offset=offset16.to(scale16.dtype).contiguous(),
     )
 
 

@@ -137,11 +137,13 @@ def _encode(weights: dict[str, QuantizedWeight]) -> bytes:
             return pack_codes(rows.cpu().contiguous(), b)
 
         tensors[f"{name}.codes"] = _rowwise(pack, q.codes)
-        tensors[f"{name}.scale"] = q.scale.cpu().to(torch.float16).contiguous()
+        # float16, or float32 on K-quant super-blocks (d · sc is exact only there)
+        dtype = torch.float32 if q.scale.dtype == torch.float32 else torch.float16
+        tensors[f"{name}.scale"] = q.scale.cpu().to(dtype).contiguous()
         if q.zero is not None:
             tensors[f"{name}.zero"] = q.zero.cpu().contiguous()
         if q.offset is not None:
-            tensors[f"{name}.offset"] = q.offset.cpu().to(torch.float16).contiguous()
+            tensors[f"{name}.offset"] = q.offset.cpu().to(dtype).contiguous()
         grids[name] = {
             "bits": q.bits,
             "group_size": q.group_size,

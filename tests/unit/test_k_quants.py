@@ -72,11 +72,48 @@ def test_super_params_recover_what_the_quantizer_stored_and_refuse_other_grids()
     params = super_params(q.scale, q.offset)
     assert params is not None and int(params.sc.max()) <= 63 and int(params.m.max()) <= 63
     scale = params.d.float().unsqueeze(-1) * params.sc.float()
-    assert torch.equal(scale.reshape(8, 8).half(), q.scale) and torch.equal(scale.reshape(8, 8), q.scale.float())
+    assert q.scale.dtype == torch.float32 and torch.equal(scale.reshape(8, 8), q.scale)  # d · sc, exact
     # a plain float-zero weight (Q4_1 style) is not on super-block form: refused, never approximated
     plain = quantize_weight(w, 4, 32, False, float_zero=True)
     assert plain.offset is not None and super_params(plain.scale, plain.offset) is None
     assert encode_super_blocks(plain) is None
+
+
+def q4_k_source(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Weights that were themselves stored as Q4_K (fp16 d, dmin per 256; 6-bit sc, m per 32, the
+    largest sc of a super-block 63 as llama.cpp's quantizer makes it; every group using levels 0
+    and 15), as Gemma 3's packaged down_proj is."""
+    gen = torch.Generator().manual_seed(seed)
+    supers = cols // 256
+    levels = torch.randint(0, 16, (rows, supers, 8, 32), generator=gen)
+    levels[..., 0], levels[..., 1] = 0, 15
+    sc = torch.randint(20, 64, (rows, supers, 8, 1), generator=gen)
+    sc[:, :, 0] = 63
+    m = torch.randint(0, 64, (rows, supers, 8, 1), generator=gen)
+    m[:, :, 0] = 63
+    d = (torch.rand(rows, supers, 1, 1, generator=gen) * 1e-4 + 1e-5).half().float()
+    dmin = (torch.rand(rows, supers, 1, 1, generator=gen) * 1e-3).half().float()
+    return (d * sc * levels - dmin * m).reshape(rows, cols)
+
+
+def test_a_q4_k_source_is_reproduced_exactly():
+    w = q4_k_source(16, 512, 0)
+    q = quantize_weight(w, 4, 32, False, float_zero=True, k_quants=True)
+    assert torch.equal(dequantize_weight(q), w)
+    encoded = encode_super_blocks(q)
+    assert encoded is not None and torch.equal(ggml_dequant(encoded.data, "Q4_K"), w)
+    # Q4_1's fp16 scale cannot hold d · sc: the plain float-zero grid is off by fp16 rounding
+    assert not torch.equal(dequantize_weight(quantize_weight(w, 4, 32, False, float_zero=True)), w)
+
+
+def test_checkpoints_keep_the_float32_scales():
+    from core.streaming.checkpoints import _decode, _encode
+
+    q = quantize_weight(gaussian(8, 256, 5), 5, 32, False, float_zero=True, k_quants=True)
+    back = _decode(_encode({"w": q}))["w"]
+    assert back.scale.dtype == torch.float32 and torch.equal(back.scale, q.scale)
+    assert back.offset is not None and q.offset is not None and torch.equal(back.offset, q.offset)
+    assert torch.equal(back.codes, q.codes)
 
 
 def test_super_blocks_cost_a_little_accuracy_and_half_a_bit():
