@@ -43,6 +43,9 @@ class Width:
     superblocks: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
+#: weights per chunk of `superblock_scales`
+_CHUNK_ELEMENTS = 1 << 22
+
 Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -118,9 +121,14 @@ def _joint_quantizer(parts: list[tuple[torch.Tensor, ...]]) -> Quantizer:
 
 def superblock_scales(weight: torch.Tensor, bits: int, clip_search: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 (d, dmin) [rows, supers] of a [rows, in] weight's K-quant super-blocks, from RTN's
-    qparams of the weight before any error update (`Width.superblocks`)."""
-    s16, o16 = select_float_qparams(_Groups(weight, SUPER_GROUP_SIZE), bits, clip_search, superblocks=True)
-    return super_scales(s16, o16)
+    qparams of the weight before any error update (`Width.superblocks`); in row chunks, so a clip
+    search's temporaries stay small next to the sweep's working matrix."""
+    rows = max(1, _CHUNK_ELEMENTS // int(weight.shape[1]))
+    parts = [
+        super_scales(*select_float_qparams(_Groups(chunk, SUPER_GROUP_SIZE), bits, clip_search, superblocks=True))
+        for chunk in weight.split(rows)
+    ]
+    return torch.cat([d for d, _ in parts]), torch.cat([m for _, m in parts])
 
 
 def sweep(

@@ -216,3 +216,14 @@ def test_a_k_quant_job_prices_and_ships_the_codes_it_measured(wide_source, tmp_p
         assert tensors[f"blk.{i}.ffn_up.weight"].tensor_type.name == {4: "Q4_1", 5: "Q5_1"}[bits]
         checked.add(bits)
     assert checked
+
+
+def test_gptq_super_block_scales_do_not_depend_on_the_row_chunking(monkeypatch):
+    import core.quant.gptq_sweep as gptq_sweep
+
+    w = gaussian(24, 512, 9)
+    h = torch.eye(512) + 0.1
+    whole = gptq_quantize_weight(w, h, 4, 32, False, clip_search=True, float_zero=True, k_quants=True)
+    monkeypatch.setattr(gptq_sweep, "_CHUNK_ELEMENTS", 5 * 512)  # chunks of 5 rows
+    chunked = gptq_quantize_weight(w, h, 4, 32, False, clip_search=True, float_zero=True, k_quants=True)
+    assert torch.equal(whole.codes, chunked.codes) and torch.equal(whole.scale, chunked.scale)
