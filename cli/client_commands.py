@@ -83,7 +83,8 @@ def submit(
         typer.Option(
             "--k-quants/--no-k-quants",
             show_default=False,
-            help="with --zero-point float and groups of 32: 4/5-bit linears with 256 | in as GGUF Q4_K/Q5_K",
+            help="groups of 32, linears with 256 | in: 4/5-bit as GGUF Q4_K/Q5_K (--zero-point float), "
+            "6-bit as Q6_K (--symmetric)",
         ),
     ] = None,
     allocation: Annotated[str | None, typer.Option(help="budget | paper | error_only | random")] = None,

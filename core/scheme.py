@@ -6,7 +6,8 @@ group with an fp16 scale and, unless symmetric, a zero point: an int8 one, or (`
 to `FLOAT_ZERO_MAX_BITS`) an fp16 offset. 16 bits is the weight kept in fp16/bf16, no overhead. Under `k_quants`
 (GGUF's Q4_K / Q5_K) the float-zero 4- and 5-bit widths of a weight whose input dim is a multiple of
 256 are stored in super-blocks of 256: the eight groups' scales and offsets are 6-bit multiples of
-one fp16 scale each, 128 bits a super-block (4.5 / 5.5 bits a weight). The
+one fp16 scale each, 128 bits a super-block (4.5 / 5.5 bits a weight); on a symmetric grid the
+6-bit width likewise as Q6_K (int8 multiples of one fp16 scale, 144 bits: 6.5625 bits a weight). The
 allocators, the controls, the paper rule, the closed loop and the reports all price widths through
 one `QuantScheme`, so they cannot disagree on a cost.
 """
@@ -27,13 +28,16 @@ FLOAT_ZERO_BITS = 16
 #: the widest width stored with a float zero point under `zero_point: "float"`: GGML's offset
 #: blocks are 4 and 5 bits; 6-8 bits (Q8_0) keep the integer zero point
 FLOAT_ZERO_MAX_BITS = 5
-#: weights per K-quant super-block, the group size its sub-blocks need, and the bits a super-block
-#: stores besides its codes: fp16 d and dmin, and twelve bytes of 6-bit sub-scales and sub-mins
+#: weights per K-quant super-block and the group size its sub-blocks need
 SUPER_BLOCK = 256
 SUPER_GROUP_SIZE = 32
-SUPER_OVERHEAD_BITS = 2 * 16 + 12 * 8
-#: the widths stored in K-quant super-blocks under `k_quants` (Q4_K, Q5_K)
-SUPER_BITS = (4, 5)
+#: the widths stored in K-quant super-blocks under `k_quants`: float-zero 4/5 bits (Q4_K, Q5_K)
+#: and symmetric 6 bits (Q6_K)
+SUPER_FLOAT_BITS = (4, 5)
+SUPER_SYMMETRIC_BITS = (6,)
+#: the bits a super-block stores besides its codes: Q4_K/Q5_K fp16 d and dmin and twelve bytes
+#: of 6-bit sub-scales and sub-mins; Q6_K fp16 d and sixteen int8 sub-scales
+SUPER_OVERHEAD_BITS = {4: 2 * 16 + 12 * 8, 5: 2 * 16 + 12 * 8, 6: 16 + 16 * 8}
 
 
 def float_zero_at(bits: int, symmetric: bool, float_zero: bool) -> bool:
@@ -45,14 +49,14 @@ def float_zero_at(bits: int, symmetric: bool, float_zero: bool) -> bool:
 def superblocks_at(
     bits: int, group_size: int, symmetric: bool, float_zero: bool, k_quants: bool, in_features: int | None = None
 ) -> bool:
-    """Whether a weight at `bits` is stored in K-quant super-blocks: `k_quants`, a float zero point
-    at 4 or 5 bits in groups of 32, and (when given) an input dim that is a multiple of 256."""
+    """Whether a weight at `bits` is stored in K-quant super-blocks: `k_quants`, groups of 32, a
+    float zero point at 4 or 5 bits or a symmetric grid at 6, and (when given) an input dim that
+    is a multiple of 256."""
+    kind = (bits in SUPER_FLOAT_BITS and float_zero_at(bits, symmetric, float_zero)) or (
+        bits in SUPER_SYMMETRIC_BITS and symmetric
+    )
     return (
-        k_quants
-        and bits in SUPER_BITS
-        and group_size == SUPER_GROUP_SIZE
-        and float_zero_at(bits, symmetric, float_zero)
-        and (in_features is None or in_features % SUPER_BLOCK == 0)
+        k_quants and kind and group_size == SUPER_GROUP_SIZE and (in_features is None or in_features % SUPER_BLOCK == 0)
     )
 
 
@@ -61,7 +65,7 @@ def group_overhead_bits(bits: int, symmetric: bool, float_zero: bool = False, su
     (an int8 one, or an fp16 offset where `float_zero_at`); in K-quant super-blocks a group's
     share of its super-block's overhead (16 bits)."""
     if superblocks:
-        return SUPER_OVERHEAD_BITS * SUPER_GROUP_SIZE // SUPER_BLOCK
+        return SUPER_OVERHEAD_BITS[bits] * SUPER_GROUP_SIZE // SUPER_BLOCK
     if symmetric:
         return SCALE_BITS
     return SCALE_BITS + (FLOAT_ZERO_BITS if float_zero_at(bits, symmetric, float_zero) else ZERO_POINT_BITS)
@@ -127,8 +131,11 @@ class QuantScheme:
                 raise ValueError(f"group_size must be a positive int, got {g!r}")
         if self.float_zero and self.symmetric:
             raise ValueError("float zero points are for asymmetric grids; a symmetric grid has no zero point")
-        if self.k_quants and not self.float_zero:
-            raise ValueError("K-quant super-blocks store float zero points: k_quants needs float_zero")
+        if self.k_quants and not (self.float_zero or self.symmetric):
+            raise ValueError(
+                "K-quant super-blocks are float-zero (Q4_K/Q5_K) or symmetric (Q6_K): k_quants needs "
+                "float_zero or symmetric"
+            )
         widths = [b for b, _ in self.group_size_by_bits]
         if len(set(widths)) != len(widths) or any(b >= 16 for b in widths):
             raise ValueError(f"group_size_by_bits needs distinct widths below 16, got {widths}")

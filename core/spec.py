@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.runtimes import RUNTIMES, spec_problems
-from core.scheme import SUPER_BITS, SUPER_GROUP_SIZE, QuantScheme
+from core.scheme import SUPER_FLOAT_BITS, SUPER_GROUP_SIZE, SUPER_SYMMETRIC_BITS, QuantScheme
 
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 #: Rows allowed inline in a spec; larger sets go through POST /v1/datasets.
@@ -175,8 +175,9 @@ class JobSpec(_Strict):
     symmetric: bool = False
     #: asymmetric grids only; `float` exports to GGUF only, and `exports` defaults to it then
     zero_point: ZeroPoint = ZeroPoint.integer
-    #: with zero_point `float` and groups of 32: 4- and 5-bit weights whose input dim is a multiple
-    #: of 256 are stored as GGUF Q4_K / Q5_K super-blocks (4.5 / 5.5 bits a weight, not 5.0 / 6.0)
+    #: groups of 32: with zero_point `float` 4- and 5-bit weights whose input dim is a multiple of 256
+    #: are stored as GGUF Q4_K / Q5_K super-blocks (4.5 / 5.5 bits a weight, not 5.0 / 6.0); with
+    #: `symmetric` 6-bit ones as Q6_K (6.5625 bits, not Q8_0's 8.5)
     k_quants: bool = False
     allocation: AllocationRule = AllocationRule.budget
     allocation_unit: AllocationUnit = AllocationUnit.layer
@@ -296,11 +297,18 @@ class JobSpec(_Strict):
     def _check_k_quants(self) -> None:
         if not self.k_quants:
             return
-        if self.zero_point != ZeroPoint.float:
-            raise ValueError("k_quants stores float zero points in GGUF Q4_K/Q5_K super-blocks: set zero_point 'float'")
-        widths = [b for b in self.bit_choices if b in SUPER_BITS]
+        if self.zero_point != ZeroPoint.float and not self.symmetric:
+            raise ValueError(
+                "k_quants stores GGUF super-blocks of float zero points (Q4_K/Q5_K) or of a symmetric grid "
+                "(Q6_K): set zero_point 'float' or symmetric true"
+            )
+        kinds = SUPER_SYMMETRIC_BITS if self.symmetric else SUPER_FLOAT_BITS
+        widths = [b for b in self.bit_choices if b in kinds]
         if not widths:
-            raise ValueError(f"k_quants applies to 4- and 5-bit weights; bit_choices {self.bit_choices} has neither")
+            raise ValueError(
+                f"k_quants applies to {' and '.join(map(str, kinds))}-bit weights on this grid; "
+                f"bit_choices {self.bit_choices} has none"
+            )
         odd = [b for b in widths if self.scheme.group_size_at(b) != SUPER_GROUP_SIZE]
         if odd:
             raise ValueError(
@@ -321,7 +329,7 @@ class JobSpec(_Strict):
             self.symmetric,
             self.float_zero,
             tuple(self.group_size_by_bits.items()),
-            k_quants=self.k_quants and self.float_zero,
+            k_quants=self.k_quants and (self.float_zero or self.symmetric),
         )
 
     @property

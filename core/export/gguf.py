@@ -3,7 +3,8 @@
 Tensor types (docs/ARTIFACTS.md has the full mapping and its exactness):
 - quantized linears: 6-8 bits -> Q8_0, 5 bits -> Q5_1 / Q5_0, <= 4 bits -> Q4_1 (asymmetric) /
   Q4_0 (symmetric), float zero points -> Q4_1 / Q5_1 (d = scale, m = offset), under `k_quants`
-  4/5-bit float zero points of linears with 256 | in_features -> Q4_K / Q5_K
+  4/5-bit float zero points (symmetric 6-bit weights) of linears with 256 | in_features -> Q4_K /
+  Q5_K (Q6_K)
   (`core.export.ggml_kquants`, always exact), encoded from our codes exactly where the block
   format allows (`core.export.ggml_blocks`); a linear whose
   ``in_features`` is not a multiple of 32 cannot be block-quantized and is stored F16;
@@ -52,7 +53,7 @@ from core.export._common import (
     to_fp16,
 )
 from core.export.ggml_blocks import BLOCK, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, encode_quantized, target_type
-from core.export.ggml_kquants import Q4_K, Q5_K, SUPER_BLOCK_BYTES, encode_super_blocks, super_type
+from core.export.ggml_kquants import Q4_K, Q5_K, Q6_K, SUPER_BLOCK_BYTES, encode_super_blocks, super_type
 from core.export.gguf_metadata import ARCH, LlamaHyper, copy_source_metadata, hf_metadata
 from core.spec import JobSpec
 from core.types import BitMap, QuantizedWeight
@@ -188,6 +189,7 @@ def _file_type(planned: list[_Planned]) -> int:
         Q8_0: LlamaFileType.MOSTLY_Q8_0,
         Q4_K: LlamaFileType.MOSTLY_Q4_K_S,
         Q5_K: LlamaFileType.MOSTLY_Q5_K_S,
+        Q6_K: LlamaFileType.MOSTLY_Q6_K,
         "F16": LlamaFileType.MOSTLY_F16,
     }
     counts: Counter[str] = Counter()

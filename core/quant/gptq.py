@@ -30,10 +30,11 @@ rules of `quantize_weight`, so packing, export and dequantization are unchanged)
   offset come from `primitives.select_float_qparams` on the error-updated weights the same way,
   codes are clamp(round((w − offset) / scale)); with a diagonal H the result again equals
   `quantize_weight(..., float_zero=True)` code for code.
-* K-quant super-blocks (`k_quants`, core/quant/superblocks.py): a super-block's d and dmin are
-  fixed before the sweep from RTN's qparams of the unchanged weights, and each group's scale and
-  offset, chosen when the sweep reaches it, are snapped onto them (a sub-scale past 63 clips); with
-  a diagonal H the result equals `quantize_weight(..., k_quants=True)` code for code.
+* K-quant super-blocks (`k_quants`, core/quant/superblocks.py; Q4_K/Q5_K, and Q6_K for symmetric
+  6-bit weights): a super-block's d and dmin are fixed before the sweep from RTN's qparams of the
+  unchanged weights, and each group's scale and offset, chosen when the sweep reaches it, are
+  snapped onto them (a sub-scale past 63, or 127, clips); with a diagonal H the result equals
+  `quantize_weight(..., k_quants=True)` code for code.
 * Dampening: H + damp · mean(diag H) · I (mean over live inputs). The factor U comes from
   `core.quant.factor.inverse_hessian_factor` (one Cholesky of the order-reversed H and one
   triangular inverse, in place in one [in, in] matrix, float64; core.quant.layer: float32 above
@@ -222,7 +223,7 @@ def gptq_quantize_widths(
             float_zero_at(bits, symmetric, float_zero),
             i * rows,
             (i + 1) * rows,
-            superblock_scales(wt[:, i * rows : (i + 1) * rows].T, bits, clip_search)
+            superblock_scales(wt[:, i * rows : (i + 1) * rows].T, bits, symmetric, clip_search)
             if superblocks_at(bits, group_size, symmetric, float_zero, k_quants, in_features)
             else None,
         )

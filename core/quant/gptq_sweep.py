@@ -22,7 +22,7 @@ from core.quant.primitives import (
     select_float_qparams,
     stored_float_zero,
 )
-from core.quant.superblocks import GROUPS_PER_SUPER, snap, super_scales
+from core.quant.superblocks import GROUPS_PER_SUPER, snap, snap_symmetric, super_scales, symmetric_super_scale
 from core.scheme import SUPER_GROUP_SIZE
 from core.types import QuantizedWeight
 
@@ -38,8 +38,8 @@ class Width:
     floating: bool
     start: int
     stop: int
-    #: K-quant super-blocks: fp16 (d, dmin) [rows, supers], fixed before the sweep from the
-    #: weights' own RTN qparams (the sweep reaches a super-block's groups one at a time)
+    #: K-quant super-blocks: fp16 (d, dmin) [rows, supers] (dmin 0 for Q6_K), fixed before the
+    #: sweep from the weights' own RTN qparams (the sweep reaches a super-block's groups one at a time)
     superblocks: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -82,7 +82,10 @@ def _group_quantizer(
             return c, c * s + m
 
         return quantize_float, 0.0, None  # the padding of a float zero point: code 0
-    s16, z, const = _select_qparams(g, bits, symmetric, clip_search)
+    s16, z, const = _select_qparams(g, bits, symmetric, clip_search, superblocks=width.superblocks is not None)
+    if width.superblocks is not None:  # Q6_K (the float-zero widths returned above)
+        at = slice(k // GROUPS_PER_SUPER, k // GROUPS_PER_SUPER + 1)
+        s16 = snap_symmetric(s16, width.superblocks[0][:, at])
     scale16[rows, k] = s16[:, 0]
     zero[rows, k] = z[:, 0]
     s, zk = s16[:, 0].to(torch.float32), z[:, 0]
@@ -119,15 +122,22 @@ def _joint_quantizer(parts: list[tuple[torch.Tensor, ...]]) -> Quantizer:
     return quantize
 
 
-def superblock_scales(weight: torch.Tensor, bits: int, clip_search: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 (d, dmin) [rows, supers] of a [rows, in] weight's K-quant super-blocks, from RTN's
-    qparams of the weight before any error update (`Width.superblocks`); in row chunks, so a clip
-    search's temporaries stay small next to the sweep's working matrix."""
+def superblock_scales(
+    weight: torch.Tensor, bits: int, symmetric: bool, clip_search: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (d, dmin) [rows, supers] of a [rows, in] weight's K-quant super-blocks (dmin 0 for
+    Q6_K), from RTN's qparams of the weight before any error update (`Width.superblocks`); in row
+    chunks, so a clip search's temporaries stay small next to the sweep's working matrix."""
+
+    def scales(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = _Groups(chunk, SUPER_GROUP_SIZE)
+        if symmetric:
+            d = symmetric_super_scale(_select_qparams(g, bits, True, clip_search, superblocks=True)[0])
+            return d, torch.zeros_like(d)
+        return super_scales(*select_float_qparams(g, bits, clip_search, superblocks=True))
+
     rows = max(1, _CHUNK_ELEMENTS // int(weight.shape[1]))
-    parts = [
-        super_scales(*select_float_qparams(_Groups(chunk, SUPER_GROUP_SIZE), bits, clip_search, superblocks=True))
-        for chunk in weight.split(rows)
-    ]
+    parts = [scales(chunk) for chunk in torch.split(weight, rows)]
     return torch.cat([d for d, _ in parts]), torch.cat([m for _, m in parts])
 
 

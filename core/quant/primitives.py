@@ -42,7 +42,7 @@ Scale choice:
 - K-quant super-blocks (`k_quants`, float zero points at 4/5 bits, groups of 32, 256 | in): the
   offsets are kept ≤ 0 and scales and offsets are then snapped to 6-bit multiples of one fp16 value
   per 256 weights (core/quant/superblocks.py), kept in float32 (exact), so GGUF's Q4_K / Q5_K
-  store them bit for bit.
+  store them bit for bit; symmetric 6-bit scales likewise on int8 multiples (Q6_K).
 
 Padding: when `group_size` does not divide `in_features` the last group is padded; its qparams
 come only from the real columns and padded codes equal the zero point (0 with a float zero
@@ -56,7 +56,7 @@ from collections.abc import Callable
 
 import torch
 
-from core.quant.superblocks import snap, super_scales
+from core.quant.superblocks import snap, snap_symmetric, super_scales, symmetric_super_scale
 from core.scheme import float_zero_at, superblocks_at
 from core.types import QuantizedWeight
 
@@ -104,14 +104,17 @@ class _Groups:
             self.w_min, self.w_max = self.w.amin(dim=-1), self.w.amax(dim=-1)
 
 
-def _qparams(g: _Groups, bits: int, symmetric: bool, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp16 scale, float32 integer zero) per group for a range shrunk by `shrink`."""
+def _qparams(
+    g: _Groups, bits: int, symmetric: bool, shrink: float, superblocks: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp16 scale, float32 integer zero) per group for a range shrunk by `shrink` (a symmetric
+    scale unrounded float32 on K-quant super-blocks, which snap it to d · sc next)."""
     qmax = 2**bits - 1
     if symmetric:
         half = 2 ** (bits - 1)
         # signed value of largest magnitude; ties take the negative one (positive scale)
         m = torch.where(-g.w_min >= g.w_max, g.w_min, g.w_max) * shrink
-        scale16 = _fp16_scale(m / -half)
+        scale16 = m / -half if superblocks else _fp16_scale(m / -half)
         return scale16, torch.full_like(m, float(half))
     lo = torch.clamp(g.w_min * shrink, max=0.0)
     hi = torch.clamp(g.w_max * shrink, min=0.0)
@@ -199,19 +202,20 @@ def _const_step(g: _Groups) -> torch.Tensor:
 
 
 def _select_qparams(
-    g: _Groups, bits: int, symmetric: bool, clip_search: bool
+    g: _Groups, bits: int, symmetric: bool, clip_search: bool, superblocks: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(fp16 scale, float32 zero, constant-group mask) per group, as `quantize_weight` chooses
     them: the full range, or the best shrink of it under `clip_search`, then the constant-group
-    rule (scale |c|, code - zero = sign(c)). Shared with the GPTQ quantizer."""
+    rule (scale |c|, code - zero = sign(c)); float32 scales for symmetric K-quant super-blocks
+    (`_qparams`). Shared with the GPTQ quantizer."""
     if clip_search:
         scale16, zero = _best_shrink(
             g,
-            lambda shrink: _qparams(g, bits, symmetric, shrink),
+            lambda shrink: _qparams(g, bits, symmetric, shrink, superblocks),
             lambda s16, z: _group_sq_error(g, _codes(g, s16, z, bits, symmetric), s16, z),
         )
     else:
-        scale16, zero = _qparams(g, bits, symmetric, 1.0)
+        scale16, zero = _qparams(g, bits, symmetric, 1.0, superblocks)
 
     # Constant groups: scale = |c| and code - zero = sign(c) is exact for fp16-representable c.
     const = g.w_min == g.w_max
@@ -320,14 +324,17 @@ def quantize_weight(
     `CLIP_MIN_SHRINK` and keeps, per group, the one with the smallest squared error (ties keep
     the larger range). 1.0 is tried first, so the result is never worse than without the search.
     `float_zero` stores asymmetric widths up to 5 bits with a float zero point (module docstring);
-    `k_quants` puts 4- and 5-bit ones in groups of 32 with 256 | in on K-quant super-blocks.
+    `k_quants` puts those at 4 and 5 bits, and symmetric 6-bit weights, in groups of 32 with
+    256 | in on K-quant super-blocks (Q4_K / Q5_K / Q6_K).
     """
     _check_weight(weight, bits, group_size)
+    superblocks = superblocks_at(bits, group_size, symmetric, float_zero, k_quants, int(weight.shape[1]))
     if float_zero_at(bits, symmetric, float_zero):
-        superblocks = superblocks_at(bits, group_size, symmetric, float_zero, k_quants, int(weight.shape[1]))
         return _quantize_float_zero(weight, bits, group_size, clip_search, superblocks)
     g = _Groups(weight, group_size)
-    scale16, zero, const = _select_qparams(g, bits, symmetric, clip_search)
+    scale16, zero, const = _select_qparams(g, bits, symmetric, clip_search, superblocks)
+    if superblocks:  # Q6_K: int8 multiples of one fp16 d per 256 weights (core/quant/superblocks.py)
+        scale16 = snap_symmetric(scale16, symmetric_super_scale(scale16))
     codes = _codes(g, scale16, zero, bits, symmetric)
     if bool(const.any()):
         # constant groups: code - zero = sign(c) exactly (`_codes` gives the same except where |c|

@@ -18,6 +18,11 @@ they are fp16) and a super-block stores it bit for bit.
   super-block's scales in units of 2⁻²⁴ (every fp16 d · sc is a multiple) is d · gcd(sc), and
   dividing it by the smallest k ≤ 63 that leaves an fp16 gives a d whose multiples are all ≤ 63.
   A weight not on the form is reported (None), never approximated.
+
+Q6_K (symmetric 6-bit weights): sixteen sub-blocks of 16 decode as `d · sc_j · (q − 32)` with int8
+sc_j; our symmetric groups of 32 (scale · (code − 32), the scale negative where the group's largest
+magnitude is positive) are two sub-blocks each with the group's sc. `symmetric_super_scale`,
+`snap_symmetric` and `symmetric_params` do the same as above with |sc| ≤ 127 and no offset.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import torch
 from core.scheme import SUPER_BLOCK, SUPER_GROUP_SIZE
 
 GROUPS_PER_SUPER = SUPER_BLOCK // SUPER_GROUP_SIZE
-#: the largest 6-bit sub-scale / sub-min
+#: the largest 6-bit sub-scale / sub-min (Q4_K, Q5_K) and int8 sub-scale magnitude (Q6_K)
 SUB_MAX = 63
+SIGNED_SUB_MAX = 127
 _FP16_MIN_SUBNORMAL = 2.0**-24
 _UNIT = 2.0**24  # d · sc with an fp16 d is an integer number of 2^-24
 
@@ -82,8 +88,8 @@ class SuperParams:
     m: torch.Tensor
 
 
-def _factor(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Values ≥ 0 [rows, groups] as (fp16 base [rows, supers], uint8 multiples ≤ 63), or None."""
+def _factor(values: torch.Tensor, limit: int = SUB_MAX) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Values ≥ 0 [rows, groups] as (fp16 base [rows, supers], uint8 multiples ≤ `limit`), or None."""
     exact = values.to(torch.float64) * _UNIT
     units = _per_super(torch.round(exact).to(torch.int64))
     if not bool((units.to(torch.float64) == _per_super(exact)).all()):
@@ -91,10 +97,10 @@ def _factor(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     common = functools.reduce(torch.gcd, units.unbind(dim=-1))  # d · gcd(sc); 0 when all are 0
     base = torch.zeros(common.shape, dtype=torch.float64)
     found = common == 0
-    for k in range(1, SUB_MAX + 1):  # the smallest k with common / k an fp16 whose multiples fit
+    for k in range(1, limit + 1):  # the smallest k with common / k an fp16 whose multiples fit
         candidate = common.to(torch.float64) / (k * _UNIT)
         fits = (candidate.to(torch.float16).to(torch.float64) == candidate) & (
-            units.amax(dim=-1).to(torch.float64) <= SUB_MAX * candidate * _UNIT
+            units.amax(dim=-1).to(torch.float64) <= limit * candidate * _UNIT
         )
         take = fits & ~found
         base = torch.where(take, candidate, base)
@@ -121,3 +127,39 @@ def super_params(scale: torch.Tensor, offset: torch.Tensor) -> SuperParams | Non
     if scales is None or mins is None:
         return None
     return SuperParams(d=scales[0], dmin=mins[0], sc=scales[1], m=mins[1])
+
+
+def symmetric_super_scale(scale: torch.Tensor) -> torch.Tensor:
+    """fp16 d [rows, supers] of symmetric groups' scales [rows, groups]: the largest |scale| over
+    127 to the nearest fp16 (at least fp16's smallest subnormal)."""
+    top = _per_super(scale.to(torch.float32).abs()).amax(dim=-1)
+    return (top / SIGNED_SUB_MAX).to(torch.float16).clamp(min=_FP16_MIN_SUBNORMAL)
+
+
+def snap_symmetric(scale: torch.Tensor, d16: torch.Tensor) -> torch.Tensor:
+    """Symmetric groups' float32 scales [rows, groups] as d · sc, int8 sc in [−127, 127] and never 0
+    (a zero scale, from an all-zero group, becomes d)."""
+    d = _each_group(d16.to(torch.float32), scale.shape[1])
+    sc = torch.round(scale.to(torch.float32) / d).clamp(-SIGNED_SUB_MAX, SIGNED_SUB_MAX)
+    return d * torch.where(sc == 0, torch.where(scale < 0, -1.0, 1.0), sc)
+
+
+@dataclass(frozen=True)
+class SymmetricParams:
+    """A symmetric weight's Q6_K parameters: fp16 d [rows, supers] and int8 sc [rows, supers, 8]
+    (one per group of 32) with scale = d · sc."""
+
+    d: torch.Tensor
+    sc: torch.Tensor
+
+
+def symmetric_params(scale: torch.Tensor) -> SymmetricParams | None:
+    """The Q6_K parameters of symmetric groups' scales [rows, groups] (groups a multiple of 8), or
+    None when some super-block's scales are not int8 multiples of one fp16 d."""
+    if scale.shape[1] % GROUPS_PER_SUPER:
+        return None
+    factored = _factor(scale.to(torch.float32).abs(), SIGNED_SUB_MAX)
+    if factored is None:
+        return None
+    sign = torch.where(_per_super(scale) < 0, -1, 1).to(torch.int16)
+    return SymmetricParams(d=factored[0], sc=(factored[1].to(torch.int16) * sign).to(torch.int8))

@@ -405,8 +405,8 @@ def test_llama_cpp_loads_the_gguf(exported, record_property):
 
 
 #: K-quant files: the linears with 256 | in_features (SmolLM2's down_proj, 1536) in the K type,
-#: the rest (576 inputs) in the legacy type of the same float-zero grid
-K_QUANT_TYPES = {"Q4_K": (4, "Q4_1"), "Q5_K": (5, "Q5_1")}
+#: the rest (576 inputs) in the legacy type of the same grid: (bits, that type, symmetric)
+K_QUANT_TYPES = {"Q4_K": (4, "Q4_1", False), "Q5_K": (5, "Q5_1", False), "Q6_K": (6, "Q8_0", True)}
 
 
 @pytest.mark.parametrize("case", [*sorted(GGUF_TYPES), "Q4_1-float", *sorted(K_QUANT_TYPES)])
@@ -415,7 +415,7 @@ def test_llama_cpp_loads_each_gguf_type(case, smol, smollm2_path, tmp_path, reco
     F16, norms F32 as always), held to the plain >= 95 % agreement; "Q4_1-float" is Q4_1 written
     from float zero points, which at group 32 reproduce SmolLM2's own packaged Q4_1 tensors byte
     for byte (checked), so its agreement is llama.cpp's on the model as shipped (tie-aware). The
-    K-quant files mix their K type with Q4_1 / Q5_1 (tie-aware as well)."""
+    K-quant files mix their K type with Q4_1 / Q5_1 / Q8_0 (tie-aware as well)."""
     from gguf import GGUFReader
 
     from core.weights.gguf_reader import parse_gguf_header
@@ -423,8 +423,9 @@ def test_llama_cpp_loads_each_gguf_type(case, smol, smollm2_path, tmp_path, reco
     require_llama_cpp()
     model, tokenizer, _ = smol
     k_quants = case in K_QUANT_TYPES
-    qtype, float_zero = case.removesuffix("-float"), case.endswith("-float") or k_quants
-    bits, symmetric = (K_QUANT_TYPES[case][0], False) if k_quants else GGUF_TYPES[qtype]
+    qtype = case.removesuffix("-float")
+    bits, symmetric = (K_QUANT_TYPES[case][0], K_QUANT_TYPES[case][2]) if k_quants else GGUF_TYPES[qtype]
+    float_zero = case.endswith("-float") or (k_quants and not symmetric)
     layers = [name for name, _ in decoder_layers(model)]
     bit_map = BitMap(dict.fromkeys(layers, bits))
     weights = {
@@ -472,7 +473,7 @@ def test_llama_cpp_loads_each_gguf_type(case, smol, smollm2_path, tmp_path, reco
         t = ours["blk.3.ffn_down.weight"]
         got = torch.from_numpy(dequantize(t.data, t.tensor_type).astype(np.float32)).reshape(down.shape)
         assert torch.equal(got, dequantize_weight(down))
-    exact_floor = LLAMA_MIN_EXACT_AGREEMENT if float_zero else LLAMA_MIN_AGREEMENT
+    exact_floor = LLAMA_MIN_EXACT_AGREEMENT if float_zero or k_quants else LLAMA_MIN_AGREEMENT
     check_llama_cpp(path, loaded, tokenizer, record_property, case, min_exact=exact_floor)
 
 

@@ -29,16 +29,20 @@ def ggml_dequant(data: np.ndarray, qtype: str) -> torch.Tensor:
     return torch.from_numpy(dequantize(data, GGMLQuantizationType[qtype]).astype(np.float32))
 
 
-@pytest.mark.parametrize("bits, qtype", [(4, "Q4_K"), (5, "Q5_K")])
+@pytest.mark.parametrize("bits, qtype", [(4, "Q4_K"), (5, "Q5_K"), (6, "Q6_K")])
 @pytest.mark.parametrize("clip", [False, True])
 def test_gguf_super_blocks_decode_to_exactly_our_weights(bits, qtype, clip):
-    # rows of different magnitudes (tiny ones probe d's fp16 floor) and one-signed groups
-    w = torch.cat([gaussian(16, 512, bits), gaussian(8, 512, 7, mean=0.2), gaussian(8, 512, 8, std=1e-5)])
-    q = quantize_weight(w, bits, 32, False, clip_search=clip, float_zero=True, k_quants=True)
-    assert q.offset is not None and bool((q.offset <= 0).all())  # m is unsigned: offsets at or below 0
+    # rows of different magnitudes (tiny ones probe d's fp16 floor), one-signed groups, a zero row
+    w = torch.cat([gaussian(16, 512, bits), gaussian(8, 512, 7, mean=0.2), gaussian(7, 512, 8, std=1e-5)])
+    w = torch.cat([w, torch.zeros(1, 512)])
+    symmetric = qtype == "Q6_K"  # Q6_K: symmetric 6-bit groups, int8 multiples of d
+    q = quantize_weight(w, bits, 32, symmetric, clip_search=clip, float_zero=not symmetric, k_quants=True)
+    assert q.scale.dtype == torch.float32
+    if not symmetric:
+        assert q.offset is not None and bool((q.offset <= 0).all())  # m is unsigned: offsets at or below 0
     encoded = encode_super_blocks(q)
     assert encoded is not None and encoded.qtype == qtype
-    assert encoded.data.shape == (32, 2 * {"Q4_K": 144, "Q5_K": 176}[qtype])
+    assert encoded.data.shape == (32, 2 * {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[qtype])
     torch.testing.assert_close(ggml_dequant(encoded.data, qtype), dequantize_weight(q), rtol=0, atol=0)
 
 
@@ -135,8 +139,29 @@ def test_super_blocks_cost_a_little_accuracy_and_half_a_bit():
         quantize_weight(w576, 4, 32, False, float_zero=True, k_quants=True).scale,
         quantize_weight(w576, 4, 32, False, float_zero=True).scale,
     )
-    with pytest.raises(ValueError, match="k_quants needs float_zero"):
+    with pytest.raises(ValueError, match="k_quants needs float_zero or symmetric"):
         QuantScheme(32, k_quants=True)
+
+
+def test_q6_k_matches_the_plain_symmetric_grid_at_fewer_bits():
+    w = gaussian(64, 1024, 6)
+    k = sqnr_db(w, dequantize_weight(quantize_weight(w, 6, 32, True, k_quants=True)))
+    plain = sqnr_db(w, dequantize_weight(quantize_weight(w, 6, 32, True)))
+    assert abs(k - plain) < 0.05  # within 0.03 dB: int8 sub-scales lose nothing visible
+    assert effective_bits(6, 32, True, 1024, k_quants=True) == 6.5625  # 210 bytes / 256
+    assert effective_bits(6, 32, True, 576, k_quants=True) == effective_bits(6, 32, True, 576)  # Q8_0 there
+    assert not QuantScheme(32, symmetric=True, k_quants=True).superblocks_at(4, 1024)  # Q4_0 stays
+    w4 = gaussian(4, 256, 1)
+    assert encode_super_blocks(quantize_weight(w4, 6, 32, True)) is None  # fp16 scales: not on the form
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1024, 1024, generator=gen) @ (torch.eye(1024) + 0.1 * torch.randn(1024, 1024, generator=gen))
+    h = x.T @ x / 1024
+    gptq = gptq_quantize_weight(w, h, 6, 32, True, k_quants=True)
+    encoded = encode_super_blocks(gptq)
+    assert encoded is not None and encoded.qtype == "Q6_K"
+    torch.testing.assert_close(ggml_dequant(encoded.data, "Q6_K"), dequantize_weight(gptq), rtol=0, atol=0)
+    diagonal = gptq_quantize_weight(w, torch.eye(1024), 6, 32, True, k_quants=True)
+    assert torch.equal(diagonal.codes, quantize_weight(w, 6, 32, True, k_quants=True).codes)
 
 
 def test_gptq_on_super_blocks():
@@ -166,13 +191,17 @@ def test_spec_rules():
     spec = JobSpec(**base, zero_point="float", k_quants=True)
     assert spec.scheme.k_quants and [e.value for e in spec.exports] == ["gguf"]
     assert "K-quant" in spec.scheme.describe()
-    with pytest.raises(ValueError, match="set zero_point 'float'"):
+    with pytest.raises(ValueError, match="set zero_point 'float' or symmetric true"):
         JobSpec(**base, k_quants=True)
+    symmetric = JobSpec(**base, symmetric=True, k_quants=True, bit_choices=[4, 6, 16])
+    assert symmetric.scheme.superblocks_at(6, 256) and not symmetric.scheme.superblocks_at(4, 256)
+    with pytest.raises(ValueError, match="has none"):
+        JobSpec(**base, symmetric=True, k_quants=True, bit_choices=[4, 8, 16])
     with pytest.raises(ValueError, match="groups of 32"):
         JobSpec(**{**base, "group_size": 64}, zero_point="float", k_quants=True)
     with pytest.raises(ValueError, match="groups of 32"):
         JobSpec(**base, zero_point="float", k_quants=True, bit_choices=[5, 8], group_size_by_bits={5: 64})
-    with pytest.raises(ValueError, match="has neither"):
+    with pytest.raises(ValueError, match="has none"):
         JobSpec(**base, zero_point="float", k_quants=True, bit_choices=[8, 16])
     assert JobSpec(**base, zero_point="float", k_quants=True, bit_choices=[4, 8], group_size_by_bits={8: 128})
 
@@ -185,10 +214,17 @@ def wide_source(wide_tiny_model_root):
     return resolve_model("tiny-llama", [wide_tiny_model_root], {})
 
 
-def test_a_k_quant_job_prices_and_ships_the_codes_it_measured(wide_source, tmp_path):
-    spec = make_spec(
-        zero_point="float", k_quants=True, exports=["gguf"], bit_choices=[4, 5, 16], bit_budget={"avg_bits": 6.0}
-    )
+#: (grid fields, bit choices, down_proj's GGUF type and up_proj's (96 inputs) per width)
+JOB_GRIDS = {
+    "float": ({"zero_point": "float"}, [4, 5, 16], {4: ("Q4_K", "Q4_1"), 5: ("Q5_K", "Q5_1")}),
+    "symmetric": ({"symmetric": True}, [4, 6, 16], {4: ("Q4_0", "Q4_0"), 6: ("Q6_K", "Q8_0")}),
+}
+
+
+@pytest.mark.parametrize("grid", sorted(JOB_GRIDS))
+def test_a_k_quant_job_prices_and_ships_the_codes_it_measured(grid, wide_source, tmp_path):
+    fields, choices, types = JOB_GRIDS[grid]
+    spec = make_spec(**fields, k_quants=True, exports=["gguf"], bit_choices=choices, bit_budget={"avg_bits": 6.0})
     job = run(spec, wide_source)
     allocation = job.outputs.allocations[0]
     scheme = spec.scheme
@@ -209,13 +245,13 @@ def test_a_k_quant_job_prices_and_ships_the_codes_it_measured(wide_source, tmp_p
         i = int(layer.rsplit(".", 1)[1])
         codes = load_codes(job.store, "work/layers", i, bits)
         down = tensors[f"blk.{i}.ffn_down.weight"]
-        assert down.tensor_type.name == {4: "Q4_K", 5: "Q5_K"}[bits]
+        assert down.tensor_type.name == types[bits][0]
         got = torch.from_numpy(dequantize(down.data, down.tensor_type).astype(np.float32))
         assert torch.equal(got.reshape(96, 256), dequantize_weight(codes[f"{layer}.mlp.down_proj"]))
-        # 96 inputs are not whole super-blocks: Q4_1 / Q5_1
-        assert tensors[f"blk.{i}.ffn_up.weight"].tensor_type.name == {4: "Q4_1", 5: "Q5_1"}[bits]
+        # 96 inputs are not whole super-blocks: the legacy type of the grid
+        assert tensors[f"blk.{i}.ffn_up.weight"].tensor_type.name == types[bits][1]
         checked.add(bits)
-    assert checked
+    assert any(types[b][0].endswith("_K") for b in checked)  # a K-quant width was allocated and checked
 
 
 def test_gptq_super_block_scales_do_not_depend_on_the_row_chunking(monkeypatch):

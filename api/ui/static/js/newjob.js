@@ -202,7 +202,7 @@ export async function newJobView(container, ctx) {
       h('div', { class: 'form-grid' },
         h('label', { class: 'check' }, adv.symmetric, ' symmetric'), h('label', { class: 'check' }, adv.clip, ' clip search'),
         field('Zero point (asymmetric)', adv.zeroPoint),
-        h('label', { class: 'check', title: 'with a float zero point and groups of 32: 4/5-bit linears whose input dim is a multiple of 256 as GGUF Q4_K/Q5_K (4.5/5.5 bits)' },
+        h('label', { class: 'check', title: 'groups of 32, linears whose input dim is a multiple of 256: 4/5-bit as GGUF Q4_K/Q5_K (4.5/5.5 bits) with a float zero point, 6-bit as Q6_K (6.56 bits) when symmetric' },
           adv.kQuants, ' K-quant super-blocks'),
         field('Group size per width', adv.groupSizes, 'widths stored in groups of their own size: BITS=SIZE, comma-separated'),
         h('label', { class: 'check', title: 'uniform at equal bits, error_only and random next to the method in eval.json' },
