@@ -39,7 +39,13 @@ GROUPS_PER_SUPER = SUPER_BLOCK // SUPER_GROUP_SIZE
 SUB_MAX = 63
 SIGNED_SUB_MAX = 127
 _FP16_MIN_SUBNORMAL = 2.0**-24
+_FP16_MAX = 65504.0
 _UNIT = 2.0**24  # d · sc with an fp16 d is an integer number of 2^-24
+
+
+def _fp16_base(x: torch.Tensor) -> torch.Tensor:
+    """x ≥ 0 to the nearest fp16, finite (weights past fp16's range get its largest value)."""
+    return x.clamp(max=_FP16_MAX).to(torch.float16)
 
 
 def _per_super(x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +60,8 @@ def super_scales(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tenso
     smallest subnormal)."""
     top = _per_super(scale.to(torch.float32).abs()).amax(dim=-1)
     low = _per_super((-offset.to(torch.float32)).clamp(min=0.0)).amax(dim=-1)
-    d = (top / SUB_MAX).to(torch.float16).clamp(min=_FP16_MIN_SUBNORMAL)
-    return d, (low / SUB_MAX).to(torch.float16)
+    d = _fp16_base(top / SUB_MAX).clamp(min=_FP16_MIN_SUBNORMAL)
+    return d, _fp16_base(low / SUB_MAX)
 
 
 def _each_group(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -133,7 +139,7 @@ def symmetric_super_scale(scale: torch.Tensor) -> torch.Tensor:
     """fp16 d [rows, supers] of symmetric groups' scales [rows, groups]: the largest |scale| over
     127 to the nearest fp16 (at least fp16's smallest subnormal)."""
     top = _per_super(scale.to(torch.float32).abs()).amax(dim=-1)
-    return (top / SIGNED_SUB_MAX).to(torch.float16).clamp(min=_FP16_MIN_SUBNORMAL)
+    return _fp16_base(top / SIGNED_SUB_MAX).clamp(min=_FP16_MIN_SUBNORMAL)
 
 
 def snap_symmetric(scale: torch.Tensor, d16: torch.Tensor) -> torch.Tensor:

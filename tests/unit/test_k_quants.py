@@ -263,3 +263,11 @@ def test_gptq_super_block_scales_do_not_depend_on_the_row_chunking(monkeypatch):
     monkeypatch.setattr(gptq_sweep, "_CHUNK_ELEMENTS", 5 * 512)  # chunks of 5 rows
     chunked = gptq_quantize_weight(w, h, 4, 32, False, clip_search=True, float_zero=True, k_quants=True)
     assert torch.equal(whole.codes, chunked.codes) and torch.equal(whole.scale, chunked.scale)
+
+
+def test_weights_past_fp16_range_keep_a_finite_super_block_scale():
+    w = gaussian(2, 256, 3) * 1e10  # group scales ~2e8: d = scale / 63 is past fp16
+    for symmetric, bits in ((False, 4), (True, 6)):
+        q = quantize_weight(w, bits, 32, symmetric, float_zero=not symmetric, k_quants=True)
+        assert bool(torch.isfinite(q.scale).all()) and bool(torch.isfinite(dequantize_weight(q)).all())
+        assert encode_super_blocks(q) is not None
