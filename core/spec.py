@@ -329,6 +329,8 @@ class JobSpec(_Strict):
             self.symmetric,
             self.float_zero,
             tuple(self.group_size_by_bits.items()),
+            # validators read `scheme` before `_check_k_quants` names the fix for a k_quants
+            # without its grid; until then the scheme leaves super-blocks off
             k_quants=self.k_quants and (self.float_zero or self.symmetric),
         )
 

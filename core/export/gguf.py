@@ -169,7 +169,7 @@ def _array(
     encoded = encode_super_blocks(q) if entry.qtype in SUPER_BLOCK_BYTES else encode_quantized(q)
     if encoded is None:
         raise ExportError(
-            f"{linear.name}: its scales and offsets are not on K-quant super-blocks (k_quants); "
+            f"{linear.name}: its scales (and offsets) are not on K-quant super-blocks (k_quants); "
             "the checkpoint was quantized on another grid"
         )
     if encoded.qtype != entry.qtype:

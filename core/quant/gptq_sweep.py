@@ -68,11 +68,13 @@ def _group_quantizer(
     qmax = float(2**bits - 1)
     rows = slice(width.start, width.stop)
     g = _Groups(w.T, group_size)
+    # this group's super-block (d, dmin) under k_quants
+    at = slice(k // GROUPS_PER_SUPER, k // GROUPS_PER_SUPER + 1)
+    sb = None if width.superblocks is None else (width.superblocks[0][:, at], width.superblocks[1][:, at])
     if width.floating:
-        s16, o16 = select_float_qparams(g, bits, clip_search, superblocks=width.superblocks is not None)
-        if width.superblocks is not None:
-            at = slice(k // GROUPS_PER_SUPER, k // GROUPS_PER_SUPER + 1)
-            s16, o16 = snap(s16, o16, width.superblocks[0][:, at], width.superblocks[1][:, at])
+        s16, o16 = select_float_qparams(g, bits, clip_search, superblocks=sb is not None)
+        if sb is not None:
+            s16, o16 = snap(s16, o16, *sb)
         scale16[rows, k] = s16[:, 0]
         zero[rows, k] = o16[:, 0].to(torch.float32)  # `zero` holds the offsets
         s, m = s16[:, 0].to(torch.float32), o16[:, 0].to(torch.float32)
@@ -82,10 +84,9 @@ def _group_quantizer(
             return c, c * s + m
 
         return quantize_float, 0.0, None  # the padding of a float zero point: code 0
-    s16, z, const = _select_qparams(g, bits, symmetric, clip_search, superblocks=width.superblocks is not None)
-    if width.superblocks is not None:  # Q6_K (the float-zero widths returned above)
-        at = slice(k // GROUPS_PER_SUPER, k // GROUPS_PER_SUPER + 1)
-        s16 = snap_symmetric(s16, width.superblocks[0][:, at])
+    s16, z, const = _select_qparams(g, bits, symmetric, clip_search, superblocks=sb is not None)
+    if sb is not None:  # Q6_K (the float-zero widths returned above)
+        s16 = snap_symmetric(s16, sb[0])
     scale16[rows, k] = s16[:, 0]
     zero[rows, k] = z[:, 0]
     s, zk = s16[:, 0].to(torch.float32), z[:, 0]

@@ -43,25 +43,25 @@ _FP16_MAX = 65504.0
 _UNIT = 2.0**24  # d · sc with an fp16 d is an integer number of 2^-24
 
 
-def _fp16_base(x: torch.Tensor) -> torch.Tensor:
-    """x ≥ 0 to the nearest fp16, finite (weights past fp16's range get its largest value)."""
-    return x.clamp(max=_FP16_MAX).to(torch.float16)
-
-
 def _per_super(x: torch.Tensor) -> torch.Tensor:
     """[rows, groups] -> [rows, supers, 8] (groups a multiple of 8)."""
     rows, groups = x.shape
     return x.reshape(rows, groups // GROUPS_PER_SUPER, GROUPS_PER_SUPER)
 
 
+def _super_base(values: torch.Tensor, limit: int) -> torch.Tensor:
+    """fp16 [rows, supers]: each super-block's largest of `values` ≥ 0 [rows, groups] over `limit`,
+    to the nearest fp16 and finite (weights past fp16's range get its largest value)."""
+    top = _per_super(values.to(torch.float32)).amax(dim=-1)
+    return (top / limit).clamp(max=_FP16_MAX).to(torch.float16)
+
+
 def super_scales(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 (d, dmin) [rows, supers] for groups' scales and offsets [rows, groups]: the largest
     scale (largest −offset, offsets clamped at 0) over 63, to the nearest fp16 (d at least fp16's
     smallest subnormal)."""
-    top = _per_super(scale.to(torch.float32).abs()).amax(dim=-1)
-    low = _per_super((-offset.to(torch.float32)).clamp(min=0.0)).amax(dim=-1)
-    d = _fp16_base(top / SUB_MAX).clamp(min=_FP16_MIN_SUBNORMAL)
-    return d, _fp16_base(low / SUB_MAX)
+    d = _super_base(scale.abs(), SUB_MAX).clamp(min=_FP16_MIN_SUBNORMAL)
+    return d, _super_base((-offset.to(torch.float32)).clamp(min=0.0), SUB_MAX)
 
 
 def _each_group(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -138,8 +138,7 @@ def super_params(scale: torch.Tensor, offset: torch.Tensor) -> SuperParams | Non
 def symmetric_super_scale(scale: torch.Tensor) -> torch.Tensor:
     """fp16 d [rows, supers] of symmetric groups' scales [rows, groups]: the largest |scale| over
     127 to the nearest fp16 (at least fp16's smallest subnormal)."""
-    top = _per_super(scale.to(torch.float32).abs()).amax(dim=-1)
-    return _fp16_base(top / SIGNED_SUB_MAX).clamp(min=_FP16_MIN_SUBNORMAL)
+    return _super_base(scale.abs(), SIGNED_SUB_MAX).clamp(min=_FP16_MIN_SUBNORMAL)
 
 
 def snap_symmetric(scale: torch.Tensor, d16: torch.Tensor) -> torch.Tensor:

@@ -193,6 +193,10 @@ def test_spec_rules():
     assert "K-quant" in spec.scheme.describe()
     with pytest.raises(ValueError, match="set zero_point 'float' or symmetric true"):
         JobSpec(**base, k_quants=True)
+    with pytest.raises(
+        ValueError, match="set zero_point 'float' or symmetric true"
+    ):  # also where `scheme` is read first
+        JobSpec(**base, k_quants=True, target_runtime="llama.cpp")
     symmetric = JobSpec(**base, symmetric=True, k_quants=True, bit_choices=[4, 6, 16])
     assert symmetric.scheme.superblocks_at(6, 256) and not symmetric.scheme.superblocks_at(4, 256)
     with pytest.raises(ValueError, match="has none"):
