@@ -3,29 +3,26 @@ profile and artifacts. Worker-side state transitions live in ``common.lifecycle`
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Select, and_, func, or_, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from common import broker, idempotency
 from common.datasets import get_dataset
-from common.errors import Conflict, InvalidParameter, InvalidRequest, NotFound, TooManyRequests
+from common.errors import Conflict, InvalidParameter, NotFound, TooManyRequests
 from common.idempotency import StoredResponse
 from common.ids import new_id
 from common.job_status import JobStatus
 from common.lifecycle import add_event, cancel_queued, purge_job_outputs, request_cancel
 from common.limits import check_job_quota, check_prompt_sizes, check_storage_quota, job_disk_bytes, route_job
-from common.orm import JOB_TABLE, Artifact, Dataset, IdempotencyKey, Job, JobEvent, ProfileLayer, utcnow
+from common.orm import JOB_TABLE, Artifact, IdempotencyKey, Job, JobEvent, ProfileLayer, utcnow
+from common.pagination import keyset_page, page_size
 from common.settings import Settings
 from common.storage import Storage
 from core.canonical_json import json_sha256
@@ -39,8 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = idempotency.MAX_IDEMPOTENCY_KEY
-#: what a listing pages through
-_Listed = TypeVar("_Listed", Job, Dataset)
 
 
 # ---- submit ----------------------------------------------------------------------------------
@@ -260,27 +255,6 @@ def get_job(session: Session, tenant: str, job_id: str) -> Job:
     return job
 
 
-def encode_cursor(job: Job | Dataset) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-#: our cursors are ~90 characters; anything much longer is not one of ours
-MAX_CURSOR_LENGTH = 256
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    invalid = InvalidRequest("invalid cursor; pass back the 'next_cursor' of the previous page")
-    if len(cursor) > MAX_CURSOR_LENGTH:
-        raise invalid
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, job_id = json.loads(raw)
-        return datetime.fromisoformat(str(created)), str(job_id)
-    except (ValueError, TypeError, binascii.Error, RecursionError):
-        raise invalid from None
-
-
 def list_jobs(
     session: Session,
     settings: Settings,
@@ -299,27 +273,6 @@ def list_jobs(
             raise InvalidParameter(f"unknown status {bad}; use one of {[s.value for s in JobStatus]}")
         query = query.where(Job.status.in_(status))
     return keyset_page(session, query, Job, limit, cursor)
-
-
-def page_size(settings: Settings, limit: int | None) -> int:
-    """The rows of one page: `limit`, or the default page size; InvalidParameter beyond the maximum."""
-    limit = limit or settings.default_page_size
-    if not 1 <= limit <= settings.max_page_size:
-        raise InvalidParameter(f"limit must be between 1 and {settings.max_page_size}")
-    return limit
-
-
-def keyset_page(
-    session: Session, query: Select[_Listed], entity: type[_Listed], limit: int, cursor: str | None
-) -> tuple[list[_Listed], str | None]:
-    """One page of `query`'s rows of `entity` (jobs or datasets), newest first: the `limit` rows
-    after `cursor` in (created_at, id) order, and the cursor of the next page (None on the last)."""
-    if cursor:
-        created, last_id = decode_cursor(cursor)
-        query = query.where(or_(entity.created_at < created, and_(entity.created_at == created, entity.id < last_id)))
-    rows = list(session.execute(query.order_by(entity.created_at.desc(), entity.id.desc()).limit(limit + 1)).scalars())
-    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    return rows[:limit], next_cursor
 
 
 def cancel_job(session: Session, storage: Storage, tenant: str, job_id: str) -> Job:

@@ -14,9 +14,10 @@ from sqlalchemy.orm import Session
 from common.datasets import get_dataset
 from common.errors import Conflict
 from common.job_status import FINISHED_STATUSES, JobStatus
-from common.jobs import get_job, keyset_page, page_size
+from common.jobs import get_job
 from common.lifecycle import purge_job_outputs
 from common.orm import Dataset, Job, utcnow
+from common.pagination import keyset_page, page_size
 from common.settings import Settings
 from common.storage import Storage
 

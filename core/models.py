@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from core.errors import ModelNotFound, UnsafeModel
+from core.model_paths import check_contained, check_model_id, inside_root
 from core.modules import decoder_stack, named_linears
 
 __all__ = [
@@ -48,7 +49,6 @@ WeightsFormat = Literal["safetensors", "pickle", "gguf"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 
 
 @dataclass
@@ -199,42 +199,6 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_id(model_id: str) -> None:
-    """Reject ids that are not plain relative names."""
-    if not model_id or not model_id.strip():
-        raise UnsafeModel("empty model id")
-    if "\0" in model_id or "\\" in model_id:
-        raise UnsafeModel(f"model id {model_id!r} contains forbidden characters")
-    if _URL.match(model_id) or "://" in model_id:
-        raise UnsafeModel(f"model id {model_id!r} looks like a URL; only local models are served")
-    if model_id.startswith(("/", "~")) or Path(model_id).is_absolute():
-        raise UnsafeModel(f"model id {model_id!r} is an absolute path; give a name relative to a model root")
-    parts = model_id.split("/")
-    if any(p in ("..", ".", "") for p in parts):
-        raise UnsafeModel(f"model id {model_id!r} has '..', '.' or empty path components")
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve(strict=True).relative_to(root.resolve(strict=True))
-        return True
-    except (ValueError, OSError):
-        return False
-
-
-def _check_contained(candidate: Path, root: Path, model_id: str) -> None:
-    """`candidate` and (for a directory) every entry in it must resolve inside `root`."""
-    entries = [candidate]
-    if candidate.is_dir():
-        entries += list(candidate.rglob("*"))
-    for p in entries:
-        if not _inside(p, root):
-            raise UnsafeModel(
-                f"model '{model_id}' resolves outside its model root (symlink escape at "
-                f"'{p.relative_to(candidate.parent) if p != candidate else p.name}')"
-            )
-
-
 def _weights_format(directory: Path, model_id: str, allow_pickle: bool) -> WeightsFormat:
     files = [p for p in directory.iterdir() if p.is_file() or p.is_symlink()]
     if any(p.name.endswith(".safetensors") for p in files):
@@ -294,20 +258,20 @@ def resolve_model(
     else:
         tried.append(f"registry (no entry '{model_id}')")
 
-    _check_id(model_id)
+    check_model_id(model_id)
     for root in roots:
         root = Path(root).expanduser()
         directory = root / model_id
         gguf = root / (model_id if model_id.endswith(".gguf") else f"{model_id}.gguf")
         for candidate in (directory, gguf):
-            if (candidate.exists() or candidate.is_symlink()) and not _inside(candidate, root):
+            if (candidate.exists() or candidate.is_symlink()) and not inside_root(candidate, root):
                 raise UnsafeModel(f"model '{model_id}' resolves outside its model root (symlink escape)")
         if directory.is_dir() and (directory / "config.json").exists():
-            _check_contained(directory, root, model_id)
+            check_contained(directory, root, model_id)
             return _source_for_path(model_id, directory.resolve(), "hf_dir", allow_pickle)
         tried.append(f"{directory}/ (no model directory)")
         if gguf.is_file():
-            _check_contained(gguf, root, model_id)
+            check_contained(gguf, root, model_id)
             return _source_for_path(model_id, gguf.resolve(), "gguf", allow_pickle)
         tried.append(f"{gguf} (no file)")
 

@@ -5,16 +5,15 @@ with gguf-py, then transformers' own per-architecture processing, so `read` retu
 The header is parsed here rather than with `gguf.GGUFReader`: that reader memory-maps the whole
 file and, on a truncated file, fails with a bare numpy reshape error instead of naming the tensor.
 The config handed to transformers' tensor processors is built from the same metadata with
-transformers' own GGUF_CONFIG_MAPPING table, as `load_gguf_checkpoint` builds it.
+transformers' own GGUF_CONFIG_MAPPING table, as `load_gguf_checkpoint` builds it
+(core.weights.gguf_transformers).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -33,6 +32,7 @@ from core.weights import (
     open_model_file,
     pread_exact,
 )
+from core.weights.gguf_transformers import hf_weights_map, tensor_processor
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -40,7 +40,6 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_STRING = 16 << 20  # far above any real key, name or chat template; guards corrupt lengths
 MAX_ARRAY_DEPTH = 4
 WINDOW = 1 << 20  # header bytes fetched per pread
-_NAME_MAP_LOCK = threading.Lock()
 
 # GGUF metadata value types (gguf.GGUFValueType) -> struct format
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -244,76 +243,6 @@ def summarize_gguf(directory: Path, name: str, root: Path) -> CheckpointSummary:
     )
 
 
-def _processing(architecture: str, metadata: dict[str, object], file: str) -> tuple[Any, tuple[str, ...]]:
-    """transformers' tensor processor for this architecture, configured as from_pretrained does;
-    UnsupportedModel where processing is not per tensor (MoE merges, transposes, newer loaders)."""
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        BloomTensorProcessor,
-        Gemma2TensorProcessor,
-        LlamaTensorProcessor,
-        NemotronTensorProcessor,
-        T5TensorProcessor,
-        TensorProcessor,
-    )
-
-    per_tensor = (
-        TensorProcessor,
-        LlamaTensorProcessor,
-        Gemma2TensorProcessor,
-        NemotronTensorProcessor,
-        BloomTensorProcessor,
-        T5TensorProcessor,
-    )
-    cls: Any = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
-    try:  # architectures transformers loads through its newer GGUF path, with other conversions
-        from transformers.integrations.gguf.utils import is_gguf_arch_supported
-
-        newer = is_gguf_arch_supported(architecture)
-    except ImportError:  # pragma: no cover - older transformers
-        newer = False
-    if cls not in per_tensor or newer:
-        raise UnsupportedModel(
-            f"streaming GGUF weights of architecture '{architecture}' is not supported "
-            "(its tensors are merged or reshaped across tensors when loaded)",
-            details={"file": file, "architecture": architecture},
-        )
-    row_moving = {LlamaTensorProcessor: (".attn_q.", ".attn_k."), BloomTensorProcessor: ("attn_qkv",)}
-    return cls(config=processor_config(architecture, metadata)), row_moving.get(cls, ())
-
-
-def processor_config(architecture: str, metadata: dict[str, object]) -> dict[str, object]:
-    """The `<arch>.*` scalars renamed with transformers' GGUF_CONFIG_MAPPING: what the processors
-    read (head counts, hidden size) from `load_gguf_checkpoint(...)["config"]`, without that
-    function's second full parse of the vocabulary (seconds for a 128k-token file)."""
-    from transformers.integrations import GGUF_CONFIG_MAPPING
-
-    table = cast(dict[str, Any], GGUF_CONFIG_MAPPING.get(architecture, {}))  # per architecture: gguf key -> HF
-    config: dict[str, object] = {}
-    for key, value in metadata.items():
-        prefix, _, sub = key.partition(".")
-        renamed = table.get(sub) if prefix == architecture else None
-        if renamed is not None and renamed != -1 and value is not None:
-            config[renamed] = value
-    return config
-
-
-def _weights_map(skeleton: nn.Module, processor: Any) -> dict[str, str]:
-    """transformers' GGUF -> HF name map. It rebuilds gguf's full tensor-name table once per
-    submodule (seconds for a small model); a memoised table for the duration gives the same map."""
-    import gguf
-    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
-
-    with _NAME_MAP_LOCK:
-        original = gguf.get_tensor_name_map
-        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
-        try:
-            mapping: dict[str, str] = get_gguf_hf_weights_map(skeleton, processor)
-            return mapping
-        finally:
-            gguf.get_tensor_name_map = original
-
-
 class GGUFWeightReader(WeightReader):
     """One GGUF file; HF names from transformers' name map over `skeleton` (a meta-device model)."""
 
@@ -325,9 +254,9 @@ class GGUFWeightReader(WeightReader):
             arch = header.metadata.get("general.architecture")
             if not isinstance(arch, str):
                 raise ModelInvalid(f"{name} has no general.architecture", details={"file": name})
-            self._processor, self._row_moving = _processing(arch, header.metadata, name)
+            self._processor, self._row_moving = tensor_processor(arch, header.metadata, name)
             try:
-                self._mapping = _weights_map(skeleton, self._processor)
+                self._mapping = hf_weights_map(skeleton, self._processor)
             except NotImplementedError:
                 raise UnsupportedModel(
                     f"{name}: no GGUF name map for model type '{getattr(skeleton.config, 'model_type', '?')}'"

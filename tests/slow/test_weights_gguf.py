@@ -13,7 +13,8 @@ from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from core.packaged_models import assemble_gemma3
 from core.weights import open_weights, validate_shapes
-from core.weights.gguf_reader import parse_gguf_header, processor_config
+from core.weights.gguf_reader import parse_gguf_header
+from core.weights.gguf_transformers import processor_config
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import pytest
 
 from common.artifacts import parse_range
 from common.errors import InvalidRequest
-from common.jobs import decode_cursor
+from common.pagination import decode_cursor
 from common.redact import redact_paths, redact_text
 from core.data import MAX_JSON_DEPTH, json_depth_exceeds, parse_jsonl
 from core.errors import DataError
