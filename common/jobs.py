@@ -79,7 +79,12 @@ def check_runtime_shapes(source: ModelSource, spec: JobSpec) -> None:
         dims = read_model_dims(source)
     except (OSError, ValueError, KeyError, TypeError):
         return
-    check_shapes(spec.target_runtime, in_features=dims.linear_in_features, group_sizes=spec.group_sizes)
+    check_shapes(
+        spec.target_runtime,
+        in_features=dims.linear_in_features,
+        group_sizes=spec.group_sizes,
+        k_quant_widths=spec.k_quant_widths,
+    )
 
 
 def validate_references(session: Session, settings: Settings, tenant: str, spec: JobSpec) -> tuple[str, int]:

@@ -148,6 +148,7 @@ class JobRun:
                 self.spec.target_runtime,
                 in_features={name: lin.in_features for ref in self.model.layers for name, lin in ref.linears.items()},
                 group_sizes=self.spec.group_sizes,
+                k_quant_widths=self.spec.k_quant_widths,
             )
             self.hooks.progress("load", 1.0, f"opened {self.spec.model} for streaming on {self.model.device}")
 

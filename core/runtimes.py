@@ -14,7 +14,9 @@ runtime reads (`hf_strategy`).
 * **llama.cpp** reads the `gguf` export: 4-bit groups become Q4_0/Q4_1, 5-bit Q5_0/Q5_1 and 8-bit
   Q8_0 blocks of 32 exactly when the group size is a multiple of 32; 2/3-bit widths would be stored
   as 4-bit blocks and 6/7-bit ones as Q8_0 (the budget would count bits the file does not save), so
-  the menu is 4/5/8/16.
+  the menu is 4/5/8/16, and 6 with `k_quants` on a symmetric grid, where every quantized linear's
+  in_features is a multiple of 256 (Q6_K super-blocks; the model's shapes are checked at submit
+  and at load).
 * **transformers** loads every width and both layouts of the `hf` export (block layout for
   asymmetric weights, see docs/ARTIFACTS.md).
 """
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from core.errors import InvalidSpec
+from core.scheme import SUPER_BLOCK
 
 __all__ = ["RUNTIMES", "RuntimeRules", "check_shapes", "hf_strategy", "shape_problems", "spec_problems"]
 
@@ -46,6 +49,9 @@ class RuntimeRules:
     hf_strategy: HfStrategy
     #: the group size must divide every quantized linear's in_features
     group_divides_width: bool
+    #: widths loaded only as K-quant super-blocks (`k_quants`): every quantized linear's
+    #: in_features a multiple of SUPER_BLOCK
+    k_quant_bits: frozenset[int] = frozenset()
 
 
 RUNTIMES: dict[str, RuntimeRules] = {
@@ -66,6 +72,7 @@ RUNTIMES: dict[str, RuntimeRules] = {
         export="gguf",
         hf_strategy="auto",
         group_divides_width=False,
+        k_quant_bits=frozenset({6}),
     ),
     "transformers": RuntimeRules(
         name="transformers",
@@ -79,15 +86,28 @@ RUNTIMES: dict[str, RuntimeRules] = {
 }
 
 
-def spec_problems(runtime: str, *, bit_choices: list[int], group_sizes: Sequence[int], exports: list[str]) -> list[str]:
+def spec_problems(
+    runtime: str,
+    *,
+    bit_choices: list[int],
+    group_sizes: Sequence[int],
+    exports: list[str],
+    k_quant_widths: Sequence[int] = (),
+) -> list[str]:
     """Why a spec's menu does not load in `runtime` (empty when it does), each a sentence a user
-    can act on; `group_sizes`: those of the quantized widths."""
+    can act on; `group_sizes`: those of the quantized widths; `k_quant_widths`: the widths the spec
+    stores in K-quant super-blocks."""
     rules = RUNTIMES[runtime]
     problems: list[str] = []
-    extra = sorted(set(bit_choices) - rules.bits)
+    extra = sorted(set(bit_choices) - rules.bits - (rules.k_quant_bits & set(k_quant_widths)))
     if extra:
+        also = (
+            f" ({', '.join(map(str, sorted(rules.k_quant_bits)))} with k_quants on a symmetric grid)"
+            if rules.k_quant_bits
+            else ""
+        )
         problems.append(
-            f"target_runtime '{runtime}' loads widths {sorted(rules.bits)}; remove {extra} from bit_choices"
+            f"target_runtime '{runtime}' loads widths {sorted(rules.bits)}{also}; remove {extra} from bit_choices"
         )
     for group_size in group_sizes:
         if rules.group_sizes is not None and group_size not in rules.group_sizes:
@@ -103,13 +123,32 @@ def spec_problems(runtime: str, *, bit_choices: list[int], group_sizes: Sequence
     return problems
 
 
-def shape_problems(runtime: str, *, in_features: Mapping[str, int], group_sizes: Sequence[int]) -> list[str]:
+def shape_problems(
+    runtime: str, *, in_features: Mapping[str, int], group_sizes: Sequence[int], k_quant_widths: Sequence[int] = ()
+) -> list[str]:
     """Why the model's quantizable linears (name → in_features) cannot carry `runtime`'s layout
-    with any of `group_sizes` (those of the quantized widths)."""
+    with any of `group_sizes` (those of the quantized widths), or its K-quant-only widths among
+    `k_quant_widths`."""
     rules = RUNTIMES[runtime]
-    if not rules.group_divides_width:
+    problems = _super_block_problems(runtime, rules, in_features, k_quant_widths)
+    if rules.group_divides_width:
+        problems += [p for g in group_sizes for p in _group_problems(runtime, rules, in_features, g)]
+    return problems
+
+
+def _super_block_problems(
+    runtime: str, rules: RuntimeRules, in_features: Mapping[str, int], k_quant_widths: Sequence[int]
+) -> list[str]:
+    widths = sorted(rules.k_quant_bits & set(k_quant_widths))
+    bad = {name: n for name, n in in_features.items() if n % SUPER_BLOCK}
+    if not widths or not bad:
         return []
-    return [p for g in group_sizes for p in _group_problems(runtime, rules, in_features, g)]
+    name, width = next(iter(bad.items()))
+    return [
+        f"target_runtime '{runtime}' loads {widths}-bit weights only as K-quant super-blocks of {SUPER_BLOCK} "
+        f"inputs, but {len(bad)} linears (e.g. {name}, in_features {width}) are not multiples of {SUPER_BLOCK}: "
+        f"remove {widths} from bit_choices"
+    ]
 
 
 def _group_problems(runtime: str, rules: RuntimeRules, in_features: Mapping[str, int], group_size: int) -> list[str]:
@@ -127,12 +166,18 @@ def _group_problems(runtime: str, rules: RuntimeRules, in_features: Mapping[str,
     ]
 
 
-def check_shapes(runtime: str | None, *, in_features: Mapping[str, int], group_sizes: Sequence[int]) -> None:
+def check_shapes(
+    runtime: str | None,
+    *,
+    in_features: Mapping[str, int],
+    group_sizes: Sequence[int],
+    k_quant_widths: Sequence[int] = (),
+) -> None:
     """InvalidSpec naming the fix when `shape_problems` finds any (None: no target, nothing to check).
     The submit check passes the widths from the model's config, the load stage the real linears'."""
     if runtime is None:
         return
-    problems = shape_problems(runtime, in_features=in_features, group_sizes=group_sizes)
+    problems = shape_problems(runtime, in_features=in_features, group_sizes=group_sizes, k_quant_widths=k_quant_widths)
     if problems:
         raise InvalidSpec("; ".join(problems))
 

@@ -273,6 +273,7 @@ class JobSpec(_Strict):
                 bit_choices=self.bit_choices,
                 group_sizes=self.group_sizes,
                 exports=[f.value for f in self.exports],
+                k_quant_widths=self.k_quant_widths,
             )
             if problems:
                 raise ValueError("; ".join(problems))
@@ -333,6 +334,11 @@ class JobSpec(_Strict):
             # without its grid; until then the scheme leaves super-blocks off
             k_quants=self.k_quants and (self.float_zero or self.symmetric),
         )
+
+    @property
+    def k_quant_widths(self) -> list[int]:
+        """The widths of `bit_choices` stored in K-quant super-blocks where a linear's shape allows."""
+        return [b for b in self.bit_choices if b < 16 and self.scheme.superblocks_at(b)]
 
     @property
     def group_sizes(self) -> list[int]:

@@ -134,6 +134,33 @@ def test_shape_problems_name_a_group_size_that_fits() -> None:
     assert set(RUNTIMES) == {"vllm", "llama.cpp", "transformers"}
 
 
+LLAMA_CPP_SIX = dict(symmetric=True, k_quants=True, group_size=32, bit_choices=[4, 6, 8, 16])
+
+
+def test_llama_cpp_loads_6_bits_only_as_q6_k() -> None:
+    fields = dict(model="m", method="uniform", bit_budget={"avg_bits": 5.0}, target_runtime="llama.cpp")
+    spec = JobSpec(**fields, **LLAMA_CPP_SIX)
+    assert spec.k_quant_widths == [6] and [f.value for f in spec.exports] == ["gguf"]
+    # without super-blocks a 6-bit weight would be Q8_0: 8.5 bits stored where the budget counts 6.5
+    with pytest.raises(ValidationError, match=r"\[4, 5, 8, 16\] \(6 with k_quants on a symmetric grid\); remove \[6\]"):
+        JobSpec(**fields, **{**LLAMA_CPP_SIX, "k_quants": False})
+    with pytest.raises(ValidationError, match=r"remove \[6\]"):  # k_quants' float grid stores 4/5 bits only
+        JobSpec(**fields, **{**LLAMA_CPP_SIX, "symmetric": False, "zero_point": "float"})
+    with pytest.raises(ValidationError, match=r"remove \[6\]"):
+        JobSpec(**fields, bit_choices=[4, 6, 16], group_size=32)
+    assert spec_problems("vllm", bit_choices=[6], group_sizes=[32], exports=["hf"], k_quant_widths=[6])
+
+
+def test_q6_k_needs_every_linear_in_whole_super_blocks() -> None:
+    smollm2 = {"model.layers.0.self_attn.q_proj": 576, "model.layers.0.mlp.down_proj": 1536}
+    [problem] = shape_problems("llama.cpp", in_features=smollm2, group_sizes=[32], k_quant_widths=[6])
+    assert "in_features 576" in problem and "multiples of 256" in problem and "remove [6]" in problem
+    llama = {"q_proj": 4096, "down_proj": 14336}
+    assert shape_problems("llama.cpp", in_features=llama, group_sizes=[32], k_quant_widths=[6]) == []
+    # 4/5-bit K-quants fall back to Q4_1/Q5_1 at their own price: no shape rule
+    assert shape_problems("llama.cpp", in_features=smollm2, group_sizes=[32], k_quant_widths=[4, 5]) == []
+
+
 # ---- jobs -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_vllm_target_writes_a_checkpoint_vllm_serves(source, tmp_path: Path, symmetric: bool) -> None:
@@ -164,3 +191,13 @@ def test_submit_checks_the_shapes_in_the_model_config(source) -> None:
         check_runtime_shapes(source, make_spec(target_runtime="vllm", group_size=64))
     check_runtime_shapes(source, make_spec(target_runtime="vllm", group_size=32))
     check_runtime_shapes(source, make_spec(group_size=64))  # no target: nothing to check
+
+
+def test_a_6_bit_llama_cpp_job_on_narrow_linears_fails_at_submit_and_load(source, tmp_path: Path) -> None:
+    from common.jobs import check_runtime_shapes
+
+    spec = make_spec(target_runtime="llama.cpp", exports=["gguf"], **LLAMA_CPP_SIX)
+    with pytest.raises(InvalidSpec, match=r"in_features 96\).*remove \[6\] from bit_choices"):
+        check_runtime_shapes(source, spec)
+    with pytest.raises(InvalidSpec, match=r"in_features 96\).*remove \[6\] from bit_choices"):
+        run(spec, source, work_dir=tmp_path / "work")
