@@ -99,7 +99,7 @@ def stored_bytes(session: Session, tenant: str) -> int:
 
 def job_disk_bytes(source: Any, spec: JobSpec) -> int:
     """The object storage a job will write (core.disk), 0 when the model's shapes are unreadable."""
-    from core.disk import estimate_job_disk
+    from core.disk import estimate_job_disk, group_bytes
     from core.model_dims import read_model_dims
 
     try:
@@ -112,6 +112,7 @@ def job_disk_bytes(source: Any, spec: JobSpec) -> int:
         group_size=spec.scheme.smallest_group_size,  # the most scales: an upper bound
         budgets=list(spec.budgets),
         formats=len(spec.exports),
+        group_param_bytes=group_bytes(float_zero=spec.scheme.float_zero, k_quants=spec.scheme.k_quants),
     ).total_bytes
 
 

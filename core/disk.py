@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from core.memory import ANSWER_TOKENS, calibration_tokens, hidden_streams
 from core.model_dims import ModelDims
 
-#: per group: a float16 scale and a zero point stored in a byte (an upper bound for both formats)
+#: per group: a float16 scale and a zero point stored in a byte (an upper bound for both formats
+#: on an integer grid; `group_bytes` gives the others)
 _GROUP_BYTES = 3
 #: everything that is not a quantized linear (embeddings, norms, head) is exported as float16
 _FLOAT_BYTES = 2
@@ -41,21 +42,37 @@ class DiskEstimate:
         }
 
 
+def group_bytes(*, float_zero: bool, k_quants: bool) -> int:
+    """Bytes a group's parameters take in the layer checkpoints (core.streaming.checkpoints), at
+    most: a float16 scale and a uint8 zero point; a float16 offset instead where zero points are
+    float; float32 scale and offset on K-quant super-blocks (d · sc is exact only there)."""
+    return 8 if k_quants else 4 if float_zero else _GROUP_BYTES
+
+
 def estimate_job_disk(
-    dims: ModelDims, *, bit_choices: list[int], group_size: int, budgets: list[float], formats: int
+    dims: ModelDims,
+    *,
+    bit_choices: list[int],
+    group_size: int,
+    budgets: list[float],
+    formats: int,
+    group_param_bytes: int = _GROUP_BYTES,
 ) -> DiskEstimate:
     """Bytes a job stores: the checkpoints of the layer pass plus, per budget and export format,
     the quantized linears at the budget's effective bits (the largest choice when the budget is
-    unknown: the paper rule) and the rest of the model in float16."""
+    unknown: the paper rule) and the rest of the model in float16. `group_param_bytes`: see
+    `group_bytes`."""
     linear = dims.linear_parameters
     groups = -(-linear // group_size)
     widths = [b for b in bit_choices if b < 16]
-    checkpoint = sum(linear * b // 8 + groups * _GROUP_BYTES for b in widths)
-    export = int(sum(_export_per_budget(dims, bit_choices, group_size, budgets))) * max(1, formats)
+    checkpoint = sum(linear * b // 8 + groups * group_param_bytes for b in widths)
+    export = int(sum(_export_per_budget(dims, bit_choices, group_size, budgets, group_param_bytes))) * max(1, formats)
     return DiskEstimate(checkpoint_bytes=int(checkpoint), export_bytes=export)
 
 
-def _export_per_budget(dims: ModelDims, bit_choices: list[int], group_size: int, budgets: list[float]) -> list[float]:
+def _export_per_budget(
+    dims: ModelDims, bit_choices: list[int], group_size: int, budgets: list[float], group_param_bytes: int
+) -> list[float]:
     """One format's export of each budget: the quantized linears at the budget's effective bits
     (the largest choice plus its group parameters when the budget is unknown: the paper rule) and
     the rest of the model in float16."""
@@ -63,7 +80,7 @@ def _export_per_budget(dims: ModelDims, bit_choices: list[int], group_size: int,
     groups = -(-linear // group_size)
     rest = max(0, dims.parameters - linear) * _FLOAT_BYTES
     per_budget = [linear * min(float(max(bit_choices)), b) / 8 for b in budgets] or [
-        linear * max(bit_choices) / 8 + groups * _GROUP_BYTES
+        linear * max(bit_choices) / 8 + groups * group_param_bytes
     ]
     return [p + rest for p in per_budget]
 
@@ -129,6 +146,7 @@ def estimate_work_disk(
     budgets: list[float],
     formats: int,
     eval_rows: int = 0,
+    group_param_bytes: int = _GROUP_BYTES,
     stages: Collection[str] = WORK_STAGES,
 ) -> WorkDiskEstimate:
     """What a job writes at once under the work directory, for the `stages` that will run:
@@ -163,6 +181,6 @@ def estimate_work_disk(
         carried = 2 * variants * eval_rows * (max_tokens + ANSWER_TOKENS) * dims.hidden_size * hidden_bytes
         phases["evaluation"] = carried if carried > activation_ram_bytes else 0
     if "export" in stages:
-        staged = max(_export_per_budget(dims, bit_choices, group_size, budgets)) * max(1, formats)
+        staged = max(_export_per_budget(dims, bit_choices, group_size, budgets, group_param_bytes)) * max(1, formats)
         phases["export"] = int(staged)
     return WorkDiskEstimate(phases=phases)

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from core.disk import WORK_STAGES, WorkDiskEstimate, estimate_work_disk
+from core.disk import WORK_STAGES, WorkDiskEstimate, estimate_work_disk, group_bytes
 from core.errors import InsufficientDisk
 from core.pipeline import ArtifactStore, JobInputs, StagePlan
 from core.spec import CalibrationInputs
@@ -56,6 +56,7 @@ def work_disk_estimate(inputs: JobInputs, store: ArtifactStore) -> WorkDiskEstim
         group_size=spec.scheme.smallest_group_size,  # the most scales: an upper bound
         budgets=list(spec.budgets),
         formats=len(spec.exports),
+        group_param_bytes=group_bytes(float_zero=spec.scheme.float_zero, k_quants=spec.scheme.k_quants),
         eval_rows=len(inputs.eval_rows),
         stages=stages,
     )

@@ -3,6 +3,8 @@ offsets are 6-bit multiples of one fp16 value per 256 weights, exported to GGUF 
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -256,6 +258,17 @@ def test_a_k_quant_job_prices_and_ships_the_codes_it_measured(grid, wide_source,
         assert tensors[f"blk.{i}.ffn_up.weight"].tensor_type.name == types[bits][1]
         checked.add(bits)
     assert any(types[b][0].endswith("_K") for b in checked)  # a K-quant width was allocated and checked
+    # the submit's disk estimate counts the float32 super-block scales the checkpoints keep
+    from core.disk import estimate_job_disk, group_bytes
+    from core.model_dims import read_model_dims
+
+    checkpoints = sum(len(v) for k, v in job.store.objects.items() if k.endswith(".safetensors"))
+    estimate = partial(
+        estimate_job_disk, read_model_dims(wide_source), bit_choices=choices, group_size=32, budgets=[6.0], formats=1
+    )
+    assert checkpoints <= estimate(group_param_bytes=group_bytes(float_zero=False, k_quants=True)).checkpoint_bytes
+    if grid == "float":  # fp16 scale and uint8 zero would not bound float32 scales and offsets
+        assert estimate(group_param_bytes=group_bytes(float_zero=False, k_quants=False)).checkpoint_bytes < checkpoints
 
 
 def test_gptq_super_block_scales_do_not_depend_on_the_row_chunking(monkeypatch):
