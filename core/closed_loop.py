@@ -14,9 +14,11 @@ codes swapped into the onloaded layer, so the model is read once whatever the ca
   within the budget, the pairs whose predicted objective rises least. Off because the held-back
   metric is the NLL of the bare gold answer, which a swap can improve while breaking generation:
   on Gemma 3 270M (capitals) the loop shipped `swap 1` (held-back NLL 7.73 against 7.85) and the
-  model stopped answering (`contains` 0.000 against 0.462; BENCHMARKS.md). The three full
-  allocations are safe to choose between on that metric; local search needs a generation-aware
-  one first (the NLL of the full-precision model's own answers).
+  model stopped answering (`contains` 0.000 against 0.462; BENCHMARKS.md). Choosing between the
+  three full allocations is not safe on that metric either: on the same model the loop shipped
+  its own pass's allocation, which replies with a question on 109 of 173 items (BENCHMARKS.md,
+  "The issue #14 measurement at HEAD"). The fix, not built: a generation-aware held-back metric
+  (the NLL of the full-precision model's own answers, or greedy generation scored for `contains`).
 
 The candidate with the lowest mean gold-answer NLL on the held-back rows is shipped (ties: the
 order above, so the method's allocation wins a tie). The allocation that is shipped carries the
