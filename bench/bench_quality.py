@@ -506,6 +506,8 @@ def measure_suite(args, loaded: LoadedModel, model_id: str, suite: str, profiles
             row["closed_loop"] = {
                 "shipped": loop["shipped"],
                 "held_back_nll": {x["name"]: x["measured_gold_nll"] for x in loop["candidates"]},
+                "calibration_contains": {x["name"]: x.get("calibration_contains") for x in loop["candidates"]},
+                "answers_fewer": [x["name"] for x in loop["candidates"] if x.get("answers_fewer")],
             }
         out.append(row)
         print_progress(row)

@@ -216,7 +216,12 @@ def status(
         rows.append(("effective bits", f"{budget.get('effective_bits')} (budget {budget.get('avg_bits', '-')})"))
         loop = budget.get("closed_loop")
         if loop:
-            measured = ", ".join(f"{c['name']} {c['measured_gold_nll']:.4f}" for c in loop["candidates"])
+            measured = ", ".join(
+                f"{c['name']} {c['measured_gold_nll']:.4f}"
+                + (f" (contains {c['calibration_contains']:.2f})" if c.get("calibration_contains") is not None else "")
+                + (" answers fewer" if c.get("answers_fewer") else "")
+                for c in loop["candidates"]
+            )
             rows.append(
                 (
                     "closed loop",

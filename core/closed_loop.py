@@ -17,24 +17,31 @@ codes swapped into the onloaded layer, so the model is read once whatever the ca
   model stopped answering (`contains` 0.000 against 0.462; BENCHMARKS.md). Choosing between the
   three full allocations is not safe on that metric either: on the same model the loop shipped
   its own pass's allocation, which replies with a question on 109 of 173 items (BENCHMARKS.md,
-  "The issue #14 measurement at HEAD"). The fix, not built: a generation-aware held-back metric
-  (the NLL of the full-precision model's own answers, or greedy generation scored for `contains`).
+  "The issue #14 measurement at HEAD"), hence the generation check below.
 
-The candidate with the lowest mean gold-answer NLL on the held-back rows is shipped (ties: the
-order above, so the method's allocation wins a tie). The allocation that is shipped carries the
-record (`BitAllocation.closed_loop`: every candidate's rule, bits, effective bits, predicted
-objective and measured NLL, and which was shipped), so bitmap.json says when a baseline was
+The teacher-forced NLL cannot see a model that stops answering, so when greedy generation fits
+the worker (`core.job_generation.generation_skip_reason`) each candidate also answers the prompts
+of every calibration row with answers, scored and held back alike (HOLDOUT_NEW_TOKENS greedy
+tokens, scored for `contains` against the rows' answers), and a candidate that answers
+significantly fewer of them than the best-answering candidate is not shipped (`answers_fewer`:
+exact one-sided McNemar test at ANSWERS_ALPHA). Of the rest, the one with the lowest mean
+gold-answer NLL on the held-back rows is shipped (ties: the order above, so the method's
+allocation wins a tie). The allocation that is shipped carries the record
+(`BitAllocation.closed_loop`: every candidate's rule, bits, effective bits, predicted objective,
+measured NLL and `contains`, and which was shipped), so bitmap.json says when a baseline was
 shipped instead.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from core.allocation import LayerCost, budget_units, layer_cost, objective_of, priced_allocation
+from core.answers import answer_extractor, contains_match
 from core.controls import allocate_error_only, allocate_uniform_mix
 from core.errors import DataError
 from core.scheme import QuantScheme
@@ -48,10 +55,13 @@ if TYPE_CHECKING:
     from core.streaming.model import StreamedModel
 
 __all__ = [
+    "ANSWERS_ALPHA",
     "HOLDOUT_FRACTION",
+    "HOLDOUT_NEW_TOKENS",
     "MIN_HOLDOUT",
     "SWAPS",
     "Candidate",
+    "answers_fewer",
     "closed_loop",
     "closed_loop_stage",
     "split_holdout",
@@ -61,6 +71,12 @@ __all__ = [
 HOLDOUT_FRACTION = 0.25
 MIN_HOLDOUT = 4
 SWAPS = 0
+HOLDOUT_NEW_TOKENS = 16
+ANSWERS_ALPHA = 0.05
+
+#: greedy answers of model variants on the held-back prompts: generate(variants) -> per variant
+#: (a width per linear, 16 = full precision), per held-back row, the decoded answer
+GenerateAnswers = Callable[[list[dict[str, int]], "StageProgress"], list[list[str]]]
 
 
 def split_holdout(rows: Sequence[CalibrationRow], seed: int) -> tuple[list[CalibrationRow], list[CalibrationRow]]:
@@ -76,6 +92,17 @@ def split_holdout(rows: Sequence[CalibrationRow], seed: int) -> tuple[list[Calib
         )
     held = set(random.Random(seed).sample(answered, count))
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def answers_fewer(candidate: Sequence[float], best: Sequence[float], alpha: float = ANSWERS_ALPHA) -> bool:
+    """Whether `candidate` answers significantly fewer items than `best` (per-item 0/1 scores of
+    the same items): exact one-sided McNemar test on the items only one of them answers."""
+    lost = sum(1 for c, b in zip(candidate, best, strict=True) if b > c)
+    gained = sum(1 for c, b in zip(candidate, best, strict=True) if c > b)
+    n = lost + gained
+    if lost <= gained:
+        return False
+    return sum(math.comb(n, k) for k in range(lost, n + 1)) / (1 << n) < alpha
 
 
 @dataclass(frozen=True)
@@ -140,8 +167,12 @@ def closed_loop(
     tracker: StageProgress,
     area: SpillArea,
     swaps: int = SWAPS,
+    generate: GenerateAnswers | None = None,
+    generation_skipped: str | None = None,
+    answer_rows: Sequence[CalibrationRow] | None = None,
 ) -> BitAllocation:
-    """The allocation to ship for one budget (see the module docstring), with its record."""
+    """The allocation to ship for one budget (see the module docstring), with its record.
+    `generate` answers the prompts of `answer_rows` (default: the held-back rows)."""
     from core.streaming.evaluate import EvalVariant, teacher_forced_eval
 
     assert allocation.budget is not None  # closed_loop needs a budget (spec validator)
@@ -164,13 +195,40 @@ def closed_loop(
             first[key] = c.name
             variants.append(EvalVariant(c.name, linear_bits))
         measured_as[c.name] = first[key]
-    measured = teacher_forced_eval(model, holdout, variants, codes, max_tokens=max_tokens, tracker=tracker, area=area)
+    forced = tracker.span(0.0, 0.6 if generate is not None else 1.0)
+    measured = teacher_forced_eval(model, holdout, variants, codes, max_tokens=max_tokens, tracker=forced, area=area)
     nll = {c.name: _mean(measured[measured_as[c.name]].gold_nll_items) for c in candidates}
-    shipped = min(candidates, key=lambda c: nll[c.name])  # min keeps the first of equal ones
+    answered: dict[str, list[float]] = {}
+    if generate is not None:
+        every = {name: 16 for ref in model.layers for name in ref.linears}
+        texts = generate([every] + [v.bits for v in variants], tracker.span(0.6, 1.0))
+        golds = [
+            [a for a in row.answers or [] if a.strip()] for row in (holdout if answer_rows is None else answer_rows)
+        ]
+        extract = answer_extractor(golds)
+        for name, answers in zip(["full_precision"] + [v.name for v in variants], texts, strict=True):
+            answered[name] = [contains_match(extract(t), g) for t, g in zip(answers, golds, strict=True)]
+    fewer = dict.fromkeys((c.name for c in candidates), False)
+    if answered:
+        top = max(candidates, key=lambda c: sum(answered[measured_as[c.name]]))
+        best_items = answered[measured_as[top.name]]
+        fewer = {c.name: answers_fewer(answered[measured_as[c.name]], best_items) for c in candidates}
+    eligible = [c for c in candidates if not fewer[c.name]]
+    shipped = min(eligible, key=lambda c: nll[c.name])  # min keeps the first of equal ones
     record: dict[str, Any] = {
         "holdout_rows": len(holdout),
         "metric": "gold_nll",
         "full_precision": _mean(measured["full_precision"].gold_nll_items),
+        "answers_check": (
+            {
+                "rows": len(answered["full_precision"]),
+                "new_tokens": HOLDOUT_NEW_TOKENS,
+                "alpha": ANSWERS_ALPHA,
+                "full_precision_contains": _mean(answered["full_precision"]),
+            }
+            if answered
+            else {"skipped": generation_skipped or "no generation"}
+        ),
         "shipped": shipped.name,
         "candidates": [
             {
@@ -179,27 +237,48 @@ def closed_loop(
                 "effective_bits": c.allocation.effective_bits,
                 "predicted_objective": _objective(c.allocation, layers),
                 "measured_gold_nll": nll[c.name],
+                "calibration_contains": _mean(answered[measured_as[c.name]]) if answered else None,
+                "answers_fewer": fewer[c.name],
                 "unit": c.allocation.unit.value,
                 "bits": dict(c.allocation.bits),
             }
             for c in candidates
         ],
     }
-    note = (
-        f"closed loop: kept the allocation (held-back gold NLL {nll['allocation']:.4f})"
-        if shipped.name == "allocation"
-        else f"closed loop: shipped {shipped.name} (held-back gold NLL {nll[shipped.name]:.4f} < "
-        f"{nll['allocation']:.4f} for the method's allocation, {len(holdout)} rows)"
-    )
+    if shipped.name == "allocation":
+        note = f"closed loop: kept the allocation (held-back gold NLL {nll['allocation']:.4f})"
+    elif fewer["allocation"]:
+        note = (
+            f"closed loop: shipped {shipped.name} (the method's allocation answers significantly fewer "
+            f"of the {len(answered['full_precision'])} calibration prompts with answers)"
+        )
+    else:
+        note = (
+            f"closed loop: shipped {shipped.name} (held-back gold NLL {nll[shipped.name]:.4f} < "
+            f"{nll['allocation']:.4f} for the method's allocation, {len(holdout)} rows)"
+        )
     return replace(shipped.allocation, solver=f"{shipped.allocation.solver}; {note}", closed_loop=record)
 
 
 def closed_loop_stage(run: JobRun, profile: Profile) -> list[BitAllocation]:
     """The allocate stage's closed loop: every budget's allocation checked on the held-back rows."""
     from core.allocation import layer_costs_from_profile
+    from core.data import tokenize_rows
+    from core.job_generation import generation_skip_reason, variants_token_ids
 
     tracker = run.tracker("allocate")
     n = len(run.allocations)
+    skipped = generation_skip_reason(run)
+    # every row with answers, the scored ones too: whether a model still answers is a property of
+    # the model, and 4x the rows gives the test the power to see it (16 held-back rows could not)
+    answer_rows = [r for r in run.rows if r.answers] + list(run.holdout)
+    prompts = tokenize_rows(answer_rows, run.loaded.tokenizer, run.spec.max_tokens)
+
+    def generate(variants: list[dict[str, int]], progress: StageProgress) -> list[list[str]]:
+        ids = variants_token_ids(run, prompts, HOLDOUT_NEW_TOKENS, variants, run.codes, progress)
+        decode = run.loaded.tokenizer.decode
+        return [[decode(a, skip_special_tokens=True).strip() for a in variant] for variant in ids]
+
     shipped = []
     for i, allocation in enumerate(run.allocations):
         chosen = closed_loop(
@@ -213,6 +292,9 @@ def closed_loop_stage(run: JobRun, profile: Profile) -> list[BitAllocation]:
             max_tokens=run.spec.max_tokens,
             tracker=tracker.span(i / n, (i + 1) / n),
             area=run.area,
+            generate=None if skipped else generate,
+            generation_skipped=skipped,
+            answer_rows=answer_rows,
         )
         run.hooks.progress("allocate", (i + 1) / n, chosen.solver.rsplit("; ", 1)[-1])
         shipped.append(chosen)

@@ -1,6 +1,7 @@
 """Greedy generation inside a job, for the scorers that need it (taqo's / taq_grad's self-answers,
-taqo_gen's per-variant answers) and the evaluation: only when the whole model fits the worker's
-memory limit; otherwise a reason the caller reports (evaluation) or an InvalidSpec (scoring)."""
+taqo_gen's per-variant answers), the closed loop's held-back check and the evaluation: only when
+the whole model fits the worker's memory limit; otherwise a reason the caller reports (evaluation,
+the closed loop) or an InvalidSpec (scoring)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,16 @@ from core.errors import InvalidSpec
 from core.types import QuantizedWeight
 
 if TYPE_CHECKING:
+    from core.calibration import StageProgress
     from core.job_stages import JobRun
 
-__all__ = ["generation_skip_reason", "greedy_token_answers", "greedy_variant_answers", "require_generation"]
+__all__ = [
+    "generation_skip_reason",
+    "greedy_token_answers",
+    "greedy_variant_answers",
+    "require_generation",
+    "variants_token_ids",
+]
 
 
 def generation_skip_reason(run: JobRun) -> str | None:
@@ -58,15 +66,27 @@ def greedy_variant_answers(
     variants: list[dict[str, int]],
     codes: Callable[[int, int], dict[str, QuantizedWeight]],
 ) -> list[list[list[int]]]:
-    """taqo_gen's answers: per variant (a width per linear), each prompt's greedy continuation,
-    with the model materialised once and each variant's codes installed in turn."""
-    from core.streaming.generate import greedy_token_ids, installed, materialized
-
+    """taqo_gen's answers: `variants_token_ids` once the model is known to fit."""
     require_generation(
         run, "generates with each layer quantized", "use method 'taqo' (teacher-forced, streamed) instead"
     )
     # the layer pass reported up to 0.9 of the score stage; generation takes the rest
-    tracker = run.tracker("score").span(0.9, 1.0)
+    return variants_token_ids(run, prompts, max_new_tokens, variants, codes, run.tracker("score").span(0.9, 1.0))
+
+
+def variants_token_ids(
+    run: JobRun,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    variants: list[dict[str, int]],
+    codes: Callable[[int, int], dict[str, QuantizedWeight]],
+    tracker: StageProgress,
+) -> list[list[list[int]]]:
+    """Per variant (a width per linear), each prompt's greedy continuation (token ids), with the
+    model materialised once and each variant's codes installed in turn. The caller checks that
+    generation fits (`generation_skip_reason`)."""
+    from core.streaming.generate import greedy_token_ids, installed, materialized
+
     answers = []
     with materialized(run.loaded) as module:
         for i, bits in enumerate(variants):

@@ -26,7 +26,8 @@ plus the largest of its phases.
   every linear's input and output gradient of that batch, and one ΔW with its X·ΔWᵀ.
 * **export** — the largest single tensor (usually the embedding or LM head) as read and as written.
 * **closed loop** (`closed_loop: true`) — the evaluation's teacher-forced pass over the held-back
-  quarter of the calibration rows, carrying full precision and up to seven candidates.
+  quarter of the calibration rows, carrying full precision and up to seven candidates (its
+  generation check is greedy generation, below).
 * **generation** — greedy generation materialises the whole model once (weights at the compute
   dtype, the KV cache of a batch, last-position logits); it runs only when that fits the worker's
   limit, so it is reported separately (`generation_bytes`) and counted only when the caller says
@@ -183,7 +184,8 @@ def estimate_job_memory(
     always generates, so the caller passes True for it); `source_bytes` the width the
     checkpoint stores its floats in (2 for bf16/fp16 safetensors, 4 otherwise); `gguf_source` whether
     the model is a GGUF file (its tokenizer is built from the file's metadata, and exports copy that
-    metadata); `closed_loop` whether the allocate stage measures its candidates on held-back rows."""
+    metadata); `closed_loop` whether the allocate stage measures its candidates on held-back rows
+    (and, when generation runs, lets them answer the calibration prompts)."""
     if weight_bytes not in (2, 4):
         raise ValueError("weight_bytes must be 2 or 4")
     f32 = 4
@@ -270,7 +272,7 @@ def estimate_job_memory(
     peak = max(totals, key=lambda name: totals[name])
     generating = generation_bytes(dims, max_tokens=max_tokens, weight_bytes=weight_bytes)
     terms = dict(phases[peak])
-    if generation and (evaluates or method in GENERATING_METHODS) and generating > totals[peak]:
+    if generation and (evaluates or closed_loop or method in GENERATING_METHODS) and generating > totals[peak]:
         peak, terms = (
             "generation",
             {"model": dims.parameters * weight_bytes, "generation": generating - dims.parameters * weight_bytes},

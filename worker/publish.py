@@ -134,15 +134,14 @@ def _artifact_rows(job_id: str, files: dict[str, dict[str, Any]], directories: d
 
 
 def _closed_loop_summary(record: dict[str, Any] | None) -> dict[str, Any]:
-    """What the closed loop shipped and each candidate's held-back NLL (bits stay in bitmap.json)."""
+    """What the closed loop shipped and each candidate's held-back NLL and answers (bits stay in
+    bitmap.json)."""
     if record is None:
         return {}
-    candidates = [
-        {k: c[k] for k in ("name", "rule", "effective_bits", "measured_gold_nll")} for c in record["candidates"]
-    ]
-    return {
-        "closed_loop": {"shipped": record["shipped"], "holdout_rows": record["holdout_rows"], "candidates": candidates}
-    }
+    keys = ("name", "rule", "effective_bits", "measured_gold_nll", "calibration_contains", "answers_fewer")
+    candidates = [{k: c.get(k) for k in keys} for c in record["candidates"]]
+    summary = {k: record.get(k) for k in ("shipped", "holdout_rows", "answers_check")}
+    return {"closed_loop": {**summary, "candidates": candidates}}
 
 
 def _result_summary(hooks, outputs: JobOutputs, rows: list[Artifact]) -> dict[str, Any]:

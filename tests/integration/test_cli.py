@@ -295,7 +295,9 @@ def test_closed_loop_job_says_what_it_shipped(svc, tmp_path):
     assert loop["holdout_rows"] == 4
     names = [c["name"] for c in loop["candidates"]]
     assert names[:3] == ["allocation", "uniform", "error_only"] and loop["shipped"] in names
-    best = min(loop["candidates"], key=lambda c: c["measured_gold_nll"])
+    assert "new_tokens" in loop["answers_check"]  # the CLI's worker has no memory limit: it generated
+    assert all(isinstance(c["answers_fewer"], bool) for c in loop["candidates"])
+    best = min((c for c in loop["candidates"] if not c["answers_fewer"]), key=lambda c: c["measured_gold_nll"])
     assert loop["shipped"] == best["name"] and "closed loop" in budget["solver"]
     status = ok(taq(svc, "status", job["id"])).stdout
     assert "closed loop" in status and f"shipped {loop['shipped']}" in status

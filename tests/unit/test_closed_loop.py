@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from core.allocation import LayerCost, allocate_budget, budget_units, layer_cost, objective_of
-from core.closed_loop import MIN_HOLDOUT, SWAPS, split_holdout, swap_candidates
+from core.closed_loop import HOLDOUT_NEW_TOKENS, MIN_HOLDOUT, SWAPS, answers_fewer, split_holdout, swap_candidates
 from core.data import encode_text, tokenize_rows
 from core.errors import DataError
 from core.models import resolve_model
@@ -148,7 +148,24 @@ def test_every_candidate_is_measured_as_the_whole_model_measures_it(tiny, shippe
             for linear, weight in saved.items():
                 model.get_submodule(linear).weight.copy_(weight)
         assert candidate["measured_gold_nll"] == pytest.approx(measured, rel=1e-4), candidate["name"]
-    best = min(record["candidates"], key=lambda c: c["measured_gold_nll"])
+    # generation fits (no memory limit): every candidate answered the held-back prompts
+    check = record["answers_check"]
+    assert check["new_tokens"] == HOLDOUT_NEW_TOKENS and 0.0 <= check["full_precision_contains"] <= 1.0
+    assert check["rows"] == len([r for r in job.calibration or [] if r.answers])  # scored and held back
+    assert all(0.0 <= c["calibration_contains"] <= 1.0 for c in record["candidates"])
+    assert not all(c["answers_fewer"] for c in record["candidates"])
+    best = min((c for c in record["candidates"] if not c["answers_fewer"]), key=lambda c: c["measured_gold_nll"])
     assert record["shipped"] == best["name"]
     assert dict(allocation.bits) == best["bits"]
     assert "closed loop:" in allocation.solver and allocation.effective_bits <= 6.8
+
+
+def test_a_candidate_that_answers_significantly_fewer_is_flagged() -> None:
+    """Exact one-sided McNemar: p = P(Binomial(lost + gained, 1/2) >= lost) < 0.05."""
+    best = [1.0] * 8
+    assert answers_fewer([0.0] * 5 + [1.0] * 3, best)  # 5 lost, 0 gained: p = 1/32
+    assert not answers_fewer([0.0] * 4 + [1.0] * 4, best)  # 4 lost: p = 1/16
+    six_one = [0.0] * 6 + [1.0, 1.0]
+    assert not answers_fewer(six_one, [1.0] * 7 + [0.0])  # 6 lost, 1 gained: p = 8/128
+    assert answers_fewer([0.0] * 7 + [1.0], [1.0] * 7 + [1.0])  # 7 lost: p = 1/128
+    assert not answers_fewer(best, best) and not answers_fewer([1.0, 0.0], [0.0, 1.0])

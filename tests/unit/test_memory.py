@@ -112,6 +112,11 @@ def test_terms_follow_method_device_rows_and_evaluation() -> None:
     kv = 2 * 30 * 3 * 64 * 16 * 288 * 4
     assert generating.generation_bytes > SMOLLM2_PARAMS * 4 + kv
     assert generating.total_bytes >= generating.generation_bytes + RUNTIME_BYTES
+    # the closed loop's answers check generates too, evaluated or not
+    few = dict(base, calibration_rows=8)
+    loop_generating = estimate_job_memory(dims, method="taq", closed_loop=True, generation=True, **few)
+    assert loop_generating.phase == "generation"
+    assert estimate_job_memory(dims, method="taq", closed_loop=True, **few).phase != "generation"
     with pytest.raises(ValueError):
         estimate_job_memory(dims, method="taq", weight_bytes=3, **base)
 
