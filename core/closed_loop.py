@@ -60,6 +60,7 @@ __all__ = [
     "HOLDOUT_NEW_TOKENS",
     "MIN_HOLDOUT",
     "SWAPS",
+    "AnswersCheck",
     "Candidate",
     "answers_fewer",
     "closed_loop",
@@ -74,9 +75,20 @@ SWAPS = 0
 HOLDOUT_NEW_TOKENS = 16
 ANSWERS_ALPHA = 0.05
 
-#: greedy answers of model variants on the held-back prompts: generate(variants) -> per variant
-#: (a width per linear, 16 = full precision), per held-back row, the decoded answer
+#: greedy answers of model variants: generate(variants, progress) -> per variant (a width per
+#: linear, 16 = full precision), per row of the check, the decoded answer
 GenerateAnswers = Callable[[list[dict[str, int]], "StageProgress"], list[list[str]]]
+
+
+@dataclass(frozen=True)
+class AnswersCheck:
+    """The generation check's inputs: the calibration rows with answers that every candidate
+    answers and the `generate` that answers their prompts, kept together so answers and golds stay
+    aligned; or, when generation does not fit the worker, only why (`skipped`)."""
+
+    rows: Sequence[CalibrationRow] = ()
+    generate: GenerateAnswers | None = None
+    skipped: str | None = None
 
 
 def split_holdout(rows: Sequence[CalibrationRow], seed: int) -> tuple[list[CalibrationRow], list[CalibrationRow]]:
@@ -167,12 +179,10 @@ def closed_loop(
     tracker: StageProgress,
     area: SpillArea,
     swaps: int = SWAPS,
-    generate: GenerateAnswers | None = None,
-    generation_skipped: str | None = None,
-    answer_rows: Sequence[CalibrationRow] | None = None,
+    answers_check: AnswersCheck | None = None,
 ) -> BitAllocation:
-    """The allocation to ship for one budget (see the module docstring), with its record.
-    `generate` answers the prompts of `answer_rows` (default: the held-back rows)."""
+    """The allocation to ship for one budget (see the module docstring), with its record; without
+    `answers_check` (or with one that has no `generate`) the candidates are not generated with."""
     from core.streaming.evaluate import EvalVariant, teacher_forced_eval
 
     assert allocation.budget is not None  # closed_loop needs a budget (spec validator)
@@ -195,16 +205,15 @@ def closed_loop(
             first[key] = c.name
             variants.append(EvalVariant(c.name, linear_bits))
         measured_as[c.name] = first[key]
+    generate = answers_check.generate if answers_check is not None else None
     forced = tracker.span(0.0, 0.6 if generate is not None else 1.0)
     measured = teacher_forced_eval(model, holdout, variants, codes, max_tokens=max_tokens, tracker=forced, area=area)
     nll = {c.name: _mean(measured[measured_as[c.name]].gold_nll_items) for c in candidates}
     answered: dict[str, list[float]] = {}
-    if generate is not None:
+    if answers_check is not None and generate is not None:
         every = {name: 16 for ref in model.layers for name in ref.linears}
         texts = generate([every] + [v.bits for v in variants], tracker.span(0.6, 1.0))
-        golds = [
-            [a for a in row.answers or [] if a.strip()] for row in (holdout if answer_rows is None else answer_rows)
-        ]
+        golds = [[a for a in row.answers or [] if a.strip()] for row in answers_check.rows]
         extract = answer_extractor(golds)
         for name, answers in zip(["full_precision"] + [v.name for v in variants], texts, strict=True):
             answered[name] = [contains_match(extract(t), g) for t, g in zip(answers, golds, strict=True)]
@@ -227,7 +236,7 @@ def closed_loop(
                 "full_precision_contains": _mean(answered["full_precision"]),
             }
             if answered
-            else {"skipped": generation_skipped or "no generation"}
+            else {"skipped": (answers_check.skipped if answers_check is not None else None) or "no generation"}
         ),
         "shipped": shipped.name,
         "candidates": [
@@ -269,16 +278,26 @@ def closed_loop_stage(run: JobRun, profile: Profile) -> list[BitAllocation]:
     tracker = run.tracker("allocate")
     n = len(run.allocations)
     skipped = generation_skip_reason(run)
-    # every row with answers, the scored ones too: whether a model still answers is a property of
-    # the model, and 4x the rows gives the test the power to see it (16 held-back rows could not)
-    answer_rows = [r for r in run.rows if r.answers] + list(run.holdout)
-    prompts = tokenize_rows(answer_rows, run.loaded.tokenizer, run.spec.max_tokens)
-
-    def generate(variants: list[dict[str, int]], progress: StageProgress) -> list[list[str]]:
-        ids = variants_token_ids(run, prompts, HOLDOUT_NEW_TOKENS, variants, run.codes, progress)
+    check = AnswersCheck(skipped=skipped)
+    if skipped is None:
+        # every row with answers, the scored ones too: whether a model still answers is a property
+        # of the model, and 4x the rows gives the test the power to see it (16 held-back rows could not)
+        rows = [r for r in run.rows if r.answers] + list(run.holdout)
+        prompts = tokenize_rows(rows, run.loaded.tokenizer, run.spec.max_tokens)
         decode = run.loaded.tokenizer.decode
-        return [[decode(a, skip_special_tokens=True).strip() for a in variant] for variant in ids]
+        # answers per variant, across budgets: full precision and shared allocations generate once
+        known: dict[tuple[tuple[str, int], ...], list[str]] = {}
 
+        def generate(variants: list[dict[str, int]], progress: StageProgress) -> list[list[str]]:
+            keys = [tuple(sorted(v.items())) for v in variants]
+            missing = {k: v for k, v in zip(keys, variants, strict=True) if k not in known}
+            if missing:
+                ids = variants_token_ids(run, prompts, HOLDOUT_NEW_TOKENS, list(missing.values()), run.codes, progress)
+                for key, answers in zip(missing, ids, strict=True):
+                    known[key] = [decode(a, skip_special_tokens=True).strip() for a in answers]
+            return [known[k] for k in keys]
+
+        check = AnswersCheck(rows=rows, generate=generate)
     shipped = []
     for i, allocation in enumerate(run.allocations):
         chosen = closed_loop(
@@ -292,9 +311,7 @@ def closed_loop_stage(run: JobRun, profile: Profile) -> list[BitAllocation]:
             max_tokens=run.spec.max_tokens,
             tracker=tracker.span(i / n, (i + 1) / n),
             area=run.area,
-            generate=None if skipped else generate,
-            generation_skipped=skipped,
-            answer_rows=answer_rows,
+            answers_check=check,
         )
         run.hooks.progress("allocate", (i + 1) / n, chosen.solver.rsplit("; ", 1)[-1])
         shipped.append(chosen)

@@ -169,3 +169,18 @@ def test_a_candidate_that_answers_significantly_fewer_is_flagged() -> None:
     assert not answers_fewer(six_one, [1.0] * 7 + [0.0])  # 6 lost, 1 gained: p = 8/128
     assert answers_fewer([0.0] * 7 + [1.0], [1.0] * 7 + [1.0])  # 7 lost: p = 1/128
     assert not answers_fewer(best, best) and not answers_fewer([1.0, 0.0], [0.0, 1.0])
+
+
+def test_a_budget_sweep_checks_every_budget_with_the_same_answers(tiny_model_root: Path) -> None:
+    """Answers are generated per distinct variant across the sweep's budgets: full precision's
+    (and any allocation two budgets share) are the same generation in both records."""
+    job = spec(bit_budget={"avg_bits": [6.8, 5.0]})
+    source = resolve_model("tiny-llama", [tiny_model_root], {})
+    outputs = run_job(JobInputs(spec=job, source=source, rows=list(job.calibration or [])), MemoryStore())
+    first, second = (a.closed_loop for a in outputs.allocations)
+    assert first is not None and second is not None
+    assert first["answers_check"] == second["answers_check"]
+    assert first["answers_check"]["rows"] == len(job.calibration or [])
+    for record in (first, second):
+        best = min((c for c in record["candidates"] if not c["answers_fewer"]), key=lambda c: c["measured_gold_nll"])
+        assert record["shipped"] == best["name"]
